@@ -1,0 +1,1 @@
+//! HRL logs: the per-disk change log format (see `docs/hrl-format.md`).

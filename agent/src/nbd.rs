@@ -1,0 +1,1 @@
+//! The NBD server (fixed newstyle) exporting [`crate::disk::BlockDevice`]s on tokio.
