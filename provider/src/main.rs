@@ -1,1 +1,431 @@
-fn main() {}
+//! `provider`: the siterecovery control plane, vault tools, operator CLI and lab.
+
+mod lab;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use siterecovery_provider::cli::{self, CliError, OperatorCerts, human_size, parse_duration, parse_size, print_table};
+use siterecovery_provider::{api, store, vault};
+use siterecovery_proto::v1;
+use siterecovery_proto::v1::inventory_client::InventoryClient;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "provider",
+    version,
+    about = "siterecovery provider: the control plane, the vault, and the operator CLI",
+    long_about = "siterecovery provider: the control plane (\"VMM server + vault\"), the vault tools, and the operator CLI.\n\n\
+        Start here: `provider lab` runs a whole two-site deployment on loopback.\n\
+        Operator commands need --connect HOST:PORT and --certs DIR (from `provider operator-cert`),\n\
+        or the environment variables SITERECOVERY_CONNECT and SITERECOVERY_CERTS."
+)]
+struct Cli {
+    /// Provider address for operator commands (HOST:PORT).
+    #[arg(long, global = true, env = "SITERECOVERY_CONNECT", value_name = "ADDR")]
+    connect: Option<String>,
+    /// Directory with ca.pem, op.pem and op.key (made by `provider operator-cert`).
+    #[arg(long, global = true, env = "SITERECOVERY_CERTS", value_name = "OPDIR")]
+    certs: Option<PathBuf>,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Log as JSON lines (for log collectors) instead of human-readable lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a vault, or issue a new vault key file.
+    #[command(subcommand)]
+    Vault(VaultCmd),
+    /// Run the provider (long-running; stops gracefully on SIGTERM or Ctrl-C).
+    Serve {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Address to listen on; defaults to the vault's address.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// How long to let requests finish at shutdown.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        grace: Duration,
+    },
+    /// Issue an operator certificate (ca.pem, op.pem, op.key) for the CLI and grpcurl.
+    OperatorCert {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        #[arg(long, value_name = "OPDIR")]
+        out: PathBuf,
+        /// Operator name recorded in the certificate.
+        #[arg(long, default_value = "operator")]
+        name: String,
+        /// Validity of the certificate.
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        validity: Duration,
+    },
+    /// Run a whole deployment on loopback: a vault, a provider and two hosts.
+    Lab(lab::LabArgs),
+    /// Sites (locations) known from registered hosts.
+    #[command(subcommand)]
+    Site(ListOnly),
+    /// Registered hosts and their connection state.
+    #[command(subcommand)]
+    Host(ListOnly),
+    /// Virtual machines on the hosts.
+    #[command(subcommand)]
+    Vm(VmCmd),
+}
+
+#[derive(Subcommand)]
+enum VaultCmd {
+    /// Create a new vault: CA, provider certificate, store, and a vault key file.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Address hosts and operators use to reach this provider (HOST:PORT).
+        #[arg(long, value_name = "ADDR")]
+        address: String,
+        /// Where to write the vault key file (hand it to hosts to register).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Lifetime of the registration secret.
+        #[arg(long, default_value = "5d", value_parser = parse_duration)]
+        expiry: Duration,
+    },
+    /// Issue a new vault key file; the previous registration secret stops working.
+    Key {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[arg(long, default_value = "5d", value_parser = parse_duration)]
+        expiry: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListOnly {
+    /// List them.
+    List,
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Create a VM on a host: a folder with one sparse raw image per disk.
+    Create(VmCreate),
+    /// List VMs.
+    List {
+        /// Only the VMs of this host.
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Show one VM: host, power state, disks with NBD export paths, NICs.
+    Show { name: String },
+    /// Delete a VM and its disks.
+    Delete { name: String },
+    /// Start serving a VM's disks over NBD.
+    Start { name: String },
+    /// Stop a VM: writes refused, logs sealed, disks flushed.
+    Stop { name: String },
+}
+
+#[derive(Args)]
+struct VmCreate {
+    #[arg(long)]
+    host: String,
+    #[arg(long)]
+    name: String,
+    /// Disk size (K/M/G/T suffixes or bytes); repeat for more disks.
+    #[arg(long = "disk", value_name = "SIZE", required = true, value_parser = parse_size)]
+    disks: Vec<u64>,
+    /// NIC on a VM network: NETWORK, NETWORK=IP or NETWORK=dhcp; repeat for more.
+    #[arg(long = "nic", value_name = "NETWORK[=IP|dhcp]")]
+    nics: Vec<String>,
+    /// Create it powered off (by default its disks are served at once).
+    #[arg(long)]
+    stopped: bool,
+}
+
+fn init_logging(json: bool, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let is_daemon = matches!(cli.cmd, Cmd::Serve { .. } | Cmd::Lab(_));
+    init_logging(cli.log_json, if is_daemon { "info" } else { "warn" });
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Cancels the returned token on SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let t = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        t.cancel();
+    });
+    Ok(token)
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Vault(VaultCmd::Create { name, data_dir, address, out, expiry }) => {
+            let v = vault::create(&data_dir, &name, &address, &out, expiry)?;
+            if cli.json {
+                println!("{}", serde_json::json!({"vault_id": v.info.vault_id, "name": v.info.name, "address": v.info.address, "vault_key": out}));
+            } else {
+                println!("vault {} ({}) created in {}", v.info.name, v.info.vault_id, data_dir.display());
+                println!("vault key file: {} (registration secret valid {})", out.display(), humantime(expiry));
+                println!("next: provider serve --data-dir {}", data_dir.display());
+            }
+            Ok(())
+        }
+        Cmd::Vault(VaultCmd::Key { data_dir, out, expiry }) => {
+            let v = vault::Vault::open(&data_dir)?;
+            let store = store::Store::open(&data_dir)?;
+            v.issue_key_file(&store, &out, expiry)?;
+            println!("vault key file written to {}; the previous one no longer registers hosts", out.display());
+            Ok(())
+        }
+        Cmd::Serve { data_dir, listen, grace } => {
+            let v = vault::Vault::open(&data_dir)?;
+            let store = store::Store::open(&data_dir)?;
+            let addr = listen.unwrap_or_else(|| v.info.address.clone());
+            let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            let shutdown = shutdown_on_signals()?;
+            api::serve(v, store, listener, shutdown, grace).await?;
+            tracing::info!("provider stopped");
+            Ok(())
+        }
+        Cmd::OperatorCert { data_dir, out, name, validity } => {
+            let v = vault::Vault::open(&data_dir)?;
+            let id = v.issue_operator_cert(&out, &name, validity)?;
+            if cli.json {
+                println!("{}", serde_json::json!({"identity": id.uri(), "dir": out}));
+            } else {
+                println!("operator certificate for {} written to {} (ca.pem, op.pem, op.key)", id.uri(), out.display());
+                println!("use: provider --connect {} --certs {} host list", v.info.address, out.display());
+            }
+            Ok(())
+        }
+        Cmd::Lab(args) => lab::run(args).await,
+        cmd => operator(cli.connect, cli.certs, cli.json, cmd).await,
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    let s = d.as_secs();
+    if s % 86400 == 0 { format!("{} days", s / 86400) } else if s % 3600 == 0 { format!("{} hours", s / 3600) } else { format!("{s} s") }
+}
+
+async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, cmd: Cmd) -> Result<()> {
+    let address = connect.ok_or(CliError::NoAddress)?;
+    let certs = OperatorCerts::load(&certs.ok_or(CliError::NoCerts)?)?;
+    let channel = cli::connect(&address, &certs).await?;
+    let mut inv = InventoryClient::new(channel);
+    let rpc = |s: tonic::Status| cli::rpc_error(&address, s);
+    match cmd {
+        Cmd::Site(ListOnly::List) => {
+            let sites = inv.list_sites(v1::ListSitesRequest {}).await.map_err(rpc)?.into_inner().sites;
+            if json {
+                let v: Vec<_> = sites.iter().map(|s| serde_json::json!({"name": s.name, "clouds": s.clouds, "hosts": s.host_count})).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<_> = sites.iter().map(|s| vec![s.name.clone(), s.clouds.join(","), s.host_count.to_string()]).collect();
+                print_table(&["SITE", "CLOUDS", "HOSTS"], &rows);
+            }
+        }
+        Cmd::Host(ListOnly::List) => {
+            let hosts = inv.list_hosts(v1::ListHostsRequest {}).await.map_err(rpc)?.into_inner().hosts;
+            if json {
+                let v: Vec<_> = hosts.iter().map(host_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<_> = hosts
+                    .iter()
+                    .map(|h| {
+                        vec![
+                            h.name.clone(),
+                            h.site.clone(),
+                            h.cloud.clone(),
+                            if h.connected { "yes".into() } else { "no".into() },
+                            cli::age(h.last_heartbeat_unix_ms),
+                            h.agent_version.clone(),
+                            h.address.clone(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["HOST", "SITE", "CLOUD", "CONNECTED", "LAST HEARTBEAT", "VERSION", "ADDRESS"], &rows);
+            }
+        }
+        Cmd::Vm(VmCmd::List { host }) => {
+            let vms = inv.list_vms(v1::ListVmsRequest { host: host.unwrap_or_default() }).await.map_err(rpc)?.into_inner().vms;
+            if json {
+                let v: Vec<_> = vms.iter().map(vm_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<_> = vms
+                    .iter()
+                    .map(|v| {
+                        let total: u64 = v.disks.iter().map(|d| d.size_bytes).sum();
+                        vec![v.name.clone(), v.host_name.clone(), power(v.power_state).into(), v.disks.len().to_string(), human_size(total)]
+                    })
+                    .collect();
+                print_table(&["VM", "HOST", "POWER", "DISKS", "SIZE"], &rows);
+            }
+        }
+        Cmd::Vm(VmCmd::Show { name }) => {
+            let vm = inv.get_vm(v1::GetVmRequest { name }).await.map_err(rpc)?.into_inner();
+            print_vm(&vm, json)?;
+        }
+        Cmd::Vm(VmCmd::Create(c)) => {
+            let mut nics = Vec::new();
+            for n in &c.nics {
+                nics.push(parse_nic(n)?);
+            }
+            let vm = inv
+                .create_vm(v1::CreateVmRequest {
+                    host: c.host,
+                    name: c.name,
+                    disks: c.disks.iter().map(|&size_bytes| v1::DiskSpec { size_bytes }).collect(),
+                    nics,
+                    start: !c.stopped,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            print_vm(&vm, json)?;
+        }
+        Cmd::Vm(VmCmd::Delete { name }) => {
+            inv.delete_vm(v1::DeleteVmRequest { name: name.clone() }).await.map_err(rpc)?;
+            if json {
+                println!("{}", serde_json::json!({"deleted": name}));
+            } else {
+                println!("VM {name} deleted");
+            }
+        }
+        Cmd::Vm(VmCmd::Start { name }) => {
+            let vm = inv.start_vm(v1::StartVmRequest { name }).await.map_err(rpc)?.into_inner();
+            print_vm(&vm, json)?;
+        }
+        Cmd::Vm(VmCmd::Stop { name }) => {
+            let vm = inv.stop_vm(v1::StopVmRequest { name }).await.map_err(rpc)?.into_inner();
+            print_vm(&vm, json)?;
+        }
+        Cmd::Vault(_) | Cmd::Serve { .. } | Cmd::OperatorCert { .. } | Cmd::Lab(_) => bail!("not an operator command"),
+    }
+    Ok(())
+}
+
+fn parse_nic(s: &str) -> Result<v1::NicSpec> {
+    let (network, addr) = match s.split_once('=') {
+        Some((n, a)) => (n, Some(a)),
+        None => (s, None),
+    };
+    if network.is_empty() {
+        bail!("--nic {s:?}: expected NETWORK, NETWORK=IP or NETWORK=dhcp");
+    }
+    Ok(match addr {
+        None | Some("") => v1::NicSpec { network: network.into(), ip: String::new(), dhcp: false },
+        Some("dhcp") => v1::NicSpec { network: network.into(), ip: String::new(), dhcp: true },
+        Some(ip) => {
+            ip.parse::<std::net::Ipv4Addr>().with_context(|| format!("--nic {s:?}: {ip:?} is not an IPv4 address"))?;
+            v1::NicSpec { network: network.into(), ip: ip.into(), dhcp: false }
+        }
+    })
+}
+
+fn power(p: i32) -> &'static str {
+    match v1::PowerState::try_from(p) {
+        Ok(v1::PowerState::Running) => "running",
+        Ok(v1::PowerState::Off) => "off",
+        _ => "unknown",
+    }
+}
+
+pub fn host_json(h: &v1::Host) -> serde_json::Value {
+    serde_json::json!({
+        "id": h.id, "name": h.name, "site": h.site, "cloud": h.cloud, "address": h.address,
+        "connected": h.connected, "last_heartbeat_unix_ms": h.last_heartbeat_unix_ms,
+        "agent_version": h.agent_version, "registered_unix_ms": h.registered_unix_ms, "free_bytes": h.free_bytes,
+    })
+}
+
+fn vm_json(v: &v1::Vm) -> serde_json::Value {
+    serde_json::json!({
+        "name": v.name, "host": v.host_name, "host_id": v.host_id, "power_state": power(v.power_state), "folder": v.folder,
+        "disks": v.disks.iter().map(|d| serde_json::json!({
+            "id": d.id, "size_bytes": d.size_bytes, "allocated_bytes": d.allocated_bytes, "image_path": d.image_path,
+            "export_name": d.export_name, "nbd_unix_uri": d.nbd_unix_uri, "nbd_tcp_uri": d.nbd_tcp_uri,
+            "tracking": d.tracking, "pending_log_bytes": d.pending_log_bytes,
+        })).collect::<Vec<_>>(),
+        "nics": v.nics.iter().map(|n| serde_json::json!({"network": n.network, "ip": n.ip, "dhcp": n.dhcp, "mac": n.mac})).collect::<Vec<_>>(),
+    })
+}
+
+fn print_vm(v: &v1::Vm, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&vm_json(v))?);
+        return Ok(());
+    }
+    println!("VM        {}", v.name);
+    println!("host      {}", v.host_name);
+    println!("power     {}", power(v.power_state));
+    println!("folder    {}", v.folder);
+    for d in &v.disks {
+        println!(
+            "disk {}   {} ({} allocated), tracking {}, pending logs {}",
+            d.id,
+            human_size(d.size_bytes),
+            human_size(d.allocated_bytes),
+            if d.tracking { "on" } else { "off" },
+            human_size(d.pending_log_bytes)
+        );
+        println!("          image {}", d.image_path);
+        if !d.nbd_unix_uri.is_empty() {
+            println!("          nbd   {}", d.nbd_unix_uri);
+            println!("          nbd   {}", d.nbd_tcp_uri);
+        }
+    }
+    for n in &v.nics {
+        let addr = if n.dhcp { "dhcp".to_string() } else if n.ip.is_empty() { "-".into() } else { n.ip.clone() };
+        println!("nic       {} {} {}", n.network, addr, n.mac);
+    }
+    Ok(())
+}

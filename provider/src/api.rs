@@ -1,0 +1,102 @@
+//! The provider's gRPC server: TLS, services, reflection, graceful shutdown.
+//!
+//! One listener serves everything. The vault CA is the only trust anchor; a client
+//! certificate is optional at the handshake because Registration is called before a
+//! host has one, and every other RPC authorises its caller ([`crate::auth`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use siterecovery_certs::{VaultCa, VaultId};
+use siterecovery_proto::v1::control_server::ControlServer;
+use siterecovery_proto::v1::inventory_server::InventoryServer;
+use siterecovery_proto::v1::registration_server::RegistrationServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::control::{ControlService, Sessions};
+use crate::inventory::InventoryService;
+use crate::registration::RegistrationService;
+use crate::store::Store;
+use crate::vault::Vault;
+
+/// Shared state of every service.
+pub struct AppState {
+    pub vault_id: VaultId,
+    pub ca: VaultCa,
+    pub store: Store,
+    pub sessions: Sessions,
+    pub shutdown: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("TLS setup: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("server: {0}")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// Serves on `listener` until `shutdown` is cancelled, then drains for up to `grace`.
+pub async fn serve(vault: Vault, store: Store, listener: TcpListener, shutdown: CancellationToken, grace: Duration) -> Result<(), ServeError> {
+    siterecovery_certs::tls::install_crypto_provider();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&vault.provider_identity.cert_pem, &vault.provider_identity.key_pem))
+        .client_ca_root(Certificate::from_pem(vault.ca.cert_pem()))
+        .client_auth_optional(true)
+        .timeout(Duration::from_secs(10));
+    let state = Arc::new(AppState {
+        vault_id: vault.info.vault_id.clone(),
+        ca: vault.ca,
+        store,
+        sessions: Sessions::new(),
+        shutdown: shutdown.clone(),
+    });
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(siterecovery_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(siterecovery_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(vault = %state.vault_id, listen = ?local, "provider serving");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let drained = CancellationToken::new();
+    let server = Server::builder()
+        .tls_config(tls)
+        .map_err(ServeError::Tls)?
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(RegistrationServer::new(RegistrationService { state: state.clone() }))
+        .add_service(InventoryServer::new(InventoryService { state: state.clone() }))
+        .add_service(ControlServer::new(ControlService { state: state.clone() }))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, {
+            let shutdown = shutdown.clone();
+            let state = state.clone();
+            async move {
+                shutdown.cancelled().await;
+                tracing::info!("shutting down: closing control sessions");
+                state.sessions.close_all();
+            }
+        });
+    let drained2 = drained.clone();
+    let result = tokio::select! {
+        r = server => r.map_err(ServeError::Transport),
+        _ = async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            drained2.cancel();
+        } => {
+            tracing::warn!("grace period of {grace:?} over; stopping with requests in flight");
+            Ok(())
+        }
+    };
+    drained.cancel();
+    result
+}

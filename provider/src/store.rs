@@ -1,0 +1,188 @@
+//! The provider's store: an embedded redb database in the data dir.
+//!
+//! Why redb: pure Rust (no C toolchain, no second copy of SQLite), ACID transactions
+//! with copy-on-write B-trees and a durable commit (fsync) by default, so a `kill -9`
+//! after an acknowledged change loses nothing and a torn write is impossible by design.
+//! Records are small serde JSON documents keyed by name; the whole inventory of a
+//! 100-VM deployment is a few hundred KiB, so simplicity beats a relational schema.
+//!
+//! Tables: `hosts` (host name → [`HostRecord`]), `vms` (VM name → [`VmRecord`]),
+//! `meta` (key → JSON: registration secret, ...).
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Failure of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file could not be opened, read or committed.
+    #[error("store: {0}")]
+    Db(#[from] redb::Error),
+    /// A record did not decode: the file was written by an incompatible version.
+    #[error("store: record {key:?} in {table} does not decode: {source}")]
+    Decode {
+        table: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A record could not be encoded (should not happen for our types).
+    #[error("store: encode: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// A named table of JSON records.
+#[derive(Clone, Copy)]
+pub struct Table(TableDefinition<'static, &'static str, &'static [u8]>, &'static str);
+
+pub const HOSTS: Table = Table(TableDefinition::new("hosts"), "hosts");
+pub const VMS: Table = Table(TableDefinition::new("vms"), "vms");
+pub const META: Table = Table(TableDefinition::new("meta"), "meta");
+const ALL: [Table; 3] = [HOSTS, VMS, META];
+
+/// The open database. Cheap to share behind an `Arc`; redb serialises writers.
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) `store.redb` in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(data_dir.join("store.redb"))?;
+        let tx = db.begin_write()?;
+        for t in ALL {
+            tx.open_table(t.0)?;
+        }
+        tx.commit()?;
+        Ok(Self { db })
+    }
+
+    /// Reads one record.
+    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(table.0)?;
+        match t.get(key)? {
+            Some(v) => serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|source| StoreError::Decode { table: table.1, key: key.into(), source }),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads every record of a table, in key order.
+    pub fn list<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(table.0)?;
+        let mut out = Vec::new();
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|source| StoreError::Decode { table: table.1, key: k.value().into(), source })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Writes one record durably.
+    pub fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value)?;
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(table.0)?;
+            t.insert(key, bytes.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Deletes one record durably; true when it existed.
+    pub fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write()?;
+        let existed = {
+            let mut t = tx.open_table(table.0)?;
+            t.remove(key)?.is_some()
+        };
+        tx.commit()?;
+        Ok(existed)
+    }
+
+    /// Replaces, in one transaction, the records of `table` selected by `owned` with
+    /// `records` (key, value). Used when a host reports its whole VM list.
+    pub fn replace_where<T: Serialize + DeserializeOwned>(
+        &self,
+        table: Table,
+        owned: impl Fn(&T) -> bool,
+        records: &[(String, T)],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(table.0)?;
+            let mut stale = Vec::new();
+            for row in t.iter()? {
+                let (k, v) = row?;
+                if let Ok(rec) = serde_json::from_slice::<T>(v.value())
+                    && owned(&rec)
+                {
+                    stale.push(k.value().to_owned());
+                }
+            }
+            for k in stale {
+                t.remove(k.as_str())?;
+            }
+            for (k, v) in records {
+                let bytes = serde_json::to_vec(v)?;
+                t.insert(k.as_str(), bytes.as_slice())?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_delete_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            s.put(META, "a", &1u32).expect("put");
+            s.put(META, "b", &2u32).expect("put");
+            assert!(s.delete(META, "a").expect("delete"));
+            assert!(!s.delete(META, "a").expect("delete again"));
+        }
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(s.get::<u32>(META, "b").expect("get"), Some(2));
+        assert_eq!(s.get::<u32>(META, "a").expect("get"), None);
+        assert_eq!(s.list::<u32>(META).expect("list"), vec![2]);
+    }
+
+    #[test]
+    fn replace_where_swaps_only_owned_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        s.put(VMS, "x", &("h1".to_string(), 1)).expect("put");
+        s.put(VMS, "y", &("h2".to_string(), 2)).expect("put");
+        s.replace_where(VMS, |r: &(String, i32)| r.0 == "h1", &[("z".into(), ("h1".to_string(), 3))])
+            .expect("replace");
+        let all: Vec<(String, i32)> = s.list(VMS).expect("list");
+        assert_eq!(all, vec![("h2".to_string(), 2), ("h1".to_string(), 3)]);
+    }
+}
