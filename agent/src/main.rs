@@ -1,1 +1,246 @@
-fn main() {}
+//! `agent`: the siterecovery host daemon and its local commands.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use siterecovery_agent::config::AgentFiles;
+use siterecovery_agent::control::{self, ControlOptions};
+use siterecovery_agent::nbd::{self, Exports};
+use siterecovery_agent::register::{RegisterArgs, register};
+use siterecovery_agent::vm::{Hooks, VmManager};
+use siterecovery_agent::peer;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "agent",
+    version,
+    about = "siterecovery agent: serves VM disks over NBD, tracks writes in HRL logs, replicates to a peer host",
+    long_about = "siterecovery agent: the host daemon. It serves every VM disk over NBD (unix socket in the VM folder \
+        and TCP on loopback), tracks every write in per-disk HRL logs, and replicates to a peer host over mutual TLS.\n\n\
+        First `agent register` with the vault key file from the provider, then `agent serve`."
+)]
+struct Cli {
+    /// Data dir, for the local commands (`vm list`).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Log as JSON lines instead of human-readable lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Register this host with a vault (makes a key pair here; only a CSR travels).
+    Register {
+        /// The vault key file made by `provider vault create`.
+        #[arg(long, value_name = "FILE")]
+        vault_key: PathBuf,
+        /// This host's name.
+        #[arg(long)]
+        host: String,
+        /// Site (location) of this host, e.g. primary or secondary.
+        #[arg(long)]
+        site: String,
+        /// Cloud (group of hosts at the site) this host belongs to.
+        #[arg(long)]
+        cloud: String,
+        /// Address other hosts reach this agent on (HOST:PORT), for replication traffic.
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Replace an existing registration of this host name.
+        #[arg(long)]
+        reregister: bool,
+    },
+    /// Run the agent (long-running; stops gracefully on SIGTERM or Ctrl-C).
+    Serve {
+        /// TCP address of the NBD server (keep it on loopback).
+        #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+        nbd_listen: String,
+        /// Heartbeat interval to the provider.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        heartbeat: Duration,
+        /// Command run (sh -c) when a VM starts, e.g. to attach QEMU to its NBD exports.
+        #[arg(long, value_name = "CMD")]
+        on_vm_start: Option<String>,
+        /// Command run (sh -c) when a VM stops.
+        #[arg(long, value_name = "CMD")]
+        on_vm_stop: Option<String>,
+    },
+    /// VMs on this host, read from the data dir (no provider needed).
+    #[command(subcommand)]
+    Vm(VmCmd),
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// List the VMs in the data dir.
+    List,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 5s, 1m)"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" | "" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    })
+}
+
+fn init_logging(json: bool, default: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_json, if matches!(cli.cmd, Cmd::Serve { .. }) { "info" } else { "warn" });
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn data_dir(d: Option<PathBuf>) -> Result<PathBuf> {
+    d.context("--data-dir DIR is required")
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Register { vault_key, host, site, cloud, listen, reregister } => {
+            let dir = data_dir(cli.data_dir)?;
+            let cfg = register(RegisterArgs {
+                vault_key: &vault_key,
+                host: &host,
+                site: &site,
+                cloud: &cloud,
+                data_dir: &dir,
+                listen: &listen,
+                reregister,
+            })
+            .await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&cfg)?);
+            } else {
+                println!(
+                    "host {} registered as {} (site {}, cloud {}) with the provider at {}",
+                    cfg.host_name, cfg.host_id, cfg.site, cfg.cloud, cfg.provider_address
+                );
+                println!("next: agent serve --data-dir {}", dir.display());
+            }
+            Ok(())
+        }
+        Cmd::Serve { nbd_listen, heartbeat, on_vm_start, on_vm_stop } => {
+            let dir = data_dir(cli.data_dir)?;
+            // Absolute, so the NBD URIs reported to the provider work from anywhere.
+            let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;
+            serve(dir, nbd_listen, heartbeat, Hooks { on_start: on_vm_start, on_stop: on_vm_stop }).await
+        }
+        Cmd::Vm(VmCmd::List) => {
+            let dir = data_dir(cli.data_dir)?;
+            let files = AgentFiles::load(&dir)?;
+            let mut rows = Vec::new();
+            let vms_dir = files.vms_dir();
+            if vms_dir.exists() {
+                for e in std::fs::read_dir(&vms_dir).with_context(|| format!("listing {}", vms_dir.display()))? {
+                    let path = e?.path().join("vm.json");
+                    if let Ok(text) = std::fs::read_to_string(&path) {
+                        match serde_json::from_str::<siterecovery_agent::vm::VmConfig>(&text) {
+                            Ok(c) => rows.push(c),
+                            Err(e) => eprintln!("warning: {}: {e}", path.display()),
+                        }
+                    }
+                }
+            }
+            rows.sort_by(|a, b| a.name.cmp(&b.name));
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<20} {:<8} {:>5}", "VM", "POWER", "DISKS");
+                for c in rows {
+                    let power = serde_json::to_value(c.power)?.as_str().unwrap_or("?").to_owned();
+                    println!("{:<20} {:<8} {:>5}", c.name, power, c.disks.len());
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn serve(dir: PathBuf, nbd_listen: String, heartbeat: Duration, hooks: Hooks) -> Result<()> {
+    let files = Arc::new(AgentFiles::load(&dir)?);
+    let shutdown = CancellationToken::new();
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let t = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            t.cancel();
+        });
+    }
+    let peer_listener = tokio::net::TcpListener::bind(&files.config.listen_address)
+        .await
+        .with_context(|| format!("cannot listen on {} for peer traffic", files.config.listen_address))?;
+    let nbd_listener = tokio::net::TcpListener::bind(&nbd_listen).await.with_context(|| format!("cannot listen on {nbd_listen} for NBD"))?;
+    let nbd_addr = nbd_listener.local_addr()?;
+    let exports = Arc::new(Exports::new());
+    let vms = Arc::new(VmManager::load(files.vms_dir(), exports.clone(), nbd_addr, hooks, shutdown.clone()).await?);
+    tracing::info!(host = %files.config.host_name, host_id = %files.config.host_id, peer = %files.config.listen_address,
+        nbd = %nbd_addr, "agent serving");
+    let nbd_task = tokio::spawn(nbd::serve_tcp(nbd_listener, exports, shutdown.clone()));
+    let peer_task = tokio::spawn(peer::serve(files.clone(), peer_listener, shutdown.clone()));
+    let opts = ControlOptions { heartbeat, ..ControlOptions::default() };
+    let control_task = tokio::spawn(control::run(files.clone(), vms.clone(), opts, shutdown.clone()));
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: stopping VMs (logs sealed, disks flushed)");
+    vms.shutdown().await;
+    let grace = Duration::from_secs(10);
+    let joined = tokio::time::timeout(grace, async {
+        let _ = control_task.await;
+        let _ = nbd_task.await;
+        match peer_task.await {
+            Ok(Err(e)) => tracing::warn!("peer server: {e}"),
+            Err(e) => tracing::warn!("peer server task: {e}"),
+            Ok(Ok(())) => {}
+        }
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!("tasks still running after {grace:?}; exiting");
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}

@@ -1,1 +1,643 @@
 //! The replication tracker: a VM disk whose every write is appended to its HRL log.
+//!
+//! [`TrackedDisk`] owns one raw image and the HRL logs beside it (format: `hrl`,
+//! `docs/hrl-format.md`). It is the [`BlockDevice`] the NBD server exports for a VM disk.
+//!
+//! ```text
+//! <vm folder>/
+//!   disk0.img                        the image (raw)
+//!   disk0.0000000000000004.hrl       sealed: one replication interval, shipped by the sender
+//!   disk0.0000000000000005.hrl       sealed
+//!   disk0.0000000000000006.hrl       open: current interval (highest seq, no footer)
+//! ```
+//!
+//! Invariants, all kept under one mutex (`state`):
+//! - while tracking, a write is appended to the open log *before* it is applied to the
+//!   image, and both happen under the lock, so the log order is the image order even for
+//!   overlapping writes from concurrent NBD threads (a per-range lock would let
+//!   non-overlapping writes run in parallel, but the critical section is two page-cache
+//!   copies and measured fast enough; the checksum is computed before taking the lock);
+//! - a seal takes the same lock, so no write straddles two logs, and a sealed log is
+//!   exactly the writes between two seals: a crash-consistent delta;
+//! - only the highest-numbered log is open; every lower one is sealed;
+//! - an open log never has records while tracking is off (switching off seals it), so
+//!   re-applying the open log after a crash never overwrites a later untracked write.
+//!
+//! Durability: writes go to the page cache (survives `kill -9` of the agent, not a power
+//! loss); `flush` and FUA fdatasync the log and the image, with group commit (a flush
+//! that finds its writes already synced by a concurrent flush returns at once). A seal
+//! syncs the image too, so a sealed log's writes are durable in the image as well.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::disk::{BlockDevice, DiskError, check_range};
+use crate::hrl::{
+    self, DiskId, EncodedRecord, FLAG_FUA, HrlError, HrlReader, HrlWriter, LogSeq, MAX_RECORD_DATA, RecordKind,
+    ScanEnd,
+};
+
+/// Why opening or managing a tracked disk failed (the block I/O path reports
+/// [`DiskError`] instead).
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    /// The image could not be opened, read, written or synced.
+    #[error("image {path}: {source}")]
+    Image { path: PathBuf, source: io::Error },
+    /// A log could not be created, read, written or synced.
+    #[error("HRL log {path}: {source}")]
+    Log { path: PathBuf, source: HrlError },
+    /// The disk's folder could not be listed or synced.
+    #[error("log folder {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    /// The disk was stopped.
+    #[error("disk is stopped")]
+    Stopped,
+}
+
+/// A sealed log waiting to be shipped (or acknowledged and deleted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedLog {
+    pub seq: LogSeq,
+    pub path: PathBuf,
+    /// File size in bytes.
+    pub bytes: u64,
+}
+
+/// A log found damaged when the disk was opened. It is kept on disk and reported, never
+/// deleted here: replication must fall back to resync for the interval it covered.
+#[derive(Debug)]
+pub struct CorruptLog {
+    pub seq: LogSeq,
+    pub path: PathBuf,
+    pub error: HrlError,
+}
+
+#[derive(Debug)]
+struct State {
+    tracking: bool,
+    stopped: bool,
+    /// The open log. `None` after `stop`, or when creating the next log failed (the next
+    /// tracked write retries the creation, and fails if it fails again).
+    log: Option<HrlWriter>,
+    /// Second handle on the open log's file, for flushes outside the lock.
+    log_file: Option<Arc<File>>,
+    /// Sequence number of the next log to create.
+    next_seq: LogSeq,
+    sealed: BTreeMap<LogSeq, SealedLog>,
+    /// Completed mutations; flushes compare it with `synced_gen`.
+    generation: u64,
+}
+
+/// A VM disk whose writes are logged to HRL logs while tracking is on.
+#[derive(Debug)]
+pub struct TrackedDisk {
+    image: File,
+    image_path: PathBuf,
+    dir: PathBuf,
+    disk_id: DiskId,
+    size: u64,
+    state: Mutex<State>,
+    /// A hint read without the lock: when set, a write computes its record checksum
+    /// before taking the lock. The decision itself is made under the lock.
+    tracking_hint: AtomicBool,
+    /// Generation up to which the log and the image are known durable (group commit).
+    synced_gen: Mutex<u64>,
+    corrupt: Vec<CorruptLog>,
+}
+
+/// Zeroes for write-zeroes and trim on the image.
+static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+
+impl TrackedDisk {
+    /// Opens the image at `image_path` (its logs live in the same folder) and recovers
+    /// from a crash: the open log's torn tail is cut to its last whole record and its
+    /// records are re-applied to the image in order (idempotent), so every acknowledged
+    /// write is in both; sealed logs are verified (damaged ones are kept and listed by
+    /// [`Self::corrupt_logs`]). With `tracking` off, writes go to the image only.
+    pub fn open(image_path: &Path, disk_id: DiskId, tracking: bool) -> Result<Self, TrackerError> {
+        let img_err = |source| TrackerError::Image { path: image_path.to_owned(), source };
+        let image = OpenOptions::new().read(true).write(true).open(image_path).map_err(img_err)?;
+        let size = image.metadata().map_err(img_err)?.len();
+        let dir = match image_path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let mut disk = TrackedDisk {
+            image,
+            image_path: image_path.to_owned(),
+            dir,
+            disk_id,
+            size,
+            state: Mutex::new(State {
+                tracking,
+                stopped: false,
+                log: None,
+                log_file: None,
+                next_seq: LogSeq(1),
+                sealed: BTreeMap::new(),
+                generation: 0,
+            }),
+            tracking_hint: AtomicBool::new(tracking),
+            synced_gen: Mutex::new(0),
+            corrupt: Vec::new(),
+        };
+        disk.recover()?;
+        Ok(disk)
+    }
+
+    fn recover(&mut self) -> Result<(), TrackerError> {
+        let logs = self.list_logs()?;
+        let mut st = State {
+            tracking: self.state_mut().tracking,
+            stopped: false,
+            log: None,
+            log_file: None,
+            next_seq: logs.keys().next_back().map_or(LogSeq(1), |s| s.next()),
+            sealed: BTreeMap::new(),
+            generation: 0,
+        };
+        let last = logs.keys().next_back().copied();
+        for (&seq, path) in &logs {
+            if Some(seq) != last {
+                // Only the highest log may be open: everything below must verify sealed.
+                match hrl::verify_sealed(path) {
+                    Ok(_) => {
+                        let bytes = file_len(path)?;
+                        st.sealed.insert(seq, SealedLog { seq, path: path.clone(), bytes });
+                    }
+                    Err(error) => self.report_corrupt(seq, path, error),
+                }
+                continue;
+            }
+            match hrl::scan(path) {
+                Ok(scan) if scan.header.seq != seq || scan.header.disk_id != self.disk_id => {
+                    let error = HrlError::NameMismatch {
+                        expected: format!("{} seq {seq}", self.disk_id),
+                        found: format!("{} seq {}", scan.header.disk_id, scan.header.seq),
+                    };
+                    self.report_corrupt(seq, path, error);
+                }
+                Ok(scan) => match scan.end {
+                    ScanEnd::Sealed(_) => {
+                        let bytes = file_len(path)?;
+                        st.sealed.insert(seq, SealedLog { seq, path: path.clone(), bytes });
+                    }
+                    ScanEnd::Open | ScanEnd::Torn(_) => {
+                        if let ScanEnd::Torn(e) = &scan.end {
+                            tracing::warn!(log = %path.display(), "cutting torn tail of open HRL log: {e:#}");
+                        }
+                        let writer = HrlWriter::open_append(path).map_err(|source| log_err(path, source))?;
+                        self.reapply(path)?;
+                        st.next_seq = seq; // reused: `install_log` below advances it
+                        install_log(&mut st, writer).map_err(|source| log_err(path, source))?;
+                    }
+                },
+                // Torn inside the header: the crash hit the log's creation (header written
+                // and synced before any record), so it holds no record; start it anew.
+                Err(HrlError::Truncated { .. }) => {
+                    tracing::warn!(log = %path.display(), "removing HRL log torn at creation");
+                    std::fs::remove_file(path).map_err(|source| log_err(path, source.into()))?;
+                    hrl::sync_dir(&self.dir).map_err(|source| TrackerError::Dir { path: self.dir.clone(), source })?;
+                    st.next_seq = seq;
+                }
+                Err(error) => self.report_corrupt(seq, path, error),
+            }
+        }
+        // The re-applied records are durable in the image before anything new is written.
+        self.image.sync_data().map_err(|source| self.image_err(source))?;
+        if !st.tracking && st.log.as_ref().is_some_and(|l| !l.is_empty()) {
+            self.seal_locked(&mut st, true)?;
+        }
+        if st.log.is_none() {
+            self.create_log(&mut st)?;
+        }
+        *self.state_mut() = st;
+        Ok(())
+    }
+
+    fn state_mut(&mut self) -> &mut State {
+        self.state.get_mut().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn report_corrupt(&mut self, seq: LogSeq, path: &Path, error: HrlError) {
+        tracing::error!(log = %path.display(), "damaged HRL log kept for inspection; replication needs a resync: {error:#}");
+        self.corrupt.push(CorruptLog { seq, path: path.to_owned(), error });
+    }
+
+    /// Logs of this disk in its folder, by sequence number.
+    fn list_logs(&self) -> Result<BTreeMap<LogSeq, PathBuf>, TrackerError> {
+        let dir_err = |source| TrackerError::Dir { path: self.dir.clone(), source };
+        let mut logs = BTreeMap::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(dir_err)? {
+            let entry = entry.map_err(dir_err)?;
+            let name = entry.file_name();
+            if let Some(seq) = name.to_str().and_then(|n| hrl::parse_log_file_name(&self.disk_id, n)) {
+                logs.insert(seq, entry.path());
+            }
+        }
+        Ok(logs)
+    }
+
+    /// Re-applies every valid record of the (already truncated) open log to the image.
+    fn reapply(&self, path: &Path) -> Result<(), TrackerError> {
+        let mut reader = HrlReader::open(path).map_err(|source| log_err(path, source))?;
+        let mut data = Vec::new();
+        while let Some(rec) = reader.next_record(&mut data).map_err(|source| log_err(path, source))? {
+            if check_range(rec.offset, rec.length, self.size).is_err() {
+                let error = HrlError::Malformed { what: "record past the end of the image", at: rec.pos };
+                return Err(log_err(path, error));
+            }
+            let done = match rec.kind {
+                RecordKind::Write => self.image.write_all_at(&data, rec.offset),
+                RecordKind::Zeroes | RecordKind::Trim => self.zero_image(rec.offset, rec.length),
+            };
+            done.map_err(|source| self.image_err(source))?;
+        }
+        Ok(())
+    }
+
+    fn image_err(&self, source: io::Error) -> TrackerError {
+        TrackerError::Image { path: self.image_path.clone(), source }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the state consistent at record
+        // granularity (the writer cuts failed appends back), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn create_log(&self, st: &mut State) -> Result<(), TrackerError> {
+        let writer = HrlWriter::create(&self.dir, &self.disk_id, st.next_seq)
+            .map_err(|source| log_err(&self.dir.join(hrl::log_file_name(&self.disk_id, st.next_seq)), source))?;
+        install_log(st, writer).map_err(|source| log_err(&self.dir, source))
+    }
+
+    /// Seals the open log if it has records: image synced, footer written and synced,
+    /// then (if `open_next`) the next log created. Caller holds the lock.
+    fn seal_locked(&self, st: &mut State, open_next: bool) -> Result<Option<LogSeq>, TrackerError> {
+        let Some(log) = st.log.as_mut() else {
+            if open_next && !st.stopped {
+                self.create_log(st)?;
+            }
+            return Ok(None);
+        };
+        if log.is_empty() {
+            return Ok(None);
+        }
+        self.image.sync_data().map_err(|source| self.image_err(source))?;
+        let seq = log.header().seq;
+        let path = log.path().to_owned();
+        let (_, bytes) = log.seal().map_err(|source| log_err(&path, source))?;
+        st.sealed.insert(seq, SealedLog { seq, path, bytes });
+        st.log = None;
+        st.log_file = None;
+        if open_next {
+            self.create_log(st)?;
+        }
+        Ok(Some(seq))
+    }
+
+    /// Writes every record of one operation to the open log. Caller holds the lock.
+    fn append_locked(&self, st: &mut State, recs: &[EncodedRecord], data: &[u8]) -> Result<(), DiskError> {
+        if st.log.is_none() {
+            self.create_log(st).map_err(|e| DiskError::Io(io::Error::other(e)))?;
+        }
+        let Some(log) = st.log.as_mut() else {
+            return Err(DiskError::Io(io::Error::other("no open HRL log")));
+        };
+        let mut chunks = data.chunks(MAX_RECORD_DATA as usize);
+        for rec in recs {
+            log.append(rec, chunks.next().unwrap_or(&[])).map_err(hrl_to_disk)?;
+        }
+        Ok(())
+    }
+
+    fn zero_image(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZEROES.len() as u64) as usize;
+            self.image.write_all_at(&ZEROES[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The common path of write, write-zeroes and trim: log (when tracking) then apply,
+    /// both under the lock; then flush for FUA.
+    fn mutate(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: &[u8],
+        fua: bool,
+        apply: impl FnOnce() -> io::Result<()>,
+    ) -> Result<(), DiskError> {
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let flags = if fua { FLAG_FUA } else { 0 };
+        // Checksums outside the lock when tracking is (probably) on.
+        let mut recs =
+            if self.tracking_hint.load(Ordering::Relaxed) { encode(kind, flags, offset, len, data)? } else { Vec::new() };
+        {
+            let mut st = self.lock();
+            if st.stopped {
+                return Err(DiskError::Stopped);
+            }
+            if st.tracking {
+                if recs.is_empty() {
+                    recs = encode(kind, flags, offset, len, data)?;
+                }
+                self.append_locked(&mut st, &recs, data)?;
+            }
+            apply().map_err(DiskError::from_io)?;
+            st.generation += 1;
+        }
+        if fua { self.flush() } else { Ok(()) }
+    }
+
+    /// Turns tracking on or off, under the write lock: a write racing with the switch is
+    /// either entirely before it (untracked) or entirely after it (logged). Switching off
+    /// seals the open log (nothing new will be appended to it).
+    pub fn set_tracking(&self, on: bool) -> Result<(), TrackerError> {
+        let mut st = self.lock();
+        if st.tracking == on {
+            return Ok(());
+        }
+        if !on {
+            let open_next = !st.stopped;
+            self.seal_locked(&mut st, open_next)?;
+        }
+        st.tracking = on;
+        self.tracking_hint.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether writes are being logged.
+    pub fn tracking(&self) -> bool {
+        self.lock().tracking
+    }
+
+    /// Seals the open log and starts the next one, atomically with respect to writes.
+    /// Returns the sealed log's seq, or `None` when the open log had no record (an
+    /// interval without writes produces no log: nothing to ship, and no empty files).
+    pub fn seal(&self) -> Result<Option<LogSeq>, TrackerError> {
+        self.write_back()?;
+        let mut st = self.lock();
+        if st.stopped {
+            return Err(TrackerError::Stopped);
+        }
+        self.seal_locked(&mut st, true)
+    }
+
+    /// Writes back the image's and the open log's dirty pages *without* blocking writes,
+    /// so that a seal that follows (which syncs both under the write lock) only waits for
+    /// what was written in between. [`Self::seal`] calls it; a VM calls it on each disk
+    /// before [`Self::freeze`], or the freeze stalls the guest for a whole interval's
+    /// write-back.
+    pub fn write_back(&self) -> Result<(), TrackerError> {
+        let log_file = self.lock().log_file.clone();
+        self.image.sync_data().map_err(|source| self.image_err(source))?;
+        if let Some(f) = log_file {
+            f.sync_data().map_err(|source| log_err(&self.dir, source.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Blocks new writes and waits for in-flight ones (they hold the lock this takes);
+    /// writes resume when the guard is dropped. A VM freezes all its disks (always in the
+    /// same order, to avoid lock-order inversions between VMs), seals each under its guard,
+    /// then drops the guards: every disk's log ends at the same instant, so the point is
+    /// crash-consistent across the VM. Do not call methods of this disk while holding its
+    /// guard (they would wait for the guard); use the guard's own.
+    pub fn freeze(&self) -> FreezeGuard<'_> {
+        FreezeGuard { disk: self, state: self.lock() }
+    }
+
+    /// Refuses all further writes ([`DiskError::Stopped`]), seals the open log if it has
+    /// records and syncs the image. Returns the sealed seq, if any.
+    pub fn stop(&self) -> Result<Option<LogSeq>, TrackerError> {
+        let mut st = self.lock();
+        if st.stopped {
+            return Ok(None);
+        }
+        st.stopped = true;
+        let sealed = self.seal_locked(&mut st, false)?;
+        if let Some(log) = st.log.as_ref() {
+            log.sync().map_err(|source| log_err(log.path(), source))?;
+        }
+        self.image.sync_data().map_err(|source| self.image_err(source))?;
+        Ok(sealed)
+    }
+
+    /// Sealed logs not yet deleted, ascending by seq.
+    pub fn sealed_logs(&self) -> Vec<SealedLog> {
+        self.lock().sealed.values().cloned().collect()
+    }
+
+    /// Deletes the sealed logs up to and including `seq` (the replica acknowledged them).
+    /// The open log and damaged logs are never deleted here.
+    pub fn delete_logs_through(&self, seq: LogSeq) -> Result<(), TrackerError> {
+        let doomed: Vec<SealedLog> = {
+            let mut st = self.lock();
+            let keep = st.sealed.split_off(&seq.next());
+            std::mem::replace(&mut st.sealed, keep).into_values().collect()
+        };
+        for log in &doomed {
+            match std::fs::remove_file(&log.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(log_err(&log.path, e.into())),
+            }
+        }
+        if !doomed.is_empty() {
+            hrl::sync_dir(&self.dir).map_err(|source| TrackerError::Dir { path: self.dir.clone(), source })?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of logs not yet deleted: sealed logs plus the open one.
+    pub fn pending_log_bytes(&self) -> u64 {
+        let st = self.lock();
+        st.sealed.values().map(|l| l.bytes).sum::<u64>() + st.log.as_ref().map_or(0, |l| l.len())
+    }
+
+    /// Sequence number and path of the open log.
+    pub fn current_log(&self) -> Option<(LogSeq, PathBuf)> {
+        self.lock().log.as_ref().map(|l| (l.header().seq, l.path().to_owned()))
+    }
+
+    /// Logs found damaged at open (kept on disk).
+    pub fn corrupt_logs(&self) -> &[CorruptLog] {
+        &self.corrupt
+    }
+
+    pub fn disk_id(&self) -> &DiskId {
+        &self.disk_id
+    }
+    pub fn image_path(&self) -> &Path {
+        &self.image_path
+    }
+}
+
+/// Writes of a frozen disk wait until this guard is dropped.
+#[derive(Debug)]
+pub struct FreezeGuard<'a> {
+    disk: &'a TrackedDisk,
+    state: MutexGuard<'a, State>,
+}
+
+impl FreezeGuard<'_> {
+    /// Seals the open log while frozen (see [`TrackedDisk::seal`]).
+    pub fn seal(&mut self) -> Result<Option<LogSeq>, TrackerError> {
+        if self.state.stopped {
+            return Err(TrackerError::Stopped);
+        }
+        self.disk.seal_locked(&mut self.state, true)
+    }
+}
+
+impl BlockDevice for TrackedDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.image.read_exact_at(buf, offset).map_err(DiskError::from_io)
+    }
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), DiskError> {
+        self.mutate(RecordKind::Write, offset, data.len() as u64, data, fua, || self.image.write_all_at(data, offset))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError> {
+        self.mutate(RecordKind::Zeroes, offset, len, &[], fua, || self.zero_image(offset, len))
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.mutate(RecordKind::Trim, offset, len, &[], false, || self.zero_image(offset, len))
+    }
+    /// Group commit: the first flusher syncs everything completed so far; flushers that
+    /// queued behind it find their writes covered and return without a second fdatasync.
+    fn flush(&self) -> Result<(), DiskError> {
+        let target = self.lock().generation;
+        let mut synced = self.synced_gen.lock().unwrap_or_else(PoisonError::into_inner);
+        if *synced >= target {
+            return Ok(());
+        }
+        // Everything completed up to `now` is in this log file or in an earlier log,
+        // which its seal already synced.
+        let (now, log_file) = {
+            let st = self.lock();
+            (st.generation, st.log_file.clone())
+        };
+        if let Some(f) = log_file {
+            f.sync_data().map_err(DiskError::from_io)?;
+        }
+        self.image.sync_data().map_err(DiskError::from_io)?;
+        *synced = now;
+        Ok(())
+    }
+}
+
+/// Makes `writer` the open log.
+fn install_log(st: &mut State, writer: HrlWriter) -> Result<(), HrlError> {
+    st.log_file = Some(Arc::new(writer.try_clone_file()?));
+    st.next_seq = writer.header().seq.next();
+    st.log = Some(writer);
+    Ok(())
+}
+
+/// The records of one operation: writes larger than [`MAX_RECORD_DATA`] are split.
+fn encode(kind: RecordKind, flags: u8, offset: u64, len: u64, data: &[u8]) -> Result<Vec<EncodedRecord>, DiskError> {
+    if kind != RecordKind::Write {
+        return Ok(vec![EncodedRecord::new(kind, flags, offset, len, &[]).map_err(hrl_to_disk)?]);
+    }
+    let mut recs = Vec::with_capacity(data.len().div_ceil(MAX_RECORD_DATA as usize));
+    let mut at = offset;
+    for chunk in data.chunks(MAX_RECORD_DATA as usize) {
+        recs.push(EncodedRecord::new(kind, flags, at, chunk.len() as u64, chunk).map_err(hrl_to_disk)?);
+        at += chunk.len() as u64;
+    }
+    Ok(recs)
+}
+
+fn hrl_to_disk(e: HrlError) -> DiskError {
+    match e {
+        HrlError::Io(e) => DiskError::from_io(e),
+        other => DiskError::Io(io::Error::other(other)),
+    }
+}
+
+fn log_err(path: &Path, source: HrlError) -> TrackerError {
+    TrackerError::Log { path: path.to_owned(), source }
+}
+
+fn file_len(path: &Path) -> Result<u64, TrackerError> {
+    std::fs::metadata(path).map(|m| m.len()).map_err(|source| log_err(path, source.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(size: u64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("d.img");
+        File::create(&img).and_then(|f| f.set_len(size)).expect("image");
+        (dir, img)
+    }
+
+    fn id() -> DiskId {
+        DiskId::new("d").expect("id")
+    }
+
+    #[test]
+    fn untracked_writes_are_not_logged_and_switching_off_seals() {
+        let (_dir, img) = setup(1 << 20);
+        let d = TrackedDisk::open(&img, id(), false).expect("open");
+        d.write_at(&[1; 512], 0, false).expect("write");
+        assert_eq!(d.seal().expect("seal"), None);
+        d.set_tracking(true).expect("on");
+        d.write_at(&[2; 512], 512, true).expect("write");
+        d.set_tracking(false).expect("off");
+        let sealed = d.sealed_logs();
+        assert_eq!(sealed.len(), 1);
+        assert_eq!(hrl::verify_sealed(&sealed[0].path).expect("verify").record_count, 1);
+        d.write_at(&[3; 512], 0, false).expect("write");
+        assert_eq!(d.seal().expect("seal"), None, "untracked writes leave the open log empty");
+    }
+
+    #[test]
+    fn stop_refuses_writes_and_seals() {
+        let (_dir, img) = setup(1 << 20);
+        let d = TrackedDisk::open(&img, id(), true).expect("open");
+        d.write_zeroes(0, 4096, false).expect("zeroes");
+        d.trim(4096, 4096).expect("trim");
+        let seq = d.stop().expect("stop").expect("sealed");
+        assert!(matches!(d.write_at(&[1], 0, false), Err(DiskError::Stopped)));
+        assert!(matches!(d.seal(), Err(TrackerError::Stopped)));
+        assert_eq!(d.sealed_logs()[0].seq, seq);
+        let mut buf = [9u8; 16];
+        d.read_at(&mut buf, 0).expect("read after stop");
+        assert_eq!(buf, [0; 16]);
+    }
+
+    #[test]
+    fn out_of_range_and_empty_writes() {
+        let (_dir, img) = setup(4096);
+        let d = TrackedDisk::open(&img, id(), true).expect("open");
+        assert!(matches!(d.write_at(&[1; 2], 4095, false), Err(DiskError::OutOfRange { .. })));
+        assert!(matches!(d.write_zeroes(u64::MAX, 2, false), Err(DiskError::OutOfRange { .. })));
+        d.write_at(&[], 10, false).expect("empty write");
+        assert_eq!(d.seal().expect("seal"), None);
+    }
+}

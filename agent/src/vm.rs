@@ -1,0 +1,471 @@
+//! VMs on this host: their folders, config files and disk images, and serving their
+//! disks over NBD while they run.
+//!
+//! A VM folder (`<data-dir>/vms/<name>/`) holds `vm.json` ([`VmConfig`]), one sparse
+//! raw image per disk (`disk0.img`, ...), the disks' HRL logs, and while the VM runs
+//! the unix socket `nbd.sock` serving its disks. Every disk is also served on the
+//! agent's loopback TCP NBD port. Every write goes through a [`TrackedDisk`], which is
+//! how the replication tracker sees it.
+//!
+//! The folders are the source of truth: at start the agent loads every folder and
+//! starts the VMs whose config says `running`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use siterecovery_certs::files;
+use siterecovery_certs::identity::is_token;
+use siterecovery_proto::v1;
+use tokio::net::UnixListener;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::hrl::DiskId;
+use crate::nbd::{self, Exports};
+use crate::tracker::{TrackedDisk, TrackerError};
+
+/// Largest disk we create (64 TiB), well inside what raw files and NBD handle.
+pub const MAX_DISK_SIZE: u64 = 64 << 40;
+/// Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Why a VM operation failed; `code()` gives the wire error code.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("no VM {0:?} on this host")]
+    NotFound(String),
+    #[error("VM {0:?} already exists on this host")]
+    Exists(String),
+    #[error("{0}")]
+    State(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tracker(#[from] TrackerError),
+    #[error(transparent)]
+    Nbd(#[from] nbd::NbdError),
+    #[error(transparent)]
+    Cert(#[from] siterecovery_certs::CertError),
+}
+
+impl VmError {
+    pub fn code(&self) -> v1::ErrorCode {
+        match self {
+            VmError::Invalid(_) => v1::ErrorCode::InvalidArgument,
+            VmError::NotFound(_) => v1::ErrorCode::NotFound,
+            VmError::Exists(_) => v1::ErrorCode::AlreadyExists,
+            VmError::State(_) => v1::ErrorCode::FailedPrecondition,
+            VmError::Io { source, .. } if source.raw_os_error() == Some(28) => v1::ErrorCode::ResourceExhausted,
+            _ => v1::ErrorCode::Internal,
+        }
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VmError + '_ {
+    move |source| VmError::Io { path: path.to_path_buf(), source }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Power {
+    Off,
+    Running,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub id: String,
+    pub size_bytes: u64,
+    /// Image file name inside the VM folder.
+    pub file: String,
+    /// Whether the replication tracker logs this disk's writes (on once protected).
+    #[serde(default)]
+    pub tracking: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicConfig {
+    pub network: String,
+    #[serde(default)]
+    pub ip: String,
+    #[serde(default)]
+    pub dhcp: bool,
+    pub mac: String,
+}
+
+/// `vm.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub name: String,
+    pub created_unix_ms: i64,
+    pub power: Power,
+    pub disks: Vec<DiskConfig>,
+    pub nics: Vec<NicConfig>,
+}
+
+/// Commands run when a VM starts or stops, so a real hypervisor can be attached:
+/// run with `sh -c`, with `SITERECOVERY_VM`, `SITERECOVERY_VM_FOLDER` and
+/// `SITERECOVERY_NBD_URIS` (space-separated) in the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    pub on_start: Option<String>,
+    pub on_stop: Option<String>,
+}
+
+struct Running {
+    disks: Vec<Arc<TrackedDisk>>,
+    token: CancellationToken,
+    unix_task: JoinHandle<()>,
+}
+
+struct Entry {
+    config: VmConfig,
+    folder: PathBuf,
+    running: Option<Running>,
+}
+
+/// The VMs of this host.
+pub struct VmManager {
+    dir: PathBuf,
+    vms: Mutex<BTreeMap<String, Entry>>,
+    tcp_exports: Arc<Exports>,
+    nbd_tcp: SocketAddr,
+    hooks: Hooks,
+    shutdown: CancellationToken,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn export_name(vm: &str, disk: &str) -> String {
+    format!("{vm}-{disk}")
+}
+
+fn random_mac() -> String {
+    let mut b = [0u8; 3];
+    rand::fill(&mut b[..]);
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+fn save_config(folder: &Path, config: &VmConfig) -> Result<(), VmError> {
+    let json = serde_json::to_vec_pretty(config).map_err(|e| VmError::Invalid(e.to_string()))?;
+    files::write_public(&folder.join("vm.json"), &json)?;
+    Ok(())
+}
+
+impl VmManager {
+    /// Loads every VM folder under `dir` and starts those configured as running.
+    /// `tcp_exports` is served on `nbd_tcp` by the caller.
+    pub async fn load(
+        dir: PathBuf,
+        tcp_exports: Arc<Exports>,
+        nbd_tcp: SocketAddr,
+        hooks: Hooks,
+        shutdown: CancellationToken,
+    ) -> Result<Self, VmError> {
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let mgr = Self { dir: dir.clone(), vms: Mutex::new(BTreeMap::new()), tcp_exports, nbd_tcp, hooks, shutdown };
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let e = e.map_err(io(&dir))?;
+            let folder = e.path();
+            let cfg_path = folder.join("vm.json");
+            if !cfg_path.exists() {
+                continue;
+            }
+            match files::read_text(&cfg_path)
+                .map_err(VmError::from)
+                .and_then(|t| serde_json::from_str::<VmConfig>(&t).map_err(|e| VmError::Invalid(format!("{}: {e}", cfg_path.display()))))
+            {
+                Ok(cfg) => found.push((cfg, folder)),
+                Err(e) => tracing::error!("skipping VM folder {}: {e:#}", folder.display()),
+            }
+        }
+        let mut vms = mgr.vms.lock().await;
+        for (config, folder) in found {
+            let name = config.name.clone();
+            let start = config.power == Power::Running;
+            vms.insert(name.clone(), Entry { config, folder, running: None });
+            if start {
+                let entry = vms.get_mut(&name).ok_or_else(|| VmError::NotFound(name.clone()))?;
+                match mgr.start_entry(entry).await {
+                    Ok(()) => tracing::info!(vm = %name, "VM started (was running)"),
+                    Err(e) => tracing::error!(vm = %name, "cannot start VM: {e:#}"),
+                }
+            }
+        }
+        drop(vms);
+        Ok(mgr)
+    }
+
+    /// Creates a VM folder with sparse disk images; starts it when asked.
+    pub async fn create(&self, name: &str, disk_sizes: &[u64], nics: &[v1::Nic], start: bool) -> Result<v1::Vm, VmError> {
+        if !is_token(name) {
+            return Err(VmError::Invalid(format!("VM name {name:?}: use 1-64 of A-Z a-z 0-9 . _ -")));
+        }
+        if disk_sizes.is_empty() || disk_sizes.len() > 16 {
+            return Err(VmError::Invalid("a VM has 1 to 16 disks".into()));
+        }
+        for &s in disk_sizes {
+            if s == 0 || s % 512 != 0 || s > MAX_DISK_SIZE {
+                return Err(VmError::Invalid(format!("disk size {s}: a multiple of 512 bytes, at most 64 TiB")));
+            }
+        }
+        let mut vms = self.vms.lock().await;
+        let folder = self.dir.join(name);
+        if vms.contains_key(name) || folder.exists() {
+            return Err(VmError::Exists(name.into()));
+        }
+        let sock = folder.join("nbd.sock");
+        if sock.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(VmError::Invalid(format!(
+                "the NBD socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter --data-dir",
+                sock.display()
+            )));
+        }
+        std::fs::create_dir_all(&folder).map_err(io(&folder))?;
+        let result = (|| {
+            let mut disks = Vec::new();
+            for (i, &size) in disk_sizes.iter().enumerate() {
+                let id = format!("disk{i}");
+                let file = format!("{id}.img");
+                let path = folder.join(&file);
+                let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io(&path))?;
+                f.set_len(size).map_err(io(&path))?;
+                f.sync_all().map_err(io(&path))?;
+                disks.push(DiskConfig { id, size_bytes: size, file, tracking: false });
+            }
+            let nics = nics
+                .iter()
+                .map(|n| NicConfig { network: n.network.clone(), ip: n.ip.clone(), dhcp: n.dhcp, mac: random_mac() })
+                .collect();
+            let config = VmConfig { name: name.into(), created_unix_ms: now_ms(), power: Power::Off, disks, nics };
+            save_config(&folder, &config)?;
+            Ok(config)
+        })();
+        let config = match result {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&folder);
+                return Err(e);
+            }
+        };
+        tracing::info!(vm = %name, disks = disk_sizes.len(), "VM created");
+        vms.insert(name.into(), Entry { config, folder, running: None });
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if start {
+            self.start_entry(entry).await?;
+        }
+        Ok(self.report(entry))
+    }
+
+    pub async fn start(&self, name: &str) -> Result<v1::Vm, VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if entry.running.is_none() {
+            self.start_entry(entry).await?;
+        }
+        Ok(self.report(entry))
+    }
+
+    pub async fn stop(&self, name: &str) -> Result<v1::Vm, VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        self.stop_entry(entry, true).await?;
+        Ok(self.report(entry))
+    }
+
+    /// Deletes a stopped or running VM with its folder (images and logs).
+    pub async fn delete(&self, name: &str) -> Result<(), VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if entry.config.disks.iter().any(|d| d.tracking) {
+            return Err(VmError::State(format!("VM {name} is protected; unprotect it before deleting")));
+        }
+        self.stop_entry(entry, true).await?;
+        let folder = entry.folder.clone();
+        std::fs::remove_dir_all(&folder).map_err(io(&folder))?;
+        vms.remove(name);
+        tracing::info!(vm = %name, "VM deleted");
+        Ok(())
+    }
+
+    /// Every VM as the inventory reports it.
+    pub async fn list(&self) -> Vec<v1::Vm> {
+        let vms = self.vms.lock().await;
+        vms.values().map(|e| self.report(e)).collect()
+    }
+
+    /// A VM's configuration (local commands).
+    pub async fn config(&self, name: &str) -> Option<VmConfig> {
+        self.vms.lock().await.get(name).map(|e| e.config.clone())
+    }
+
+    /// Stops serving every VM for an agent shutdown: logs sealed, disks flushed, but the
+    /// configured power state kept so the next start serves them again.
+    pub async fn shutdown(&self) {
+        let mut vms = self.vms.lock().await;
+        for (name, entry) in vms.iter_mut() {
+            if let Err(e) = self.stop_entry(entry, false).await {
+                tracing::error!(vm = %name, "stopping VM at shutdown: {e:#}");
+            }
+        }
+    }
+
+    async fn start_entry(&self, entry: &mut Entry) -> Result<(), VmError> {
+        let name = entry.config.name.clone();
+        let folder = entry.folder.clone();
+        let disks_cfg = entry.config.disks.clone();
+        let disks = tokio::task::spawn_blocking(move || -> Result<Vec<Arc<TrackedDisk>>, VmError> {
+            let mut disks = Vec::new();
+            for d in &disks_cfg {
+                let id = DiskId::new(&d.id).map_err(|e| VmError::Invalid(format!("disk id {:?}: {e}", d.id)))?;
+                let disk = TrackedDisk::open(&folder.join(&d.file), id, d.tracking)?;
+                for c in disk.corrupt_logs() {
+                    tracing::error!(disk = %d.id, log = %c.path.display(), "damaged HRL log kept for inspection: {}", c.error);
+                }
+                disks.push(Arc::new(disk));
+            }
+            Ok(disks)
+        })
+        .await
+        .map_err(|e| VmError::State(format!("opening disks: {e}")))??;
+        let sock = entry.folder.join("nbd.sock");
+        // A socket file left by a crash would make bind fail.
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).map_err(io(&sock))?;
+        let vm_exports = Arc::new(Exports::new());
+        for (cfg, disk) in entry.config.disks.iter().zip(&disks) {
+            let export = export_name(&name, &cfg.id);
+            vm_exports.add(export.clone(), disk.clone())?;
+            // Replace a stale export of the same name (should not exist, but never fail a start on it).
+            self.tcp_exports.remove(&export);
+            self.tcp_exports.add(export, disk.clone())?;
+        }
+        let token = self.shutdown.child_token();
+        let unix_task = tokio::spawn(nbd::serve_unix(listener, vm_exports, token.clone()));
+        entry.running = Some(Running { disks, token, unix_task });
+        if entry.config.power != Power::Running {
+            entry.config.power = Power::Running;
+            save_config(&entry.folder, &entry.config)?;
+        }
+        self.run_hook(self.hooks.on_start.as_deref(), entry);
+        tracing::info!(vm = %name, socket = %sock.display(), "VM running; disks served over NBD");
+        Ok(())
+    }
+
+    async fn stop_entry(&self, entry: &mut Entry, power_off: bool) -> Result<(), VmError> {
+        if let Some(running) = entry.running.take() {
+            self.run_hook(self.hooks.on_stop.as_deref(), entry);
+            for cfg in &entry.config.disks {
+                self.tcp_exports.remove(&export_name(&entry.config.name, &cfg.id));
+            }
+            running.token.cancel();
+            let _ = running.unix_task.await;
+            let disks = running.disks;
+            tokio::task::spawn_blocking(move || -> Result<(), TrackerError> {
+                for d in &disks {
+                    d.stop()?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| VmError::State(format!("stopping disks: {e}")))??;
+            let _ = std::fs::remove_file(entry.folder.join("nbd.sock"));
+            tracing::info!(vm = %entry.config.name, "VM stopped; logs sealed, disks flushed");
+        }
+        if power_off && entry.config.power != Power::Off {
+            entry.config.power = Power::Off;
+            save_config(&entry.folder, &entry.config)?;
+        }
+        Ok(())
+    }
+
+    fn run_hook(&self, cmd: Option<&str>, entry: &Entry) {
+        let Some(cmd) = cmd else { return };
+        let uris: Vec<String> = self.report(entry).disks.into_iter().map(|d| d.nbd_unix_uri).collect();
+        let mut c = tokio::process::Command::new("sh");
+        c.arg("-c")
+            .arg(cmd)
+            .env("SITERECOVERY_VM", &entry.config.name)
+            .env("SITERECOVERY_VM_FOLDER", &entry.folder)
+            .env("SITERECOVERY_NBD_URIS", uris.join(" "))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let vm = entry.config.name.clone();
+        match c.spawn() {
+            Ok(child) => {
+                tokio::spawn(async move {
+                    match child.wait_with_output().await {
+                        Ok(out) if out.status.success() => tracing::info!(%vm, "hook ran"),
+                        Ok(out) => tracing::warn!(%vm, status = %out.status, stderr = %String::from_utf8_lossy(&out.stderr), "hook failed"),
+                        Err(e) => tracing::warn!(%vm, "hook did not finish: {e}"),
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(%vm, "hook did not run: {e}"),
+        }
+    }
+
+    fn report(&self, e: &Entry) -> v1::Vm {
+        let sock = e.folder.join("nbd.sock");
+        let running = e.running.as_ref();
+        v1::Vm {
+            name: e.config.name.clone(),
+            host_id: String::new(),
+            host_name: String::new(),
+            folder: e.folder.display().to_string(),
+            created_unix_ms: e.config.created_unix_ms,
+            power_state: if running.is_some() { v1::PowerState::Running } else { v1::PowerState::Off } as i32,
+            disks: e
+                .config
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let path = e.folder.join(&d.file);
+                    let export = export_name(&e.config.name, &d.id);
+                    let live = running.and_then(|r| r.disks.get(i));
+                    v1::Disk {
+                        id: d.id.clone(),
+                        size_bytes: d.size_bytes,
+                        image_path: path.display().to_string(),
+                        nbd_unix_uri: if live.is_some() {
+                            format!("nbd+unix:///{export}?socket={}", sock.display())
+                        } else {
+                            String::new()
+                        },
+                        nbd_tcp_uri: if live.is_some() { format!("nbd://{}/{export}", self.nbd_tcp) } else { String::new() },
+                        export_name: export,
+                        tracking: live.map(|d| d.tracking()).unwrap_or(d.tracking),
+                        pending_log_bytes: live.map(|d| d.pending_log_bytes()).unwrap_or(0),
+                        allocated_bytes: std::fs::metadata(&path).map(|m| m.blocks() * 512).unwrap_or(0),
+                    }
+                })
+                .collect(),
+            nics: e
+                .config
+                .nics
+                .iter()
+                .map(|n| v1::Nic { network: n.network.clone(), ip: n.ip.clone(), dhcp: n.dhcp, mac: n.mac.clone() })
+                .collect(),
+        }
+    }
+}
+
