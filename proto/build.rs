@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/siterecovery/v1/inventory.proto",
         "proto/siterecovery/v1/control.proto",
         "proto/siterecovery/v1/peer.proto",
+        "proto/siterecovery/v1/protection.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

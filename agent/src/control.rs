@@ -142,21 +142,21 @@ async fn execute(vms: &VmManager, msg: v1::ProviderMessage) -> v1::CommandResult
         Some(Command::DeleteVm(c)) => vms.delete(&c.name).await.map(|()| None),
         Some(Command::StartVm(c)) => vms.start(&c.name).await.map(Some),
         Some(Command::StopVm(c)) => vms.stop(&c.name).await.map(Some),
-        None => {
+        Some(_) | None => {
             return v1::CommandResult {
                 command_id: id,
                 ok: false,
                 code: v1::ErrorCode::InvalidArgument as i32,
                 error: "unknown command (is this agent older than the provider?)".into(),
-                vm: None,
+                ..Default::default()
             };
         }
     };
     match outcome {
-        Ok(vm) => v1::CommandResult { command_id: id, ok: true, code: 0, error: String::new(), vm },
+        Ok(vm) => v1::CommandResult { command_id: id, ok: true, vm, ..Default::default() },
         Err(e) => {
             tracing::warn!(command_id = id, "command failed: {e:#}");
-            v1::CommandResult { command_id: id, ok: false, code: e.code() as i32, error: e.to_string(), vm: None }
+            v1::CommandResult { command_id: id, ok: false, code: e.code() as i32, error: e.to_string(), ..Default::default() }
         }
     }
 }

@@ -42,6 +42,26 @@ impl Peer for PeerService {
             caller: caller.uri(),
         }))
     }
+
+    async fn copy_progress(&self, _req: Request<v1::CopyProgressRequest>) -> Result<Response<v1::CopyProgressResponse>, Status> {
+        Err(Status::unimplemented("replication is not available yet"))
+    }
+
+    type InitialCopyStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::CopyAck, Status>> + Send>>;
+
+    async fn initial_copy(&self, _req: Request<tonic::Streaming<v1::CopyChunk>>) -> Result<Response<Self::InitialCopyStream>, Status> {
+        Err(Status::unimplemented("replication is not available yet"))
+    }
+
+    async fn ship_point(&self, _req: Request<tonic::Streaming<v1::PointChunk>>) -> Result<Response<v1::PointAck>, Status> {
+        Err(Status::unimplemented("replication is not available yet"))
+    }
+
+    type BlockHashesStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::BlockHashesChunk, Status>> + Send>>;
+
+    async fn block_hashes(&self, _req: Request<v1::BlockHashesRequest>) -> Result<Response<Self::BlockHashesStream>, Status> {
+        Err(Status::unimplemented("replication is not available yet"))
+    }
 }
 
 /// Serves the peer services on `listener` until `shutdown`.

@@ -432,6 +432,7 @@ impl VmManager {
             host_name: String::new(),
             folder: e.folder.display().to_string(),
             created_unix_ms: e.config.created_unix_ms,
+            replication: None,
             power_state: if running.is_some() { v1::PowerState::Running } else { v1::PowerState::Off } as i32,
             disks: e
                 .config

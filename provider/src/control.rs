@@ -264,6 +264,7 @@ fn handle(state: &AppState, host: &HostRecord, pending: &Mutex<Pending>, m: v1::
                 tracing::error!(host = %host.name, "cannot record inventory: {e:#}");
             }
         }
+        Body::Replication(_status) => {}
         Body::Result(r) => {
             let waiter = pending.lock().ok().and_then(|mut p| p.remove(&r.command_id));
             match waiter {

@@ -124,6 +124,7 @@ impl VmRecord {
                 _ => v1::PowerState::Unspecified,
             } as i32,
             created_unix_ms: self.created_unix_ms,
+            replication: None,
             disks: self
                 .disks
                 .iter()
