@@ -13,5 +13,6 @@ pub mod hrl;
 pub mod nbd;
 pub mod peer;
 pub mod register;
+pub mod replica;
 pub mod tracker;
 pub mod vm;
