@@ -233,8 +233,8 @@ impl LogHeader {
         if id_len == 0 || id_len > MAX_DISK_ID_LEN || b[32 + id_len..124].iter().any(|&x| x != 0) {
             return Err(HrlError::Malformed { what: "file header", at: 0 });
         }
-        let id = std::str::from_utf8(&b[32..32 + id_len])
-            .map_err(|_| HrlError::Malformed { what: "disk id", at: 32 })?;
+        let id =
+            std::str::from_utf8(&b[32..32 + id_len]).map_err(|_| HrlError::Malformed { what: "disk id", at: 32 })?;
         let disk_id = DiskId::new(id).map_err(|_| HrlError::Malformed { what: "disk id", at: 32 })?;
         Ok(LogHeader { disk_id, seq: LogSeq(le_u64(&b[16..24])), start_ms: le_u64(&b[24..32]) })
     }
@@ -394,7 +394,17 @@ impl HrlWriter {
         file.sync_all()?;
         sync_dir(dir)?;
         let chain = header.chain_seed();
-        Ok(HrlWriter { file, path, header, pos: FILE_HEADER_LEN as u64, record_count: 0, data_bytes: 0, chain, broken: false, sealed: false })
+        Ok(HrlWriter {
+            file,
+            path,
+            header,
+            pos: FILE_HEADER_LEN as u64,
+            record_count: 0,
+            data_bytes: 0,
+            chain,
+            broken: false,
+            sealed: false,
+        })
     }
 
     /// Reopens an open (unsealed) log for appending after recovery: truncates a torn
@@ -465,8 +475,12 @@ impl HrlWriter {
         if self.broken || self.sealed {
             return Err(HrlError::Broken);
         }
-        let footer =
-            LogFooter { record_count: self.record_count, data_bytes: self.data_bytes, end_ms: now_ms(), chain: self.chain };
+        let footer = LogFooter {
+            record_count: self.record_count,
+            data_bytes: self.data_bytes,
+            end_ms: now_ms(),
+            chain: self.chain,
+        };
         let done = self.file.write_all(&footer.encode()).and_then(|()| self.file.sync_all());
         if let Err(e) = done {
             let restored = self.file.set_len(self.pos).and_then(|()| self.file.seek(SeekFrom::Start(self.pos)));
@@ -872,10 +886,10 @@ impl IntervalMap {
         // Extents starting inside the new range: drop them, keeping a tail past `end`.
         let inside: Vec<u64> = self.map.range(start..end).map(|(&s, _)| s).collect();
         for s in inside {
-            if let Some(old) = self.map.remove(&s) {
-                if s + old.len > end {
-                    self.map.insert(end, cut_front(old, end));
-                }
+            if let Some(old) = self.map.remove(&s)
+                && s + old.len > end
+            {
+                self.map.insert(end, cut_front(old, end));
             }
         }
         self.map.insert(start, new);

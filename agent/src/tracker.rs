@@ -38,8 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::disk::{BlockDevice, DiskError, check_range};
 use crate::hrl::{
-    self, DiskId, EncodedRecord, FLAG_FUA, HrlError, HrlReader, HrlWriter, LogSeq, MAX_RECORD_DATA, RecordKind,
-    ScanEnd,
+    self, DiskId, EncodedRecord, FLAG_FUA, HrlError, HrlReader, HrlWriter, LogSeq, MAX_RECORD_DATA, RecordKind, ScanEnd,
 };
 
 /// Why opening or managing a tracked disk failed (the block I/O path reports
@@ -345,8 +344,11 @@ impl TrackedDisk {
         }
         let flags = if fua { FLAG_FUA } else { 0 };
         // Checksums outside the lock when tracking is (probably) on.
-        let mut recs =
-            if self.tracking_hint.load(Ordering::Relaxed) { encode(kind, flags, offset, len, data)? } else { Vec::new() };
+        let mut recs = if self.tracking_hint.load(Ordering::Relaxed) {
+            encode(kind, flags, offset, len, data)?
+        } else {
+            Vec::new()
+        };
         {
             let mut st = self.lock();
             if st.stopped {

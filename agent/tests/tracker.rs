@@ -212,11 +212,7 @@ fn coalescing_ships_each_block_once() {
     let extents: Vec<_> = c.extents().iter().map(|e| (e.offset, e.len, e.kind)).collect();
     assert_eq!(
         extents,
-        vec![
-            (4096, 1904, RecordKind::Write),
-            (6000, 1000, RecordKind::Zeroes),
-            (7000, 5288, RecordKind::Write),
-        ]
+        vec![(4096, 1904, RecordKind::Write), (6000, 1000, RecordKind::Zeroes), (7000, 5288, RecordKind::Write),]
     );
     assert_eq!(c.footer().data_bytes, 100 * 4096 + 8192);
     assert_eq!(c.write_bytes(), 1904 + 5288, "101 writes of 4096..12288 ship 8 KiB minus the zeroes");
@@ -461,10 +457,10 @@ fn kill_9_while_writing_loses_no_acknowledged_write() {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(n) = line.split("ACK ").nth(1).and_then(|s| s.trim().parse::<u64>().ok()) {
-                    if tx.send(n).is_err() {
-                        break;
-                    }
+                if let Some(n) = line.split("ACK ").nth(1).and_then(|s| s.trim().parse::<u64>().ok())
+                    && tx.send(n).is_err()
+                {
+                    break;
                 }
             }
         });
