@@ -17,7 +17,7 @@ ROUNDS=${1:-3}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
 cargo build --release -q -p siterecovery-agent --example nbd_export
-OURS_BIN="$ROOT/target/release/examples/nbd_export"
+OURS_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/nbd_export"
 
 WORK=$(mktemp -d)
 PIDS=()

@@ -32,30 +32,21 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .init();
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     let args = Args::parse();
-    anyhow::ensure!(
-        args.socket.is_some() || args.tcp.is_some(),
-        "give --socket and/or --tcp"
-    );
-    let dev = RawFile::open(&args.image, args.read_only)
-        .with_context(|| format!("open {}", args.image.display()))?;
+    anyhow::ensure!(args.socket.is_some() || args.tcp.is_some(), "give --socket and/or --tcp");
+    let dev = RawFile::open(&args.image, args.read_only).with_context(|| format!("open {}", args.image.display()))?;
     let exports = Arc::new(Exports::new());
     exports.add(args.export.clone(), Arc::new(dev))?;
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path)
-            .with_context(|| format!("bind {}", path.display()))?;
+        let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
         tasks.spawn(serve_unix(listener, exports.clone(), shutdown.clone()));
     }
     if let Some(addr) = &args.tcp {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("bind {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
         tasks.spawn(serve_tcp(listener, exports.clone(), shutdown.clone()));
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -31,36 +31,22 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
         let unix = tokio::net::UnixListener::bind(&socket).expect("bind unix");
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind tcp");
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind tcp");
         let port = tcp.local_addr().expect("addr").port();
         let exports = Arc::new(Exports::new());
         let shutdown = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(serve_unix(unix, exports.clone(), shutdown.clone()));
         tasks.spawn(serve_tcp(tcp, exports.clone(), shutdown.clone()));
-        Server {
-            dir,
-            socket,
-            port,
-            exports,
-            shutdown,
-            tasks,
-        }
+        Server { dir, socket, port, exports, shutdown, tasks }
     }
 
     /// Creates a sparse raw image of `size` bytes and exports it as `name`.
     fn add_image(&self, name: &str, size: u64, read_only: bool) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.img"));
-        std::fs::File::create(&path)
-            .expect("create")
-            .set_len(size)
-            .expect("set_len");
+        std::fs::File::create(&path).expect("create").set_len(size).expect("set_len");
         let dev = RawFile::open(&path, read_only).expect("open");
-        self.exports
-            .add(name.to_string(), Arc::new(dev))
-            .expect("add export");
+        self.exports.add(name.to_string(), Arc::new(dev)).expect("add export");
         path
     }
 
@@ -74,11 +60,9 @@ impl Server {
 
     async fn stop(mut self) {
         self.shutdown.cancel();
-        tokio::time::timeout(DEADLINE, async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await
-        .expect("servers stop after shutdown");
+        tokio::time::timeout(DEADLINE, async { while self.tasks.join_next().await.is_some() {} })
+            .await
+            .expect("servers stop after shutdown");
     }
 }
 
@@ -133,101 +117,28 @@ async fn qemu_clients_over_unix_and_tcp() {
     let tcp = server.tcp_uri("disk0");
 
     assert!(qemu_io(&unix, &["write -P 0xab 0 1M", "write -P 0xcd 3M 64k"]).await);
-    assert!(
-        qemu_io(
-            &unix,
-            &[
-                "read -P 0xab 0 1M",
-                "read -P 0xcd 3M 64k",
-                "read -P 0 1M 2M"
-            ]
-        )
-        .await
-    );
-    assert!(
-        !qemu_io(&unix, &["read -P 0xac 0 1M"]).await,
-        "a wrong pattern must fail"
-    );
+    assert!(qemu_io(&unix, &["read -P 0xab 0 1M", "read -P 0xcd 3M 64k", "read -P 0 1M 2M"]).await);
+    assert!(!qemu_io(&unix, &["read -P 0xac 0 1M"]).await, "a wrong pattern must fail");
     assert!(qemu_io(&tcp, &["read -P 0xab 0 1M", "read -P 0xcd 3M 64k"]).await);
-    assert!(
-        !qemu_io(&tcp, &["read -P 0xcd 0 64k"]).await,
-        "a wrong pattern must fail"
-    );
+    assert!(!qemu_io(&tcp, &["read -P 0xcd 0 64k"]).await, "a wrong pattern must fail");
     assert!(qemu_io(&tcp, &["write -P 0x11 2M 4k", "read -P 0x11 2M 4k"]).await);
 
     let expected = server.dir.path().join("expected.img");
-    write_expected(
-        &expected,
-        size,
-        &[
-            (0, MIB, 0xab),
-            (2 * MIB, 4096, 0x11),
-            (3 * MIB, 65536, 0xcd),
-        ],
-    );
+    write_expected(&expected, size, &[(0, MIB, 0xab), (2 * MIB, 4096, 0x11), (3 * MIB, 65536, 0xcd)]);
     let expected_s = expected.to_str().expect("utf8 path");
-    assert!(
-        run(
-            "qemu-img",
-            &["compare", "-f", "raw", "-F", "raw", &unix, expected_s]
-        )
-        .await
-    );
-    assert!(
-        run(
-            "qemu-img",
-            &["compare", "-f", "raw", "-F", "raw", &tcp, expected_s]
-        )
-        .await
-    );
-    assert_eq!(
-        std::fs::read(&image).expect("image"),
-        std::fs::read(&expected).expect("expected")
-    );
+    assert!(run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &unix, expected_s]).await);
+    assert!(run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &tcp, expected_s]).await);
+    assert_eq!(std::fs::read(&image).expect("image"), std::fs::read(&expected).expect("expected"));
 
     let copy = server.dir.path().join("copy.img");
     let copy_s = copy.to_str().expect("utf8 path");
-    assert!(
-        run(
-            "qemu-img",
-            &["convert", "-f", "raw", "-O", "raw", &unix, copy_s]
-        )
-        .await
-    );
-    assert!(
-        run(
-            "qemu-img",
-            &["compare", "-f", "raw", "-F", "raw", copy_s, expected_s]
-        )
-        .await
-    );
+    assert!(run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &unix, copy_s]).await);
+    assert!(run("qemu-img", &["compare", "-f", "raw", "-F", "raw", copy_s, expected_s]).await);
 
     // Zeroes (with and without NO_HOLE-style full allocation) and discard.
-    assert!(
-        qemu_io(
-            &unix,
-            &["write -z 0 64k", "write -z -u 64k 64k", "discard 3M 64k"]
-        )
-        .await
-    );
-    assert!(
-        qemu_io(
-            &tcp,
-            &[
-                "read -P 0 0 128k",
-                "read -P 0xab 128k 64k",
-                "read -P 0 3M 64k"
-            ]
-        )
-        .await
-    );
-    assert!(
-        qemu_io(
-            &unix,
-            &["write -f -P 0x22 1M 4k", "flush", "read -P 0x22 1M 4k"]
-        )
-        .await
-    );
+    assert!(qemu_io(&unix, &["write -z 0 64k", "write -z -u 64k 64k", "discard 3M 64k"]).await);
+    assert!(qemu_io(&tcp, &["read -P 0 0 128k", "read -P 0xab 128k 64k", "read -P 0 3M 64k"]).await);
+    assert!(qemu_io(&unix, &["write -f -P 0x22 1M 4k", "flush", "read -P 0x22 1M 4k"]).await);
 
     server.stop().await;
 }
@@ -238,22 +149,11 @@ async fn qemu_img_bench_reads_and_writes() {
     server.add_image("bench", 16 * MIB, false);
     let unix = server.unix_uri("bench");
     let tcp = server.tcp_uri("bench");
-    let base = [
-        "bench", "-f", "raw", "-t", "none", "-s", "64k", "-c", "2000", "-d", "16",
-    ];
+    let base = ["bench", "-f", "raw", "-t", "none", "-s", "64k", "-c", "2000", "-d", "16"];
     let with = |extra: &[&'static str], uri: &str| -> Vec<String> {
-        base.iter()
-            .chain(extra)
-            .map(|s| s.to_string())
-            .chain([uri.to_string()])
-            .collect()
+        base.iter().chain(extra).map(|s| s.to_string()).chain([uri.to_string()]).collect()
     };
-    for args in [
-        with(&[], &unix),
-        with(&["-w", "--pattern", "0x5a"], &unix),
-        with(&["-w"], &tcp),
-        with(&[], &tcp),
-    ] {
+    for args in [with(&[], &unix), with(&["-w", "--pattern", "0x5a"], &unix), with(&["-w"], &tcp), with(&[], &tcp)] {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         assert!(run("qemu-img", &args).await, "qemu-img {args:?}");
     }
@@ -265,39 +165,18 @@ async fn exports_added_and_removed_while_serving() {
     let server = Server::start().await;
     server.add_image("a", MIB, false);
     assert!(qemu_io(&server.unix_uri("a"), &["write -P 0x01 0 4k"]).await);
-    assert!(
-        !qemu_io(&server.unix_uri("b"), &["read 0 4k"]).await,
-        "unknown export must fail"
-    );
+    assert!(!qemu_io(&server.unix_uri("b"), &["read 0 4k"]).await, "unknown export must fail");
     server.add_image("b", MIB, false);
-    assert!(
-        qemu_io(
-            &server.unix_uri("b"),
-            &["write -P 0x02 0 4k", "read -P 0x02 0 4k"]
-        )
-        .await
-    );
+    assert!(qemu_io(&server.unix_uri("b"), &["write -P 0x02 0 4k", "read -P 0x02 0 4k"]).await);
 
     // A connection that opened "a" before its removal gets ESHUTDOWN afterwards.
     let mut c = RawClient::connect(&server.socket).await;
     c.go("a").await.expect("go a");
-    assert_eq!(
-        c.request(CMD_READ, 0, 0, 4096, &[]).await,
-        (0, vec![0x01; 4096])
-    );
+    assert_eq!(c.request(CMD_READ, 0, 0, 4096, &[]).await, (0, vec![0x01; 4096]));
     assert!(server.exports.remove("a").is_some());
-    assert_eq!(
-        c.request(CMD_READ, 0, 0, 4096, &[]).await,
-        (ESHUTDOWN, vec![])
-    );
-    assert_eq!(
-        c.request(CMD_WRITE, 0, 0, 4, b"oops").await,
-        (ESHUTDOWN, vec![])
-    );
-    assert!(
-        !qemu_io(&server.unix_uri("a"), &["read 0 4k"]).await,
-        "removed export must fail"
-    );
+    assert_eq!(c.request(CMD_READ, 0, 0, 4096, &[]).await, (ESHUTDOWN, vec![]));
+    assert_eq!(c.request(CMD_WRITE, 0, 0, 4, b"oops").await, (ESHUTDOWN, vec![]));
+    assert!(!qemu_io(&server.unix_uri("a"), &["read 0 4k"]).await, "removed export must fail");
     assert_eq!(server.exports.names(), vec!["b".to_string()]);
     server.stop().await;
 }
@@ -311,14 +190,8 @@ async fn shutdown_closes_idle_connections() {
     let mut in_handshake = RawClient::connect(&server.socket).await;
     in_handshake.read_exact(18).await;
     server.stop().await;
-    assert!(
-        idle.at_eof().await,
-        "transmission connection closed on shutdown"
-    );
-    assert!(
-        in_handshake.at_eof().await,
-        "handshake connection closed on shutdown"
-    );
+    assert!(idle.at_eof().await, "transmission connection closed on shutdown");
+    assert!(in_handshake.at_eof().await, "handshake connection closed on shutdown");
 }
 
 // --- A raw protocol client for malformed packets ---------------------------------
@@ -357,10 +230,7 @@ impl RawClient {
 
     async fn read_exact(&mut self, n: usize) -> Vec<u8> {
         let mut b = vec![0; n];
-        tokio::time::timeout(IO_DEADLINE, self.s.read_exact(&mut b))
-            .await
-            .expect("reply in time")
-            .expect("read");
+        tokio::time::timeout(IO_DEADLINE, self.s.read_exact(&mut b)).await.expect("reply in time").expect("read");
         b
     }
 
@@ -382,10 +252,7 @@ impl RawClient {
     /// Reads one option reply: (option, type, data).
     async fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
         let h = self.read_exact(20).await;
-        assert_eq!(
-            u64::from_be_bytes(h[..8].try_into().expect("8")),
-            OPT_REPLY_MAGIC
-        );
+        assert_eq!(u64::from_be_bytes(h[..8].try_into().expect("8")), OPT_REPLY_MAGIC);
         let option = u32::from_be_bytes(h[8..12].try_into().expect("4"));
         let typ = u32::from_be_bytes(h[12..16].try_into().expect("4"));
         let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
@@ -425,43 +292,17 @@ impl RawClient {
     }
 
     /// Sends one request and reads its simple reply: (errno, data).
-    async fn request(
-        &mut self,
-        cmd: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) -> (u32, Vec<u8>) {
-        self.send_request(REQUEST_MAGIC, cmd, flags, offset, len, payload)
-            .await;
+    async fn request(&mut self, cmd: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> (u32, Vec<u8>) {
+        self.send_request(REQUEST_MAGIC, cmd, flags, offset, len, payload).await;
         let h = self.read_exact(16).await;
-        assert_eq!(
-            u32::from_be_bytes(h[..4].try_into().expect("4")),
-            SIMPLE_REPLY_MAGIC
-        );
-        assert_eq!(
-            u64::from_be_bytes(h[8..16].try_into().expect("8")),
-            self.cookie
-        );
+        assert_eq!(u32::from_be_bytes(h[..4].try_into().expect("4")), SIMPLE_REPLY_MAGIC);
+        assert_eq!(u64::from_be_bytes(h[8..16].try_into().expect("8")), self.cookie);
         let errno = u32::from_be_bytes(h[4..8].try_into().expect("4"));
-        let data = if errno == 0 && cmd == CMD_READ {
-            self.read_exact(len as usize).await
-        } else {
-            vec![]
-        };
+        let data = if errno == 0 && cmd == CMD_READ { self.read_exact(len as usize).await } else { vec![] };
         (errno, data)
     }
 
-    async fn send_request(
-        &mut self,
-        magic: u32,
-        cmd: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) {
+    async fn send_request(&mut self, magic: u32, cmd: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) {
         self.cookie += 1;
         let mut b = magic.to_be_bytes().to_vec();
         b.extend_from_slice(&flags.to_be_bytes());
@@ -501,67 +342,22 @@ async fn malformed_packets_are_refused_and_the_server_survives() {
     let (got_size, flags) = c.go("disk").await.expect("go");
     assert_eq!(got_size, size);
     assert_eq!(flags & 0b10, 0, "not read-only");
-    assert_eq!(
-        c.request(CMD_READ, 0, 0, (32 << 20) + 1, &[]).await.0,
-        EINVAL,
-        "read > max payload"
-    );
-    assert_eq!(
-        c.request(CMD_READ, 0, size, 512, &[]).await.0,
-        EINVAL,
-        "read past the end"
-    );
-    assert_eq!(
-        c.request(CMD_READ, 0, u64::MAX - 100, 4096, &[]).await.0,
-        EINVAL,
-        "overflowing read"
-    );
-    assert_eq!(
-        c.request(CMD_WRITE, 0, size - 256, 512, &[0xee; 512])
-            .await
-            .0,
-        ENOSPC,
-        "write past the end"
-    );
-    assert_eq!(
-        c.request(CMD_WRITE, 0, u64::MAX - 100, 512, &[0xee; 512])
-            .await
-            .0,
-        ENOSPC,
-        "overflowing write"
-    );
-    assert_eq!(
-        c.request(4, 0, size, 1, &[]).await.0,
-        EINVAL,
-        "trim past the end"
-    );
-    assert_eq!(
-        c.request(42, 0, 0, 512, &[]).await.0,
-        EINVAL,
-        "unknown command"
-    );
-    assert_eq!(
-        c.request(CMD_WRITE, 0x100, 0, 4, b"flag").await.0,
-        EINVAL,
-        "unknown flag"
-    );
-    assert_eq!(
-        c.request(CMD_READ, 0, 0, 8, &[]).await,
-        (0, vec![0x77; 8]),
-        "still in sync"
-    );
+    assert_eq!(c.request(CMD_READ, 0, 0, (32 << 20) + 1, &[]).await.0, EINVAL, "read > max payload");
+    assert_eq!(c.request(CMD_READ, 0, size, 512, &[]).await.0, EINVAL, "read past the end");
+    assert_eq!(c.request(CMD_READ, 0, u64::MAX - 100, 4096, &[]).await.0, EINVAL, "overflowing read");
+    assert_eq!(c.request(CMD_WRITE, 0, size - 256, 512, &[0xee; 512]).await.0, ENOSPC, "write past the end");
+    assert_eq!(c.request(CMD_WRITE, 0, u64::MAX - 100, 512, &[0xee; 512]).await.0, ENOSPC, "overflowing write");
+    assert_eq!(c.request(4, 0, size, 1, &[]).await.0, EINVAL, "trim past the end");
+    assert_eq!(c.request(42, 0, 0, 512, &[]).await.0, EINVAL, "unknown command");
+    assert_eq!(c.request(CMD_WRITE, 0x100, 0, 4, b"flag").await.0, EINVAL, "unknown flag");
+    assert_eq!(c.request(CMD_READ, 0, 0, 8, &[]).await, (0, vec![0x77; 8]), "still in sync");
     c.send_request(0xdead_beef, CMD_READ, 0, 0, 8, &[]).await;
     assert!(c.at_eof().await, "bad request magic closes the connection");
 
     // A write above the maximum payload: EINVAL, then the connection is closed.
     let mut c = RawClient::connect(&server.socket).await;
     c.go("disk").await.expect("go");
-    assert_eq!(
-        c.request(CMD_WRITE, 0, 0, (32 << 20) + 1, &[0xee; 4096])
-            .await
-            .0,
-        EINVAL
-    );
+    assert_eq!(c.request(CMD_WRITE, 0, 0, (32 << 20) + 1, &[0xee; 4096]).await.0, EINVAL);
     assert!(c.at_eof().await, "oversized write closes the connection");
 
     // Read-only export: writes refused with EPERM, reads fine.
@@ -590,16 +386,8 @@ async fn malformed_packets_are_refused_and_the_server_survives() {
     }
     assert_eq!(names, vec!["disk".to_string(), "ro".to_string()]);
     c.send_option(OPT_GO, &vec![b'x'; 8192]).await;
-    assert_eq!(
-        c.option_reply().await.1,
-        REP_ERR_TOO_BIG,
-        "oversized option refused in-band"
-    );
-    assert_eq!(
-        c.go_again("disk").await.map(|(s, _)| s),
-        Ok(size),
-        "handshake still in sync"
-    );
+    assert_eq!(c.option_reply().await.1, REP_ERR_TOO_BIG, "oversized option refused in-band");
+    assert_eq!(c.go_again("disk").await.map(|(s, _)| s), Ok(size), "handshake still in sync");
 
     let mut c = RawClient::connect(&server.socket).await;
     c.greet().await;
@@ -617,30 +405,16 @@ async fn malformed_packets_are_refused_and_the_server_survives() {
     let mut c = RawClient::connect(&server.socket).await;
     c.greet().await;
     c.send_option(OPT_EXPORT_NAME, b"nope").await;
-    assert!(
-        c.at_eof().await,
-        "EXPORT_NAME of an unknown export closes the connection"
-    );
+    assert!(c.at_eof().await, "EXPORT_NAME of an unknown export closes the connection");
 
     let mut c = RawClient::connect(&server.socket).await;
     c.read_exact(18).await;
-    c.s.write_all(&0xffff_fff0u32.to_be_bytes())
-        .await
-        .expect("send");
-    assert!(
-        c.at_eof().await,
-        "unknown client flags close the connection"
-    );
+    c.s.write_all(&0xffff_fff0u32.to_be_bytes()).await.expect("send");
+    assert!(c.at_eof().await, "unknown client flags close the connection");
 
     // Nothing reached the disk, and real clients still work against the same server.
     assert_eq!(std::fs::read(&image).expect("image"), before);
-    assert!(
-        qemu_io(
-            &server.unix_uri("disk"),
-            &["read -P 0x77 0 64k", "write -P 0x78 64k 4k"]
-        )
-        .await
-    );
+    assert!(qemu_io(&server.unix_uri("disk"), &["read -P 0x77 0 64k", "write -P 0x78 64k 4k"]).await);
     assert!(qemu_io(&server.tcp_uri("disk"), &["read -P 0x78 64k 4k"]).await);
     server.stop().await;
 }

@@ -198,7 +198,7 @@ pub fn validity(pem: &str) -> Result<(i64, i64), CertError> {
 pub fn check_valid_now(what: &str, pem: &str) -> Result<(), CertError> {
     let (nb, na) = validity(pem)?;
     let now = crate::unix_now();
-    if now < nb || now > na {
+    if now < nb || now >= na {
         let fmt = |t: i64| {
             OffsetDateTime::from_unix_timestamp(t)
                 .map(|d| d.to_string())

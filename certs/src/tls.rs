@@ -100,6 +100,20 @@ pub fn client_config(ca_pem: &str, id: Option<&PemIdentity>) -> Result<rustls::C
     Ok(cfg)
 }
 
+/// Checks that the leaf certificate in `leaf_pem` was issued by the CA in `ca_pem` and
+/// is valid now (what a server of this vault will check at the handshake).
+pub fn verify_issued_by(ca_pem: &str, leaf_pem: &str) -> Result<(), CertError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+        .build()
+        .map_err(|e| CertError::parse("client verifier", e))?;
+    let chain = CertificateDer::pem_slice_iter(leaf_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CertError::parse("certificate", e))?;
+    let (leaf, rest) = chain.split_first().ok_or_else(|| CertError::parse("certificate", "no certificate in PEM"))?;
+    verifier.verify_client_cert(leaf, rest, rustls::pki_types::UnixTime::now())?;
+    Ok(())
+}
+
 /// The identity in the leaf of a verified peer chain (leaf first, as rustls and tonic give it).
 pub fn peer_identity(chain: &[CertificateDer<'_>]) -> Result<crate::PeerIdentity, CertError> {
     let leaf = chain.first().ok_or_else(|| crate::CertError::NoIdentity("peer presented no certificate".into()))?;

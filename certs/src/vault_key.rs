@@ -105,7 +105,7 @@ impl VaultKeyFile {
 
     /// Errors with [`CertError::Expired`] once the secret's expiry has passed.
     pub fn check_not_expired(&self) -> Result<(), CertError> {
-        if crate::unix_now() > self.content.expires_unix {
+        if crate::unix_now() >= self.content.expires_unix {
             let at = time::OffsetDateTime::from_unix_timestamp(self.content.expires_unix)
                 .map(|t| t.to_string())
                 .unwrap_or_else(|_| self.content.expires_unix.to_string());

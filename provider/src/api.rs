@@ -8,16 +8,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use siterecovery_certs::Role;
 use siterecovery_certs::{VaultCa, VaultId};
 use siterecovery_proto::v1::control_server::ControlServer;
 use siterecovery_proto::v1::inventory_server::InventoryServer;
+use siterecovery_proto::v1::protection_server::ProtectionServer;
 use siterecovery_proto::v1::registration_server::RegistrationServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::control::{ControlService, Sessions};
 use crate::inventory::InventoryService;
+use crate::protection::{ProtectionConfig, ProtectionCore, ProtectionService};
 use crate::registration::RegistrationService;
 use crate::store::Store;
 use crate::vault::Vault;
@@ -25,9 +29,12 @@ use crate::vault::Vault;
 /// Shared state of every service.
 pub struct AppState {
     pub vault_id: VaultId,
+    /// The provider's data dir (registration secret file lives there).
+    pub vault_dir: std::path::PathBuf,
     pub ca: VaultCa,
     pub store: Store,
     pub sessions: Sessions,
+    pub protection: ProtectionCore,
     pub shutdown: CancellationToken,
 }
 
@@ -39,23 +46,55 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("server: {0}")]
     Transport(#[source] tonic::transport::Error),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then drains for up to `grace`.
-pub async fn serve(vault: Vault, store: Store, listener: TcpListener, shutdown: CancellationToken, grace: Duration) -> Result<(), ServeError> {
+pub async fn serve(
+    vault: Vault,
+    store: Store,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), ServeError> {
+    serve_with(vault, store, listener, shutdown, grace, ProtectionConfig::default()).await
+}
+
+/// [`serve`] with explicit protection settings (`serve --test-intervals`).
+pub async fn serve_with(
+    vault: Vault,
+    store: Store,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    grace: Duration,
+    protection: ProtectionConfig,
+) -> Result<(), ServeError> {
     siterecovery_certs::tls::install_crypto_provider();
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(&vault.provider_identity.cert_pem, &vault.provider_identity.key_pem))
         .client_ca_root(Certificate::from_pem(vault.ca.cert_pem()))
         .client_auth_optional(true)
         .timeout(Duration::from_secs(10));
+    let (protection, resumed) = ProtectionCore::load(&store, protection)?;
     let state = Arc::new(AppState {
         vault_id: vault.info.vault_id.clone(),
+        vault_dir: vault.dir.clone(),
         ca: vault.ca,
         store,
         sessions: Sessions::new(),
+        protection,
         shutdown: shutdown.clone(),
     });
+    crate::protection::resume_jobs(&state, resumed);
+    // The API schema is for members of the vault only, like every other call.
+    let reflection_auth = {
+        let vault_id = state.vault_id.clone();
+        move |req: tonic::Request<()>| {
+            crate::auth::authorize(&req, &vault_id, &[Role::Operator, Role::Host, Role::Provider])?;
+            Ok(req)
+        }
+    };
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(siterecovery_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -74,8 +113,9 @@ pub async fn serve(vault: Vault, store: Store, listener: TcpListener, shutdown: 
         .add_service(RegistrationServer::new(RegistrationService { state: state.clone() }))
         .add_service(InventoryServer::new(InventoryService { state: state.clone() }))
         .add_service(ControlServer::new(ControlService { state: state.clone() }))
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(ProtectionServer::new(ProtectionService { state: state.clone() }))
+        .add_service(InterceptedService::new(reflection_v1, reflection_auth.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, reflection_auth))
         .serve_with_incoming_shutdown(incoming, {
             let shutdown = shutdown.clone();
             let state = state.clone();

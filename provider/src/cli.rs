@@ -23,10 +23,18 @@ pub enum CliError {
     Expired { path: PathBuf, reason: String },
     #[error("cannot reach the provider at {address}: {reason}")]
     Unreachable { address: String, reason: String },
-    #[error("the provider at {address} refused the connection's TLS: {reason} (are --certs from this provider's vault?)")]
+    #[error(
+        "the provider at {address} refused the connection's TLS: {reason} (are --certs from this provider's vault?)"
+    )]
     Tls { address: String, reason: String },
     #[error("{0}")]
     Rpc(String),
+    #[error("job {id} ({kind}) failed: {error}")]
+    JobFailed { id: String, kind: String, error: String },
+    #[error("lost the stream of job {id} while it ran; follow it again with `job watch {id}`")]
+    JobLost { id: String },
+    #[error("output: {0}")]
+    Output(String),
 }
 
 /// Parses "[scheme://]host:port" into the https URI and the host name for TLS.
@@ -47,11 +55,20 @@ pub struct OperatorCerts {
 impl OperatorCerts {
     pub fn load(dir: &Path) -> Result<Self, CliError> {
         let read = |name: &str| {
-            files::read_text(&dir.join(name)).map_err(|e| CliError::Certs { dir: dir.to_path_buf(), reason: e.to_string() })
+            files::read_text(&dir.join(name))
+                .map_err(|e| CliError::Certs { dir: dir.to_path_buf(), reason: e.to_string() })
         };
         let certs = Self { ca_pem: read("ca.pem")?, cert_pem: read("op.pem")?, key_pem: read("op.key")? };
         siterecovery_certs::ca::check_valid_now("op.pem", &certs.cert_pem)
             .map_err(|e| CliError::Expired { path: dir.join("op.pem"), reason: e.to_string() })?;
+        // A certificate of another vault would be refused at the handshake, and with
+        // TLS 1.3 that shows only as a broken first call: say it plainly now.
+        siterecovery_certs::tls::verify_issued_by(&certs.ca_pem, &certs.cert_pem).map_err(|e| CliError::Certs {
+            dir: dir.to_path_buf(),
+            reason: format!(
+                "op.pem was not issued by the vault CA in ca.pem ({e}); are these certificates of this vault?"
+            ),
+        })?;
         Ok(certs)
     }
 }
@@ -82,7 +99,8 @@ pub fn classify_transport(address: &str, e: &(dyn std::error::Error + 'static)) 
         src = s.source();
     }
     let lower = reason.to_lowercase();
-    if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") || lower.contains("alert") {
+    if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") || lower.contains("alert")
+    {
         CliError::Tls { address: address.into(), reason }
     } else {
         CliError::Unreachable { address: address.into(), reason }
@@ -97,6 +115,19 @@ pub fn rpc_error(address: &str, s: tonic::Status) -> CliError {
             classify_transport(address, &s)
         }
         Code::Unauthenticated | Code::PermissionDenied => CliError::Rpc(format!("refused: {}", s.message())),
+        Code::Cancelled | Code::Unknown | Code::Unavailable
+            if s.message().contains("cancel")
+                || s.message().contains("broken pipe")
+                || s.message().contains("reset") =>
+        {
+            CliError::Tls {
+                address: address.into(),
+                reason: format!(
+                    "the provider closed the connection ({}); it may have refused our certificate",
+                    s.message()
+                ),
+            }
+        }
         _ => CliError::Rpc(s.message().to_owned()),
     }
 }
@@ -154,10 +185,8 @@ pub fn age(unix_ms: i64) -> String {
     if unix_ms <= 0 {
         return "never".into();
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     let s = (now - unix_ms).max(0) / 1000;
     match s {
         0..60 => format!("{s}s ago"),
@@ -193,6 +222,8 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
         line(r.iter().map(|s| s.as_str()).collect());
     }
 }
+
+pub mod protection;
 
 #[cfg(test)]
 mod tests {

@@ -60,10 +60,7 @@ impl Default for Sessions {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Sessions {
@@ -87,9 +84,8 @@ impl Sessions {
         let (done_tx, done_rx) = oneshot::channel();
         let tx = {
             let sessions = self.sessions.lock().map_err(|_| Status::internal("sessions lock poisoned"))?;
-            let s = sessions
-                .get(host_id)
-                .ok_or_else(|| Status::unavailable(format!("host {host_id} is not connected")))?;
+            let s =
+                sessions.get(host_id).ok_or_else(|| Status::unavailable(format!("host {host_id} is not connected")))?;
             s.pending.lock().map_err(|_| Status::internal("lock poisoned"))?.insert(id, done_tx);
             s.tx.clone()
         };
@@ -264,7 +260,7 @@ fn handle(state: &AppState, host: &HostRecord, pending: &Mutex<Pending>, m: v1::
                 tracing::error!(host = %host.name, "cannot record inventory: {e:#}");
             }
         }
-        Body::Replication(_status) => {}
+        Body::Replication(status) => state.protection.on_status(&state.store, &host.id, &status),
         Body::Result(r) => {
             let waiter = pending.lock().ok().and_then(|mut p| p.remove(&r.command_id));
             match waiter {

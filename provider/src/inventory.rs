@@ -212,13 +212,18 @@ impl Inventory for InventoryService {
         Ok(Response::new(v1::ListSitesResponse { sites }))
     }
 
-    async fn list_clouds(&self, req: Request<v1::ListCloudsRequest>) -> Result<Response<v1::ListCloudsResponse>, Status> {
+    async fn list_clouds(
+        &self,
+        req: Request<v1::ListCloudsRequest>,
+    ) -> Result<Response<v1::ListCloudsResponse>, Status> {
         authorize(&req, &self.state.vault_id, &[Role::Operator])?;
         let mut clouds: BTreeMap<String, v1::Cloud> = BTreeMap::new();
         for h in self.hosts()? {
-            let c = clouds
-                .entry(h.cloud.clone())
-                .or_insert_with(|| v1::Cloud { name: h.cloud.clone(), site: h.site.clone(), hosts: vec![] });
+            let c = clouds.entry(h.cloud.clone()).or_insert_with(|| v1::Cloud {
+                name: h.cloud.clone(),
+                site: h.site.clone(),
+                hosts: vec![],
+            });
             c.hosts.push(h.name);
         }
         Ok(Response::new(v1::ListCloudsResponse { clouds: clouds.into_values().collect() }))
@@ -253,6 +258,7 @@ impl Inventory for InventoryService {
         let filter = req.into_inner().host;
         let hosts = self.hosts()?;
         let name_of = |id: &str| hosts.iter().find(|h| h.id == id).map(|h| h.name.clone()).unwrap_or_default();
+        let mut replications = crate::protection::replication_views(&self.state, &hosts);
         let vms = self
             .state
             .store
@@ -260,7 +266,11 @@ impl Inventory for InventoryService {
             .map_err(internal)?
             .into_iter()
             .filter(|v| filter.is_empty() || v.host_id == filter || name_of(&v.host_id) == filter)
-            .map(|v| v.to_proto(&name_of(&v.host_id)))
+            .map(|v| {
+                let mut p = v.to_proto(&name_of(&v.host_id));
+                p.replication = replications.remove(&v.name);
+                p
+            })
             .collect();
         Ok(Response::new(v1::ListVmsResponse { vms }))
     }
@@ -268,14 +278,19 @@ impl Inventory for InventoryService {
     async fn get_vm(&self, req: Request<v1::GetVmRequest>) -> Result<Response<v1::Vm>, Status> {
         authorize(&req, &self.state.vault_id, &[Role::Operator])?;
         let vm = self.vm(&req.into_inner().name)?;
-        Ok(Response::new(vm.to_proto(&self.host_name(&vm.host_id))))
+        let mut p = vm.to_proto(&self.host_name(&vm.host_id));
+        p.replication = crate::protection::replication_views(&self.state, &self.hosts()?).remove(&vm.name);
+        Ok(Response::new(p))
     }
 
     async fn create_vm(&self, req: Request<v1::CreateVmRequest>) -> Result<Response<v1::Vm>, Status> {
         authorize(&req, &self.state.vault_id, &[Role::Operator])?;
         let r = req.into_inner();
         if !is_token(&r.name) {
-            return Err(Status::invalid_argument(format!("invalid VM name {:?}: use 1-64 of A-Z a-z 0-9 . _ -", r.name)));
+            return Err(Status::invalid_argument(format!(
+                "invalid VM name {:?}: use 1-64 of A-Z a-z 0-9 . _ -",
+                r.name
+            )));
         }
         if r.disks.is_empty() {
             return Err(Status::invalid_argument("a VM needs at least one --disk"));

@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use siterecovery_provider::cli::{self, CliError, OperatorCerts, human_size, parse_duration, parse_size, print_table};
-use siterecovery_provider::{api, store, vault};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::inventory_client::InventoryClient;
+use siterecovery_proto::v1::protection_client::ProtectionClient;
+use siterecovery_provider::cli::protection as protect_cli;
+use siterecovery_provider::cli::{self, CliError, OperatorCerts, human_size, parse_duration, parse_size, print_table};
+use siterecovery_provider::protection::ProtectionConfig;
+use siterecovery_provider::{api, store, vault};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -55,6 +58,9 @@ enum Cmd {
         /// How long to let requests finish at shutdown.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         grace: Duration,
+        /// Tests only: allow policy intervals from 1s and retry backoff in seconds.
+        #[arg(long, hide = true)]
+        test_intervals: bool,
     },
     /// Issue an operator certificate (ca.pem, op.pem, op.key) for the CLI and grpcurl.
     OperatorCert {
@@ -80,6 +86,128 @@ enum Cmd {
     /// Virtual machines on the hosts.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Replication policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Clouds (groups of hosts at a site) and their pairings.
+    #[command(subcommand)]
+    Cloud(CloudCmd),
+    /// Protect a VM: start an Enable protection job.
+    Protect {
+        vm: String,
+        /// Watch the job until it ends; exit non-zero when it fails.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Stop protecting a VM and remove its replica.
+    Unprotect {
+        vm: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Resynchronise a protected VM now (only differing blocks travel).
+    Resync {
+        vm: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Recovery points of a protected VM, on its replica host.
+    Points { vm: String },
+    /// Export a recovery point read-only over NBD, or remove the export.
+    #[command(subcommand)]
+    Point(PointCmd),
+    /// Jobs: list, show, watch.
+    #[command(subcommand)]
+    Job(JobCmd),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Create a replication policy.
+    Create(PolicyCreate),
+    /// List policies.
+    List,
+    /// Delete a policy no pairing uses.
+    Delete { name: String },
+}
+
+#[derive(Args)]
+struct PolicyCreate {
+    #[arg(long)]
+    name: String,
+    /// Replication interval: 30s, 5m or 15m.
+    #[arg(long, value_parser = parse_duration)]
+    interval: Duration,
+    /// How long recovery points are kept (1h to 30d).
+    #[arg(long, value_parser = parse_duration)]
+    retention: Duration,
+    /// App-consistent snapshot frequency (default never).
+    #[arg(long, value_parser = parse_duration)]
+    app_consistent_every: Option<Duration>,
+    /// Compress replication traffic (zstd).
+    #[arg(long)]
+    compression: bool,
+    /// Initial replication: network (now), offline, or at=TIME (RFC 3339).
+    #[arg(long, default_value = "network")]
+    initial: String,
+    /// Replication port on the replica host (default: the host's listener).
+    #[arg(long, default_value_t = 0)]
+    port: u32,
+    /// Business hours START-END (0-23) outside which automatic resync runs, e.g. 18-6.
+    #[arg(long, value_name = "START-END", value_parser = parse_window)]
+    resync_window: Option<(u32, u32)>,
+}
+
+#[derive(Subcommand)]
+enum CloudCmd {
+    /// Pair a source cloud with a target cloud at another site, under a policy.
+    Pair {
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        policy: String,
+    },
+    /// Clouds with their site, hosts and pairing.
+    List,
+    /// Remove the pairing of a source cloud (none of its VMs may be protected).
+    Unpair {
+        #[arg(long)]
+        source: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PointCmd {
+    /// Export a point read-only over NBD on the replica host; prints its URI.
+    Export {
+        vm: String,
+        /// `latest` or a point id (see `points VM`).
+        #[arg(long, default_value = "latest")]
+        point: String,
+    },
+    /// Remove the export of a VM's point.
+    Unexport { vm: String },
+}
+
+#[derive(Subcommand)]
+enum JobCmd {
+    /// List jobs, oldest first.
+    List,
+    /// Show a job with its steps.
+    Show { id: String },
+    /// Follow a job until it ends; exit non-zero when it fails.
+    Watch { id: String },
+}
+
+fn parse_window(s: &str) -> Result<(u32, u32), String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected START-END hours, e.g. 18-6"))?;
+    let h = |x: &str| -> Result<u32, String> {
+        let n: u32 = x.trim().parse().map_err(|_| format!("{s:?}: {x:?} is not an hour"))?;
+        if n > 23 { Err(format!("{s:?}: hours are 0-23")) } else { Ok(n) }
+    };
+    Ok((h(a)?, h(b)?))
 }
 
 #[derive(Subcommand)]
@@ -208,7 +336,10 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Vault(VaultCmd::Create { name, data_dir, address, out, expiry }) => {
             let v = vault::create(&data_dir, &name, &address, &out, expiry)?;
             if cli.json {
-                println!("{}", serde_json::json!({"vault_id": v.info.vault_id, "name": v.info.name, "address": v.info.address, "vault_key": out}));
+                println!(
+                    "{}",
+                    serde_json::json!({"vault_id": v.info.vault_id, "name": v.info.name, "address": v.info.address, "vault_key": out})
+                );
             } else {
                 println!("vault {} ({}) created in {}", v.info.name, v.info.vault_id, data_dir.display());
                 println!("vault key file: {} (registration secret valid {})", out.display(), humantime(expiry));
@@ -218,18 +349,25 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Vault(VaultCmd::Key { data_dir, out, expiry }) => {
             let v = vault::Vault::open(&data_dir)?;
-            let store = store::Store::open(&data_dir)?;
-            v.issue_key_file(&store, &out, expiry)?;
+            // Works while `provider serve` runs: the secret is a file, not in the store.
+            v.issue_key_file(&out, expiry)?;
             println!("vault key file written to {}; the previous one no longer registers hosts", out.display());
             Ok(())
         }
-        Cmd::Serve { data_dir, listen, grace } => {
+        Cmd::Serve { data_dir, listen, grace, test_intervals } => {
             let v = vault::Vault::open(&data_dir)?;
             let store = store::Store::open(&data_dir)?;
             let addr = listen.unwrap_or_else(|| v.info.address.clone());
-            let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            let listener =
+                tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
             let shutdown = shutdown_on_signals()?;
-            api::serve(v, store, listener, shutdown, grace).await?;
+            let protection = if test_intervals {
+                tracing::warn!("--test-intervals: policies may use intervals from 1s; for tests only");
+                ProtectionConfig::for_tests()
+            } else {
+                ProtectionConfig::default()
+            };
+            api::serve_with(v, store, listener, shutdown, grace, protection).await?;
             tracing::info!("provider stopped");
             Ok(())
         }
@@ -251,23 +389,34 @@ async fn run(cli: Cli) -> Result<()> {
 
 fn humantime(d: Duration) -> String {
     let s = d.as_secs();
-    if s % 86400 == 0 { format!("{} days", s / 86400) } else if s % 3600 == 0 { format!("{} hours", s / 3600) } else { format!("{s} s") }
+    if s.is_multiple_of(86400) {
+        format!("{} days", s / 86400)
+    } else if s.is_multiple_of(3600) {
+        format!("{} hours", s / 3600)
+    } else {
+        format!("{s} s")
+    }
 }
 
 async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, cmd: Cmd) -> Result<()> {
     let address = connect.ok_or(CliError::NoAddress)?;
     let certs = OperatorCerts::load(&certs.ok_or(CliError::NoCerts)?)?;
     let channel = cli::connect(&address, &certs).await?;
-    let mut inv = InventoryClient::new(channel);
+    let mut inv = InventoryClient::new(channel.clone());
+    let mut prot = ProtectionClient::new(channel);
     let rpc = |s: tonic::Status| cli::rpc_error(&address, s);
     match cmd {
         Cmd::Site(ListOnly::List) => {
             let sites = inv.list_sites(v1::ListSitesRequest {}).await.map_err(rpc)?.into_inner().sites;
             if json {
-                let v: Vec<_> = sites.iter().map(|s| serde_json::json!({"name": s.name, "clouds": s.clouds, "hosts": s.host_count})).collect();
+                let v: Vec<_> = sites
+                    .iter()
+                    .map(|s| serde_json::json!({"name": s.name, "clouds": s.clouds, "hosts": s.host_count}))
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                let rows: Vec<_> = sites.iter().map(|s| vec![s.name.clone(), s.clouds.join(","), s.host_count.to_string()]).collect();
+                let rows: Vec<_> =
+                    sites.iter().map(|s| vec![s.name.clone(), s.clouds.join(","), s.host_count.to_string()]).collect();
                 print_table(&["SITE", "CLOUDS", "HOSTS"], &rows);
             }
         }
@@ -295,7 +444,12 @@ async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, c
             }
         }
         Cmd::Vm(VmCmd::List { host }) => {
-            let vms = inv.list_vms(v1::ListVmsRequest { host: host.unwrap_or_default() }).await.map_err(rpc)?.into_inner().vms;
+            let vms = inv
+                .list_vms(v1::ListVmsRequest { host: host.unwrap_or_default() })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .vms;
             if json {
                 let v: Vec<_> = vms.iter().map(vm_json).collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -304,10 +458,22 @@ async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, c
                     .iter()
                     .map(|v| {
                         let total: u64 = v.disks.iter().map(|d| d.size_bytes).sum();
-                        vec![v.name.clone(), v.host_name.clone(), power(v.power_state).into(), v.disks.len().to_string(), human_size(total)]
+                        let (repl, health) = match &v.replication {
+                            Some(r) => (r.state.clone(), r.health.clone()),
+                            None => ("not enabled".into(), "-".into()),
+                        };
+                        vec![
+                            v.name.clone(),
+                            v.host_name.clone(),
+                            power(v.power_state).into(),
+                            v.disks.len().to_string(),
+                            human_size(total),
+                            repl,
+                            health,
+                        ]
                     })
                     .collect();
-                print_table(&["VM", "HOST", "POWER", "DISKS", "SIZE"], &rows);
+                print_table(&["VM", "HOST", "POWER", "DISKS", "SIZE", "REPLICATION", "HEALTH"], &rows);
             }
         }
         Cmd::Vm(VmCmd::Show { name }) => {
@@ -347,6 +513,67 @@ async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, c
         Cmd::Vm(VmCmd::Stop { name }) => {
             let vm = inv.stop_vm(v1::StopVmRequest { name }).await.map_err(rpc)?.into_inner();
             print_vm(&vm, json)?;
+        }
+        Cmd::Policy(c) => {
+            let args = match c {
+                PolicyCmd::Create(p) => {
+                    let (start, end) = p.resync_window.unwrap_or((0, 0));
+                    protect_cli::PolicyArgs::Create(v1::Policy {
+                        name: p.name,
+                        interval_ms: p.interval.as_millis() as u64,
+                        retention_ms: p.retention.as_millis() as u64,
+                        app_consistent_every_ms: p.app_consistent_every.map(|d| d.as_millis() as u64).unwrap_or(0),
+                        compression: p.compression,
+                        initial_method: p.initial,
+                        port: p.port,
+                        resync_window_start_hour: start,
+                        resync_window_end_hour: end,
+                    })
+                }
+                PolicyCmd::List => protect_cli::PolicyArgs::List,
+                PolicyCmd::Delete { name } => protect_cli::PolicyArgs::Delete(name),
+            };
+            protect_cli::policy(&mut prot, args, json, &rpc).await?
+        }
+        Cmd::Cloud(c) => {
+            let args = match c {
+                CloudCmd::Pair { source, target, policy } => protect_cli::CloudArgs::Pair(v1::CloudPairing {
+                    source_cloud: source,
+                    target_cloud: target,
+                    policy,
+                }),
+                CloudCmd::List => protect_cli::CloudArgs::List,
+                CloudCmd::Unpair { source } => protect_cli::CloudArgs::Unpair(source),
+            };
+            protect_cli::cloud(&mut inv, &mut prot, args, json, &rpc).await?
+        }
+        Cmd::Protect { vm, wait } => {
+            let job = prot.protect(v1::ProtectRequest { vm }).await.map_err(rpc)?.into_inner();
+            protect_cli::started(&mut prot, job, wait, json, &rpc).await?;
+        }
+        Cmd::Unprotect { vm, wait } => {
+            let job = prot.unprotect(v1::UnprotectRequest { vm }).await.map_err(rpc)?.into_inner();
+            protect_cli::started(&mut prot, job, wait, json, &rpc).await?;
+        }
+        Cmd::Resync { vm, wait } => {
+            let job = prot.resync(v1::ResyncRequest { vm }).await.map_err(rpc)?.into_inner();
+            protect_cli::started(&mut prot, job, wait, json, &rpc).await?;
+        }
+        Cmd::Points { vm } => protect_cli::points(&mut prot, vm, json, &rpc).await?,
+        Cmd::Point(c) => {
+            let args = match c {
+                PointCmd::Export { vm, point } => protect_cli::PointArgs::Export { vm, point },
+                PointCmd::Unexport { vm } => protect_cli::PointArgs::Unexport(vm),
+            };
+            protect_cli::point(&mut prot, args, json, &rpc).await?
+        }
+        Cmd::Job(c) => {
+            let args = match c {
+                JobCmd::List => protect_cli::JobArgs::List,
+                JobCmd::Show { id } => protect_cli::JobArgs::Show(id),
+                JobCmd::Watch { id } => protect_cli::JobArgs::Watch(id),
+            };
+            protect_cli::job(&mut prot, args, json, &rpc).await?
         }
         Cmd::Vault(_) | Cmd::Serve { .. } | Cmd::OperatorCert { .. } | Cmd::Lab(_) => bail!("not an operator command"),
     }
@@ -396,6 +623,7 @@ fn vm_json(v: &v1::Vm) -> serde_json::Value {
             "tracking": d.tracking, "pending_log_bytes": d.pending_log_bytes,
         })).collect::<Vec<_>>(),
         "nics": v.nics.iter().map(|n| serde_json::json!({"network": n.network, "ip": n.ip, "dhcp": n.dhcp, "mac": n.mac})).collect::<Vec<_>>(),
+        "replication": v.replication.as_ref().map(protect_cli::replication_json),
     })
 }
 
@@ -424,8 +652,15 @@ fn print_vm(v: &v1::Vm, json: bool) -> Result<()> {
         }
     }
     for n in &v.nics {
-        let addr = if n.dhcp { "dhcp".to_string() } else if n.ip.is_empty() { "-".into() } else { n.ip.clone() };
+        let addr = if n.dhcp {
+            "dhcp".to_string()
+        } else if n.ip.is_empty() {
+            "-".into()
+        } else {
+            n.ip.clone()
+        };
         println!("nic       {} {} {}", n.network, addr, n.mac);
     }
+    protect_cli::print_replication(v.replication.as_ref());
     Ok(())
 }

@@ -17,8 +17,8 @@ use tonic::{Request, Response, Status};
 
 use crate::api::AppState;
 use crate::inventory::{HostRecord, internal};
-use crate::store::{HOSTS, META};
-use crate::vault::{SECRET_KEY, SecretRecord, sha256_hex};
+use crate::store::HOSTS;
+use crate::vault::{SecretRecord, read_secret, sha256_hex};
 
 pub struct RegistrationService {
     pub state: Arc<AppState>,
@@ -48,18 +48,16 @@ impl Registration for RegistrationService {
                 self.state.vault_id, r.vault_id
             ))));
         }
-        let secret: SecretRecord = self
-            .state
-            .store
-            .get(META, SECRET_KEY)
-            .map_err(internal)?
-            .ok_or_else(|| Status::failed_precondition("this vault has no registration secret"))?;
+        let secret: SecretRecord = read_secret(&self.state.vault_dir).map_err(|e| {
+            tracing::error!("cannot read the registration secret: {e:#}");
+            Status::failed_precondition("this vault has no usable registration secret: run `provider vault key`")
+        })?;
         if !same_digest(&sha256_hex(r.secret.as_bytes()), &secret.sha256) {
             return Err(refuse(Status::permission_denied(
                 "wrong registration secret (the vault key file is not the current one)",
             )));
         }
-        if siterecovery_certs::unix_now() > secret.expires_unix {
+        if siterecovery_certs::unix_now() >= secret.expires_unix {
             return Err(refuse(Status::permission_denied(
                 "the registration secret expired: make a new vault key file on the provider",
             )));

@@ -7,7 +7,10 @@
 //! 100-VM deployment is a few hundred KiB, so simplicity beats a relational schema.
 //!
 //! Tables: `hosts` (host name → [`HostRecord`]), `vms` (VM name → [`VmRecord`]),
-//! `meta` (key → JSON: registration secret, ...).
+//! `meta` (key → JSON: registration secret, job id sequence, ...), `policies` (policy name →
+//! [`crate::policy::PolicyRecord`]), `pairings` (source cloud → [`crate::policy::PairingRecord`]),
+//! `relationships` (relationship id → [`crate::protection::RelationshipRecord`]) and `jobs`
+//! (job id → [`crate::job::JobRecord`]).
 
 use std::path::Path;
 
@@ -18,9 +21,10 @@ use serde::de::DeserializeOwned;
 /// Failure of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database file could not be opened, read or committed.
+    /// The database file could not be opened, read or committed. Boxed: redb's error is
+    /// large and this one travels through every store call.
     #[error("store: {0}")]
-    Db(#[from] redb::Error),
+    Db(Box<redb::Error>),
     /// A record did not decode: the file was written by an incompatible version.
     #[error("store: record {key:?} in {table} does not decode: {source}")]
     Decode {
@@ -38,10 +42,15 @@ macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Db(e.into())
+                StoreError::Db(Box::new(e.into()))
             }
         }
     )*};
+}
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Db(Box::new(e))
+    }
 }
 from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
@@ -52,7 +61,11 @@ pub struct Table(TableDefinition<'static, &'static str, &'static [u8]>, &'static
 pub const HOSTS: Table = Table(TableDefinition::new("hosts"), "hosts");
 pub const VMS: Table = Table(TableDefinition::new("vms"), "vms");
 pub const META: Table = Table(TableDefinition::new("meta"), "meta");
-const ALL: [Table; 3] = [HOSTS, VMS, META];
+pub const POLICIES: Table = Table(TableDefinition::new("policies"), "policies");
+pub const PAIRINGS: Table = Table(TableDefinition::new("pairings"), "pairings");
+pub const RELATIONSHIPS: Table = Table(TableDefinition::new("relationships"), "relationships");
+pub const JOBS: Table = Table(TableDefinition::new("jobs"), "jobs");
+const ALL: [Table; 7] = [HOSTS, VMS, META, POLICIES, PAIRINGS, RELATIONSHIPS, JOBS];
 
 /// The open database. Cheap to share behind an `Arc`; redb serialises writers.
 pub struct Store {
@@ -76,9 +89,11 @@ impl Store {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(table.0)?;
         match t.get(key)? {
-            Some(v) => serde_json::from_slice(v.value())
-                .map(Some)
-                .map_err(|source| StoreError::Decode { table: table.1, key: key.into(), source }),
+            Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(|source| StoreError::Decode {
+                table: table.1,
+                key: key.into(),
+                source,
+            }),
             None => Ok(None),
         }
     }
@@ -90,10 +105,11 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter()? {
             let (k, v) = row?;
-            out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|source| StoreError::Decode { table: table.1, key: k.value().into(), source })?,
-            );
+            out.push(serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                table: table.1,
+                key: k.value().into(),
+                source,
+            })?);
         }
         Ok(out)
     }
@@ -180,8 +196,7 @@ mod tests {
         let s = Store::open(dir.path()).expect("open");
         s.put(VMS, "x", &("h1".to_string(), 1)).expect("put");
         s.put(VMS, "y", &("h2".to_string(), 2)).expect("put");
-        s.replace_where(VMS, |r: &(String, i32)| r.0 == "h1", &[("z".into(), ("h1".to_string(), 3))])
-            .expect("replace");
+        s.replace_where(VMS, |r: &(String, i32)| r.0 == "h1", &[("z".into(), ("h1".to_string(), 3))]).expect("replace");
         let all: Vec<(String, i32)> = s.list(VMS).expect("list");
         assert_eq!(all, vec![("h2".to_string(), 2), ("h1".to_string(), 3)]);
     }

@@ -14,7 +14,7 @@ use siterecovery_certs::tls::PemIdentity;
 use siterecovery_certs::vault_key::{DEFAULT_EXPIRY_SECS, VaultKeyFile};
 use siterecovery_certs::{CertError, PeerIdentity, Role, VaultCa, VaultId, files};
 
-use crate::store::{META, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Failure to create or open a vault.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +54,16 @@ pub struct SecretRecord {
     pub expires_unix: i64,
 }
 
-pub const SECRET_KEY: &str = "registration_secret";
+/// The current registration secret's digest, in the data dir (0600). A file rather than
+/// a store record so `provider vault key` works while `provider serve` holds the store.
+pub const SECRET_FILE: &str = "registration.json";
+
+/// Reads the current registration secret record.
+pub fn read_secret(dir: &Path) -> Result<SecretRecord, VaultError> {
+    let path = dir.join(SECRET_FILE);
+    serde_json::from_str(&files::read_text(&path)?)
+        .map_err(|e| VaultError::Invalid { what: "registration.json", why: e.to_string() })
+}
 
 /// An opened vault: everything `provider serve` needs.
 pub struct Vault {
@@ -93,7 +102,8 @@ pub fn create(dir: &Path, name: &str, address: &str, key_out: &Path, expiry: Dur
     files::write_private(&dir.join("ca.key"), ca.key_pem().as_bytes())?;
     files::write_public(&dir.join("provider.pem"), cert_pem.as_bytes())?;
     files::write_private(&dir.join("provider.key"), key_pem.as_bytes())?;
-    let store = Store::open(dir)?;
+    // Creates the database now so a broken data dir fails here, not at `serve`.
+    drop(Store::open(dir)?);
     let info = VaultInfo {
         vault_id,
         name: name.to_owned(),
@@ -101,7 +111,7 @@ pub fn create(dir: &Path, name: &str, address: &str, key_out: &Path, expiry: Dur
         created_unix: siterecovery_certs::unix_now(),
     };
     let vault = Vault { dir: dir.to_path_buf(), info, ca, provider_identity: PemIdentity { cert_pem, key_pem } };
-    vault.issue_key_file(&store, key_out, expiry)?;
+    vault.issue_key_file(key_out, expiry)?;
     // vault.json last: its presence means the vault is complete.
     let json = serde_json::to_vec_pretty(&vault.info).map_err(StoreError::from)?;
     files::write_public(&dir.join("vault.json"), &json)?;
@@ -131,12 +141,14 @@ impl Vault {
 
     /// Makes a new registration secret (replacing the previous one) and writes a vault
     /// key file holding it.
-    pub fn issue_key_file(&self, store: &Store, out: &Path, expiry: Duration) -> Result<VaultKeyFile, VaultError> {
+    pub fn issue_key_file(&self, out: &Path, expiry: Duration) -> Result<VaultKeyFile, VaultError> {
         let secret = siterecovery_certs::random_hex(32);
         let secs = i64::try_from(expiry.as_secs()).unwrap_or(DEFAULT_EXPIRY_SECS);
         let expires_unix = siterecovery_certs::unix_now().saturating_add(secs);
         let file = VaultKeyFile::new(&self.ca, &self.info.name, &self.info.address, &secret, expires_unix)?;
-        store.put(META, SECRET_KEY, &SecretRecord { sha256: sha256_hex(secret.as_bytes()), expires_unix })?;
+        let record = SecretRecord { sha256: sha256_hex(secret.as_bytes()), expires_unix };
+        let json = serde_json::to_vec_pretty(&record).map_err(StoreError::from)?;
+        files::write_private(&self.dir.join(SECRET_FILE), &json)?;
         file.write(out)?;
         Ok(file)
     }
