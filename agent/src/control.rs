@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::AgentFiles;
+use crate::protection::Protection;
 use crate::vm::VmManager;
 
 /// Version reported to the provider.
@@ -53,16 +54,22 @@ pub fn endpoint(address: &str, files: &AgentFiles) -> Result<Endpoint, tonic::tr
 /// Free bytes of the file system holding `path` (0 when unknown).
 pub fn free_bytes(path: &std::path::Path) -> u64 {
     nix::sys::statvfs::statvfs(path)
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .map(|s| u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
         .unwrap_or(0)
 }
 
 /// Keeps the control channel up until `shutdown`.
-pub async fn run(files: Arc<AgentFiles>, vms: Arc<VmManager>, opts: ControlOptions, shutdown: CancellationToken) {
+pub async fn run(
+    files: Arc<AgentFiles>,
+    vms: Arc<VmManager>,
+    protection: Arc<Protection>,
+    opts: ControlOptions,
+    shutdown: CancellationToken,
+) {
     let mut backoff = opts.min_backoff;
     loop {
         let started = tokio::time::Instant::now();
-        match session(&files, &vms, &opts, &shutdown).await {
+        match session(&files, &vms, &protection, &opts, &shutdown).await {
             Ok(()) => tracing::info!("control session ended"),
             Err(e) => tracing::warn!(provider = %files.config.provider_address, "control session: {e:#}"),
         }
@@ -92,7 +99,13 @@ enum SessionError {
     Closed,
 }
 
-async fn session(files: &Arc<AgentFiles>, vms: &Arc<VmManager>, opts: &ControlOptions, shutdown: &CancellationToken) -> Result<(), SessionError> {
+async fn session(
+    files: &Arc<AgentFiles>,
+    vms: &Arc<VmManager>,
+    protection: &Arc<Protection>,
+    opts: &ControlOptions,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
     let channel: Channel = endpoint(&files.config.provider_address, files)?.connect().await?;
     let mut client = ControlClient::new(channel);
     let (tx, rx) = mpsc::channel::<v1::AgentMessage>(64);
@@ -102,6 +115,11 @@ async fn session(files: &Arc<AgentFiles>, vms: &Arc<VmManager>, opts: &ControlOp
     };
     send(&tx, Body::Hello(v1::Hello { agent_version: AGENT_VERSION.into(), listen_address: files.config.listen_address.clone() })).await?;
     send(&tx, Body::Inventory(inventory(files, vms).await)).await?;
+    // Subscribe before sending the latest statuses so none falls in between.
+    let (mut statuses, latest) = protection.subscribe();
+    for s in latest {
+        send(&tx, Body::Replication(s)).await?;
+    }
     let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(provider = %files.config.provider_address, "connected to the provider");
     let mut tick = tokio::time::interval(opts.heartbeat);
@@ -113,17 +131,24 @@ async fn session(files: &Arc<AgentFiles>, vms: &Arc<VmManager>, opts: &ControlOp
             _ = tick.tick() => {
                 seq += 1;
                 // Every sixth beat carries the whole inventory (pending log bytes move).
-                if seq % 6 == 0 {
+                if seq.is_multiple_of(6) {
                     send(&tx, Body::Inventory(inventory(files, vms).await)).await?;
                 } else {
                     send(&tx, Body::Heartbeat(v1::Heartbeat { seq, free_bytes: free_bytes(&files.dir) })).await?;
                 }
             }
+            st = statuses.recv() => match st {
+                Ok(s) => send(&tx, Body::Replication(s)).await?,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!("{n} replication statuses dropped (control channel slow); the next ones catch up");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+            },
             msg = inbound.message() => {
                 let Some(msg) = msg? else { return Ok(()) };
-                let (vms, tx) = (vms.clone(), tx.clone());
+                let (vms, protection, tx) = (vms.clone(), protection.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let result = execute(&vms, msg).await;
+                    let result = execute(&vms, &protection, msg).await;
                     let _ = tx.send(v1::AgentMessage { body: Some(Body::Result(result)) }).await;
                 });
             }
@@ -135,14 +160,46 @@ async fn inventory(files: &AgentFiles, vms: &VmManager) -> v1::InventoryReport {
     v1::InventoryReport { vms: vms.list().await, free_bytes: free_bytes(&files.dir) }
 }
 
-async fn execute(vms: &VmManager, msg: v1::ProviderMessage) -> v1::CommandResult {
+async fn execute(vms: &VmManager, protection: &Protection, msg: v1::ProviderMessage) -> v1::CommandResult {
     let id = msg.command_id;
+    let ok = |vm: Option<v1::Vm>| v1::CommandResult { command_id: id, ok: true, vm, ..Default::default() };
+    let fail = |code: v1::ErrorCode, error: String| {
+        tracing::warn!(command_id = id, "command failed: {error}");
+        v1::CommandResult { command_id: id, ok: false, code: code as i32, error, ..Default::default() }
+    };
+    let done = |r: Result<(), crate::protection::ProtectionError>| match r {
+        Ok(()) => ok(None),
+        Err(e) => fail(e.code(), e.to_string()),
+    };
     let outcome = match msg.command {
         Some(Command::CreateVm(c)) => vms.create(&c.name, &c.disk_sizes, &c.nics, c.start).await.map(Some),
         Some(Command::DeleteVm(c)) => vms.delete(&c.name).await.map(|()| None),
         Some(Command::StartVm(c)) => vms.start(&c.name).await.map(Some),
         Some(Command::StopVm(c)) => vms.stop(&c.name).await.map(Some),
-        Some(_) | None => {
+        Some(Command::PrepareReplica(c)) => return done(protection.prepare_replica(c).await),
+        Some(Command::StartReplication(c)) => return done(protection.start_replication(c).await),
+        Some(Command::StopReplication(c)) => return done(protection.stop_replication(c).await),
+        Some(Command::RequestResync(c)) => return done(protection.request_resync(c).await),
+        Some(Command::ListPoints(c)) => {
+            return match protection.list_points(&c.vm) {
+                Ok(points) => v1::CommandResult { points, ..ok(None) },
+                Err(e) => fail(e.code(), e.to_string()),
+            };
+        }
+        Some(Command::ExportPoint(c)) => {
+            return match protection.export_point(&c.vm, &c.point) {
+                Ok((uri, point_id)) => {
+                    let points = vec![v1::RecoveryPoint { id: point_id, ..Default::default() }];
+                    v1::CommandResult { uri, points, ..ok(None) }
+                }
+                Err(e) => fail(e.code(), e.to_string()),
+            };
+        }
+        Some(Command::UnexportPoint(c)) => {
+            protection.unexport_point(&c.vm);
+            return ok(None);
+        }
+        None => {
             return v1::CommandResult {
                 command_id: id,
                 ok: false,

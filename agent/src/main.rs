@@ -12,6 +12,8 @@ use siterecovery_agent::nbd::{self, Exports};
 use siterecovery_agent::register::{RegisterArgs, register};
 use siterecovery_agent::vm::{Hooks, VmManager};
 use siterecovery_agent::peer;
+use siterecovery_agent::protection::Protection;
+use siterecovery_agent::replica::ReplicaSet;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -74,6 +76,11 @@ enum Cmd {
         /// Command run (sh -c) when a VM stops.
         #[arg(long, value_name = "CMD")]
         on_vm_stop: Option<String>,
+        /// Command run (sh -c, with SITERECOVERY_VM) before an app-consistent recovery
+        /// point is taken, e.g. `fsfreeze` through a guest agent; the point is marked
+        /// app-consistent only when it exits 0.
+        #[arg(long, value_name = "CMD")]
+        quiesce_hook: Option<String>,
     },
     /// VMs on this host, read from the data dir (no provider needed).
     #[command(subcommand)]
@@ -158,11 +165,11 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { nbd_listen, heartbeat, on_vm_start, on_vm_stop } => {
+        Cmd::Serve { nbd_listen, heartbeat, on_vm_start, on_vm_stop, quiesce_hook } => {
             let dir = data_dir(cli.data_dir)?;
             // Absolute, so the NBD URIs reported to the provider work from anywhere.
             let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;
-            serve(dir, nbd_listen, heartbeat, Hooks { on_start: on_vm_start, on_stop: on_vm_stop }).await
+            serve(dir, nbd_listen, heartbeat, Hooks { on_start: on_vm_start, on_stop: on_vm_stop }, quiesce_hook).await
         }
         Cmd::Vm(VmCmd::List) => {
             let dir = data_dir(cli.data_dir)?;
@@ -195,7 +202,13 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn serve(dir: PathBuf, nbd_listen: String, heartbeat: Duration, hooks: Hooks) -> Result<()> {
+async fn serve(
+    dir: PathBuf,
+    nbd_listen: String,
+    heartbeat: Duration,
+    hooks: Hooks,
+    quiesce_hook: Option<String>,
+) -> Result<()> {
     let files = Arc::new(AgentFiles::load(&dir)?);
     let shutdown = CancellationToken::new();
     {
@@ -218,14 +231,32 @@ async fn serve(dir: PathBuf, nbd_listen: String, heartbeat: Duration, hooks: Hoo
     let nbd_addr = nbd_listener.local_addr()?;
     let exports = Arc::new(Exports::new());
     let vms = Arc::new(VmManager::load(files.vms_dir(), exports.clone(), nbd_addr, hooks, shutdown.clone()).await?);
+    let replicas_dir = dir.join("replicas");
+    let replicas = Arc::new(
+        tokio::task::spawn_blocking(move || ReplicaSet::open(&replicas_dir))
+            .await
+            .context("opening replicas")??,
+    );
+    let protection = Protection::start(
+        files.clone(),
+        vms.clone(),
+        replicas.clone(),
+        exports.clone(),
+        nbd_addr,
+        quiesce_hook,
+        shutdown.clone(),
+    )
+    .await;
     tracing::info!(host = %files.config.host_name, host_id = %files.config.host_id, peer = %files.config.listen_address,
         nbd = %nbd_addr, "agent serving");
     let nbd_task = tokio::spawn(nbd::serve_tcp(nbd_listener, exports, shutdown.clone()));
     let peer_task = tokio::spawn(peer::serve(files.clone(), peer_listener, shutdown.clone()));
     let opts = ControlOptions { heartbeat, ..ControlOptions::default() };
-    let control_task = tokio::spawn(control::run(files.clone(), vms.clone(), opts, shutdown.clone()));
+    let control_task =
+        tokio::spawn(control::run(files.clone(), vms.clone(), protection.clone(), opts, shutdown.clone()));
     shutdown.cancelled().await;
-    tracing::info!("shutting down: stopping VMs (logs sealed, disks flushed)");
+    tracing::info!("shutting down: stopping replication, then VMs (logs sealed, disks flushed)");
+    protection.shutdown().await;
     vms.shutdown().await;
     let grace = Duration::from_secs(10);
     let joined = tokio::time::timeout(grace, async {

@@ -138,6 +138,10 @@ struct Entry {
 /// The VMs of this host.
 pub struct VmManager {
     dir: PathBuf,
+    /// Disk handles of every VM opened since the agent started (kept after a stop, so
+    /// replication can still ship the logs sealed by the stop). A std mutex: the
+    /// replication sender reads it from blocking code.
+    handles: std::sync::Mutex<BTreeMap<String, Vec<(DiskId, Arc<TrackedDisk>)>>>,
     vms: Mutex<BTreeMap<String, Entry>>,
     tcp_exports: Arc<Exports>,
     nbd_tcp: SocketAddr,
@@ -179,7 +183,10 @@ impl VmManager {
         shutdown: CancellationToken,
     ) -> Result<Self, VmError> {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let mgr = Self { dir: dir.clone(), vms: Mutex::new(BTreeMap::new()), tcp_exports, nbd_tcp, hooks, shutdown };
+        let mgr = Self {
+            dir: dir.clone(),
+            handles: std::sync::Mutex::new(BTreeMap::new()),
+            vms: Mutex::new(BTreeMap::new()), tcp_exports, nbd_tcp, hooks, shutdown };
         let mut found = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;
@@ -301,6 +308,9 @@ impl VmManager {
         let folder = entry.folder.clone();
         std::fs::remove_dir_all(&folder).map_err(io(&folder))?;
         vms.remove(name);
+        if let Ok(mut h) = self.handles.lock() {
+            h.remove(name);
+        }
         tracing::info!(vm = %name, "VM deleted");
         Ok(())
     }
@@ -309,6 +319,40 @@ impl VmManager {
     pub async fn list(&self) -> Vec<v1::Vm> {
         let vms = self.vms.lock().await;
         vms.values().map(|e| self.report(e)).collect()
+    }
+
+    /// The disk handles of a VM opened since the agent started (running, or stopped
+    /// with its logs sealed); `None` when it was not opened.
+    pub fn disk_handles(&self, name: &str) -> Option<Vec<(DiskId, Arc<TrackedDisk>)>> {
+        self.handles.lock().ok().and_then(|h| h.get(name).cloned())
+    }
+
+    /// Whether the VM's disks are being served.
+    pub async fn is_running(&self, name: &str) -> bool {
+        self.vms.lock().await.get(name).is_some_and(|e| e.running.is_some())
+    }
+
+    /// Switches change tracking on or off for every disk of a VM, durably: the setting
+    /// is in `vm.json` and applies at the next start too.
+    pub async fn set_tracking(&self, name: &str, on: bool) -> Result<(), VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if let Some(r) = &entry.running {
+            for d in &r.disks {
+                d.set_tracking(on)?;
+            }
+        }
+        for d in &mut entry.config.disks {
+            d.tracking = on;
+        }
+        save_config(&entry.folder, &entry.config)?;
+        tracing::info!(vm = %name, tracking = on, "change tracking switched");
+        Ok(())
+    }
+
+    /// The VM's folder.
+    pub async fn folder(&self, name: &str) -> Option<PathBuf> {
+        self.vms.lock().await.get(name).map(|e| e.folder.clone())
     }
 
     /// A VM's configuration (local commands).
@@ -359,6 +403,10 @@ impl VmManager {
         }
         let token = self.shutdown.child_token();
         let unix_task = tokio::spawn(nbd::serve_unix(listener, vm_exports, token.clone()));
+        if let Ok(mut h) = self.handles.lock() {
+            let ids = entry.config.disks.iter().filter_map(|c| DiskId::new(&c.id).ok());
+            h.insert(name.clone(), ids.zip(disks.iter().cloned()).collect());
+        }
         entry.running = Some(Running { disks, token, unix_task });
         if entry.config.power != Power::Running {
             entry.config.power = Power::Running;

@@ -1,0 +1,385 @@
+//! Protection on this host: which local VMs replicate where (their senders), the
+//! replicas this host keeps for others, and the read-only NBD exports of recovery
+//! points. It carries out the provider's replication commands and forwards the
+//! senders' statuses to the control channel.
+//!
+//! A protected VM has `protection.json` in its folder (the relationship and settings
+//! the provider sent), so its sender starts again after an agent restart; the sender
+//! keeps its own progress in `replication.json` beside it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use siterecovery_certs::files;
+use siterecovery_proto::v1;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentFiles;
+use crate::hrl::DiskId;
+use crate::nbd::Exports;
+use crate::replica::{PointInfo, PointView, ReplicaDisk, ReplicaError, ReplicaSet, ReplicaSpec};
+use crate::sender::{self, SenderHandle, SenderParams, VmDisks};
+use crate::tracker::TrackedDisk;
+use crate::vm::{VmError, VmManager};
+
+/// File in a protected VM's folder.
+pub const PROTECTION_FILE: &str = "protection.json";
+
+/// Why a protection command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtectionError {
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error(transparent)]
+    Nbd(#[from] crate::nbd::NbdError),
+    #[error(transparent)]
+    Files(#[from] siterecovery_certs::CertError),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl ProtectionError {
+    pub fn code(&self) -> v1::ErrorCode {
+        match self {
+            ProtectionError::Invalid(_) => v1::ErrorCode::InvalidArgument,
+            ProtectionError::NotFound(_) => v1::ErrorCode::NotFound,
+            ProtectionError::Vm(e) => e.code(),
+            ProtectionError::Replica(ReplicaError::NotFound(_)) => v1::ErrorCode::NotFound,
+            ProtectionError::Replica(ReplicaError::Exists { .. }) => v1::ErrorCode::AlreadyExists,
+            ProtectionError::Replica(ReplicaError::State(_)) => v1::ErrorCode::FailedPrecondition,
+            _ => v1::ErrorCode::Internal,
+        }
+    }
+}
+
+/// `protection.json`: what the provider asked, enough to restart the sender.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct ProtectionRecord {
+    relationship_id: String,
+    replica_host_id: String,
+    replica_address: String,
+    interval_ms: u64,
+    retention_ms: u64,
+    app_consistent_every_ms: u64,
+    compression: bool,
+    retry_unit_ms: u64,
+    resync_window_start_hour: u32,
+    resync_window_end_hour: u32,
+}
+
+impl ProtectionRecord {
+    fn settings(&self) -> v1::ReplicationSettings {
+        v1::ReplicationSettings {
+            interval_ms: self.interval_ms,
+            retention_ms: self.retention_ms,
+            app_consistent_every_ms: self.app_consistent_every_ms,
+            compression: self.compression,
+            retry_unit_ms: self.retry_unit_ms,
+            resync_window_start_hour: self.resync_window_start_hour,
+            resync_window_end_hour: self.resync_window_end_hour,
+        }
+    }
+}
+
+/// The VM manager seen by one sender.
+struct ManagedDisks {
+    vms: Arc<VmManager>,
+    vm: String,
+}
+
+impl VmDisks for ManagedDisks {
+    fn disks(&self) -> Option<Vec<(DiskId, Arc<TrackedDisk>)>> {
+        self.vms.disk_handles(&self.vm)
+    }
+}
+
+struct PointExport {
+    names: Vec<String>,
+    _view: PointView,
+}
+
+/// Protection state of this host.
+pub struct Protection {
+    files: Arc<AgentFiles>,
+    vms: Arc<VmManager>,
+    replicas: Arc<ReplicaSet>,
+    exports: Arc<Exports>,
+    nbd_tcp: SocketAddr,
+    quiesce_hook: Option<String>,
+    senders: tokio::sync::Mutex<HashMap<String, SenderHandle>>,
+    point_exports: Mutex<HashMap<String, PointExport>>,
+    status_tx: mpsc::Sender<v1::ReplicationStatus>,
+    latest: Arc<Mutex<HashMap<String, v1::ReplicationStatus>>>,
+    statuses: broadcast::Sender<v1::ReplicationStatus>,
+    shutdown: CancellationToken,
+}
+
+fn record_path(folder: &Path) -> std::path::PathBuf {
+    folder.join(PROTECTION_FILE)
+}
+
+impl Protection {
+    /// Starts the senders of every protected VM found in the VM folders.
+    pub async fn start(
+        files: Arc<AgentFiles>,
+        vms: Arc<VmManager>,
+        replicas: Arc<ReplicaSet>,
+        exports: Arc<Exports>,
+        nbd_tcp: SocketAddr,
+        quiesce_hook: Option<String>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let (status_tx, mut status_rx) = mpsc::channel::<v1::ReplicationStatus>(256);
+        let (statuses, _) = broadcast::channel(256);
+        let latest: Arc<Mutex<HashMap<String, v1::ReplicationStatus>>> = Arc::default();
+        {
+            let latest = latest.clone();
+            let statuses = statuses.clone();
+            tokio::spawn(async move {
+                while let Some(s) = status_rx.recv().await {
+                    if let Ok(mut l) = latest.lock() {
+                        l.insert(s.relationship_id.clone(), s.clone());
+                    }
+                    // No subscriber while the provider is unreachable: the latest
+                    // status is re-sent at the next connection.
+                    let _ = statuses.send(s);
+                }
+            });
+        }
+        let me = Arc::new(Self {
+            files,
+            vms,
+            replicas,
+            exports,
+            nbd_tcp,
+            quiesce_hook,
+            senders: tokio::sync::Mutex::new(HashMap::new()),
+            point_exports: Mutex::new(HashMap::new()),
+            status_tx,
+            latest,
+            statuses,
+            shutdown,
+        });
+        for vm in me.vms.list().await {
+            let Some(folder) = me.vms.folder(&vm.name).await else { continue };
+            let path = record_path(&folder);
+            if !path.exists() {
+                continue;
+            }
+            match files::read_text(&path).map_err(ProtectionError::from).and_then(|t| {
+                serde_json::from_str::<ProtectionRecord>(&t).map_err(|e| ProtectionError::Invalid(e.to_string()))
+            }) {
+                Ok(rec) => {
+                    tracing::info!(vm = %vm.name, relationship = %rec.relationship_id, "resuming replication");
+                    me.spawn_sender(&vm.name, &folder, &rec).await;
+                }
+                Err(e) => tracing::error!(vm = %vm.name, "cannot read {}: {e:#}", path.display()),
+            }
+        }
+        me
+    }
+
+    /// New subscriber to sender statuses, and the latest status of every relationship.
+    pub fn subscribe(&self) -> (broadcast::Receiver<v1::ReplicationStatus>, Vec<v1::ReplicationStatus>) {
+        let rx = self.statuses.subscribe();
+        let latest = self.latest.lock().map(|l| l.values().cloned().collect()).unwrap_or_default();
+        (rx, latest)
+    }
+
+    async fn spawn_sender(&self, vm: &str, folder: &Path, rec: &ProtectionRecord) {
+        let params = SenderParams {
+            relationship_id: rec.relationship_id.clone(),
+            vm: vm.to_owned(),
+            replica_host_id: rec.replica_host_id.clone(),
+            replica_address: rec.replica_address.clone(),
+            settings: rec.settings(),
+            state_dir: folder.to_path_buf(),
+            quiesce_hook: self.quiesce_hook.clone(),
+        };
+        let disks = Arc::new(ManagedDisks { vms: self.vms.clone(), vm: vm.to_owned() });
+        let handle =
+            sender::spawn(params, disks, self.files.clone(), self.status_tx.clone(), self.shutdown.child_token());
+        if let Some(old) = self.senders.lock().await.insert(vm.to_owned(), handle) {
+            old.stop().await;
+        }
+    }
+
+    /// The replica side of a new relationship.
+    pub async fn prepare_replica(&self, c: v1::PrepareReplica) -> Result<(), ProtectionError> {
+        let settings = c.settings.unwrap_or_default();
+        let spec = ReplicaSpec {
+            relationship_id: c.relationship_id,
+            vm: c.vm,
+            primary_host_id: c.primary_host_id,
+            disks: c.disks.into_iter().map(|d| ReplicaDisk { id: d.id, size_bytes: d.size_bytes }).collect(),
+            retention_ms: settings.retention_ms,
+            // One point per hour, as Hyper-V Replica; a short interval (tests, labs)
+            // keeps one point per interval bucket so there is something to choose from.
+            bucket_ms: if settings.interval_ms < 30_000 { settings.interval_ms.max(1) } else { 3_600_000 },
+        };
+        if spec.disks.is_empty() {
+            return Err(ProtectionError::Invalid("a replica needs at least one disk".into()));
+        }
+        let replicas = self.replicas.clone();
+        tokio::task::spawn_blocking(move || replicas.prepare(spec))
+            .await
+            .map_err(|e| ProtectionError::Internal(e.to_string()))??;
+        Ok(())
+    }
+
+    /// The primary side: track the VM and start its sender.
+    pub async fn start_replication(&self, c: v1::StartReplication) -> Result<(), ProtectionError> {
+        let folder =
+            self.vms.folder(&c.vm).await.ok_or_else(|| ProtectionError::NotFound(format!("no VM {} on this host", c.vm)))?;
+        let s = c.settings.unwrap_or_default();
+        if s.interval_ms == 0 {
+            return Err(ProtectionError::Invalid("replication interval must be positive".into()));
+        }
+        let rec = ProtectionRecord {
+            relationship_id: c.relationship_id,
+            replica_host_id: c.replica_host_id,
+            replica_address: c.replica_address,
+            interval_ms: s.interval_ms,
+            retention_ms: s.retention_ms,
+            app_consistent_every_ms: s.app_consistent_every_ms,
+            compression: s.compression,
+            retry_unit_ms: s.retry_unit_ms,
+            resync_window_start_hour: s.resync_window_start_hour,
+            resync_window_end_hour: s.resync_window_end_hour,
+        };
+        // Tracking first: every write from here on is in a log, so the initial copy
+        // plus the logs give a consistent replica.
+        self.vms.set_tracking(&c.vm, true).await?;
+        let json = serde_json::to_vec_pretty(&rec).map_err(|e| ProtectionError::Internal(e.to_string()))?;
+        files::write_public(&record_path(&folder), &json)?;
+        tracing::info!(vm = %c.vm, relationship = %rec.relationship_id, replica = %rec.replica_address, "replication enabled");
+        self.spawn_sender(&c.vm, &folder, &rec).await;
+        Ok(())
+    }
+
+    /// Stops replicating a VM (primary side) and/or drops its replica (replica side).
+    pub async fn stop_replication(&self, c: v1::StopReplication) -> Result<(), ProtectionError> {
+        let mut did = false;
+        if let Some(h) = self.senders.lock().await.remove(&c.vm) {
+            h.stop().await;
+            did = true;
+        }
+        if let Some(folder) = self.vms.folder(&c.vm).await
+            && record_path(&folder).exists()
+        {
+            self.vms.set_tracking(&c.vm, false).await?;
+            if let Some(handles) = self.vms.disk_handles(&c.vm) {
+                for (_, d) in handles {
+                    if let Some(last) = d.sealed_logs().last() {
+                        let _ = d.delete_logs_through(last.seq);
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(record_path(&folder));
+            let _ = std::fs::remove_file(folder.join(sender::STATE_FILE));
+            did = true;
+        }
+        if c.remove_replica && self.replicas.get(&c.vm).is_some() {
+            self.unexport_point(&c.vm);
+            let replicas = self.replicas.clone();
+            let vm = c.vm.clone();
+            tokio::task::spawn_blocking(move || replicas.remove(&vm))
+                .await
+                .map_err(|e| ProtectionError::Internal(e.to_string()))??;
+            did = true;
+        }
+        if let Ok(mut l) = self.latest.lock() {
+            l.remove(&c.relationship_id);
+        }
+        tracing::info!(vm = %c.vm, relationship = %c.relationship_id, did, "replication stopped");
+        Ok(())
+    }
+
+    pub async fn request_resync(&self, c: v1::RequestResync) -> Result<(), ProtectionError> {
+        let senders = self.senders.lock().await;
+        let h = senders.get(&c.vm).ok_or_else(|| ProtectionError::NotFound(format!("VM {} is not replicating from this host", c.vm)))?;
+        h.request_resync();
+        Ok(())
+    }
+
+    pub fn list_points(&self, vm: &str) -> Result<Vec<v1::RecoveryPoint>, ProtectionError> {
+        let r = self.replicas.get(vm).ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
+        let points = r.points();
+        let last = points.last().map(|p| p.seq);
+        Ok(points.iter().map(|p| to_proto(p, Some(p.seq) == last)).collect())
+    }
+
+    /// Exports a point read-only over NBD on this host's TCP port; returns the URIs
+    /// (one per disk, space-separated) and the point id.
+    pub fn export_point(&self, vm: &str, point: &str) -> Result<(String, String), ProtectionError> {
+        let r = self.replicas.get(vm).ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
+        self.unexport_point(vm);
+        let view = r.open_point(if point.is_empty() { "latest" } else { point })?;
+        let mut names = Vec::new();
+        let mut uris = Vec::new();
+        for (disk, dev) in &view.disks {
+            let name = format!("{vm}-{}-{disk}", view.info.id);
+            self.exports.remove(&name);
+            self.exports.add(name.clone(), dev.clone())?;
+            uris.push(format!("nbd://{}/{name}", self.nbd_tcp));
+            names.push(name);
+        }
+        let id = view.info.id.clone();
+        tracing::info!(%vm, point = %id, "recovery point exported read-only");
+        if let Ok(mut p) = self.point_exports.lock() {
+            p.insert(vm.to_owned(), PointExport { names, _view: view });
+        }
+        Ok((uris.join(" "), id))
+    }
+
+    pub fn unexport_point(&self, vm: &str) -> bool {
+        let old = self.point_exports.lock().ok().and_then(|mut p| p.remove(vm));
+        match old {
+            Some(e) => {
+                for n in &e.names {
+                    self.exports.remove(n);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops every sender (agent shutdown).
+    pub async fn shutdown(&self) {
+        let senders: Vec<SenderHandle> = self.senders.lock().await.drain().map(|(_, h)| h).collect();
+        for h in senders {
+            h.stop().await;
+        }
+    }
+}
+
+fn to_proto(p: &PointInfo, latest: bool) -> v1::RecoveryPoint {
+    v1::RecoveryPoint {
+        id: p.id.clone(),
+        seq: p.seq,
+        created_unix_ms: p.created_unix_ms,
+        app_consistent: p.app_consistent,
+        size_bytes: p.size_bytes,
+        kind: if latest {
+            "latest"
+        } else if p.app_consistent {
+            "app-consistent"
+        } else if p.resync {
+            "resync"
+        } else {
+            "hourly"
+        }
+        .into(),
+    }
+}
