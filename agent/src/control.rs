@@ -33,7 +33,11 @@ pub struct ControlOptions {
 
 impl Default for ControlOptions {
     fn default() -> Self {
-        Self { heartbeat: Duration::from_secs(5), min_backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(10) }
+        Self {
+            heartbeat: Duration::from_secs(5),
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
     }
 }
 
@@ -53,9 +57,7 @@ pub fn endpoint(address: &str, files: &AgentFiles) -> Result<Endpoint, tonic::tr
 
 /// Free bytes of the file system holding `path` (0 when unknown).
 pub fn free_bytes(path: &std::path::Path) -> u64 {
-    nix::sys::statvfs::statvfs(path)
-        .map(|s| u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
-        .unwrap_or(0)
+    nix::sys::statvfs::statvfs(path).map(|s| s.blocks_available().saturating_mul(s.fragment_size())).unwrap_or(0)
 }
 
 /// Keeps the control channel up until `shutdown`.
@@ -113,7 +115,14 @@ async fn session(
         let tx = tx.clone();
         async move { tx.send(v1::AgentMessage { body: Some(body) }).await.map_err(|_| SessionError::Closed) }
     };
-    send(&tx, Body::Hello(v1::Hello { agent_version: AGENT_VERSION.into(), listen_address: files.config.listen_address.clone() })).await?;
+    send(
+        &tx,
+        Body::Hello(v1::Hello {
+            agent_version: AGENT_VERSION.into(),
+            listen_address: files.config.listen_address.clone(),
+        }),
+    )
+    .await?;
     send(&tx, Body::Inventory(inventory(files, vms).await)).await?;
     // Subscribe before sending the latest statuses so none falls in between.
     let (mut statuses, latest) = protection.subscribe();
@@ -199,6 +208,15 @@ async fn execute(vms: &VmManager, protection: &Protection, msg: v1::ProviderMess
             protection.unexport_point(&c.vm);
             return ok(None);
         }
+        Some(
+            Command::PrepareFailover(_)
+            | Command::Failover(_)
+            | Command::ChangePoint(_)
+            | Command::CommitFailover(_)
+            | Command::CleanupTestFailover(_),
+        ) => {
+            return fail(v1::ErrorCode::FailedPrecondition, "this agent cannot fail over yet".into());
+        }
         None => {
             return v1::CommandResult {
                 command_id: id,
@@ -213,7 +231,13 @@ async fn execute(vms: &VmManager, protection: &Protection, msg: v1::ProviderMess
         Ok(vm) => v1::CommandResult { command_id: id, ok: true, vm, ..Default::default() },
         Err(e) => {
             tracing::warn!(command_id = id, "command failed: {e:#}");
-            v1::CommandResult { command_id: id, ok: false, code: e.code() as i32, error: e.to_string(), ..Default::default() }
+            v1::CommandResult {
+                command_id: id,
+                ok: false,
+                code: e.code() as i32,
+                error: e.to_string(),
+                ..Default::default()
+            }
         }
     }
 }

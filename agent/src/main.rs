@@ -9,11 +9,11 @@ use clap::{Parser, Subcommand};
 use siterecovery_agent::config::AgentFiles;
 use siterecovery_agent::control::{self, ControlOptions};
 use siterecovery_agent::nbd::{self, Exports};
-use siterecovery_agent::register::{RegisterArgs, register};
-use siterecovery_agent::vm::{Hooks, VmManager};
 use siterecovery_agent::peer;
 use siterecovery_agent::protection::Protection;
+use siterecovery_agent::register::{RegisterArgs, register};
 use siterecovery_agent::replica::ReplicaSet;
+use siterecovery_agent::vm::{Hooks, VmManager};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -64,6 +64,10 @@ enum Cmd {
     },
     /// Run the agent (long-running; stops gracefully on SIGTERM or Ctrl-C).
     Serve {
+        /// Address to bind the peer (replication) listener to, when it differs from the
+        /// address registered with --listen (NAT, a proxy in front of the agent).
+        #[arg(long, value_name = "ADDR")]
+        peer_listen: Option<String>,
         /// TCP address of the NBD server (keep it on loopback).
         #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
         nbd_listen: String,
@@ -165,11 +169,11 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { nbd_listen, heartbeat, on_vm_start, on_vm_stop, quiesce_hook } => {
+        Cmd::Serve { peer_listen, nbd_listen, heartbeat, on_vm_start, on_vm_stop, quiesce_hook } => {
             let dir = data_dir(cli.data_dir)?;
             // Absolute, so the NBD URIs reported to the provider work from anywhere.
             let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;
-            serve(dir, nbd_listen, heartbeat, Hooks { on_start: on_vm_start, on_stop: on_vm_stop }, quiesce_hook).await
+            serve(dir, peer_listen, nbd_listen, heartbeat, Hooks { on_start: on_vm_start, on_stop: on_vm_stop }, quiesce_hook).await
         }
         Cmd::Vm(VmCmd::List) => {
             let dir = data_dir(cli.data_dir)?;
@@ -204,6 +208,7 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn serve(
     dir: PathBuf,
+    peer_listen: Option<String>,
     nbd_listen: String,
     heartbeat: Duration,
     hooks: Hooks,
@@ -224,18 +229,19 @@ async fn serve(
             t.cancel();
         });
     }
-    let peer_listener = tokio::net::TcpListener::bind(&files.config.listen_address)
+    let peer_addr = peer_listen.unwrap_or_else(|| files.config.listen_address.clone());
+    let peer_listener = tokio::net::TcpListener::bind(&peer_addr)
         .await
-        .with_context(|| format!("cannot listen on {} for peer traffic", files.config.listen_address))?;
-    let nbd_listener = tokio::net::TcpListener::bind(&nbd_listen).await.with_context(|| format!("cannot listen on {nbd_listen} for NBD"))?;
+        .with_context(|| format!("cannot listen on {peer_addr} for peer traffic"))?;
+    let nbd_listener = tokio::net::TcpListener::bind(&nbd_listen)
+        .await
+        .with_context(|| format!("cannot listen on {nbd_listen} for NBD"))?;
     let nbd_addr = nbd_listener.local_addr()?;
     let exports = Arc::new(Exports::new());
     let vms = Arc::new(VmManager::load(files.vms_dir(), exports.clone(), nbd_addr, hooks, shutdown.clone()).await?);
     let replicas_dir = dir.join("replicas");
     let replicas = Arc::new(
-        tokio::task::spawn_blocking(move || ReplicaSet::open(&replicas_dir))
-            .await
-            .context("opening replicas")??,
+        tokio::task::spawn_blocking(move || ReplicaSet::open(&replicas_dir)).await.context("opening replicas")??,
     );
     let protection = Protection::start(
         files.clone(),
@@ -250,7 +256,7 @@ async fn serve(
     tracing::info!(host = %files.config.host_name, host_id = %files.config.host_id, peer = %files.config.listen_address,
         nbd = %nbd_addr, "agent serving");
     let nbd_task = tokio::spawn(nbd::serve_tcp(nbd_listener, exports, shutdown.clone()));
-    let peer_task = tokio::spawn(peer::serve(files.clone(), peer_listener, shutdown.clone()));
+    let peer_task = tokio::spawn(peer::serve(files.clone(), replicas.clone(), peer_listener, shutdown.clone()));
     let opts = ControlOptions { heartbeat, ..ControlOptions::default() };
     let control_task =
         tokio::spawn(control::run(files.clone(), vms.clone(), protection.clone(), opts, shutdown.clone()));

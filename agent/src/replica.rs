@@ -367,7 +367,9 @@ impl Replica {
             let p = e.map_err(io_at(dir))?.path();
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let referenced = state.points.iter().any(|m| m.undo.as_deref() == Some(name.as_str()));
-            if name.starts_with("spool-") || (name.ends_with(".undo") && !referenced) || name.starts_with(".replica.json.tmp")
+            if name.starts_with("spool-")
+                || (name.ends_with(".undo") && !referenced)
+                || name.starts_with(".replica.json.tmp")
             {
                 let _ = std::fs::remove_file(&p);
             }
@@ -598,7 +600,12 @@ impl Replica {
     /// every hour and every app-consistent point within the window, and pinned points.
     fn prune(&self, inner: &mut Inner) -> Result<(), ReplicaError> {
         let now = now_ms();
-        let keep = retained(&inner.state.points.iter().map(|m| m.info.clone()).collect::<Vec<_>>(), self.spec.retention_ms, self.spec.bucket_ms, now);
+        let keep = retained(
+            &inner.state.points.iter().map(|m| m.info.clone()).collect::<Vec<_>>(),
+            self.spec.retention_ms,
+            self.spec.bucket_ms,
+            now,
+        );
         let mut i = 0;
         while i < inner.state.points.len() {
             let seq = inner.state.points[i].info.seq;
@@ -621,7 +628,7 @@ impl Replica {
                 // Merge the removed undo into the next point's: older before-images win.
                 inner.state.merges += 1;
                 let name = format!("undo-{}-m{}.undo", next.info.seq, inner.state.merges);
-                let merged = merge_undo(
+                merge_undo(
                     &self.dir,
                     removed.undo.as_deref(),
                     next.undo.as_deref(),
@@ -630,7 +637,6 @@ impl Replica {
                     self.images.len(),
                 )?;
                 let loaded = Arc::new(load_undo(&self.dir.join(&name), self.images.len())?);
-                let _ = merged;
                 inner.state.points[i].undo = Some(name);
                 inner.undo.insert(next.info.seq, loaded);
                 save_state(&self.dir, &inner.state)?;
@@ -661,7 +667,12 @@ fn check(img: &Image, what: &'static str, offset: u64, len: u64) -> Result<(), R
 
 /// The seqs a retention policy keeps: the latest point; within `retention_ms` of now,
 /// the newest point of each hour and every app-consistent point.
-pub fn retained(points: &[PointInfo], retention_ms: u64, bucket_ms: u64, now_ms: i64) -> std::collections::BTreeSet<u64> {
+pub fn retained(
+    points: &[PointInfo],
+    retention_ms: u64,
+    bucket_ms: u64,
+    now_ms: i64,
+) -> std::collections::BTreeSet<u64> {
     let mut keep = std::collections::BTreeSet::new();
     if let Some(last) = points.last() {
         keep.insert(last.seq);
@@ -1147,7 +1158,13 @@ mod tests {
             resync: false,
             size_bytes: 0,
         };
-        let pts = vec![p(1, now - 30 * h, true), p(2, now - 3 * h, false), p(3, now - 3 * h + 5, false), p(4, now - h, true), p(5, now - 10, false)];
+        let pts = vec![
+            p(1, now - 30 * h, true),
+            p(2, now - 3 * h, false),
+            p(3, now - 3 * h + 5, false),
+            p(4, now - h, true),
+            p(5, now - 10, false),
+        ];
         let keep = retained(&pts, (24 * h) as u64, h as u64, now);
         assert_eq!(keep.into_iter().collect::<Vec<_>>(), vec![3, 4, 5]);
     }
@@ -1174,7 +1191,14 @@ mod tests {
                 seq: 2,
                 spool: name,
                 undo: Some("undo-2.undo".into()),
-                info: PointInfo { id: "p2".into(), seq: 2, created_unix_ms: 0, app_consistent: false, resync: false, size_bytes: 10 },
+                info: PointInfo {
+                    id: "p2".into(),
+                    seq: 2,
+                    created_unix_ms: 0,
+                    app_consistent: false,
+                    resync: false,
+                    size_bytes: 10,
+                },
             });
             save_state(&r.dir, &inner.state).expect("save");
         }

@@ -135,13 +135,16 @@ struct Entry {
     running: Option<Running>,
 }
 
+/// A VM's disks by id.
+pub type DiskHandles = Vec<(DiskId, Arc<TrackedDisk>)>;
+
 /// The VMs of this host.
 pub struct VmManager {
     dir: PathBuf,
     /// Disk handles of every VM opened since the agent started (kept after a stop, so
     /// replication can still ship the logs sealed by the stop). A std mutex: the
     /// replication sender reads it from blocking code.
-    handles: std::sync::Mutex<BTreeMap<String, Vec<(DiskId, Arc<TrackedDisk>)>>>,
+    handles: std::sync::Mutex<BTreeMap<String, DiskHandles>>,
     vms: Mutex<BTreeMap<String, Entry>>,
     tcp_exports: Arc<Exports>,
     nbd_tcp: SocketAddr,
@@ -150,10 +153,7 @@ pub struct VmManager {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn export_name(vm: &str, disk: &str) -> String {
@@ -186,7 +186,12 @@ impl VmManager {
         let mgr = Self {
             dir: dir.clone(),
             handles: std::sync::Mutex::new(BTreeMap::new()),
-            vms: Mutex::new(BTreeMap::new()), tcp_exports, nbd_tcp, hooks, shutdown };
+            vms: Mutex::new(BTreeMap::new()),
+            tcp_exports,
+            nbd_tcp,
+            hooks,
+            shutdown,
+        };
         let mut found = Vec::new();
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;
@@ -195,10 +200,10 @@ impl VmManager {
             if !cfg_path.exists() {
                 continue;
             }
-            match files::read_text(&cfg_path)
-                .map_err(VmError::from)
-                .and_then(|t| serde_json::from_str::<VmConfig>(&t).map_err(|e| VmError::Invalid(format!("{}: {e}", cfg_path.display()))))
-            {
+            match files::read_text(&cfg_path).map_err(VmError::from).and_then(|t| {
+                serde_json::from_str::<VmConfig>(&t)
+                    .map_err(|e| VmError::Invalid(format!("{}: {e}", cfg_path.display())))
+            }) {
                 Ok(cfg) => found.push((cfg, folder)),
                 Err(e) => tracing::error!("skipping VM folder {}: {e:#}", folder.display()),
             }
@@ -221,7 +226,13 @@ impl VmManager {
     }
 
     /// Creates a VM folder with sparse disk images; starts it when asked.
-    pub async fn create(&self, name: &str, disk_sizes: &[u64], nics: &[v1::Nic], start: bool) -> Result<v1::Vm, VmError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        disk_sizes: &[u64],
+        nics: &[v1::Nic],
+        start: bool,
+    ) -> Result<v1::Vm, VmError> {
         if !is_token(name) {
             return Err(VmError::Invalid(format!("VM name {name:?}: use 1-64 of A-Z a-z 0-9 . _ -")));
         }
@@ -462,7 +473,9 @@ impl VmManager {
                 tokio::spawn(async move {
                     match child.wait_with_output().await {
                         Ok(out) if out.status.success() => tracing::info!(%vm, "hook ran"),
-                        Ok(out) => tracing::warn!(%vm, status = %out.status, stderr = %String::from_utf8_lossy(&out.stderr), "hook failed"),
+                        Ok(out) => {
+                            tracing::warn!(%vm, status = %out.status, stderr = %String::from_utf8_lossy(&out.stderr), "hook failed")
+                        }
                         Err(e) => tracing::warn!(%vm, "hook did not finish: {e}"),
                     }
                 });
@@ -500,7 +513,11 @@ impl VmManager {
                         } else {
                             String::new()
                         },
-                        nbd_tcp_uri: if live.is_some() { format!("nbd://{}/{export}", self.nbd_tcp) } else { String::new() },
+                        nbd_tcp_uri: if live.is_some() {
+                            format!("nbd://{}/{export}", self.nbd_tcp)
+                        } else {
+                            String::new()
+                        },
                         export_name: export,
                         tracking: live.map(|d| d.tracking()).unwrap_or(d.tracking),
                         pending_log_bytes: live.map(|d| d.pending_log_bytes()).unwrap_or(0),
@@ -517,4 +534,3 @@ impl VmManager {
         }
     }
 }
-

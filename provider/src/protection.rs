@@ -724,6 +724,7 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
     }
     save_job(&state, &job);
     let prepare = Command::PrepareReplica(v1::PrepareReplica {
+        adopt_vm_disks: false,
         relationship_id: rec.id.clone(),
         vm: plan.vm.name.clone(),
         primary_host_id: plan.primary.id.clone(),
@@ -756,6 +757,7 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
         }
     }
     let start = Command::StartReplication(v1::StartReplication {
+        resync_initial: false,
         relationship_id: rec.id.clone(),
         vm: plan.vm.name.clone(),
         replica_host_id: plan.replica.id.clone(),
@@ -1123,6 +1125,46 @@ impl ProtectionService {
 
 #[tonic::async_trait]
 impl Protection for ProtectionService {
+    async fn failover(&self, _r: Request<v1::FailoverRequest>) -> Result<Response<v1::Job>, Status> {
+        Err(Status::unimplemented("failover is not available yet"))
+    }
+    async fn commit_failover(&self, _r: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
+        Err(Status::unimplemented("failover is not available yet"))
+    }
+    async fn cleanup_test_failover(&self, _r: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
+        Err(Status::unimplemented("failover is not available yet"))
+    }
+    async fn change_point(&self, _r: Request<v1::ChangePointRequest>) -> Result<Response<v1::Job>, Status> {
+        Err(Status::unimplemented("failover is not available yet"))
+    }
+    async fn reprotect(&self, _r: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
+        Err(Status::unimplemented("reverse replication is not available yet"))
+    }
+    async fn create_network(&self, _r: Request<v1::VmNetwork>) -> Result<Response<v1::VmNetwork>, Status> {
+        Err(Status::unimplemented("networks are not available yet"))
+    }
+    async fn list_networks(&self, _r: Request<v1::ListNetworksRequest>) -> Result<Response<v1::ListNetworksResponse>, Status> {
+        Err(Status::unimplemented("networks are not available yet"))
+    }
+    async fn map_network(&self, _r: Request<v1::NetworkMapping>) -> Result<Response<v1::NetworkMapping>, Status> {
+        Err(Status::unimplemented("networks are not available yet"))
+    }
+    async fn list_network_mappings(&self, _r: Request<v1::ListNetworkMappingsRequest>) -> Result<Response<v1::ListNetworkMappingsResponse>, Status> {
+        Err(Status::unimplemented("networks are not available yet"))
+    }
+    async fn create_plan(&self, _r: Request<v1::RecoveryPlan>) -> Result<Response<v1::RecoveryPlan>, Status> {
+        Err(Status::unimplemented("recovery plans are not available yet"))
+    }
+    async fn list_plans(&self, _r: Request<v1::ListPlansRequest>) -> Result<Response<v1::ListPlansResponse>, Status> {
+        Err(Status::unimplemented("recovery plans are not available yet"))
+    }
+    async fn plan_failover(&self, _r: Request<v1::PlanFailoverRequest>) -> Result<Response<v1::Job>, Status> {
+        Err(Status::unimplemented("recovery plans are not available yet"))
+    }
+    async fn confirm_plan_action(&self, _r: Request<v1::ConfirmPlanActionRequest>) -> Result<Response<v1::Job>, Status> {
+        Err(Status::unimplemented("recovery plans are not available yet"))
+    }
+
     async fn create_policy(&self, req: Request<v1::Policy>) -> Result<Response<v1::Policy>, Status> {
         self.auth(&req)?;
         let rec = policy::validate_policy(req.get_ref(), self.state.protection.config.test_intervals)
