@@ -112,6 +112,36 @@ pub struct VmConfig {
     pub power: Power,
     pub disks: Vec<DiskConfig>,
     pub nics: Vec<NicConfig>,
+    /// Set on a VM started by a failover on this (replica) host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverConfig>,
+}
+
+/// How a failed-over (or test) VM runs: until commit its disks are copy-on-write
+/// overlays over a recovery point of the replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverConfig {
+    pub relationship_id: String,
+    pub point_id: String,
+    /// test | planned | unplanned | local
+    pub kind: String,
+    pub committed: bool,
+    #[serde(default)]
+    pub test_of: String,
+    pub started_unix_ms: i64,
+}
+
+impl FailoverConfig {
+    pub fn to_proto(&self) -> v1::FailoverInfo {
+        v1::FailoverInfo {
+            relationship_id: self.relationship_id.clone(),
+            point_id: self.point_id.clone(),
+            kind: self.kind.clone(),
+            committed: self.committed,
+            test_of: self.test_of.clone(),
+            started_unix_ms: self.started_unix_ms,
+        }
+    }
 }
 
 /// Commands run when a VM starts or stops, so a real hypervisor can be attached:
@@ -272,7 +302,7 @@ impl VmManager {
                 .iter()
                 .map(|n| NicConfig { network: n.network.clone(), ip: n.ip.clone(), dhcp: n.dhcp, mac: random_mac() })
                 .collect();
-            let config = VmConfig { name: name.into(), created_unix_ms: now_ms(), power: Power::Off, disks, nics };
+            let config = VmConfig { name: name.into(), created_unix_ms: now_ms(), power: Power::Off, disks, nics, failover: None };
             save_config(&folder, &config)?;
             Ok(config)
         })();
@@ -494,6 +524,7 @@ impl VmManager {
             folder: e.folder.display().to_string(),
             created_unix_ms: e.config.created_unix_ms,
             replication: None,
+            failover: e.config.failover.as_ref().map(FailoverConfig::to_proto),
             power_state: if running.is_some() { v1::PowerState::Running } else { v1::PowerState::Off } as i32,
             disks: e
                 .config

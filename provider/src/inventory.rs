@@ -47,6 +47,20 @@ pub struct VmRecord {
     pub created_unix_ms: i64,
     pub disks: Vec<DiskRecord>,
     pub nics: Vec<NicRecord>,
+    /// Set when the VM was started by a failover on its host.
+    #[serde(default)]
+    pub failover: Option<FailoverRecord>,
+}
+
+/// How a VM on a replica host came to run (from the agent's report).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailoverRecord {
+    pub relationship_id: String,
+    pub point_id: String,
+    pub kind: String,
+    pub committed: bool,
+    pub test_of: String,
+    pub started_unix_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -89,6 +103,14 @@ impl VmRecord {
             }
             .into(),
             created_unix_ms: vm.created_unix_ms,
+            failover: vm.failover.as_ref().map(|f| FailoverRecord {
+                relationship_id: f.relationship_id.clone(),
+                point_id: f.point_id.clone(),
+                kind: f.kind.clone(),
+                committed: f.committed,
+                test_of: f.test_of.clone(),
+                started_unix_ms: f.started_unix_ms,
+            }),
             disks: vm
                 .disks
                 .iter()
@@ -125,6 +147,14 @@ impl VmRecord {
             } as i32,
             created_unix_ms: self.created_unix_ms,
             replication: None,
+            failover: self.failover.as_ref().map(|f| v1::FailoverInfo {
+                relationship_id: f.relationship_id.clone(),
+                point_id: f.point_id.clone(),
+                kind: f.kind.clone(),
+                committed: f.committed,
+                test_of: f.test_of.clone(),
+                started_unix_ms: f.started_unix_ms,
+            }),
             disks: self
                 .disks
                 .iter()
