@@ -118,9 +118,7 @@ impl BlockDevice for RawFile {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(zeroes.len() as u64) as usize;
-            self.file
-                .write_all_at(&zeroes[..n], offset + done)
-                .map_err(DiskError::from_io)?;
+            self.file.write_all_at(&zeroes[..n], offset + done).map_err(DiskError::from_io)?;
             done += n as u64;
         }
         if fua {

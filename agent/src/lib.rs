@@ -11,6 +11,7 @@ pub mod control;
 pub mod disk;
 pub mod hrl;
 pub mod nbd;
+pub mod overlay;
 pub mod peer;
 pub mod protection;
 pub mod register;

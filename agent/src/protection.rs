@@ -239,8 +239,11 @@ impl Protection {
 
     /// The primary side: track the VM and start its sender.
     pub async fn start_replication(&self, c: v1::StartReplication) -> Result<(), ProtectionError> {
-        let folder =
-            self.vms.folder(&c.vm).await.ok_or_else(|| ProtectionError::NotFound(format!("no VM {} on this host", c.vm)))?;
+        let folder = self
+            .vms
+            .folder(&c.vm)
+            .await
+            .ok_or_else(|| ProtectionError::NotFound(format!("no VM {} on this host", c.vm)))?;
         let s = c.settings.unwrap_or_default();
         if s.interval_ms == 0 {
             return Err(ProtectionError::Invalid("replication interval must be positive".into()));
@@ -307,13 +310,18 @@ impl Protection {
 
     pub async fn request_resync(&self, c: v1::RequestResync) -> Result<(), ProtectionError> {
         let senders = self.senders.lock().await;
-        let h = senders.get(&c.vm).ok_or_else(|| ProtectionError::NotFound(format!("VM {} is not replicating from this host", c.vm)))?;
+        let h = senders
+            .get(&c.vm)
+            .ok_or_else(|| ProtectionError::NotFound(format!("VM {} is not replicating from this host", c.vm)))?;
         h.request_resync();
         Ok(())
     }
 
     pub fn list_points(&self, vm: &str) -> Result<Vec<v1::RecoveryPoint>, ProtectionError> {
-        let r = self.replicas.get(vm).ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
+        let r = self
+            .replicas
+            .get(vm)
+            .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
         let points = r.points();
         let last = points.last().map(|p| p.seq);
         Ok(points.iter().map(|p| to_proto(p, Some(p.seq) == last)).collect())
@@ -322,7 +330,10 @@ impl Protection {
     /// Exports a point read-only over NBD on this host's TCP port; returns the URIs
     /// (one per disk, space-separated) and the point id.
     pub fn export_point(&self, vm: &str, point: &str) -> Result<(String, String), ProtectionError> {
-        let r = self.replicas.get(vm).ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
+        let r = self
+            .replicas
+            .get(vm)
+            .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
         self.unexport_point(vm);
         let view = r.open_point(if point.is_empty() { "latest" } else { point })?;
         let mut names = Vec::new();

@@ -55,7 +55,8 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 pub async fn register(a: RegisterArgs<'_>) -> Result<AgentConfig, RegisterError> {
-    let key = VaultKeyFile::read(a.vault_key).map_err(|source| RegisterError::KeyFile { path: a.vault_key.into(), source })?;
+    let key = VaultKeyFile::read(a.vault_key)
+        .map_err(|source| RegisterError::KeyFile { path: a.vault_key.into(), source })?;
     key.check_not_expired().map_err(|source| RegisterError::KeyFile { path: a.vault_key.into(), source })?;
     if a.data_dir.join("agent.json").exists() && !a.reregister {
         return Err(RegisterError::AlreadyRegistered(a.data_dir.into()));
@@ -64,7 +65,10 @@ pub async fn register(a: RegisterArgs<'_>) -> Result<AgentConfig, RegisterError>
     let csr = make_csr(a.host)?;
     let address = key.content.provider_address.clone();
     let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(&address).trim_matches(['[', ']']).to_owned();
-    let unreachable = |e: &(dyn std::error::Error + 'static)| RegisterError::Unreachable { address: address.clone(), reason: chain(e) };
+    let unreachable = |e: &(dyn std::error::Error + 'static)| RegisterError::Unreachable {
+        address: address.clone(),
+        reason: chain(e),
+    };
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&key.content.ca_pem)).domain_name(host);
     let channel = Endpoint::from_shared(format!("https://{address}"))
         .map_err(|e| unreachable(&e))?
@@ -103,6 +107,11 @@ pub async fn register(a: RegisterArgs<'_>) -> Result<AgentConfig, RegisterError>
         listen_address: a.listen.into(),
         registered_unix: siterecovery_certs::unix_now(),
     };
-    AgentFiles::save(a.data_dir, &config, &key.content.ca_pem, &PemIdentity { cert_pem: resp.certificate_pem, key_pem: csr.key_pem })?;
+    AgentFiles::save(
+        a.data_dir,
+        &config,
+        &key.content.ca_pem,
+        &PemIdentity { cert_pem: resp.certificate_pem, key_pem: csr.key_pem },
+    )?;
     Ok(config)
 }

@@ -166,6 +166,10 @@ struct State {
     /// Counter for merged undo file names.
     #[serde(default)]
     merges: u64,
+    /// A rollback to this seq was started (commit of a failover to an older point);
+    /// re-done on open, as applying before-images again is idempotent.
+    #[serde(default)]
+    rollback_to: Option<u64>,
 }
 
 /// One undo record loaded for reading: per disk, non-overlapping ranges ascending.
@@ -291,6 +295,7 @@ impl ReplicaSet {
             points: vec![],
             applying: None,
             merges: 0,
+            rollback_to: None,
         };
         save_state(&dir, &state)?;
         let r = Arc::new(Replica::open(&dir)?);
@@ -379,6 +384,13 @@ impl Replica {
             if let Some(u) = &m.undo {
                 undo.insert(m.info.seq, Arc::new(load_undo(&dir.join(u), replica.images.len())?));
             }
+        }
+        if let Some(seq) = state.rollback_to {
+            tracing::warn!(replica = %dir.display(), seq, "finishing an interrupted rollback");
+            let mut inner = Inner { state, undo, pins: HashMap::new() };
+            replica.rollback_locked(&mut inner, seq)?;
+            replica.inner = RwLock::new(inner);
+            return Ok(replica);
         }
         replica.inner = RwLock::new(Inner { state, undo, pins: HashMap::new() });
         Ok(replica)
@@ -547,6 +559,61 @@ impl Replica {
                 _ => return Err(corrupt("unknown extent kind")),
             }
         }
+    }
+
+    /// The replica's image files by disk id.
+    pub fn images(&self) -> Vec<(String, PathBuf)> {
+        self.images.iter().map(|i| (i.id.clone(), i.path.clone())).collect()
+    }
+
+    /// Rolls the images back to a retained point, destructively: later points are
+    /// dropped (committing a failover to an older point). Crash-safe: the target is
+    /// recorded first and the rollback re-done on open.
+    pub fn rollback_to(&self, point: &str) -> Result<PointInfo, ReplicaError> {
+        let mut inner = self.write();
+        let meta = if point == "latest" {
+            inner.state.points.last()
+        } else {
+            inner.state.points.iter().find(|m| m.info.id == point || m.info.seq.to_string() == point)
+        }
+        .ok_or_else(|| ReplicaError::NotFound(format!("point {point:?} of {}", self.spec.vm)))?;
+        let info = meta.info.clone();
+        if inner.state.points.last().is_some_and(|m| m.info.seq == info.seq) {
+            return Ok(info);
+        }
+        inner.state.rollback_to = Some(info.seq);
+        save_state(&self.dir, &inner.state)?;
+        self.rollback_locked(&mut inner, info.seq)?;
+        Ok(info)
+    }
+
+    fn rollback_locked(&self, inner: &mut Inner, seq: u64) -> Result<(), ReplicaError> {
+        let later: Vec<u64> = inner.undo.range(seq + 1..).map(|(s, _)| *s).rev().collect();
+        let mut buf = Vec::new();
+        for s in later {
+            let Some(undo) = inner.undo.get(&s).cloned() else { continue };
+            for (disk, ranges) in undo.ranges.iter().enumerate() {
+                let img = &self.images[disk];
+                for &(off, len, pos) in ranges {
+                    buf.resize(len as usize, 0);
+                    undo.file.read_exact_at(&mut buf, pos).map_err(io_at(&img.path))?;
+                    img.file.write_all_at(&buf, off).map_err(io_at(&img.path))?;
+                }
+            }
+        }
+        self.sync_images()?;
+        let dropped: Vec<PointMeta> = inner.state.points.iter().filter(|m| m.info.seq > seq).cloned().collect();
+        inner.state.points.retain(|m| m.info.seq <= seq);
+        inner.undo.retain(|s, _| *s <= seq);
+        inner.state.rollback_to = None;
+        save_state(&self.dir, &inner.state)?;
+        for m in dropped {
+            if let Some(u) = m.undo {
+                let _ = std::fs::remove_file(self.dir.join(u));
+            }
+        }
+        tracing::info!(vm = %self.spec.vm, seq, "replica rolled back");
+        Ok(())
     }
 
     /// Hashes `count` blocks of a disk from `first_block` (xxh3-128, little-endian).

@@ -1,0 +1,235 @@
+//! A copy-on-write overlay: a writable disk over a read-only base (a recovery point),
+//! with no copy of the base. Test VMs run on one (and throw it away); a failed-over VM
+//! runs on one until the failover is committed, so its point can still be changed.
+//!
+//! Writes go to a sparse overlay file of the disk's size, in whole 4 KiB blocks (a
+//! partial block is completed from the base first); a bitmap says which blocks the
+//! overlay holds. The bitmap is saved beside the file (`<file>.map`, atomically) on every
+//! flush, so an agent restart keeps a failed-over VM's acknowledged-and-flushed writes.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use crate::disk::{BlockDevice, DiskError, check_range};
+
+/// Overlay block size.
+pub const BLOCK: u64 = 4096;
+
+/// A writable view over a read-only base device.
+pub struct Overlay {
+    base: Arc<dyn BlockDevice>,
+    file: File,
+    path: PathBuf,
+    size: u64,
+    /// Bit per block: set when the overlay file holds the block.
+    map: RwLock<Vec<u64>>,
+}
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay").field("path", &self.path).field("size", &self.size).finish_non_exhaustive()
+    }
+}
+
+fn map_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".map");
+    PathBuf::from(p)
+}
+
+fn is_set(map: &[u64], b: u64) -> bool {
+    map.get((b / 64) as usize).is_some_and(|w| w & (1 << (b % 64)) != 0)
+}
+
+impl Overlay {
+    /// Opens (or creates) the overlay file at `path` over `base`.
+    pub fn open(base: Arc<dyn BlockDevice>, path: &Path) -> io::Result<Self> {
+        let size = base.size();
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        if file.metadata()?.len() != size {
+            file.set_len(size)?;
+        }
+        let words = size.div_ceil(BLOCK).div_ceil(64) as usize;
+        let mut map = vec![0u64; words];
+        match std::fs::read(map_path(path)) {
+            Ok(bytes) if bytes.len() == words * 8 => {
+                for (w, c) in map.iter_mut().zip(bytes.chunks_exact(8)) {
+                    *w = u64::from_le_bytes(c.try_into().unwrap_or_default());
+                }
+            }
+            Ok(_) => {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "overlay map does not match the disk size"));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(Self { base, file, path: path.to_path_buf(), size, map: RwLock::new(map) })
+    }
+
+    /// Blocks written through the overlay.
+    pub fn written_blocks(&self) -> Vec<u64> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (i, w) in map.iter().enumerate() {
+            let mut w = *w;
+            while w != 0 {
+                let bit = w.trailing_zeros() as u64;
+                out.push(i as u64 * 64 + bit);
+                w &= w - 1;
+            }
+        }
+        out
+    }
+
+    /// Reads block `b` of the overlay file (only meaningful when written).
+    pub fn read_overlay_block(&self, b: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, b * BLOCK)
+    }
+
+    /// Deletes the overlay's files.
+    pub fn remove_files(path: &Path) {
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(map_path(path));
+    }
+
+    fn save_map(&self, map: &[u64]) -> io::Result<()> {
+        let mut bytes = Vec::with_capacity(map.len() * 8);
+        for w in map {
+            bytes.extend_from_slice(&w.to_le_bytes());
+        }
+        siterecovery_certs::files::write_private(&map_path(&self.path), &bytes)
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    /// Writes `data` at `offset` (any alignment) with the write lock held.
+    fn write_locked(&self, map: &mut [u64], data: &[u8], offset: u64) -> Result<(), DiskError> {
+        let end = offset + data.len() as u64;
+        let mut block = vec![0u8; BLOCK as usize];
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / BLOCK;
+            let bstart = b * BLOCK;
+            let bend = (bstart + BLOCK).min(self.size);
+            let take_end = end.min(bend);
+            let src = &data[(pos - offset) as usize..(take_end - offset) as usize];
+            if pos == bstart && take_end == bend {
+                self.file.write_all_at(src, pos).map_err(DiskError::from_io)?;
+            } else {
+                let blen = (bend - bstart) as usize;
+                if is_set(map, b) {
+                    self.file.read_exact_at(&mut block[..blen], bstart).map_err(DiskError::from_io)?;
+                } else {
+                    self.base.read_at(&mut block[..blen], bstart)?;
+                }
+                block[(pos - bstart) as usize..(take_end - bstart) as usize].copy_from_slice(src);
+                self.file.write_all_at(&block[..blen], bstart).map_err(DiskError::from_io)?;
+            }
+            if let Some(w) = map.get_mut((b / 64) as usize) {
+                *w |= 1 << (b % 64);
+            }
+            pos = take_end;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for Overlay {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        // Runs of blocks from the same source, read in one call each.
+        while pos < end {
+            let b = pos / BLOCK;
+            let from_overlay = is_set(&map, b);
+            let mut run_end = ((b + 1) * BLOCK).min(end);
+            while run_end < end && is_set(&map, run_end / BLOCK) == from_overlay {
+                run_end = ((run_end / BLOCK + 1) * BLOCK).min(end);
+            }
+            let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            if from_overlay {
+                self.file.read_exact_at(dst, pos).map_err(DiskError::from_io)?;
+            } else {
+                self.base.read_at(dst, pos)?;
+            }
+            pos = run_end;
+        }
+        Ok(())
+    }
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), DiskError> {
+        check_range(offset, data.len() as u64, self.size)?;
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        self.write_locked(&mut map, data, offset)?;
+        if fua {
+            self.file.sync_data().map_err(DiskError::from_io)?;
+            self.save_map(&map).map_err(DiskError::from_io)?;
+        }
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError> {
+        check_range(offset, len, self.size)?;
+        let zeroes = vec![0u8; (len.min(1 << 20)) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.write_at(&zeroes[..n], offset + done, false)?;
+            done += n as u64;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.write_zeroes(offset, len, false)
+    }
+    fn flush(&self) -> Result<(), DiskError> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        self.file.sync_data().map_err(DiskError::from_io)?;
+        self.save_map(&map).map_err(DiskError::from_io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::RawFile;
+
+    #[test]
+    fn reads_base_until_written_then_overlay_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let base_path = dir.path().join("base.img");
+        std::fs::write(&base_path, vec![7u8; 64 * 1024 + 100]).expect("base");
+        let base: Arc<dyn BlockDevice> = Arc::new(RawFile::open(&base_path, true).expect("open base"));
+        let ov_path = dir.path().join("d.overlay");
+        let ov = Overlay::open(base.clone(), &ov_path).expect("overlay");
+        let mut expect = vec![7u8; 64 * 1024 + 100];
+        for (off, len, byte) in [(10u64, 5usize, 1u8), (4090, 20, 2), (8192, 4096, 3), (64 * 1024 + 90, 10, 4)] {
+            ov.write_at(&vec![byte; len], off, false).expect("write");
+            expect[off as usize..off as usize + len].fill(byte);
+        }
+        let mut got = vec![0u8; expect.len()];
+        ov.read_at(&mut got, 0).expect("read");
+        assert_eq!(got, expect);
+        // the base is untouched
+        assert!(std::fs::read(&base_path).expect("base").iter().all(|&b| b == 7));
+        ov.flush().expect("flush");
+        drop(ov);
+        let ov = Overlay::open(base, &ov_path).expect("reopen");
+        let mut again = vec![0u8; expect.len()];
+        ov.read_at(&mut again, 0).expect("read");
+        assert_eq!(again, expect);
+        assert_eq!(ov.written_blocks(), vec![0, 1, 2, 16]);
+        assert!(ov.read_at(&mut [0u8; 2], ov.size() - 1).is_err());
+    }
+}
