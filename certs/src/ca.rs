@@ -8,15 +8,14 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::identity::{PeerIdentity, VaultId};
 use crate::CertError;
+use crate::identity::{PeerIdentity, VaultId};
 
 /// Validity of the CA certificate.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -69,7 +68,8 @@ impl VaultCa {
         dn.push(DnType::OrganizationName, format!("siterecovery vault {vault_id}"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + CA_VALIDITY;
@@ -104,7 +104,12 @@ impl VaultCa {
         Ok(self.key.sign(msg)?)
     }
 
-    fn leaf_params(&self, identity: &PeerIdentity, names: &ServerNames, validity: Duration) -> Result<CertificateParams, CertError> {
+    fn leaf_params(
+        &self,
+        identity: &PeerIdentity,
+        names: &ServerNames,
+        validity: Duration,
+    ) -> Result<CertificateParams, CertError> {
         if identity.vault_id != self.vault_id {
             return Err(CertError::NoIdentity(format!(
                 "identity of vault {} cannot be issued by vault {}",
@@ -137,7 +142,13 @@ impl VaultCa {
 
     /// Issues a certificate for the public key of a CSR (PEM). The CSR's signature is
     /// verified; nothing else of it is used.
-    pub fn issue_for_csr(&self, csr_pem: &str, identity: &PeerIdentity, names: &ServerNames, validity: Duration) -> Result<String, CertError> {
+    pub fn issue_for_csr(
+        &self,
+        csr_pem: &str,
+        identity: &PeerIdentity,
+        names: &ServerNames,
+        validity: Duration,
+    ) -> Result<String, CertError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CertError::parse("certificate signing request", e))?;
         let params = self.leaf_params(identity, names, validity)?;
@@ -147,7 +158,12 @@ impl VaultCa {
 
     /// Issues a certificate and its key on this machine (the provider's own and operator
     /// certificates, made where the CA lives). Returns (cert PEM, key PEM).
-    pub fn issue_local(&self, identity: &PeerIdentity, names: &ServerNames, validity: Duration) -> Result<(String, String), CertError> {
+    pub fn issue_local(
+        &self,
+        identity: &PeerIdentity,
+        names: &ServerNames,
+        validity: Duration,
+    ) -> Result<(String, String), CertError> {
         let key = KeyPair::generate()?;
         let params = self.leaf_params(identity, names, validity)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
@@ -155,7 +171,13 @@ impl VaultCa {
     }
 
     /// Issues with explicit validity bounds (tests of expiry).
-    pub fn issue_local_between(&self, identity: &PeerIdentity, names: &ServerNames, not_before: OffsetDateTime, not_after: OffsetDateTime) -> Result<(String, String), CertError> {
+    pub fn issue_local_between(
+        &self,
+        identity: &PeerIdentity,
+        names: &ServerNames,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<(String, String), CertError> {
         let key = KeyPair::generate()?;
         let mut params = self.leaf_params(identity, names, LEAF_VALIDITY)?;
         params.not_before = not_before;
@@ -199,11 +221,8 @@ pub fn check_valid_now(what: &str, pem: &str) -> Result<(), CertError> {
     let (nb, na) = validity(pem)?;
     let now = crate::unix_now();
     if now < nb || now >= na {
-        let fmt = |t: i64| {
-            OffsetDateTime::from_unix_timestamp(t)
-                .map(|d| d.to_string())
-                .unwrap_or_else(|_| t.to_string())
-        };
+        let fmt =
+            |t: i64| OffsetDateTime::from_unix_timestamp(t).map(|d| d.to_string()).unwrap_or_else(|_| t.to_string());
         return Err(CertError::NotValidNow { what: what.to_owned(), not_before: fmt(nb), not_after: fmt(na) });
     }
     Ok(())
@@ -227,7 +246,9 @@ mod tests {
         let ca = VaultCa::create(vault.clone(), "t").expect("ca");
         let req = crate::csr::make_csr("whatever").expect("csr");
         let id = PeerIdentity::new(vault.clone(), Role::Host, "h1").expect("id");
-        let pem = ca.issue_for_csr(&req.csr_pem, &id, &ServerNames::for_address("127.0.0.1:1"), LEAF_VALIDITY).expect("issue");
+        let pem = ca
+            .issue_for_csr(&req.csr_pem, &id, &ServerNames::for_address("127.0.0.1:1"), LEAF_VALIDITY)
+            .expect("issue");
         let der = first_cert_der(&pem).expect("der");
         assert_eq!(PeerIdentity::from_cert_der(&der).expect("identity"), id);
         check_valid_now("leaf", &pem).expect("valid");
@@ -235,7 +256,15 @@ mod tests {
         let other = PeerIdentity::new(VaultId::generate(), Role::Host, "h1").expect("id");
         assert!(ca.issue_for_csr(&req.csr_pem, &other, &ServerNames::default(), LEAF_VALIDITY).is_err());
         // garbage CSR is refused
-        assert!(ca.issue_for_csr("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", &id, &ServerNames::default(), LEAF_VALIDITY).is_err());
+        assert!(
+            ca.issue_for_csr(
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+                &id,
+                &ServerNames::default(),
+                LEAF_VALIDITY
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -255,7 +284,12 @@ mod tests {
         let id = PeerIdentity::new(vault, Role::Operator, "op").expect("id");
         let now = OffsetDateTime::now_utc();
         let (cert, _) = ca
-            .issue_local_between(&id, &ServerNames::default(), now - time::Duration::days(2), now - time::Duration::days(1))
+            .issue_local_between(
+                &id,
+                &ServerNames::default(),
+                now - time::Duration::days(2),
+                now - time::Duration::days(1),
+            )
             .expect("issue");
         assert!(matches!(check_valid_now("op", &cert), Err(CertError::NotValidNow { .. })));
     }

@@ -117,14 +117,11 @@ impl PeerIdentity {
 
     /// Parses an identity URI.
     pub fn parse_uri(uri: &str) -> Result<Self, CertError> {
-        let rest = uri
-            .strip_prefix(SCHEME)
-            .ok_or_else(|| CertError::NoIdentity(format!("not a {SCHEME} URI: {uri:?}")))?;
+        let rest =
+            uri.strip_prefix(SCHEME).ok_or_else(|| CertError::NoIdentity(format!("not a {SCHEME} URI: {uri:?}")))?;
         let mut parts = rest.split('/');
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(vault), Some(role), Some(id), None) => {
-                PeerIdentity::new(vault.parse()?, role.parse()?, id)
-            }
+            (Some(vault), Some(role), Some(id), None) => PeerIdentity::new(vault.parse()?, role.parse()?, id),
             _ => Err(CertError::NoIdentity(format!("malformed identity URI {uri:?}"))),
         }
     }

@@ -53,7 +53,13 @@ pub struct VaultKeyFile {
 
 impl VaultKeyFile {
     /// Makes and signs a vault key file.
-    pub fn new(ca: &VaultCa, vault_name: &str, provider_address: &str, secret: &str, expires_unix: i64) -> Result<Self, CertError> {
+    pub fn new(
+        ca: &VaultCa,
+        vault_name: &str,
+        provider_address: &str,
+        secret: &str,
+        expires_unix: i64,
+    ) -> Result<Self, CertError> {
         let content = VaultKeyContent {
             format: FORMAT.into(),
             version: VERSION,
@@ -80,7 +86,8 @@ impl VaultKeyFile {
             return Err(CertError::Tampered(format!("unsupported version {}", file.content.version)));
         }
         let sig = hex::decode(&file.signature).map_err(|_| CertError::Tampered("signature is not hex".into()))?;
-        let key = public_key_bits(&file.content.ca_pem).map_err(|e| CertError::Tampered(format!("CA certificate: {e}")))?;
+        let key =
+            public_key_bits(&file.content.ca_pem).map_err(|e| CertError::Tampered(format!("CA certificate: {e}")))?;
         let msg = canonical(&file.content)?;
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key)
             .verify(&msg, &sig)
@@ -92,7 +99,10 @@ impl VaultKeyFile {
     pub fn read(path: &Path) -> Result<Self, CertError> {
         let len = std::fs::metadata(path).map_err(|e| CertError::Io { path: path.into(), source: e })?.len();
         if len > MAX_LEN {
-            return Err(CertError::Tampered(format!("{} is {len} bytes, larger than any vault key file", path.display())));
+            return Err(CertError::Tampered(format!(
+                "{} is {len} bytes, larger than any vault key file",
+                path.display()
+            )));
         }
         Self::parse(&files::read_text(path)?)
     }

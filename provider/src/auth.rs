@@ -9,9 +9,8 @@ use tonic::{Request, Status};
 
 /// The caller's identity, when its role is one of `roles`.
 pub fn authorize<T>(req: &Request<T>, vault: &VaultId, roles: &[Role]) -> Result<PeerIdentity, Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate of this vault is required"))?;
+    let certs =
+        req.peer_certs().ok_or_else(|| Status::unauthenticated("a client certificate of this vault is required"))?;
     let id = siterecovery_certs::tls::peer_identity(&certs)
         .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
     if &id.vault_id != vault {

@@ -138,8 +138,31 @@ pub async fn run(args: LabArgs) -> Result<()> {
             let hdir = dir.join(host).to_string_lossy().into_owned();
             let listen = format!("127.0.0.1:{}", free_port()?);
             let k = key.to_string_lossy().into_owned();
-            run_ok(&agent_bin, &["--data-dir", &hdir, "register", "--vault-key", &k, "--host", host, "--site", site, "--cloud", cloud, "--listen", &listen]).await?;
-            procs.push(spawn(host, &agent_bin, &["--data-dir", &hdir, "serve", "--heartbeat", "2s"], &dir.join(format!("{host}.log")))?);
+            run_ok(
+                &agent_bin,
+                &[
+                    "--data-dir",
+                    &hdir,
+                    "register",
+                    "--vault-key",
+                    &k,
+                    "--host",
+                    host,
+                    "--site",
+                    site,
+                    "--cloud",
+                    cloud,
+                    "--listen",
+                    &listen,
+                ],
+            )
+            .await?;
+            procs.push(spawn(
+                host,
+                &agent_bin,
+                &["--data-dir", &hdir, "serve", "--heartbeat", "2s"],
+                &dir.join(format!("{host}.log")),
+            )?);
             println!("  host {host} registered (site {site}, cloud {cloud}) and started, peer traffic on {listen}");
         }
         let certs = OperatorCerts::load(&opdir)?;

@@ -87,7 +87,10 @@ fn check_address(address: &str) -> Result<(), VaultError> {
 /// Creates a vault in `dir` and writes the vault key file to `key_out`.
 pub fn create(dir: &Path, name: &str, address: &str, key_out: &Path, expiry: Duration) -> Result<Vault, VaultError> {
     if !siterecovery_certs::identity::is_token(name) {
-        return Err(VaultError::Invalid { what: "vault name", why: format!("{name:?}: use 1-64 of A-Z a-z 0-9 . _ -") });
+        return Err(VaultError::Invalid {
+            what: "vault name",
+            why: format!("{name:?}: use 1-64 of A-Z a-z 0-9 . _ -"),
+        });
     }
     check_address(address)?;
     if dir.join("vault.json").exists() {
@@ -154,7 +157,12 @@ impl Vault {
     }
 
     /// Issues an operator certificate into `out_dir`: `ca.pem`, `op.pem`, `op.key` (0600).
-    pub fn issue_operator_cert(&self, out_dir: &Path, name: &str, validity: Duration) -> Result<PeerIdentity, VaultError> {
+    pub fn issue_operator_cert(
+        &self,
+        out_dir: &Path,
+        name: &str,
+        validity: Duration,
+    ) -> Result<PeerIdentity, VaultError> {
         let id = PeerIdentity::new(self.info.vault_id.clone(), Role::Operator, name)?;
         let (cert, key) = self.ca.issue_local(&id, &ServerNames::default(), validity)?;
         files::create_private_dir(out_dir)?;
@@ -177,7 +185,10 @@ mod tests {
         let v = create(&data, "contoso", "127.0.0.1:7443", &key, Duration::from_secs(60)).expect("create");
         let f = VaultKeyFile::read(&key).expect("key file");
         assert_eq!(f.content.vault_id, v.info.vault_id);
-        assert!(matches!(create(&data, "contoso", "127.0.0.1:7443", &key, Duration::from_secs(60)), Err(VaultError::Exists(_))));
+        assert!(matches!(
+            create(&data, "contoso", "127.0.0.1:7443", &key, Duration::from_secs(60)),
+            Err(VaultError::Exists(_))
+        ));
         let again = Vault::open(&data).expect("open");
         assert_eq!(again.info.vault_id, v.info.vault_id);
         use std::os::unix::fs::PermissionsExt;
@@ -185,7 +196,13 @@ mod tests {
             let mode = std::fs::metadata(data.join(k)).expect("meta").permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{k}");
         }
-        assert!(matches!(create(&dir.path().join("q"), "bad name", "127.0.0.1:1", &key, Duration::from_secs(1)), Err(VaultError::Invalid { .. })));
-        assert!(matches!(create(&dir.path().join("q"), "ok", "nope", &key, Duration::from_secs(1)), Err(VaultError::Invalid { .. })));
+        assert!(matches!(
+            create(&dir.path().join("q"), "bad name", "127.0.0.1:1", &key, Duration::from_secs(1)),
+            Err(VaultError::Invalid { .. })
+        ));
+        assert!(matches!(
+            create(&dir.path().join("q"), "ok", "nope", &key, Duration::from_secs(1)),
+            Err(VaultError::Invalid { .. })
+        ));
     }
 }
