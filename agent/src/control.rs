@@ -180,6 +180,10 @@ async fn execute(vms: &VmManager, protection: &Protection, msg: v1::ProviderMess
         Ok(()) => ok(None),
         Err(e) => fail(e.code(), e.to_string()),
     };
+    let with_vm = |r: Result<v1::Vm, crate::protection::ProtectionError>| match r {
+        Ok(vm) => ok(Some(vm)),
+        Err(e) => fail(e.code(), e.to_string()),
+    };
     let outcome = match msg.command {
         Some(Command::CreateVm(c)) => vms.create(&c.name, &c.disk_sizes, &c.nics, c.start).await.map(Some),
         Some(Command::DeleteVm(c)) => vms.delete(&c.name).await.map(|()| None),
@@ -208,15 +212,25 @@ async fn execute(vms: &VmManager, protection: &Protection, msg: v1::ProviderMess
             protection.unexport_point(&c.vm);
             return ok(None);
         }
-        Some(
-            Command::PrepareFailover(_)
-            | Command::Failover(_)
-            | Command::ChangePoint(_)
-            | Command::CommitFailover(_)
-            | Command::CleanupTestFailover(_),
-        ) => {
-            return fail(v1::ErrorCode::FailedPrecondition, "this agent cannot fail over yet".into());
+        Some(Command::PrepareFailover(c)) => {
+            return match protection.prepare_failover(c).await {
+                Ok(point) => v1::CommandResult { points: vec![point], ..ok(None) },
+                Err(e) => fail(e.code(), e.to_string()),
+            };
         }
+        Some(Command::Failover(c)) => {
+            let kind = if c.test {
+                "test"
+            } else if c.planned {
+                "planned"
+            } else {
+                "unplanned"
+            };
+            return with_vm(protection.failover(c, kind).await);
+        }
+        Some(Command::ChangePoint(c)) => return with_vm(protection.change_point(c).await),
+        Some(Command::CommitFailover(c)) => return with_vm(protection.commit_failover(c).await),
+        Some(Command::CleanupTestFailover(c)) => return done(protection.cleanup_test_failover(c).await),
         None => {
             return v1::CommandResult {
                 command_id: id,

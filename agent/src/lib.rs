@@ -6,6 +6,7 @@
 //! (VM folders and serving their disks), [`control`] (the channel to the provider),
 //! [`peer`] (agent-to-agent mutual TLS), [`register`] and [`config`] (the data dir).
 
+pub mod admin;
 pub mod config;
 pub mod control;
 pub mod disk;

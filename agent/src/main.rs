@@ -89,12 +89,25 @@ enum Cmd {
     /// VMs on this host, read from the data dir (no provider needed).
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Fail a VM over to this host from its replica, without the provider (for when the
+    /// provider itself is down); the provider learns of it when it is back. Needs the
+    /// agent running (`agent serve`).
+    Failover(LocalFailover),
 }
 
 #[derive(Subcommand)]
 enum VmCmd {
     /// List the VMs in the data dir.
     List,
+}
+
+#[derive(clap::Args)]
+struct LocalFailover {
+    /// The protected VM whose replica is on this host.
+    vm: String,
+    /// Recovery point: latest (default), latest-app-consistent, or a point id.
+    #[arg(long, default_value = "latest")]
+    point: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -173,7 +186,39 @@ async fn run(cli: Cli) -> Result<()> {
             let dir = data_dir(cli.data_dir)?;
             // Absolute, so the NBD URIs reported to the provider work from anywhere.
             let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;
-            serve(dir, peer_listen, nbd_listen, heartbeat, Hooks { on_start: on_vm_start, on_stop: on_vm_stop }, quiesce_hook).await
+            serve(
+                dir,
+                peer_listen,
+                nbd_listen,
+                heartbeat,
+                Hooks { on_start: on_vm_start, on_stop: on_vm_stop },
+                quiesce_hook,
+            )
+            .await
+        }
+        Cmd::Failover(f) => {
+            let dir = data_dir(cli.data_dir)?;
+            let req = siterecovery_agent::admin::Request { op: "failover".into(), vm: f.vm.clone(), point: f.point };
+            let answer = siterecovery_agent::admin::call(&dir, &req).await.with_context(|| {
+                format!(
+                    "cannot reach the agent at {} (is `agent --data-dir {} serve` running?)",
+                    siterecovery_agent::admin::socket_path(&dir).display(),
+                    dir.display()
+                )
+            })?;
+            if !answer.ok {
+                anyhow::bail!("local failover of {} refused: {}", f.vm, answer.error);
+            }
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                println!("VM {} failed over locally from point {}; its disks:", answer.vm, answer.point);
+                for u in &answer.uris {
+                    println!("  {u}");
+                }
+                println!("commit it from the provider (`failover commit {}`) once it is back", answer.vm);
+            }
+            Ok(())
         }
         Cmd::Vm(VmCmd::List) => {
             let dir = data_dir(cli.data_dir)?;
@@ -238,11 +283,14 @@ async fn serve(
         .with_context(|| format!("cannot listen on {nbd_listen} for NBD"))?;
     let nbd_addr = nbd_listener.local_addr()?;
     let exports = Arc::new(Exports::new());
-    let vms = Arc::new(VmManager::load(files.vms_dir(), exports.clone(), nbd_addr, hooks, shutdown.clone()).await?);
     let replicas_dir = dir.join("replicas");
     let replicas = Arc::new(
         tokio::task::spawn_blocking(move || ReplicaSet::open(&replicas_dir)).await.context("opening replicas")??,
     );
+    let vms = Arc::new(
+        VmManager::load(files.vms_dir(), replicas.clone(), exports.clone(), nbd_addr, hooks, shutdown.clone()).await?,
+    );
+
     let protection = Protection::start(
         files.clone(),
         vms.clone(),
@@ -258,6 +306,16 @@ async fn serve(
     let nbd_task = tokio::spawn(nbd::serve_tcp(nbd_listener, exports, shutdown.clone()));
     let peer_task = tokio::spawn(peer::serve(files.clone(), replicas.clone(), peer_listener, shutdown.clone()));
     let opts = ControlOptions { heartbeat, ..ControlOptions::default() };
+    let admin_path = siterecovery_agent::admin::socket_path(&dir);
+    let _ = std::fs::remove_file(&admin_path);
+    let admin_listener = tokio::net::UnixListener::bind(&admin_path)
+        .with_context(|| format!("cannot listen on {}", admin_path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&admin_path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let admin_task =
+        tokio::spawn(siterecovery_agent::admin::serve(admin_listener, protection.clone(), shutdown.clone()));
     let control_task =
         tokio::spawn(control::run(files.clone(), vms.clone(), protection.clone(), opts, shutdown.clone()));
     shutdown.cancelled().await;
@@ -267,6 +325,7 @@ async fn serve(
     let grace = Duration::from_secs(10);
     let joined = tokio::time::timeout(grace, async {
         let _ = control_task.await;
+        let _ = admin_task.await;
         let _ = nbd_task.await;
         match peer_task.await {
             Ok(Err(e)) => tracing::warn!("peer server: {e}"),

@@ -230,6 +230,21 @@ impl Protection {
         if spec.disks.is_empty() {
             return Err(ProtectionError::Invalid("a replica needs at least one disk".into()));
         }
+        if c.adopt_vm_disks {
+            // Reverse replication: this host's (former primary's) VM becomes the replica.
+            let vm = spec.vm.clone();
+            if let Some(h) = self.senders.lock().await.remove(&vm) {
+                h.stop().await;
+            }
+            let images = self.vms.release(&vm).await?;
+            let replicas = self.replicas.clone();
+            tokio::task::spawn_blocking(move || replicas.adopt(spec, &images))
+                .await
+                .map_err(|e| ProtectionError::Internal(e.to_string()))??;
+            self.vms.forget(&vm).await?;
+            tracing::info!(%vm, "former primary's disks adopted as the replica (resync brings them in line)");
+            return Ok(());
+        }
         let replicas = self.replicas.clone();
         tokio::task::spawn_blocking(move || replicas.prepare(spec))
             .await
@@ -263,6 +278,20 @@ impl Protection {
         // Tracking first: every write from here on is in a log, so the initial copy
         // plus the logs give a consistent replica.
         self.vms.set_tracking(&c.vm, true).await?;
+        if c.resync_initial {
+            // The replica holds the former primary's disks: compare and send only the
+            // differing blocks instead of a full copy.
+            let state = sender::SenderState {
+                relationship_id: rec.relationship_id.clone(),
+                phase: sender::Phase::ResyncRequired {
+                    reason: "reverse replication: bringing the former primary's disks in line".into(),
+                    requested: true,
+                },
+                next_seq: 1,
+                ..Default::default()
+            };
+            state.save(&folder.join(sender::STATE_FILE)).map_err(|e| ProtectionError::Internal(e.to_string()))?;
+        }
         let json = serde_json::to_vec_pretty(&rec).map_err(|e| ProtectionError::Internal(e.to_string()))?;
         files::write_public(&record_path(&folder), &json)?;
         tracing::info!(vm = %c.vm, relationship = %rec.relationship_id, replica = %rec.replica_address, "replication enabled");
@@ -366,6 +395,130 @@ impl Protection {
         }
     }
 
+    /// Planned failover, primary side: stop the VM, ship every remaining log, stop
+    /// replicating. Returns the last point the replica acknowledged.
+    pub async fn prepare_failover(&self, c: v1::PrepareFailover) -> Result<v1::RecoveryPoint, ProtectionError> {
+        let handles = self.vms.disk_handles(&c.vm);
+        self.vms.stop(&c.vm).await?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(600);
+        if let Some(handles) = handles {
+            // The sender ships what the stop sealed; logs are deleted once acknowledged.
+            loop {
+                let left: u64 = handles.iter().map(|(_, d)| d.sealed_logs().len() as u64).sum();
+                if left == 0 {
+                    break;
+                }
+                let st = self.latest.lock().ok().and_then(|l| l.get(&c.relationship_id).cloned());
+                if let Some(st) = &st
+                    && st.state == "error"
+                {
+                    return Err(ProtectionError::Internal(format!("replication stopped: {}", st.error)));
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(ProtectionError::Internal(format!(
+                        "{left} sealed logs still not acknowledged by the replica after 10 minutes"
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        let last = self
+            .latest
+            .lock()
+            .ok()
+            .and_then(|l| l.get(&c.relationship_id).and_then(|s| s.last_point.clone()))
+            .unwrap_or_default();
+        self.stop_replication(v1::StopReplication {
+            relationship_id: c.relationship_id,
+            vm: c.vm.clone(),
+            remove_replica: false,
+        })
+        .await?;
+        tracing::info!(vm = %c.vm, point = %last.id, "primary stopped and drained for a planned failover");
+        Ok(last)
+    }
+
+    fn resolve_point(&self, replica_of: &str, point: &str) -> Result<(String, Vec<(String, u64)>), ProtectionError> {
+        let r = self
+            .replicas
+            .get(replica_of)
+            .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {replica_of} on this host")))?;
+        let points = r.points();
+        let p = match point {
+            "" | "latest" => points.last(),
+            "latest-app-consistent" => points.iter().rev().find(|p| p.app_consistent),
+            id => points.iter().find(|p| p.id == id || p.seq.to_string() == id),
+        }
+        .ok_or_else(|| ProtectionError::NotFound(format!("no recovery point {point:?} of {replica_of}")))?;
+        let disks = r.spec().disks.iter().map(|d| (d.id.clone(), d.size_bytes)).collect();
+        Ok((p.id.clone(), disks))
+    }
+
+    /// Failover on the replica host (test, planned or unplanned).
+    pub async fn failover(&self, c: v1::Failover, kind: &str) -> Result<v1::Vm, ProtectionError> {
+        let (point_id, disks) = self.resolve_point(&c.vm, &c.point)?;
+        let name = if c.test {
+            if c.test_vm_name.is_empty() { format!("{}-test", c.vm) } else { c.test_vm_name.clone() }
+        } else {
+            c.vm.clone()
+        };
+        let fc = crate::vm::FailoverConfig {
+            relationship_id: c.relationship_id.clone(),
+            point_id: point_id.clone(),
+            kind: kind.to_owned(),
+            committed: false,
+            test_of: if c.test { c.vm.clone() } else { String::new() },
+            started_unix_ms: chrono_now_ms(),
+        };
+        let vm = self.vms.create_from_point(&name, &disks, &c.nics, fc).await?;
+        tracing::info!(vm = %name, point = %point_id, kind, "VM started from a recovery point");
+        if c.planned {
+            return Ok(self.vms.commit(&name).await?);
+        }
+        Ok(vm)
+    }
+
+    pub async fn change_point(&self, c: v1::ChangePoint) -> Result<v1::Vm, ProtectionError> {
+        let (point_id, _) = self.resolve_point(&c.vm, &c.point)?;
+        Ok(self.vms.change_point(&c.vm, &point_id).await?)
+    }
+
+    pub async fn commit_failover(&self, c: v1::CommitFailover) -> Result<v1::Vm, ProtectionError> {
+        Ok(self.vms.commit(&c.vm).await?)
+    }
+
+    pub async fn cleanup_test_failover(&self, c: v1::CleanupTestFailover) -> Result<(), ProtectionError> {
+        let name = if c.test_vm_name.is_empty() { format!("{}-test", c.vm) } else { c.test_vm_name };
+        match self.vms.config(&name).await {
+            Some(cfg) if cfg.failover.as_ref().is_some_and(|f| f.kind == "test") => {
+                self.vms.delete(&name).await?;
+                Ok(())
+            }
+            Some(_) => Err(ProtectionError::Invalid(format!("{name} is not a test VM"))),
+            None => Ok(()), // already gone
+        }
+    }
+
+    /// Local failover (the provider may be down): start the VM from a point of its
+    /// replica here, as an unplanned failover the provider learns of when it is back.
+    pub async fn local_failover(&self, vm: &str, point: &str) -> Result<v1::Vm, ProtectionError> {
+        let r = self
+            .replicas
+            .get(vm)
+            .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
+        let relationship_id = r.spec().relationship_id.clone();
+        let c = v1::Failover {
+            relationship_id,
+            vm: vm.to_owned(),
+            point: point.to_owned(),
+            nics: vec![],
+            test: false,
+            test_vm_name: String::new(),
+            planned: false,
+        };
+        self.failover(c, "local").await
+    }
+
     /// Stops every sender (agent shutdown).
     pub async fn shutdown(&self) {
         let senders: Vec<SenderHandle> = self.senders.lock().await.drain().map(|(_, h)| h).collect();
@@ -393,4 +546,8 @@ fn to_proto(p: &PointInfo, latest: bool) -> v1::RecoveryPoint {
         }
         .into(),
     }
+}
+
+fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -304,6 +304,54 @@ impl ReplicaSet {
         Ok(r)
     }
 
+    /// Reverse replication: makes a replica of existing disk images (the former
+    /// primary's, moved in by rename), with no points; the first point the new primary
+    /// ships is a resync, which brings them in line block by block.
+    pub fn adopt(&self, spec: ReplicaSpec, images: &[(String, PathBuf)]) -> Result<Arc<Replica>, ReplicaError> {
+        let mut map = self.lock();
+        if let Some(r) = map.get(&spec.vm) {
+            if r.spec.relationship_id == spec.relationship_id {
+                return Ok(r.clone());
+            }
+            return Err(ReplicaError::Exists { vm: spec.vm.clone(), existing: r.spec.relationship_id.clone() });
+        }
+        let dir = self.dir.join(&spec.vm);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io_at(&dir))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        for d in &spec.disks {
+            let (_, src) = images
+                .iter()
+                .find(|(id, _)| *id == d.id)
+                .ok_or_else(|| ReplicaError::NotFound(format!("disk {} to adopt", d.id)))?;
+            let target = dir.join(format!("{}.img", d.id));
+            std::fs::rename(src, &target).map_err(io_at(&target))?;
+            let f = OpenOptions::new().write(true).open(&target).map_err(io_at(&target))?;
+            if f.metadata().map_err(io_at(&target))?.len() != d.size_bytes {
+                f.set_len(d.size_bytes).map_err(io_at(&target))?;
+            }
+        }
+        sync_dir(&dir)?;
+        let state = State {
+            copy: spec
+                .disks
+                .iter()
+                .map(|d| DiskCopyProgress { disk_id: d.id.clone(), acked_offset: d.size_bytes, complete: true })
+                .collect(),
+            spec,
+            points: vec![],
+            applying: None,
+            merges: 0,
+            rollback_to: None,
+        };
+        save_state(&dir, &state)?;
+        let r = Arc::new(Replica::open(&dir)?);
+        tracing::info!(vm = %r.spec.vm, relationship = %r.spec.relationship_id, "replica adopted from existing disks");
+        map.insert(r.spec.vm.clone(), r.clone());
+        Ok(r)
+    }
+
     pub fn get(&self, vm: &str) -> Option<Arc<Replica>> {
         self.lock().get(vm).cloned()
     }

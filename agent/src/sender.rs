@@ -838,8 +838,10 @@ impl Task {
             self.st.last_app_consistent_unix_ms = now_ms();
         }
         let logs = self.unassigned_logs(&through);
-        if logs.is_empty() && self.st.last_point.is_some() {
-            return Ok(()); // nothing written this interval
+        // A running VM gets a point every interval even when nothing was written, so the
+        // RPO lag (time since the last point) tells the truth; a stopped one does not.
+        if logs.is_empty() && self.st.last_point.is_some() && !self.live {
+            return Ok(());
         }
         if self.disks.is_empty() {
             return Ok(());

@@ -25,8 +25,11 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::disk::BlockDevice;
 use crate::hrl::DiskId;
 use crate::nbd::{self, Exports};
+use crate::overlay::Overlay;
+use crate::replica::{PointView, ReplicaSet};
 use crate::tracker::{TrackedDisk, TrackerError};
 
 /// Largest disk we create (64 TiB), well inside what raw files and NBD handle.
@@ -153,8 +156,24 @@ pub struct Hooks {
     pub on_stop: Option<String>,
 }
 
+/// The disks of a running VM: tracked images, or (a failed-over or test VM before
+/// commit) copy-on-write overlays over a recovery point of a replica.
+enum Disks {
+    Tracked(Vec<Arc<TrackedDisk>>),
+    Overlays { overlays: Vec<Arc<Overlay>>, _view: PointView },
+}
+
+impl Disks {
+    fn devices(&self) -> Vec<Arc<dyn BlockDevice>> {
+        match self {
+            Disks::Tracked(d) => d.iter().map(|d| d.clone() as Arc<dyn BlockDevice>).collect(),
+            Disks::Overlays { overlays, .. } => overlays.iter().map(|d| d.clone() as Arc<dyn BlockDevice>).collect(),
+        }
+    }
+}
+
 struct Running {
-    disks: Vec<Arc<TrackedDisk>>,
+    disks: Disks,
     token: CancellationToken,
     unix_task: JoinHandle<()>,
 }
@@ -171,6 +190,8 @@ pub type DiskHandles = Vec<(DiskId, Arc<TrackedDisk>)>;
 /// The VMs of this host.
 pub struct VmManager {
     dir: PathBuf,
+    /// Replicas of this host: failed-over and test VMs run over their points.
+    replicas: Arc<ReplicaSet>,
     /// Disk handles of every VM opened since the agent started (kept after a stop, so
     /// replication can still ship the logs sealed by the stop). A std mutex: the
     /// replication sender reads it from blocking code.
@@ -207,6 +228,7 @@ impl VmManager {
     /// `tcp_exports` is served on `nbd_tcp` by the caller.
     pub async fn load(
         dir: PathBuf,
+        replicas: Arc<ReplicaSet>,
         tcp_exports: Arc<Exports>,
         nbd_tcp: SocketAddr,
         hooks: Hooks,
@@ -215,6 +237,7 @@ impl VmManager {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let mgr = Self {
             dir: dir.clone(),
+            replicas,
             handles: std::sync::Mutex::new(BTreeMap::new()),
             vms: Mutex::new(BTreeMap::new()),
             tcp_exports,
@@ -302,7 +325,14 @@ impl VmManager {
                 .iter()
                 .map(|n| NicConfig { network: n.network.clone(), ip: n.ip.clone(), dhcp: n.dhcp, mac: random_mac() })
                 .collect();
-            let config = VmConfig { name: name.into(), created_unix_ms: now_ms(), power: Power::Off, disks, nics, failover: None };
+            let config = VmConfig {
+                name: name.into(),
+                created_unix_ms: now_ms(),
+                power: Power::Off,
+                disks,
+                nics,
+                failover: None,
+            };
             save_config(&folder, &config)?;
             Ok(config)
         })();
@@ -362,8 +392,7 @@ impl VmManager {
         vms.values().map(|e| self.report(e)).collect()
     }
 
-    /// The disk handles of a VM opened since the agent started (running, or stopped
-    /// with its logs sealed); `None` when it was not opened.
+    /// The disk handles of a running VM; `None` when it is not running.
     pub fn disk_handles(&self, name: &str) -> Option<Vec<(DiskId, Arc<TrackedDisk>)>> {
         self.handles.lock().ok().and_then(|h| h.get(name).cloned())
     }
@@ -378,8 +407,8 @@ impl VmManager {
     pub async fn set_tracking(&self, name: &str, on: bool) -> Result<(), VmError> {
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
-        if let Some(r) = &entry.running {
-            for d in &r.disks {
+        if let Some(Running { disks: Disks::Tracked(disks), .. }) = &entry.running {
+            for d in disks {
                 d.set_tracking(on)?;
             }
         }
@@ -388,6 +417,168 @@ impl VmManager {
         }
         save_config(&entry.folder, &entry.config)?;
         tracing::info!(vm = %name, tracking = on, "change tracking switched");
+        Ok(())
+    }
+
+    /// Creates a VM whose disks are copy-on-write overlays over a recovery point of a
+    /// replica on this host (a test VM, or a failed-over VM before commit), and starts it.
+    pub async fn create_from_point(
+        &self,
+        name: &str,
+        disks: &[(String, u64)],
+        nics: &[v1::Nic],
+        failover: FailoverConfig,
+    ) -> Result<v1::Vm, VmError> {
+        if !is_token(name) {
+            return Err(VmError::Invalid(format!("VM name {name:?}: use 1-64 of A-Z a-z 0-9 . _ -")));
+        }
+        let mut vms = self.vms.lock().await;
+        let folder = self.dir.join(name);
+        if vms.contains_key(name) || folder.exists() {
+            return Err(VmError::Exists(name.into()));
+        }
+        std::fs::create_dir_all(&folder).map_err(io(&folder))?;
+        let config = VmConfig {
+            name: name.into(),
+            created_unix_ms: now_ms(),
+            power: Power::Off,
+            disks: disks
+                .iter()
+                .map(|(id, size)| DiskConfig {
+                    id: id.clone(),
+                    size_bytes: *size,
+                    file: format!("{id}.overlay"),
+                    tracking: false,
+                })
+                .collect(),
+            nics: nics
+                .iter()
+                .map(|n| NicConfig {
+                    network: n.network.clone(),
+                    ip: n.ip.clone(),
+                    dhcp: n.dhcp,
+                    mac: if n.mac.is_empty() { random_mac() } else { n.mac.clone() },
+                })
+                .collect(),
+            failover: Some(failover),
+        };
+        if let Err(e) = save_config(&folder, &config) {
+            let _ = std::fs::remove_dir_all(&folder);
+            return Err(e);
+        }
+        vms.insert(name.into(), Entry { config, folder: folder.clone(), running: None });
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if let Err(e) = self.start_entry(entry).await {
+            vms.remove(name);
+            let _ = std::fs::remove_dir_all(&folder);
+            return Err(e);
+        }
+        tracing::info!(vm = %name, "VM started from a recovery point (copy-on-write overlay)");
+        Ok(self.report(entry))
+    }
+
+    /// Restarts a failed-over VM (not committed) from another point of its replica; the
+    /// writes made since the failover are discarded.
+    pub async fn change_point(&self, name: &str, point_id: &str) -> Result<v1::Vm, VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        match &entry.config.failover {
+            Some(f) if !f.committed => {}
+            _ => return Err(VmError::State(format!("VM {name} is not a failed-over VM waiting for commit"))),
+        }
+        self.stop_entry(entry, false).await?;
+        for d in &entry.config.disks {
+            Overlay::remove_files(&entry.folder.join(&d.file));
+        }
+        if let Some(f) = &mut entry.config.failover {
+            f.point_id = point_id.to_owned();
+        }
+        save_config(&entry.folder, &entry.config)?;
+        self.start_entry(entry).await?;
+        tracing::info!(vm = %name, point = %point_id, "failed-over VM restarted from another point");
+        Ok(self.report(entry))
+    }
+
+    /// Commits a failover: the replica is rolled back to the chosen point, the overlay's
+    /// writes are written into it, and its images become the VM's own disks (tracked
+    /// from now on); the replica and its other points are gone.
+    pub async fn commit(&self, name: &str) -> Result<v1::Vm, VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        let f = match &entry.config.failover {
+            Some(f) if f.committed => return Ok(self.report(entry)),
+            Some(f) if f.kind == "test" => {
+                return Err(VmError::State(format!("{name} is a test VM: clean it up instead")));
+            }
+            Some(f) => f.clone(),
+            None => return Err(VmError::State(format!("VM {name} was not failed over"))),
+        };
+        let replica =
+            self.replicas.get(name).ok_or_else(|| VmError::State(format!("the replica of {name} is gone")))?;
+        self.stop_entry(entry, false).await?;
+        let folder = entry.folder.clone();
+        let disks = entry.config.disks.clone();
+        let point = f.point_id.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), VmError> {
+            replica.rollback_to(&point).map_err(|e| VmError::State(format!("rolling the replica back: {e}")))?;
+            let images = replica.images();
+            for d in &disks {
+                let (_, img_path) = images
+                    .iter()
+                    .find(|(id, _)| *id == d.id)
+                    .ok_or_else(|| VmError::State(format!("replica has no disk {}", d.id)))?;
+                let ov_path = folder.join(&d.file);
+                let base: Arc<dyn BlockDevice> =
+                    Arc::new(crate::disk::RawFile::open(img_path, true).map_err(io(img_path))?);
+                let ov = Overlay::open(base, &ov_path).map_err(io(&ov_path))?;
+                let img = std::fs::OpenOptions::new().write(true).open(img_path).map_err(io(img_path))?;
+                let mut buf = vec![0u8; crate::overlay::BLOCK as usize];
+                for b in ov.written_blocks() {
+                    let off = b * crate::overlay::BLOCK;
+                    let n = (d.size_bytes - off).min(crate::overlay::BLOCK) as usize;
+                    ov.read_overlay_block(b, &mut buf[..n]).map_err(io(&ov_path))?;
+                    std::os::unix::fs::FileExt::write_all_at(&img, &buf[..n], off).map_err(io(img_path))?;
+                }
+                img.sync_all().map_err(io(img_path))?;
+                let target = folder.join(format!("{}.img", d.id));
+                std::fs::rename(img_path, &target).map_err(io(&target))?;
+                Overlay::remove_files(&ov_path);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| VmError::State(format!("commit: {e}")))??;
+        for d in &mut entry.config.disks {
+            d.file = format!("{}.img", d.id);
+        }
+        if let Some(fc) = &mut entry.config.failover {
+            fc.committed = true;
+        }
+        save_config(&entry.folder, &entry.config)?;
+        if let Err(e) = self.replicas.remove(name) {
+            tracing::warn!(vm = %name, "removing the committed replica: {e:#}");
+        }
+        self.start_entry(entry).await?;
+        tracing::info!(vm = %name, point = %f.point_id, "failover committed; the disks are the VM's own");
+        Ok(self.report(entry))
+    }
+
+    /// Stops a VM and takes it out of this host's inventory, leaving its disk images for
+    /// the caller (reverse replication turns them into a replica); returns their paths.
+    pub async fn release(&self, name: &str) -> Result<Vec<(String, PathBuf)>, VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        self.stop_entry(entry, true).await?;
+        let images = entry.config.disks.iter().map(|d| (d.id.clone(), entry.folder.join(&d.file))).collect();
+        Ok(images)
+    }
+
+    /// Forgets a released VM and deletes what is left of its folder (logs, config).
+    pub async fn forget(&self, name: &str) -> Result<(), VmError> {
+        let mut vms = self.vms.lock().await;
+        if let Some(e) = vms.remove(name) {
+            std::fs::remove_dir_all(&e.folder).map_err(io(&e.folder))?;
+        }
         Ok(())
     }
 
@@ -416,26 +607,47 @@ impl VmManager {
         let name = entry.config.name.clone();
         let folder = entry.folder.clone();
         let disks_cfg = entry.config.disks.clone();
-        let disks = tokio::task::spawn_blocking(move || -> Result<Vec<Arc<TrackedDisk>>, VmError> {
-            let mut disks = Vec::new();
-            for d in &disks_cfg {
-                let id = DiskId::new(&d.id).map_err(|e| VmError::Invalid(format!("disk id {:?}: {e}", d.id)))?;
-                let disk = TrackedDisk::open(&folder.join(&d.file), id, d.tracking)?;
-                for c in disk.corrupt_logs() {
-                    tracing::error!(disk = %d.id, log = %c.path.display(), "damaged HRL log kept for inspection: {}", c.error);
+        let disks = match entry.config.failover.clone().filter(|f| !f.committed) {
+            Some(f) => {
+                let replica_of = if f.test_of.is_empty() { name.clone() } else { f.test_of.clone() };
+                let replica = self
+                    .replicas
+                    .get(&replica_of)
+                    .ok_or_else(|| VmError::State(format!("the replica of {replica_of} is gone")))?;
+                let view = replica
+                    .open_point(&f.point_id)
+                    .map_err(|e| VmError::State(format!("recovery point {} of {replica_of}: {e}", f.point_id)))?;
+                let mut overlays = Vec::new();
+                for (cfg, (_, dev)) in disks_cfg.iter().zip(&view.disks) {
+                    let path = folder.join(&cfg.file);
+                    overlays.push(Arc::new(Overlay::open(dev.clone(), &path).map_err(io(&path))?));
                 }
-                disks.push(Arc::new(disk));
+                Disks::Overlays { overlays, _view: view }
             }
-            Ok(disks)
-        })
-        .await
-        .map_err(|e| VmError::State(format!("opening disks: {e}")))??;
+            None => Disks::Tracked(
+                tokio::task::spawn_blocking(move || -> Result<Vec<Arc<TrackedDisk>>, VmError> {
+                    let mut disks = Vec::new();
+                    for d in &disks_cfg {
+                        let id =
+                            DiskId::new(&d.id).map_err(|e| VmError::Invalid(format!("disk id {:?}: {e}", d.id)))?;
+                        let disk = TrackedDisk::open(&folder.join(&d.file), id, d.tracking)?;
+                        for c in disk.corrupt_logs() {
+                            tracing::error!(disk = %d.id, log = %c.path.display(), "damaged HRL log kept for inspection: {}", c.error);
+                        }
+                        disks.push(Arc::new(disk));
+                    }
+                    Ok(disks)
+                })
+                .await
+                .map_err(|e| VmError::State(format!("opening disks: {e}")))??,
+            ),
+        };
         let sock = entry.folder.join("nbd.sock");
         // A socket file left by a crash would make bind fail.
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).map_err(io(&sock))?;
         let vm_exports = Arc::new(Exports::new());
-        for (cfg, disk) in entry.config.disks.iter().zip(&disks) {
+        for (cfg, disk) in entry.config.disks.iter().zip(disks.devices()) {
             let export = export_name(&name, &cfg.id);
             vm_exports.add(export.clone(), disk.clone())?;
             // Replace a stale export of the same name (should not exist, but never fail a start on it).
@@ -444,9 +656,9 @@ impl VmManager {
         }
         let token = self.shutdown.child_token();
         let unix_task = tokio::spawn(nbd::serve_unix(listener, vm_exports, token.clone()));
-        if let Ok(mut h) = self.handles.lock() {
+        if let (Ok(mut h), Disks::Tracked(tracked)) = (self.handles.lock(), &disks) {
             let ids = entry.config.disks.iter().filter_map(|c| DiskId::new(&c.id).ok());
-            h.insert(name.clone(), ids.zip(disks.iter().cloned()).collect());
+            h.insert(name.clone(), ids.zip(tracked.iter().cloned()).collect());
         }
         entry.running = Some(Running { disks, token, unix_task });
         if entry.config.power != Power::Running {
@@ -466,16 +678,29 @@ impl VmManager {
             }
             running.token.cancel();
             let _ = running.unix_task.await;
-            let disks = running.disks;
-            tokio::task::spawn_blocking(move || -> Result<(), TrackerError> {
-                for d in &disks {
-                    d.stop()?;
+            match running.disks {
+                Disks::Tracked(disks) => {
+                    tokio::task::spawn_blocking(move || -> Result<(), TrackerError> {
+                        for d in &disks {
+                            d.stop()?;
+                        }
+                        Ok(())
+                    })
+                    .await
+                    .map_err(|e| VmError::State(format!("stopping disks: {e}")))??;
                 }
-                Ok(())
-            })
-            .await
-            .map_err(|e| VmError::State(format!("stopping disks: {e}")))??;
+                Disks::Overlays { overlays, .. } => {
+                    for o in &overlays {
+                        if let Err(e) = o.flush() {
+                            tracing::warn!(vm = %entry.config.name, "flushing overlay: {e}");
+                        }
+                    }
+                }
+            }
             let _ = std::fs::remove_file(entry.folder.join("nbd.sock"));
+            if let Ok(mut h) = self.handles.lock() {
+                h.remove(&entry.config.name);
+            }
             tracing::info!(vm = %entry.config.name, "VM stopped; logs sealed, disks flushed");
         }
         if power_off && entry.config.power != Power::Off {
@@ -534,17 +759,20 @@ impl VmManager {
                 .map(|(i, d)| {
                     let path = e.folder.join(&d.file);
                     let export = export_name(&e.config.name, &d.id);
-                    let live = running.and_then(|r| r.disks.get(i));
+                    let live = running.and_then(|r| match &r.disks {
+                        Disks::Tracked(d) => d.get(i),
+                        Disks::Overlays { .. } => None,
+                    });
                     v1::Disk {
                         id: d.id.clone(),
                         size_bytes: d.size_bytes,
                         image_path: path.display().to_string(),
-                        nbd_unix_uri: if live.is_some() {
+                        nbd_unix_uri: if running.is_some() {
                             format!("nbd+unix:///{export}?socket={}", sock.display())
                         } else {
                             String::new()
                         },
-                        nbd_tcp_uri: if live.is_some() {
+                        nbd_tcp_uri: if running.is_some() {
                             format!("nbd://{}/{export}", self.nbd_tcp)
                         } else {
                             String::new()

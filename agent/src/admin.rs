@@ -1,0 +1,111 @@
+//! The local admin socket (`<data-dir>/agent.sock`, mode 0600): commands an operator on
+//! the host runs without the provider — the seeds' way to bring a VM (the management
+//! server's own VM, say) up at the secondary site when the provider is down.
+//!
+//! One JSON request line, one JSON answer line:
+//! `{"op":"failover","vm":"V","point":"latest"}` →
+//! `{"ok":true,"vm":"V","point":"p12","uris":["nbd+unix:///…"]}` or `{"ok":false,"error":"…"}`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::protection::Protection;
+
+/// Longest request line accepted.
+const MAX_LINE: usize = 4096;
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("agent.sock")
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub op: String,
+    pub vm: String,
+    #[serde(default)]
+    pub point: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub vm: String,
+    #[serde(default)]
+    pub point: String,
+    #[serde(default)]
+    pub uris: Vec<String>,
+}
+
+/// Serves the admin socket until `shutdown`.
+pub async fn serve(listener: UnixListener, protection: Arc<Protection>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("admin socket accept: {e}");
+                    continue;
+                }
+            },
+        };
+        let protection = protection.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &protection).await {
+                tracing::warn!("admin request: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, protection: &Protection) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let n = BufReader::new(r).take(MAX_LINE as u64).read_line(&mut line).await?;
+    let answer = if n == 0 {
+        return Ok(());
+    } else {
+        match serde_json::from_str::<Request>(&line) {
+            Ok(req) if req.op == "failover" => match protection.local_failover(&req.vm, &req.point).await {
+                Ok(vm) => {
+                    tracing::warn!(vm = %req.vm, "local failover done on this host (provider not involved)");
+                    Answer {
+                        ok: true,
+                        vm: vm.name.clone(),
+                        point: vm.failover.map(|f| f.point_id).unwrap_or_default(),
+                        uris: vm.disks.into_iter().map(|d| d.nbd_unix_uri).collect(),
+                        ..Default::default()
+                    }
+                }
+                Err(e) => Answer { error: e.to_string(), ..Default::default() },
+            },
+            Ok(req) => Answer { error: format!("unknown op {:?}", req.op), ..Default::default() },
+            Err(e) => Answer { error: format!("bad request: {e}"), ..Default::default() },
+        }
+    };
+    let mut out = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    w.write_all(&out).await
+}
+
+use tokio::io::AsyncReadExt as _;
+
+/// Sends one request to a running agent.
+pub async fn call(data_dir: &Path, req: &Request) -> std::io::Result<Answer> {
+    let stream = UnixStream::connect(socket_path(data_dir)).await?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut answer = String::new();
+    BufReader::new(r).take(1 << 20).read_line(&mut answer).await?;
+    serde_json::from_str(&answer).map_err(std::io::Error::other)
+}
