@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compares the agent's NBD server (examples/nbd_export.rs, a RawFile export) with
-# qemu-nbd, both serving a 1 GiB sparse raw image on a unix socket, through the same
+# Compares the agent's NBD server (examples/nbd_export.rs) — untracked (a RawFile
+# export) and tracked (every write logged to an HRL log before it is acknowledged, as
+# for a protected VM) — with qemu-nbd, both serving a 1 GiB sparse raw image on a unix socket, through the same
 # client: `qemu-img bench`.
 #
 # Fairness: both servers use the page cache and make data durable only on FLUSH/FUA.
@@ -28,13 +29,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-truncate -s 1G "$WORK/ours.img" "$WORK/qemu.img"
+mkdir -p "$WORK/tracked"
+truncate -s 1G "$WORK/ours.img" "$WORK/qemu.img" "$WORK/tracked/disk0.img"
 "$OURS_BIN" --socket "$WORK/ours.sock" --export disk "$WORK/ours.img" &
+PIDS+=($!)
+"$OURS_BIN" --tracked --socket "$WORK/tracked.sock" --export disk "$WORK/tracked/disk0.img" &
 PIDS+=($!)
 qemu-nbd -f raw --cache=writeback --aio=threads --persistent --shared=4 \
     --export-name disk --socket "$WORK/qemu.sock" "$WORK/qemu.img" &
 PIDS+=($!)
-for s in ours qemu; do
+for s in ours tracked qemu; do
     for _ in $(seq 100); do [ -S "$WORK/$s.sock" ] && break; sleep 0.1; done
     [ -S "$WORK/$s.sock" ] || { echo "server $s did not start" >&2; exit 1; }
 done
@@ -65,7 +69,7 @@ declare -A BEST
 for ((r = 1; r <= ROUNDS; r++)); do
     for w in "${WORKLOADS[@]}"; do
         IFS='|' read -r name args unit <<<"$w"
-        for s in ours qemu; do
+        for s in ours tracked qemu; do
             v=$(bench "$s" "$args" "$unit")
             key="$name/$s"
             if [ -z "${BEST[$key]:-}" ] || [ "$v" -gt "${BEST[$key]}" ]; then BEST[$key]=$v; fi
@@ -73,10 +77,11 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
-printf '%-26s %6s %12s %12s %8s\n' workload unit ours qemu-nbd ratio
+printf '%-26s %6s %10s %10s %10s %8s %8s\n' workload unit ours tracked qemu-nbd ours/q tracked/q
 for w in "${WORKLOADS[@]}"; do
     IFS='|' read -r name args unit <<<"$w"
-    o=${BEST["$name/ours"]}; q=${BEST["$name/qemu"]}
-    printf '%-26s %6s %12s %12s %8s\n' "$name" "$unit" "$o" "$q" "$(awk -v o="$o" -v q="$q" 'BEGIN { printf "%.2f", o / q }')"
+    o=${BEST["$name/ours"]}; t=${BEST["$name/tracked"]}; q=${BEST["$name/qemu"]}
+    printf '%-26s %6s %10s %10s %10s %8s %8s\n' "$name" "$unit" "$o" "$t" "$q" \
+        "$(awk -v o="$o" -v q="$q" 'BEGIN { printf "%.2f", o / q }')" "$(awk -v o="$t" -v q="$q" 'BEGIN { printf "%.2f", o / q }')"
 done
 echo "(best of $ROUNDS rounds; qemu-img bench -f raw -t none ...; $(nproc) CPUs)"

@@ -26,6 +26,11 @@ struct Args {
     /// Refuse writes.
     #[arg(long)]
     read_only: bool,
+    /// Serve the image through the replication tracker with tracking on (every write
+    /// appended to an HRL log beside the image before it is acknowledged), as a
+    /// protected VM's disk is.
+    #[arg(long)]
+    tracked: bool,
     /// The raw image.
     image: PathBuf,
 }
@@ -35,9 +40,14 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     let args = Args::parse();
     anyhow::ensure!(args.socket.is_some() || args.tcp.is_some(), "give --socket and/or --tcp");
-    let dev = RawFile::open(&args.image, args.read_only).with_context(|| format!("open {}", args.image.display()))?;
+    let dev: Arc<dyn siterecovery_agent::disk::BlockDevice> = if args.tracked {
+        let id = siterecovery_agent::hrl::DiskId::new("disk0")?;
+        Arc::new(siterecovery_agent::tracker::TrackedDisk::open(&args.image, id, true)?)
+    } else {
+        Arc::new(RawFile::open(&args.image, args.read_only).with_context(|| format!("open {}", args.image.display()))?)
+    };
     let exports = Arc::new(Exports::new());
-    exports.add(args.export.clone(), Arc::new(dev))?;
+    exports.add(args.export.clone(), dev)?;
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(path) = &args.socket {

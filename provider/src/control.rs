@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::AppState;
 use crate::auth::authorize;
-use crate::inventory::{HostRecord, VmRecord, internal};
+use crate::inventory::{HostRecord, VmRecord, internal, report_wins};
 use crate::store::{HOSTS, VMS};
 
 type Outbound = mpsc::Sender<Result<v1::ProviderMessage, Status>>;
@@ -251,7 +251,14 @@ fn handle(state: &AppState, host: &HostRecord, pending: &Mutex<Pending>, m: v1::
             let mut records = Vec::new();
             for vm in &inv.vms {
                 match VmRecord::from_report(vm, &host.id) {
-                    Ok(r) => records.push((r.name.clone(), r)),
+                    Ok(r) => {
+                        // A failed-over VM is reported by two hosts for a while: keep the
+                        // copy that runs after the failover.
+                        let stored = state.store.get::<VmRecord>(VMS, &r.name).ok().flatten();
+                        if report_wins(stored.as_ref(), &r) {
+                            records.push((r.name.clone(), r));
+                        }
+                    }
                     Err(e) => tracing::warn!(host = %host.name, "ignoring reported VM: {}", e.message()),
                 }
             }
@@ -259,6 +266,8 @@ fn handle(state: &AppState, host: &HostRecord, pending: &Mutex<Pending>, m: v1::
             if let Err(e) = state.store.replace_where(VMS, |v: &VmRecord| v.host_id == id, &records) {
                 tracing::error!(host = %host.name, "cannot record inventory: {e:#}");
             }
+            let reported: Vec<VmRecord> = records.into_iter().map(|(_, r)| r).collect();
+            crate::failover::on_inventory(state, host, &reported);
         }
         Body::Replication(status) => state.protection.on_status(&state.store, &host.id, &status),
         Body::Result(r) => {

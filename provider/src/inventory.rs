@@ -179,6 +179,25 @@ impl VmRecord {
     }
 }
 
+/// Whether a host's report of a VM replaces the stored record of the same name.
+///
+/// After a failover the VM exists on two hosts until reverse replication adopts the old
+/// primary's disks: the old primary still reports its stopped copy. The copy started by a
+/// failover wins over one that was not; between two failed-over copies (failback) the
+/// later failover wins. Test VMs have their own names and never compete.
+pub fn report_wins(stored: Option<&VmRecord>, reported: &VmRecord) -> bool {
+    let Some(stored) = stored else { return true };
+    if stored.host_id == reported.host_id {
+        return true;
+    }
+    let live = |v: &VmRecord| v.failover.clone().filter(|f| f.kind != "test" && f.test_of.is_empty());
+    match (live(stored), live(reported)) {
+        (Some(_), None) => false,
+        (Some(a), Some(b)) => b.started_unix_ms >= a.started_unix_ms,
+        _ => true,
+    }
+}
+
 /// How long an operator RPC waits for the agent to carry out a VM command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -382,5 +401,43 @@ impl Inventory for InventoryService {
         let vm = self.vm(&req.into_inner().name)?;
         let host = self.host_by_name_or_id(&vm.host_id)?;
         Ok(Response::new(self.vm_command(&host, Command::StopVm(v1::StopVm { name: vm.name })).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(host: &str, failover: Option<(&str, i64)>) -> VmRecord {
+        VmRecord {
+            name: "vm1".into(),
+            host_id: host.into(),
+            folder: String::new(),
+            power_state: "running".into(),
+            created_unix_ms: 0,
+            disks: vec![],
+            nics: vec![],
+            failover: failover.map(|(kind, t)| FailoverRecord {
+                relationship_id: "r-1".into(),
+                point_id: "p-1".into(),
+                kind: kind.into(),
+                committed: true,
+                test_of: String::new(),
+                started_unix_ms: t,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_failed_over_copy_wins() {
+        assert!(report_wins(None, &vm("a", None)));
+        assert!(report_wins(Some(&vm("a", None)), &vm("a", None)), "same host");
+        assert!(report_wins(Some(&vm("a", None)), &vm("b", Some(("planned", 5)))), "failover wins");
+        assert!(!report_wins(Some(&vm("b", Some(("planned", 5)))), &vm("a", None)), "old primary loses");
+        // Failback: the later failover wins.
+        assert!(report_wins(Some(&vm("b", Some(("planned", 5)))), &vm("a", Some(("planned", 9)))));
+        assert!(!report_wins(Some(&vm("a", Some(("planned", 9)))), &vm("b", Some(("planned", 5)))));
+        // A test copy never competes.
+        assert!(report_wins(Some(&vm("b", Some(("test", 5)))), &vm("a", None)));
     }
 }

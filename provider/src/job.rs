@@ -21,6 +21,15 @@ pub const ENABLE_PROTECTION: &str = "Enable protection";
 pub const FINALIZE_PROTECTION: &str = "Finalize protection";
 pub const DISABLE_PROTECTION: &str = "Disable protection";
 pub const RESYNC: &str = "Resync";
+pub const TEST_FAILOVER: &str = "Test failover";
+pub const PLANNED_FAILOVER: &str = "Planned failover";
+pub const UNPLANNED_FAILOVER: &str = "Unplanned failover";
+pub const COMMIT_FAILOVER: &str = "Commit failover";
+pub const CHANGE_POINT: &str = "Change recovery point";
+pub const CLEANUP_TEST_FAILOVER: &str = "Cleanup test failover";
+pub const REVERSE_REPLICATION: &str = "Reverse replication";
+pub const LOCAL_FAILOVER: &str = "Local failover detected";
+pub const RECOVERY_PLAN: &str = "Recovery plan failover";
 /// The step of Enable protection that survives a provider restart.
 pub const STEP_INITIAL_REPLICATION: &str = "Initial replication";
 pub const RESTARTED: &str = "provider restarted while the job ran";
@@ -156,6 +165,29 @@ impl JobRecord {
         }
     }
 
+    /// Marks a step skipped (with why).
+    pub fn skip_step(&mut self, name: &str, detail: &str, now: i64) {
+        if let Some(s) = self.step_mut(name) {
+            s.state = StepState::Skipped;
+            s.started_unix_ms = now;
+            s.ended_unix_ms = now;
+            s.detail = detail.into();
+        }
+    }
+
+    /// Ends a step as failed without ending the job (a plan goes on with the other VMs
+    /// of a group before it fails).
+    pub fn fail_step(&mut self, name: &str, detail: &str, now: i64) {
+        if let Some(s) = self.step_mut(name) {
+            s.state = StepState::Failed;
+            if s.started_unix_ms == 0 {
+                s.started_unix_ms = now;
+            }
+            s.ended_unix_ms = now;
+            s.detail = detail.into();
+        }
+    }
+
     /// Ends the job as succeeded (pending steps, if any, are skipped).
     pub fn succeed(&mut self, now: i64) {
         for s in &mut self.steps {
@@ -170,11 +202,14 @@ impl JobRecord {
     /// Ends the job as failed: the running step (or the first pending one) fails with
     /// `error`, the later ones are skipped.
     pub fn fail(&mut self, error: &str, now: i64) {
-        let idx = self
-            .steps
-            .iter()
-            .position(|s| s.state == StepState::Running)
-            .or_else(|| self.steps.iter().position(|s| s.state == StepState::Pending));
+        let idx = self.steps.iter().position(|s| s.state == StepState::Running).or_else(|| {
+            // A step that already failed (a plan's VM) is the failure's place.
+            if self.steps.iter().any(|s| s.state == StepState::Failed) {
+                None
+            } else {
+                self.steps.iter().position(|s| s.state == StepState::Pending)
+            }
+        });
         if let Some(i) = idx {
             let s = &mut self.steps[i];
             s.state = StepState::Failed;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::inventory_client::InventoryClient;
+use siterecovery_proto::v1::protection_client::ProtectionClient;
 use siterecovery_provider::cli::{self, OperatorCerts};
 use siterecovery_provider::vault;
 use tokio::process::{Child, Command};
@@ -21,7 +22,8 @@ pub struct LabArgs {
     /// Set up, show the state, then stop instead of running until Ctrl-C.
     #[arg(long)]
     exit_when_ready: bool,
-    /// Also create a VM `vm1` on hv-a and write to its disk through NBD with qemu-io.
+    /// Walk the whole journey: after protecting vm1, a test failover and its cleanup, a
+    /// planned failover to hv-b with reverse replication, and the failback.
     #[arg(long)]
     demo: bool,
 }
@@ -128,7 +130,13 @@ pub async fn run(args: LabArgs) -> Result<()> {
     let mut procs = Vec::new();
     let result = async {
         let p = pdir.to_string_lossy().into_owned();
-        procs.push(spawn("provider", &provider_bin, &["serve", "--data-dir", &p], &dir.join("provider.log"))?);
+        // Lab intervals (5 s) are below the production minimum of 30 s.
+        procs.push(spawn(
+            "provider",
+            &provider_bin,
+            &["serve", "--data-dir", &p, "--test-intervals"],
+            &dir.join("provider.log"),
+        )?);
         wait_for("the provider to listen", Duration::from_secs(20), || async {
             tokio::net::TcpStream::connect(&addr).await.is_ok()
         })
@@ -167,7 +175,8 @@ pub async fn run(args: LabArgs) -> Result<()> {
         }
         let certs = OperatorCerts::load(&opdir)?;
         let channel = cli::connect(&addr, &certs).await?;
-        let mut inv = InventoryClient::new(channel);
+        let channel_for_journey = channel.clone();
+        let inv = InventoryClient::new(channel);
         wait_for("both hosts to connect", Duration::from_secs(30), || {
             let mut inv = inv.clone();
             async move {
@@ -182,9 +191,7 @@ pub async fn run(args: LabArgs) -> Result<()> {
         })
         .await?;
         println!("  both hosts connected");
-        if args.demo {
-            demo(&mut inv, &dir).await?;
-        }
+        journey(channel_for_journey, args.demo).await?;
         let cli_prefix = format!("{} --connect {addr} --certs {}", provider_bin.display(), opdir.display());
         println!();
         println!("Reach it:");
@@ -226,25 +233,181 @@ pub async fn run(args: LabArgs) -> Result<()> {
     Ok(())
 }
 
-/// Creates vm1 on hv-a and writes to it through its NBD export with the real qemu-io.
-async fn demo(inv: &mut InventoryClient<tonic::transport::Channel>, _dir: &Path) -> Result<()> {
+type Chan = tonic::transport::Channel;
+
+fn rpc(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
+    move |s| anyhow::anyhow!("{what}: {}", s.message())
+}
+
+/// Polls a job until it ends, printing each step as it completes; errors if it failed.
+async fn wait_job(prot: &mut ProtectionClient<Chan>, job: v1::Job) -> Result<v1::Job> {
+    let end = tokio::time::Instant::now() + Duration::from_secs(300);
+    let mut shown = 0;
+    loop {
+        let j = prot.get_job(v1::GetJobRequest { id: job.id.clone() }).await.map_err(rpc("job show"))?.into_inner();
+        for s in j.steps.iter().skip(shown).take_while(|s| s.state == "succeeded" || s.state == "failed") {
+            println!("      {} {}: {}{}", j.id, s.name, s.state, if s.detail.is_empty() { String::new() } else { format!(" ({})", s.detail) });
+            shown += 1;
+        }
+        if j.state != "running" {
+            if j.state == "failed" {
+                bail!("job {} {} failed: {}", j.id, j.kind, j.error);
+            }
+            return Ok(j);
+        }
+        if tokio::time::Instant::now() > end {
+            bail!("job {} {} still running after 5 minutes", j.id, j.kind);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits for a recovery point of `vm` newer than `after_ms`.
+async fn wait_point(prot: &mut ProtectionClient<Chan>, vm: &str, after_ms: i64) -> Result<v1::RecoveryPoint> {
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = prot.list_points(v1::ListPointsRequest { vm: vm.into() }).await
+            && let Some(p) = r.into_inner().points.into_iter().rev().find(|p| p.created_unix_ms > after_ms)
+        {
+            return Ok(p);
+        }
+        if tokio::time::Instant::now() > end {
+            bail!("no new recovery point of {vm} within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+async fn qemu(args: &[&str]) -> Result<()> {
+    run_ok(Path::new("qemu-io"), args).await.map(|_| ())
+}
+
+async fn same(a: &str, b: &str) -> Result<bool> {
+    let out = Command::new("qemu-img").args(["compare", "-q", "-f", "raw", "-F", "raw", a, b]).output().await?;
+    Ok(out.status.success())
+}
+
+/// The journey: vm1 on hv-a written through NBD, protected to gold-b; with `demo`, a
+/// test failover and its cleanup, a planned failover to hv-b, and the failback.
+async fn journey(channel: Chan, demo: bool) -> Result<()> {
+    let mut inv = InventoryClient::new(channel.clone());
+    let mut prot = ProtectionClient::new(channel);
     let vm = inv
         .create_vm(v1::CreateVmRequest {
             host: "hv-a".into(),
             name: "vm1".into(),
-            disks: vec![v1::DiskSpec { size_bytes: 256 << 20 }],
+            disks: vec![v1::DiskSpec { size_bytes: 256 << 20 }, v1::DiskSpec { size_bytes: 64 << 20 }],
             nics: vec![],
             start: true,
         })
         .await
-        .map_err(|s| anyhow::anyhow!("vm create: {}", s.message()))?
+        .map_err(rpc("vm create"))?
         .into_inner();
     let uri = vm.disks.first().map(|d| d.nbd_unix_uri.clone()).context("vm1 has no disk")?;
     println!("  VM vm1 created on hv-a; disk0 served at {uri}");
-    let qemu_io = Path::new("qemu-io");
-    match run_ok(qemu_io, &["-f", "raw", "-c", "write -P 0xab 0 4M", "-c", "write -P 0xcd 64M 1M", &uri]).await {
-        Ok(_) => println!("  qemu-io wrote 5 MiB to vm1 through NBD"),
-        Err(e) => println!("  (qemu-io not usable here: {e:#})"),
+    qemu(&["-f", "raw", "-c", "write -P 0xab 0 8M", "-c", "write -P 0xcd 64M 1M", &uri]).await?;
+    println!("  qemu-io wrote 9 MiB to vm1 through NBD");
+    prot.create_policy(v1::Policy {
+        name: "lab".into(),
+        interval_ms: 5_000,
+        retention_ms: 3_600_000,
+        compression: true,
+        initial_method: "network".into(),
+        ..Default::default()
+    })
+    .await
+    .map_err(rpc("policy create"))?;
+    prot.pair_clouds(v1::CloudPairing { source_cloud: "gold-a".into(), target_cloud: "gold-b".into(), policy: "lab".into() })
+        .await
+        .map_err(rpc("cloud pair"))?;
+    println!("  policy lab (every 5 s, zstd) pairs gold-a with gold-b; protecting vm1:");
+    let job = prot.protect(v1::ProtectRequest { vm: "vm1".into() }).await.map_err(rpc("protect"))?.into_inner();
+    wait_job(&mut prot, job).await?;
+    let t = now_ms();
+    qemu(&["-f", "raw", "-c", "write -P 0x5a 16M 2M", &uri]).await?;
+    let p = wait_point(&mut prot, "vm1", t).await?;
+    let exported = prot
+        .export_point(v1::ExportPointRequest { vm: "vm1".into(), point: p.id.clone() })
+        .await
+        .map_err(rpc("point export"))?
+        .into_inner();
+    let replica_uri = exported.uri.split_whitespace().next().unwrap_or_default().to_owned();
+    let identical = same(&uri, &replica_uri).await?;
+    println!(
+        "  wrote 2 MiB more; recovery point {} on hv-b is {} the primary ({replica_uri})",
+        p.id,
+        if identical { "identical to" } else { "DIFFERENT from" }
+    );
+    let _ = prot.unexport_point(v1::UnexportPointRequest { vm: "vm1".into() }).await;
+    if !identical {
+        bail!("the replica differs from the primary at point {}", p.id);
+    }
+    if !demo {
+        return Ok(());
+    }
+    println!("  test failover of vm1 (replication keeps running):");
+    let job = prot
+        .failover(v1::FailoverRequest { vm: "vm1".into(), r#type: "test".into(), point: "latest".into(), ..Default::default() })
+        .await
+        .map_err(rpc("failover test"))?
+        .into_inner();
+    wait_job(&mut prot, job).await?;
+    let test = inv.get_vm(v1::GetVmRequest { name: "vm1-test".into() }).await.map_err(rpc("vm show vm1-test"))?.into_inner();
+    if let Some(d) = test.disks.first() {
+        qemu(&["-f", "raw", "-c", "write -P 0xee 0 1M", &d.nbd_unix_uri]).await?;
+        println!("  vm1-test runs on hv-b at {}; a write to it stays there", d.nbd_unix_uri);
+    }
+    let job = prot.cleanup_test_failover(v1::VmRequest { vm: "vm1".into() }).await.map_err(rpc("failover cleanup"))?.into_inner();
+    wait_job(&mut prot, job).await?;
+    println!("  planned failover of vm1 to hv-b (no data loss), then reverse replication:");
+    let job = prot
+        .failover(v1::FailoverRequest { vm: "vm1".into(), r#type: "planned".into(), point: "latest".into(), ..Default::default() })
+        .await
+        .map_err(rpc("failover planned"))?
+        .into_inner();
+    wait_job(&mut prot, job).await?;
+    wait_reprotected(&mut prot, &mut inv, "hv-b").await?;
+    let on_b = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.map_err(rpc("vm show"))?.into_inner();
+    let uri_b = on_b.disks.first().map(|d| d.nbd_unix_uri.clone()).unwrap_or_default();
+    qemu(&["-f", "raw", "-c", "write -P 0x77 32M 1M", &uri_b]).await?;
+    println!("  vm1 runs on hv-b ({uri_b}), replicating back to hv-a; wrote 1 MiB there");
+    println!("  failback: planned failover back to hv-a, then reverse replication again:");
+    let job = prot
+        .failover(v1::FailoverRequest { vm: "vm1".into(), r#type: "planned".into(), point: "latest".into(), ..Default::default() })
+        .await
+        .map_err(rpc("failback"))?
+        .into_inner();
+    wait_job(&mut prot, job).await?;
+    wait_reprotected(&mut prot, &mut inv, "hv-a").await?;
+    let back = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.map_err(rpc("vm show"))?.into_inner();
+    let uri_a = back.disks.first().map(|d| d.nbd_unix_uri.clone()).unwrap_or_default();
+    let ok = run_ok(Path::new("qemu-io"), &["-f", "raw", "-c", "read -P 0x77 32M 1M", "-c", "read -P 0x5a 16M 2M", &uri_a]).await.is_ok();
+    println!("  vm1 is back on hv-a; the writes made at both sites are {}", if ok { "all there" } else { "MISSING" });
+    if !ok {
+        bail!("data written before the failback is missing on hv-a");
     }
     Ok(())
+}
+
+/// Waits until vm1 runs on `host` and its reverse replication is replicating.
+async fn wait_reprotected(prot: &mut ProtectionClient<Chan>, inv: &mut InventoryClient<Chan>, host: &str) -> Result<()> {
+    let _ = prot;
+    let end = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(vm) = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await {
+            let vm = vm.into_inner();
+            if vm.host_name == host && vm.replication.as_ref().is_some_and(|r| r.state == "replicating") {
+                println!("      vm1 on {host}, replicating to {}", vm.replication.map(|r| r.replica_host).unwrap_or_default());
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > end {
+            bail!("vm1 not replicating from {host} within 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

@@ -7,6 +7,8 @@
 //! - [`auth`]: per-RPC authorisation from the peer certificate.
 //! - [`policy`], [`protection`], [`job`], [`health`]: replication policies and cloud
 //!   pairings, protected VMs and their state machine, jobs, replication health.
+//! - [`failover`], [`network`], [`plan`]: failover jobs, reverse replication, VM
+//!   networks with mappings and static IP pools, recovery plans.
 //! - [`api`]: the server that ties them together.
 //! - [`cli`]: the operator's commands against a running provider.
 
@@ -14,9 +16,12 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod control;
+pub mod failover;
 pub mod health;
 pub mod inventory;
 pub mod job;
+pub mod network;
+pub mod plan;
 pub mod policy;
 pub mod protection;
 pub mod registration;

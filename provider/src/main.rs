@@ -119,6 +119,144 @@ enum Cmd {
     /// Jobs: list, show, watch.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Fail a protected VM over (test, planned, unplanned), commit, change point, clean up.
+    #[command(subcommand)]
+    Failover(FailoverCmd),
+    /// Reverse replication after a failover: the former replica host becomes primary.
+    Reprotect {
+        vm: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// VM networks (subnet, gateway, DNS, static IP pools) and network mappings.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Recovery plans: ordered groups of VMs that fail over together.
+    #[command(subcommand)]
+    Plan(PlanCmd),
+}
+
+#[derive(Subcommand)]
+enum FailoverCmd {
+    /// Start a test VM (VM-test) from a point; replication goes on.
+    Test {
+        vm: String,
+        /// latest, latest-app-consistent or a point id (see `points VM`).
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// mapped (the mapped network and reserved address), isolated (NETWORK-test-isolated) or none.
+        #[arg(long, default_value = "mapped")]
+        test_network: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Stop the primary VM, ship its last changes, start it on the replica host; then reverse replication.
+    Planned {
+        vm: String,
+        /// Always the last point shipped from the stopped primary.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Start the VM on the replica host from a point; the primary may be gone.
+    Unplanned {
+        vm: String,
+        /// latest, latest-app-consistent or a point id (see `points VM`).
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// Try to stop the primary VM first (best effort).
+        #[arg(long)]
+        shutdown_primary: bool,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Make the failed-over VM's disks its own (other points are discarded).
+    Commit {
+        vm: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Remove the test VM of a test failover and its overlay.
+    Cleanup {
+        vm: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Restart the failed-over VM from another point (before commit).
+    ChangePoint {
+        vm: String,
+        #[arg(long)]
+        point: String,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Create a VM network at a site.
+    Create {
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        name: String,
+        /// CIDR, e.g. 10.0.0.0/24.
+        #[arg(long)]
+        subnet: String,
+        /// Static IP pool range A-B; repeat for more.
+        #[arg(long = "pool", value_name = "A-B")]
+        pools: Vec<String>,
+        #[arg(long)]
+        gateway: Option<String>,
+        /// DNS server; repeat for more.
+        #[arg(long = "dns", value_name = "IP")]
+        dns: Vec<String>,
+    },
+    /// List VM networks.
+    List,
+    /// Map a network of one site to a network of a paired site (failover target).
+    Map {
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        target: String,
+    },
+    /// List network mappings.
+    Mappings,
+}
+
+#[derive(Subcommand)]
+enum PlanCmd {
+    /// Create a recovery plan.
+    Create {
+        name: String,
+        /// N:VM1,VM2 — group N fails over after group N-1; repeat for more groups.
+        #[arg(long = "group", value_name = "N:VM1,VM2", required = true)]
+        groups: Vec<String>,
+        /// AFTER_GROUP=PATH — a script run on the provider after that group (0 = before the first).
+        #[arg(long = "script", value_name = "AFTER_GROUP=PATH")]
+        scripts: Vec<String>,
+        /// AFTER_GROUP=TEXT — a manual action the run waits on until `plan confirm JOB`.
+        #[arg(long = "manual", value_name = "AFTER_GROUP=TEXT")]
+        manuals: Vec<String>,
+        /// Timeout of each script.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        script_timeout: Duration,
+    },
+    /// List recovery plans.
+    List,
+    /// Fail a plan over: shutdown step, then groups in order.
+    Failover {
+        plan: String,
+        /// test, planned or unplanned.
+        #[arg(long = "type")]
+        kind: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Confirm the manual action a plan job waits for.
+    Confirm { job_id: String },
 }
 
 #[derive(Subcommand)]
@@ -575,6 +713,83 @@ async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, c
             };
             protect_cli::job(&mut prot, args, json, &rpc).await?
         }
+        Cmd::Failover(c) => {
+            let (req, wait) = match c {
+                FailoverCmd::Test { vm, point, test_network, wait } => (
+                    protect_cli::FailoverArgs::Start(v1::FailoverRequest {
+                        vm,
+                        r#type: "test".into(),
+                        point,
+                        test_network,
+                        shutdown_primary: false,
+                    }),
+                    wait,
+                ),
+                FailoverCmd::Planned { vm, point, wait } => (
+                    protect_cli::FailoverArgs::Start(v1::FailoverRequest {
+                        vm,
+                        r#type: "planned".into(),
+                        point,
+                        test_network: String::new(),
+                        shutdown_primary: false,
+                    }),
+                    wait,
+                ),
+                FailoverCmd::Unplanned { vm, point, shutdown_primary, wait } => (
+                    protect_cli::FailoverArgs::Start(v1::FailoverRequest {
+                        vm,
+                        r#type: "unplanned".into(),
+                        point,
+                        test_network: String::new(),
+                        shutdown_primary,
+                    }),
+                    wait,
+                ),
+                FailoverCmd::Commit { vm, wait } => (protect_cli::FailoverArgs::Commit(vm), wait),
+                FailoverCmd::Cleanup { vm, wait } => (protect_cli::FailoverArgs::Cleanup(vm), wait),
+                FailoverCmd::ChangePoint { vm, point, wait } => {
+                    (protect_cli::FailoverArgs::ChangePoint(v1::ChangePointRequest { vm, point }), wait)
+                }
+            };
+            protect_cli::failover(&mut prot, req, wait, json, &rpc).await?
+        }
+        Cmd::Reprotect { vm, wait } => {
+            let job = prot.reprotect(v1::VmRequest { vm }).await.map_err(rpc)?.into_inner();
+            protect_cli::started(&mut prot, job, wait, json, &rpc).await?;
+        }
+        Cmd::Network(c) => {
+            let args = match c {
+                NetworkCmd::Create { site, name, subnet, pools, gateway, dns } => {
+                    protect_cli::NetworkArgs::Create(v1::VmNetwork {
+                        site,
+                        name,
+                        subnet,
+                        pools,
+                        gateway: gateway.unwrap_or_default(),
+                        dns,
+                    })
+                }
+                NetworkCmd::List => protect_cli::NetworkArgs::List,
+                NetworkCmd::Map { source, target } => {
+                    protect_cli::NetworkArgs::Map(v1::NetworkMapping { source, target })
+                }
+                NetworkCmd::Mappings => protect_cli::NetworkArgs::Mappings,
+            };
+            protect_cli::network(&mut prot, args, json, &rpc).await?
+        }
+        Cmd::Plan(c) => {
+            let args = match c {
+                PlanCmd::Create { name, groups, scripts, manuals, script_timeout } => {
+                    let plan = protect_cli::plan_from_flags(name, &groups, &scripts, &manuals, script_timeout)
+                        .map_err(anyhow::Error::msg)?;
+                    protect_cli::PlanArgs::Create(plan)
+                }
+                PlanCmd::List => protect_cli::PlanArgs::List,
+                PlanCmd::Failover { plan, kind, wait } => protect_cli::PlanArgs::Failover { plan, kind, wait },
+                PlanCmd::Confirm { job_id } => protect_cli::PlanArgs::Confirm(job_id),
+            };
+            protect_cli::plan(&mut prot, args, json, &rpc).await?
+        }
         Cmd::Vault(_) | Cmd::Serve { .. } | Cmd::OperatorCert { .. } | Cmd::Lab(_) => bail!("not an operator command"),
     }
     Ok(())
@@ -624,6 +839,7 @@ fn vm_json(v: &v1::Vm) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "nics": v.nics.iter().map(|n| serde_json::json!({"network": n.network, "ip": n.ip, "dhcp": n.dhcp, "mac": n.mac})).collect::<Vec<_>>(),
         "replication": v.replication.as_ref().map(protect_cli::replication_json),
+        "failover": v.failover.as_ref().map(protect_cli::vm_failover_json),
     })
 }
 
@@ -660,6 +876,9 @@ fn print_vm(v: &v1::Vm, json: bool) -> Result<()> {
             n.ip.clone()
         };
         println!("nic       {} {} {}", n.network, addr, n.mac);
+    }
+    if let Some(f) = &v.failover {
+        protect_cli::print_vm_failover(f);
     }
     protect_cli::print_replication(v.replication.as_ref());
     Ok(())

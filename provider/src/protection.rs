@@ -30,6 +30,7 @@ use crate::auth::authorize;
 use crate::health::{self, CycleSample, Health, HealthInput};
 use crate::inventory::{HostRecord, VmRecord, internal};
 use crate::job::{self, JobRecord, JobState, Jobs, now_ms};
+use crate::network::{self, NetworkError, NetworkStore, Reservation};
 use crate::policy::{self, CloudInfo, PairingError, PairingRecord, PolicyError, PolicyRecord};
 use crate::store::{HOSTS, PAIRINGS, POLICIES, RELATIONSHIPS, Store, StoreError, VMS};
 
@@ -78,11 +79,11 @@ pub enum ReplicationState {
     ResyncRequired,
     Resynchronising,
     Paused,
-    /// Reserved for failover orchestration.
+    /// A planned or unplanned failover job is running.
     FailoverInProgress,
-    /// Reserved: failed over, waiting for commit.
+    /// Failed over, waiting for commit (the point can still be changed).
     FailedOver,
-    /// Reserved.
+    /// The failed-over VM owns its disks; protect it again with reprotect.
     Committed,
     StoppedOnError,
 }
@@ -98,13 +99,13 @@ impl ReplicationState {
             Self::Resynchronising => "resynchronising",
             Self::Paused => "paused",
             Self::FailoverInProgress => "failover in progress",
-            Self::FailedOver => "failed over",
+            Self::FailedOver => "failed over (waiting for commit)",
             Self::Committed => "committed",
             Self::StoppedOnError => "stopped on error",
         }
     }
 
-    fn in_failover(self) -> bool {
+    pub fn in_failover(self) -> bool {
         matches!(self, Self::FailoverInProgress | Self::FailedOver | Self::Committed)
     }
 }
@@ -149,6 +150,22 @@ pub enum Event {
     ResyncRequested,
     /// Protection was removed.
     Disabled,
+    /// A test failover starts (the state stays; checked only).
+    TestFailover,
+    /// A planned or unplanned failover starts.
+    FailoverStarted { planned: bool },
+    /// The VM runs on the replica host; `committed` for a planned failover.
+    FailoverDone { committed: bool },
+    /// The failover job failed before the VM ran on the replica host.
+    FailoverAborted,
+    /// The operator chose another point before commit.
+    PointChanged,
+    /// The operator committed the failover.
+    Committed,
+    /// The replica host reports a VM it failed over on its own (provider down).
+    LocalFailover { committed: bool },
+    /// Reverse replication replaced this relationship by a reversed one.
+    Reprotected,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -173,6 +190,48 @@ impl ReplicationState {
                 S::Replicating | S::ResyncRequired | S::Paused | S::StoppedOnError => Ok(S::ResyncRequired),
                 S::Resynchronising => Ok(S::Resynchronising),
                 _ => invalid("resync"),
+            },
+            Event::TestFailover => match self {
+                S::Replicating | S::Paused | S::ResyncRequired | S::Resynchronising | S::StoppedOnError => Ok(self),
+                _ => invalid("a test failover"),
+            },
+            Event::FailoverStarted { planned: true } => match self {
+                // Planned failover ships every remaining log: the chain must be whole.
+                S::Replicating | S::Paused => Ok(S::FailoverInProgress),
+                _ => invalid("a planned failover"),
+            },
+            Event::FailoverStarted { planned: false } => match self {
+                S::Replicating | S::Paused | S::ResyncRequired | S::Resynchronising | S::StoppedOnError => {
+                    Ok(S::FailoverInProgress)
+                }
+                _ => invalid("an unplanned failover"),
+            },
+            Event::FailoverDone { committed } => match self {
+                S::FailoverInProgress => Ok(if committed { S::Committed } else { S::FailedOver }),
+                _ => invalid("ending a failover"),
+            },
+            // Replication is held after a failed failover: statuses from the primary (when
+            // it still replicates) move it on again.
+            Event::FailoverAborted => match self {
+                S::FailoverInProgress => Ok(S::Paused),
+                _ => invalid("aborting a failover"),
+            },
+            Event::PointChanged => match self {
+                S::FailedOver => Ok(S::FailedOver),
+                _ => invalid("changing the recovery point"),
+            },
+            Event::Committed => match self {
+                S::FailedOver => Ok(S::Committed),
+                _ => invalid("commit"),
+            },
+            Event::LocalFailover { committed } => match self {
+                S::NotEnabled | S::Committed => invalid("a local failover"),
+                S::FailedOver if !committed => Ok(S::FailedOver),
+                _ => Ok(if committed { S::Committed } else { S::FailedOver }),
+            },
+            Event::Reprotected => match self {
+                S::FailedOver | S::Committed => Ok(S::NotEnabled),
+                _ => invalid("reverse replication"),
             },
             Event::Agent { state, error, recoverable } => {
                 if self == S::NotEnabled || self.in_failover() {
@@ -276,6 +335,41 @@ pub struct RelationshipRecord {
     /// Cycle counters over the health window, oldest first.
     #[serde(default)]
     pub samples: Vec<CycleSample>,
+    /// Target addresses of the VM's NICs, reserved at protection time.
+    #[serde(default)]
+    pub addresses: Vec<Reservation>,
+    /// The running test failover (one per VM at a time).
+    #[serde(default)]
+    pub test_failover: Option<TestFailoverRecord>,
+    /// The planned / unplanned / local failover that moved the VM to the replica host.
+    #[serde(default)]
+    pub failover: Option<FailoverRecord>,
+    /// Reverse replication: the relationship this one reversed.
+    #[serde(default)]
+    pub reversed_from: String,
+}
+
+/// A running test failover.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestFailoverRecord {
+    pub test_vm: String,
+    pub point_id: String,
+    /// mapped | isolated | none
+    pub network: String,
+    pub job_id: String,
+    pub started_unix_ms: i64,
+}
+
+/// A failover of the relationship's VM to its replica host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailoverRecord {
+    /// planned | unplanned | local
+    pub kind: String,
+    pub point_id: String,
+    pub job_id: String,
+    pub started_unix_ms: i64,
+    #[serde(default)]
+    pub committed_unix_ms: i64,
 }
 
 const MAX_SAMPLES: usize = 256;
@@ -353,6 +447,8 @@ pub struct ProtectionCore {
     pub jobs: Jobs,
     rels: Mutex<HashMap<String, Live>>,
     busy: Mutex<HashSet<String>>,
+    /// Plan jobs waiting for `plan confirm`, by job id.
+    pub(crate) confirms: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -369,7 +465,16 @@ impl ProtectionCore {
             .map(|r| (r.id.clone(), Live { rec: r, persisted: Instant::now() }))
             .collect();
         let resumed = job::recover(store)?;
-        Ok((Self { config, jobs: Jobs::new(), rels: Mutex::new(rels), busy: Mutex::new(HashSet::new()) }, resumed))
+        Ok((
+            Self {
+                config,
+                jobs: Jobs::new(),
+                rels: Mutex::new(rels),
+                busy: Mutex::new(HashSet::new()),
+                confirms: Mutex::new(HashMap::new()),
+            },
+            resumed,
+        ))
     }
 
     pub fn get(&self, id: &str) -> Option<RelationshipRecord> {
@@ -390,6 +495,29 @@ impl ProtectionCore {
         lock(&self.rels).insert(rec.id.clone(), Live { rec, persisted: Instant::now() });
         self.jobs.notify();
         Ok(())
+    }
+
+    /// Changes a relationship in place (under the lock, so statuses arriving meanwhile
+    /// are not lost) and persists it; `f` may refuse with an invalid transition.
+    pub fn update(
+        &self,
+        store: &Store,
+        id: &str,
+        f: impl FnOnce(&mut RelationshipRecord) -> Result<(), InvalidTransition>,
+    ) -> Result<RelationshipRecord, Status> {
+        let rec = {
+            let mut rels = lock(&self.rels);
+            let live =
+                rels.get_mut(id).ok_or_else(|| Status::not_found(format!("relationship {id} no longer exists")))?;
+            let mut rec = live.rec.clone();
+            f(&mut rec).map_err(|e| Status::failed_precondition(format!("VM {}: {e}", rec.vm)))?;
+            store.put(RELATIONSHIPS, &rec.id, &rec).map_err(store_err)?;
+            live.rec = rec.clone();
+            live.persisted = Instant::now();
+            rec
+        };
+        self.jobs.notify();
+        Ok(rec)
     }
 
     pub fn remove(&self, store: &Store, id: &str) -> Result<(), StoreError> {
@@ -442,8 +570,13 @@ impl ProtectionCore {
     }
 
     /// Marks `vm` as worked on by a job; `None` when another job already is.
-    fn claim(&self, vm: &str) -> bool {
+    pub(crate) fn claim(&self, vm: &str) -> bool {
         lock(&self.busy).insert(vm.to_owned())
+    }
+
+    /// Whether a job is working on `vm` right now.
+    pub fn busy(&self, vm: &str) -> bool {
+        lock(&self.busy).contains(vm)
     }
 
     fn release(&self, vm: &str) {
@@ -452,13 +585,13 @@ impl ProtectionCore {
 }
 
 /// Holds a VM's claim until dropped.
-struct Claim {
+pub(crate) struct Claim {
     state: Arc<AppState>,
     vm: String,
 }
 
 impl Claim {
-    fn take(state: &Arc<AppState>, vm: &str) -> Result<Self, Status> {
+    pub(crate) fn take(state: &Arc<AppState>, vm: &str) -> Result<Self, Status> {
         if !state.protection.claim(vm) {
             return Err(Status::failed_precondition(format!(
                 "another protection job is working on VM {vm:?} right now (see `job list`)"
@@ -502,6 +635,8 @@ pub fn replication_view(state: &AppState, rec: &RelationshipRecord, hosts: &[Hos
         error: s.error.clone(),
         done_bytes: s.done_bytes,
         total_bytes: if s.total_bytes > 0 { s.total_bytes } else { rec.total_bytes },
+        addresses: rec.addresses.iter().map(Reservation::to_proto).collect(),
+        test_failover_vm: rec.test_failover.as_ref().map(|t| t.test_vm.clone()).unwrap_or_default(),
     }
 }
 
@@ -524,6 +659,18 @@ fn policy_status(e: PolicyError) -> Status {
     }
 }
 
+fn network_status(e: NetworkError) -> Status {
+    let msg = e.to_string();
+    match e {
+        NetworkError::Exists(_) => Status::already_exists(msg),
+        NetworkError::UnknownNetwork(_) | NetworkError::UnknownSite(_) => Status::not_found(msg),
+        NetworkError::SitesNotPaired { .. }
+        | NetworkError::AlreadyMapped { .. }
+        | NetworkError::PoolExhausted { .. } => Status::failed_precondition(msg),
+        _ => Status::invalid_argument(msg),
+    }
+}
+
 fn pairing_status(e: PairingError) -> Status {
     let msg = e.to_string();
     match e {
@@ -533,7 +680,7 @@ fn pairing_status(e: PairingError) -> Status {
     }
 }
 
-fn store_err(e: StoreError) -> Status {
+pub(crate) fn store_err(e: StoreError) -> Status {
     internal(e)
 }
 
@@ -552,13 +699,14 @@ struct Plan {
     replica: HostRecord,
     policy: PolicyRecord,
     total_bytes: u64,
+    addresses: Vec<Reservation>,
 }
 
-fn hosts(state: &AppState) -> Result<Vec<HostRecord>, Status> {
+pub(crate) fn hosts(state: &AppState) -> Result<Vec<HostRecord>, Status> {
     state.store.list(HOSTS).map_err(store_err)
 }
 
-fn cloud_infos(hosts: &[HostRecord]) -> Vec<CloudInfo> {
+pub(crate) fn cloud_infos(hosts: &[HostRecord]) -> Vec<CloudInfo> {
     let mut out: Vec<CloudInfo> = Vec::new();
     for h in hosts {
         if !out.iter().any(|c| c.name == h.cloud) {
@@ -632,7 +780,8 @@ fn check_prerequisites(state: &AppState, vm_name: &str) -> Result<(Plan, String)
             crate::cli::human_size(total_bytes)
         )));
     }
-    let detail = format!(
+    let addresses = crate::failover::reserve_addresses(state, &vm, None)?;
+    let mut detail = format!(
         "cloud {} paired with {} (policy {}); replica host {} has {} free for {}",
         primary.cloud,
         pairing.target_cloud,
@@ -641,7 +790,10 @@ fn check_prerequisites(state: &AppState, vm_name: &str) -> Result<(Plan, String)
         crate::cli::human_size(free),
         crate::cli::human_size(total_bytes)
     );
-    Ok((Plan { vm, primary, replica, policy, total_bytes }, detail))
+    for r in &addresses {
+        detail.push_str(&format!("; {}", crate::failover::describe_reservation(r)));
+    }
+    Ok((Plan { vm, primary, replica, policy, total_bytes, addresses }, detail))
 }
 
 const ENABLE_STEPS: [&str; 4] = [
@@ -655,18 +807,18 @@ const DISABLE_STEPS: [&str; 3] =
     ["Stop replication on the replica host", "Stop replication on the primary host", "Delete replication relationship"];
 const RESYNC_STEPS: [&str; 2] = ["Request resync", "Resynchronise"];
 
-fn relationship_id() -> String {
+pub(crate) fn relationship_id() -> String {
     format!("r-{:08x}", rand::random::<u32>())
 }
 
 /// Saves a job, logging (not failing) on a store error: the job task goes on.
-fn save_job(state: &AppState, job: &JobRecord) {
+pub(crate) fn save_job(state: &AppState, job: &JobRecord) {
     if let Err(e) = state.protection.jobs.save(&state.store, job) {
         tracing::error!(job = %job.id, "cannot record job: {e:#}");
     }
 }
 
-fn fail_job(state: &AppState, job: &mut JobRecord, error: &str) {
+pub(crate) fn fail_job(state: &AppState, job: &mut JobRecord, error: &str) {
     tracing::warn!(job = %job.id, kind = %job.kind, vm = %job.vm, "job failed: {error}");
     job.fail(error, now_ms());
     save_job(state, job);
@@ -715,6 +867,10 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
         resyncs_completed: 0,
         rate_bytes_per_sec: 0,
         samples: vec![],
+        addresses: plan.addresses.clone(),
+        test_failover: None,
+        failover: None,
+        reversed_from: String::new(),
     };
     rec.state = ReplicationState::NotEnabled.next(Event::Enabled).unwrap_or(ReplicationState::WaitingForInitial);
     job.relationship_id = rec.id.clone();
@@ -790,7 +946,7 @@ pub fn resume_jobs(state: &Arc<AppState>, jobs: Vec<JobRecord>) {
 }
 
 /// How a waiting step sees its relationship.
-enum Wait {
+pub(crate) enum Wait {
     Done(String),
     Failed(String),
     Progress { detail: String },
@@ -799,7 +955,7 @@ enum Wait {
 /// Waits on the relationship of `job` until `judge` says done or failed, copying
 /// progress into the job; fails on timeout or when the relationship goes away.
 /// Returns true when the step succeeded.
-async fn wait_step(
+pub(crate) async fn wait_step(
     state: &Arc<AppState>,
     job: &mut JobRecord,
     step: &str,
@@ -865,7 +1021,7 @@ async fn wait_step(
     }
 }
 
-fn progress_detail(rel: &RelationshipRecord, connected: bool, what: &str) -> String {
+pub(crate) fn progress_detail(rel: &RelationshipRecord, connected: bool, what: &str) -> String {
     let s = &rel.status;
     let mut d = if s.total_bytes > 0 {
         format!("{what} {} of {}", crate::cli::human_size(s.done_bytes), crate::cli::human_size(s.total_bytes))
@@ -951,11 +1107,11 @@ async fn run_finalize(state: Arc<AppState>, vm: String, rel_id: String) {
     }
 }
 
-fn host_name(hosts: &[HostRecord], id: &str) -> String {
+pub(crate) fn host_name(hosts: &[HostRecord], id: &str) -> String {
     hosts.iter().find(|h| h.id == id).map(|h| h.name.clone()).unwrap_or_else(|| id.to_owned())
 }
 
-fn protected(state: &AppState, vm: &str) -> Result<RelationshipRecord, Status> {
+pub(crate) fn protected(state: &AppState, vm: &str) -> Result<RelationshipRecord, Status> {
     state.protection.of_vm(vm).ok_or_else(|| {
         let exists = state.store.get::<VmRecord>(VMS, vm).ok().flatten().is_some();
         if exists {
@@ -1125,44 +1281,107 @@ impl ProtectionService {
 
 #[tonic::async_trait]
 impl Protection for ProtectionService {
-    async fn failover(&self, _r: Request<v1::FailoverRequest>) -> Result<Response<v1::Job>, Status> {
-        Err(Status::unimplemented("failover is not available yet"))
+    async fn failover(&self, req: Request<v1::FailoverRequest>) -> Result<Response<v1::Job>, Status> {
+        self.auth(&req)?;
+        let job = crate::failover::start_failover(&self.state, &req.into_inner()).await?;
+        Ok(Response::new(job.to_proto()))
     }
-    async fn commit_failover(&self, _r: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
-        Err(Status::unimplemented("failover is not available yet"))
+
+    async fn commit_failover(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
+        self.auth(&req)?;
+        let job = crate::failover::start_commit(&self.state, &req.into_inner().vm).await?;
+        Ok(Response::new(job.to_proto()))
     }
-    async fn cleanup_test_failover(&self, _r: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
-        Err(Status::unimplemented("failover is not available yet"))
+
+    async fn cleanup_test_failover(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
+        self.auth(&req)?;
+        let job = crate::failover::start_cleanup(&self.state, &req.into_inner().vm).await?;
+        Ok(Response::new(job.to_proto()))
     }
-    async fn change_point(&self, _r: Request<v1::ChangePointRequest>) -> Result<Response<v1::Job>, Status> {
-        Err(Status::unimplemented("failover is not available yet"))
+
+    async fn change_point(&self, req: Request<v1::ChangePointRequest>) -> Result<Response<v1::Job>, Status> {
+        self.auth(&req)?;
+        let r = req.into_inner();
+        let job = crate::failover::start_change_point(&self.state, &r.vm, &r.point).await?;
+        Ok(Response::new(job.to_proto()))
     }
-    async fn reprotect(&self, _r: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
-        Err(Status::unimplemented("reverse replication is not available yet"))
+
+    async fn reprotect(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
+        self.auth(&req)?;
+        let job = crate::failover::start_reprotect(&self.state, &req.into_inner().vm).await?;
+        Ok(Response::new(job.to_proto()))
     }
-    async fn create_network(&self, _r: Request<v1::VmNetwork>) -> Result<Response<v1::VmNetwork>, Status> {
-        Err(Status::unimplemented("networks are not available yet"))
+
+    async fn create_network(&self, req: Request<v1::VmNetwork>) -> Result<Response<v1::VmNetwork>, Status> {
+        self.auth(&req)?;
+        let n = req.into_inner();
+        let hosts = hosts(&self.state)?;
+        let mut sites: Vec<String> = hosts.iter().map(|h| h.site.clone()).collect();
+        sites.sort();
+        sites.dedup();
+        let rec = NetworkStore::new(&self.state.store).add_network(store_err, |existing| {
+            network::validate_network(&n, &sites, existing).map_err(network_status)
+        })?;
+        Ok(Response::new(rec.to_proto()))
     }
-    async fn list_networks(&self, _r: Request<v1::ListNetworksRequest>) -> Result<Response<v1::ListNetworksResponse>, Status> {
-        Err(Status::unimplemented("networks are not available yet"))
+
+    async fn list_networks(
+        &self,
+        req: Request<v1::ListNetworksRequest>,
+    ) -> Result<Response<v1::ListNetworksResponse>, Status> {
+        self.auth(&req)?;
+        let nets = NetworkStore::new(&self.state.store).networks().map_err(store_err)?;
+        Ok(Response::new(v1::ListNetworksResponse { networks: nets.iter().map(|n| n.to_proto()).collect() }))
     }
-    async fn map_network(&self, _r: Request<v1::NetworkMapping>) -> Result<Response<v1::NetworkMapping>, Status> {
-        Err(Status::unimplemented("networks are not available yet"))
+
+    async fn map_network(&self, req: Request<v1::NetworkMapping>) -> Result<Response<v1::NetworkMapping>, Status> {
+        self.auth(&req)?;
+        let m = req.into_inner();
+        let ns = NetworkStore::new(&self.state.store);
+        let networks = ns.networks().map_err(store_err)?;
+        let clouds = cloud_infos(&hosts(&self.state)?);
+        let pairings = self.state.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
+        let rec = ns.add_mapping(store_err, |existing| {
+            network::validate_mapping(&m, &networks, &clouds, &pairings, existing).map_err(network_status)
+        })?;
+        Ok(Response::new(rec.to_proto()))
     }
-    async fn list_network_mappings(&self, _r: Request<v1::ListNetworkMappingsRequest>) -> Result<Response<v1::ListNetworkMappingsResponse>, Status> {
-        Err(Status::unimplemented("networks are not available yet"))
+
+    async fn list_network_mappings(
+        &self,
+        req: Request<v1::ListNetworkMappingsRequest>,
+    ) -> Result<Response<v1::ListNetworkMappingsResponse>, Status> {
+        self.auth(&req)?;
+        let maps = NetworkStore::new(&self.state.store).mappings().map_err(store_err)?;
+        Ok(Response::new(v1::ListNetworkMappingsResponse { mappings: maps.iter().map(|m| m.to_proto()).collect() }))
     }
-    async fn create_plan(&self, _r: Request<v1::RecoveryPlan>) -> Result<Response<v1::RecoveryPlan>, Status> {
-        Err(Status::unimplemented("recovery plans are not available yet"))
+
+    async fn create_plan(&self, req: Request<v1::RecoveryPlan>) -> Result<Response<v1::RecoveryPlan>, Status> {
+        self.auth(&req)?;
+        let rec = crate::plan::create(&self.state, &req.into_inner())?;
+        Ok(Response::new(rec.to_proto()))
     }
-    async fn list_plans(&self, _r: Request<v1::ListPlansRequest>) -> Result<Response<v1::ListPlansResponse>, Status> {
-        Err(Status::unimplemented("recovery plans are not available yet"))
+
+    async fn list_plans(&self, req: Request<v1::ListPlansRequest>) -> Result<Response<v1::ListPlansResponse>, Status> {
+        self.auth(&req)?;
+        let plans = crate::plan::list(&self.state.store).map_err(store_err)?;
+        Ok(Response::new(v1::ListPlansResponse { plans: plans.iter().map(|p| p.to_proto()).collect() }))
     }
-    async fn plan_failover(&self, _r: Request<v1::PlanFailoverRequest>) -> Result<Response<v1::Job>, Status> {
-        Err(Status::unimplemented("recovery plans are not available yet"))
+
+    async fn plan_failover(&self, req: Request<v1::PlanFailoverRequest>) -> Result<Response<v1::Job>, Status> {
+        self.auth(&req)?;
+        let r = req.into_inner();
+        let job = crate::plan::start_failover(&self.state, &r.plan, &r.r#type).await?;
+        Ok(Response::new(job.to_proto()))
     }
-    async fn confirm_plan_action(&self, _r: Request<v1::ConfirmPlanActionRequest>) -> Result<Response<v1::Job>, Status> {
-        Err(Status::unimplemented("recovery plans are not available yet"))
+
+    async fn confirm_plan_action(
+        &self,
+        req: Request<v1::ConfirmPlanActionRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        self.auth(&req)?;
+        let job = crate::plan::confirm(&self.state, &req.into_inner().job_id)?;
+        Ok(Response::new(job.to_proto()))
     }
 
     async fn create_policy(&self, req: Request<v1::Policy>) -> Result<Response<v1::Policy>, Status> {
@@ -1414,6 +1633,59 @@ mod tests {
     }
 
     #[test]
+    fn failover_lifecycle_transitions() {
+        let planned = Event::FailoverStarted { planned: true };
+        let unplanned = Event::FailoverStarted { planned: false };
+        // Planned: only with a whole chain.
+        assert_eq!(S::Replicating.next(planned), Ok(S::FailoverInProgress));
+        assert_eq!(S::Paused.next(planned), Ok(S::FailoverInProgress));
+        assert!(S::ResyncRequired.next(planned).is_err());
+        assert!(S::InitialInProgress.next(planned).is_err());
+        // Unplanned: from any state with a recovery point.
+        for s in [S::Replicating, S::Paused, S::ResyncRequired, S::Resynchronising, S::StoppedOnError] {
+            assert_eq!(s.next(unplanned), Ok(S::FailoverInProgress), "{s:?}");
+            assert_eq!(s.next(Event::TestFailover), Ok(s), "{s:?}");
+        }
+        for s in [
+            S::NotEnabled,
+            S::WaitingForInitial,
+            S::InitialInProgress,
+            S::FailoverInProgress,
+            S::FailedOver,
+            S::Committed,
+        ] {
+            assert!(s.next(unplanned).is_err(), "{s:?}");
+            assert!(s.next(Event::TestFailover).is_err(), "{s:?}");
+        }
+        let p = S::FailoverInProgress;
+        assert_eq!(p.next(Event::FailoverDone { committed: true }), Ok(S::Committed));
+        assert_eq!(p.next(Event::FailoverDone { committed: false }), Ok(S::FailedOver));
+        assert_eq!(p.next(Event::FailoverAborted), Ok(S::Paused));
+        assert!(p.next(Event::Committed).is_err(), "commit while the failover runs");
+        // Before commit: change the point, then commit; after: no more changes.
+        assert_eq!(S::FailedOver.next(Event::PointChanged), Ok(S::FailedOver));
+        assert_eq!(S::FailedOver.next(Event::Committed), Ok(S::Committed));
+        assert!(S::Committed.next(Event::PointChanged).is_err());
+        assert!(S::Committed.next(Event::Committed).is_err());
+        // Commit without a failover.
+        assert!(S::Replicating.next(Event::Committed).is_err());
+        assert!(S::Replicating.next(Event::PointChanged).is_err());
+        // Reprotect ends the failed-over relationship only.
+        assert_eq!(S::Committed.next(Event::Reprotected), Ok(S::NotEnabled));
+        assert_eq!(S::FailedOver.next(Event::Reprotected), Ok(S::NotEnabled));
+        assert!(S::Replicating.next(Event::Reprotected).is_err());
+        assert!(S::FailoverInProgress.next(Event::Reprotected).is_err());
+        // Local failover seen in an inventory.
+        assert_eq!(S::Replicating.next(Event::LocalFailover { committed: false }), Ok(S::FailedOver));
+        assert_eq!(S::FailoverInProgress.next(Event::LocalFailover { committed: true }), Ok(S::Committed));
+        assert_eq!(S::FailedOver.next(Event::LocalFailover { committed: true }), Ok(S::Committed));
+        assert!(S::Committed.next(Event::LocalFailover { committed: true }).is_err());
+        assert!(S::NotEnabled.next(Event::LocalFailover { committed: false }).is_err());
+        let e = S::Replicating.next(Event::Committed).expect_err("commit");
+        assert_eq!(e.to_string(), "commit is not possible while replication is replicating");
+    }
+
+    #[test]
     fn agent_state_strings() {
         for (s, want) in [
             ("waiting", AgentState::Waiting),
@@ -1446,6 +1718,10 @@ mod tests {
             resyncs_completed: 0,
             rate_bytes_per_sec: 0,
             samples: vec![],
+            addresses: vec![],
+            test_failover: None,
+            failover: None,
+            reversed_from: String::new(),
         }
     }
 

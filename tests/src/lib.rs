@@ -413,14 +413,18 @@ impl Lab {
 
     /// `provider serve` on the lab's port; returns once the port accepts connections.
     pub fn start_provider(&self) -> Proc {
+        self.start_provider_with(&[])
+    }
+
+    /// [`Self::start_provider`] with extra `serve` flags (e.g. `--test-intervals`).
+    pub fn start_provider_with(&self, extra: &[&str]) -> Proc {
         let mut p = self.spawn(
             "provider",
-            Command::new(bin("provider")).args(["serve", "--data-dir"]).arg(&self.provider_dir).args([
-                "--listen",
-                &self.addr(),
-                "--grace",
-                "5s",
-            ]),
+            Command::new(bin("provider"))
+                .args(["serve", "--data-dir"])
+                .arg(&self.provider_dir)
+                .args(["--listen", &self.addr(), "--grace", "5s"])
+                .args(extra),
         );
         let addr = self.addr();
         let up = wait_until(Duration::from_secs(20), || {
@@ -502,17 +506,20 @@ impl Lab {
 
     /// `agent serve` from any data dir (log `agent-<name>.log`).
     pub fn start_agent_in(&self, name: &str, dir: &Path) -> Proc {
+        self.start_agent_with(name, dir, &[])
+    }
+
+    /// [`Self::start_agent_in`] with extra `serve` flags (e.g. `--peer-listen ADDR`).
+    pub fn start_agent_with(&self, name: &str, dir: &Path, extra: &[&str]) -> Proc {
         let slot = self.host_slot(name);
         let nbd = format!("127.0.0.1:{}", slot.nbd_port);
         self.spawn(
             &format!("agent-{name}"),
-            Command::new(bin("agent")).arg("--data-dir").arg(dir).args([
-                "serve",
-                "--heartbeat",
-                HEARTBEAT,
-                "--nbd-listen",
-                &nbd,
-            ]),
+            Command::new(bin("agent"))
+                .arg("--data-dir")
+                .arg(dir)
+                .args(["serve", "--heartbeat", HEARTBEAT, "--nbd-listen", &nbd])
+                .args(extra),
         )
     }
 

@@ -473,7 +473,31 @@ pub fn replication_json(r: &v1::Replication) -> serde_json::Value {
         "last_point_unix_ms": r.last_point_unix_ms, "last_point_id": r.last_point_id, "rpo_lag_ms": r.rpo_lag_ms,
         "pending_log_bytes": r.pending_log_bytes, "bytes_replicated": r.bytes_replicated, "error": r.error,
         "done_bytes": r.done_bytes, "total_bytes": r.total_bytes,
+        "addresses": r.addresses.iter().map(|a| serde_json::json!({
+            "nic": a.nic, "source_network": a.source_network, "source_ip": a.source_ip,
+            "target_network": a.target_network, "target_ip": a.target_ip, "dhcp": a.dhcp, "note": a.note,
+        })).collect::<Vec<_>>(),
+        "test_failover_vm": r.test_failover_vm,
     })
+}
+
+pub fn vm_failover_json(f: &v1::FailoverInfo) -> serde_json::Value {
+    serde_json::json!({
+        "relationship_id": f.relationship_id, "point_id": f.point_id, "kind": f.kind, "committed": f.committed,
+        "test_of": f.test_of, "started_unix_ms": f.started_unix_ms,
+    })
+}
+
+/// The failover part of `vm show` (a VM started by a failover on its host).
+pub fn print_vm_failover(f: &v1::FailoverInfo) {
+    let of = if f.test_of.is_empty() { String::new() } else { format!(", test of {}", f.test_of) };
+    let committed = if f.committed { "committed" } else { "not committed" };
+    println!(
+        "failover  {} from point {} ({committed}{of}), started {}",
+        f.kind,
+        if f.point_id.is_empty() { "-" } else { &f.point_id },
+        utc(f.started_unix_ms)
+    );
 }
 
 /// The replication part of `vm show`.
@@ -500,6 +524,228 @@ pub fn print_replication(r: Option<&v1::Replication>) {
     println!("pending logs {}", human_size(r.pending_log_bytes));
     println!("replicated   {}", human_size(r.bytes_replicated));
     println!("last error   {}", if r.error.is_empty() { "-" } else { &r.error });
+    if !r.test_failover_vm.is_empty() {
+        println!("test VM      {} (remove with `failover cleanup`)", r.test_failover_vm);
+    }
+    for a in &r.addresses {
+        let target = if a.target_network.is_empty() {
+            "not mapped".to_string()
+        } else if a.dhcp {
+            format!("{} dhcp", a.target_network)
+        } else {
+            format!("{} {}", a.target_network, a.target_ip)
+        };
+        let source = if a.dhcp {
+            "dhcp"
+        } else if a.source_ip.is_empty() {
+            "-"
+        } else {
+            &a.source_ip
+        };
+        println!("at failover  nic{} {} {source} → {target} ({})", a.nic, a.source_network, a.note);
+    }
+}
+
+/// What `failover` does.
+pub enum FailoverArgs {
+    Start(v1::FailoverRequest),
+    Commit(String),
+    Cleanup(String),
+    ChangePoint(v1::ChangePointRequest),
+}
+
+pub async fn failover(
+    prot: &mut Prot,
+    cmd: FailoverArgs,
+    wait: bool,
+    json: bool,
+    rpc: &impl Fn(tonic::Status) -> CliError,
+) -> Result<(), CliError> {
+    let job = match cmd {
+        FailoverArgs::Start(r) => prot.failover(r).await,
+        FailoverArgs::Commit(vm) => prot.commit_failover(v1::VmRequest { vm }).await,
+        FailoverArgs::Cleanup(vm) => prot.cleanup_test_failover(v1::VmRequest { vm }).await,
+        FailoverArgs::ChangePoint(r) => prot.change_point(r).await,
+    }
+    .map_err(rpc)?
+    .into_inner();
+    started(prot, job, wait, json, rpc).await
+}
+
+/// What `network` does.
+pub enum NetworkArgs {
+    Create(v1::VmNetwork),
+    List,
+    Map(v1::NetworkMapping),
+    Mappings,
+}
+
+pub fn network_json(n: &v1::VmNetwork) -> serde_json::Value {
+    serde_json::json!({
+        "site": n.site, "name": n.name, "subnet": n.subnet, "pools": n.pools, "gateway": n.gateway, "dns": n.dns,
+    })
+}
+
+pub async fn network(
+    prot: &mut Prot,
+    cmd: NetworkArgs,
+    json: bool,
+    rpc: &impl Fn(tonic::Status) -> CliError,
+) -> Result<(), CliError> {
+    match cmd {
+        NetworkArgs::Create(n) => {
+            let n = prot.create_network(n).await.map_err(rpc)?.into_inner();
+            if json {
+                return out(&network_json(&n));
+            }
+            let pools =
+                if n.pools.is_empty() { "no static pool".to_string() } else { format!("pools {}", n.pools.join(", ")) };
+            println!("network {} created at site {}: {} ({pools})", n.name, n.site, n.subnet);
+        }
+        NetworkArgs::List => {
+            let nets = prot.list_networks(v1::ListNetworksRequest {}).await.map_err(rpc)?.into_inner().networks;
+            if json {
+                return out(&serde_json::Value::Array(nets.iter().map(network_json).collect()));
+            }
+            let rows: Vec<_> = nets
+                .iter()
+                .map(|n| {
+                    let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
+                    vec![
+                        n.name.clone(),
+                        n.site.clone(),
+                        n.subnet.clone(),
+                        dash(n.pools.join(",")),
+                        dash(n.gateway.clone()),
+                        dash(n.dns.join(",")),
+                    ]
+                })
+                .collect();
+            print_table(&["NETWORK", "SITE", "SUBNET", "POOLS", "GATEWAY", "DNS"], &rows);
+        }
+        NetworkArgs::Map(m) => {
+            let m = prot.map_network(m).await.map_err(rpc)?.into_inner();
+            if json {
+                return out(&serde_json::json!({"source": m.source, "target": m.target}));
+            }
+            println!("network {} mapped to {}", m.source, m.target);
+        }
+        NetworkArgs::Mappings => {
+            let maps =
+                prot.list_network_mappings(v1::ListNetworkMappingsRequest {}).await.map_err(rpc)?.into_inner().mappings;
+            if json {
+                return out(&serde_json::Value::Array(
+                    maps.iter().map(|m| serde_json::json!({"source": m.source, "target": m.target})).collect(),
+                ));
+            }
+            let rows: Vec<_> = maps.iter().map(|m| vec![m.source.clone(), m.target.clone()]).collect();
+            print_table(&["SOURCE", "TARGET"], &rows);
+        }
+    }
+    Ok(())
+}
+
+/// Builds a plan from `plan create` flags.
+pub fn plan_from_flags(
+    name: String,
+    groups: &[String],
+    scripts: &[String],
+    manuals: &[String],
+    script_timeout: Duration,
+) -> Result<v1::RecoveryPlan, String> {
+    use crate::plan::{parse_action, parse_group};
+    let mut plan = v1::RecoveryPlan { name, groups: vec![], actions: vec![] };
+    for g in groups {
+        let (order, vms) = parse_group(g)?;
+        plan.groups.push(v1::PlanGroup { order, vms });
+    }
+    for (flag, kind, list) in [("script", "script", scripts), ("manual", "manual", manuals)] {
+        for a in list {
+            let (after_group, command) = parse_action(flag, a)?;
+            plan.actions.push(v1::PlanAction {
+                after_group,
+                kind: kind.into(),
+                command,
+                timeout_secs: script_timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32,
+            });
+        }
+    }
+    Ok(plan)
+}
+
+/// What `plan` does.
+pub enum PlanArgs {
+    Create(v1::RecoveryPlan),
+    List,
+    Failover { plan: String, kind: String, wait: bool },
+    Confirm(String),
+}
+
+pub fn plan_json(p: &v1::RecoveryPlan) -> serde_json::Value {
+    serde_json::json!({
+        "name": p.name,
+        "groups": p.groups.iter().map(|g| serde_json::json!({"order": g.order, "vms": g.vms})).collect::<Vec<_>>(),
+        "actions": p.actions.iter().map(|a| serde_json::json!({
+            "after_group": a.after_group, "kind": a.kind, "command": a.command, "timeout_secs": a.timeout_secs,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub async fn plan(
+    prot: &mut Prot,
+    cmd: PlanArgs,
+    json: bool,
+    rpc: &impl Fn(tonic::Status) -> CliError,
+) -> Result<(), CliError> {
+    match cmd {
+        PlanArgs::Create(p) => {
+            let p = prot.create_plan(p).await.map_err(rpc)?.into_inner();
+            if json {
+                return out(&plan_json(&p));
+            }
+            let vms: usize = p.groups.iter().map(|g| g.vms.len()).sum();
+            println!(
+                "recovery plan {} created: {} group(s), {vms} VM(s), {} action(s)",
+                p.name,
+                p.groups.len(),
+                p.actions.len()
+            );
+        }
+        PlanArgs::List => {
+            let plans = prot.list_plans(v1::ListPlansRequest {}).await.map_err(rpc)?.into_inner().plans;
+            if json {
+                return out(&serde_json::Value::Array(plans.iter().map(plan_json).collect()));
+            }
+            let rows: Vec<_> = plans
+                .iter()
+                .map(|p| {
+                    let groups: Vec<String> =
+                        p.groups.iter().map(|g| format!("{}:{}", g.order, g.vms.join(","))).collect();
+                    let actions: Vec<String> =
+                        p.actions.iter().map(|a| format!("{}@{} {}", a.kind, a.after_group, a.command)).collect();
+                    vec![
+                        p.name.clone(),
+                        groups.join(" "),
+                        if actions.is_empty() { "-".into() } else { actions.join("; ") },
+                    ]
+                })
+                .collect();
+            print_table(&["PLAN", "GROUPS", "ACTIONS"], &rows);
+        }
+        PlanArgs::Failover { plan, kind, wait } => {
+            let job =
+                prot.plan_failover(v1::PlanFailoverRequest { plan, r#type: kind }).await.map_err(rpc)?.into_inner();
+            return started(prot, job, wait, json, rpc).await;
+        }
+        PlanArgs::Confirm(job_id) => {
+            let j = prot.confirm_plan_action(v1::ConfirmPlanActionRequest { job_id }).await.map_err(rpc)?.into_inner();
+            if json {
+                return out(&job_json(&j));
+            }
+            println!("{}: manual action confirmed; the plan goes on", j.id);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
