@@ -817,12 +817,8 @@ impl Task {
         {
             return Err(ReplicationError::ResyncRequired(reason));
         }
-        while let Some(p) = self.st.pending.first().cloned() {
-            if self.disks.is_empty() {
-                return Ok(()); // stopped before we ever saw its disks: nothing to read
-            }
-            self.ship_pending(&p).await?;
-        }
+        // Seal first, ship after: while the replica is unreachable the writes of each
+        // interval still become their own point, so the logs stay interval-sized.
         let app = self.live && self.app_consistent_due();
         let app_ok = if app { self.run_quiesce_hook().await } else { false };
         let through = if self.live {
@@ -838,24 +834,28 @@ impl Task {
             self.st.last_app_consistent_unix_ms = now_ms();
         }
         let logs = self.unassigned_logs(&through);
-        // A running VM gets a point every interval even when nothing was written, so the
-        // RPO lag (time since the last point) tells the truth; a stopped one does not.
-        if logs.is_empty() && self.st.last_point.is_some() && !self.live {
-            return Ok(());
-        }
         if self.disks.is_empty() {
-            return Ok(());
+            return Ok(()); // stopped before we ever saw its disks: nothing to read
         }
-        let point = PendingPoint { seq: self.st.next_seq, created_unix_ms: now_ms(), app_consistent: app_ok, logs };
-        self.st.next_seq += 1;
-        for (disk, seqs) in &point.logs {
-            if let Some(&last) = seqs.last() {
-                self.st.assigned_through.insert(disk.clone(), last);
+        // A running VM gets a point every interval even when nothing was written, so the
+        // RPO lag (time since the last point) tells the truth; a stopped one does not,
+        // and neither does one whose earlier points still wait for the replica.
+        let empty_point_due = self.live && self.st.last_point.is_some() && self.st.pending.is_empty();
+        if !logs.is_empty() || empty_point_due || self.st.last_point.is_none() {
+            let point = PendingPoint { seq: self.st.next_seq, created_unix_ms: now_ms(), app_consistent: app_ok, logs };
+            self.st.next_seq += 1;
+            for (disk, seqs) in &point.logs {
+                if let Some(&last) = seqs.last() {
+                    self.st.assigned_through.insert(disk.clone(), last);
+                }
             }
+            self.st.pending.push(point);
+            self.persist()?;
         }
-        self.st.pending.push(point.clone());
-        self.persist()?;
-        self.ship_pending(&point).await
+        while let Some(p) = self.st.pending.first().cloned() {
+            self.ship_pending(&p).await?;
+        }
+        Ok(())
     }
 
     /// Why delta replication cannot continue, if it cannot.

@@ -238,7 +238,13 @@ async fn initial_copy_then_deltas_converge() {
     env.assert_images_equal();
     assert!(s.bytes_replicated > 0 && s.error.is_empty(), "{s:?}");
     let replica = env.replicas.get(VM).expect("replica");
-    assert_eq!(replica.latest_seq(), s.last_point.as_ref().map(|p| p.seq));
+    // Points keep coming every interval (empty ones too), so the replica may be ahead.
+    let reported = s.last_point.as_ref().map(|p| p.seq).expect("a point");
+    assert!(
+        replica.latest_seq().is_some_and(|l| l >= reported),
+        "replica {:?} < reported {reported}",
+        replica.latest_seq()
+    );
     h.stop().await;
     assert!(
         std::fs::read_to_string(env.vm_dir.join(sender::STATE_FILE))

@@ -246,7 +246,13 @@ async fn wait_job(prot: &mut ProtectionClient<Chan>, job: v1::Job) -> Result<v1:
     loop {
         let j = prot.get_job(v1::GetJobRequest { id: job.id.clone() }).await.map_err(rpc("job show"))?.into_inner();
         for s in j.steps.iter().skip(shown).take_while(|s| s.state == "succeeded" || s.state == "failed") {
-            println!("      {} {}: {}{}", j.id, s.name, s.state, if s.detail.is_empty() { String::new() } else { format!(" ({})", s.detail) });
+            println!(
+                "      {} {}: {}{}",
+                j.id,
+                s.name,
+                s.state,
+                if s.detail.is_empty() { String::new() } else { format!(" ({})", s.detail) }
+            );
             shown += 1;
         }
         if j.state != "running" {
@@ -321,9 +327,13 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
     })
     .await
     .map_err(rpc("policy create"))?;
-    prot.pair_clouds(v1::CloudPairing { source_cloud: "gold-a".into(), target_cloud: "gold-b".into(), policy: "lab".into() })
-        .await
-        .map_err(rpc("cloud pair"))?;
+    prot.pair_clouds(v1::CloudPairing {
+        source_cloud: "gold-a".into(),
+        target_cloud: "gold-b".into(),
+        policy: "lab".into(),
+    })
+    .await
+    .map_err(rpc("cloud pair"))?;
     println!("  policy lab (every 5 s, zstd) pairs gold-a with gold-b; protecting vm1:");
     let job = prot.protect(v1::ProtectRequest { vm: "vm1".into() }).await.map_err(rpc("protect"))?.into_inner();
     wait_job(&mut prot, job).await?;
@@ -351,21 +361,36 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
     }
     println!("  test failover of vm1 (replication keeps running):");
     let job = prot
-        .failover(v1::FailoverRequest { vm: "vm1".into(), r#type: "test".into(), point: "latest".into(), ..Default::default() })
+        .failover(v1::FailoverRequest {
+            vm: "vm1".into(),
+            r#type: "test".into(),
+            point: "latest".into(),
+            ..Default::default()
+        })
         .await
         .map_err(rpc("failover test"))?
         .into_inner();
     wait_job(&mut prot, job).await?;
-    let test = inv.get_vm(v1::GetVmRequest { name: "vm1-test".into() }).await.map_err(rpc("vm show vm1-test"))?.into_inner();
+    let test =
+        inv.get_vm(v1::GetVmRequest { name: "vm1-test".into() }).await.map_err(rpc("vm show vm1-test"))?.into_inner();
     if let Some(d) = test.disks.first() {
         qemu(&["-f", "raw", "-c", "write -P 0xee 0 1M", &d.nbd_unix_uri]).await?;
         println!("  vm1-test runs on hv-b at {}; a write to it stays there", d.nbd_unix_uri);
     }
-    let job = prot.cleanup_test_failover(v1::VmRequest { vm: "vm1".into() }).await.map_err(rpc("failover cleanup"))?.into_inner();
+    let job = prot
+        .cleanup_test_failover(v1::VmRequest { vm: "vm1".into() })
+        .await
+        .map_err(rpc("failover cleanup"))?
+        .into_inner();
     wait_job(&mut prot, job).await?;
     println!("  planned failover of vm1 to hv-b (no data loss), then reverse replication:");
     let job = prot
-        .failover(v1::FailoverRequest { vm: "vm1".into(), r#type: "planned".into(), point: "latest".into(), ..Default::default() })
+        .failover(v1::FailoverRequest {
+            vm: "vm1".into(),
+            r#type: "planned".into(),
+            point: "latest".into(),
+            ..Default::default()
+        })
         .await
         .map_err(rpc("failover planned"))?
         .into_inner();
@@ -377,7 +402,12 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
     println!("  vm1 runs on hv-b ({uri_b}), replicating back to hv-a; wrote 1 MiB there");
     println!("  failback: planned failover back to hv-a, then reverse replication again:");
     let job = prot
-        .failover(v1::FailoverRequest { vm: "vm1".into(), r#type: "planned".into(), point: "latest".into(), ..Default::default() })
+        .failover(v1::FailoverRequest {
+            vm: "vm1".into(),
+            r#type: "planned".into(),
+            point: "latest".into(),
+            ..Default::default()
+        })
         .await
         .map_err(rpc("failback"))?
         .into_inner();
@@ -385,7 +415,10 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
     wait_reprotected(&mut prot, &mut inv, "hv-a").await?;
     let back = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.map_err(rpc("vm show"))?.into_inner();
     let uri_a = back.disks.first().map(|d| d.nbd_unix_uri.clone()).unwrap_or_default();
-    let ok = run_ok(Path::new("qemu-io"), &["-f", "raw", "-c", "read -P 0x77 32M 1M", "-c", "read -P 0x5a 16M 2M", &uri_a]).await.is_ok();
+    let ok =
+        run_ok(Path::new("qemu-io"), &["-f", "raw", "-c", "read -P 0x77 32M 1M", "-c", "read -P 0x5a 16M 2M", &uri_a])
+            .await
+            .is_ok();
     println!("  vm1 is back on hv-a; the writes made at both sites are {}", if ok { "all there" } else { "MISSING" });
     if !ok {
         bail!("data written before the failback is missing on hv-a");
@@ -394,14 +427,21 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
 }
 
 /// Waits until vm1 runs on `host` and its reverse replication is replicating.
-async fn wait_reprotected(prot: &mut ProtectionClient<Chan>, inv: &mut InventoryClient<Chan>, host: &str) -> Result<()> {
+async fn wait_reprotected(
+    prot: &mut ProtectionClient<Chan>,
+    inv: &mut InventoryClient<Chan>,
+    host: &str,
+) -> Result<()> {
     let _ = prot;
     let end = tokio::time::Instant::now() + Duration::from_secs(300);
     loop {
         if let Ok(vm) = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await {
             let vm = vm.into_inner();
             if vm.host_name == host && vm.replication.as_ref().is_some_and(|r| r.state == "replicating") {
-                println!("      vm1 on {host}, replicating to {}", vm.replication.map(|r| r.replica_host).unwrap_or_default());
+                println!(
+                    "      vm1 on {host}, replicating to {}",
+                    vm.replication.map(|r| r.replica_host).unwrap_or_default()
+                );
                 return Ok(());
             }
         }

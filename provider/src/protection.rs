@@ -537,8 +537,15 @@ impl ProtectionCore {
                 return;
             };
             if live.rec.primary_host_id != host_id {
-                tracing::warn!(relationship = %s.relationship_id, host_id, "status from a host that is not the primary; ignored");
-                return;
+                if !same_host(&live.rec.primary_host_id, host_id) {
+                    tracing::warn!(relationship = %s.relationship_id, host_id, "status from a host that is not the primary; ignored");
+                    return;
+                }
+                // The primary re-registered (new id, same host): its statuses still
+                // tell the truth about this relationship — typically that the replica
+                // now refuses it, which must show as Critical until an operator acts.
+                tracing::warn!(relationship = %s.relationship_id, host_id, old = %live.rec.primary_host_id,
+                    "status from the re-registered primary host");
             }
             let old_point = live.rec.status.last_point_id.clone();
             let changed = match live.rec.apply_status(s, now) {
@@ -1755,5 +1762,28 @@ mod tests {
         assert_eq!(r.state, S::StoppedOnError);
         assert_eq!(r.health(true, "hv1", 6000).0, Health::Critical);
         assert!(r.apply_status(&status("nonsense", 0), 7000).is_err());
+    }
+}
+
+/// Whether two host ids name the same host across a re-registration: ids are
+/// `<host name>-<6 hex digits>` (see `registration.rs`), so the name part is compared.
+pub fn same_host(a: &str, b: &str) -> bool {
+    fn name(id: &str) -> Option<&str> {
+        let (n, suffix) = id.rsplit_once('-')?;
+        (suffix.len() == 6 && suffix.bytes().all(|c| c.is_ascii_hexdigit())).then_some(n)
+    }
+    matches!((name(a), name(b)), (Some(x), Some(y)) if x == y)
+}
+
+#[cfg(test)]
+mod same_host_tests {
+    use super::same_host;
+
+    #[test]
+    fn same_name_different_suffix() {
+        assert!(same_host("hv-a-0a1b2c", "hv-a-ffffff"));
+        assert!(!same_host("hv-a-0a1b2c", "hv-b-0a1b2c"));
+        assert!(!same_host("hv-a-0a1b2c", "hv-a"));
+        assert!(!same_host("0123456789abcdef", "0123456789abcdee"));
     }
 }

@@ -717,9 +717,6 @@ fn only_the_primary_may_use_the_replicas_peer_service() {
 }
 
 #[test]
-#[ignore = "bug: provider/src/protection.rs:411 drops every status of a re-registered primary (new host id), so the \
-            authorisation failure its sender stops on never reaches health: Warning 'primary host <old id> is not \
-            connected' instead of Critical"]
 fn reregistered_primary_is_refused_and_health_goes_critical() {
     let mut w = World::new("reregistered_primary", &["16M"], &[]);
     let uris = w.primary_uris();

@@ -1,0 +1,917 @@
+//! The failover lifecycle end to end, with real processes: a provider serving with
+//! `--test-intervals`, a primary host `hv-a` (site primary, cloud gold-a) and a replica
+//! host `hv-b` (site secondary, cloud gold-b), a 1 s policy, VMs written and read by the
+//! real `qemu-io` through the agents' NBD exports, and `qemu-img compare`.
+//!
+//! What is covered: planned failover while `qemu-io` writes until the stop (no
+//! acknowledged write lost, then reverse replication); unplanned failover with the
+//! primary agent killed, change-point and commit; test failover (replication goes on,
+//! writes stay in the test VM, cleanup leaves nothing behind); the bytes reverse
+//! replication sends and failback; IP addresses after failover and in a plan script;
+//! recovery plan order, script output and a failing script; local failover on the agent
+//! with the provider down; reprotect after an unplanned failover (only the differing
+//! blocks travel back to the former primary).
+//!
+//! Run: `cargo build --workspace --bins && cargo test -p siterecovery-tests --test failover`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use siterecovery_tests::*;
+
+const MIB: u64 = 1 << 20;
+/// Write size of the tests, and the agent's resync block size (`agent/src/resync.rs`).
+const BLOCK: u64 = 64 << 10;
+/// The policy interval (the provider runs with `--test-intervals`).
+const INTERVAL_MS: i64 = 1000;
+/// Longest wait for a replication event (points, health, states).
+const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a `--wait` command may run.
+const JOB_TIMEOUT: Duration = Duration::from_secs(150);
+
+// ---------------------------------------------------------------------------------
+// The world: provider + two hosts, paired clouds and a fast policy.
+
+struct World {
+    lab: Lab,
+    provider: Option<Proc>,
+    a: Proc,
+    _b: Proc,
+}
+
+impl World {
+    /// Provider with `--test-intervals`, hv-a and hv-b registered and connected, policy
+    /// `fast` (1 s), gold-a paired with gold-b. No VM yet.
+    fn new(test: &str) -> Self {
+        let lab = Lab::new(test);
+        lab.create_vault();
+        let provider = lab.start_provider_with(&["--test-intervals"]);
+        lab.operator_cert();
+        lab.register_agent("hv-a", "primary", "gold-a");
+        lab.register_agent("hv-b", "secondary", "gold-b");
+        let a = lab.start_agent("hv-a");
+        let b = lab.start_agent("hv-b");
+        lab.wait_host_connected("hv-a");
+        lab.wait_host_connected("hv-b");
+        lab.cli_json(&["policy", "create", "--name", "fast", "--interval", "1s", "--retention", "1h"]);
+        lab.cli_json(&["cloud", "pair", "--source", "gold-a", "--target", "gold-b", "--policy", "fast"]);
+        Self { lab, provider: Some(provider), a, _b: b }
+    }
+
+    /// `vm create --host hv-a --name NAME --disk D... --nic N...`.
+    fn vm(&self, name: &str, disks: &[&str], nics: &[&str]) {
+        let mut args = vec!["vm", "create", "--host", "hv-a", "--name", name];
+        for d in disks {
+            args.extend(["--disk", d]);
+        }
+        for n in nics {
+            args.extend(["--nic", n]);
+        }
+        self.lab.cli_json(&args);
+    }
+
+    fn dir(&self, host: &str) -> PathBuf {
+        self.lab.host_slot(host).dir
+    }
+
+    /// The operator CLI with a long timeout (for `--wait`).
+    fn cli_long(&self, args: &[&str]) -> Output {
+        self.lab.run_timeout(
+            Command::new(bin("provider"))
+                .args(["--connect", &self.lab.addr()])
+                .arg("--certs")
+                .arg(&self.lab.opdir)
+                .args(args),
+            JOB_TIMEOUT,
+        )
+    }
+
+    /// `--json ARGS --wait`, asserting success; the job as printed.
+    #[track_caller]
+    fn wait_job(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        a.push("--wait");
+        let o = self.cli_long(&a);
+        assert_ok(&o, &args.join(" "));
+        job_from(&o).unwrap_or_else(|| panic!("{} printed no job: {}", args.join(" "), stdout(&o)))
+    }
+
+    /// `vm show V --json`, `None` while the CLI fails.
+    fn try_show(&self, vm: &str) -> Option<Value> {
+        let o = self.lab.cli(&["--json", "vm", "show", vm]);
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    #[track_caller]
+    fn show(&self, vm: &str) -> Value {
+        self.lab.cli_json(&["vm", "show", vm])
+    }
+
+    /// The unix-socket NBD URI of every disk of `vm` (where it runs now).
+    #[track_caller]
+    fn uris(&self, vm: &str) -> Vec<String> {
+        let v = self.show(vm);
+        let uris: Vec<String> = v["disks"]
+            .as_array()
+            .expect("disks")
+            .iter()
+            .map(|d| d["nbd_unix_uri"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert!(!uris.is_empty() && uris.iter().all(|u| !u.is_empty()), "{vm}: disks without NBD URIs: {v}");
+        uris
+    }
+
+    /// Waits until `vm show V --json` satisfies `pred`; returns it.
+    #[track_caller]
+    fn wait_vm(&self, vm: &str, what: &str, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        let ok = wait_until(timeout, || {
+            last = self.try_show(vm).unwrap_or(Value::Null);
+            pred(&last)
+        });
+        if !ok {
+            self.lab.dump_logs();
+            panic!("{vm}: {what} not seen within {timeout:?}; last `vm show`: {last}");
+        }
+        last
+    }
+
+    /// Recovery points of `vm`, oldest first; empty while the CLI fails.
+    fn points(&self, vm: &str) -> Vec<Value> {
+        let o = self.lab.cli(&["--json", "points", vm]);
+        if !o.status.success() {
+            return Vec::new();
+        }
+        let mut v: Vec<Value> =
+            serde_json::from_slice::<Value>(&o.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default();
+        v.sort_by_key(|p| p["seq"].as_u64().unwrap_or(0));
+        v
+    }
+
+    /// Waits for a point of `vm` created after `after_ms` (it holds every write
+    /// acknowledged before then); returns it.
+    #[track_caller]
+    fn wait_point_after(&self, vm: &str, after_ms: i64, what: &str) -> Value {
+        let mut last = Vec::new();
+        let ok = wait_until(EVENT_TIMEOUT, || {
+            last = self.points(vm);
+            last.last().is_some_and(|p| p["created_unix_ms"].as_i64().unwrap_or(0) > after_ms)
+        });
+        if !ok {
+            self.lab.dump_logs();
+            panic!("{what}: no point of {vm} created after {after_ms} within {EVENT_TIMEOUT:?}; points: {last:?}");
+        }
+        last.pop().expect("a point")
+    }
+
+    /// `protect V --wait` and a first recovery point.
+    #[track_caller]
+    fn protect(&self, vm: &str) {
+        let o = self.cli_long(&["protect", vm, "--wait"]);
+        assert_ok(&o, &format!("protect {vm} --wait"));
+        self.wait_point_after(vm, 0, "first point");
+    }
+
+    /// `point export V --point P`: one read-only NBD URI per disk.
+    #[track_caller]
+    fn export(&self, vm: &str, point: &str) -> Vec<String> {
+        let o = self.lab.cli(&["point", "export", vm, "--point", point]);
+        assert_ok(&o, &format!("point export {vm} --point {point}"));
+        let uris: Vec<String> = stdout(&o).split_whitespace().map(str::to_owned).collect();
+        assert!(!uris.is_empty() && uris.iter().all(|u| u.starts_with("nbd")), "point export printed {uris:?}");
+        uris
+    }
+
+    /// `job show ID --json`.
+    #[track_caller]
+    fn job(&self, id: &str) -> Value {
+        self.lab.cli_json(&["job", "show", id])
+    }
+
+    /// The newest job whose kind contains `kind` (case-insensitive).
+    #[track_caller]
+    fn last_job(&self, kind: &str) -> Value {
+        let jobs = self.lab.cli_json(&["job", "list"]);
+        jobs.as_array()
+            .expect("jobs")
+            .iter()
+            .filter(|j| j["kind"].as_str().is_some_and(|k| k.to_lowercase().contains(&kind.to_lowercase())))
+            .max_by_key(|j| j["created_unix_ms"].as_i64().unwrap_or(0))
+            .cloned()
+            .unwrap_or_else(|| panic!("no {kind} job in {jobs}"))
+    }
+}
+
+/// The job JSON a `--json ... --wait` printed.
+fn job_from(o: &Output) -> Option<Value> {
+    let text = stdout(o);
+    let start = text.find('{')?;
+    serde_json::from_str(&text[start..]).ok()
+}
+
+/// A step of a job by name.
+#[track_caller]
+fn step<'a>(job: &'a Value, name: &str) -> &'a Value {
+    job["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("no step {name:?} in {job}"))
+}
+
+/// `qemu-io -f raw [-r] -c CMD... URI`.
+fn qio(lab: &Lab, uri: &str, cmds: &[String], read_only: bool) -> Output {
+    let mut args: Vec<&str> = vec!["-f", "raw"];
+    if read_only {
+        args.push("-r");
+    }
+    for c in cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(uri);
+    lab.qemu_io(&args)
+}
+
+/// Strict: exit 0 and no "failed" (a failed write, or a pattern that does not verify).
+fn qio_ok(lab: &Lab, uri: &str, cmds: &[String], read_only: bool) -> bool {
+    let o = qio(lab, uri, cmds, read_only);
+    o.status.success() && !stdout(&o).contains("failed") && !stderr(&o).contains("failed")
+}
+
+#[track_caller]
+fn write(lab: &Lab, uri: &str, cmds: &[&str]) {
+    let cmds: Vec<String> = cmds.iter().map(|s| s.to_string()).collect();
+    assert!(qio_ok(lab, uri, &cmds, false), "qemu-io {cmds:?} {uri} failed");
+}
+
+/// True when every `read -P` verifies (read-only open).
+fn reads(lab: &Lab, uri: &str, cmds: &[&str]) -> bool {
+    let cmds: Vec<String> = cmds.iter().map(|s| s.to_string()).collect();
+    qio_ok(lab, uri, &cmds, true)
+}
+
+/// `qemu-img compare -f raw -F raw A B`: true identical, false different; panics otherwise.
+#[track_caller]
+fn same(lab: &Lab, a: &str, b: &str) -> bool {
+    let o = lab.qemu_img(&["compare", "-f", "raw", "-F", "raw", a, b]);
+    match o.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!("qemu-img compare {a} {b} failed: {} {}", stdout(&o), stderr(&o)),
+    }
+}
+
+/// `(compared, sent)` parsed from "... N blocks compared, M sent ...".
+fn resync_figures(text: &str) -> Option<(u64, u64)> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let num = |w: &str| w.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>().ok();
+    let i = words.windows(3).position(|w| w[1] == "blocks" && w[2].starts_with("compared"))?;
+    Some((num(words[i])?, num(words.get(i + 3)?)?))
+}
+
+/// Every file under `dir` (recursively) whose name ends with `suffix`.
+fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(p);
+            } else if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(suffix)) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn write_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, body).expect("write script");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
+}
+
+// ---------------------------------------------------------------------------------
+// Background writers.
+
+/// Writes 64 KiB blocks, each with its own pattern at its own offset, through one NBD
+/// URI, `per_call` writes per `qemu-io` run, recording the offset of every write
+/// `qemu-io` reports as done ("wrote ... at offset N"). Ends at the first failure (the
+/// VM stopped), when stopped, or when the slots run out.
+struct AckWriter {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    /// When the last `qemu-io` run ended (ms since the epoch).
+    last_call_ms: Arc<AtomicU64>,
+    handle: Option<JoinHandle<(Vec<u64>, Option<String>)>>,
+}
+
+/// The pattern of the block at `off` (never 0, neighbours differ).
+fn pattern_at(off: u64) -> u8 {
+    ((off / BLOCK * 37) % 251) as u8 + 1
+}
+
+impl AckWriter {
+    fn start(uri: String, span: u64, per_call: u64, pace: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let last_call_ms = Arc::new(AtomicU64::new(0));
+        let (s, a, a_ms) = (stop.clone(), acked.clone(), last_call_ms.clone());
+        let handle = std::thread::spawn(move || {
+            let mut done = Vec::new();
+            let slots = span / BLOCK;
+            let mut next = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                if next >= slots {
+                    return (done, None);
+                }
+                let mut cmd = Command::new("qemu-io");
+                cmd.args(["-f", "raw"]);
+                for _ in 0..per_call.min(slots - next) {
+                    let off = next * BLOCK;
+                    cmd.args(["-c", &format!("write -P {} {off} {BLOCK}", pattern_at(off))]);
+                    next += 1;
+                }
+                let o = match cmd.arg(&uri).stdin(std::process::Stdio::null()).output() {
+                    Ok(o) => o,
+                    Err(e) => return (done, Some(e.to_string())),
+                };
+                let out = String::from_utf8_lossy(&o.stdout);
+                a_ms.store(unix_now_ms() as u64, Ordering::SeqCst);
+                for l in out.lines().filter(|l| l.starts_with("wrote ")) {
+                    if let Some(off) = l.rsplit(' ').next().and_then(|w| w.parse::<u64>().ok()) {
+                        done.push(off);
+                        a.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                if !o.status.success() || out.contains("failed") {
+                    let err = format!("{} {out} {}", o.status, String::from_utf8_lossy(&o.stderr));
+                    return (done, Some(err));
+                }
+                std::thread::sleep(pace);
+            }
+            (done, None)
+        });
+        Self { stop, acked, last_call_ms, handle: Some(handle) }
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    fn finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Stops and joins: the acknowledged offsets and the error that ended it, if any.
+    fn stop(mut self) -> (Vec<u64>, Option<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.take().expect("running").join().expect("writer thread panicked")
+    }
+}
+
+impl Drop for AckWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// 1. Planned failover while qemu-io writes until the stop.
+
+#[test]
+fn planned_failover_while_writing_loses_no_acknowledged_write() {
+    let w = World::new("planned_while_writing");
+    w.vm("vm1", &["64M"], &[]);
+    let uri_a = w.uris("vm1")[0].clone();
+    w.protect("vm1");
+    let writer = AckWriter::start(uri_a.clone(), 64 * MIB, 2, Duration::from_millis(10));
+    assert!(wait_until(Duration::from_secs(30), || writer.acked() >= 100), "the writer made no progress");
+    let before = writer.acked();
+    let started = Instant::now();
+    let started_ms = unix_now_ms();
+    let job = w.wait_job(&["failover", "planned", "vm1"]);
+    let took = started.elapsed();
+    // Once the primary VM is stopped its writes are refused: the writer ends on a failure.
+    let ended = wait_until(Duration::from_secs(20), || writer.finished());
+    let last_call = writer.last_call_ms.load(Ordering::SeqCst) as i64 - started_ms;
+    let (acked, err) = writer.stop();
+    eprintln!(
+        "[planned] {} writes acknowledged ({before} before the failover started); failover took {took:?}; the writer's last run ended {last_call} ms after the failover started, with {err:?}",
+        acked.len()
+    );
+    assert!(ended, "the writer still writes to hv-a 20 s after the planned failover");
+    // It was still writing when the primary stopped (it ends on a refused write, not
+    // for lack of free slots).
+    assert!(err.is_some(), "the writer ended without a refused write ({} writes)", acked.len());
+    assert!(acked.len() as u64 >= before, "acknowledged writes were lost by the writer's bookkeeping");
+    assert!(!qio_ok(&w.lab, &uri_a, &["write -P 0x99 0 64k".into()], false), "hv-a still accepts writes to vm1");
+    assert_eq!(step(&job, "Commit")["state"], "succeeded", "{job}");
+
+    // Every acknowledged write is on hv-b, read back through vm1's export there.
+    let vm = w.show("vm1");
+    assert_eq!(vm["host"], "hv-b", "{vm}");
+    let uri_b = w.uris("vm1")[0].clone();
+    assert!(uri_b.contains(&w.dir("hv-b").display().to_string()), "vm1's disk is not served by hv-b: {uri_b}");
+    let mut missing = Vec::new();
+    for chunk in acked.chunks(200) {
+        let cmds: Vec<String> = chunk.iter().map(|off| format!("read -P {} {off} {BLOCK}", pattern_at(*off))).collect();
+        if !qio_ok(&w.lab, &uri_b, &cmds, true) {
+            // Find which ones (rare path: only on failure).
+            for (off, c) in chunk.iter().zip(&cmds) {
+                if !qio_ok(&w.lab, &uri_b, std::slice::from_ref(c), true) {
+                    missing.push(*off);
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "{} acknowledged writes are not on hv-b, offsets {missing:?}", missing.len());
+
+    // Reverse replication: vm1 replicates hv-b → hv-a.
+    let vm = w.wait_vm("vm1", "replicating from hv-b to hv-a", EVENT_TIMEOUT, |v| {
+        v["host"] == "hv-b" && v["replication"]["state"] == "replicating" && v["replication"]["replica_host"] == "hv-a"
+    });
+    eprintln!("[planned] reverse replication: {}", vm["replication"]);
+}
+
+// ---------------------------------------------------------------------------------
+// 2. Unplanned failover with the primary agent killed; change-point; commit.
+
+#[test]
+fn unplanned_failover_change_point_and_commit() {
+    let mut w = World::new("unplanned");
+    w.vm("vm1", &["16M"], &[]);
+    let uri = w.uris("vm1")[0].clone();
+    w.protect("vm1");
+    write(&w.lab, &uri, &["write -P 0xa1 0 1M"]);
+    let p_a = w.wait_point_after("vm1", unix_now_ms(), "point A");
+    let p_a_id = p_a["id"].as_str().expect("point id").to_owned();
+    // The next write lands in a later retention bucket, so point A is retained.
+    let p_a_ms = p_a["created_unix_ms"].as_i64().unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(10), || unix_now_ms() > p_a_ms + 2 * INTERVAL_MS + 100));
+    write(&w.lab, &uri, &["write -P 0xb2 0 1M"]);
+    let p_b = w.wait_point_after("vm1", unix_now_ms(), "point B");
+    assert_ne!(p_b["id"], p_a["id"]);
+    assert!(w.points("vm1").iter().any(|p| p["id"] == p_a_id.as_str()), "point A was not retained");
+
+    w.a.kill9();
+    w.lab.wait_host("hv-a", "disconnected", Duration::from_secs(30), |h| h["connected"] == false);
+    let job = w.wait_job(&["failover", "unplanned", "vm1"]);
+    eprintln!("[unplanned] {}", step(&job, "Start the VM on the replica host")["detail"]);
+    let vm = w.show("vm1");
+    assert_eq!(vm["host"], "hv-b", "{vm}");
+    assert_eq!(vm["failover"]["kind"], "unplanned", "{vm}");
+    assert_eq!(vm["failover"]["committed"], false, "{vm}");
+    assert_eq!(vm["replication"]["state"], "failed over (waiting for commit)", "{vm}");
+    let uri_b = w.uris("vm1")[0].clone();
+    assert!(reads(&w.lab, &uri_b, &["read -P 0xb2 0 1M"]), "vm1 on hv-b does not start from the latest point (B)");
+
+    w.wait_job(&["failover", "change-point", "vm1", "--point", &p_a_id]);
+    let vm = w.show("vm1");
+    assert_eq!(vm["failover"]["point_id"], p_a_id.as_str(), "{vm}");
+    let uri_b = w.uris("vm1")[0].clone();
+    assert!(reads(&w.lab, &uri_b, &["read -P 0xa1 0 1M"]), "after change-point, vm1 does not read point A");
+    assert!(!reads(&w.lab, &uri_b, &["read -P 0xb2 0 64k"]), "after change-point, vm1 still reads B");
+    // Written before the commit: kept by it.
+    write(&w.lab, &uri_b, &["write -P 0xc3 2M 1M"]);
+
+    w.wait_job(&["failover", "commit", "vm1"]);
+    let vm = w.show("vm1");
+    assert_eq!(vm["host"], "hv-b", "{vm}");
+    assert_eq!(vm["failover"]["committed"], true, "{vm}");
+    assert_eq!(vm["replication"]["state"], "committed", "{vm}");
+    let uri_b = w.uris("vm1")[0].clone();
+    assert!(reads(&w.lab, &uri_b, &["read -P 0xa1 0 1M", "read -P 0xc3 2M 1M"]), "data changed by the commit");
+    write(&w.lab, &uri_b, &["write -P 0xd4 4M 1M"]);
+    assert!(reads(&w.lab, &uri_b, &["read -P 0xd4 4M 1M", "read -P 0xa1 0 1M"]), "vm1 is not writable after commit");
+    let pts = w.lab.cli(&["--json", "points", "vm1"]);
+    if pts.status.success() {
+        let list: Value = serde_json::from_slice(&pts.stdout).expect("points JSON");
+        let others: Vec<&Value> =
+            list.as_array().map(|a| a.iter().filter(|p| p["id"] != p_a_id.as_str()).collect()).unwrap_or_default();
+        assert!(others.is_empty(), "other points still listed after commit: {list}");
+    }
+    // Refusals after commit.
+    let o = w.lab.cli(&["failover", "change-point", "vm1", "--point", &p_a_id]);
+    assert_fails_saying(&o, &["commit"], "change-point after commit");
+    assert_fails(&w.lab.cli(&["failover", "commit", "vm1"]), "a second commit");
+}
+
+// ---------------------------------------------------------------------------------
+// 3. Test failover: replication goes on; writes stay in the test VM; cleanup.
+
+#[test]
+fn test_failover_keeps_replicating_and_cleans_up() {
+    let w = World::new("test_failover");
+    w.vm("vm1", &["64M"], &[]);
+    let uri = w.uris("vm1")[0].clone();
+    write(&w.lab, &uri, &["write -P 0x31 0 4M"]);
+    w.protect("vm1");
+    let writer = AckWriter::start(uri.clone(), 32 * MIB, 1, Duration::from_millis(100));
+    assert!(wait_until(Duration::from_secs(30), || writer.acked() >= 2), "the writer made no progress");
+
+    let job = w.wait_job(&["failover", "test", "vm1"]);
+    eprintln!("[test] {}", step(&job, "Start the test VM on the replica host")["detail"]);
+    let test = w.show("vm1-test");
+    assert_eq!(test["host"], "hv-b", "{test}");
+    assert_eq!(test["failover"]["kind"], "test", "{test}");
+    let test_uri = w.uris("vm1-test")[0].clone();
+    assert!(reads(&w.lab, &test_uri, &["read -P 0x31 0 4M"]), "the test VM does not read the point's data");
+    write(&w.lab, &test_uri, &["write -P 0xee 48M 1M"]);
+    assert!(reads(&w.lab, &test_uri, &["read -P 0xee 48M 1M"]), "the test VM lost its write");
+    // One test failover per VM.
+    let o = w.lab.cli(&["failover", "test", "vm1"]);
+    assert_fails_saying(&o, &["test failover", "cleanup"], "a second test failover");
+
+    // Replication goes on while the writer runs: new points, health Normal.
+    let t = unix_now_ms();
+    let p1 = w.wait_point_after("vm1", t, "a point during the test failover");
+    let p2 = w.wait_point_after("vm1", p1["created_unix_ms"].as_i64().unwrap_or(0), "a second point");
+    let r = w.show("vm1")["replication"].clone();
+    eprintln!("[test] during the test failover: points {} and {}; replication {r}", p1["id"], p2["id"]);
+    assert_eq!(r["state"], "replicating", "{r}");
+    assert_eq!(r["health"], "Normal", "{r}");
+    assert_eq!(r["test_failover_vm"], "vm1-test", "{r}");
+    let lag = r["rpo_lag_ms"].as_i64().unwrap_or(i64::MAX);
+    assert!(lag < 10_000, "RPO lag {lag} ms during the test failover");
+    let (acked, err) = writer.stop();
+    assert!(err.is_none(), "the primary refused writes during a test failover: {err:?}");
+    assert!(acked.len() >= 4, "the writer barely wrote: {}", acked.len());
+
+    // The test VM's write reached neither the primary nor the replica.
+    let p = w.wait_point_after("vm1", unix_now_ms(), "a point after the writer");
+    let exported = w.export("vm1", p["id"].as_str().expect("id"));
+    assert!(reads(&w.lab, &exported[0], &["read -P 0 48M 1M"]), "the test VM's write is in the replica's point");
+    assert!(same(&w.lab, &exported[0], &uri), "the replica's latest point differs from the primary");
+    assert_ok(&w.lab.cli(&["point", "unexport", "vm1"]), "point unexport");
+    assert!(reads(&w.lab, &uri, &["read -P 0 48M 1M"]), "the test VM's write reached the primary");
+
+    w.wait_job(&["failover", "cleanup", "vm1"]);
+    let list = w.lab.cli_json(&["vm", "list"]);
+    assert!(
+        !list.as_array().expect("vm list").iter().any(|v| v["name"] == "vm1-test"),
+        "vm1-test still listed: {list}"
+    );
+    let b = w.dir("hv-b");
+    assert!(!b.join("vms").join("vm1-test").exists(), "the test VM's folder is left on hv-b");
+    let overlays = files_ending(&b, ".overlay");
+    let maps = files_ending(&b, ".overlay.map");
+    assert!(overlays.is_empty() && maps.is_empty(), "overlay files left on hv-b: {overlays:?} {maps:?}");
+    let r = w.show("vm1")["replication"].clone();
+    assert_eq!(r["state"], "replicating", "{r}");
+    assert_eq!(r["test_failover_vm"], "", "{r}");
+    // A new test failover is allowed again.
+    w.wait_job(&["failover", "test", "vm1"]);
+    w.wait_job(&["failover", "cleanup", "vm1"]);
+}
+
+// ---------------------------------------------------------------------------------
+// 4. Reverse replication sends only what the secondary wrote; failback.
+
+#[test]
+fn reverse_replication_sends_only_new_blocks_and_failback_matches() {
+    let w = World::new("reverse_and_failback");
+    let disk = 64 * MIB;
+    w.vm("vm1", &["64M"], &[]);
+    let uri_a = w.uris("vm1")[0].clone();
+    write(&w.lab, &uri_a, &["write -P 0x41 0 8M", "write -P 0x42 40M 2M"]);
+    w.protect("vm1");
+    w.wait_point_after("vm1", unix_now_ms(), "a point with the data");
+
+    let job = w.wait_job(&["failover", "planned", "vm1"]);
+    let detail = step(&job, "Start reverse replication")["detail"].as_str().unwrap_or_default().to_owned();
+    let rev_id = detail
+        .split_whitespace()
+        .skip_while(|w| *w != "job")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no reverse replication job in {detail:?}"))
+        .to_owned();
+    w.wait_vm("vm1", "replicating from hv-b to hv-a", EVENT_TIMEOUT, |v| {
+        v["host"] == "hv-b" && v["replication"]["state"] == "replicating" && v["replication"]["replica_host"] == "hv-a"
+    });
+    let mut rev = Value::Null;
+    let ended = wait_until(EVENT_TIMEOUT, || {
+        rev = w.job(&rev_id);
+        rev["state"] != "running"
+    });
+    assert!(ended && rev["state"] == "succeeded", "reverse replication job: {rev}");
+    let (compared, sent) = rev["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["detail"].as_str())
+        .find_map(resync_figures)
+        .unwrap_or_else(|| panic!("no block figures in {rev}"));
+    eprintln!(
+        "[reverse] initial reverse resync: {sent} of {compared} blocks sent ({} of {} bytes)",
+        sent * BLOCK,
+        disk
+    );
+    assert_eq!(compared, disk / BLOCK, "every block is compared");
+    assert!(sent * BLOCK <= disk / 64, "the reverse resync sent {sent} blocks: nothing was written since the failover");
+
+    // 10 blocks written on hv-b travel back as a delta.
+    let uri_b = w.uris("vm1")[0].clone();
+    let before = w.show("vm1")["replication"]["bytes_replicated"].as_u64().unwrap_or(0);
+    let cmds: Vec<String> =
+        (0..10u64).map(|i| format!("write -P {} {} {BLOCK}", 0x60 + i, (i * 5 + 1) * MIB)).collect();
+    assert!(qio_ok(&w.lab, &uri_b, &cmds, false), "writes on hv-b");
+    let wrote = unix_now_ms();
+    w.wait_point_after("vm1", wrote, "a point on hv-a with the writes made on hv-b");
+    let written = 10 * BLOCK;
+    let mut after = before;
+    let counted = wait_until(Duration::from_secs(20), || {
+        after = w.show("vm1")["replication"]["bytes_replicated"].as_u64().unwrap_or(0);
+        after >= before + written
+    });
+    let delta = after - before;
+    eprintln!("[reverse] {written} bytes written on hv-b; bytes_replicated {before} → {after} (+{delta}); disk {disk}");
+    assert!(counted, "bytes_replicated grew by {delta} only, for {written} bytes written");
+    assert!(delta < 2 * written, "reverse replication sent {delta} bytes for {written} written");
+
+    // Failback: hv-a ends up identical to hv-b.
+    let saved = w.lab.root.join("hv-b-disk0.img");
+    let o = w.lab.qemu_img(&["convert", "-f", "raw", "-O", "raw", &uri_b, &saved.display().to_string()]);
+    assert_ok(&o, "qemu-img convert of hv-b's disk");
+    w.wait_job(&["failover", "planned", "vm1"]);
+    let vm = w.wait_vm("vm1", "back on hv-a, replicating to hv-b", EVENT_TIMEOUT, |v| {
+        v["host"] == "hv-a" && v["replication"]["state"] == "replicating" && v["replication"]["replica_host"] == "hv-b"
+    });
+    let uri_a = vm["disks"][0]["nbd_unix_uri"].as_str().expect("uri").to_owned();
+    assert!(uri_a.contains(&w.dir("hv-a").display().to_string()), "vm1's disk is not served by hv-a: {uri_a}");
+    assert!(same(&w.lab, &uri_a, &saved.display().to_string()), "after failback hv-a differs from what hv-b had");
+    assert!(
+        reads(
+            &w.lab,
+            &uri_a,
+            &["read -P 0x41 0 1M", "read -P 0x60 1M 64k", "read -P 0x42 40M 1M", "read -P 0x69 46M 64k"]
+        ),
+        "hv-a lacks data written at either site"
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// 5. IP addresses after failover, and in a plan script.
+
+fn in_dr_pool(ip: &str) -> bool {
+    ip.strip_prefix("10.0.0.").and_then(|h| h.parse::<u8>().ok()).is_some_and(|h| (20..=60).contains(&h))
+}
+
+#[test]
+fn failover_addresses_follow_the_target_pool() {
+    let w = World::new("ip_addresses");
+    let net = |args: &[&str]| {
+        let mut a = vec!["network"];
+        a.extend_from_slice(args);
+        w.lab.cli_json(&a);
+    };
+    net(&["create", "--site", "primary", "--name", "prod", "--subnet", "10.0.0.0/24", "--pool", "10.0.0.10-10.0.0.50"]);
+    net(&["create", "--site", "secondary", "--name", "dr", "--subnet", "10.0.0.0/24", "--pool", "10.0.0.20-10.0.0.60"]);
+    net(&["map", "--source", "prod", "--target", "dr"]);
+    w.vm("vmA", &["8M"], &["prod=10.0.0.25", "prod=10.0.0.12", "prod=dhcp"]);
+    w.vm("vmB", &["8M"], &["prod=10.0.0.25"]);
+    w.protect("vmA");
+    w.protect("vmB");
+    let res_a = w.show("vmA")["replication"]["addresses"].clone();
+    let res_b = w.show("vmB")["replication"]["addresses"].clone();
+    eprintln!("[ip] reservations vmA {res_a}\n[ip] reservations vmB {res_b}");
+
+    let out = w.lab.root.join("ip-changes.txt");
+    let script = w.lab.root.join("dns.sh");
+    write_script(
+        &script,
+        &format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$SITERECOVERY_IP_CHANGES\" > {out}\necho \"dns update after group $SITERECOVERY_GROUP\"\n",
+            out = out.display()
+        ),
+    );
+    w.lab.cli_json(&["plan", "create", "ips", "--group", "1:vmA,vmB", "--script", &format!("1={}", script.display())]);
+    let job = w.wait_job(&["plan", "failover", "ips", "--type", "planned"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+
+    let a = w.show("vmA");
+    let b = w.show("vmB");
+    eprintln!("[ip] after failover vmA nics {}\n[ip] vmB nics {}", a["nics"], b["nics"]);
+    assert_eq!(a["host"], "hv-b", "{a}");
+    assert_eq!(b["host"], "hv-b", "{b}");
+    let ip = |v: &Value, i: usize| v["nics"][i]["ip"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(ip(&a, 0), "10.0.0.25", "kept: inside the target pool and free: {}", a["nics"]);
+    let a1 = ip(&a, 1);
+    assert!(in_dr_pool(&a1) && a1 != "10.0.0.12", "10.0.0.12 is outside dr's pool: another one, got {a1:?}");
+    assert_eq!(a["nics"][2]["dhcp"], true, "DHCP NIC untouched: {}", a["nics"]);
+    assert_eq!(ip(&a, 2), "", "DHCP NIC got an address: {}", a["nics"]);
+    let b0 = ip(&b, 0);
+    assert!(
+        in_dr_pool(&b0) && b0 != "10.0.0.25" && b0 != a1,
+        "10.0.0.25 is taken by vmA: another free one, got {b0:?}"
+    );
+
+    let changes = std::fs::read_to_string(&out).unwrap_or_else(|e| panic!("the plan script did not run ({e}): {job}"));
+    eprintln!("[ip] SITERECOVERY_IP_CHANGES:\n{changes}");
+    let lines: Vec<&str> = changes.lines().filter(|l| !l.trim().is_empty()).collect();
+    for want in [
+        "vmA nic0 10.0.0.25 10.0.0.25".to_string(),
+        format!("vmA nic1 10.0.0.12 {a1}"),
+        format!("vmB nic0 10.0.0.25 {b0}"),
+    ] {
+        assert!(lines.contains(&want.as_str()), "the script did not see {want:?}: {lines:?}");
+    }
+    assert!(!lines.iter().any(|l| l.contains("nic2")), "a DHCP NIC in the IP changes: {lines:?}");
+    let s = step(&job, &format!("After group 1, action 1: script {}", script.display()));
+    assert!(s["detail"].as_str().unwrap_or_default().contains("dns update after group 1"), "{s}");
+}
+
+// ---------------------------------------------------------------------------------
+// 6. Recovery plan: group order, script output, a failing script.
+
+#[test]
+fn recovery_plan_runs_groups_in_order_and_reports_a_failing_script() {
+    let w = World::new("recovery_plan");
+    for vm in ["v1", "v2", "v3"] {
+        w.vm(vm, &["8M"], &[]);
+    }
+    for vm in ["v1", "v2", "v3"] {
+        w.protect(vm);
+    }
+    let stamp = w.lab.root.join("stamp.txt");
+    let script = w.lab.root.join("after1.sh");
+    write_script(
+        &script,
+        &format!(
+            "#!/bin/sh\nt=$(date +%s%3N)\necho \"$t $SITERECOVERY_GROUP\" > {}\necho \"group=$SITERECOVERY_GROUP at=$t\"\n",
+            stamp.display()
+        ),
+    );
+    w.lab.cli_json(&[
+        "plan",
+        "create",
+        "dc",
+        "--group",
+        "1:v1,v2",
+        "--group",
+        "2:v3",
+        "--script",
+        &format!("1={}", script.display()),
+    ]);
+    let job = w.wait_job(&["plan", "failover", "dc", "--type", "test"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let t = |name: &str, field: &str| step(&job, name)[field].as_i64().unwrap_or(0);
+    let g1_end = t("Group 1: v1", "ended_unix_ms").max(t("Group 1: v2", "ended_unix_ms"));
+    let g2_start = t("Group 2: v3", "started_unix_ms");
+    let script_step = format!("After group 1, action 1: script {}", script.display());
+    eprintln!(
+        "[plan] group 1: v1 {}..{}, v2 {}..{}; script {}..{}; group 2: v3 {}..{}",
+        t("Group 1: v1", "started_unix_ms"),
+        t("Group 1: v1", "ended_unix_ms"),
+        t("Group 1: v2", "started_unix_ms"),
+        t("Group 1: v2", "ended_unix_ms"),
+        t(&script_step, "started_unix_ms"),
+        t(&script_step, "ended_unix_ms"),
+        g2_start,
+        t("Group 2: v3", "ended_unix_ms")
+    );
+    assert!(g1_end > 0 && g2_start >= g1_end, "group 2 started ({g2_start}) before group 1 ended ({g1_end})");
+    let recorded = std::fs::read_to_string(&stamp).expect("the script ran");
+    let mut it = recorded.split_whitespace();
+    let at: i64 = it.next().and_then(|s| s.parse().ok()).expect("timestamp");
+    assert_eq!(it.next(), Some("1"), "SITERECOVERY_GROUP: {recorded}");
+    assert!(
+        at >= g1_end && at <= g2_start,
+        "the script ran at {at}, not between group 1 ({g1_end}) and group 2 ({g2_start})"
+    );
+    let detail = step(&job, &script_step)["detail"].as_str().unwrap_or_default().to_owned();
+    assert!(detail.contains(&format!("group=1 at={at}")), "script output not in the job: {detail:?}");
+    for vm in ["v1", "v2", "v3"] {
+        let v = w.show(&format!("{vm}-test"));
+        assert_eq!(v["host"], "hv-b", "{v}");
+        w.wait_job(&["failover", "cleanup", vm]);
+    }
+
+    // A failing script fails the plan, and the report says so.
+    let bad = w.lab.root.join("bad.sh");
+    write_script(&bad, "#!/bin/sh\necho 'dns server unreachable' >&2\nexit 1\n");
+    w.lab.cli_json(&["plan", "create", "bad", "--group", "1:v1", "--script", &format!("1={}", bad.display())]);
+    let o = w.cli_long(&["--json", "plan", "failover", "bad", "--type", "test", "--wait"]);
+    assert_fails(&o, "plan failover with a failing script");
+    let job = job_from(&o).unwrap_or_else(|| w.last_job("plan"));
+    let job = w.job(job["id"].as_str().expect("job id"));
+    eprintln!("[plan] failing script: error {}", job["error"]);
+    assert_eq!(job["state"], "failed", "{job}");
+    let err = job["error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(err.contains("script") && err.contains("bad.sh"), "the plan's error does not name the script: {err}");
+    let s = step(&job, &format!("After group 1, action 1: script {}", bad.display()));
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(s["detail"].as_str().unwrap_or_default().contains("dns server unreachable"), "{s}");
+    w.wait_job(&["failover", "cleanup", "v1"]);
+}
+
+// ---------------------------------------------------------------------------------
+// 7. Local failover on the agent with the provider down.
+
+#[test]
+fn local_failover_with_the_provider_down() {
+    let mut w = World::new("local_failover");
+    w.vm("vm1", &["16M"], &[]);
+    let uri = w.uris("vm1")[0].clone();
+    w.protect("vm1");
+    write(&w.lab, &uri, &["write -P 0x71 0 2M", "write -P 0x72 8M 1M"]);
+    let p = w.wait_point_after("vm1", unix_now_ms(), "a point with the data");
+
+    w.provider.as_mut().expect("provider").stop_gracefully();
+    w.a.kill9();
+    let b = w.dir("hv-b");
+    let o = w.lab.agent(&["--data-dir", &b.display().to_string(), "failover", "vm1"]);
+    assert_ok(&o, "agent failover vm1");
+    let text = stdout(&o);
+    eprintln!("[local] {text}");
+    assert!(text.contains("vm1"), "{text}");
+    let uris: Vec<&str> = text.split_whitespace().filter(|w| w.starts_with("nbd")).collect();
+    assert!(!uris.is_empty(), "agent failover printed no URI: {text}");
+    assert!(reads(&w.lab, uris[0], &["read -P 0x71 0 2M", "read -P 0x72 8M 1M"]), "the latest point's data");
+
+    w.provider = Some(w.lab.start_provider_with(&["--test-intervals"]));
+    w.lab.wait_host_connected("hv-b");
+    let vm = w.wait_vm("vm1", "failed over locally on hv-b", EVENT_TIMEOUT, |v| {
+        v["host"] == "hv-b" && v["failover"]["kind"] == "local"
+    });
+    eprintln!("[local] after the provider's restart: {}", vm["replication"]);
+    assert_eq!(vm["replication"]["state"], "failed over (waiting for commit)", "{vm}");
+    assert_eq!(vm["failover"]["committed"], false, "{vm}");
+    let seq = |id: &str| id.trim_start_matches('p').parse::<u64>().unwrap_or(0);
+    let pid = vm["failover"]["point_id"].as_str().unwrap_or_default();
+    let p_id = p["id"].as_str().unwrap_or_default();
+    assert!(seq(pid) >= seq(p_id), "local failover from point {pid}, older than {p_id} (the latest when it ran): {vm}");
+    let job = w.last_job("local");
+    assert_eq!(job["state"], "succeeded", "{job}");
+    // The provider can finish it: commit keeps the data.
+    w.wait_job(&["failover", "commit", "vm1"]);
+    let vm = w.show("vm1");
+    assert_eq!(vm["replication"]["state"], "committed", "{vm}");
+    let uri_b = w.uris("vm1")[0].clone();
+    assert!(reads(&w.lab, &uri_b, &["read -P 0x71 0 2M", "read -P 0x72 8M 1M"]), "data lost by the commit");
+}
+
+// ---------------------------------------------------------------------------------
+// 8. Reprotect after an unplanned failover: the former primary comes back, and only
+//    the blocks that differ travel (its writes after the chosen point, and the writes
+//    made at the secondary).
+
+#[test]
+fn reprotect_after_unplanned_failover_sends_only_differing_blocks() {
+    let mut w = World::new("reprotect_unplanned");
+    let disk = 16 * MIB;
+    w.vm("vm1", &["16M"], &[]);
+    let uri = w.uris("vm1")[0].clone();
+    w.protect("vm1");
+    write(&w.lab, &uri, &["write -P 0xa1 0 1M"]);
+    let p_a = w.wait_point_after("vm1", unix_now_ms(), "point A");
+    let p_a_id = p_a["id"].as_str().expect("point id").to_owned();
+    let p_a_ms = p_a["created_unix_ms"].as_i64().unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(10), || unix_now_ms() > p_a_ms + 2 * INTERVAL_MS + 100));
+    // 16 blocks the chosen point will not have.
+    write(&w.lab, &uri, &["write -P 0xb2 0 1M"]);
+    w.wait_point_after("vm1", unix_now_ms(), "point B");
+    w.a.kill9();
+    w.wait_job(&["failover", "unplanned", "vm1", "--point", &p_a_id]);
+    let uri_b = w.uris("vm1")[0].clone();
+    assert!(reads(&w.lab, &uri_b, &["read -P 0xa1 0 1M"]), "vm1 on hv-b does not read point A");
+    // 8 blocks written at the secondary.
+    write(&w.lab, &uri_b, &["write -P 0xc3 4M 512k"]);
+    w.wait_job(&["failover", "commit", "vm1"]);
+    let uri_b = w.uris("vm1")[0].clone();
+
+    let since = unix_now_ms();
+    w.a = w.lab.start_agent("hv-a");
+    w.lab.wait_host_heartbeat_since("hv-a", since);
+    let job = w.wait_job(&["reprotect", "vm1"]);
+    let (compared, sent) = job["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["detail"].as_str())
+        .find_map(resync_figures)
+        .unwrap_or_else(|| panic!("no block figures in {job}"));
+    eprintln!("[reprotect] resync of the former primary: {sent} of {compared} blocks sent (expected 16 + 8)");
+    assert_eq!(compared, disk / BLOCK, "every block is compared");
+    assert_eq!(sent, 16 + 8, "only the blocks that differ travel");
+    let vm = w.wait_vm("vm1", "replicating from hv-b to hv-a", EVENT_TIMEOUT, |v| {
+        v["host"] == "hv-b" && v["replication"]["state"] == "replicating" && v["replication"]["replica_host"] == "hv-a"
+    });
+    eprintln!("[reprotect] {}", vm["replication"]);
+    w.wait_point_after("vm1", unix_now_ms(), "a point on hv-a");
+    let exported = w.export("vm1", "latest");
+    assert!(same(&w.lab, &exported[0], &uri_b), "hv-a's replica differs from vm1 on hv-b after reprotect");
+}
