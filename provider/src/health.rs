@@ -96,7 +96,16 @@ pub fn evaluate(h: &HealthInput<'_>, now: i64) -> (Health, Vec<String>) {
     let mut reasons = Vec::new();
     let mut health = Health::Normal;
     match h.state {
-        S::NotEnabled | S::FailoverInProgress | S::FailedOver | S::Committed => return (Health::Normal, reasons),
+        S::NotEnabled | S::FailoverInProgress => return (Health::Normal, reasons),
+        // The VM runs at the secondary site unprotected until reverse replication.
+        S::FailedOver => {
+            reasons.push("failed over, waiting for commit: the VM is not protected".into());
+            return (Health::Warning, reasons);
+        }
+        S::Committed => {
+            reasons.push("failed over and committed: not protected until `reprotect`".into());
+            return (Health::Warning, reasons);
+        }
         S::StoppedOnError => {
             health = Health::Critical;
             let e = if h.error.is_empty() { "an unrecoverable error" } else { h.error };
@@ -168,6 +177,14 @@ mod tests {
     fn replicating_recently_is_normal() {
         assert_eq!(evaluate(&input(ReplicationState::Replicating), NOW), (Health::Normal, vec![]));
         assert_eq!(evaluate(&input(ReplicationState::NotEnabled), NOW).0, Health::Normal);
+    }
+
+    #[test]
+    fn failed_over_vms_are_not_protected() {
+        let (h, r) = evaluate(&input(ReplicationState::FailedOver), NOW);
+        assert_eq!(h, Health::Warning);
+        assert!(r[0].contains("not protected"), "{r:?}");
+        assert_eq!(evaluate(&input(ReplicationState::Committed), NOW).0, Health::Warning);
     }
 
     #[test]
