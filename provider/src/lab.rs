@@ -116,6 +116,15 @@ pub async fn run(args: LabArgs) -> Result<()> {
     let dir = std::fs::canonicalize(dir)?;
     let provider_bin = std::env::current_exe()?;
     let agent_bin = sibling("agent")?;
+    // The lab writes to its VM and checks its replica with the real NBD clients.
+    for tool in ["qemu-io", "qemu-img"] {
+        let found = std::process::Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+        if !found {
+            bail!(
+                "{tool} not found: the lab uses it as the VM's NBD client (install qemu-utils, e.g. `apt-get install qemu-utils`)"
+            );
+        }
+    }
     let addr = format!("127.0.0.1:{}", free_port()?);
     let pdir = dir.join("provider");
     let key = dir.join("vault.key");
