@@ -192,6 +192,18 @@ async fn execute(vms: &VmManager, protection: &Protection, msg: v1::ProviderMess
         Some(Command::PrepareReplica(c)) => return done(protection.prepare_replica(c).await),
         Some(Command::StartReplication(c)) => return done(protection.start_replication(c).await),
         Some(Command::StopReplication(c)) => return done(protection.stop_replication(c).await),
+        Some(Command::ExportInitial(c)) => {
+            return match protection.export_initial(c).await {
+                Ok(bytes) => v1::CommandResult { bytes, ..ok(None) },
+                Err(e) => fail(e.code(), e.to_string()),
+            };
+        }
+        Some(Command::ImportInitial(c)) => {
+            return match protection.import_initial(c).await {
+                Ok(bytes) => v1::CommandResult { bytes, ..ok(None) },
+                Err(e) => fail(e.code(), e.to_string()),
+            };
+        }
         Some(Command::RequestResync(c)) => return done(protection.request_resync(c).await),
         Some(Command::ListPoints(c)) => {
             return match protection.list_points(&c.vm) {

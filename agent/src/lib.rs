@@ -12,6 +12,7 @@ pub mod control;
 pub mod disk;
 pub mod hrl;
 pub mod nbd;
+pub mod offline;
 pub mod overlay;
 pub mod peer;
 pub mod protection;

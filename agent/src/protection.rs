@@ -44,6 +44,8 @@ pub enum ProtectionError {
     Nbd(#[from] crate::nbd::NbdError),
     #[error(transparent)]
     Files(#[from] siterecovery_certs::CertError),
+    #[error(transparent)]
+    Offline(#[from] crate::offline::OfflineError),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -57,6 +59,7 @@ impl ProtectionError {
             ProtectionError::Replica(ReplicaError::NotFound(_)) => v1::ErrorCode::NotFound,
             ProtectionError::Replica(ReplicaError::Exists { .. }) => v1::ErrorCode::AlreadyExists,
             ProtectionError::Replica(ReplicaError::State(_)) => v1::ErrorCode::FailedPrecondition,
+            ProtectionError::Offline(crate::offline::OfflineError::Invalid(_)) => v1::ErrorCode::FailedPrecondition,
             _ => v1::ErrorCode::Internal,
         }
     }
@@ -78,6 +81,29 @@ struct ProtectionRecord {
 }
 
 impl ProtectionRecord {
+    fn new(
+        relationship_id: String,
+        replica_host_id: String,
+        replica_address: String,
+        s: v1::ReplicationSettings,
+    ) -> Result<Self, ProtectionError> {
+        if s.interval_ms == 0 {
+            return Err(ProtectionError::Invalid("replication interval must be positive".into()));
+        }
+        Ok(ProtectionRecord {
+            relationship_id,
+            replica_host_id,
+            replica_address,
+            interval_ms: s.interval_ms,
+            retention_ms: s.retention_ms,
+            app_consistent_every_ms: s.app_consistent_every_ms,
+            compression: s.compression,
+            retry_unit_ms: s.retry_unit_ms,
+            resync_window_start_hour: s.resync_window_start_hour,
+            resync_window_end_hour: s.resync_window_end_hour,
+        })
+    }
+
     fn settings(&self) -> v1::ReplicationSettings {
         v1::ReplicationSettings {
             interval_ms: self.interval_ms,
@@ -259,22 +285,12 @@ impl Protection {
             .folder(&c.vm)
             .await
             .ok_or_else(|| ProtectionError::NotFound(format!("no VM {} on this host", c.vm)))?;
-        let s = c.settings.unwrap_or_default();
-        if s.interval_ms == 0 {
-            return Err(ProtectionError::Invalid("replication interval must be positive".into()));
-        }
-        let rec = ProtectionRecord {
-            relationship_id: c.relationship_id,
-            replica_host_id: c.replica_host_id,
-            replica_address: c.replica_address,
-            interval_ms: s.interval_ms,
-            retention_ms: s.retention_ms,
-            app_consistent_every_ms: s.app_consistent_every_ms,
-            compression: s.compression,
-            retry_unit_ms: s.retry_unit_ms,
-            resync_window_start_hour: s.resync_window_start_hour,
-            resync_window_end_hour: s.resync_window_end_hour,
-        };
+        let rec = ProtectionRecord::new(
+            c.relationship_id,
+            c.replica_host_id,
+            c.replica_address,
+            c.settings.unwrap_or_default(),
+        )?;
         // Tracking first: every write from here on is in a log, so the initial copy
         // plus the logs give a consistent replica.
         self.vms.set_tracking(&c.vm, true).await?;
@@ -297,6 +313,106 @@ impl Protection {
         tracing::info!(vm = %c.vm, relationship = %rec.relationship_id, replica = %rec.replica_address, "replication enabled");
         self.spawn_sender(&c.vm, &folder, &rec).await;
         Ok(())
+    }
+
+    /// Offline initial replication, primary side: track the VM, seal all disks at one
+    /// barrier, copy their allocated ranges into `c.dir` (see [`crate::offline`]), then
+    /// start the sender in "waiting for import": it ships the writes made after the
+    /// barrier as the first point once the replica host imported the directory.
+    /// Returns the bytes exported.
+    pub async fn export_initial(&self, c: v1::ExportInitial) -> Result<u64, ProtectionError> {
+        let folder = self
+            .vms
+            .folder(&c.vm)
+            .await
+            .ok_or_else(|| ProtectionError::NotFound(format!("no VM {} on this host", c.vm)))?;
+        if c.dir.is_empty() || !Path::new(&c.dir).is_absolute() {
+            return Err(ProtectionError::Invalid(format!("export directory {:?} must be an absolute path", c.dir)));
+        }
+        let rec = ProtectionRecord::new(
+            c.relationship_id,
+            c.replica_host_id,
+            c.replica_address,
+            c.settings.unwrap_or_default(),
+        )?;
+        // A repeated export (the provider retried) starts over.
+        if let Some(h) = self.senders.lock().await.remove(&c.vm) {
+            h.stop().await;
+        }
+        self.vms.set_tracking(&c.vm, true).await?;
+        let disks = self.vms.disk_handles(&c.vm).ok_or_else(|| {
+            ProtectionError::Invalid(format!("VM {} is not running: start it to export its initial copy", c.vm))
+        })?;
+        let mut disks = disks;
+        disks.sort_by(|a, b| a.0.cmp(&b.0));
+        let (dir, rel_id, vm) = (std::path::PathBuf::from(&c.dir), rec.relationship_id.clone(), c.vm.clone());
+        let d2 = disks.clone();
+        let manifest = tokio::task::spawn_blocking(move || {
+            // Every write after the barrier is in a later log: the first point.
+            let through = sender::barrier_seal(&d2).map_err(|e| ProtectionError::Internal(e.to_string()))?;
+            let export: Vec<crate::offline::ExportDisk> = d2
+                .iter()
+                .map(|(id, d)| crate::offline::ExportDisk {
+                    id: id.as_str().to_owned(),
+                    image: d.image_path().to_owned(),
+                    size: crate::disk::BlockDevice::size(d.as_ref()),
+                    log_seq: through.get(id.as_str()).copied().unwrap_or(0),
+                })
+                .collect();
+            Ok::<_, ProtectionError>(crate::offline::export(&dir, &rel_id, &vm, &export)?)
+        })
+        .await
+        .map_err(|e| ProtectionError::Internal(e.to_string()))??;
+        // Logs up to the barrier are in the export.
+        for (id, d) in &disks {
+            if let Some(m) = manifest.disks.iter().find(|m| m.id == id.as_str())
+                && m.log_seq > 0
+            {
+                d.delete_logs_through(crate::hrl::LogSeq(m.log_seq))
+                    .map_err(|e| ProtectionError::Internal(e.to_string()))?;
+            }
+        }
+        let state = sender::SenderState {
+            relationship_id: rec.relationship_id.clone(),
+            phase: sender::Phase::Replicating,
+            next_seq: 1,
+            assigned_through: manifest.disks.iter().map(|d| (d.id.clone(), d.log_seq)).collect(),
+            awaiting_import: true,
+            ..Default::default()
+        };
+        state.save(&folder.join(sender::STATE_FILE)).map_err(|e| ProtectionError::Internal(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&rec).map_err(|e| ProtectionError::Internal(e.to_string()))?;
+        files::write_public(&record_path(&folder), &json)?;
+        let bytes = manifest.copied_bytes();
+        tracing::info!(vm = %c.vm, relationship = %rec.relationship_id, dir = %c.dir, bytes,
+            "initial copy exported; replication waits for the import on the replica host");
+        self.spawn_sender(&c.vm, &folder, &rec).await;
+        Ok(bytes)
+    }
+
+    /// Offline initial replication, replica side: verify the export in `c.dir` and copy
+    /// it into the prepared replica. Returns the bytes imported.
+    pub async fn import_initial(&self, c: v1::ImportInitial) -> Result<u64, ProtectionError> {
+        let r = self
+            .replicas
+            .get(&c.vm)
+            .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {} on this host", c.vm)))?;
+        if r.spec().relationship_id != c.relationship_id {
+            return Err(ProtectionError::Invalid(format!(
+                "the replica of {} belongs to relationship {}, not {}",
+                c.vm,
+                r.spec().relationship_id,
+                c.relationship_id
+            )));
+        }
+        let dir = std::path::PathBuf::from(&c.dir);
+        tokio::task::spawn_blocking(move || {
+            let manifest = crate::offline::Manifest::read(&dir)?;
+            manifest.check(r.spec())?;
+            Ok::<_, ProtectionError>(r.import_initial(&dir, &manifest)?)
+        })
+        .await
+        .map_err(|e| ProtectionError::Internal(e.to_string()))?
     }
 
     /// Stops replicating a VM (primary side) and/or drops its replica (replica side).

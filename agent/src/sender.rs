@@ -277,6 +277,15 @@ pub struct SenderState {
     pub last_app_consistent_unix_ms: i64,
     /// Disk id → log seq up to which a resync covered damaged logs.
     pub resynced_through: BTreeMap<String, u64>,
+    /// Offline initial replication: the initial copy was exported to a directory; no
+    /// point is shipped until the replica host reports its copy complete (imported).
+    /// Absent from the file when false (older files keep their checksum).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub awaiting_import: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Serialize, Deserialize)]
@@ -460,7 +469,7 @@ impl Task {
                 st
             }
         };
-        view.state = phase_name(&st.phase);
+        view.state = if st.awaiting_import { "waiting" } else { phase_name(&st.phase) };
         let wire = Arc::new(AtomicU64::new(st.bytes_replicated));
         Task {
             p,
@@ -490,7 +499,7 @@ impl Task {
                 break;
             }
             if self.resync.flag.swap(false, Ordering::SeqCst) {
-                if self.st.phase == Phase::Initial {
+                if self.st.phase == Phase::Initial || self.st.awaiting_import {
                     tracing::warn!("resync requested during the initial copy: ignored (the copy is resumable)");
                 } else {
                     self.require_resync("requested by an operator".into(), true);
@@ -810,6 +819,24 @@ impl Task {
 
     /// One cycle: ship unacknowledged points, seal, ship the new point.
     async fn cycle(&mut self) -> Result<(), ReplicationError> {
+        if self.st.awaiting_import {
+            // Offline initial replication: the logs since the export wait (in the open
+            // log) until the replica host has imported the export.
+            let mut client = self.client().await?;
+            let progress = client
+                .copy_progress(v1::CopyProgressRequest { relationship_id: self.p.relationship_id.clone() })
+                .await?
+                .into_inner();
+            if progress.disks.is_empty() || !progress.disks.iter().all(|d| d.complete) {
+                self.view.detail = "waiting for the initial copy to be imported on the replica host".into();
+                self.set_state("waiting");
+                return Ok(());
+            }
+            tracing::info!("the replica host imported the initial copy: shipping the writes made since the export");
+            self.st.awaiting_import = false;
+            self.persist()?;
+            self.view.detail.clear();
+        }
         self.view.cycles += 1;
         self.set_state(if self.live { "replicating" } else { "paused" });
         if self.live
@@ -1176,7 +1203,7 @@ fn phase_name(p: &Phase) -> &'static str {
 /// Freezes every disk (in id order), seals each, releases: every disk's log ends at the
 /// same instant. Returns, per disk, the highest sealed log seq (the one just sealed, or
 /// the last sealed before when the disk had no writes).
-fn barrier_seal(disks: &Disks) -> Result<BTreeMap<String, u64>, ReplicationError> {
+pub(crate) fn barrier_seal(disks: &Disks) -> Result<BTreeMap<String, u64>, ReplicationError> {
     let before: Vec<u64> = disks.iter().map(|(_, d)| d.sealed_logs().last().map_or(0, |l| l.seq.0)).collect();
     for (_, d) in disks {
         d.write_back()?; // shortens the freeze

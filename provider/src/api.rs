@@ -103,7 +103,8 @@ pub async fn serve_with(
         .build_v1alpha()?;
     let local: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(vault = %state.vault_id, listen = ?local, "provider serving");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle off (tonic ignores tcp_nodelay for a custom incoming).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let drained = CancellationToken::new();
     let server = Server::builder()
         .tls_config(tls)

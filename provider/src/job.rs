@@ -6,8 +6,9 @@
 //! through one `tokio::sync::watch` counter bumped on every change ([`Jobs::changed`]);
 //! they re-read the job they care about. At provider start [`recover`] applies the
 //! restart rule: a running Enable protection job in its "Initial replication" step keeps
-//! running (the agent goes on sending statuses and the job completes from them); any
-//! other running job failed with the provider.
+//! running (the agent goes on sending statuses and the job completes from them), and so
+//! does one in "Waiting for import" (offline initial replication: it goes on when the
+//! operator imports the export); any other running job failed with the provider.
 
 use std::sync::Mutex;
 
@@ -32,6 +33,11 @@ pub const LOCAL_FAILOVER: &str = "Local failover detected";
 pub const RECOVERY_PLAN: &str = "Recovery plan failover";
 /// The step of Enable protection that survives a provider restart.
 pub const STEP_INITIAL_REPLICATION: &str = "Initial replication";
+/// Offline initial replication: the initial copy goes to a directory on the primary host.
+pub const STEP_EXPORT: &str = "Export the initial copy";
+/// Offline initial replication: until `protect-import` copied the export into the
+/// replica (survives a provider restart).
+pub const STEP_WAITING_FOR_IMPORT: &str = "Waiting for import";
 pub const RESTARTED: &str = "provider restarted while the job ran";
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -263,7 +269,7 @@ pub fn restart_rule(job: &JobRecord, now: i64) -> Option<JobRecord> {
         return None;
     }
     let resumable = job.kind == ENABLE_PROTECTION
-        && job.running_step().is_some_and(|s| s.name == STEP_INITIAL_REPLICATION)
+        && job.running_step().is_some_and(|s| s.name == STEP_INITIAL_REPLICATION || s.name == STEP_WAITING_FOR_IMPORT)
         && !job.relationship_id.is_empty();
     if resumable {
         return None;
@@ -383,6 +389,30 @@ mod tests {
         assert_eq!(j.steps[2].state, StepState::Skipped);
         assert_eq!(j.error, "boom");
         assert_eq!(j.ended_unix_ms, 9);
+    }
+
+    #[test]
+    fn restart_rule_keeps_waiting_for_import_but_not_export() {
+        let mut j = JobRecord::new(
+            "j-000002".into(),
+            ENABLE_PROTECTION,
+            "vm1",
+            &[
+                "Check prerequisites",
+                "Create replication relationship",
+                STEP_EXPORT,
+                STEP_WAITING_FOR_IMPORT,
+                STEP_INITIAL_REPLICATION,
+            ],
+            1,
+        );
+        j.relationship_id = "r-abc".into();
+        j.start_step(STEP_EXPORT, "", 3);
+        let failed = restart_rule(&j, 5).expect("an interrupted export fails");
+        assert_eq!(failed.error, RESTARTED);
+        j.succeed_step(STEP_EXPORT, "", 4);
+        j.start_step(STEP_WAITING_FOR_IMPORT, "", 4);
+        assert_eq!(restart_rule(&j, 5), None);
     }
 
     #[test]

@@ -344,7 +344,11 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
     .await
     .map_err(rpc("cloud pair"))?;
     println!("  policy lab (every 5 s, zstd) pairs gold-a with gold-b; protecting vm1:");
-    let job = prot.protect(v1::ProtectRequest { vm: "vm1".into() }).await.map_err(rpc("protect"))?.into_inner();
+    let job = prot
+        .protect(v1::ProtectRequest { vm: "vm1".into(), export_dir: String::new() })
+        .await
+        .map_err(rpc("protect"))?
+        .into_inner();
     wait_job(&mut prot, job).await?;
     let t = now_ms();
     qemu(&["-f", "raw", "-c", "write -P 0x5a 16M 2M", &uri]).await?;

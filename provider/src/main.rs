@@ -93,9 +93,32 @@ enum Cmd {
     #[command(subcommand)]
     Cloud(CloudCmd),
     /// Protect a VM: start an Enable protection job.
+    ///
+    /// With a policy whose initial method is `offline` (`policy create --initial offline`),
+    /// `--export-dir DIR` is required: the primary host writes the initial copy to DIR (a
+    /// sparse image per disk and manifest.json) and starts tracking; the job then waits in
+    /// "Waiting for import" until DIR, carried to the replica host, is imported there with
+    /// `protect-import VM --dir DIR`. Only the writes made after the export travel over the
+    /// network.
     Protect {
         vm: String,
-        /// Watch the job until it ends; exit non-zero when it fails.
+        /// Offline initial replication: absolute directory on the primary host to export
+        /// the initial copy to.
+        #[arg(long, value_name = "DIR")]
+        export_dir: Option<String>,
+        /// Watch the job until it ends; exit non-zero when it fails (offline: it ends only
+        /// after `protect-import`).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Offline initial replication: import the initial copy exported by `protect VM
+    /// --export-dir` into the replica; the waiting Enable protection job goes on.
+    ProtectImport {
+        vm: String,
+        /// Absolute path of the export directory on the replica host.
+        #[arg(long, value_name = "DIR")]
+        dir: String,
+        /// Watch the job until it ends (initial replication done); exit non-zero when it fails.
         #[arg(long)]
         wait: bool,
     },
@@ -685,8 +708,13 @@ async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, c
             };
             protect_cli::cloud(&mut inv, &mut prot, args, json, &rpc).await?
         }
-        Cmd::Protect { vm, wait } => {
-            let job = prot.protect(v1::ProtectRequest { vm }).await.map_err(rpc)?.into_inner();
+        Cmd::Protect { vm, export_dir, wait } => {
+            let export_dir = export_dir.unwrap_or_default();
+            let job = prot.protect(v1::ProtectRequest { vm, export_dir }).await.map_err(rpc)?.into_inner();
+            protect_cli::started(&mut prot, job, wait, json, &rpc).await?;
+        }
+        Cmd::ProtectImport { vm, dir, wait } => {
+            let job = prot.import_initial(v1::ImportInitialRequest { vm, dir }).await.map_err(rpc)?.into_inner();
             protect_cli::started(&mut prot, job, wait, json, &rpc).await?;
         }
         Cmd::Unprotect { vm, wait } => {

@@ -809,6 +809,14 @@ const ENABLE_STEPS: [&str; 4] = [
     "Start initial replication",
     job::STEP_INITIAL_REPLICATION,
 ];
+/// Enable protection with the policy's initial method `offline`.
+const ENABLE_OFFLINE_STEPS: [&str; 5] = [
+    "Check prerequisites",
+    "Create replication relationship",
+    job::STEP_EXPORT,
+    job::STEP_WAITING_FOR_IMPORT,
+    job::STEP_INITIAL_REPLICATION,
+];
 const FINALIZE_STEPS: [&str; 1] = ["Check recovery points"];
 const DISABLE_STEPS: [&str; 3] =
     ["Stop replication on the replica host", "Stop replication on the primary host", "Delete replication relationship"];
@@ -833,17 +841,41 @@ pub(crate) fn fail_job(state: &AppState, job: &mut JobRecord, error: &str) {
 
 /// Starts Enable protection for `vm`: prerequisites are checked before answering (a
 /// failure is returned as the RPC's error and recorded as a failed job), the rest runs
-/// in a task.
-pub async fn start_protect(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+/// in a task. `export_dir` (offline initial replication) is required when the policy's
+/// initial method is `offline`, refused otherwise.
+pub async fn start_protect(state: &Arc<AppState>, vm: &str, export_dir: &str) -> Result<JobRecord, Status> {
     let claim = Claim::take(state, vm)?;
-    let mut job =
-        state.protection.jobs.create(&state.store, job::ENABLE_PROTECTION, vm, &ENABLE_STEPS).map_err(store_err)?;
+    // An export directory is given for, and required by, an offline policy (checked below).
+    let steps: &[&str] = if export_dir.is_empty() { &ENABLE_STEPS } else { &ENABLE_OFFLINE_STEPS };
+    let mut job = state.protection.jobs.create(&state.store, job::ENABLE_PROTECTION, vm, steps).map_err(store_err)?;
     job.start_step(ENABLE_STEPS[0], "", now_ms());
-    match check_prerequisites(state, vm) {
+    let checked = check_prerequisites(state, vm).and_then(|(plan, detail)| {
+        let method = plan.policy.initial_method.as_str();
+        if method == "offline" && export_dir.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "policy {} replicates the initial copy offline: give `--export-dir DIR` (an absolute directory on \
+                 the primary host {} to export the initial copy to; then carry it to the replica host {} and run \
+                 `protect-import {vm} --dir DIR`)",
+                plan.policy.name, plan.primary.name, plan.replica.name
+            )));
+        }
+        if method != "offline" && !export_dir.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "--export-dir is for offline initial replication; policy {} copies the initial replica {}",
+                plan.policy.name,
+                if method == "network" { "over the network".to_string() } else { format!("by {method}") }
+            )));
+        }
+        if !export_dir.is_empty() && !export_dir.starts_with('/') {
+            return Err(Status::invalid_argument(format!("export directory {export_dir:?} must be an absolute path")));
+        }
+        Ok((plan, detail))
+    });
+    match checked {
         Ok((plan, detail)) => {
             job.succeed_step(ENABLE_STEPS[0], &detail, now_ms());
             save_job(state, &job);
-            tokio::spawn(run_enable(state.clone(), job.clone(), plan, claim));
+            tokio::spawn(run_enable(state.clone(), job.clone(), plan, claim, export_dir.to_owned()));
             Ok(job)
         }
         Err(s) => {
@@ -853,7 +885,7 @@ pub async fn start_protect(state: &Arc<AppState>, vm: &str) -> Result<JobRecord,
     }
 }
 
-async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim: Claim) {
+async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim: Claim, export_dir: String) {
     let cfg = state.protection.config.clone();
     let settings = policy::replication_settings(&plan.policy, cfg.test_intervals);
     // Create replication relationship.
@@ -905,6 +937,10 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
     );
     save_job(&state, &job);
 
+    if !export_dir.is_empty() {
+        return run_export(state, job, plan, claim, rec, settings, export_dir).await;
+    }
+
     // Start initial replication.
     let step = ENABLE_STEPS[2];
     job.start_step(step, "", now_ms());
@@ -944,11 +980,176 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
     wait_initial(state, job).await;
 }
 
+/// Offline initial replication: the primary exports the initial copy to `dir` and
+/// starts replicating (its sender waits for the import); the job then waits until
+/// `protect-import` imported the export on the replica host ([`start_import`]).
+async fn run_export(
+    state: Arc<AppState>,
+    mut job: JobRecord,
+    plan: Plan,
+    claim: Claim,
+    rec: RelationshipRecord,
+    settings: v1::ReplicationSettings,
+    dir: String,
+) {
+    let cfg = state.protection.config.clone();
+    let step = job::STEP_EXPORT;
+    job.start_step(step, &format!("exporting to {dir} on {}", plan.primary.name), now_ms());
+    save_job(&state, &job);
+    let export = Command::ExportInitial(v1::ExportInitial {
+        relationship_id: rec.id.clone(),
+        vm: plan.vm.name.clone(),
+        replica_host_id: plan.replica.id.clone(),
+        replica_address: plan.replica.address.clone(),
+        settings: Some(settings),
+        dir: dir.clone(),
+    });
+    // The export reads every allocated byte: it may take far longer than a command.
+    let timeout = cfg.step_timeout.max(cfg.command_timeout);
+    let bytes = match state.sessions.command(&plan.primary.id, export, timeout).await {
+        Ok(r) => r.bytes,
+        Err(s) => {
+            for (host, remove) in [(&plan.primary.id, false), (&plan.replica.id, true)] {
+                let stop = Command::StopReplication(v1::StopReplication {
+                    relationship_id: rec.id.clone(),
+                    vm: plan.vm.name.clone(),
+                    remove_replica: remove,
+                });
+                let _ = state.sessions.command(host, stop, cfg.command_timeout).await;
+            }
+            let _ = state.protection.remove(&state.store, &rec.id);
+            return fail_job(
+                &state,
+                &mut job,
+                &format!("primary host {} could not export to {dir}: {}", plan.primary.name, s.message()),
+            );
+        }
+    };
+    job.succeed_step(
+        step,
+        &format!(
+            "{} of {} disk(s) exported to {dir} on {}",
+            crate::cli::human_size(bytes),
+            plan.vm.disks.len(),
+            plan.primary.name
+        ),
+        now_ms(),
+    );
+    job.start_step(
+        job::STEP_WAITING_FOR_IMPORT,
+        &format!(
+            "carry {dir} to the replica host {}, then run `provider protect-import {} --dir DIR`",
+            plan.replica.name, plan.vm.name
+        ),
+        now_ms(),
+    );
+    save_job(&state, &job);
+    drop(claim);
+    wait_import(state, job).await;
+}
+
+/// Waits (without a time limit) until [`start_import`] moved the job on to "Initial
+/// replication", then waits for that. Fails when the relationship goes away.
+async fn wait_import(state: Arc<AppState>, mut job: JobRecord) {
+    let mut rx = state.protection.jobs.subscribe();
+    loop {
+        if state.protection.get(&job.relationship_id).is_none() {
+            let why = format!("protection of VM {} was removed while the job ran", job.vm);
+            return fail_job(&state, &mut job, &why);
+        }
+        // `start_import` writes the job; this task only reads it until then.
+        if let Ok(Some(j)) = state.protection.jobs.get(&state.store, &job.id) {
+            job = j;
+        }
+        if job.state != JobState::Running {
+            return;
+        }
+        if job.running_step().is_none_or(|s| s.name != job::STEP_WAITING_FOR_IMPORT) {
+            break;
+        }
+        tokio::select! {
+            _ = rx.changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            // The job stays running; the restart rule resumes it.
+            _ = state.shutdown.cancelled() => return,
+        }
+    }
+    wait_initial(state, job).await;
+}
+
+/// `protect-import`: imports the export in `dir` on the replica host of `vm`, whose
+/// Enable protection job waits in "Waiting for import"; on success the job goes on to
+/// "Initial replication". A failed import leaves the job waiting (fix and retry).
+pub async fn start_import(state: &Arc<AppState>, vm: &str, dir: &str) -> Result<JobRecord, Status> {
+    if !dir.starts_with('/') {
+        return Err(Status::invalid_argument(format!("import directory {dir:?} must be an absolute path")));
+    }
+    let rel = protected(state, vm)?;
+    let _claim = Claim::take(state, vm)?;
+    let waiting = |j: &JobRecord| {
+        j.kind == job::ENABLE_PROTECTION
+            && j.state == JobState::Running
+            && j.relationship_id == rel.id
+            && j.running_step().is_some_and(|s| s.name == job::STEP_WAITING_FOR_IMPORT)
+    };
+    let find = || -> Result<JobRecord, Status> {
+        state.store.list::<JobRecord>(crate::store::JOBS).map_err(store_err)?.into_iter().find(waiting).ok_or_else(
+            || {
+                Status::failed_precondition(format!(
+                    "no Enable protection job of VM {vm} is waiting for an import (replication is {}; see `job list`)",
+                    rel.state.as_str()
+                ))
+            },
+        )
+    };
+    let job = find()?;
+    let hosts = hosts(state)?;
+    let replica = host_name(&hosts, &rel.replica_host_id);
+    let cmd = Command::ImportInitial(v1::ImportInitial {
+        relationship_id: rel.id.clone(),
+        vm: vm.to_owned(),
+        dir: dir.to_owned(),
+    });
+    let cfg = &state.protection.config;
+    let timeout = cfg.step_timeout.max(cfg.command_timeout);
+    let result = state.sessions.command(&rel.replica_host_id, cmd, timeout).await;
+    // Re-read: the job task may have failed it meanwhile.
+    let mut job = state.protection.jobs.get(&state.store, &job.id).map_err(store_err)?.unwrap_or(job);
+    if !waiting(&job) {
+        return Err(Status::failed_precondition(format!("job {} is no longer waiting for an import", job.id)));
+    }
+    match result {
+        Ok(r) => {
+            job.succeed_step(
+                job::STEP_WAITING_FOR_IMPORT,
+                &format!("{} imported from {dir} on {replica}", crate::cli::human_size(r.bytes)),
+                now_ms(),
+            );
+            job.start_step(job::STEP_INITIAL_REPLICATION, "shipping the writes made since the export", now_ms());
+            save_job(state, &job);
+            tracing::info!(job = %job.id, %vm, bytes = r.bytes, "initial copy imported");
+            Ok(job)
+        }
+        Err(s) => {
+            job.set_detail(
+                job::STEP_WAITING_FOR_IMPORT,
+                &format!("import from {dir} on {replica} failed: {}; still waiting", s.message()),
+            );
+            save_job(state, &job);
+            Err(Status::new(s.code(), format!("replica host {replica}: {}", s.message())))
+        }
+    }
+}
+
 /// Resumes the jobs the restart rule kept running.
 pub fn resume_jobs(state: &Arc<AppState>, jobs: Vec<JobRecord>) {
     for job in jobs {
         tracing::info!(job = %job.id, vm = %job.vm, "resuming job after restart");
-        tokio::spawn(wait_initial(state.clone(), job));
+        if job.running_step().is_some_and(|s| s.name == job::STEP_WAITING_FOR_IMPORT) {
+            tokio::spawn(wait_import(state.clone(), job));
+        } else {
+            tokio::spawn(wait_initial(state.clone(), job));
+        }
     }
 }
 
@@ -1470,7 +1671,15 @@ impl Protection for ProtectionService {
 
     async fn protect(&self, req: Request<v1::ProtectRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = start_protect(&self.state, &req.into_inner().vm).await?;
+        let r = req.into_inner();
+        let job = start_protect(&self.state, &r.vm, r.export_dir.trim()).await?;
+        Ok(Response::new(job.to_proto()))
+    }
+
+    async fn import_initial(&self, req: Request<v1::ImportInitialRequest>) -> Result<Response<v1::Job>, Status> {
+        self.auth(&req)?;
+        let r = req.into_inner();
+        let job = start_import(&self.state, &r.vm, r.dir.trim()).await?;
         Ok(Response::new(job.to_proto()))
     }
 

@@ -281,7 +281,8 @@ async fn wait_kind(p: &mut ProtectionClient<Channel>, kind: &str, vm: &str) -> v
 }
 
 async fn protect(p: &mut ProtectionClient<Channel>, vm: &str) {
-    let job = p.protect(v1::ProtectRequest { vm: vm.into() }).await.expect("protect").into_inner();
+    let job =
+        p.protect(v1::ProtectRequest { vm: vm.into(), export_dir: String::new() }).await.expect("protect").into_inner();
     let done = wait_job(p, &job.id).await;
     assert_eq!(done.state, "succeeded", "{done:?}");
 }

@@ -184,7 +184,8 @@ async fn protect_resync_unprotect_with_fake_agents() {
     }
 
     // Not paired yet: protect fails with a clear error and a failed job.
-    let e = p.protect(v1::ProtectRequest { vm: "vm1".into() }).await.expect_err("not paired");
+    let e =
+        p.protect(v1::ProtectRequest { vm: "vm1".into(), export_dir: String::new() }).await.expect_err("not paired");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("not paired"), "{}", e.message());
 
@@ -215,12 +216,16 @@ async fn protect_resync_unprotect_with_fake_agents() {
     let e = p.delete_policy(v1::DeletePolicyRequest { name: "fast".into() }).await.expect_err("in use");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
 
-    let job = p.protect(v1::ProtectRequest { vm: "vm1".into() }).await.expect("protect").into_inner();
+    let job = p
+        .protect(v1::ProtectRequest { vm: "vm1".into(), export_dir: String::new() })
+        .await
+        .expect("protect")
+        .into_inner();
     let done = wait_job(&mut p, &job.id).await;
     assert_eq!(done.state, "succeeded", "{done:?}");
     assert_eq!(done.done_bytes, 2 * GIB);
     assert!(done.steps.iter().all(|s| s.state == "succeeded"), "{done:?}");
-    let e = p.protect(v1::ProtectRequest { vm: "vm1".into() }).await.expect_err("twice");
+    let e = p.protect(v1::ProtectRequest { vm: "vm1".into(), export_dir: String::new() }).await.expect_err("twice");
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
 
     let vm = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.expect("vm").into_inner();

@@ -1,0 +1,328 @@
+//! Offline initial replication: the initial copy of a protected VM written to a
+//! directory on the primary host (`export`), carried to the replica host by any means,
+//! and copied into the prepared replica there (`import`, [`crate::replica::Replica::import_initial`]).
+//!
+//! An export directory holds one sparse image per disk, `<disk>.img` (the disk's size;
+//! only the ranges allocated in the source image are written), and `manifest.json`
+//! ([`Manifest`]): the relationship, per disk its size, the copied ranges, an xxh3-64
+//! checksum of the copied bytes and the HRL log seq sealed at the export's barrier
+//! (every write after it is in a later log, shipped as the first point after the import).
+//! Everything is fsynced before the export is reported done.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::replica::ReplicaSpec;
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const MANIFEST_FORMAT: &str = "siterecovery-offline-export";
+pub const MANIFEST_VERSION: u32 = 1;
+/// Bytes read and written at a time.
+pub const CHUNK: u64 = 1 << 20;
+const MANIFEST_MAX_BYTES: u64 = 64 << 20;
+
+/// Why an export or import failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The directory is not a usable export for this replica (the reason says why).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> OfflineError + '_ {
+    move |source| OfflineError::Io { path: path.to_path_buf(), source }
+}
+
+/// `manifest.json` of an export directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub relationship_id: String,
+    pub vm: String,
+    pub created_unix_ms: i64,
+    pub disks: Vec<ManifestDisk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestDisk {
+    pub id: String,
+    pub size_bytes: u64,
+    /// File name in the export directory.
+    pub file: String,
+    /// The copied (allocated) ranges `[start, end)`, ascending.
+    pub ranges: Vec<(u64, u64)>,
+    pub copied_bytes: u64,
+    /// xxh3-64 of the bytes of `ranges` in order, 16 hex digits.
+    pub xxh3: String,
+    /// The disk's highest sealed HRL log seq at the export's barrier.
+    pub log_seq: u64,
+}
+
+impl Manifest {
+    pub fn copied_bytes(&self) -> u64 {
+        self.disks.iter().map(|d| d.copied_bytes).sum()
+    }
+
+    /// Reads and checks the format of `dir/manifest.json`.
+    pub fn read(dir: &Path) -> Result<Self, OfflineError> {
+        let path = dir.join(MANIFEST_FILE);
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                OfflineError::Invalid(format!("{} is not an export directory: no {MANIFEST_FILE}", dir.display()))
+            } else {
+                OfflineError::Io { path: path.clone(), source: e }
+            }
+        })?;
+        if meta.len() > MANIFEST_MAX_BYTES {
+            return Err(OfflineError::Invalid(format!("{}: {} bytes, too large", path.display(), meta.len())));
+        }
+        let text = std::fs::read(&path).map_err(io_at(&path))?;
+        let m: Manifest = serde_json::from_slice(&text)
+            .map_err(|e| OfflineError::Invalid(format!("{}: not a manifest: {e}", path.display())))?;
+        if m.format != MANIFEST_FORMAT {
+            return Err(OfflineError::Invalid(format!("{}: format {:?}", path.display(), m.format)));
+        }
+        if m.version != MANIFEST_VERSION {
+            return Err(OfflineError::Invalid(format!("{}: unsupported version {}", path.display(), m.version)));
+        }
+        Ok(m)
+    }
+
+    /// Whether this export fits the replica `spec`: same relationship and VM, the same
+    /// disks with the same sizes, ranges inside the disks and ascending.
+    pub fn check(&self, spec: &ReplicaSpec) -> Result<(), OfflineError> {
+        if self.relationship_id != spec.relationship_id {
+            return Err(OfflineError::Invalid(format!(
+                "the export is of relationship {} (VM {}), not of {} (VM {}): refusing to import it",
+                self.relationship_id, self.vm, spec.relationship_id, spec.vm
+            )));
+        }
+        if self.vm != spec.vm {
+            return Err(OfflineError::Invalid(format!("the export is of VM {}, not {}", self.vm, spec.vm)));
+        }
+        if self.disks.len() != spec.disks.len() {
+            return Err(OfflineError::Invalid(format!(
+                "the export has {} disks, the replica {}",
+                self.disks.len(),
+                spec.disks.len()
+            )));
+        }
+        for d in &spec.disks {
+            let m = self
+                .disks
+                .iter()
+                .find(|m| m.id == d.id)
+                .ok_or_else(|| OfflineError::Invalid(format!("the export has no disk {}", d.id)))?;
+            if m.size_bytes != d.size_bytes {
+                return Err(OfflineError::Invalid(format!(
+                    "disk {} is {} bytes in the export, {} in the replica",
+                    d.id, m.size_bytes, d.size_bytes
+                )));
+            }
+            if m.file.is_empty() || m.file.contains('/') || m.file.starts_with('.') {
+                return Err(OfflineError::Invalid(format!("disk {}: bad file name {:?}", d.id, m.file)));
+            }
+            let mut prev = 0;
+            let mut total = 0;
+            for &(s, e) in &m.ranges {
+                if s < prev || e <= s || e > m.size_bytes {
+                    return Err(OfflineError::Invalid(format!(
+                        "disk {}: range {s}..{e} is out of order or outside the disk",
+                        d.id
+                    )));
+                }
+                prev = e;
+                total += e - s;
+            }
+            if total != m.copied_bytes {
+                return Err(OfflineError::Invalid(format!(
+                    "disk {}: ranges hold {total} bytes, the manifest says {}",
+                    d.id, m.copied_bytes
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Streaming checksum of an export disk.
+pub struct Checksum(xxhash_rust::xxh3::Xxh3);
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Self(xxhash_rust::xxh3::Xxh3::new())
+    }
+}
+
+impl Checksum {
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+    pub fn hex(&self) -> String {
+        format!("{:016x}", self.0.digest())
+    }
+}
+
+/// One disk to export: its id, image, size and the log seq sealed at the barrier.
+pub struct ExportDisk {
+    pub id: String,
+    pub image: PathBuf,
+    pub size: u64,
+    pub log_seq: u64,
+}
+
+/// Copies the allocated ranges of each disk into `dir/<id>.img` and writes the
+/// manifest, all fsynced.
+pub fn export(dir: &Path, relationship_id: &str, vm: &str, disks: &[ExportDisk]) -> Result<Manifest, OfflineError> {
+    std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+    // A manifest of an earlier attempt goes first: a half-written export never looks done.
+    let mpath = dir.join(MANIFEST_FILE);
+    match std::fs::remove_file(&mpath) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(OfflineError::Io { path: mpath, source: e }),
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; CHUNK as usize];
+    for d in disks {
+        let src = File::open(&d.image).map_err(io_at(&d.image))?;
+        let ranges = crate::sender::allocated_ranges(&src, 0, d.size).map_err(io_at(&d.image))?;
+        let file = format!("{}.img", d.id);
+        let path = dir.join(&file);
+        let dst = OpenOptions::new().write(true).create(true).truncate(true).open(&path).map_err(io_at(&path))?;
+        dst.set_len(d.size).map_err(io_at(&path))?;
+        let mut sum = Checksum::default();
+        let mut copied = 0;
+        for &(s, e) in &ranges {
+            let mut off = s;
+            while off < e {
+                let n = (e - off).min(CHUNK) as usize;
+                src.read_exact_at(&mut buf[..n], off).map_err(io_at(&d.image))?;
+                dst.write_all_at(&buf[..n], off).map_err(io_at(&path))?;
+                sum.update(&buf[..n]);
+                off += n as u64;
+                copied += n as u64;
+            }
+        }
+        dst.sync_all().map_err(io_at(&path))?;
+        out.push(ManifestDisk {
+            id: d.id.clone(),
+            size_bytes: d.size,
+            file,
+            ranges,
+            copied_bytes: copied,
+            xxh3: sum.hex(),
+            log_seq: d.log_seq,
+        });
+    }
+    let m = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        version: MANIFEST_VERSION,
+        relationship_id: relationship_id.into(),
+        vm: vm.into(),
+        created_unix_ms: crate::hrl::now_ms() as i64,
+        disks: out,
+    };
+    let json = serde_json::to_vec_pretty(&m).map_err(|e| OfflineError::Invalid(format!("manifest: {e}")))?;
+    let tmp = dir.join(".manifest.json.tmp");
+    {
+        let mut f = File::create(&tmp).map_err(io_at(&tmp))?;
+        f.write_all(&json).map_err(io_at(&tmp))?;
+        f.sync_all().map_err(io_at(&tmp))?;
+    }
+    std::fs::rename(&tmp, &mpath).map_err(io_at(&mpath))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))?;
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::ReplicaDisk;
+
+    fn spec() -> ReplicaSpec {
+        ReplicaSpec {
+            relationship_id: "r-1".into(),
+            vm: "vm1".into(),
+            primary_host_id: "h".into(),
+            disks: vec![ReplicaDisk { id: "disk0".into(), size_bytes: 8 << 20 }],
+            retention_ms: 1,
+            bucket_ms: 1,
+        }
+    }
+
+    fn write_disk(dir: &Path) -> PathBuf {
+        let p = dir.join("src.img");
+        let f = File::create(&p).expect("test setup");
+        f.set_len(8 << 20).expect("test setup");
+        f.write_all_at(&[0xab; 65536], 1 << 20).expect("test setup");
+        f.write_all_at(&[0xcd; 4096], 5 << 20).expect("test setup");
+        p
+    }
+
+    #[test]
+    fn export_is_sparse_checksummed_and_checks_against_the_replica() {
+        let t = tempfile::tempdir().expect("test setup");
+        let src = write_disk(t.path());
+        let exp = t.path().join("exp");
+        let d = ExportDisk { id: "disk0".into(), image: src, size: 8 << 20, log_seq: 7 };
+        let m = export(&exp, "r-1", "vm1", &[d]).expect("test setup");
+        assert_eq!(Manifest::read(&exp).expect("test setup"), m);
+        let disk = &m.disks[0];
+        assert_eq!(disk.log_seq, 7);
+        // Only what was allocated travels (a file system may round to its block size).
+        assert!(disk.copied_bytes >= 65536 + 4096 && disk.copied_bytes < 1 << 20, "{}", disk.copied_bytes);
+        let img = exp.join(&disk.file);
+        assert_eq!(std::fs::metadata(&img).expect("test setup").len(), 8 << 20);
+        let mut sum = Checksum::default();
+        let f = File::open(&img).expect("test setup");
+        for &(s, e) in &disk.ranges {
+            let mut b = vec![0; (e - s) as usize];
+            f.read_exact_at(&mut b, s).expect("test setup");
+            sum.update(&b);
+        }
+        assert_eq!(sum.hex(), disk.xxh3);
+        m.check(&spec()).expect("test setup");
+    }
+
+    #[test]
+    fn manifest_checks_refuse_what_does_not_fit() {
+        let t = tempfile::tempdir().expect("test setup");
+        let src = write_disk(t.path());
+        let d = ExportDisk { id: "disk0".into(), image: src, size: 8 << 20, log_seq: 1 };
+        let m = export(&t.path().join("exp"), "r-1", "vm1", &[d]).expect("test setup");
+
+        let e = m.check(&ReplicaSpec { relationship_id: "r-2".into(), ..spec() }).expect_err("must be refused");
+        assert!(e.to_string().contains("not of r-2"), "{e}");
+        let mut s = spec();
+        s.disks[0].size_bytes = 16 << 20;
+        assert!(m.check(&s).expect_err("must be refused").to_string().contains("bytes in the export"));
+        s.disks[0].id = "disk1".into();
+        assert!(m.check(&s).expect_err("must be refused").to_string().contains("no disk disk1"));
+        let mut bad = m.clone();
+        bad.disks[0].ranges.reverse();
+        bad.disks[0].ranges.push((0, 1 << 40));
+        assert!(bad.check(&spec()).is_err());
+        let mut bad = m.clone();
+        bad.disks[0].copied_bytes += 1;
+        assert!(bad.check(&spec()).expect_err("must be refused").to_string().contains("the manifest says"));
+        let mut bad = m;
+        bad.disks[0].file = "../x.img".into();
+        assert!(bad.check(&spec()).is_err());
+
+        assert!(Manifest::read(t.path()).expect_err("must be refused").to_string().contains("not an export directory"));
+        std::fs::write(t.path().join(MANIFEST_FILE), br#"{"format":"other"}"#).expect("test setup");
+        assert!(Manifest::read(t.path()).is_err());
+    }
+}
