@@ -26,12 +26,16 @@ use crate::replica::{ExtentData, PointSpool, Replica, ReplicaError, ReplicaSet};
 
 /// Largest decompressed data of one copy chunk or point extent accepted from the wire.
 pub const MAX_WIRE_DATA: u64 = 4 << 20;
-/// The initial copy is made durable and acknowledged after this many bytes written.
-pub const COPY_ACK_EVERY: u64 = 4 << 20;
+/// The initial copy is made durable and acknowledged after this many bytes written: each
+/// acknowledgement costs an fdatasync and a state save inline in the stream, so not too
+/// often; a broken connection re-sends at most this plus the sender's window.
+pub const COPY_ACK_EVERY: u64 = 16 << 20;
 /// Blocks per `BlockHashesChunk` (64 KiB of hashes).
 pub const HASHES_PER_CHUNK: u64 = 4096;
 /// Smallest block size a resync may ask hashes for.
 pub const MIN_BLOCK_SIZE: u32 = 4096;
+/// Most blocks one sub-block hash request may list.
+pub const MAX_SUB_HASH_BLOCKS: usize = 1 << 20;
 /// Largest gRPC message accepted (chunks are ≤ ~3 MiB; headroom for protobuf framing).
 const MAX_MESSAGE: usize = 8 << 20;
 
@@ -226,6 +230,9 @@ impl Peer for PeerService {
             .map(|d| d.size_bytes)
             .ok_or_else(|| Status::invalid_argument(format!("no disk {:?} in this replica", r.disk_id)))?;
         let blocks = size.div_ceil(u64::from(r.block_size));
+        if !r.blocks.is_empty() {
+            return sub_block_hashes(replica, r, blocks);
+        }
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut first = 0;
@@ -244,6 +251,54 @@ impl Peer for PeerService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+type HashStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<v1::BlockHashesChunk, Status>> + Send>>;
+
+/// The second level of a resync compare: the sub-block hashes of the listed blocks of a
+/// disk of `disk_blocks` blocks, in the order given, chunked like the block hashes.
+fn sub_block_hashes(
+    replica: Arc<Replica>,
+    r: v1::BlockHashesRequest,
+    disk_blocks: u64,
+) -> Result<Response<HashStream>, Status> {
+    let (bs, sbs) = (r.block_size, r.sub_block_size);
+    if sbs < MIN_BLOCK_SIZE || sbs > bs || !bs.is_multiple_of(sbs) {
+        return Err(Status::invalid_argument(format!("sub-block size {sbs} does not divide block size {bs}")));
+    }
+    if r.blocks.len() > MAX_SUB_HASH_BLOCKS {
+        return Err(Status::invalid_argument(format!(
+            "{} blocks listed, at most {MAX_SUB_HASH_BLOCKS} per request",
+            r.blocks.len()
+        )));
+    }
+    if let Some(b) = r.blocks.iter().find(|&&b| b >= disk_blocks) {
+        return Err(Status::invalid_argument(format!("block {b} out of range (the disk has {disk_blocks})")));
+    }
+    let per_block = (bs / sbs) as u64;
+    // Blocks per message: about HASHES_PER_CHUNK hashes each.
+    let step = (HASHES_PER_CHUNK / per_block).max(1) as usize;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let blocks = Arc::new(r.blocks);
+        let mut first = 0u64;
+        for start in (0..blocks.len()).step_by(step) {
+            let end = (start + step).min(blocks.len());
+            let (rep, disk, list) = (replica.clone(), r.disk_id.clone(), blocks.clone());
+            let msg = store(move || rep.sub_block_hashes(&disk, bs, sbs, &list[start..end]).map_err(replica_status))
+                .await
+                .map(|h| {
+                    let at = first;
+                    first += h.len() as u64;
+                    v1::BlockHashesChunk { first_block: at, hashes: h.concat() }
+                });
+            let failed = msg.is_err();
+            if tx.send(msg).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
 }
 
 fn push_extent(spool: &mut PointSpool, e: v1::Extent) -> Result<(), Status> {

@@ -768,6 +768,37 @@ impl Replica {
         Ok(out)
     }
 
+    /// Hashes the sub-blocks of `sub_block_size` of each listed block of `block_size`, in
+    /// the order given, concatenated (the last sub-block of the disk may be short; a block
+    /// at the end of the disk has fewer sub-blocks). xxh3-128, little-endian, like
+    /// [`Replica::block_hashes`]; read under the same read lock.
+    pub fn sub_block_hashes(
+        &self,
+        disk_id: &str,
+        block_size: u32,
+        sub_block_size: u32,
+        blocks: &[u64],
+    ) -> Result<Vec<[u8; 16]>, ReplicaError> {
+        if block_size == 0 || block_size > 16 << 20 || sub_block_size == 0 || !block_size.is_multiple_of(sub_block_size)
+        {
+            return Err(ReplicaError::State(format!("block size {block_size} / sub-block size {sub_block_size}")));
+        }
+        let img = &self.images[self.disk_index(disk_id)?];
+        let _guard = self.read();
+        let (bs, sbs) = (u64::from(block_size), u64::from(sub_block_size));
+        let mut buf = vec![0u8; block_size as usize];
+        let mut out = Vec::with_capacity(blocks.len() * (block_size / sub_block_size) as usize);
+        for &b in blocks {
+            let off = b.checked_mul(bs).filter(|&o| o < img.size).ok_or_else(|| {
+                ReplicaError::State(format!("block {b} of {block_size} bytes is beyond disk {disk_id}"))
+            })?;
+            let n = (img.size - off).min(bs) as usize;
+            img.file.read_exact_at(&mut buf[..n], off).map_err(io_at(&img.path))?;
+            out.extend(buf[..n].chunks(sbs as usize).map(|c| xxhash_rust::xxh3::xxh3_128(c).to_le_bytes()));
+        }
+        Ok(out)
+    }
+
     /// Opens a retained point for reading (`"latest"` or a point id); pinned (not pruned)
     /// until the view is dropped.
     pub fn open_point(self: &Arc<Self>, point: &str) -> Result<PointView, ReplicaError> {
@@ -1300,6 +1331,22 @@ mod tests {
         assert_eq!(r.import_initial(&exp, &m).expect("again"), 0);
         // Points now apply on top.
         point(&r, 1, &[(0, 9, 4096)]);
+    }
+
+    #[test]
+    fn sub_block_hashes_are_the_small_block_hashes_of_the_listed_blocks() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let set = ReplicaSet::open(dir.path()).expect("open");
+        let r = set.prepare(spec("vm1", 1)).expect("prepare");
+        let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+        r.write_initial("disk0", 0, &data).expect("copy");
+        let small = r.block_hashes("disk0", 4096, 0, 256).expect("4 KiB hashes");
+        let sub = r.sub_block_hashes("disk0", 64 << 10, 4096, &[15, 2]).expect("sub-block hashes");
+        assert_eq!(sub.len(), 32);
+        assert_eq!(sub[..16], small[240..256]);
+        assert_eq!(sub[16..], small[32..48]);
+        assert!(r.sub_block_hashes("disk0", 64 << 10, 4096, &[16]).is_err(), "a block beyond the disk");
+        assert!(r.sub_block_hashes("disk0", 64 << 10, 3000, &[0]).is_err(), "a size that does not divide");
     }
 
     #[test]

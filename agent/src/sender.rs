@@ -54,7 +54,7 @@ use crate::tracker::{TrackedDisk, TrackerError};
 pub const COPY_CHUNK: u64 = 1 << 20;
 /// Unacknowledged raw bytes in flight during the initial copy (the replica acknowledges
 /// every few MiB; this bounds what a broken connection costs to send again).
-pub const COPY_WINDOW: u64 = 16 << 20;
+pub const COPY_WINDOW: u64 = 32 << 20;
 /// Largest data extent of a point on the wire (larger writes are split).
 pub const EXTENT_MAX: usize = 1 << 20;
 /// A point message is sent once its extents' data reach this size (well under tonic's
@@ -1097,6 +1097,7 @@ impl Task {
                     relationship_id: self.p.relationship_id.clone(),
                     disk_id: id.as_str().to_owned(),
                     block_size,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();
@@ -1136,13 +1137,15 @@ impl Task {
         let progress = self.progress.clone();
         let disks = self.disks.clone();
         let t0c = t0.clone();
-        let (ack, (t1, compared, sent)) = self
+        let mut sub = SubHashes { client, relationship_id: self.p.relationship_id.clone(), unsupported: false };
+        let (ack, (t1, compared, differed, sent)) = self
             .ship(meta, move |sink| {
-                let (mut compared, mut sent) = (0u64, 0u64);
+                let (mut compared, mut differed, mut sent) = (0u64, 0u64, 0u64);
                 for (id, d, hashes) in &remote {
-                    let (c, s) = sink.differing_blocks(id.as_str(), d, block_size, hashes, &progress)?;
-                    compared += c;
-                    sent += s;
+                    let c = sink.differing_blocks(id.as_str(), d, block_size, hashes, &mut sub, &progress)?;
+                    compared += c.compared;
+                    differed += c.differed;
+                    sent += c.sub_blocks_sent;
                 }
                 // Everything written since the first seal is in logs: seal again and
                 // append them, so the point is consistent at this second barrier.
@@ -1155,7 +1158,7 @@ impl Task {
                         sink.log(id.as_str(), l.seq.0, &dir.join(hrl::log_file_name(id, l.seq)))?;
                     }
                 }
-                Ok((t1, compared, sent))
+                Ok((t1, compared, differed, sent))
             })
             .await?;
         self.view.compared = compared;
@@ -1184,8 +1187,11 @@ impl Task {
                 }
             }
         }
-        self.view.detail =
-            format!("resync done: {sent} of {compared} blocks differed, {} bytes sent", self.view.resync_wire);
+        self.view.detail = format!(
+            "resync done: {differed} of {compared} blocks differed, {} bytes sent; {sent} {} KiB sub-blocks sent",
+            self.view.resync_wire,
+            resync::RESYNC_SUB_BLOCK_SIZE >> 10
+        );
         tracing::info!("{}", self.view.detail);
         self.set_state("replicating");
         Ok(())
@@ -1365,6 +1371,25 @@ impl CopyFeed {
 
 /// The producer side of a `ShipPoint` stream (runs on a blocking thread): batches
 /// extents into messages, compresses, counts wire bytes.
+/// The replica's sub-block hashes, asked for during a resync (from the shipping thread).
+struct SubHashes {
+    client: PeerClient<Channel>,
+    relationship_id: String,
+    /// The replica answered a sub-block request with something else (an older agent).
+    unsupported: bool,
+}
+
+/// Figures of one disk's resync.
+#[derive(Debug, Default)]
+struct ResyncCounts {
+    /// Blocks compared.
+    compared: u64,
+    /// Blocks whose hash differed.
+    differed: u64,
+    /// Sub-blocks of those that differed, and were sent.
+    sub_blocks_sent: u64,
+}
+
 pub struct ChunkSink {
     tx: mpsc::Sender<v1::PointChunk>,
     /// Point fields repeated in every message.
@@ -1423,40 +1448,113 @@ impl ChunkSink {
         Ok(())
     }
 
-    /// Hashes `disk` against the replica's `remote` hashes and pushes the blocks that
-    /// differ. Returns (blocks compared, blocks sent).
+    /// Hashes `disk` against the replica's `remote` block hashes; for the blocks that
+    /// differ, compares the sub-block hashes (asked of the replica in batches) and pushes
+    /// the sub-blocks that differ.
     fn differing_blocks(
         &mut self,
         disk_id: &str,
         disk: &TrackedDisk,
         block_size: u32,
         remote: &[u8],
+        sub: &mut SubHashes,
         progress: &AtomicU64,
-    ) -> Result<(u64, u64), ReplicationError> {
+    ) -> Result<ResyncCounts, ReplicationError> {
         let path = disk.image_path();
         let file = File::open(path).map_err(|e| io_err(format!("image {}", path.display()), e))?;
         let size = disk.size();
         let n = resync::block_count(size, block_size);
-        let mut buf = vec![0u8; block_size as usize];
-        let mut sent = 0;
+        let mut counts = ResyncCounts { compared: n, ..Default::default() };
+        let mut pending = Vec::new();
         let mut first = 0;
         while first < n {
             let count = RESYNC_BATCH_BLOCKS.min(n - first);
             let local = resync::hash_blocks(&file, size, block_size, first, count, resync::HASH_THREADS)
                 .map_err(|e| io_err(format!("hashing {}", path.display()), e))?;
             let r = &remote[first as usize * resync::HASH_LEN..(first + count) as usize * resync::HASH_LEN];
-            for b in resync::differing(first, &local, r) {
-                let (offset, len) = resync::block_range(b, size, block_size);
-                let data = &mut buf[..len as usize];
-                file.read_exact_at(data, offset).map_err(|e| io_err(format!("image read at {offset}"), e))?;
-                let data = data.to_vec();
-                self.write(disk_id, offset, &data)?;
-                sent += 1;
-            }
+            pending.extend(resync::differing(first, &local, r));
             first += count;
+            if pending.len() >= resync::SUB_HASH_BATCH_BLOCKS || first >= n {
+                counts.differed += pending.len() as u64;
+                counts.sub_blocks_sent += self.differing_sub_blocks(disk_id, &file, size, block_size, &pending, sub)?;
+                pending.clear();
+            }
             progress.fetch_add(count * u64::from(block_size), Ordering::Relaxed);
         }
-        Ok((n, sent))
+        Ok(counts)
+    }
+
+    /// The second level: compares the sub-blocks of the differing `blocks` with the
+    /// replica's and pushes those that differ (adjacent ones merged). Returns the number
+    /// of sub-blocks sent. A replica that does not answer sub-block hashes (an older
+    /// agent) gets the whole blocks.
+    fn differing_sub_blocks(
+        &mut self,
+        disk_id: &str,
+        file: &File,
+        size: u64,
+        block_size: u32,
+        blocks: &[u64],
+        sub: &mut SubHashes,
+    ) -> Result<u64, ReplicationError> {
+        if blocks.is_empty() {
+            return Ok(0);
+        }
+        let sbs = resync::RESYNC_SUB_BLOCK_SIZE;
+        let want: u64 = blocks.iter().map(|&b| resync::sub_block_count(b, size, block_size, sbs)).sum();
+        let remote = if sub.unsupported {
+            None
+        } else {
+            let req = v1::BlockHashesRequest {
+                relationship_id: sub.relationship_id.clone(),
+                disk_id: disk_id.to_owned(),
+                block_size,
+                blocks: blocks.to_vec(),
+                sub_block_size: sbs,
+            };
+            let (client, abort) = (&mut sub.client, &self.abort);
+            let want_len = want as usize * resync::HASH_LEN;
+            self.rt.block_on(async {
+                let fetch = async {
+                    let mut stream = client.block_hashes(req).await?.into_inner();
+                    let mut hashes = Vec::with_capacity(want_len);
+                    while let Some(c) = stream.message().await? {
+                        if c.first_block as usize * resync::HASH_LEN != hashes.len()
+                            || hashes.len() + c.hashes.len() > want_len
+                        {
+                            return Ok(None); // not an answer to this request: an older replica
+                        }
+                        hashes.extend_from_slice(&c.hashes);
+                    }
+                    Ok::<_, ReplicationError>((hashes.len() == want_len).then_some(hashes))
+                };
+                tokio::select! {
+                    r = fetch => r,
+                    _ = abort.cancelled() => Err(ReplicationError::StreamClosed),
+                }
+            })?
+        };
+        let ranges = match remote {
+            Some(remote) => {
+                let local = resync::hash_sub_blocks(file, size, block_size, sbs, blocks, resync::HASH_THREADS)
+                    .map_err(|e| io_err("hashing sub-blocks".into(), e))?;
+                resync::differing_sub_ranges(blocks, size, block_size, sbs, &local, &remote, resync::MERGED_EXTENT_MAX)
+            }
+            None => {
+                if !sub.unsupported {
+                    tracing::warn!("the replica does not answer sub-block hashes: sending whole blocks");
+                    sub.unsupported = true;
+                }
+                (blocks.iter().map(|&b| resync::block_range(b, size, block_size)).collect(), want)
+            }
+        };
+        let mut buf = vec![0u8; resync::MERGED_EXTENT_MAX.max(u64::from(block_size)) as usize];
+        for (offset, len) in ranges.0 {
+            let data = &mut buf[..len as usize];
+            file.read_exact_at(data, offset).map_err(|e| io_err(format!("image read at {offset}"), e))?;
+            self.write(disk_id, offset, data)?;
+        }
+        Ok(ranges.1)
     }
 
     fn push(&mut self, e: v1::Extent) -> Result<(), ReplicationError> {

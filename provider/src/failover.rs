@@ -1029,7 +1029,7 @@ async fn run_reprotect(
     let ok = wait_step(&state, &mut job, REPROTECT_STEPS[4], |rel, connected| {
         let s = &rel.status;
         let blocks = format!(
-            "{} blocks compared, {} sent, {} on the wire",
+            "{} blocks compared, {} sent (4 KiB sub-blocks), {} on the wire",
             s.resync_blocks_compared,
             s.resync_blocks_sent,
             crate::cli::human_size(s.resync_wire_bytes)

@@ -1428,7 +1428,7 @@ pub async fn start_resync(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
         let ok = wait_step(&state, &mut job, RESYNC_STEPS[1], |rel, connected| {
             let s = &rel.status;
             let blocks = format!(
-                "{} blocks compared, {} sent, {} on the wire",
+                "{} blocks compared, {} sent (4 KiB sub-blocks), {} on the wire",
                 s.resync_blocks_compared,
                 s.resync_blocks_sent,
                 crate::cli::human_size(s.resync_wire_bytes)

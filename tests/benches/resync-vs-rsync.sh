@@ -124,14 +124,14 @@ x() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo
 echo "1 GiB disk (random data), $NCHANGE of $NBLOCKS 4 KiB blocks changed at random offsets = $CHANGED_BYTES bytes"
 printf '%-40s %8s %12s %9s %12s %9s\n' what seconds "data bytes" "x changed" "all bytes" "x changed"
-printf '%-40s %8s %12s %9s %12s %9s\n' "ours: resync --wait (64 KiB blocks)" "$OURS_S" "$OURS_WIRE" "$(x "$OURS_WIRE" $CHANGED_BYTES)" \
+printf '%-40s %8s %12s %9s %12s %9s\n' "ours: resync --wait (64 KiB, then 4 KiB)" "$OURS_S" "$OURS_WIRE" "$(x "$OURS_WIRE" $CHANGED_BYTES)" \
     "$OURS_TCP" "$(x "$OURS_TCP" $CHANGED_BYTES)"
 printf '%-40s %8s %12s %9s %12s %9s\n' "rsync daemon --inplace --no-whole-file" "$RSYNC_S" "$RSYNC_SENT" "$(x "$RSYNC_SENT" $CHANGED_BYTES)" \
     "$((RSYNC_SENT + RSYNC_RECV))" "$(x $((RSYNC_SENT + RSYNC_RECV)) $CHANGED_BYTES)"
 echo "(data: ours = block data sent (agent log), rsync = Total bytes sent; all: ours = TCP payload both ways on hv-b's peer port"
 echo " (TLS, HTTP/2, hashes), rsync = sent + received (unencrypted protocol stream))"
 echo "time ours/rsync: $(x "$OURS_S" "$RSYNC_S") (goal < 1)   data bytes/changed: $(x "$OURS_WIRE" $CHANGED_BYTES) (goal <= 1.2)"
-echo "rsync: sent $RSYNC_SENT, received $RSYNC_RECV, literal $RSYNC_LIT; ours: ${OURS_SENT:-?} of ${OURS_CMP:-?} 64 KiB blocks sent; replica vs primary: $SAME"
+echo "rsync: sent $RSYNC_SENT, received $RSYNC_RECV, literal $RSYNC_LIT; ours: ${OURS_SENT:-?} of ${OURS_CMP:-?} 64 KiB blocks differed (their differing 4 KiB sub-blocks sent); replica vs primary: $SAME"
 echo "job $JOB: $DETAIL"
 echo "fixed block size B for this change pattern (data = blocks touched x B; hashes = 16 B per block, one per block of the disk):"
 printf '  %8s %10s %14s %10s %12s %16s\n' B touched "data bytes" "x changed" "hash bytes" "x incl. hashes"

@@ -27,6 +27,8 @@ use siterecovery_tests::*;
 const MIB: u64 = 1 << 20;
 /// Write size of the tests, and the agent's resync block size (`agent/src/resync.rs`).
 const BLOCK: u64 = 64 << 10;
+/// Second-level resync sub-block: the unit of the "sent" figure.
+const SUB_BLOCK: u64 = 4 << 10;
 /// The policy interval (the provider runs with `--test-intervals`).
 const INTERVAL_MS: i64 = 1000;
 /// Longest wait for a replication event (points, health, states).
@@ -616,12 +618,15 @@ fn reverse_replication_sends_only_new_blocks_and_failback_matches() {
         .find_map(resync_figures)
         .unwrap_or_else(|| panic!("no block figures in {rev}"));
     eprintln!(
-        "[reverse] initial reverse resync: {sent} of {compared} blocks sent ({} of {} bytes)",
-        sent * BLOCK,
+        "[reverse] initial reverse resync: {sent} sub-blocks of {compared} blocks sent ({} of {} bytes)",
+        sent * SUB_BLOCK,
         disk
     );
     assert_eq!(compared, disk / BLOCK, "every block is compared");
-    assert!(sent * BLOCK <= disk / 64, "the reverse resync sent {sent} blocks: nothing was written since the failover");
+    assert!(
+        sent * SUB_BLOCK <= disk / 64,
+        "the reverse resync sent {sent} sub-blocks: nothing was written since the failover"
+    );
 
     // 10 blocks written on hv-b travel back as a delta.
     let uri_b = w.uris("vm1")[0].clone();
@@ -904,9 +909,11 @@ fn reprotect_after_unplanned_failover_sends_only_differing_blocks() {
         .filter_map(|s| s["detail"].as_str())
         .find_map(resync_figures)
         .unwrap_or_else(|| panic!("no block figures in {job}"));
-    eprintln!("[reprotect] resync of the former primary: {sent} of {compared} blocks sent (expected 16 + 8)");
+    eprintln!(
+        "[reprotect] resync of the former primary: {sent} 4 KiB sub-blocks of {compared} blocks sent (expected (16 + 8) × 16)"
+    );
     assert_eq!(compared, disk / BLOCK, "every block is compared");
-    assert_eq!(sent, 16 + 8, "only the blocks that differ travel");
+    assert_eq!(sent, (16 + 8) * BLOCK / SUB_BLOCK, "only the blocks that differ travel");
     let vm = w.wait_vm("vm1", "replicating from hv-b to hv-a", EVENT_TIMEOUT, |v| {
         v["host"] == "hv-b" && v["replication"]["state"] == "replicating" && v["replication"]["replica_host"] == "hv-a"
     });
