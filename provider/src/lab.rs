@@ -205,7 +205,7 @@ pub async fn run(args: LabArgs) -> Result<()> {
         println!();
         println!("Reach it:");
         println!("  {cli_prefix} host list");
-        println!("  {cli_prefix} vm create --host hv-a --name vm1 --disk 1G");
+        println!("  {cli_prefix} vm create --host hv-a --name vm2 --disk 1G");
         println!("  export SITERECOVERY_CONNECT={addr} SITERECOVERY_CERTS={}", opdir.display());
         println!(
             "  grpcurl -cacert {0}/ca.pem -cert {0}/op.pem -key {0}/op.key {addr} siterecovery.v1.Inventory/ListHosts",
