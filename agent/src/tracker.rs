@@ -33,8 +33,8 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::disk::{BlockDevice, DiskError, check_range};
 use crate::hrl::{
@@ -89,8 +89,6 @@ struct State {
     /// Sequence number of the next log to create.
     next_seq: LogSeq,
     sealed: BTreeMap<LogSeq, SealedLog>,
-    /// Completed mutations; flushes compare it with `synced_gen`.
-    generation: u64,
 }
 
 /// A VM disk whose writes are logged to HRL logs while tracking is on.
@@ -107,7 +105,23 @@ pub struct TrackedDisk {
     tracking_hint: AtomicBool,
     /// Generation up to which the log and the image are known durable (group commit).
     synced_gen: Mutex<u64>,
+    /// Operations completed (logged and applied): what a flush covers.
+    completed: AtomicU64,
+    /// Operations logged but not yet applied to the image. The log append happens under
+    /// the state lock (it fixes the order); the image write happens outside it, after
+    /// every earlier operation overlapping the same range was applied, so the image
+    /// order of overlapping writes equals the log order while writes to different ranges
+    /// copy in parallel. Seal, freeze and stop drain it first.
+    inflight: Mutex<Inflight>,
+    inflight_done: Condvar,
     corrupt: Vec<CorruptLog>,
+}
+
+#[derive(Debug, Default)]
+struct Inflight {
+    next: u64,
+    /// (ticket, start, end) of operations logged but not applied.
+    ranges: Vec<(u64, u64, u64)>,
 }
 
 /// Zeroes for write-zeroes and trim on the image.
@@ -140,10 +154,12 @@ impl TrackedDisk {
                 log_file: None,
                 next_seq: LogSeq(1),
                 sealed: BTreeMap::new(),
-                generation: 0,
             }),
             tracking_hint: AtomicBool::new(tracking),
             synced_gen: Mutex::new(0),
+            completed: AtomicU64::new(0),
+            inflight: Mutex::new(Inflight::default()),
+            inflight_done: Condvar::new(),
             corrupt: Vec::new(),
         };
         disk.recover()?;
@@ -159,7 +175,6 @@ impl TrackedDisk {
             log_file: None,
             next_seq: logs.keys().next_back().map_or(LogSeq(1), |s| s.next()),
             sealed: BTreeMap::new(),
-            generation: 0,
         };
         let last = logs.keys().next_back().copied();
         for (&seq, path) in &logs {
@@ -265,6 +280,19 @@ impl TrackedDisk {
         TrackerError::Image { path: self.image_path.clone(), source }
     }
 
+    fn inflight(&self) -> MutexGuard<'_, Inflight> {
+        self.inflight.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until every logged operation is applied to the image. Called with the state
+    /// lock held, so no new operation can be logged meanwhile.
+    fn drain(&self) {
+        let mut inf = self.inflight();
+        while !inf.ranges.is_empty() {
+            inf = self.inflight_done.wait(inf).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves the state consistent at record
         // granularity (the writer cuts failed appends back), so poisoning is ignored.
@@ -280,6 +308,7 @@ impl TrackedDisk {
     /// Seals the open log if it has records: image synced, footer written and synced,
     /// then (if `open_next`) the next log created. Caller holds the lock.
     fn seal_locked(&self, st: &mut State, open_next: bool) -> Result<Option<LogSeq>, TrackerError> {
+        self.drain();
         let Some(log) = st.log.as_mut() else {
             if open_next && !st.stopped {
                 self.create_log(st)?;
@@ -349,7 +378,8 @@ impl TrackedDisk {
         } else {
             Vec::new()
         };
-        {
+        let end = offset + len;
+        let ticket = {
             let mut st = self.lock();
             if st.stopped {
                 return Err(DiskError::Stopped);
@@ -360,9 +390,23 @@ impl TrackedDisk {
                 }
                 self.append_locked(&mut st, &recs, data)?;
             }
-            apply().map_err(DiskError::from_io)?;
-            st.generation += 1;
+            let mut inf = self.inflight();
+            let t = inf.next;
+            inf.next += 1;
+            inf.ranges.push((t, offset, end));
+            t
+        };
+        // Wait for earlier overlapping operations, then apply outside the state lock.
+        let mut inf = self.inflight();
+        while inf.ranges.iter().any(|&(t, s, e)| t < ticket && s < end && offset < e) {
+            inf = self.inflight_done.wait(inf).unwrap_or_else(PoisonError::into_inner);
         }
+        drop(inf);
+        let applied = apply();
+        self.inflight().ranges.retain(|r| r.0 != ticket);
+        self.inflight_done.notify_all();
+        applied.map_err(DiskError::from_io)?;
+        self.completed.fetch_add(1, Ordering::SeqCst);
         if fua { self.flush() } else { Ok(()) }
     }
 
@@ -421,7 +465,9 @@ impl TrackedDisk {
     /// crash-consistent across the VM. Do not call methods of this disk while holding its
     /// guard (they would wait for the guard); use the guard's own.
     pub fn freeze(&self) -> FreezeGuard<'_> {
-        FreezeGuard { disk: self, state: self.lock() }
+        let state = self.lock();
+        self.drain();
+        FreezeGuard { disk: self, state }
     }
 
     /// Refuses all further writes ([`DiskError::Stopped`]), seals the open log if it has
@@ -432,6 +478,7 @@ impl TrackedDisk {
             return Ok(None);
         }
         st.stopped = true;
+        self.drain();
         let sealed = self.seal_locked(&mut st, false)?;
         if let Some(log) = st.log.as_ref() {
             log.sync().map_err(|source| log_err(log.path(), source))?;
@@ -530,17 +577,15 @@ impl BlockDevice for TrackedDisk {
     /// Group commit: the first flusher syncs everything completed so far; flushers that
     /// queued behind it find their writes covered and return without a second fdatasync.
     fn flush(&self) -> Result<(), DiskError> {
-        let target = self.lock().generation;
+        let target = self.completed.load(Ordering::SeqCst);
         let mut synced = self.synced_gen.lock().unwrap_or_else(PoisonError::into_inner);
         if *synced >= target {
             return Ok(());
         }
         // Everything completed up to `now` is in this log file or in an earlier log,
         // which its seal already synced.
-        let (now, log_file) = {
-            let st = self.lock();
-            (st.generation, st.log_file.clone())
-        };
+        let now = self.completed.load(Ordering::SeqCst);
+        let log_file = self.lock().log_file.clone();
         if let Some(f) = log_file {
             f.sync_data().map_err(DiskError::from_io)?;
         }
