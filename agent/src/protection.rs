@@ -538,11 +538,24 @@ impl Protection {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
-        let last = self
-            .latest
-            .lock()
-            .ok()
-            .and_then(|l| l.get(&c.relationship_id).and_then(|s| s.last_point.clone()))
+        // The sender saves its state (last acknowledged point) before it deletes the
+        // acknowledged logs, so once they are gone the state file is exact; the status
+        // channel may lag behind it.
+        let folder = self.vms.folder(&c.vm).await;
+        let from_state = folder
+            .and_then(|f| sender::SenderState::load(&f.join(sender::STATE_FILE)).ok().flatten())
+            .and_then(|s| s.last_point)
+            .map(|p| v1::RecoveryPoint {
+                id: p.id,
+                seq: p.seq,
+                created_unix_ms: p.created_unix_ms,
+                app_consistent: p.app_consistent,
+                ..Default::default()
+            });
+        let last = from_state
+            .or_else(|| {
+                self.latest.lock().ok().and_then(|l| l.get(&c.relationship_id).and_then(|s| s.last_point.clone()))
+            })
             .unwrap_or_default();
         self.stop_replication(v1::StopReplication {
             relationship_id: c.relationship_id,

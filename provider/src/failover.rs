@@ -502,10 +502,13 @@ async fn run_failover(
             };
             job.start_step(START_ON_REPLICA, &format!("on {rname} from point {point}"), now_ms());
             save_job(&state, &job);
+            // Planned: the primary is drained, so the replica's latest point holds every
+            // acknowledged write; asking for it (not the point the primary reported, which
+            // a late status could make stale) never goes back in time.
             let cmd = Command::Failover(v1::Failover {
                 relationship_id: rel.id.clone(),
                 vm: vm.clone(),
-                point: point.clone(),
+                point: "latest".into(),
                 nics: failover_nics.clone(),
                 test: false,
                 test_vm_name: String::new(),

@@ -356,7 +356,7 @@ async fn test_planned_failover_reprotect_and_refusals() {
     let rev = wait_kind(p, "Reverse replication", "vm1").await;
     assert_eq!(rev.state, "succeeded", "{rev:?}");
     let prep = position(&env.log, "hv-a", "PrepareFailover vm1");
-    let fo = position(&env.log, "hv-b", "Failover vm1 planned point=p-9 nics=dr=10.0.0.5");
+    let fo = position(&env.log, "hv-b", "Failover vm1 planned point=latest nics=dr=10.0.0.5");
     let adopt = position(&env.log, "hv-a", "PrepareReplica vm1 adopt=true");
     let start = position(&env.log, "hv-b", "StartReplication vm1 resync_initial=true");
     assert!(prep < fo && fo < adopt && adopt < start, "{:?}", env.log.lock().expect("log"));
