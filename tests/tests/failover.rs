@@ -922,3 +922,47 @@ fn reprotect_after_unplanned_failover_sends_only_differing_blocks() {
     let exported = w.export("vm1", "latest");
     assert!(same(&w.lab, &exported[0], &uri_b), "hv-a's replica differs from vm1 on hv-b after reprotect");
 }
+
+#[test]
+fn recovery_plan_waits_for_a_manual_action_until_confirmed() {
+    let w = World::new("plan_manual");
+    for vm in ["m1", "m2"] {
+        w.vm(vm, &["8M"], &[]);
+        w.protect(vm);
+    }
+    w.lab.cli_json(&["plan", "create", "mp", "--group", "1:m1", "--group", "2:m2", "--manual", "1=check the database"]);
+    let started = w.lab.cli_json(&["plan", "failover", "mp", "--type", "test"]);
+    let id = started["id"].as_str().unwrap_or_else(|| panic!("no job id: {started}")).to_owned();
+    let manual = "After group 1, action 1: manual action";
+    // The job stops at the manual action: group 2 does not start until it is confirmed.
+    let mut job = Value::Null;
+    let waiting = wait_until(Duration::from_secs(60), || {
+        job = w.lab.cli_json(&["job", "show", &id]);
+        step(&job, manual)["state"] == "running"
+    });
+    assert!(waiting, "the plan never reached its manual action: {job}");
+    std::thread::sleep(Duration::from_millis(1500)); // a while at the action: nothing may move on by itself
+    let job = w.lab.cli_json(&["job", "show", &id]);
+    assert_eq!(step(&job, manual)["state"], "running", "{job}");
+    assert_eq!(
+        step(&job, "Group 2: m2")["started_unix_ms"].as_i64().unwrap_or(0),
+        0,
+        "group 2 ran before confirm: {job}"
+    );
+    let confirmed_at =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    w.lab.cli_json(&["plan", "confirm", &id]);
+    let mut done = Value::Null;
+    let finished = wait_until(Duration::from_secs(60), || {
+        done = w.lab.cli_json(&["job", "show", &id]);
+        done["state"] != "running"
+    });
+    assert!(finished && done["state"] == "succeeded", "plan after confirm: {done}");
+    let g2 = step(&done, "Group 2: m2")["started_unix_ms"].as_i64().unwrap_or(0);
+    assert!(g2 >= confirmed_at - 1000, "group 2 started at {g2}, before the confirmation at {confirmed_at}");
+    // A job that is not waiting for anything cannot be confirmed.
+    assert_fails(&w.lab.cli(&["plan", "confirm", &id]), "confirm a finished job");
+    for vm in ["m1", "m2"] {
+        w.wait_job(&["failover", "cleanup", vm]);
+    }
+}
