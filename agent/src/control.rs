@@ -43,7 +43,7 @@ impl Default for ControlOptions {
 
 /// A TLS channel to `address` verified by the vault CA, presenting this host's certificate.
 pub fn endpoint(address: &str, files: &AgentFiles) -> Result<Endpoint, tonic::transport::Error> {
-    let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(address).trim_matches(['[', ']']).to_owned();
+    let host = siterecovery_certs::host_of(address).to_owned();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&files.ca_pem))
         .identity(Identity::from_pem(&files.identity.cert_pem, &files.identity.key_pem))

@@ -107,7 +107,8 @@ impl Overlay {
     /// Writes `data` at `offset` (any alignment) with the write lock held.
     fn write_locked(&self, map: &mut [u64], data: &[u8], offset: u64) -> Result<(), DiskError> {
         let end = offset + data.len() as u64;
-        let mut block = vec![0u8; BLOCK as usize];
+        // Only a partial block needs the merge buffer (aligned writes go straight through).
+        let mut block: Vec<u8> = Vec::new();
         let mut pos = offset;
         while pos < end {
             let b = pos / BLOCK;
@@ -119,6 +120,7 @@ impl Overlay {
                 self.file.write_all_at(src, pos).map_err(DiskError::from_io)?;
             } else {
                 let blen = (bend - bstart) as usize;
+                block.resize(BLOCK as usize, 0);
                 if is_set(map, b) {
                     self.file.read_exact_at(&mut block[..blen], bstart).map_err(DiskError::from_io)?;
                 } else {

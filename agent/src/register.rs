@@ -64,7 +64,7 @@ pub async fn register(a: RegisterArgs<'_>) -> Result<AgentConfig, RegisterError>
     siterecovery_certs::tls::install_crypto_provider();
     let csr = make_csr(a.host)?;
     let address = key.content.provider_address.clone();
-    let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(&address).trim_matches(['[', ']']).to_owned();
+    let host = siterecovery_certs::host_of(&address).to_owned();
     let unreachable = |e: &(dyn std::error::Error + 'static)| RegisterError::Unreachable {
         address: address.clone(),
         reason: chain(e),

@@ -266,6 +266,42 @@ impl ReplicaSet {
     /// Creates the replica of `spec.vm` (sparse images), or returns the existing one of
     /// the same relationship.
     pub fn prepare(&self, spec: ReplicaSpec) -> Result<Arc<Replica>, ReplicaError> {
+        self.create(spec, false, |dir, d| {
+            let path = dir.join(format!("{}.img", d.id));
+            let f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_at(&path))?;
+            f.set_len(d.size_bytes).map_err(io_at(&path))?;
+            f.sync_all().map_err(io_at(&path))
+        })
+    }
+
+    /// Reverse replication: makes a replica of existing disk images (the former
+    /// primary's, moved in by rename), with no points; the first point the new primary
+    /// ships is a resync, which brings them in line block by block.
+    pub fn adopt(&self, spec: ReplicaSpec, images: &[(String, PathBuf)]) -> Result<Arc<Replica>, ReplicaError> {
+        self.create(spec, true, |dir, d| {
+            let (_, src) = images
+                .iter()
+                .find(|(id, _)| *id == d.id)
+                .ok_or_else(|| ReplicaError::NotFound(format!("disk {} to adopt", d.id)))?;
+            let target = dir.join(format!("{}.img", d.id));
+            std::fs::rename(src, &target).map_err(io_at(&target))?;
+            let f = OpenOptions::new().write(true).open(&target).map_err(io_at(&target))?;
+            if f.metadata().map_err(io_at(&target))?.len() != d.size_bytes {
+                f.set_len(d.size_bytes).map_err(io_at(&target))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The shared part of [`Self::prepare`] and [`Self::adopt`]: a fresh folder, one image
+    /// per disk made by `image`, the state file (initial copy `complete` or not), opened
+    /// and registered. An existing replica of the same relationship is returned as is.
+    fn create(
+        &self,
+        spec: ReplicaSpec,
+        complete: bool,
+        image: impl Fn(&Path, &ReplicaDisk) -> Result<(), ReplicaError>,
+    ) -> Result<Arc<Replica>, ReplicaError> {
         let mut map = self.lock();
         if let Some(r) = map.get(&spec.vm) {
             if r.spec.relationship_id == spec.relationship_id {
@@ -280,64 +316,18 @@ impl ReplicaSet {
         }
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         for d in &spec.disks {
-            let path = dir.join(format!("{}.img", d.id));
-            let f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_at(&path))?;
-            f.set_len(d.size_bytes).map_err(io_at(&path))?;
-            f.sync_all().map_err(io_at(&path))?;
-        }
-        let state = State {
-            copy: spec
-                .disks
-                .iter()
-                .map(|d| DiskCopyProgress { disk_id: d.id.clone(), acked_offset: 0, complete: false })
-                .collect(),
-            spec,
-            points: vec![],
-            applying: None,
-            merges: 0,
-            rollback_to: None,
-        };
-        save_state(&dir, &state)?;
-        let r = Arc::new(Replica::open(&dir)?);
-        tracing::info!(vm = %r.spec.vm, relationship = %r.spec.relationship_id, "replica prepared");
-        map.insert(r.spec.vm.clone(), r.clone());
-        Ok(r)
-    }
-
-    /// Reverse replication: makes a replica of existing disk images (the former
-    /// primary's, moved in by rename), with no points; the first point the new primary
-    /// ships is a resync, which brings them in line block by block.
-    pub fn adopt(&self, spec: ReplicaSpec, images: &[(String, PathBuf)]) -> Result<Arc<Replica>, ReplicaError> {
-        let mut map = self.lock();
-        if let Some(r) = map.get(&spec.vm) {
-            if r.spec.relationship_id == spec.relationship_id {
-                return Ok(r.clone());
-            }
-            return Err(ReplicaError::Exists { vm: spec.vm.clone(), existing: r.spec.relationship_id.clone() });
-        }
-        let dir = self.dir.join(&spec.vm);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io_at(&dir))?;
-        }
-        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-        for d in &spec.disks {
-            let (_, src) = images
-                .iter()
-                .find(|(id, _)| *id == d.id)
-                .ok_or_else(|| ReplicaError::NotFound(format!("disk {} to adopt", d.id)))?;
-            let target = dir.join(format!("{}.img", d.id));
-            std::fs::rename(src, &target).map_err(io_at(&target))?;
-            let f = OpenOptions::new().write(true).open(&target).map_err(io_at(&target))?;
-            if f.metadata().map_err(io_at(&target))?.len() != d.size_bytes {
-                f.set_len(d.size_bytes).map_err(io_at(&target))?;
-            }
+            image(&dir, d)?;
         }
         sync_dir(&dir)?;
         let state = State {
             copy: spec
                 .disks
                 .iter()
-                .map(|d| DiskCopyProgress { disk_id: d.id.clone(), acked_offset: d.size_bytes, complete: true })
+                .map(|d| DiskCopyProgress {
+                    disk_id: d.id.clone(),
+                    acked_offset: if complete { d.size_bytes } else { 0 },
+                    complete,
+                })
                 .collect(),
             spec,
             points: vec![],
@@ -347,7 +337,7 @@ impl ReplicaSet {
         };
         save_state(&dir, &state)?;
         let r = Arc::new(Replica::open(&dir)?);
-        tracing::info!(vm = %r.spec.vm, relationship = %r.spec.relationship_id, "replica adopted from existing disks");
+        tracing::info!(vm = %r.spec.vm, relationship = %r.spec.relationship_id, adopted = complete, "replica created");
         map.insert(r.spec.vm.clone(), r.clone());
         Ok(r)
     }

@@ -33,10 +33,7 @@ pub struct ServerNames {
 impl ServerNames {
     /// The host part of `host:port` as an IP or DNS name, plus `localhost`.
     pub fn for_address(address: &str) -> Self {
-        let host = match address.rsplit_once(':') {
-            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
-            None => address,
-        };
+        let host = crate::host_of(address);
         let mut names = ServerNames { dns: vec!["localhost".into()], ips: vec![] };
         match host.parse::<IpAddr>() {
             Ok(ip) => names.ips.push(ip),

@@ -75,3 +75,23 @@ pub fn random_hex(bytes: usize) -> String {
 pub fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
+
+/// The host part of `host:port` (brackets of an IPv6 literal removed): the name a TLS
+/// client verifies the server certificate against.
+pub fn host_of(address: &str) -> &str {
+    let host = match address.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => address,
+    };
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+#[cfg(test)]
+mod host_tests {
+    #[test]
+    fn host_part() {
+        assert_eq!(super::host_of("127.0.0.1:7443"), "127.0.0.1");
+        assert_eq!(super::host_of("[::1]:7443"), "::1");
+        assert_eq!(super::host_of("hv1.example"), "hv1.example");
+    }
+}

@@ -40,9 +40,7 @@ pub enum CliError {
 /// Parses "[scheme://]host:port" into the https URI and the host name for TLS.
 fn endpoint_parts(address: &str) -> (String, String) {
     let bare = address.trim_start_matches("https://").trim_start_matches("http://");
-    let host = bare.rsplit_once(':').map(|(h, _)| h).unwrap_or(bare);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (format!("https://{bare}"), host.to_owned())
+    (format!("https://{bare}"), siterecovery_certs::host_of(bare).to_owned())
 }
 
 /// Operator credentials from an OPDIR made by `provider operator-cert`.

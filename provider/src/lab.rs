@@ -397,37 +397,11 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
         .into_inner();
     wait_job(&mut prot, job).await?;
     println!("  planned failover of vm1 to hv-b (no data loss), then reverse replication:");
-    let job = prot
-        .failover(v1::FailoverRequest {
-            vm: "vm1".into(),
-            r#type: "planned".into(),
-            point: "latest".into(),
-            ..Default::default()
-        })
-        .await
-        .map_err(rpc("failover planned"))?
-        .into_inner();
-    wait_job(&mut prot, job).await?;
-    wait_reprotected(&mut prot, &mut inv, "hv-b").await?;
-    let on_b = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.map_err(rpc("vm show"))?.into_inner();
-    let uri_b = on_b.disks.first().map(|d| d.nbd_unix_uri.clone()).unwrap_or_default();
+    let uri_b = planned_failover_to(&mut prot, &mut inv, "hv-b").await?;
     qemu(&["-f", "raw", "-c", "write -P 0x77 32M 1M", &uri_b]).await?;
     println!("  vm1 runs on hv-b ({uri_b}), replicating back to hv-a; wrote 1 MiB there");
     println!("  failback: planned failover back to hv-a, then reverse replication again:");
-    let job = prot
-        .failover(v1::FailoverRequest {
-            vm: "vm1".into(),
-            r#type: "planned".into(),
-            point: "latest".into(),
-            ..Default::default()
-        })
-        .await
-        .map_err(rpc("failback"))?
-        .into_inner();
-    wait_job(&mut prot, job).await?;
-    wait_reprotected(&mut prot, &mut inv, "hv-a").await?;
-    let back = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.map_err(rpc("vm show"))?.into_inner();
-    let uri_a = back.disks.first().map(|d| d.nbd_unix_uri.clone()).unwrap_or_default();
+    let uri_a = planned_failover_to(&mut prot, &mut inv, "hv-a").await?;
     let ok =
         run_ok(Path::new("qemu-io"), &["-f", "raw", "-c", "read -P 0x77 32M 1M", "-c", "read -P 0x5a 16M 2M", &uri_a])
             .await
@@ -439,13 +413,31 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
     Ok(())
 }
 
-/// Waits until vm1 runs on `host` and its reverse replication is replicating.
-async fn wait_reprotected(
+/// A planned failover of vm1 to `host` (then reverse replication); returns vm1's disk0
+/// NBD URI there.
+async fn planned_failover_to(
     prot: &mut ProtectionClient<Chan>,
     inv: &mut InventoryClient<Chan>,
     host: &str,
-) -> Result<()> {
-    let _ = prot;
+) -> Result<String> {
+    let job = prot
+        .failover(v1::FailoverRequest {
+            vm: "vm1".into(),
+            r#type: "planned".into(),
+            point: "latest".into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(rpc("failover planned"))?
+        .into_inner();
+    wait_job(prot, job).await?;
+    wait_reprotected(inv, host).await?;
+    let vm = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.map_err(rpc("vm show"))?.into_inner();
+    Ok(vm.disks.first().map(|d| d.nbd_unix_uri.clone()).unwrap_or_default())
+}
+
+/// Waits until vm1 runs on `host` and its reverse replication is replicating.
+async fn wait_reprotected(inv: &mut InventoryClient<Chan>, host: &str) -> Result<()> {
     let end = tokio::time::Instant::now() + Duration::from_secs(300);
     loop {
         if let Ok(vm) = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await {
