@@ -37,9 +37,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
-use siterecovery_certs::files;
 
 use crate::disk::{BlockDevice, DiskError, check_range};
+use crate::persist::{self, PersistError, REPLICA_STATE};
 
 /// Largest extent accepted in a point (a coalesced write or a resync block).
 pub const MAX_EXTENT: u64 = 64 << 20;
@@ -73,14 +73,15 @@ pub enum ReplicaError {
         #[source]
         source: io::Error,
     },
+    /// `replica.json` could not be written, or read back (torn, corrupt, newer version).
     #[error(transparent)]
-    Files(#[from] siterecovery_certs::CertError),
+    StateFile(#[from] PersistError),
 }
 
 impl ReplicaError {
     /// Whether retrying later may succeed (I/O, e.g. no space) or the caller must act.
     pub fn is_recoverable(&self) -> bool {
-        matches!(self, ReplicaError::Io { .. } | ReplicaError::Files(_))
+        matches!(self, ReplicaError::Io { .. } | ReplicaError::StateFile(PersistError::Io { .. }))
     }
 }
 
@@ -246,7 +247,7 @@ impl ReplicaSet {
         let mut replicas = BTreeMap::new();
         for e in std::fs::read_dir(dir).map_err(io_at(dir))? {
             let path = e.map_err(io_at(dir))?.path();
-            if !path.join("replica.json").exists() {
+            if !path.join(STATE_FILE).exists() {
                 continue;
             }
             match Replica::open(&path) {
@@ -365,10 +366,11 @@ impl ReplicaSet {
     }
 }
 
+/// The state file of a replica folder.
+pub const STATE_FILE: &str = "replica.json";
+
 fn save_state(dir: &Path, state: &State) -> Result<(), ReplicaError> {
-    let json = serde_json::to_vec_pretty(state)
-        .map_err(|e| ReplicaError::State(format!("cannot encode replica state: {e}")))?;
-    files::write_public(&dir.join("replica.json"), &json)?;
+    persist::save_with_mode(&dir.join(STATE_FILE), &REPLICA_STATE, state, persist::PUBLIC)?;
     Ok(())
 }
 
@@ -378,10 +380,9 @@ fn sync_dir(dir: &Path) -> Result<(), ReplicaError> {
 
 impl Replica {
     fn open(dir: &Path) -> Result<Self, ReplicaError> {
-        let path = dir.join("replica.json");
-        let text = files::read_text(&path)?;
-        let mut state: State = serde_json::from_str(&text)
-            .map_err(|e| ReplicaError::Corrupt { path: path.clone(), why: e.to_string() })?;
+        let path = dir.join(STATE_FILE);
+        let mut state: State = persist::load(&path, &REPLICA_STATE)?
+            .ok_or_else(|| ReplicaError::NotFound(format!("replica state {}", path.display())))?;
         let mut images = Vec::new();
         for d in &state.spec.disks {
             let p = dir.join(format!("{}.img", d.id));
@@ -412,7 +413,7 @@ impl Replica {
             let referenced = state.points.iter().any(|m| m.undo.as_deref() == Some(name.as_str()));
             if name.starts_with("spool-")
                 || (name.ends_with(".undo") && !referenced)
-                || name.starts_with(".replica.json.tmp")
+                || persist::is_leftover_tmp(&name, STATE_FILE)
             {
                 let _ = std::fs::remove_file(&p);
             }
@@ -1473,5 +1474,90 @@ mod tests {
         assert_eq!(&latest[..10], &[9u8; 10]);
         let p1 = read_all(&*r.open_point("p1").expect("p1").disks[0].1);
         assert_eq!(&p1[..10], &[1u8; 10]);
+    }
+
+    /// A replica of `vm` with two points, closed again; returns its folder.
+    fn replica_with_points(root: &Path, vm: &str) -> PathBuf {
+        let set = ReplicaSet::open(root).expect("open");
+        let r = set.prepare(spec(vm, 1)).expect("prepare");
+        r.ack_initial("disk0", 1 << 20, true).expect("ack");
+        point(&r, 1, &[(0, 1, 10)]);
+        point(&r, 2, &[(0, 2, 10)]);
+        r.dir().to_path_buf()
+    }
+
+    #[test]
+    fn the_state_file_is_in_the_envelope_and_a_legacy_one_still_opens() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let folder = replica_with_points(dir.path(), "vm4");
+        let path = folder.join(STATE_FILE);
+        let stored = std::fs::read(&path).expect("state");
+        assert_eq!(&stored[..4], &REPLICA_STATE.magic);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o644);
+        // What older agents wrote: the same JSON without the envelope.
+        std::fs::write(&path, &stored[persist::HEADER_LEN..]).expect("legacy");
+        let set = ReplicaSet::open(dir.path()).expect("reopen");
+        let r = set.get("vm4").expect("legacy replica opens");
+        assert_eq!(r.latest_seq(), Some(2));
+        let p1 = read_all(&*r.open_point("p1").expect("p1").disks[0].1);
+        assert_eq!(&p1[..10], &[1u8; 10]);
+        point(&r, 3, &[(0, 3, 10)]);
+        assert_eq!(&std::fs::read(&path).expect("state")[..4], &REPLICA_STATE.magic, "rewritten in the envelope");
+    }
+
+    #[test]
+    fn a_torn_or_corrupt_state_file_keeps_the_replica_out_of_service_and_its_files() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let folder = replica_with_points(dir.path(), "vm5");
+        let path = folder.join(STATE_FILE);
+        let good = std::fs::read(&path).expect("state");
+        let files_before = std::fs::read_dir(&folder).expect("ls").count();
+        let mut corrupt = good.clone();
+        corrupt[persist::HEADER_LEN + 5] ^= 0x20;
+        for (what, bytes) in [("torn", good[..good.len() / 2].to_vec()), ("corrupt", corrupt)] {
+            std::fs::write(&path, &bytes).expect("damage");
+            match Replica::open(&folder) {
+                Err(ReplicaError::StateFile(e)) => {
+                    assert_eq!(e.path(), path, "{what}");
+                    assert!(e.is_damage(), "{what}: {e}");
+                    let torn = matches!(e, PersistError::Torn { .. });
+                    assert_eq!(torn, what == "torn", "{what}: {e}");
+                }
+                other => panic!("{what}: {other:?}"),
+            }
+            // The set opens, without that replica, and leaves its folder alone.
+            let set = ReplicaSet::open(dir.path()).expect("set opens");
+            assert!(set.get("vm5").is_none() && set.by_relationship("r-1").is_none(), "{what}");
+            assert_eq!(std::fs::read_dir(&folder).expect("ls").count(), files_before, "{what}");
+            assert_eq!(std::fs::read(&path).expect("state"), bytes, "{what}: the damaged file is kept");
+        }
+        std::fs::write(&path, &good).expect("repair");
+        assert!(ReplicaSet::open(dir.path()).expect("set").get("vm5").is_some());
+    }
+
+    #[test]
+    fn a_state_file_from_a_newer_agent_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let folder = replica_with_points(dir.path(), "vm6");
+        let path = folder.join(STATE_FILE);
+        let mut b = std::fs::read(&path).expect("state");
+        b[4..6].copy_from_slice(&(REPLICA_STATE.version + 1).to_le_bytes());
+        std::fs::write(&path, &b).expect("newer");
+        assert!(matches!(Replica::open(&folder), Err(ReplicaError::StateFile(PersistError::NewerVersion { .. }))));
+        assert!(ReplicaSet::open(dir.path()).expect("set").get("vm6").is_none());
+    }
+
+    #[test]
+    fn leftover_temporaries_of_the_state_file_are_removed_on_open() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let folder = replica_with_points(dir.path(), "vm7");
+        let ours = folder.join("replica.json.0badc0de.tmp");
+        let older = folder.join(".replica.json.tmp-1234");
+        std::fs::write(&ours, b"SRRP").expect("tmp");
+        std::fs::write(&older, b"{").expect("tmp");
+        let set = ReplicaSet::open(dir.path()).expect("reopen");
+        assert_eq!(set.get("vm7").expect("replica").latest_seq(), Some(2));
+        assert!(!ours.exists() && !older.exists());
     }
 }

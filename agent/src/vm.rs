@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use siterecovery_certs::files;
 use siterecovery_certs::identity::is_token;
 use siterecovery_proto::v1;
 use tokio::net::UnixListener;
@@ -29,6 +28,7 @@ use crate::disk::BlockDevice;
 use crate::hrl::DiskId;
 use crate::nbd::{self, Exports};
 use crate::overlay::Overlay;
+use crate::persist::{self, PersistError, VM_CONFIG};
 use crate::replica::{PointView, ReplicaSet};
 use crate::tracker::{TrackedDisk, TrackerError};
 
@@ -58,8 +58,11 @@ pub enum VmError {
     Tracker(#[from] TrackerError),
     #[error(transparent)]
     Nbd(#[from] nbd::NbdError),
+    /// `vm.json` could not be written or read (torn, corrupt, newer version).
     #[error(transparent)]
-    Cert(#[from] siterecovery_certs::CertError),
+    Config(#[from] PersistError),
+    #[error(transparent)]
+    Overlay(#[from] crate::overlay::OverlayError),
 }
 
 impl VmError {
@@ -217,10 +220,18 @@ fn random_mac() -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
+/// The config file of a VM folder.
+pub const CONFIG_FILE: &str = "vm.json";
+
 fn save_config(folder: &Path, config: &VmConfig) -> Result<(), VmError> {
-    let json = serde_json::to_vec_pretty(config).map_err(|e| VmError::Invalid(e.to_string()))?;
-    files::write_public(&folder.join("vm.json"), &json)?;
+    persist::save_with_mode(&folder.join(CONFIG_FILE), &VM_CONFIG, config, persist::PUBLIC)?;
     Ok(())
+}
+
+/// Reads a VM folder's config; `Ok(None)` when the folder has none. A file from before
+/// the envelope (plain JSON) is read too; a torn or corrupt one is an error naming it.
+pub fn read_config(folder: &Path) -> Result<Option<VmConfig>, PersistError> {
+    persist::load(&folder.join(CONFIG_FILE), &VM_CONFIG)
 }
 
 impl VmManager {
@@ -249,16 +260,12 @@ impl VmManager {
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;
             let folder = e.path();
-            let cfg_path = folder.join("vm.json");
-            if !cfg_path.exists() {
-                continue;
-            }
-            match files::read_text(&cfg_path).map_err(VmError::from).and_then(|t| {
-                serde_json::from_str::<VmConfig>(&t)
-                    .map_err(|e| VmError::Invalid(format!("{}: {e}", cfg_path.display())))
-            }) {
-                Ok(cfg) => found.push((cfg, folder)),
-                Err(e) => tracing::error!("skipping VM folder {}: {e:#}", folder.display()),
+            // A damaged config leaves the folder as it is (images and logs untouched) for
+            // a person to look at; the VM is not served.
+            match read_config(&folder) {
+                Ok(Some(cfg)) => found.push((cfg, folder)),
+                Ok(None) => {}
+                Err(e) => tracing::error!(folder = %folder.display(), "skipping VM folder: {e}"),
             }
         }
         let mut vms = mgr.vms.lock().await;
@@ -530,7 +537,7 @@ impl VmManager {
                 let ov_path = folder.join(&d.file);
                 let base: Arc<dyn BlockDevice> =
                     Arc::new(crate::disk::RawFile::open(img_path, true).map_err(io(img_path))?);
-                let ov = Overlay::open(base, &ov_path).map_err(io(&ov_path))?;
+                let ov = Overlay::open(base, &ov_path)?;
                 let img = std::fs::OpenOptions::new().write(true).open(img_path).map_err(io(img_path))?;
                 let mut buf = vec![0u8; crate::overlay::BLOCK as usize];
                 for b in ov.written_blocks() {
@@ -620,7 +627,7 @@ impl VmManager {
                 let mut overlays = Vec::new();
                 for (cfg, (_, dev)) in disks_cfg.iter().zip(&view.disks) {
                     let path = folder.join(&cfg.file);
-                    overlays.push(Arc::new(Overlay::open(dev.clone(), &path).map_err(io(&path))?));
+                    overlays.push(Arc::new(Overlay::open(dev.clone(), &path)?));
                 }
                 Disks::Overlays { overlays, _view: view }
             }
@@ -791,5 +798,80 @@ impl VmManager {
                 .map(|n| v1::Nic { network: n.network.clone(), ip: n.ip.clone(), dhcp: n.dhcp, mac: n.mac.clone() })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn manager(root: &Path) -> VmManager {
+        let replicas = Arc::new(ReplicaSet::open(&root.join("replicas")).expect("replicas"));
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        VmManager::load(
+            root.join("vms"),
+            replicas,
+            Arc::new(Exports::new()),
+            addr,
+            Hooks::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .expect("load")
+    }
+
+    async fn names(mgr: &VmManager) -> Vec<String> {
+        mgr.list().await.into_iter().map(|v| v.name).collect()
+    }
+
+    #[tokio::test]
+    async fn configs_are_in_the_envelope_and_legacy_ones_still_load() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mgr = manager(dir.path()).await;
+        mgr.create("vm1", &[1 << 20], &[], false).await.expect("create");
+        let folder = mgr.folder("vm1").await.expect("folder");
+        let config = mgr.config("vm1").await.expect("config");
+        drop(mgr);
+        let path = folder.join(CONFIG_FILE);
+        let stored = std::fs::read(&path).expect("vm.json");
+        assert_eq!(&stored[..4], &VM_CONFIG.magic);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o644);
+        // What older agents wrote: plain JSON.
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("legacy");
+        assert_eq!(read_config(&folder).expect("read"), Some(config.clone()));
+        let mgr = manager(dir.path()).await;
+        assert_eq!(mgr.config("vm1").await, Some(config));
+        mgr.set_tracking("vm1", true).await.expect("tracking");
+        assert_eq!(&std::fs::read(&path).expect("vm.json")[..4], &VM_CONFIG.magic, "rewritten in the envelope");
+        assert_eq!(read_config(&dir.path().join("vms/none")).expect("no folder"), None);
+    }
+
+    #[tokio::test]
+    async fn a_torn_or_corrupt_config_skips_the_vm_and_keeps_its_folder() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mgr = manager(dir.path()).await;
+        mgr.create("good", &[1 << 20], &[], false).await.expect("create");
+        mgr.create("bad", &[1 << 20], &[], false).await.expect("create");
+        let folder = mgr.folder("bad").await.expect("folder");
+        drop(mgr);
+        let path = folder.join(CONFIG_FILE);
+        let good = std::fs::read(&path).expect("vm.json");
+        let mut corrupt = good.clone();
+        corrupt[persist::HEADER_LEN + 3] ^= 0x01;
+        let newer = [&VM_CONFIG.magic[..], &(VM_CONFIG.version + 1).to_le_bytes(), &good[6..]].concat();
+        for (what, bytes) in [("torn", good[..20].to_vec()), ("corrupt", corrupt), ("newer", newer)] {
+            std::fs::write(&path, &bytes).expect("damage");
+            let err = read_config(&folder).expect_err(what);
+            assert_eq!(err.path(), path, "{what}");
+            assert!(err.is_damage(), "{what}: {err}");
+            let mgr = manager(dir.path()).await;
+            assert_eq!(names(&mgr).await, vec!["good".to_owned()], "{what}");
+            drop(mgr);
+            assert_eq!(std::fs::read(&path).expect("kept"), bytes, "{what}: the damaged file is kept");
+            assert!(folder.join("disk0.img").exists(), "{what}: the image is kept");
+        }
+        std::fs::write(&path, &good).expect("repair");
+        assert_eq!(names(&manager(dir.path()).await).await, vec!["bad".to_owned(), "good".to_owned()]);
     }
 }
