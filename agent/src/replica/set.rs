@@ -90,7 +90,10 @@ impl ReplicaSet {
         }
         let dir = self.dir.join(&spec.vm);
         if dir.exists() {
-            // Leftover of an earlier relationship that was not removed cleanly.
+            // Leftover of an earlier relationship that was not removed cleanly, or a
+            // replica whose state could not be read at start: the provider asked for a
+            // new one, which starts with a full initial copy.
+            tracing::warn!(folder = %dir.display(), "replacing a replica folder that is not in service");
             std::fs::remove_dir_all(&dir).map_err(io_at(&dir))?;
         }
         std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
