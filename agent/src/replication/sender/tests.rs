@@ -2,7 +2,6 @@
 //! copy, a point acknowledged then its logs deleted, a resync after a lost log, and
 //! the error classes. Real tracked disks in a temporary directory; no network.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
