@@ -132,53 +132,7 @@ pub fn rpc_error(address: &str, s: tonic::Status) -> CliError {
     }
 }
 
-/// Parses sizes: bytes, or a number with K/M/G/T (binary units), e.g. `10G`, `512M`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                'B' => 1,
-                _ => return Err(format!("{s:?}: unknown size suffix {c:?} (use K, M, G or T)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size (e.g. 10G, 512M, 1048576)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
-}
-
-/// Parses durations: a number with s/m/h/d, e.g. `30s`, `5m`, `24h`, `5d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 5m, 24h, 5d)"))?;
-    let secs = match unit {
-        "s" | "" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("{s:?}: unknown duration unit {unit:?} (use s, m, h or d)")),
-    };
-    Ok(Duration::from_secs(secs))
-}
-
-/// Human size with binary units.
-pub fn human_size(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
-}
+pub use siterecovery_proto::model::units::{human_size, parse_duration, parse_size};
 
 /// "12s ago" style age of a unix-ms timestamp.
 pub fn age(unix_ms: i64) -> String {
@@ -228,28 +182,6 @@ pub mod protection;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("10G"), Ok(10 << 30));
-        assert_eq!(parse_size("512m"), Ok(512 << 20));
-        assert_eq!(parse_size("2T"), Ok(2 << 40));
-        assert!(parse_size("10X").is_err());
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999999999999T").is_err());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
-        assert_eq!(parse_duration("5d"), Ok(Duration::from_secs(5 * 86400)));
-        assert!(parse_duration("5w").is_err());
-        assert!(parse_duration("m").is_err());
-    }
 
     #[test]
     fn endpoints() {

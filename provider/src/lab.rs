@@ -219,7 +219,8 @@ pub async fn run(args: LabArgs) -> Result<()> {
     if result.is_ok() && !args.exit_when_ready {
         println!();
         println!("Running; Ctrl-C stops the lab.");
-        let shutdown = crate::shutdown_on_signals()?;
+        let shutdown =
+            siterecovery_proto::daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
         shutdown.cancelled().await;
     }
     println!("stopping the lab");

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use siterecovery_proto::daemon;
 use siterecovery_proto::model::FailoverKind;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::inventory_client::InventoryClient;
@@ -15,7 +16,6 @@ use siterecovery_provider::cli::protection as protect_cli;
 use siterecovery_provider::cli::{self, CliError, OperatorCerts, human_size, parse_duration, parse_size, print_table};
 use siterecovery_provider::protection::ProtectionConfig;
 use siterecovery_provider::{api, store, vault};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -470,53 +470,11 @@ struct VmCreate {
     stopped: bool,
 }
 
-fn init_logging(json: bool, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    use std::io::IsTerminal;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn main() {
     let cli = Cli::parse();
     let is_daemon = matches!(cli.cmd, Cmd::Serve { .. } | Cmd::Lab(_));
-    init_logging(cli.log_json, if is_daemon { "info" } else { "warn" });
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = rt.block_on(run(cli)) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-/// Cancels the returned token on SIGTERM or SIGINT.
-pub fn shutdown_on_signals() -> Result<CancellationToken> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let token = CancellationToken::new();
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let t = token.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-        t.cancel();
-    });
-    Ok(token)
+    daemon::init_logging(cli.log_json, if is_daemon { "info" } else { "warn" });
+    daemon::run_main(run(cli));
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -548,7 +506,7 @@ async fn run(cli: Cli) -> Result<()> {
             let addr = listen.unwrap_or_else(|| v.info.address.clone());
             let listener =
                 tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-            let shutdown = shutdown_on_signals()?;
+            let shutdown = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
             let protection = if test_intervals {
                 tracing::warn!("--test-intervals: policies may use intervals from 1s; for tests only");
                 ProtectionConfig::for_tests()
