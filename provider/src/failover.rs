@@ -1066,7 +1066,7 @@ async fn run_reprotect(
             "{} blocks compared, {} sent (4 KiB sub-blocks), {} on the wire",
             s.resync_blocks_compared,
             s.resync_blocks_sent,
-            crate::cli::human_size(s.resync_wire_bytes)
+            siterecovery_proto::model::units::human_size(s.resync_wire_bytes)
         );
         match rel.state {
             ReplicationState::Replicating => Wait::Done(format!("reverse replication running: {blocks}")),

@@ -799,8 +799,8 @@ fn check_prerequisites(state: &AppState, vm_name: &str) -> Result<(Plan, String)
             "not enough space in target cloud {:?}: host {} (the emptiest connected one) has {} free, VM {vm_name} needs {}",
             pairing.target_cloud,
             replica.name,
-            crate::cli::human_size(free),
-            crate::cli::human_size(total_bytes)
+            siterecovery_proto::model::units::human_size(free),
+            siterecovery_proto::model::units::human_size(total_bytes)
         )));
     }
     let addresses = crate::failover::reserve_addresses(state, &vm, None)?;
@@ -810,8 +810,8 @@ fn check_prerequisites(state: &AppState, vm_name: &str) -> Result<(Plan, String)
         pairing.target_cloud,
         policy.name,
         replica.name,
-        crate::cli::human_size(free),
-        crate::cli::human_size(total_bytes)
+        siterecovery_proto::model::units::human_size(free),
+        siterecovery_proto::model::units::human_size(total_bytes)
     );
     for r in &addresses {
         detail.push_str(&format!("; {}", crate::failover::describe_reservation(r)));
@@ -1045,7 +1045,7 @@ async fn run_export(
         step,
         &format!(
             "{} of {} disk(s) exported to {dir} on {}",
-            crate::cli::human_size(bytes),
+            siterecovery_proto::model::units::human_size(bytes),
             plan.vm.disks.len(),
             plan.primary.name
         ),
@@ -1138,7 +1138,7 @@ pub async fn start_import(state: &Arc<AppState>, vm: &str, dir: &str) -> Result<
         Ok(r) => {
             job.succeed_step(
                 job::STEP_WAITING_FOR_IMPORT,
-                &format!("{} imported from {dir} on {replica}", crate::cli::human_size(r.bytes)),
+                &format!("{} imported from {dir} on {replica}", siterecovery_proto::model::units::human_size(r.bytes)),
                 now_ms(),
             );
             job.start_step(job::STEP_INITIAL_REPLICATION, "shipping the writes made since the export", now_ms());
@@ -1248,7 +1248,11 @@ pub(crate) async fn wait_step(
 pub(crate) fn progress_detail(rel: &RelationshipRecord, connected: bool, what: &str) -> String {
     let s = &rel.status;
     let mut d = if s.total_bytes > 0 {
-        format!("{what} {} of {}", crate::cli::human_size(s.done_bytes), crate::cli::human_size(s.total_bytes))
+        format!(
+            "{what} {} of {}",
+            siterecovery_proto::model::units::human_size(s.done_bytes),
+            siterecovery_proto::model::units::human_size(s.total_bytes)
+        )
     } else {
         rel.state.as_str().to_string()
     };
@@ -1265,7 +1269,7 @@ async fn wait_initial(state: Arc<AppState>, mut job: JobRecord) {
     let ok = wait_step(&state, &mut job, job::STEP_INITIAL_REPLICATION, |rel, connected| match rel.state {
         ReplicationState::Replicating => Wait::Done(format!(
             "initial replication done; {} replicated",
-            crate::cli::human_size(rel.status.bytes_replicated)
+            siterecovery_proto::model::units::human_size(rel.status.bytes_replicated)
         )),
         ReplicationState::StoppedOnError => Wait::Failed(if rel.status.error.is_empty() {
             "replication stopped on an error".into()
@@ -1447,7 +1451,7 @@ pub async fn start_resync(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
                 "{} blocks compared, {} sent (4 KiB sub-blocks), {} on the wire",
                 s.resync_blocks_compared,
                 s.resync_blocks_sent,
-                crate::cli::human_size(s.resync_wire_bytes)
+                siterecovery_proto::model::units::human_size(s.resync_wire_bytes)
             );
             if rel.resyncs_completed > baseline && rel.state == ReplicationState::Replicating {
                 return Wait::Done(format!("resync done: {blocks}"));
