@@ -31,13 +31,13 @@ use tonic::{Code, Status};
 
 use crate::api::AppState;
 use crate::inventory::{FailoverRecord as VmFailover, HostRecord, VmRecord};
-use crate::job::{self, JobRecord, now_ms};
+use crate::jobs::{Claim, JobKind, JobRecord, JobState, now_ms};
 use crate::network::{self, NetworkStore, NicIn, Reservation, TestNetwork};
 use crate::policy::{self, PolicyRecord};
 use crate::protection::{
-    Claim, Event, FailoverRecord, InvalidTransition, RelationshipRecord, ReplicationState, StatusRecord,
-    TestFailoverRecord, Wait, fail_job, host_name, hosts, progress_detail, protected, relationship_id, save_job,
-    store_err, wait_step,
+    Event, FailoverRecord, InvalidTransition, RelationshipRecord, ReplicationState, StatusRecord, TestFailoverRecord,
+    Wait, claim, fail_job, host_name, hosts, progress_detail, protected, relationship_id, save_job, store_err,
+    wait_step,
 };
 use crate::store::{POLICIES, VMS};
 
@@ -86,11 +86,11 @@ impl FailoverType {
         }
     }
 
-    fn job_kind(self) -> &'static str {
+    fn job_kind(self) -> JobKind {
         match self {
-            Self::Test => job::TEST_FAILOVER,
-            Self::Planned => job::PLANNED_FAILOVER,
-            Self::Unplanned => job::UNPLANNED_FAILOVER,
+            Self::Test => JobKind::TestFailover,
+            Self::Planned => JobKind::PlannedFailover,
+            Self::Unplanned => JobKind::UnplannedFailover,
         }
     }
 
@@ -375,7 +375,7 @@ pub async fn start_vm_failover(state: &Arc<AppState>, vm: &str, opts: FailoverOp
         }
     }
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job =
         state.protection.jobs.create(&state.store, opts.kind.job_kind(), vm, opts.kind.steps()).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
@@ -717,9 +717,9 @@ pub async fn start_commit(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
     })?;
     let hosts = hosts(state)?;
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job =
-        state.protection.jobs.create(&state.store, job::COMMIT_FAILOVER, vm, &COMMIT_STEPS).map_err(store_err)?;
+        state.protection.jobs.create(&state.store, JobKind::CommitFailover, vm, &COMMIT_STEPS).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     let rname = host_name(&hosts, &rel.replica_host_id);
     job.start_step(COMMIT_STEPS[0], &rname, now_ms());
@@ -789,9 +789,9 @@ pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) ->
     })?;
     let hosts = hosts(state)?;
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job =
-        state.protection.jobs.create(&state.store, job::CHANGE_POINT, vm, &CHANGE_POINT_STEPS).map_err(store_err)?;
+        state.protection.jobs.create(&state.store, JobKind::ChangePoint, vm, &CHANGE_POINT_STEPS).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     let rname = host_name(&hosts, &rel.replica_host_id);
     job.start_step(CHANGE_POINT_STEPS[0], &format!("point {point} on {rname}"), now_ms());
@@ -848,11 +848,11 @@ pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord,
     };
     let hosts = hosts(state)?;
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job = state
         .protection
         .jobs
-        .create(&state.store, job::CLEANUP_TEST_FAILOVER, vm, &CLEANUP_STEPS)
+        .create(&state.store, JobKind::CleanupTestFailover, vm, &CLEANUP_STEPS)
         .map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     let rname = host_name(&hosts, &rel.replica_host_id);
@@ -919,11 +919,11 @@ pub async fn start_reprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecor
         .get::<VmRecord>(VMS, vm)
         .map_err(store_err)?
         .ok_or_else(|| Status::not_found(format!("no VM {vm:?} (see `vm list`)")))?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job = state
         .protection
         .jobs
-        .create(&state.store, job::REVERSE_REPLICATION, vm, &REPROTECT_STEPS)
+        .create(&state.store, JobKind::ReverseReplication, vm, &REPROTECT_STEPS)
         .map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     job.total_bytes = vm_rec.disks.iter().map(|d| d.size_bytes).sum();
@@ -1133,7 +1133,7 @@ pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
             }
         };
         let step = "Local failover detected";
-        let mut job = match state.protection.jobs.create(&state.store, job::LOCAL_FAILOVER, &vm.name, &[step]) {
+        let mut job = match state.protection.jobs.create(&state.store, JobKind::LocalFailover, &vm.name, &[step]) {
             Ok(j) => j,
             Err(e) => {
                 tracing::error!(vm = %vm.name, "cannot record the local failover job: {e:#}");
@@ -1171,7 +1171,7 @@ pub(crate) async fn wait_job_end(state: &AppState, id: &str) -> Option<JobRecord
     let mut rx = state.protection.jobs.subscribe();
     loop {
         match state.protection.jobs.get(&state.store, id) {
-            Ok(Some(j)) if j.state != job::JobState::Running => return Some(j),
+            Ok(Some(j)) if j.state != JobState::Running => return Some(j),
             Ok(Some(_)) => {}
             _ => return None,
         }

@@ -20,6 +20,7 @@ pub mod failover;
 pub mod health;
 pub mod inventory;
 pub mod job;
+pub mod jobs;
 pub mod network;
 pub mod plan;
 pub mod policy;

@@ -32,7 +32,7 @@ use tonic::Status;
 
 use crate::api::AppState;
 use crate::failover::{self, FailoverOptions, FailoverType};
-use crate::job::{self, JobRecord, JobState, StepState, now_ms};
+use crate::jobs::{JobKind, JobRecord, JobState, StepState, now_ms};
 use crate::network::TestNetwork;
 use crate::protection::{Event, RelationshipRecord, fail_job, host_name, hosts, protected, save_job, store_err};
 use crate::store::{META, Store, StoreError};
@@ -357,7 +357,8 @@ pub async fn start_failover(state: &Arc<AppState>, name: &str, kind: i32) -> Res
     let rels = check_vms(state, &plan, kind)?;
     let names = step_names(&plan, kind);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let job = state.protection.jobs.create(&state.store, job::RECOVERY_PLAN, &plan.name, &refs).map_err(store_err)?;
+    let job =
+        state.protection.jobs.create(&state.store, JobKind::RecoveryPlan, &plan.name, &refs).map_err(store_err)?;
     let ret = job.clone();
     tokio::spawn(run(state.clone(), job, plan, kind, rels));
     Ok(ret)
@@ -500,7 +501,7 @@ async fn run(
                 let g = &plan.groups[gi];
                 let now = now_ms();
                 for vm in &g.vms {
-                    job.start_step(&vm_step(g.order, vm), "", now);
+                    job.start_step(vm_step(g.order, vm), "", now);
                 }
                 save_job(&state, &job);
                 let mut futs: FuturesUnordered<_> = g

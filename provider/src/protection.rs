@@ -12,7 +12,7 @@
 //! says so. They never wait for ever: each waiting step has an overall timeout, and it
 //! fails as soon as its relationship is removed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ use crate::api::AppState;
 use crate::auth::authorize;
 use crate::health::{self, CycleSample, Health, HealthInput};
 use crate::inventory::{HostRecord, VmRecord, internal};
-use crate::job::{self, JobRecord, JobState, Jobs, now_ms};
+use crate::jobs::{self, Claim, EnableStep, JobKind, JobRecord, JobState, Jobs, Step, now_ms};
 use crate::network::{self, NetworkError, NetworkStore, Reservation};
 use crate::policy::{self, CloudInfo, PairingError, PairingRecord, PolicyError, PolicyRecord};
 use crate::store::{HOSTS, PAIRINGS, POLICIES, RELATIONSHIPS, Store, StoreError, VMS};
@@ -460,9 +460,8 @@ struct Live {
 /// working on right now.
 pub struct ProtectionCore {
     pub config: ProtectionConfig,
-    pub jobs: Jobs,
+    pub jobs: Arc<Jobs>,
     rels: Mutex<HashMap<String, Live>>,
-    busy: Mutex<HashSet<String>>,
     /// Plan jobs waiting for `plan confirm`, by job id.
     pub(crate) confirms: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
@@ -480,15 +479,9 @@ impl ProtectionCore {
             .into_iter()
             .map(|r| (r.id.clone(), Live { rec: r, persisted: Instant::now() }))
             .collect();
-        let resumed = job::recover(store)?;
+        let resumed = jobs::recover(store)?;
         Ok((
-            Self {
-                config,
-                jobs: Jobs::new(),
-                rels: Mutex::new(rels),
-                busy: Mutex::new(HashSet::new()),
-                confirms: Mutex::new(HashMap::new()),
-            },
+            Self { config, jobs: Arc::new(Jobs::new()), rels: Mutex::new(rels), confirms: Mutex::new(HashMap::new()) },
             resumed,
         ))
     }
@@ -592,42 +585,15 @@ impl ProtectionCore {
         self.jobs.notify();
     }
 
-    /// Marks `vm` as worked on by a job; `None` when another job already is.
-    pub(crate) fn claim(&self, vm: &str) -> bool {
-        lock(&self.busy).insert(vm.to_owned())
-    }
-
     /// Whether a job is working on `vm` right now.
     pub fn busy(&self, vm: &str) -> bool {
-        lock(&self.busy).contains(vm)
-    }
-
-    fn release(&self, vm: &str) {
-        lock(&self.busy).remove(vm);
+        self.jobs.busy(vm)
     }
 }
 
-/// Holds a VM's claim until dropped.
-pub(crate) struct Claim {
-    state: Arc<AppState>,
-    vm: String,
-}
-
-impl Claim {
-    pub(crate) fn take(state: &Arc<AppState>, vm: &str) -> Result<Self, Status> {
-        if !state.protection.claim(vm) {
-            return Err(Status::failed_precondition(format!(
-                "another protection job is working on VM {vm:?} right now (see `job list`)"
-            )));
-        }
-        Ok(Self { state: state.clone(), vm: vm.to_owned() })
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.state.protection.release(&self.vm);
-    }
+/// Claims `vm` for a job.
+pub(crate) fn claim(state: &AppState, vm: &str) -> Result<Claim, Status> {
+    state.protection.jobs.claim(vm).map_err(|e| Status::failed_precondition(e.to_string()))
 }
 
 /// The operator's view of a relationship (for `Vm.replication`).
@@ -819,20 +785,6 @@ fn check_prerequisites(state: &AppState, vm_name: &str) -> Result<(Plan, String)
     Ok((Plan { vm, primary, replica, policy, total_bytes, addresses }, detail))
 }
 
-const ENABLE_STEPS: [&str; 4] = [
-    "Check prerequisites",
-    "Create replication relationship",
-    "Start initial replication",
-    job::STEP_INITIAL_REPLICATION,
-];
-/// Enable protection with the policy's initial method `offline`.
-const ENABLE_OFFLINE_STEPS: [&str; 5] = [
-    "Check prerequisites",
-    "Create replication relationship",
-    job::STEP_EXPORT,
-    job::STEP_WAITING_FOR_IMPORT,
-    job::STEP_INITIAL_REPLICATION,
-];
 const FINALIZE_STEPS: [&str; 1] = ["Check recovery points"];
 const DISABLE_STEPS: [&str; 3] =
     ["Stop replication on the replica host", "Stop replication on the primary host", "Delete replication relationship"];
@@ -860,11 +812,12 @@ pub(crate) fn fail_job(state: &AppState, job: &mut JobRecord, error: &str) {
 /// in a task. `export_dir` (offline initial replication) is required when the policy's
 /// initial method is `offline`, refused otherwise.
 pub async fn start_protect(state: &Arc<AppState>, vm: &str, export_dir: &str) -> Result<JobRecord, Status> {
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     // An export directory is given for, and required by, an offline policy (checked below).
-    let steps: &[&str] = if export_dir.is_empty() { &ENABLE_STEPS } else { &ENABLE_OFFLINE_STEPS };
-    let mut job = state.protection.jobs.create(&state.store, job::ENABLE_PROTECTION, vm, steps).map_err(store_err)?;
-    job.start_step(ENABLE_STEPS[0], "", now_ms());
+    let steps: &[EnableStep] = if export_dir.is_empty() { &EnableStep::ONLINE } else { &EnableStep::OFFLINE };
+    let mut job =
+        state.protection.jobs.create(&state.store, JobKind::EnableProtection, vm, steps).map_err(store_err)?;
+    job.start_step(EnableStep::CheckPrerequisites, "", now_ms());
     let checked = check_prerequisites(state, vm).and_then(|(plan, detail)| {
         let method = plan.policy.initial_method.as_str();
         if method == "offline" && export_dir.is_empty() {
@@ -889,7 +842,7 @@ pub async fn start_protect(state: &Arc<AppState>, vm: &str, export_dir: &str) ->
     });
     match checked {
         Ok((plan, detail)) => {
-            job.succeed_step(ENABLE_STEPS[0], &detail, now_ms());
+            job.succeed_step(EnableStep::CheckPrerequisites, &detail, now_ms());
             save_job(state, &job);
             tokio::spawn(run_enable(state.clone(), job.clone(), plan, claim, export_dir.to_owned()));
             Ok(job)
@@ -905,7 +858,7 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
     let cfg = state.protection.config.clone();
     let settings = policy::replication_settings(&plan.policy, cfg.test_intervals);
     // Create replication relationship.
-    let step = ENABLE_STEPS[1];
+    let step = EnableStep::CreateRelationship;
     job.start_step(step, &format!("replica host {}", plan.replica.name), now_ms());
     let mut rec = RelationshipRecord {
         id: relationship_id(),
@@ -958,7 +911,7 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
     }
 
     // Start initial replication.
-    let step = ENABLE_STEPS[2];
+    let step = EnableStep::StartInitialReplication;
     job.start_step(step, "", now_ms());
     if let Some(at) = plan.policy.initial_at_unix_ms()
         && at > now_ms()
@@ -990,7 +943,7 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
         return fail_job(&state, &mut job, &format!("primary host {} refused: {}", plan.primary.name, s.message()));
     }
     job.succeed_step(step, &format!("{} replicating to {}", plan.primary.name, plan.replica.address), now_ms());
-    job.start_step(job::STEP_INITIAL_REPLICATION, "", now_ms());
+    job.start_step(EnableStep::InitialReplication, "", now_ms());
     save_job(&state, &job);
     drop(claim);
     wait_initial(state, job).await;
@@ -1009,7 +962,7 @@ async fn run_export(
     dir: String,
 ) {
     let cfg = state.protection.config.clone();
-    let step = job::STEP_EXPORT;
+    let step = EnableStep::ExportInitialCopy;
     job.start_step(step, &format!("exporting to {dir} on {}", plan.primary.name), now_ms());
     save_job(&state, &job);
     let export = Command::ExportInitial(v1::ExportInitial {
@@ -1052,7 +1005,7 @@ async fn run_export(
         now_ms(),
     );
     job.start_step(
-        job::STEP_WAITING_FOR_IMPORT,
+        EnableStep::WaitingForImport,
         &format!(
             "carry {dir} to the replica host {}, then run `provider protect-import {} --dir DIR`",
             plan.replica.name, plan.vm.name
@@ -1080,7 +1033,7 @@ async fn wait_import(state: Arc<AppState>, mut job: JobRecord) {
         if job.state != JobState::Running {
             return;
         }
-        if job.running_step().is_none_or(|s| s.name != job::STEP_WAITING_FOR_IMPORT) {
+        if job.running() != Some(Step::Enable(EnableStep::WaitingForImport)) {
             break;
         }
         tokio::select! {
@@ -1101,12 +1054,12 @@ pub async fn start_import(state: &Arc<AppState>, vm: &str, dir: &str) -> Result<
         return Err(Status::invalid_argument(format!("import directory {dir:?} must be an absolute path")));
     }
     let rel = protected(state, vm)?;
-    let _claim = Claim::take(state, vm)?;
+    let _claim = claim(state, vm)?;
     let waiting = |j: &JobRecord| {
-        j.kind == job::ENABLE_PROTECTION
+        j.kind == JobKind::EnableProtection
             && j.state == JobState::Running
             && j.relationship_id == rel.id
-            && j.running_step().is_some_and(|s| s.name == job::STEP_WAITING_FOR_IMPORT)
+            && j.running() == Some(Step::Enable(EnableStep::WaitingForImport))
     };
     let find = || -> Result<JobRecord, Status> {
         state.store.list::<JobRecord>(crate::store::JOBS).map_err(store_err)?.into_iter().find(waiting).ok_or_else(
@@ -1137,18 +1090,18 @@ pub async fn start_import(state: &Arc<AppState>, vm: &str, dir: &str) -> Result<
     match result {
         Ok(r) => {
             job.succeed_step(
-                job::STEP_WAITING_FOR_IMPORT,
+                EnableStep::WaitingForImport,
                 &format!("{} imported from {dir} on {replica}", crate::cli::human_size(r.bytes)),
                 now_ms(),
             );
-            job.start_step(job::STEP_INITIAL_REPLICATION, "shipping the writes made since the export", now_ms());
+            job.start_step(EnableStep::InitialReplication, "shipping the writes made since the export", now_ms());
             save_job(state, &job);
             tracing::info!(job = %job.id, %vm, bytes = r.bytes, "initial copy imported");
             Ok(job)
         }
         Err(s) => {
             job.set_detail(
-                job::STEP_WAITING_FOR_IMPORT,
+                EnableStep::WaitingForImport,
                 &format!("import from {dir} on {replica} failed: {}; still waiting", s.message()),
             );
             save_job(state, &job);
@@ -1161,7 +1114,7 @@ pub async fn start_import(state: &Arc<AppState>, vm: &str, dir: &str) -> Result<
 pub fn resume_jobs(state: &Arc<AppState>, jobs: Vec<JobRecord>) {
     for job in jobs {
         tracing::info!(job = %job.id, vm = %job.vm, "resuming job after restart");
-        if job.running_step().is_some_and(|s| s.name == job::STEP_WAITING_FOR_IMPORT) {
+        if job.running() == Some(Step::Enable(EnableStep::WaitingForImport)) {
             tokio::spawn(wait_import(state.clone(), job));
         } else {
             tokio::spawn(wait_initial(state.clone(), job));
@@ -1262,7 +1215,7 @@ pub(crate) fn progress_detail(rel: &RelationshipRecord, connected: bool, what: &
 }
 
 async fn wait_initial(state: Arc<AppState>, mut job: JobRecord) {
-    let ok = wait_step(&state, &mut job, job::STEP_INITIAL_REPLICATION, |rel, connected| match rel.state {
+    let ok = wait_step(&state, &mut job, EnableStep::InitialReplication.name(), |rel, connected| match rel.state {
         ReplicationState::Replicating => Wait::Done(format!(
             "initial replication done; {} replicated",
             crate::cli::human_size(rel.status.bytes_replicated)
@@ -1285,7 +1238,7 @@ async fn wait_initial(state: Arc<AppState>, mut job: JobRecord) {
 }
 
 async fn run_finalize(state: Arc<AppState>, vm: String, rel_id: String) {
-    let mut job = match state.protection.jobs.create(&state.store, job::FINALIZE_PROTECTION, &vm, &FINALIZE_STEPS) {
+    let mut job = match state.protection.jobs.create(&state.store, JobKind::FinalizeProtection, &vm, &FINALIZE_STEPS) {
         Ok(j) => j,
         Err(e) => return tracing::error!(vm, "cannot create the Finalize protection job: {e:#}"),
     };
@@ -1348,9 +1301,12 @@ pub(crate) fn protected(state: &AppState, vm: &str) -> Result<RelationshipRecord
 
 pub async fn start_unprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
-    let claim = Claim::take(state, vm)?;
-    let mut job =
-        state.protection.jobs.create(&state.store, job::DISABLE_PROTECTION, vm, &DISABLE_STEPS).map_err(store_err)?;
+    let claim = claim(state, vm)?;
+    let mut job = state
+        .protection
+        .jobs
+        .create(&state.store, JobKind::DisableProtection, vm, &DISABLE_STEPS)
+        .map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     save_job(state, &job);
     let state = state.clone();
@@ -1408,8 +1364,8 @@ pub async fn start_resync(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
     if !state.sessions.status(&primary.id).connected {
         return Err(Status::unavailable(format!("primary host {} is not connected", primary.name)));
     }
-    let claim = Claim::take(state, vm)?;
-    let mut job = state.protection.jobs.create(&state.store, job::RESYNC, vm, &RESYNC_STEPS).map_err(store_err)?;
+    let claim = claim(state, vm)?;
+    let mut job = state.protection.jobs.create(&state.store, JobKind::Resync, vm, &RESYNC_STEPS).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     job.total_bytes = rel.total_bytes;
     job.start_step(RESYNC_STEPS[0], &primary.name, now_ms());
