@@ -27,17 +27,18 @@ use std::time::Duration;
 use siterecovery_proto::model::FailoverKind;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::provider_message::Command;
-use tonic::{Code, Status};
+use tonic::Status;
 
-use crate::api::AppState;
+use crate::agents::AgentErrorKind;
+
 use crate::inventory::{FailoverRecord as VmFailover, HostRecord, VmRecord};
 use crate::jobs::{Claim, JobKind, JobRecord, JobState, now_ms};
 use crate::network::{self, NetworkStore, NicIn, Reservation, TestNetwork};
 use crate::policy::{self, PolicyRecord};
 use crate::protection::{
-    Event, FailoverRecord, InvalidTransition, RelationshipRecord, ReplicationState, StatusRecord, TestFailoverRecord,
-    Wait, claim, fail_job, host_name, hosts, progress_detail, protected, relationship_id, save_job, store_err,
-    wait_step,
+    Core, Event, FailoverRecord, InvalidTransition, RelationshipRecord, ReplicationState, StatusRecord,
+    TestFailoverRecord, Wait, claim, fail_job, host_name, hosts, progress_detail, protected, relationship_id, save_job,
+    store_err, wait_step,
 };
 use crate::store::{POLICIES, VMS};
 
@@ -154,7 +155,7 @@ pub fn describe_reservation(r: &Reservation) -> String {
 
 /// Reserves target addresses for the NICs of `vm`: addresses of other VMs' NICs and
 /// other relationships' reservations are taken.
-pub fn reserve_addresses(state: &AppState, vm: &VmRecord, _why: Option<&str>) -> Result<Vec<Reservation>, Status> {
+pub fn reserve_addresses(state: &Core, vm: &VmRecord, _why: Option<&str>) -> Result<Vec<Reservation>, Status> {
     let ns = NetworkStore::new(&state.store);
     let networks = ns.networks().map_err(store_err)?;
     let mappings = ns.mappings().map_err(store_err)?;
@@ -184,11 +185,11 @@ fn refuse(vm: &str, e: InvalidTransition, hint: &str) -> Status {
     Status::failed_precondition(format!("VM {vm}: {e}{hint}"))
 }
 
-fn connected(state: &AppState, host_id: &str) -> bool {
-    state.sessions.status(host_id).connected
+fn connected(state: &Core, host_id: &str) -> bool {
+    state.agents.connected(host_id)
 }
 
-fn require_connected(state: &AppState, hosts: &[HostRecord], host_id: &str, role: &str) -> Result<(), Status> {
+fn require_connected(state: &Core, hosts: &[HostRecord], host_id: &str, role: &str) -> Result<(), Status> {
     if connected(state, host_id) {
         Ok(())
     } else {
@@ -199,7 +200,7 @@ fn require_connected(state: &AppState, hosts: &[HostRecord], host_id: &str, role
 /// Stores the VM an agent returned (it now runs on `host_id`), filling in what a
 /// minimal agent leaves out: the NICs it was given and how it came to run.
 fn record_vm(
-    state: &AppState,
+    state: &Core,
     res: &v1::CommandResult,
     host_id: &str,
     nics: &[v1::Nic],
@@ -282,12 +283,12 @@ fn nics_text(nics: &[v1::Nic]) -> String {
 
 /// Resolves `latest-app-consistent` to a point id on the replica host; other values
 /// go to the agent as they are.
-async fn resolve_point(state: &AppState, rel: &RelationshipRecord, point: &str) -> Result<String, String> {
+async fn resolve_point(state: &Core, rel: &RelationshipRecord, point: &str) -> Result<String, String> {
     match point {
         "" | "latest" => Ok("latest".into()),
         "latest-app-consistent" => {
             let res = state
-                .sessions
+                .agents
                 .command(
                     &rel.replica_host_id,
                     Command::ListPoints(v1::ListPoints { vm: rel.vm.clone() }),
@@ -307,7 +308,7 @@ async fn resolve_point(state: &AppState, rel: &RelationshipRecord, point: &str) 
 }
 
 /// `Failover` RPC.
-pub async fn start_failover(state: &Arc<AppState>, r: &v1::FailoverRequest) -> Result<JobRecord, Status> {
+pub async fn start_failover(state: &Arc<Core>, r: &v1::FailoverRequest) -> Result<JobRecord, Status> {
     let kind = FailoverType::from_wire(r.r#type).ok_or_else(|| {
         Status::invalid_argument(format!("failover type {}: use test, planned or unplanned", r.r#type))
     })?;
@@ -336,7 +337,7 @@ pub async fn start_failover(state: &Arc<AppState>, r: &v1::FailoverRequest) -> R
 }
 
 /// Checks that `vm` may fail over as asked, then starts the job.
-pub async fn start_vm_failover(state: &Arc<AppState>, vm: &str, opts: FailoverOptions) -> Result<JobRecord, Status> {
+pub async fn start_vm_failover(state: &Arc<Core>, vm: &str, opts: FailoverOptions) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     let hosts = hosts(state)?;
     let primary = host_name(&hosts, &rel.primary_host_id);
@@ -405,7 +406,7 @@ pub async fn start_vm_failover(state: &Arc<AppState>, vm: &str, opts: FailoverOp
     Ok(job)
 }
 
-fn abort(state: &AppState, rel_id: &str) {
+fn abort(state: &Core, rel_id: &str) {
     if let Err(s) = state.protection.update(&state.store, rel_id, |r| {
         r.state = r.state.next(Event::FailoverAborted)?;
         Ok(())
@@ -415,7 +416,7 @@ fn abort(state: &AppState, rel_id: &str) {
 }
 
 async fn run_failover(
-    state: Arc<AppState>,
+    state: Arc<Core>,
     mut job: JobRecord,
     rel: RelationshipRecord,
     opts: FailoverOptions,
@@ -457,7 +458,7 @@ async fn run_failover(
                 test_vm_name: test_vm.clone(),
                 planned: false,
             });
-            let res = match state.sessions.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
+            let res = match state.agents.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
                 Ok(r) => r,
                 Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
             };
@@ -545,7 +546,7 @@ async fn run_failover(
                 test_vm_name: String::new(),
                 planned: true,
             });
-            let res = match state.sessions.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
+            let res = match state.agents.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
                 Ok(r) => r,
                 Err(s) => {
                     abort(&state, &rel.id);
@@ -627,7 +628,7 @@ async fn run_failover(
                 test_vm_name: String::new(),
                 planned: false,
             });
-            let res = match state.sessions.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
+            let res = match state.agents.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
                 Ok(r) => r,
                 Err(s) => {
                     abort(&state, &rel.id);
@@ -684,10 +685,10 @@ fn reported_point(res: &v1::CommandResult, asked: &str) -> String {
 }
 
 /// `PrepareFailover` to the primary host; the last point the replica acknowledged.
-pub(crate) async fn prepare_primary(state: &AppState, rel: &RelationshipRecord) -> Result<String, String> {
+pub(crate) async fn prepare_primary(state: &Core, rel: &RelationshipRecord) -> Result<String, String> {
     let cmd = Command::PrepareFailover(v1::PrepareFailover { relationship_id: rel.id.clone(), vm: rel.vm.clone() });
     let res = state
-        .sessions
+        .agents
         .command(&rel.primary_host_id, cmd, state.protection.config.command_timeout)
         .await
         .map_err(|s| s.message().to_owned())?;
@@ -695,17 +696,17 @@ pub(crate) async fn prepare_primary(state: &AppState, rel: &RelationshipRecord) 
 }
 
 /// Best-effort `StopVm` to the primary host; says what happened.
-pub(crate) async fn stop_primary(state: &AppState, rel: &RelationshipRecord, pname: &str) -> String {
+pub(crate) async fn stop_primary(state: &Core, rel: &RelationshipRecord, pname: &str) -> String {
     let timeout = state.protection.config.command_timeout.min(Duration::from_secs(30));
     let cmd = Command::StopVm(v1::StopVm { name: rel.vm.clone() });
-    match state.sessions.command(&rel.primary_host_id, cmd, timeout).await {
+    match state.agents.command(&rel.primary_host_id, cmd, timeout).await {
         Ok(_) => format!("VM {} stopped on {pname}", rel.vm),
         Err(s) => format!("could not stop VM {} on {pname} ({}); failover goes on", rel.vm, s.message()),
     }
 }
 
 /// `CommitFailover` RPC.
-pub async fn start_commit(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+pub async fn start_commit(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     rel.state.next(Event::Committed).map_err(|e| {
         let hint = match rel.state {
@@ -749,10 +750,10 @@ pub async fn start_commit(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
     Ok(ret)
 }
 
-async fn commit_on_replica(state: &AppState, rel: &RelationshipRecord) -> Result<(), String> {
+async fn commit_on_replica(state: &Core, rel: &RelationshipRecord) -> Result<(), String> {
     let cmd = Command::CommitFailover(v1::CommitFailover { vm: rel.vm.clone() });
     let res = state
-        .sessions
+        .agents
         .command(&rel.replica_host_id, cmd, state.protection.config.command_timeout)
         .await
         .map_err(|s| format!("replica host: {}", s.message()))?;
@@ -774,7 +775,7 @@ async fn commit_on_replica(state: &AppState, rel: &RelationshipRecord) -> Result
 }
 
 /// `ChangePoint` RPC.
-pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) -> Result<JobRecord, Status> {
+pub async fn start_change_point(state: &Arc<Core>, vm: &str, point: &str) -> Result<JobRecord, Status> {
     if point.is_empty() {
         return Err(Status::invalid_argument("--point is required (see `points VM`)"));
     }
@@ -806,8 +807,7 @@ pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) ->
             Err(e) => return fail_job(&state, &mut job, &e),
         };
         let cmd = Command::ChangePoint(v1::ChangePoint { vm: rel.vm.clone(), point: point.clone() });
-        let res = match state.sessions.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await
-        {
+        let res = match state.agents.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await {
             Ok(r) => r,
             Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
         };
@@ -839,7 +839,7 @@ pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) ->
 }
 
 /// `CleanupTestFailover` RPC.
-pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+pub async fn start_cleanup(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     let Some(test) = rel.test_failover.clone() else {
         return Err(Status::failed_precondition(format!(
@@ -866,12 +866,12 @@ pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord,
             vm: rel.vm.clone(),
             test_vm_name: test.test_vm.clone(),
         });
-        let note =
-            match state.sessions.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await {
-                Ok(_) => String::new(),
-                Err(s) if s.code() == Code::NotFound => format!(" (the host had no such VM: {})", s.message()),
-                Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
-            };
+        let note = match state.agents.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await
+        {
+            Ok(_) => String::new(),
+            Err(s) if s.kind() == AgentErrorKind::NotFound => format!(" (the host had no such VM: {})", s.message()),
+            Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
+        };
         if let Err(e) = state.store.delete(VMS, &test.test_vm) {
             tracing::warn!(vm = %test.test_vm, "cannot forget the test VM: {e:#}");
         }
@@ -893,7 +893,7 @@ pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord,
 }
 
 /// `Reprotect` RPC: reverse replication after a failover.
-pub async fn start_reprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+pub async fn start_reprotect(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     rel.state.next(Event::Reprotected).map_err(|e| {
         refuse(
@@ -946,7 +946,7 @@ pub async fn start_reprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecor
 }
 
 async fn run_reprotect(
-    state: Arc<AppState>,
+    state: Arc<Core>,
     mut job: JobRecord,
     old: RelationshipRecord,
     policy: PolicyRecord,
@@ -997,7 +997,7 @@ async fn run_reprotect(
         reversed_from: old.id.clone(),
     };
     new.state = ReplicationState::NotEnabled.next(Event::Enabled).unwrap_or(ReplicationState::WaitingForInitial);
-    let restore = |state: &AppState, new_id: &str, old: &RelationshipRecord| {
+    let restore = |state: &Core, new_id: &str, old: &RelationshipRecord| {
         let _ = state.protection.remove(&state.store, new_id);
         if let Err(e) = state.protection.save(&state.store, old.clone()) {
             tracing::error!(relationship = %old.id, "cannot restore the relationship: {e:#}");
@@ -1024,7 +1024,7 @@ async fn run_reprotect(
         settings: Some(settings),
         adopt_vm_disks: true,
     });
-    if let Err(s) = state.sessions.command(&new_replica, prepare, cfg.command_timeout).await {
+    if let Err(s) = state.agents.command(&new_replica, prepare, cfg.command_timeout).await {
         restore(&state, &new.id, &old);
         return fail_job(&state, &mut job, &format!("former primary host {rname} refused: {}", s.message()));
     }
@@ -1045,14 +1045,14 @@ async fn run_reprotect(
         settings: Some(settings),
         resync_initial: true,
     });
-    if let Err(s) = state.sessions.command(&new_primary, start, cfg.command_timeout).await {
+    if let Err(s) = state.agents.command(&new_primary, start, cfg.command_timeout).await {
         // Keep the former primary's disks: they are the VM's older copy.
         let stop = Command::StopReplication(v1::StopReplication {
             relationship_id: new.id.clone(),
             vm: vm.name.clone(),
             remove_replica: false,
         });
-        let _ = state.sessions.command(&new_replica, stop, cfg.command_timeout).await;
+        let _ = state.agents.command(&new_replica, stop, cfg.command_timeout).await;
         restore(&state, &new.id, &old);
         return fail_job(&state, &mut job, &format!("new primary host {pname} refused: {}", s.message()));
     }
@@ -1089,7 +1089,7 @@ async fn run_reprotect(
 /// Failovers the replica host reports that the provider did not make (an agent failed
 /// the VM over on its own while the provider was down, or a failover job was cut by a
 /// provider restart): the relationship follows and a job records it.
-pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
+pub fn on_inventory(state: &Core, host: &HostRecord, vms: &[VmRecord]) {
     for vm in vms {
         let Some(f) = &vm.failover else { continue };
         if f.kind == FailoverKind::Test || !f.test_of.is_empty() {
@@ -1167,7 +1167,7 @@ pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
 }
 
 /// Waits until job `id` ends; the job as it ended.
-pub(crate) async fn wait_job_end(state: &AppState, id: &str) -> Option<JobRecord> {
+pub(crate) async fn wait_job_end(state: &Core, id: &str) -> Option<JobRecord> {
     let mut rx = state.protection.jobs.subscribe();
     loop {
         match state.protection.jobs.get(&state.store, id) {
@@ -1182,3 +1182,6 @@ pub(crate) async fn wait_job_end(state: &AppState, id: &str) -> Option<JobRecord
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
