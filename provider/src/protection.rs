@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use siterecovery_certs::Role;
+use siterecovery_proto::model::{PolicyName, SiteName};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::protection_server::Protection;
 use siterecovery_proto::v1::provider_message::Command;
@@ -28,7 +29,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::api::AppState;
 use crate::auth::authorize;
 use crate::health::{self, CycleSample, Health, HealthInput};
-use crate::inventory::{HostRecord, VmRecord, internal};
+use crate::inventory::{HostRecord, VmRecord};
 use crate::job::{self, JobRecord, JobState, Jobs, now_ms};
 use crate::network::{self, NetworkError, NetworkStore, Reservation};
 use crate::policy::{self, CloudInfo, PairingError, PairingRecord, PolicyError, PolicyRecord};
@@ -632,7 +633,7 @@ impl Drop for Claim {
 
 /// The operator's view of a relationship (for `Vm.replication`).
 pub fn replication_view(state: &AppState, rec: &RelationshipRecord, hosts: &[HostRecord], now: i64) -> v1::Replication {
-    let name = |id: &str| hosts.iter().find(|h| h.id == id).map(|h| h.name.clone()).unwrap_or_else(|| id.to_owned());
+    let name = |id: &str| host_name(hosts, id);
     let primary = name(&rec.primary_host_id);
     let connected = state.sessions.status(&rec.primary_host_id).connected;
     let (h, reasons) = rec.health(connected, &primary, now);
@@ -698,13 +699,16 @@ fn pairing_status(e: PairingError) -> Status {
     let msg = e.to_string();
     match e {
         PairingError::UnknownCloud(_) | PairingError::UnknownPolicy(_) => Status::not_found(msg),
-        PairingError::SameCloud(_) | PairingError::SameSite { .. } => Status::invalid_argument(msg),
+        PairingError::Request(_) | PairingError::SameCloud(_) | PairingError::SameSite { .. } => {
+            Status::invalid_argument(msg)
+        }
         PairingError::AlreadyPaired { .. } => Status::failed_precondition(msg),
     }
 }
 
 pub(crate) fn store_err(e: StoreError) -> Status {
-    internal(e)
+    tracing::error!("internal error: {e:#}");
+    Status::internal(e.to_string())
 }
 
 // ---------------------------------------------------------------------------------
@@ -745,7 +749,7 @@ fn protected_in_cloud(state: &AppState, hosts: &[HostRecord], cloud: &str) -> us
         .protection
         .all()
         .iter()
-        .filter(|r| hosts.iter().any(|h| h.id == r.primary_host_id && h.cloud == cloud))
+        .filter(|r| hosts.iter().any(|h| h.id.as_str() == r.primary_host_id && h.cloud == cloud))
         .count()
 }
 
@@ -866,8 +870,8 @@ pub async fn start_protect(state: &Arc<AppState>, vm: &str, export_dir: &str) ->
     let mut job = state.protection.jobs.create(&state.store, job::ENABLE_PROTECTION, vm, steps).map_err(store_err)?;
     job.start_step(ENABLE_STEPS[0], "", now_ms());
     let checked = check_prerequisites(state, vm).and_then(|(plan, detail)| {
-        let method = plan.policy.initial_method.as_str();
-        if method == "offline" && export_dir.is_empty() {
+        let offline = plan.policy.initial_method == policy::InitialMethod::Offline;
+        if offline && export_dir.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "policy {} replicates the initial copy offline: give `--export-dir DIR` (an absolute directory on \
                  the primary host {} to export the initial copy to; then carry it to the replica host {} and run \
@@ -875,11 +879,14 @@ pub async fn start_protect(state: &Arc<AppState>, vm: &str, export_dir: &str) ->
                 plan.policy.name, plan.primary.name, plan.replica.name
             )));
         }
-        if method != "offline" && !export_dir.is_empty() {
+        if !offline && !export_dir.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "--export-dir is for offline initial replication; policy {} copies the initial replica {}",
                 plan.policy.name,
-                if method == "network" { "over the network".to_string() } else { format!("by {method}") }
+                match plan.policy.initial_method {
+                    policy::InitialMethod::Network => "over the network".to_string(),
+                    method => format!("by {method}"),
+                }
             )));
         }
         if !export_dir.is_empty() && !export_dir.starts_with('/') {
@@ -909,10 +916,10 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
     job.start_step(step, &format!("replica host {}", plan.replica.name), now_ms());
     let mut rec = RelationshipRecord {
         id: relationship_id(),
-        vm: plan.vm.name.clone(),
-        primary_host_id: plan.primary.id.clone(),
-        replica_host_id: plan.replica.id.clone(),
-        policy: plan.policy.name.clone(),
+        vm: plan.vm.name.to_string(),
+        primary_host_id: plan.primary.id.to_string(),
+        replica_host_id: plan.replica.id.to_string(),
+        policy: plan.policy.name.to_string(),
         interval_ms: plan.policy.interval_ms,
         state: ReplicationState::NotEnabled,
         created_unix_ms: now_ms(),
@@ -937,9 +944,9 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
     let prepare = Command::PrepareReplica(v1::PrepareReplica {
         adopt_vm_disks: false,
         relationship_id: rec.id.clone(),
-        vm: plan.vm.name.clone(),
-        primary_host_id: plan.primary.id.clone(),
-        disks: plan.vm.disks.iter().map(|d| v1::DiskSize { id: d.id.clone(), size_bytes: d.size_bytes }).collect(),
+        vm: plan.vm.name.to_string(),
+        primary_host_id: plan.primary.id.to_string(),
+        disks: plan.vm.disks.iter().map(|d| v1::DiskSize { id: d.id.to_string(), size_bytes: d.size_bytes }).collect(),
         settings: Some(settings),
     });
     if let Err(s) = state.sessions.command(&plan.replica.id, prepare, cfg.command_timeout).await {
@@ -974,15 +981,15 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
     let start = Command::StartReplication(v1::StartReplication {
         resync_initial: false,
         relationship_id: rec.id.clone(),
-        vm: plan.vm.name.clone(),
-        replica_host_id: plan.replica.id.clone(),
+        vm: plan.vm.name.to_string(),
+        replica_host_id: plan.replica.id.to_string(),
         replica_address: plan.replica.address.clone(),
         settings: Some(settings),
     });
     if let Err(s) = state.sessions.command(&plan.primary.id, start, cfg.command_timeout).await {
         let stop = Command::StopReplication(v1::StopReplication {
             relationship_id: rec.id.clone(),
-            vm: plan.vm.name.clone(),
+            vm: plan.vm.name.to_string(),
             remove_replica: true,
         });
         let _ = state.sessions.command(&plan.replica.id, stop, cfg.command_timeout).await;
@@ -1014,8 +1021,8 @@ async fn run_export(
     save_job(&state, &job);
     let export = Command::ExportInitial(v1::ExportInitial {
         relationship_id: rec.id.clone(),
-        vm: plan.vm.name.clone(),
-        replica_host_id: plan.replica.id.clone(),
+        vm: plan.vm.name.to_string(),
+        replica_host_id: plan.replica.id.to_string(),
         replica_address: plan.replica.address.clone(),
         settings: Some(settings),
         dir: dir.clone(),
@@ -1028,7 +1035,7 @@ async fn run_export(
             for (host, remove) in [(&plan.primary.id, false), (&plan.replica.id, true)] {
                 let stop = Command::StopReplication(v1::StopReplication {
                     relationship_id: rec.id.clone(),
-                    vm: plan.vm.name.clone(),
+                    vm: plan.vm.name.to_string(),
                     remove_replica: remove,
                 });
                 let _ = state.sessions.command(host, stop, cfg.command_timeout).await;
@@ -1332,7 +1339,7 @@ async fn run_finalize(state: Arc<AppState>, vm: String, rel_id: String) {
 }
 
 pub(crate) fn host_name(hosts: &[HostRecord], id: &str) -> String {
-    hosts.iter().find(|h| h.id == id).map(|h| h.name.clone()).unwrap_or_else(|| id.to_owned())
+    hosts.iter().find(|h| h.id.as_str() == id).map(|h| h.name.to_string()).unwrap_or_else(|| id.to_owned())
 }
 
 pub(crate) fn protected(state: &AppState, vm: &str) -> Result<RelationshipRecord, Status> {
@@ -1403,7 +1410,7 @@ pub async fn start_resync(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
     let requested = rel.state.next(Event::ResyncRequested).map_err(|e| Status::failed_precondition(e.to_string()))?;
     let primary = hosts(state)?
         .into_iter()
-        .find(|h| h.id == rel.primary_host_id)
+        .find(|h| h.id.as_str() == rel.primary_host_id)
         .ok_or_else(|| Status::failed_precondition("the primary host is no longer registered"))?;
     if !state.sessions.status(&primary.id).connected {
         return Err(Status::unavailable(format!("primary host {} is not connected", primary.name)));
@@ -1412,7 +1419,7 @@ pub async fn start_resync(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
     let mut job = state.protection.jobs.create(&state.store, job::RESYNC, vm, &RESYNC_STEPS).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     job.total_bytes = rel.total_bytes;
-    job.start_step(RESYNC_STEPS[0], &primary.name, now_ms());
+    job.start_step(RESYNC_STEPS[0], primary.name.as_str(), now_ms());
     save_job(state, &job);
     let baseline = rel.resyncs_completed;
     let previous = rel.state;
@@ -1540,7 +1547,8 @@ impl Protection for ProtectionService {
         self.auth(&req)?;
         let n = req.into_inner();
         let hosts = hosts(&self.state)?;
-        let mut sites: Vec<String> = hosts.iter().map(|h| h.site.clone()).collect();
+        let n = network::NetworkRequest::try_from(&n)?;
+        let mut sites: Vec<SiteName> = hosts.iter().map(|h| h.site.clone()).collect();
         sites.sort();
         sites.dedup();
         let rec = NetworkStore::new(&self.state.store).add_network(store_err, |existing| {
@@ -1560,7 +1568,7 @@ impl Protection for ProtectionService {
 
     async fn map_network(&self, req: Request<v1::NetworkMapping>) -> Result<Response<v1::NetworkMapping>, Status> {
         self.auth(&req)?;
-        let m = req.into_inner();
+        let m = network::MappingRequest::try_from(req.get_ref())?;
         let ns = NetworkStore::new(&self.state.store);
         let networks = ns.networks().map_err(store_err)?;
         let clouds = cloud_infos(&hosts(&self.state)?);
@@ -1610,10 +1618,10 @@ impl Protection for ProtectionService {
 
     async fn create_policy(&self, req: Request<v1::Policy>) -> Result<Response<v1::Policy>, Status> {
         self.auth(&req)?;
-        let rec = policy::validate_policy(req.get_ref(), self.state.protection.config.test_intervals)
-            .map_err(policy_status)?;
+        let p = policy::PolicyRequest::try_from(req.get_ref())?;
+        let rec = policy::validate_policy(&p, self.state.protection.config.test_intervals).map_err(policy_status)?;
         if self.state.store.get::<PolicyRecord>(POLICIES, &rec.name).map_err(store_err)?.is_some() {
-            return Err(policy_status(PolicyError::Exists(rec.name)));
+            return Err(policy_status(PolicyError::Exists(rec.name.to_string())));
         }
         self.state.store.put(POLICIES, &rec.name, &rec).map_err(store_err)?;
         Ok(Response::new(rec.to_proto()))
@@ -1633,9 +1641,9 @@ impl Protection for ProtectionService {
         req: Request<v1::DeletePolicyRequest>,
     ) -> Result<Response<v1::DeletePolicyResponse>, Status> {
         self.auth(&req)?;
-        let name = req.into_inner().name;
+        let name: PolicyName = siterecovery_proto::model::wire::field("delete_policy.name", &req.get_ref().name)?;
         if self.state.store.get::<PolicyRecord>(POLICIES, &name).map_err(store_err)?.is_none() {
-            return Err(policy_status(PolicyError::UnknownPolicy(name)));
+            return Err(policy_status(PolicyError::UnknownPolicy(name.to_string())));
         }
         let pairings = self.state.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
         policy::check_policy_delete(&name, &pairings).map_err(policy_status)?;
@@ -1645,11 +1653,11 @@ impl Protection for ProtectionService {
 
     async fn pair_clouds(&self, req: Request<v1::CloudPairing>) -> Result<Response<v1::CloudPairing>, Status> {
         self.auth(&req)?;
-        let r = req.into_inner();
+        let r = policy::PairingRequest::try_from(req.get_ref())?;
         let hosts = hosts(&self.state)?;
         let policies = self.state.store.list::<PolicyRecord>(POLICIES).map_err(store_err)?;
         let pairings = self.state.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
-        let protected = protected_in_cloud(&self.state, &hosts, &r.source_cloud);
+        let protected = protected_in_cloud(&self.state, &hosts, r.source_cloud.as_str());
         let rec = policy::validate_pairing(&r, &cloud_infos(&hosts), &policies, &pairings, protected)
             .map_err(pairing_status)?;
         self.state.store.put(PAIRINGS, &rec.source_cloud, &rec).map_err(store_err)?;
