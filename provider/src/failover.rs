@@ -142,15 +142,17 @@ pub struct FailoverOptions {
 
 /// A reservation in one line, for job details and plan scripts.
 pub fn describe_reservation(r: &Reservation) -> String {
-    if r.target_network.is_empty() {
-        return format!("nic{} {}: {}", r.nic, r.source_network, r.note);
-    }
+    let net =
+        |n: &Option<siterecovery_proto::model::NetworkName>| n.as_ref().map(|n| n.to_string()).unwrap_or_default();
+    let Some(target_network) = &r.target_network else {
+        return format!("nic{} {}: {}", r.nic, net(&r.source_network), r.note);
+    };
     let (from, to) = if r.dhcp {
         ("dhcp".to_string(), "dhcp".to_string())
     } else {
         (if r.source_ip.is_empty() { "-".into() } else { r.source_ip.clone() }, r.target_ip.clone())
     };
-    format!("nic{} {} {from} → {} {to} ({})", r.nic, r.source_network, r.target_network, r.note)
+    format!("nic{} {} {from} → {target_network} {to} ({})", r.nic, net(&r.source_network), r.note)
 }
 
 /// Reserves target addresses for the NICs of `vm`: addresses of other VMs' NICs and
@@ -159,18 +161,18 @@ pub fn reserve_addresses(state: &Core, vm: &VmRecord, _why: Option<&str>) -> Res
     let ns = NetworkStore::new(&state.store);
     let networks = ns.networks().map_err(store_err)?;
     let mappings = ns.mappings().map_err(store_err)?;
-    let mut taken: HashMap<String, HashSet<Ipv4Addr>> = HashMap::new();
-    for r in state.protection.all().iter().filter(|r| r.vm != vm.name) {
+    let mut taken: HashMap<siterecovery_proto::model::NetworkName, HashSet<Ipv4Addr>> = HashMap::new();
+    for r in state.protection.all().iter().filter(|r| vm.name != r.vm.as_str()) {
         for a in &r.addresses {
-            if let Ok(ip) = a.target_ip.parse() {
-                taken.entry(a.target_network.clone()).or_default().insert(ip);
+            if let (Ok(ip), Some(net)) = (a.target_ip.parse(), &a.target_network) {
+                taken.entry(net.clone()).or_default().insert(ip);
             }
         }
     }
     for other in state.store.list::<VmRecord>(VMS).map_err(store_err)?.iter().filter(|v| v.name != vm.name) {
         for n in other.nics.iter().filter(|n| !n.dhcp) {
-            if let Ok(ip) = n.ip.parse() {
-                taken.entry(n.network.clone()).or_default().insert(ip);
+            if let (Ok(ip), Some(net)) = (n.ip.parse(), &n.network) {
+                taken.entry(net.clone()).or_default().insert(ip);
             }
         }
     }
@@ -204,29 +206,32 @@ fn record_vm(
     res: &v1::CommandResult,
     host_id: &str,
     nics: &[v1::Nic],
-    failover: VmFailover,
+    failover: Option<VmFailover>,
 ) -> Option<VmRecord> {
     let vm = res.vm.as_ref()?;
-    let mut rec = match VmRecord::from_report(vm, host_id) {
+    let rec = siterecovery_proto::model::HostId::new(host_id)
+        .map_err(|source| siterecovery_proto::model::WireError::Invalid { field: "host_id".into(), source })
+        .and_then(|host_id| VmRecord::from_report(vm, &host_id));
+    let mut rec = match rec {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(vm = %vm.name, "agent returned an invalid VM: {}", e.message());
+            tracing::warn!(vm = %vm.name.chars().take(80).collect::<String>(), "agent returned an invalid VM: {e}");
             return None;
         }
     };
     if rec.nics.is_empty() && !nics.is_empty() {
-        rec.nics = nics
+        match nics
             .iter()
-            .map(|n| crate::inventory::NicRecord {
-                network: n.network.clone(),
-                ip: n.ip.clone(),
-                dhcp: n.dhcp,
-                mac: n.mac.clone(),
-            })
-            .collect();
+            .enumerate()
+            .map(|(i, n)| crate::inventory::NicRecord::from_wire(n, &format!("nics[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(n) => rec.nics = n,
+            Err(e) => tracing::warn!(vm = %rec.name, "NICs not recorded: {e}"),
+        }
     }
     if rec.failover.is_none() {
-        rec.failover = Some(failover);
+        rec.failover = failover;
     }
     if let Err(e) = state.store.put(VMS, &rec.name, &rec) {
         tracing::error!(vm = %rec.name, "cannot record the failed-over VM: {e:#}");
@@ -240,15 +245,19 @@ fn vm_failover(
     point: &str,
     committed: bool,
     test_of: &str,
-) -> VmFailover {
-    VmFailover {
-        relationship_id: rel.id.clone(),
-        point_id: point.to_owned(),
-        kind,
-        committed,
-        test_of: test_of.to_owned(),
-        started_unix_ms: now_ms(),
-    }
+) -> Option<VmFailover> {
+    use siterecovery_proto::model::wire;
+    let f = (|| {
+        Ok::<_, siterecovery_proto::model::WireError>(VmFailover {
+            relationship_id: wire::field("relationship_id", &rel.id)?,
+            point_id: wire::field("point_id", point)?,
+            kind,
+            committed,
+            test_of: wire::optional("test_of", test_of)?,
+            started_unix_ms: now_ms(),
+        })
+    })();
+    f.map_err(|e| tracing::warn!(vm = %rel.vm, "failover not recorded on the VM: {e}")).ok()
 }
 
 fn disks_text(v: Option<&VmRecord>) -> String {
@@ -978,10 +987,10 @@ async fn run_reprotect(
     };
     let mut new = RelationshipRecord {
         id: relationship_id(),
-        vm: vm.name.clone(),
+        vm: vm.name.to_string(),
         primary_host_id: new_primary.clone(),
         replica_host_id: new_replica.clone(),
-        policy: policy.name.clone(),
+        policy: policy.name.to_string(),
         interval_ms: policy.interval_ms,
         state: ReplicationState::NotEnabled,
         created_unix_ms: now_ms(),
@@ -1018,9 +1027,9 @@ async fn run_reprotect(
     let settings = policy::replication_settings(&policy, cfg.test_intervals);
     let prepare = Command::PrepareReplica(v1::PrepareReplica {
         relationship_id: new.id.clone(),
-        vm: vm.name.clone(),
+        vm: vm.name.to_string(),
         primary_host_id: new_primary.clone(),
-        disks: vm.disks.iter().map(|d| v1::DiskSize { id: d.id.clone(), size_bytes: d.size_bytes }).collect(),
+        disks: vm.disks.iter().map(|d| v1::DiskSize { id: d.id.to_string(), size_bytes: d.size_bytes }).collect(),
         settings: Some(settings),
         adopt_vm_disks: true,
     });
@@ -1036,10 +1045,11 @@ async fn run_reprotect(
     let step = REPROTECT_STEPS[3];
     job.start_step(step, &pname, now_ms());
     save_job(&state, &job);
-    let replica_address = hosts.iter().find(|h| h.id == new_replica).map(|h| h.address.clone()).unwrap_or_default();
+    let replica_address =
+        hosts.iter().find(|h| h.id.as_str() == new_replica).map(|h| h.address.clone()).unwrap_or_default();
     let start = Command::StartReplication(v1::StartReplication {
         relationship_id: new.id.clone(),
-        vm: vm.name.clone(),
+        vm: vm.name.to_string(),
         replica_host_id: new_replica.clone(),
         replica_address: replica_address.clone(),
         settings: Some(settings),
@@ -1049,7 +1059,7 @@ async fn run_reprotect(
         // Keep the former primary's disks: they are the VM's older copy.
         let stop = Command::StopReplication(v1::StopReplication {
             relationship_id: new.id.clone(),
-            vm: vm.name.clone(),
+            vm: vm.name.to_string(),
             remove_replica: false,
         });
         let _ = state.agents.command(&new_replica, stop, cfg.command_timeout).await;
@@ -1092,12 +1102,12 @@ async fn run_reprotect(
 pub fn on_inventory(state: &Core, host: &HostRecord, vms: &[VmRecord]) {
     for vm in vms {
         let Some(f) = &vm.failover else { continue };
-        if f.kind == FailoverKind::Test || !f.test_of.is_empty() {
+        if f.kind == FailoverKind::Test || f.test_of.is_some() {
             continue;
         }
-        let rel = state.protection.get(&f.relationship_id).or_else(|| state.protection.of_vm(&vm.name));
+        let rel = state.protection.get(f.relationship_id.as_str()).or_else(|| state.protection.of_vm(vm.name.as_str()));
         let Some(rel) = rel else { continue };
-        if rel.replica_host_id != host.id || rel.vm != vm.name {
+        if host.id != rel.replica_host_id.as_str() || vm.name != rel.vm.as_str() {
             continue;
         }
         let known = match rel.state {
@@ -1105,7 +1115,7 @@ pub fn on_inventory(state: &Core, host: &HostRecord, vms: &[VmRecord]) {
             ReplicationState::FailedOver => !f.committed,
             _ => false,
         };
-        if known || state.protection.busy(&vm.name) {
+        if known || state.protection.busy(vm.name.as_str()) {
             continue;
         }
         let now = now_ms();
@@ -1113,12 +1123,12 @@ pub fn on_inventory(state: &Core, host: &HostRecord, vms: &[VmRecord]) {
             r.state = r.state.next(Event::LocalFailover { committed: f.committed })?;
             let mut rec = r.failover.clone().unwrap_or(FailoverRecord {
                 kind: f.kind,
-                point_id: f.point_id.clone(),
+                point_id: f.point_id.to_string(),
                 job_id: String::new(),
                 started_unix_ms: if f.started_unix_ms > 0 { f.started_unix_ms } else { now },
                 committed_unix_ms: 0,
             });
-            rec.point_id = f.point_id.clone();
+            rec.point_id = f.point_id.to_string();
             if f.committed && rec.committed_unix_ms == 0 {
                 rec.committed_unix_ms = now;
             }
@@ -1133,13 +1143,14 @@ pub fn on_inventory(state: &Core, host: &HostRecord, vms: &[VmRecord]) {
             }
         };
         let step = "Local failover detected";
-        let mut job = match state.protection.jobs.create(&state.store, JobKind::LocalFailover, &vm.name, &[step]) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::error!(vm = %vm.name, "cannot record the local failover job: {e:#}");
-                continue;
-            }
-        };
+        let mut job =
+            match state.protection.jobs.create(&state.store, JobKind::LocalFailover, vm.name.as_str(), &[step]) {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::error!(vm = %vm.name, "cannot record the local failover job: {e:#}");
+                    continue;
+                }
+            };
         job.relationship_id = rel.id.clone();
         job.start_step(step, "", now);
         let next = if f.committed {

@@ -21,6 +21,7 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use siterecovery_certs::Role;
 use siterecovery_certs::VaultId;
+use siterecovery_proto::model::{PolicyName, SiteName};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::protection_server::Protection;
 use siterecovery_proto::v1::provider_message::Command;
@@ -30,7 +31,8 @@ use tonic::{Code, Request, Response, Status};
 use crate::agents::{AgentError, AgentErrorKind, Agents};
 use crate::auth::authorize;
 use crate::health::{self, CycleSample, Health, HealthInput};
-use crate::inventory::{HostRecord, VmRecord, internal};
+use crate::inventory::HostRecord;
+use crate::inventory::VmRecord;
 use crate::jobs::{self, Claim, EnableStep, JobKind, JobRecord, JobState, Jobs, Step, now_ms};
 use crate::network::{self, NetworkError, NetworkStore, Reservation};
 use crate::policy::{self, CloudInfo, PairingError, PairingRecord, PolicyError, PolicyRecord};
@@ -600,7 +602,7 @@ pub(crate) fn claim(state: &Core, vm: &str) -> Result<Claim, Status> {
 
 /// The operator's view of a relationship (for `Vm.replication`).
 pub fn replication_view(state: &Core, rec: &RelationshipRecord, hosts: &[HostRecord], now: i64) -> v1::Replication {
-    let name = |id: &str| hosts.iter().find(|h| h.id == id).map(|h| h.name.clone()).unwrap_or_else(|| id.to_owned());
+    let name = |id: &str| host_name(hosts, id);
     let primary = name(&rec.primary_host_id);
     let connected = state.agents.connected(&rec.primary_host_id);
     let (h, reasons) = rec.health(connected, &primary, now);
@@ -666,13 +668,16 @@ fn pairing_status(e: PairingError) -> Status {
     let msg = e.to_string();
     match e {
         PairingError::UnknownCloud(_) | PairingError::UnknownPolicy(_) => Status::not_found(msg),
-        PairingError::SameCloud(_) | PairingError::SameSite { .. } => Status::invalid_argument(msg),
+        PairingError::Request(_) | PairingError::SameCloud(_) | PairingError::SameSite { .. } => {
+            Status::invalid_argument(msg)
+        }
         PairingError::AlreadyPaired { .. } => Status::failed_precondition(msg),
     }
 }
 
 pub(crate) fn store_err(e: StoreError) -> Status {
-    internal(e)
+    tracing::error!("internal error: {e:#}");
+    Status::internal(e.to_string())
 }
 
 // ---------------------------------------------------------------------------------
@@ -737,7 +742,7 @@ fn protected_in_cloud(state: &Core, hosts: &[HostRecord], cloud: &str) -> usize 
         .protection
         .all()
         .iter()
-        .filter(|r| hosts.iter().any(|h| h.id == r.primary_host_id && h.cloud == cloud))
+        .filter(|r| hosts.iter().any(|h| h.id.as_str() == r.primary_host_id && h.cloud == cloud))
         .count()
 }
 
@@ -771,15 +776,15 @@ fn check_prerequisites(state: &Core, vm_name: &str) -> Result<(Plan, String), St
             pairing.policy, primary.cloud
         ))
     })?;
-    if !state.agents.connected(&primary.id) {
+    if !state.agents.connected(primary.id.as_str()) {
         return Err(Status::unavailable(format!("primary host {} is not connected", primary.name)));
     }
     let total_bytes: u64 = vm.disks.iter().map(|d| d.size_bytes).sum();
     let candidates: Vec<(HostRecord, u64)> = hosts
         .iter()
         .filter(|h| h.cloud == pairing.target_cloud)
-        .filter(|h| state.agents.connected(&h.id))
-        .map(|h| (h.clone(), state.agents.free_bytes(&h.id)))
+        .filter(|h| state.agents.connected(h.id.as_str()))
+        .map(|h| (h.clone(), state.agents.free_bytes(h.id.as_str())))
         .collect();
     let (replica, free) = candidates.into_iter().max_by_key(|(_, free)| *free).ok_or_else(|| {
         Status::unavailable(format!("no host of target cloud {:?} is connected", pairing.target_cloud))
@@ -843,8 +848,8 @@ pub async fn start_protect(state: &Arc<Core>, vm: &str, export_dir: &str) -> Res
         state.protection.jobs.create(&state.store, JobKind::EnableProtection, vm, steps).map_err(store_err)?;
     job.start_step(EnableStep::CheckPrerequisites, "", now_ms());
     let checked = check_prerequisites(state, vm).and_then(|(plan, detail)| {
-        let method = plan.policy.initial_method.as_str();
-        if method == "offline" && export_dir.is_empty() {
+        let offline = plan.policy.initial_method == policy::InitialMethod::Offline;
+        if offline && export_dir.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "policy {} replicates the initial copy offline: give `--export-dir DIR` (an absolute directory on \
                  the primary host {} to export the initial copy to; then carry it to the replica host {} and run \
@@ -852,11 +857,14 @@ pub async fn start_protect(state: &Arc<Core>, vm: &str, export_dir: &str) -> Res
                 plan.policy.name, plan.primary.name, plan.replica.name
             )));
         }
-        if method != "offline" && !export_dir.is_empty() {
+        if !offline && !export_dir.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "--export-dir is for offline initial replication; policy {} copies the initial replica {}",
                 plan.policy.name,
-                if method == "network" { "over the network".to_string() } else { format!("by {method}") }
+                match plan.policy.initial_method {
+                    policy::InitialMethod::Network => "over the network".to_string(),
+                    method => format!("by {method}"),
+                }
             )));
         }
         if !export_dir.is_empty() && !export_dir.starts_with('/') {
@@ -886,10 +894,10 @@ async fn run_enable(state: Arc<Core>, mut job: JobRecord, plan: Plan, claim: Cla
     job.start_step(step, &format!("replica host {}", plan.replica.name), now_ms());
     let mut rec = RelationshipRecord {
         id: relationship_id(),
-        vm: plan.vm.name.clone(),
-        primary_host_id: plan.primary.id.clone(),
-        replica_host_id: plan.replica.id.clone(),
-        policy: plan.policy.name.clone(),
+        vm: plan.vm.name.to_string(),
+        primary_host_id: plan.primary.id.to_string(),
+        replica_host_id: plan.replica.id.to_string(),
+        policy: plan.policy.name.to_string(),
         interval_ms: plan.policy.interval_ms,
         state: ReplicationState::NotEnabled,
         created_unix_ms: now_ms(),
@@ -914,12 +922,12 @@ async fn run_enable(state: Arc<Core>, mut job: JobRecord, plan: Plan, claim: Cla
     let prepare = Command::PrepareReplica(v1::PrepareReplica {
         adopt_vm_disks: false,
         relationship_id: rec.id.clone(),
-        vm: plan.vm.name.clone(),
-        primary_host_id: plan.primary.id.clone(),
-        disks: plan.vm.disks.iter().map(|d| v1::DiskSize { id: d.id.clone(), size_bytes: d.size_bytes }).collect(),
+        vm: plan.vm.name.to_string(),
+        primary_host_id: plan.primary.id.to_string(),
+        disks: plan.vm.disks.iter().map(|d| v1::DiskSize { id: d.id.to_string(), size_bytes: d.size_bytes }).collect(),
         settings: Some(settings),
     });
-    if let Err(s) = state.agents.command(&plan.replica.id, prepare, cfg.command_timeout).await {
+    if let Err(s) = state.agents.command(plan.replica.id.as_str(), prepare, cfg.command_timeout).await {
         let _ = state.protection.remove(&state.store, &rec.id);
         return fail_job(&state, &mut job, &format!("replica host {} refused: {}", plan.replica.name, s.message()));
     }
@@ -951,18 +959,18 @@ async fn run_enable(state: Arc<Core>, mut job: JobRecord, plan: Plan, claim: Cla
     let start = Command::StartReplication(v1::StartReplication {
         resync_initial: false,
         relationship_id: rec.id.clone(),
-        vm: plan.vm.name.clone(),
-        replica_host_id: plan.replica.id.clone(),
+        vm: plan.vm.name.to_string(),
+        replica_host_id: plan.replica.id.to_string(),
         replica_address: plan.replica.address.clone(),
         settings: Some(settings),
     });
-    if let Err(s) = state.agents.command(&plan.primary.id, start, cfg.command_timeout).await {
+    if let Err(s) = state.agents.command(plan.primary.id.as_str(), start, cfg.command_timeout).await {
         let stop = Command::StopReplication(v1::StopReplication {
             relationship_id: rec.id.clone(),
-            vm: plan.vm.name.clone(),
+            vm: plan.vm.name.to_string(),
             remove_replica: true,
         });
-        let _ = state.agents.command(&plan.replica.id, stop, cfg.command_timeout).await;
+        let _ = state.agents.command(plan.replica.id.as_str(), stop, cfg.command_timeout).await;
         let _ = state.protection.remove(&state.store, &rec.id);
         return fail_job(&state, &mut job, &format!("primary host {} refused: {}", plan.primary.name, s.message()));
     }
@@ -991,24 +999,24 @@ async fn run_export(
     save_job(&state, &job);
     let export = Command::ExportInitial(v1::ExportInitial {
         relationship_id: rec.id.clone(),
-        vm: plan.vm.name.clone(),
-        replica_host_id: plan.replica.id.clone(),
+        vm: plan.vm.name.to_string(),
+        replica_host_id: plan.replica.id.to_string(),
         replica_address: plan.replica.address.clone(),
         settings: Some(settings),
         dir: dir.clone(),
     });
     // The export reads every allocated byte: it may take far longer than a command.
     let timeout = cfg.step_timeout.max(cfg.command_timeout);
-    let bytes = match state.agents.command(&plan.primary.id, export, timeout).await {
+    let bytes = match state.agents.command(plan.primary.id.as_str(), export, timeout).await {
         Ok(r) => r.bytes,
         Err(s) => {
             for (host, remove) in [(&plan.primary.id, false), (&plan.replica.id, true)] {
                 let stop = Command::StopReplication(v1::StopReplication {
                     relationship_id: rec.id.clone(),
-                    vm: plan.vm.name.clone(),
+                    vm: plan.vm.name.to_string(),
                     remove_replica: remove,
                 });
-                let _ = state.agents.command(host, stop, cfg.command_timeout).await;
+                let _ = state.agents.command(host.as_str(), stop, cfg.command_timeout).await;
             }
             let _ = state.protection.remove(&state.store, &rec.id);
             return fail_job(
@@ -1309,7 +1317,7 @@ async fn run_finalize(state: Arc<Core>, vm: String, rel_id: String) {
 }
 
 pub(crate) fn host_name(hosts: &[HostRecord], id: &str) -> String {
-    hosts.iter().find(|h| h.id == id).map(|h| h.name.clone()).unwrap_or_else(|| id.to_owned())
+    hosts.iter().find(|h| h.id.as_str() == id).map(|h| h.name.to_string()).unwrap_or_else(|| id.to_owned())
 }
 
 pub(crate) fn protected(state: &Core, vm: &str) -> Result<RelationshipRecord, Status> {
@@ -1383,16 +1391,16 @@ pub async fn start_resync(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Stat
     let requested = rel.state.next(Event::ResyncRequested).map_err(|e| Status::failed_precondition(e.to_string()))?;
     let primary = hosts(state)?
         .into_iter()
-        .find(|h| h.id == rel.primary_host_id)
+        .find(|h| h.id.as_str() == rel.primary_host_id)
         .ok_or_else(|| Status::failed_precondition("the primary host is no longer registered"))?;
-    if !state.agents.connected(&primary.id) {
+    if !state.agents.connected(primary.id.as_str()) {
         return Err(Status::unavailable(format!("primary host {} is not connected", primary.name)));
     }
     let claim = claim(state, vm)?;
     let mut job = state.protection.jobs.create(&state.store, JobKind::Resync, vm, &RESYNC_STEPS).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     job.total_bytes = rel.total_bytes;
-    job.start_step(RESYNC_STEPS[0], &primary.name, now_ms());
+    job.start_step(RESYNC_STEPS[0], primary.name.as_str(), now_ms());
     save_job(state, &job);
     let baseline = rel.resyncs_completed;
     let previous = rel.state;
@@ -1403,7 +1411,7 @@ pub async fn start_resync(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Stat
         return Err(store_err(e));
     }
     let cmd = Command::RequestResync(v1::RequestResync { relationship_id: rel.id.clone(), vm: vm.to_owned() });
-    if let Err(s) = state.agents.command(&primary.id, cmd, state.protection.config.command_timeout).await {
+    if let Err(s) = state.agents.command(primary.id.as_str(), cmd, state.protection.config.command_timeout).await {
         if let Some(mut cur) = state.protection.get(&rel.id)
             && cur.state == requested
             && requested != previous
@@ -1520,7 +1528,8 @@ impl Protection for ProtectionService {
         self.auth(&req)?;
         let n = req.into_inner();
         let hosts = hosts(&self.core)?;
-        let mut sites: Vec<String> = hosts.iter().map(|h| h.site.clone()).collect();
+        let n = network::NetworkRequest::try_from(&n)?;
+        let mut sites: Vec<SiteName> = hosts.iter().map(|h| h.site.clone()).collect();
         sites.sort();
         sites.dedup();
         let rec = NetworkStore::new(&self.core.store).add_network(store_err, |existing| {
@@ -1540,7 +1549,7 @@ impl Protection for ProtectionService {
 
     async fn map_network(&self, req: Request<v1::NetworkMapping>) -> Result<Response<v1::NetworkMapping>, Status> {
         self.auth(&req)?;
-        let m = req.into_inner();
+        let m = network::MappingRequest::try_from(req.get_ref())?;
         let ns = NetworkStore::new(&self.core.store);
         let networks = ns.networks().map_err(store_err)?;
         let clouds = cloud_infos(&hosts(&self.core)?);
@@ -1590,10 +1599,10 @@ impl Protection for ProtectionService {
 
     async fn create_policy(&self, req: Request<v1::Policy>) -> Result<Response<v1::Policy>, Status> {
         self.auth(&req)?;
-        let rec = policy::validate_policy(req.get_ref(), self.core.protection.config.test_intervals)
-            .map_err(policy_status)?;
+        let p = policy::PolicyRequest::try_from(req.get_ref())?;
+        let rec = policy::validate_policy(&p, self.core.protection.config.test_intervals).map_err(policy_status)?;
         if self.core.store.get::<PolicyRecord>(POLICIES, &rec.name).map_err(store_err)?.is_some() {
-            return Err(policy_status(PolicyError::Exists(rec.name)));
+            return Err(policy_status(PolicyError::Exists(rec.name.to_string())));
         }
         self.core.store.put(POLICIES, &rec.name, &rec).map_err(store_err)?;
         Ok(Response::new(rec.to_proto()))
@@ -1613,9 +1622,9 @@ impl Protection for ProtectionService {
         req: Request<v1::DeletePolicyRequest>,
     ) -> Result<Response<v1::DeletePolicyResponse>, Status> {
         self.auth(&req)?;
-        let name = req.into_inner().name;
+        let name: PolicyName = siterecovery_proto::model::wire::field("delete_policy.name", &req.get_ref().name)?;
         if self.core.store.get::<PolicyRecord>(POLICIES, &name).map_err(store_err)?.is_none() {
-            return Err(policy_status(PolicyError::UnknownPolicy(name)));
+            return Err(policy_status(PolicyError::UnknownPolicy(name.to_string())));
         }
         let pairings = self.core.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
         policy::check_policy_delete(&name, &pairings).map_err(policy_status)?;
@@ -1625,11 +1634,11 @@ impl Protection for ProtectionService {
 
     async fn pair_clouds(&self, req: Request<v1::CloudPairing>) -> Result<Response<v1::CloudPairing>, Status> {
         self.auth(&req)?;
-        let r = req.into_inner();
+        let r = policy::PairingRequest::try_from(req.get_ref())?;
         let hosts = hosts(&self.core)?;
         let policies = self.core.store.list::<PolicyRecord>(POLICIES).map_err(store_err)?;
         let pairings = self.core.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
-        let protected = protected_in_cloud(&self.core, &hosts, &r.source_cloud);
+        let protected = protected_in_cloud(&self.core, &hosts, r.source_cloud.as_str());
         let rec = policy::validate_pairing(&r, &cloud_infos(&hosts), &policies, &pairings, protected)
             .map_err(pairing_status)?;
         self.core.store.put(PAIRINGS, &rec.source_cloud, &rec).map_err(store_err)?;
