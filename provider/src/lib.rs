@@ -12,6 +12,7 @@
 //! - [`api`]: the server that ties them together.
 //! - [`cli`]: the operator's commands against a running provider.
 
+pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod failover;
 pub mod health;
 pub mod inventory;
 pub mod job;
+pub mod jobs;
 pub mod network;
 pub mod plan;
 pub mod policy;

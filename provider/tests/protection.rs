@@ -142,10 +142,10 @@ async fn protect_resync_unprotect_with_fake_agents() {
         let id = PeerIdentity::new(vault_id.clone(), Role::Host, format!("{name}-id")).expect("identity");
         host_certs.push(v.ca.issue_local(&id, &ServerNames::default(), Duration::from_secs(3600)).expect("host cert"));
         let rec = HostRecord {
-            id: format!("{name}-id"),
-            name: name.into(),
-            site: site.into(),
-            cloud: cloud.into(),
+            id: format!("{name}-id").parse().expect("host id"),
+            name: name.parse().expect("host name"),
+            site: site.parse().expect("site"),
+            cloud: cloud.parse().expect("cloud"),
             address: format!("127.0.0.1:{}", if name == "hv-a" { 9001 } else { 9002 }),
             agent_version: "fake".into(),
             registered_unix_ms: now_ms(),
