@@ -17,6 +17,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod control;
+pub mod error;
 pub mod failover;
 pub mod health;
 pub mod inventory;
