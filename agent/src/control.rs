@@ -13,9 +13,11 @@ use siterecovery_proto::v1::control_client::ControlClient;
 use siterecovery_proto::v1::provider_message::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 use crate::config::AgentFiles;
+// Kept for callers of `control::endpoint` (the sender): the client lives with the peer.
+pub use crate::peer::endpoint;
 use crate::protection::Protection;
 use crate::vm::VmManager;
 
@@ -39,20 +41,6 @@ impl Default for ControlOptions {
             max_backoff: Duration::from_secs(10),
         }
     }
-}
-
-/// A TLS channel to `address` verified by the vault CA, presenting this host's certificate.
-pub fn endpoint(address: &str, files: &AgentFiles) -> Result<Endpoint, tonic::transport::Error> {
-    let host = siterecovery_certs::host_of(address).to_owned();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&files.ca_pem))
-        .identity(Identity::from_pem(&files.identity.cert_pem, &files.identity.key_pem))
-        .domain_name(host);
-    Ok(Endpoint::from_shared(format!("https://{address}"))?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20)))
 }
 
 /// Free bytes of the file system holding `path` (0 when unknown).
