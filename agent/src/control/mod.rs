@@ -2,7 +2,14 @@
 //! backoff whenever it breaks (provider restart, network loss).
 //!
 //! Up: `Hello`, the full inventory, heartbeats, command results. Down: commands, each
-//! carried out in its own task so a slow one never delays heartbeats.
+//! converted into a domain [`Command`] ([`command`]; a refused field is an
+//! InvalidArgument result naming it, before any handler runs) and carried out
+//! ([`execute`]) in its own task so a slow one never delays heartbeats.
+
+pub mod command;
+pub mod execute;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,10 +17,12 @@ use std::time::Duration;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::agent_message::Body;
 use siterecovery_proto::v1::control_client::ControlClient;
-use siterecovery_proto::v1::provider_message::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+pub use command::{Command, CommandKind};
+use execute::execute;
 
 use crate::config::AgentFiles;
 // Kept for callers of `control::endpoint` (the sender): the client lives with the peer.
@@ -143,9 +152,12 @@ async fn session(
             },
             msg = inbound.message() => {
                 let Some(msg) = msg? else { return Ok(()) };
-                let (vms, protection, tx) = (vms.clone(), protection.clone(), tx.clone());
+                let (vms, protection, tx, id) = (vms.clone(), protection.clone(), tx.clone(), msg.command_id);
                 tokio::spawn(async move {
-                    let result = execute(&vms, &protection, msg).await;
+                    let result = match Command::try_from(msg) {
+                        Ok(c) => execute(&vms, &protection, c).await,
+                        Err(e) => execute::refused(id, &e),
+                    };
                     let _ = tx.send(v1::AgentMessage { body: Some(Body::Result(result)) }).await;
                 });
             }
@@ -155,104 +167,4 @@ async fn session(
 
 async fn inventory(files: &AgentFiles, vms: &VmManager) -> v1::InventoryReport {
     v1::InventoryReport { vms: vms.list().await, free_bytes: free_bytes(&files.dir) }
-}
-
-async fn execute(vms: &VmManager, protection: &Protection, msg: v1::ProviderMessage) -> v1::CommandResult {
-    let id = msg.command_id;
-    let ok = |vm: Option<v1::Vm>| v1::CommandResult { command_id: id, ok: true, vm, ..Default::default() };
-    let fail = |code: v1::ErrorCode, error: String| {
-        tracing::warn!(command_id = id, "command failed: {error}");
-        v1::CommandResult { command_id: id, ok: false, code: code as i32, error, ..Default::default() }
-    };
-    let done = |r: Result<(), crate::protection::ProtectionError>| match r {
-        Ok(()) => ok(None),
-        Err(e) => fail(e.code(), e.to_string()),
-    };
-    let with_vm = |r: Result<v1::Vm, crate::protection::ProtectionError>| match r {
-        Ok(vm) => ok(Some(vm)),
-        Err(e) => fail(e.code(), e.to_string()),
-    };
-    let outcome = match msg.command {
-        Some(Command::CreateVm(c)) => vms.create(&c.name, &c.disk_sizes, &c.nics, c.start).await.map(Some),
-        Some(Command::DeleteVm(c)) => vms.delete(&c.name).await.map(|()| None),
-        Some(Command::StartVm(c)) => vms.start(&c.name).await.map(Some),
-        Some(Command::StopVm(c)) => vms.stop(&c.name).await.map(Some),
-        Some(Command::PrepareReplica(c)) => return done(protection.prepare_replica(c).await),
-        Some(Command::StartReplication(c)) => return done(protection.start_replication(c).await),
-        Some(Command::StopReplication(c)) => return done(protection.stop_replication(c).await),
-        Some(Command::ExportInitial(c)) => {
-            return match protection.export_initial(c).await {
-                Ok(bytes) => v1::CommandResult { bytes, ..ok(None) },
-                Err(e) => fail(e.code(), e.to_string()),
-            };
-        }
-        Some(Command::ImportInitial(c)) => {
-            return match protection.import_initial(c).await {
-                Ok(bytes) => v1::CommandResult { bytes, ..ok(None) },
-                Err(e) => fail(e.code(), e.to_string()),
-            };
-        }
-        Some(Command::RequestResync(c)) => return done(protection.request_resync(c).await),
-        Some(Command::ListPoints(c)) => {
-            return match protection.list_points(&c.vm) {
-                Ok(points) => v1::CommandResult { points, ..ok(None) },
-                Err(e) => fail(e.code(), e.to_string()),
-            };
-        }
-        Some(Command::ExportPoint(c)) => {
-            return match protection.export_point(&c.vm, &c.point) {
-                Ok((uri, point_id)) => {
-                    let points = vec![v1::RecoveryPoint { id: point_id, ..Default::default() }];
-                    v1::CommandResult { uri, points, ..ok(None) }
-                }
-                Err(e) => fail(e.code(), e.to_string()),
-            };
-        }
-        Some(Command::UnexportPoint(c)) => {
-            protection.unexport_point(&c.vm);
-            return ok(None);
-        }
-        Some(Command::PrepareFailover(c)) => {
-            return match protection.prepare_failover(c).await {
-                Ok(point) => v1::CommandResult { points: vec![point], ..ok(None) },
-                Err(e) => fail(e.code(), e.to_string()),
-            };
-        }
-        Some(Command::Failover(c)) => {
-            use siterecovery_proto::model::FailoverKind;
-            let kind = if c.test {
-                FailoverKind::Test
-            } else if c.planned {
-                FailoverKind::Planned
-            } else {
-                FailoverKind::Unplanned
-            };
-            return with_vm(protection.failover(c, kind).await);
-        }
-        Some(Command::ChangePoint(c)) => return with_vm(protection.change_point(c).await),
-        Some(Command::CommitFailover(c)) => return with_vm(protection.commit_failover(c).await),
-        Some(Command::CleanupTestFailover(c)) => return done(protection.cleanup_test_failover(c).await),
-        None => {
-            return v1::CommandResult {
-                command_id: id,
-                ok: false,
-                code: v1::ErrorCode::InvalidArgument as i32,
-                error: "unknown command (is this agent older than the provider?)".into(),
-                ..Default::default()
-            };
-        }
-    };
-    match outcome {
-        Ok(vm) => v1::CommandResult { command_id: id, ok: true, vm, ..Default::default() },
-        Err(e) => {
-            tracing::warn!(command_id = id, "command failed: {e:#}");
-            v1::CommandResult {
-                command_id: id,
-                ok: false,
-                code: e.code() as i32,
-                error: e.to_string(),
-                ..Default::default()
-            }
-        }
-    }
 }
