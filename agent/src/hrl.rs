@@ -45,7 +45,7 @@ pub const FOOTER_LEN: usize = 48;
 /// Largest data payload of one write record (NBD's usual maximum request size). Larger
 /// writes are split into several records by the tracker.
 pub const MAX_RECORD_DATA: u64 = 32 << 20;
-/// Longest disk id (it is part of the file name and the header).
+/// Room for the disk id in the file header (a [`DiskId`] is at most 63 bytes).
 pub const MAX_DISK_ID_LEN: usize = 64;
 
 const RECORD_MAGIC: [u8; 4] = *b"HRLR";
@@ -95,8 +95,8 @@ pub enum HrlError {
     #[error("header says {found}, file name says {expected}")]
     NameMismatch { expected: String, found: String },
     /// A disk id that cannot be used in a file name or header.
-    #[error("invalid disk id {0:?}: 1-64 of [A-Za-z0-9_.-], not starting with '.'")]
-    InvalidDiskId(String),
+    #[error(transparent)]
+    InvalidDiskId(#[from] siterecovery_proto::model::NameError),
     /// The writer was asked to log an invalid record (caller bug).
     #[error("invalid record: {0}")]
     InvalidRecord(&'static str),
@@ -123,38 +123,9 @@ impl fmt::Display for LogSeq {
     }
 }
 
-/// Identifier of a disk, as used in log file names and headers.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DiskId(String);
-
-impl DiskId {
-    /// Validates `id`: 1-64 bytes of `[A-Za-z0-9_.-]`, not starting with a dot (it is
-    /// part of a file name, so no separators and no hidden files).
-    pub fn new(id: &str) -> Result<Self, HrlError> {
-        let ok = !id.is_empty()
-            && id.len() <= MAX_DISK_ID_LEN
-            && !id.starts_with('.')
-            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-        if ok { Ok(DiskId(id.to_owned())) } else { Err(HrlError::InvalidDiskId(id.to_owned())) }
-    }
-    /// The id as a string.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for DiskId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::str::FromStr for DiskId {
-    type Err = HrlError;
-    fn from_str(s: &str) -> Result<Self, HrlError> {
-        DiskId::new(s)
-    }
-}
+/// Identifier of a disk, as used in log file names and headers: the domain model's
+/// (one naming rule for every disk id, so a valid id is always a safe file name).
+pub use siterecovery_proto::model::DiskId;
 
 /// File name of log `seq` of `disk`: `<disk-id>.<seq as 16 hex digits>.hrl`.
 pub fn log_file_name(disk: &DiskId, seq: LogSeq) -> String {
@@ -207,10 +178,10 @@ impl LogHeader {
         let mut b = [0u8; FILE_HEADER_LEN];
         b[0..8].copy_from_slice(&FILE_MAGIC);
         b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&(self.disk_id.0.len() as u32).to_le_bytes());
+        b[12..16].copy_from_slice(&(self.disk_id.as_str().len() as u32).to_le_bytes());
         b[16..24].copy_from_slice(&self.seq.0.to_le_bytes());
         b[24..32].copy_from_slice(&self.start_ms.to_le_bytes());
-        b[32..32 + self.disk_id.0.len()].copy_from_slice(self.disk_id.0.as_bytes());
+        b[32..32 + self.disk_id.as_str().len()].copy_from_slice(self.disk_id.as_str().as_bytes());
         let crc = crc32c::crc32c(&b[..124]);
         b[124..128].copy_from_slice(&crc.to_le_bytes());
         b
