@@ -142,9 +142,9 @@ pub enum NbdError {
 
 /// One registered device. Connections hold it for their lifetime; `closed` is set when
 /// the export is removed so they stop issuing I/O to it.
-pub(super) struct Export {
-    pub(super) dev: Arc<dyn BlockDevice>,
-    pub(super) closed: AtomicBool,
+struct Export {
+    dev: Arc<dyn BlockDevice>,
+    closed: AtomicBool,
 }
 
 impl Export {
