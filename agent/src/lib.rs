@@ -11,8 +11,10 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod disk;
+pub mod extents;
 pub mod hrl;
 pub mod nbd;
+pub mod offline;
 pub mod overlay;
 pub mod peer;
 pub mod persist;
@@ -24,4 +26,4 @@ pub mod vm;
 
 // The replication package's modules at their former paths (other modules and the
 // integration tests use them).
-pub use replication::{offline, protection, resync, sender};
+pub use replication::{protection, resync, sender};

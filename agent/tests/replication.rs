@@ -31,7 +31,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
-const REL: &str = "rel-1";
+// A relationship id as the provider makes them (`r-` and 8 hex digits): the peer refuses others.
+const REL: &str = "r-000000e1";
 const VM: &str = "vm1";
 const DEADLINE: Duration = Duration::from_secs(20);
 

@@ -4,9 +4,9 @@
 use siterecovery_proto::model::WireError;
 use siterecovery_proto::v1;
 
+use crate::offline::OfflineError;
 use crate::persist::PersistError;
 use crate::replica::ReplicaError;
-use crate::replication::offline::OfflineError;
 use crate::replication::sender::{DrainError, ReplicationError};
 use crate::vm::VmError;
 

@@ -13,7 +13,7 @@ use super::record::ProtectionRecord;
 use super::{Protection, ProtectionError};
 use crate::disk::BlockDevice;
 use crate::hrl::LogSeq;
-use crate::replication::offline::{self, ExportDisk};
+use crate::offline::{self, ExportDisk};
 use crate::replication::sender::{self, Seed, Undrained};
 
 /// Longest a planned failover waits for the replica to acknowledge the last logs.

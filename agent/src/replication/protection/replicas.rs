@@ -7,8 +7,8 @@ use siterecovery_proto::v1;
 
 use super::error::joined;
 use super::{PointExport, Protection, ProtectionError};
+use crate::offline::{ExportTarget, Manifest, Target, TargetDisk};
 use crate::replica::{PointInfo, ReplicaDisk, ReplicaSpec};
-use crate::replication::offline::{ExportTarget, Manifest, Target, TargetDisk};
 
 impl Protection {
     /// The replica side of a new relationship.

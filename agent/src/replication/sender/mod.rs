@@ -58,8 +58,8 @@ pub use self::error::{ErrorClass, ReplicationError, classify_code, classify_io, 
 pub use self::phase::{Event, InvalidTransition, Phase, Stage};
 pub use self::state::{PendingPoint, PointRecord, STATE_FILE, SenderState};
 pub use self::transport::{GrpcPeer, PeerTransport};
-pub use super::extents::{allocated_below, allocated_ranges};
 use crate::config::AgentFiles;
+pub use crate::extents::{allocated_below, allocated_ranges};
 use crate::hrl::{self, DiskId};
 use crate::tracker::TrackedDisk;
 

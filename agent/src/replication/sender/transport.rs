@@ -68,7 +68,7 @@ impl GrpcPeer {
         let address = self.address.clone();
         let connect = |source| ReplicationError::Connect { address: address.clone(), source };
         let channel =
-            crate::control::endpoint(&address, &self.files).map_err(connect)?.connect().await.map_err(connect)?;
+            crate::peer::endpoint(&address, &self.files).map_err(connect)?.connect().await.map_err(connect)?;
         let mut client = PeerClient::new(channel);
         let pong = client.ping(v1::PingRequest {}).await?.into_inner();
         if pong.host_id != self.host_id {

@@ -222,7 +222,7 @@ pub fn export(dir: &Path, relationship_id: &str, vm: &str, disks: &[ExportDisk])
     let mut buf = vec![0u8; CHUNK as usize];
     for d in disks {
         let src = File::open(&d.image).map_err(io_at(&d.image))?;
-        let ranges = super::extents::allocated_ranges(&src, 0, d.size).map_err(io_at(&d.image))?;
+        let ranges = crate::extents::allocated_ranges(&src, 0, d.size).map_err(io_at(&d.image))?;
         let file = format!("{}.img", d.id);
         let path = dir.join(&file);
         let dst = OpenOptions::new().write(true).create(true).truncate(true).open(&path).map_err(io_at(&path))?;

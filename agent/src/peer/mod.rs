@@ -1,0 +1,143 @@
+//! The peer listener: agent-to-agent gRPC over mutual TLS. Only certificates of this
+//! vault pass the handshake (client certificate required); each RPC then checks the
+//! caller's role, converts the request into domain values ([`wire`]) and hands them to
+//! the [`receiver`] (the replica host's side of `sender`). The mTLS client every host
+//! uses to reach another one is [`client::endpoint`].
+//!
+//! Order in every RPC: authenticate (a host of this vault), convert (an invalid field is
+//! InvalidArgument naming it, before any lookup or file), then authorize (the caller is
+//! the relationship's primary host) and act.
+
+pub mod client;
+pub mod receiver;
+#[cfg(test)]
+mod tests;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use siterecovery_certs::{PeerIdentity, Role};
+use siterecovery_proto::v1;
+use siterecovery_proto::v1::peer_server::{Peer, PeerServer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+pub use client::endpoint;
+pub use receiver::{COPY_ACK_EVERY, HASHES_PER_CHUNK, Receiver};
+pub use wire::{MAX_SUB_HASH_BLOCKS, MAX_WIRE_DATA, MIN_BLOCK_SIZE};
+
+use crate::config::AgentFiles;
+use crate::replica::ReplicaSet;
+
+/// Largest gRPC message accepted (chunks are ≤ ~3 MiB; headroom for protobuf framing).
+const MAX_MESSAGE: usize = 8 << 20;
+
+/// The caller's identity, when it is a host of this vault.
+pub fn authorize_host<T>(req: &Request<T>, vault_id: &str) -> Result<PeerIdentity, Status> {
+    let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("client certificate required"))?;
+    let id = siterecovery_certs::tls::peer_identity(&certs).map_err(|e| Status::unauthenticated(e.to_string()))?;
+    if id.vault_id.as_str() != vault_id {
+        return Err(Status::permission_denied("certificate of another vault"));
+    }
+    if id.role != Role::Host {
+        return Err(Status::permission_denied(format!("{id} is not a host")));
+    }
+    Ok(id)
+}
+
+/// The Peer service of a host.
+pub struct PeerService {
+    files: Arc<AgentFiles>,
+    receiver: Receiver,
+}
+
+impl PeerService {
+    pub fn new(files: Arc<AgentFiles>, replicas: Arc<ReplicaSet>) -> Self {
+        Self { files, receiver: Receiver::new(replicas) }
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn ping(&self, req: Request<v1::PingRequest>) -> Result<Response<v1::PingResponse>, Status> {
+        let caller = authorize_host(&req, &self.files.config.vault_id)?;
+        Ok(Response::new(v1::PingResponse {
+            host_id: self.files.config.host_id.clone(),
+            host_name: self.files.config.host_name.clone(),
+            caller: caller.uri(),
+        }))
+    }
+
+    async fn copy_progress(
+        &self,
+        req: Request<v1::CopyProgressRequest>,
+    ) -> Result<Response<v1::CopyProgressResponse>, Status> {
+        let caller = authorize_host(&req, &self.files.config.vault_id)?;
+        let r = wire::CopyProgress::try_from(req.get_ref())?;
+        Ok(Response::new(self.receiver.copy_progress(&caller, r).await?))
+    }
+
+    type InitialCopyStream = receiver::AckStream;
+
+    async fn initial_copy(
+        &self,
+        req: Request<tonic::Streaming<v1::CopyChunk>>,
+    ) -> Result<Response<Self::InitialCopyStream>, Status> {
+        let caller = authorize_host(&req, &self.files.config.vault_id)?;
+        Ok(Response::new(self.receiver.initial_copy(&caller, req.into_inner()).await?))
+    }
+
+    async fn ship_point(
+        &self,
+        req: Request<tonic::Streaming<v1::PointChunk>>,
+    ) -> Result<Response<v1::PointAck>, Status> {
+        let caller = authorize_host(&req, &self.files.config.vault_id)?;
+        Ok(Response::new(self.receiver.ship_point(&caller, req.into_inner()).await?))
+    }
+
+    type BlockHashesStream = receiver::HashStream;
+
+    async fn block_hashes(
+        &self,
+        req: Request<v1::BlockHashesRequest>,
+    ) -> Result<Response<Self::BlockHashesStream>, Status> {
+        let caller = authorize_host(&req, &self.files.config.vault_id)?;
+        let r = wire::BlockHashes::try_from(req.into_inner())?;
+        Ok(Response::new(self.receiver.block_hashes(&caller, r).await?))
+    }
+}
+
+/// Serves the peer services on `listener` until `shutdown`. `replicas` is this host's
+/// replica store (shared with the control channel, which prepares replicas).
+pub async fn serve(
+    files: Arc<AgentFiles>,
+    replicas: Arc<ReplicaSet>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    siterecovery_certs::tls::install_crypto_provider();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&files.identity.cert_pem, &files.identity.key_pem))
+        .client_ca_root(Certificate::from_pem(&files.ca_pem))
+        .timeout(Duration::from_secs(10));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(siterecovery_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha();
+    let mut builder = Server::builder().tls_config(tls)?;
+    let peer = PeerServer::new(PeerService::new(files, replicas)).max_decoding_message_size(MAX_MESSAGE);
+    let mut router = builder.add_service(peer);
+    if let Ok(r) = reflection {
+        router = router.add_service(r);
+    }
+    router
+        .serve_with_incoming_shutdown(
+            // Nagle off: tonic ignores its own tcp_nodelay for a custom incoming, and the
+            // small HTTP/2 window updates and acks would wait, capping streams at ~40 MB/s.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled_owned(),
+        )
+        .await
+}
