@@ -9,13 +9,15 @@
 //!   pairings, protected VMs and their state machine, jobs, replication health.
 //! - [`failover`], [`network`], [`plan`]: failover jobs, reverse replication, VM
 //!   networks with mappings and static IP pools, recovery plans.
-//! - [`api`]: the server that ties them together.
+//! - [`api`]: the server that ties them together; [`edge`]: the shared state seen
+//!   through the edge services' context traits.
 //! - [`cli`]: the operator's commands against a running provider.
 
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod control;
+pub mod edge;
 pub mod failover;
 pub mod health;
 pub mod inventory;
