@@ -11,9 +11,9 @@ use siterecovery_proto::model::HostId;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::provider_message::Command;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 use crate::api::AppState;
+use crate::command::CommandError;
 use crate::control::{ControlContext, ReplicationReport, Sessions};
 use crate::inventory::{HostRecord, InventoryContext, LiveStatus, VmRecord};
 use crate::registration::RegistrationContext;
@@ -51,7 +51,7 @@ impl InventoryContext for AppState {
         self.sessions.status(host)
     }
 
-    async fn command(&self, host: &HostId, cmd: Command, timeout: Duration) -> Result<v1::CommandResult, Status> {
+    async fn command(&self, host: &HostId, cmd: Command, timeout: Duration) -> Result<v1::CommandResult, CommandError> {
         self.sessions.command(host, cmd, timeout).await
     }
 

@@ -4,7 +4,8 @@
 //! - [`vault`]: the data dir, CA, registration secret, operator certificates.
 //! - [`store`]: the embedded database.
 //! - [`registration`], [`inventory`], [`control`]: the gRPC services.
-//! - [`auth`]: per-RPC authorisation from the peer certificate.
+//! - [`auth`]: per-RPC authorisation from the peer certificate; [`command`]: how a
+//!   command to an agent fails.
 //! - [`policy`], [`protection`], [`job`], [`health`]: replication policies and cloud
 //!   pairings, protected VMs and their state machine, jobs, replication health.
 //! - [`failover`], [`network`], [`plan`]: failover jobs, reverse replication, VM
@@ -16,6 +17,7 @@
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod command;
 pub mod control;
 pub mod edge;
 pub mod failover;

@@ -13,6 +13,7 @@ use siterecovery_proto::v1::provider_message::Command;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
+pub use crate::command::CommandError;
 pub use crate::inventory::LiveStatus;
 
 pub(super) type Outbound = mpsc::Sender<Result<v1::ProviderMessage, Status>>;
@@ -66,37 +67,29 @@ impl Sessions {
         host_id: &(impl AsRef<str> + ?Sized),
         cmd: Command,
         timeout: Duration,
-    ) -> Result<v1::CommandResult, Status> {
-        let host_id = host_id.as_ref();
+    ) -> Result<v1::CommandResult, CommandError> {
+        let host = host_id.as_ref().to_owned();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (done_tx, done_rx) = oneshot::channel();
         let tx = {
-            let sessions = self.sessions.lock().map_err(|_| Status::internal("sessions lock poisoned"))?;
-            let s =
-                sessions.get(host_id).ok_or_else(|| Status::unavailable(format!("host {host_id} is not connected")))?;
-            s.pending.lock().map_err(|_| Status::internal("lock poisoned"))?.insert(id, done_tx);
+            let sessions = self.sessions.lock().map_err(|_| CommandError::Poisoned)?;
+            let s = sessions.get(&host).ok_or_else(|| CommandError::NotConnected(host.clone()))?;
+            s.pending.lock().map_err(|_| CommandError::Poisoned)?.insert(id, done_tx);
             s.tx.clone()
         };
-        tx.send(Ok(v1::ProviderMessage { command_id: id, command: Some(cmd) }))
-            .await
-            .map_err(|_| Status::unavailable(format!("host {host_id} disconnected")))?;
-        let result = tokio::time::timeout(timeout, done_rx)
-            .await
-            .map_err(|_| Status::deadline_exceeded(format!("host {host_id} did not answer within {timeout:?}")))?
-            .map_err(|_| Status::unavailable(format!("host {host_id} disconnected before answering")))?;
+        if tx.send(Ok(v1::ProviderMessage { command_id: id, command: Some(cmd) })).await.is_err() {
+            return Err(CommandError::Disconnected(host));
+        }
+        let result = match tokio::time::timeout(timeout, done_rx).await {
+            Err(_) => return Err(CommandError::Timeout { host, after: timeout }),
+            Ok(Err(_)) => return Err(CommandError::DisconnectedBeforeAnswer(host)),
+            Ok(Ok(r)) => r,
+        };
         if result.ok {
             return Ok(result);
         }
         let code = v1::ErrorCode::try_from(result.code).unwrap_or(v1::ErrorCode::Unspecified);
-        let msg = format!("host {host_id}: {}", result.error);
-        Err(match code {
-            v1::ErrorCode::InvalidArgument => Status::invalid_argument(msg),
-            v1::ErrorCode::NotFound => Status::not_found(msg),
-            v1::ErrorCode::AlreadyExists => Status::already_exists(msg),
-            v1::ErrorCode::FailedPrecondition => Status::failed_precondition(msg),
-            v1::ErrorCode::ResourceExhausted => Status::resource_exhausted(msg),
-            _ => Status::internal(msg),
-        })
+        Err(CommandError::Refused { host, code, message: result.error })
     }
 
     pub(super) fn open(&self, host_id: &HostId, tx: Outbound) -> (u64, Arc<Mutex<Pending>>) {

@@ -304,4 +304,55 @@ mod tests {
         // A test copy never competes.
         assert!(report_wins(Some(&vm("b", Some(("test", 5)))), &vm("a", None)));
     }
+
+    /// Stored records keep the JSON shape of their string fields; a hostile name in a
+    /// stored record does not decode.
+    #[test]
+    fn records_keep_their_stored_shape() {
+        let old = serde_json::json!({
+            "name": "vm1", "host_id": "hv-b-0a1b2c", "folder": "/vms/vm1", "power_state": "running",
+            "created_unix_ms": 5,
+            "disks": [{"id": "disk0", "size_bytes": 512, "image_path": "", "export_name": "", "nbd_unix_uri": "",
+                "nbd_tcp_uri": "", "tracking": true, "pending_log_bytes": 0, "allocated_bytes": 0}],
+            "nics": [{"network": "", "ip": "", "dhcp": true, "mac": "52:54:00:00:00:01"}],
+            "failover": {"relationship_id": "r-0000abcd", "point_id": "p4", "kind": "test", "committed": false,
+                "test_of": "vm0", "started_unix_ms": 9}
+        });
+        let rec: VmRecord = serde_json::from_value(old.clone()).expect("old record");
+        assert_eq!(rec.nics[0].network, None);
+        assert_eq!(rec.power_state, PowerState::Running);
+        assert_eq!(rec.failover.as_ref().and_then(|f| f.test_of.as_ref()).map(|v| v.as_str()), Some("vm0"));
+        assert_eq!(serde_json::to_value(&rec).expect("ser"), old);
+        for (path, value) in [("name", "../etc"), ("host_id", "a/b")] {
+            let mut bad = old.clone();
+            bad[path] = value.into();
+            assert!(serde_json::from_value::<VmRecord>(bad).is_err(), "{path}");
+        }
+        let mut bad = old.clone();
+        bad["disks"][0]["id"] = "..".into();
+        assert!(serde_json::from_value::<VmRecord>(bad).is_err());
+        let host = HostRecord {
+            id: "hv1-0a1b2c".parse().expect("id"),
+            name: "hv1".parse().expect("name"),
+            site: "primary".parse().expect("site"),
+            cloud: "gold-a".parse().expect("cloud"),
+            address: "10.0.0.1:7443".into(),
+            agent_version: "0.1".into(),
+            registered_unix_ms: 1,
+        };
+        let json = serde_json::to_value(&host).expect("ser");
+        assert_eq!(json["name"], "hv1");
+        assert_eq!(json["id"], "hv1-0a1b2c");
+        assert_eq!(serde_json::from_value::<HostRecord>(json).expect("de"), host);
+    }
+
+    #[test]
+    fn wire_round_trip() {
+        let host: HostId = "hv1-0a1b2c".parse().expect("id");
+        let v = vm("hv1-0a1b2c", Some(("unplanned", 3)));
+        let back = VmRecord::from_report(&v.to_proto("hv1"), &host).expect("from wire");
+        assert_eq!(back, v);
+        assert!(is_host_port("10.0.0.1:7443") && is_host_port("[::1]:1"));
+        assert!(!is_host_port("10.0.0.1") && !is_host_port(":7443") && !is_host_port("h:0"));
+    }
 }

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 use super::records::{HostRecord, LiveStatus, VmRecord};
 use crate::auth::authorize;
+use crate::command::CommandError;
 use crate::store::{HOSTS, Store, StoreError, VMS};
 
 /// What the Inventory service needs from the provider around it.
@@ -31,7 +32,7 @@ pub trait InventoryContext: Send + Sync + 'static {
     fn live_status(&self, host: &HostId) -> LiveStatus;
     /// Sends a command to a connected host and waits for its result; the error is the
     /// host's refusal (or its absence) as the control channel maps it.
-    async fn command(&self, host: &HostId, cmd: Command, timeout: Duration) -> Result<v1::CommandResult, Status>;
+    async fn command(&self, host: &HostId, cmd: Command, timeout: Duration) -> Result<v1::CommandResult, CommandError>;
     /// The replication of each protected VM, by VM name.
     fn replication_views(&self, hosts: &[HostRecord]) -> HashMap<String, v1::Replication>;
 }
@@ -51,10 +52,9 @@ pub enum InventoryError {
     UnknownVm(VmName),
     #[error("VM {0:?} already exists")]
     VmExists(VmName),
-    /// The VM's host refused or did not carry out the command (its status, as the
-    /// control session mapped it).
-    #[error("{}", .0.message())]
-    Agent(Status),
+    /// The VM's host refused or did not carry out the command.
+    #[error(transparent)]
+    Agent(#[from] CommandError),
     #[error("agent returned no VM")]
     NoVmReturned,
     #[error("agent returned an invalid VM: {0}")]
@@ -68,7 +68,7 @@ impl From<InventoryError> for Status {
     fn from(e: InventoryError) -> Self {
         use InventoryError as E;
         match e {
-            E::Agent(status) => status,
+            E::Agent(e) => e.into(),
             E::Request(_) => Status::invalid_argument(e.to_string()),
             E::UnknownHost(_) | E::UnknownVm(_) => Status::not_found(e.to_string()),
             E::VmExists(_) => Status::already_exists(e.to_string()),
@@ -199,7 +199,7 @@ impl<C: InventoryContext> InventoryService<C> {
 
     /// Sends `cmd` to the VM's host and records the VM it returns.
     async fn vm_command(&self, host: &HostRecord, cmd: Command) -> Result<v1::Vm, InventoryError> {
-        let result = self.state.command(&host.id, cmd, COMMAND_TIMEOUT).await.map_err(InventoryError::Agent)?;
+        let result = self.state.command(&host.id, cmd, COMMAND_TIMEOUT).await?;
         let vm = result.vm.ok_or(InventoryError::NoVmReturned)?;
         let rec = VmRecord::from_report(&vm, &host.id).map_err(InventoryError::InvalidVmReturned)?;
         self.state.store().put(VMS, &rec.name, &rec)?;
@@ -249,8 +249,7 @@ impl<C: InventoryContext> InventoryService<C> {
         let host = self.host_by_name_or_id(&vm.host_id)?;
         self.state
             .command(&host.id, Command::DeleteVm(v1::DeleteVm { name: vm.name.to_string() }), COMMAND_TIMEOUT)
-            .await
-            .map_err(InventoryError::Agent)?;
+            .await?;
         self.state.store().delete(VMS, &vm.name)?;
         Ok(())
     }
@@ -351,5 +350,92 @@ impl<C: InventoryContext> Inventory for InventoryService<C> {
     async fn stop_vm(&self, req: Request<v1::StopVmRequest>) -> Result<Response<v1::Vm>, Status> {
         authorize(&req, self.state.vault_id(), &[Role::Operator])?;
         Ok(Response::new(self.power("stop_vm.name", &req.get_ref().name, false).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create() -> v1::CreateVmRequest {
+        v1::CreateVmRequest {
+            host: "hv1".into(),
+            name: "vm1".into(),
+            disks: vec![v1::DiskSpec { size_bytes: 1 << 20 }],
+            nics: vec![v1::NicSpec { network: "corp".into(), ip: "10.0.0.5".into(), dhcp: false }],
+            start: true,
+        }
+    }
+
+    fn refused(r: &v1::CreateVmRequest) -> String {
+        let e = CreateVmRequest::try_from(r).expect_err("refused");
+        let status = Status::from(InventoryError::from(e.clone()));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains(e.field()), "{}", status.message());
+        e.field().to_owned()
+    }
+
+    #[test]
+    fn create_vm_converts() {
+        let req = CreateVmRequest::try_from(&create()).expect("valid");
+        assert_eq!(req.name, "vm1");
+        assert_eq!(req.nics[0].ip, Some(std::net::Ipv4Addr::new(10, 0, 0, 5)));
+        let Command::CreateVm(c) = req.command() else { panic!("not a CreateVm") };
+        assert_eq!(
+            (c.name.as_str(), c.disk_sizes.as_slice(), c.nics[0].network.as_str()),
+            ("vm1", &[1 << 20][..], "corp")
+        );
+        assert!(c.start);
+    }
+
+    /// A path-traversal or malformed value in every name field of every request.
+    #[test]
+    fn hostile_values_are_refused_naming_the_field() {
+        for bad in ["../etc", "a/b", ".", "x".repeat(70).as_str()] {
+            let mut r = create();
+            r.name = bad.into();
+            assert_eq!(refused(&r), "create_vm.name");
+            let mut r = create();
+            r.host = bad.into();
+            // 70 chars is a valid host id (ids are up to 80): only the others are hostile.
+            if bad.len() < 64 {
+                assert_eq!(refused(&r), "create_vm.host");
+            }
+            let mut r = create();
+            r.nics[0].network = bad.into();
+            assert_eq!(refused(&r), "create_vm.nics[0].network");
+            for field in ["get_vm.name", "delete_vm.name", "start_vm.name", "stop_vm.name"] {
+                let e = wire::field::<VmName>(field, bad).expect_err(bad);
+                assert_eq!(e.field(), field);
+            }
+            let e = wire::optional::<HostId>("list_vms.host", bad);
+            assert!(bad.len() > 63 || e.is_err_and(|e| e.field() == "list_vms.host"), "{bad}");
+        }
+        let mut r = create();
+        r.name.clear();
+        assert_eq!(refused(&r), "create_vm.name");
+        let mut r = create();
+        r.disks.clear();
+        assert_eq!(refused(&r), "create_vm.disks");
+        let mut r = create();
+        r.disks[0].size_bytes = 513;
+        assert_eq!(refused(&r), "create_vm.disks[0].size_bytes");
+        let mut r = create();
+        r.nics[0].ip = "10.0.0.300".into();
+        assert_eq!(refused(&r), "create_vm.nics[0].ip");
+        let mut r = create();
+        r.disks = vec![v1::DiskSpec { size_bytes: 512 }; MAX_DISKS + 1];
+        assert_eq!(refused(&r), "create_vm.disks");
+    }
+
+    #[test]
+    fn errors_map_to_their_codes() {
+        let vm: VmName = "vm1".parse().expect("name");
+        assert_eq!(Status::from(InventoryError::UnknownVm(vm.clone())).code(), tonic::Code::NotFound);
+        assert_eq!(Status::from(InventoryError::VmExists(vm)).code(), tonic::Code::AlreadyExists);
+        assert_eq!(Status::from(InventoryError::UnknownHost("x".into())).code(), tonic::Code::NotFound);
+        let e = CommandError::NotConnected("hv1".into());
+        assert_eq!(Status::from(InventoryError::Agent(e)).code(), tonic::Code::Unavailable);
+        assert_eq!(Status::from(InventoryError::NoVmReturned).code(), tonic::Code::Internal);
     }
 }
