@@ -27,16 +27,17 @@ use std::time::Duration;
 use siterecovery_proto::model::FailoverKind;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::provider_message::Command;
-use tonic::{Code, Status};
+use tonic::Status;
 
-use crate::api::AppState;
+use crate::agents::AgentErrorKind;
+
 use crate::inventory::{FailoverRecord as VmFailover, HostRecord, VmRecord};
-use crate::job::{self, JobRecord, now_ms};
+use crate::jobs::{Claim, JobKind, JobRecord, JobState, now_ms};
 use crate::network::{self, NetworkStore, NicIn, Reservation, TestNetwork};
 use crate::policy::{self, PolicyRecord};
 use crate::protection::{
-    Claim, Event, FailoverRecord, InvalidTransition, RelationshipRecord, ReplicationState, StatusRecord,
-    TestFailoverRecord, Wait, fail_job, host_name, hosts, progress_detail, protected, relationship_id, save_job,
+    Core, Event, FailoverRecord, InvalidTransition, RelationshipRecord, ReplicationState, StatusRecord,
+    TestFailoverRecord, Wait, claim, fail_job, host_name, hosts, progress_detail, protected, relationship_id, save_job,
     store_err, wait_step,
 };
 use crate::store::{POLICIES, VMS};
@@ -86,11 +87,11 @@ impl FailoverType {
         }
     }
 
-    fn job_kind(self) -> &'static str {
+    fn job_kind(self) -> JobKind {
         match self {
-            Self::Test => job::TEST_FAILOVER,
-            Self::Planned => job::PLANNED_FAILOVER,
-            Self::Unplanned => job::UNPLANNED_FAILOVER,
+            Self::Test => JobKind::TestFailover,
+            Self::Planned => JobKind::PlannedFailover,
+            Self::Unplanned => JobKind::UnplannedFailover,
         }
     }
 
@@ -156,7 +157,7 @@ pub fn describe_reservation(r: &Reservation) -> String {
 
 /// Reserves target addresses for the NICs of `vm`: addresses of other VMs' NICs and
 /// other relationships' reservations are taken.
-pub fn reserve_addresses(state: &AppState, vm: &VmRecord, _why: Option<&str>) -> Result<Vec<Reservation>, Status> {
+pub fn reserve_addresses(state: &Core, vm: &VmRecord, _why: Option<&str>) -> Result<Vec<Reservation>, Status> {
     let ns = NetworkStore::new(&state.store);
     let networks = ns.networks().map_err(store_err)?;
     let mappings = ns.mappings().map_err(store_err)?;
@@ -186,11 +187,11 @@ fn refuse(vm: &str, e: InvalidTransition, hint: &str) -> Status {
     Status::failed_precondition(format!("VM {vm}: {e}{hint}"))
 }
 
-fn connected(state: &AppState, host_id: &str) -> bool {
-    state.sessions.status(host_id).connected
+fn connected(state: &Core, host_id: &str) -> bool {
+    state.agents.connected(host_id)
 }
 
-fn require_connected(state: &AppState, hosts: &[HostRecord], host_id: &str, role: &str) -> Result<(), Status> {
+fn require_connected(state: &Core, hosts: &[HostRecord], host_id: &str, role: &str) -> Result<(), Status> {
     if connected(state, host_id) {
         Ok(())
     } else {
@@ -201,7 +202,7 @@ fn require_connected(state: &AppState, hosts: &[HostRecord], host_id: &str, role
 /// Stores the VM an agent returned (it now runs on `host_id`), filling in what a
 /// minimal agent leaves out: the NICs it was given and how it came to run.
 fn record_vm(
-    state: &AppState,
+    state: &Core,
     res: &v1::CommandResult,
     host_id: &str,
     nics: &[v1::Nic],
@@ -291,12 +292,12 @@ fn nics_text(nics: &[v1::Nic]) -> String {
 
 /// Resolves `latest-app-consistent` to a point id on the replica host; other values
 /// go to the agent as they are.
-async fn resolve_point(state: &AppState, rel: &RelationshipRecord, point: &str) -> Result<String, String> {
+async fn resolve_point(state: &Core, rel: &RelationshipRecord, point: &str) -> Result<String, String> {
     match point {
         "" | "latest" => Ok("latest".into()),
         "latest-app-consistent" => {
             let res = state
-                .sessions
+                .agents
                 .command(
                     &rel.replica_host_id,
                     Command::ListPoints(v1::ListPoints { vm: rel.vm.clone() }),
@@ -316,7 +317,7 @@ async fn resolve_point(state: &AppState, rel: &RelationshipRecord, point: &str) 
 }
 
 /// `Failover` RPC.
-pub async fn start_failover(state: &Arc<AppState>, r: &v1::FailoverRequest) -> Result<JobRecord, Status> {
+pub async fn start_failover(state: &Arc<Core>, r: &v1::FailoverRequest) -> Result<JobRecord, Status> {
     let kind = FailoverType::from_wire(r.r#type).ok_or_else(|| {
         Status::invalid_argument(format!("failover type {}: use test, planned or unplanned", r.r#type))
     })?;
@@ -345,7 +346,7 @@ pub async fn start_failover(state: &Arc<AppState>, r: &v1::FailoverRequest) -> R
 }
 
 /// Checks that `vm` may fail over as asked, then starts the job.
-pub async fn start_vm_failover(state: &Arc<AppState>, vm: &str, opts: FailoverOptions) -> Result<JobRecord, Status> {
+pub async fn start_vm_failover(state: &Arc<Core>, vm: &str, opts: FailoverOptions) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     let hosts = hosts(state)?;
     let primary = host_name(&hosts, &rel.primary_host_id);
@@ -384,7 +385,7 @@ pub async fn start_vm_failover(state: &Arc<AppState>, vm: &str, opts: FailoverOp
         }
     }
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job =
         state.protection.jobs.create(&state.store, opts.kind.job_kind(), vm, opts.kind.steps()).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
@@ -414,7 +415,7 @@ pub async fn start_vm_failover(state: &Arc<AppState>, vm: &str, opts: FailoverOp
     Ok(job)
 }
 
-fn abort(state: &AppState, rel_id: &str) {
+fn abort(state: &Core, rel_id: &str) {
     if let Err(s) = state.protection.update(&state.store, rel_id, |r| {
         r.state = r.state.next(Event::FailoverAborted)?;
         Ok(())
@@ -424,7 +425,7 @@ fn abort(state: &AppState, rel_id: &str) {
 }
 
 async fn run_failover(
-    state: Arc<AppState>,
+    state: Arc<Core>,
     mut job: JobRecord,
     rel: RelationshipRecord,
     opts: FailoverOptions,
@@ -466,7 +467,7 @@ async fn run_failover(
                 test_vm_name: test_vm.clone(),
                 planned: false,
             });
-            let res = match state.sessions.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
+            let res = match state.agents.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
                 Ok(r) => r,
                 Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
             };
@@ -554,7 +555,7 @@ async fn run_failover(
                 test_vm_name: String::new(),
                 planned: true,
             });
-            let res = match state.sessions.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
+            let res = match state.agents.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
                 Ok(r) => r,
                 Err(s) => {
                     abort(&state, &rel.id);
@@ -636,7 +637,7 @@ async fn run_failover(
                 test_vm_name: String::new(),
                 planned: false,
             });
-            let res = match state.sessions.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
+            let res = match state.agents.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
                 Ok(r) => r,
                 Err(s) => {
                     abort(&state, &rel.id);
@@ -693,10 +694,10 @@ fn reported_point(res: &v1::CommandResult, asked: &str) -> String {
 }
 
 /// `PrepareFailover` to the primary host; the last point the replica acknowledged.
-pub(crate) async fn prepare_primary(state: &AppState, rel: &RelationshipRecord) -> Result<String, String> {
+pub(crate) async fn prepare_primary(state: &Core, rel: &RelationshipRecord) -> Result<String, String> {
     let cmd = Command::PrepareFailover(v1::PrepareFailover { relationship_id: rel.id.clone(), vm: rel.vm.clone() });
     let res = state
-        .sessions
+        .agents
         .command(&rel.primary_host_id, cmd, state.protection.config.command_timeout)
         .await
         .map_err(|s| s.message().to_owned())?;
@@ -704,17 +705,17 @@ pub(crate) async fn prepare_primary(state: &AppState, rel: &RelationshipRecord) 
 }
 
 /// Best-effort `StopVm` to the primary host; says what happened.
-pub(crate) async fn stop_primary(state: &AppState, rel: &RelationshipRecord, pname: &str) -> String {
+pub(crate) async fn stop_primary(state: &Core, rel: &RelationshipRecord, pname: &str) -> String {
     let timeout = state.protection.config.command_timeout.min(Duration::from_secs(30));
     let cmd = Command::StopVm(v1::StopVm { name: rel.vm.clone() });
-    match state.sessions.command(&rel.primary_host_id, cmd, timeout).await {
+    match state.agents.command(&rel.primary_host_id, cmd, timeout).await {
         Ok(_) => format!("VM {} stopped on {pname}", rel.vm),
         Err(s) => format!("could not stop VM {} on {pname} ({}); failover goes on", rel.vm, s.message()),
     }
 }
 
 /// `CommitFailover` RPC.
-pub async fn start_commit(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+pub async fn start_commit(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     rel.state.next(Event::Committed).map_err(|e| {
         let hint = match rel.state {
@@ -726,9 +727,9 @@ pub async fn start_commit(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
     })?;
     let hosts = hosts(state)?;
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job =
-        state.protection.jobs.create(&state.store, job::COMMIT_FAILOVER, vm, &COMMIT_STEPS).map_err(store_err)?;
+        state.protection.jobs.create(&state.store, JobKind::CommitFailover, vm, &COMMIT_STEPS).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     let rname = host_name(&hosts, &rel.replica_host_id);
     job.start_step(COMMIT_STEPS[0], &rname, now_ms());
@@ -758,10 +759,10 @@ pub async fn start_commit(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
     Ok(ret)
 }
 
-async fn commit_on_replica(state: &AppState, rel: &RelationshipRecord) -> Result<(), String> {
+async fn commit_on_replica(state: &Core, rel: &RelationshipRecord) -> Result<(), String> {
     let cmd = Command::CommitFailover(v1::CommitFailover { vm: rel.vm.clone() });
     let res = state
-        .sessions
+        .agents
         .command(&rel.replica_host_id, cmd, state.protection.config.command_timeout)
         .await
         .map_err(|s| format!("replica host: {}", s.message()))?;
@@ -783,7 +784,7 @@ async fn commit_on_replica(state: &AppState, rel: &RelationshipRecord) -> Result
 }
 
 /// `ChangePoint` RPC.
-pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) -> Result<JobRecord, Status> {
+pub async fn start_change_point(state: &Arc<Core>, vm: &str, point: &str) -> Result<JobRecord, Status> {
     if point.is_empty() {
         return Err(Status::invalid_argument("--point is required (see `points VM`)"));
     }
@@ -798,9 +799,9 @@ pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) ->
     })?;
     let hosts = hosts(state)?;
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job =
-        state.protection.jobs.create(&state.store, job::CHANGE_POINT, vm, &CHANGE_POINT_STEPS).map_err(store_err)?;
+        state.protection.jobs.create(&state.store, JobKind::ChangePoint, vm, &CHANGE_POINT_STEPS).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     let rname = host_name(&hosts, &rel.replica_host_id);
     job.start_step(CHANGE_POINT_STEPS[0], &format!("point {point} on {rname}"), now_ms());
@@ -815,8 +816,7 @@ pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) ->
             Err(e) => return fail_job(&state, &mut job, &e),
         };
         let cmd = Command::ChangePoint(v1::ChangePoint { vm: rel.vm.clone(), point: point.clone() });
-        let res = match state.sessions.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await
-        {
+        let res = match state.agents.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await {
             Ok(r) => r,
             Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
         };
@@ -848,7 +848,7 @@ pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) ->
 }
 
 /// `CleanupTestFailover` RPC.
-pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+pub async fn start_cleanup(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     let Some(test) = rel.test_failover.clone() else {
         return Err(Status::failed_precondition(format!(
@@ -857,11 +857,11 @@ pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord,
     };
     let hosts = hosts(state)?;
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job = state
         .protection
         .jobs
-        .create(&state.store, job::CLEANUP_TEST_FAILOVER, vm, &CLEANUP_STEPS)
+        .create(&state.store, JobKind::CleanupTestFailover, vm, &CLEANUP_STEPS)
         .map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     let rname = host_name(&hosts, &rel.replica_host_id);
@@ -875,12 +875,12 @@ pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord,
             vm: rel.vm.clone(),
             test_vm_name: test.test_vm.clone(),
         });
-        let note =
-            match state.sessions.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await {
-                Ok(_) => String::new(),
-                Err(s) if s.code() == Code::NotFound => format!(" (the host had no such VM: {})", s.message()),
-                Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
-            };
+        let note = match state.agents.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await
+        {
+            Ok(_) => String::new(),
+            Err(s) if s.kind() == AgentErrorKind::NotFound => format!(" (the host had no such VM: {})", s.message()),
+            Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
+        };
         if let Err(e) = state.store.delete(VMS, &test.test_vm) {
             tracing::warn!(vm = %test.test_vm, "cannot forget the test VM: {e:#}");
         }
@@ -902,7 +902,7 @@ pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord,
 }
 
 /// `Reprotect` RPC: reverse replication after a failover.
-pub async fn start_reprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+pub async fn start_reprotect(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     rel.state.next(Event::Reprotected).map_err(|e| {
         refuse(
@@ -928,11 +928,11 @@ pub async fn start_reprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecor
         .get::<VmRecord>(VMS, vm)
         .map_err(store_err)?
         .ok_or_else(|| Status::not_found(format!("no VM {vm:?} (see `vm list`)")))?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job = state
         .protection
         .jobs
-        .create(&state.store, job::REVERSE_REPLICATION, vm, &REPROTECT_STEPS)
+        .create(&state.store, JobKind::ReverseReplication, vm, &REPROTECT_STEPS)
         .map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     job.total_bytes = vm_rec.disks.iter().map(|d| d.size_bytes).sum();
@@ -955,7 +955,7 @@ pub async fn start_reprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecor
 }
 
 async fn run_reprotect(
-    state: Arc<AppState>,
+    state: Arc<Core>,
     mut job: JobRecord,
     old: RelationshipRecord,
     policy: PolicyRecord,
@@ -1006,7 +1006,7 @@ async fn run_reprotect(
         reversed_from: old.id.clone(),
     };
     new.state = ReplicationState::NotEnabled.next(Event::Enabled).unwrap_or(ReplicationState::WaitingForInitial);
-    let restore = |state: &AppState, new_id: &str, old: &RelationshipRecord| {
+    let restore = |state: &Core, new_id: &str, old: &RelationshipRecord| {
         let _ = state.protection.remove(&state.store, new_id);
         if let Err(e) = state.protection.save(&state.store, old.clone()) {
             tracing::error!(relationship = %old.id, "cannot restore the relationship: {e:#}");
@@ -1033,7 +1033,7 @@ async fn run_reprotect(
         settings: Some(settings),
         adopt_vm_disks: true,
     });
-    if let Err(s) = state.sessions.command(&new_replica, prepare, cfg.command_timeout).await {
+    if let Err(s) = state.agents.command(&new_replica, prepare, cfg.command_timeout).await {
         restore(&state, &new.id, &old);
         return fail_job(&state, &mut job, &format!("former primary host {rname} refused: {}", s.message()));
     }
@@ -1055,14 +1055,14 @@ async fn run_reprotect(
         settings: Some(settings),
         resync_initial: true,
     });
-    if let Err(s) = state.sessions.command(&new_primary, start, cfg.command_timeout).await {
+    if let Err(s) = state.agents.command(&new_primary, start, cfg.command_timeout).await {
         // Keep the former primary's disks: they are the VM's older copy.
         let stop = Command::StopReplication(v1::StopReplication {
             relationship_id: new.id.clone(),
             vm: vm.name.to_string(),
             remove_replica: false,
         });
-        let _ = state.sessions.command(&new_replica, stop, cfg.command_timeout).await;
+        let _ = state.agents.command(&new_replica, stop, cfg.command_timeout).await;
         restore(&state, &new.id, &old);
         return fail_job(&state, &mut job, &format!("new primary host {pname} refused: {}", s.message()));
     }
@@ -1076,7 +1076,7 @@ async fn run_reprotect(
             "{} blocks compared, {} sent (4 KiB sub-blocks), {} on the wire",
             s.resync_blocks_compared,
             s.resync_blocks_sent,
-            crate::cli::human_size(s.resync_wire_bytes)
+            siterecovery_proto::model::units::human_size(s.resync_wire_bytes)
         );
         match rel.state {
             ReplicationState::Replicating => Wait::Done(format!("reverse replication running: {blocks}")),
@@ -1099,7 +1099,7 @@ async fn run_reprotect(
 /// Failovers the replica host reports that the provider did not make (an agent failed
 /// the VM over on its own while the provider was down, or a failover job was cut by a
 /// provider restart): the relationship follows and a job records it.
-pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
+pub fn on_inventory(state: &Core, host: &HostRecord, vms: &[VmRecord]) {
     for vm in vms {
         let Some(f) = &vm.failover else { continue };
         if f.kind == FailoverKind::Test || f.test_of.is_some() {
@@ -1143,13 +1143,14 @@ pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
             }
         };
         let step = "Local failover detected";
-        let mut job = match state.protection.jobs.create(&state.store, job::LOCAL_FAILOVER, vm.name.as_str(), &[step]) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::error!(vm = %vm.name, "cannot record the local failover job: {e:#}");
-                continue;
-            }
-        };
+        let mut job =
+            match state.protection.jobs.create(&state.store, JobKind::LocalFailover, vm.name.as_str(), &[step]) {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::error!(vm = %vm.name, "cannot record the local failover job: {e:#}");
+                    continue;
+                }
+            };
         job.relationship_id = rel.id.clone();
         job.start_step(step, "", now);
         let next = if f.committed {
@@ -1177,11 +1178,11 @@ pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
 }
 
 /// Waits until job `id` ends; the job as it ended.
-pub(crate) async fn wait_job_end(state: &AppState, id: &str) -> Option<JobRecord> {
+pub(crate) async fn wait_job_end(state: &Core, id: &str) -> Option<JobRecord> {
     let mut rx = state.protection.jobs.subscribe();
     loop {
         match state.protection.jobs.get(&state.store, id) {
-            Ok(Some(j)) if j.state != job::JobState::Running => return Some(j),
+            Ok(Some(j)) if j.state != JobState::Running => return Some(j),
             Ok(Some(_)) => {}
             _ => return None,
         }
@@ -1192,3 +1193,6 @@ pub(crate) async fn wait_job_end(state: &AppState, id: &str) -> Option<JobRecord
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

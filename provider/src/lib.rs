@@ -14,16 +14,19 @@
 //!   through the edge services' context traits.
 //! - [`cli`]: the operator's commands against a running provider.
 
+pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod command;
 pub mod control;
 pub mod edge;
+pub mod error;
 pub mod failover;
 pub mod health;
 pub mod inventory;
 pub mod job;
+pub mod jobs;
 pub mod network;
 pub mod plan;
 pub mod policy;

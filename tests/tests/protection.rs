@@ -183,10 +183,12 @@ impl World {
         assert_ok(&self.lab.cli(&["point", "unexport", "vm1"]), "point unexport");
     }
 
-    /// `replica.json` on hv-b, if readable.
+    /// `replica.json` on hv-b, if readable: its JSON after the agent's 16-byte state-file
+    /// header (`agent/docs/persist-format.md`).
     fn replica_state(&self) -> Option<Value> {
-        let text = std::fs::read_to_string(self.replica_dir().join("replica.json")).ok()?;
-        serde_json::from_str(&text).ok()
+        let bytes = std::fs::read(self.replica_dir().join("replica.json")).ok()?;
+        let json = if bytes.starts_with(b"SRRP") { bytes.get(16..)? } else { &bytes[..] };
+        serde_json::from_slice(json).ok()
     }
 }
 
