@@ -13,7 +13,8 @@
 //! Modules, lowest first: [`wait`] (clocks, polls), [`output`] (a command's output and
 //! the assertions on it), [`proc`] (binaries, ports, processes), [`files`], [`lab`]
 //! (starting things, running commands), then what runs in a lab: [`cli`] (the operator
-//! CLI and its JSON), [`grpcurl`], [`qemu`], and [`world`] (the two-site set-up).
+//! CLI and its JSON), [`grpcurl`], [`qemu`], [`writers`] (background qemu-io writers),
+//! and [`world`] (the two-site set-up).
 
 pub mod cli;
 pub mod files;
@@ -24,6 +25,7 @@ pub mod proc;
 pub mod qemu;
 pub mod wait;
 pub mod world;
+pub mod writers;
 
 pub use cli::{EVENT_TIMEOUT, JOB_TIMEOUT, job_from, job_resync_figures, resync_figures, step, try_step};
 pub use files::{Tree, files_ending, snapshot, tree_diff, write_script};
@@ -33,3 +35,4 @@ pub use output::{assert_exit, assert_fails, assert_fails_saying, assert_ok, desc
 pub use proc::{Proc, TERM_DEADLINE, bin, free_port};
 pub use wait::{POLL, holds_for, unix_now, unix_now_ms, wait_until, wait_until_every};
 pub use world::{TEST_INTERVALS, World};
+pub use writers::{ACK_BLOCK, AckWriter, Writer, pattern_at, random_u64};

@@ -14,110 +14,19 @@
 //!
 //! Run: `cargo build --workspace --bins && cargo test -p siterecovery-tests --test failover`.
 
-use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use siterecovery_tests::*;
 
 const MIB: u64 = 1 << 20;
-/// Write size of the tests, and the agent's resync block size (`agent/src/resync.rs`).
-const BLOCK: u64 = 64 << 10;
+/// Write size of the tests ([`AckWriter`]'s), and the agent's resync block size
+/// (`agent/src/resync.rs`).
+const BLOCK: u64 = ACK_BLOCK;
 /// Second-level resync sub-block: the unit of the "sent" figure.
 const SUB_BLOCK: u64 = 4 << 10;
 /// The policy interval (the provider runs with `--test-intervals`).
 const INTERVAL_MS: i64 = 1000;
-
-// ---------------------------------------------------------------------------------
-// Background writers.
-
-/// Writes 64 KiB blocks, each with its own pattern at its own offset, through one NBD
-/// URI, `per_call` writes per `qemu-io` run, recording the offset of every write
-/// `qemu-io` reports as done ("wrote ... at offset N"). Ends at the first failure (the
-/// VM stopped), when stopped, or when the slots run out.
-struct AckWriter {
-    stop: Arc<AtomicBool>,
-    acked: Arc<AtomicU64>,
-    /// When the last `qemu-io` run ended (ms since the epoch).
-    last_call_ms: Arc<AtomicU64>,
-    handle: Option<JoinHandle<(Vec<u64>, Option<String>)>>,
-}
-
-/// The pattern of the block at `off` (never 0, neighbours differ).
-fn pattern_at(off: u64) -> u8 {
-    ((off / BLOCK * 37) % 251) as u8 + 1
-}
-
-impl AckWriter {
-    fn start(uri: String, span: u64, per_call: u64, pace: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(AtomicU64::new(0));
-        let last_call_ms = Arc::new(AtomicU64::new(0));
-        let (s, a, a_ms) = (stop.clone(), acked.clone(), last_call_ms.clone());
-        let handle = std::thread::spawn(move || {
-            let mut done = Vec::new();
-            let slots = span / BLOCK;
-            let mut next = 0u64;
-            while !s.load(Ordering::SeqCst) {
-                if next >= slots {
-                    return (done, None);
-                }
-                let mut cmd = Command::new("qemu-io");
-                cmd.args(["-f", "raw"]);
-                for _ in 0..per_call.min(slots - next) {
-                    let off = next * BLOCK;
-                    cmd.args(["-c", &format!("write -P {} {off} {BLOCK}", pattern_at(off))]);
-                    next += 1;
-                }
-                let o = match cmd.arg(&uri).stdin(std::process::Stdio::null()).output() {
-                    Ok(o) => o,
-                    Err(e) => return (done, Some(e.to_string())),
-                };
-                let out = String::from_utf8_lossy(&o.stdout);
-                a_ms.store(unix_now_ms() as u64, Ordering::SeqCst);
-                for l in out.lines().filter(|l| l.starts_with("wrote ")) {
-                    if let Some(off) = l.rsplit(' ').next().and_then(|w| w.parse::<u64>().ok()) {
-                        done.push(off);
-                        a.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                if !o.status.success() || out.contains("failed") {
-                    let err = format!("{} {out} {}", o.status, String::from_utf8_lossy(&o.stderr));
-                    return (done, Some(err));
-                }
-                std::thread::sleep(pace);
-            }
-            (done, None)
-        });
-        Self { stop, acked, last_call_ms, handle: Some(handle) }
-    }
-
-    fn acked(&self) -> u64 {
-        self.acked.load(Ordering::SeqCst)
-    }
-
-    fn finished(&self) -> bool {
-        self.handle.as_ref().is_none_or(|h| h.is_finished())
-    }
-
-    /// Stops and joins: the acknowledged offsets and the error that ended it, if any.
-    fn stop(mut self) -> (Vec<u64>, Option<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.handle.take().expect("running").join().expect("writer thread panicked")
-    }
-}
-
-impl Drop for AckWriter {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
 
 /// Writes 1 MiB of 0xa1 at 0 and waits for point A; then, in a later retention bucket
 /// (so A is retained), 1 MiB of 0xb2 at 0 and waits for point B. Returns (A, B).
@@ -151,7 +60,7 @@ fn planned_failover_while_writing_loses_no_acknowledged_write() {
     let took = started.elapsed();
     // Once the primary VM is stopped its writes are refused: the writer ends on a failure.
     let ended = wait_until(Duration::from_secs(20), || writer.finished());
-    let last_call = writer.last_call_ms.load(Ordering::SeqCst) as i64 - started_ms;
+    let last_call = writer.last_call_ms() - started_ms;
     let (acked, err) = writer.stop();
     eprintln!(
         "[planned] {} writes acknowledged ({before} before the failover started); failover took {took:?}; the writer's last run ended {last_call} ms after the failover started, with {err:?}",

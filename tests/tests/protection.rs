@@ -15,10 +15,8 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -56,90 +54,6 @@ fn replica_state(w: &World) -> Option<Value> {
 /// Allocated bytes of the files (what the initial copy has to send).
 fn allocated(paths: &[PathBuf]) -> u64 {
     paths.iter().map(|p| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)).sum()
-}
-
-/// A pseudo-random number (no extra crates): clock nanoseconds through splitmix64.
-fn random_u64() -> u64 {
-    let mut z = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
-        as u64
-        ^ u64::from(std::process::id()).rotate_left(32);
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-// ---------------------------------------------------------------------------------
-// A background writer: qemu-io in a loop through the primary's NBD export.
-
-struct Writer {
-    stop: Arc<AtomicBool>,
-    rounds: Arc<AtomicU64>,
-    handle: Option<JoinHandle<Result<u64, String>>>,
-}
-
-impl Writer {
-    /// Writes `chunk`-byte patterns at pseudo-random `chunk`-aligned offsets below `span`
-    /// to every URI, `per_call` writes per `qemu-io` run, until stopped; `pace` between
-    /// rounds keeps the write rate below what replication sustains (a pacing delay, not
-    /// a synchronisation).
-    fn start(uris: Vec<String>, chunk: u64, span: u64, per_call: usize, pace: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let rounds = Arc::new(AtomicU64::new(0));
-        let (s, r) = (stop.clone(), rounds.clone());
-        let handle = std::thread::spawn(move || {
-            let mut seed = random_u64();
-            let mut n = 0u64;
-            while !s.load(Ordering::SeqCst) {
-                for uri in &uris {
-                    let mut cmd = Command::new("qemu-io");
-                    cmd.args(["-f", "raw"]);
-                    for _ in 0..per_call {
-                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        let off = ((seed >> 20) % (span / chunk)) * chunk;
-                        let pattern = (seed >> 56) as u8 | 1;
-                        cmd.args(["-c", &format!("write -P {pattern} {off} {chunk}")]);
-                    }
-                    let o = cmd.arg(uri).stdin(std::process::Stdio::null()).output().map_err(|e| e.to_string())?;
-                    let out = String::from_utf8_lossy(&o.stdout);
-                    if !o.status.success() || out.contains("failed") {
-                        return Err(format!(
-                            "qemu-io on {uri}: {} {out} {}",
-                            o.status,
-                            String::from_utf8_lossy(&o.stderr)
-                        ));
-                    }
-                    n += per_call as u64;
-                }
-                r.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(pace);
-            }
-            Ok(n)
-        });
-        Self { stop, rounds, handle: Some(handle) }
-    }
-
-    fn rounds(&self) -> u64 {
-        self.rounds.load(Ordering::SeqCst)
-    }
-
-    /// Stops the loop and waits for the running `qemu-io` to finish: every write it made
-    /// is acknowledged when this returns. Returns the number of writes.
-    #[track_caller]
-    fn stop(mut self) -> u64 {
-        self.stop.store(true, Ordering::SeqCst);
-        let r = self.handle.take().expect("running").join().expect("writer thread panicked");
-        r.unwrap_or_else(|e| panic!("background writer failed: {e}"))
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------
