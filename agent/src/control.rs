@@ -231,12 +231,13 @@ async fn execute(vms: &VmManager, protection: &Protection, msg: v1::ProviderMess
             };
         }
         Some(Command::Failover(c)) => {
+            use siterecovery_proto::model::FailoverKind;
             let kind = if c.test {
-                "test"
+                FailoverKind::Test
             } else if c.planned {
-                "planned"
+                FailoverKind::Planned
             } else {
-                "unplanned"
+                FailoverKind::Unplanned
             };
             return with_vm(protection.failover(c, kind).await);
         }

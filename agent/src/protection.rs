@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use siterecovery_certs::files;
+use siterecovery_proto::model::{FailoverKind, PointKind};
 use siterecovery_proto::v1;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -526,7 +527,7 @@ impl Protection {
                 }
                 let st = self.latest.lock().ok().and_then(|l| l.get(&c.relationship_id).cloned());
                 if let Some(st) = &st
-                    && st.state == "error"
+                    && st.state == i32::from(siterecovery_proto::model::SenderState::Error)
                 {
                     return Err(ProtectionError::Internal(format!("replication stopped: {}", st.error)));
                 }
@@ -584,7 +585,7 @@ impl Protection {
     }
 
     /// Failover on the replica host (test, planned or unplanned).
-    pub async fn failover(&self, c: v1::Failover, kind: &str) -> Result<v1::Vm, ProtectionError> {
+    pub async fn failover(&self, c: v1::Failover, kind: FailoverKind) -> Result<v1::Vm, ProtectionError> {
         let (point_id, disks) = self.resolve_point(&c.vm, &c.point)?;
         let name = if c.test {
             if c.test_vm_name.is_empty() { format!("{}-test", c.vm) } else { c.test_vm_name.clone() }
@@ -594,13 +595,13 @@ impl Protection {
         let fc = crate::vm::FailoverConfig {
             relationship_id: c.relationship_id.clone(),
             point_id: point_id.clone(),
-            kind: kind.to_owned(),
+            kind,
             committed: false,
             test_of: if c.test { c.vm.clone() } else { String::new() },
             started_unix_ms: chrono_now_ms(),
         };
         let vm = self.vms.create_from_point(&name, &disks, &c.nics, fc).await?;
-        tracing::info!(vm = %name, point = %point_id, kind, "VM started from a recovery point");
+        tracing::info!(vm = %name, point = %point_id, %kind, "VM started from a recovery point");
         if c.planned {
             return Ok(self.vms.commit(&name).await?);
         }
@@ -619,7 +620,7 @@ impl Protection {
     pub async fn cleanup_test_failover(&self, c: v1::CleanupTestFailover) -> Result<(), ProtectionError> {
         let name = if c.test_vm_name.is_empty() { format!("{}-test", c.vm) } else { c.test_vm_name };
         match self.vms.config(&name).await {
-            Some(cfg) if cfg.failover.as_ref().is_some_and(|f| f.kind == "test") => {
+            Some(cfg) if cfg.failover.as_ref().is_some_and(|f| f.kind == FailoverKind::Test) => {
                 self.vms.delete(&name).await?;
                 Ok(())
             }
@@ -645,7 +646,7 @@ impl Protection {
             test_vm_name: String::new(),
             planned: false,
         };
-        self.failover(c, "local").await
+        self.failover(c, FailoverKind::Local).await
     }
 
     /// Stops every sender (agent shutdown).
@@ -665,13 +666,13 @@ fn to_proto(p: &PointInfo, latest: bool) -> v1::RecoveryPoint {
         app_consistent: p.app_consistent,
         size_bytes: p.size_bytes,
         kind: if latest {
-            "latest"
+            PointKind::Latest
         } else if p.app_consistent {
-            "app-consistent"
+            PointKind::AppConsistent
         } else if p.resync {
-            "resync"
+            PointKind::Resync
         } else {
-            "hourly"
+            PointKind::Hourly
         }
         .into(),
     }

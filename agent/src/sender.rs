@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use siterecovery_proto::model::SenderState as ReportedState;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::peer_client::PeerClient;
 use tokio::sync::{Notify, mpsc, watch};
@@ -404,9 +405,9 @@ pub fn spawn(
 }
 
 /// What the status messages show besides the persisted state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct View {
-    state: &'static str,
+    state: ReportedState,
     done: u64,
     total: u64,
     error: String,
@@ -417,6 +418,24 @@ struct View {
     compared: u64,
     sent: u64,
     resync_wire: u64,
+}
+
+impl Default for View {
+    fn default() -> Self {
+        Self {
+            state: ReportedState::Waiting,
+            done: 0,
+            total: 0,
+            error: String::new(),
+            recoverable: false,
+            cycles: 0,
+            missed: 0,
+            detail: String::new(),
+            compared: 0,
+            sent: 0,
+            resync_wire: 0,
+        }
+    }
 }
 
 type Disks = Vec<(DiskId, Arc<TrackedDisk>)>;
@@ -469,7 +488,7 @@ impl Task {
                 st
             }
         };
-        view.state = if st.awaiting_import { "waiting" } else { phase_name(&st.phase) };
+        view.state = if st.awaiting_import { ReportedState::WaitingForImport } else { phase_name(&st.phase) };
         let wire = Arc::new(AtomicU64::new(st.bytes_replicated));
         Task {
             p,
@@ -547,7 +566,7 @@ impl Task {
         if let Err(e) = self.st.save(&self.state_path) {
             tracing::warn!("saving the state at stop: {e:#}");
         }
-        self.view.state = "stopped";
+        self.view.state = ReportedState::Stopped;
         self.report();
     }
 
@@ -583,7 +602,7 @@ impl Task {
                 tracing::error!("replication stopped: {e:#}");
                 self.view.error = e.to_string();
                 self.view.recoverable = false;
-                self.set_state("error");
+                self.set_state(ReportedState::Error);
                 None
             }
         }
@@ -604,7 +623,7 @@ impl Task {
         match self.st.phase.clone() {
             Phase::Initial => {
                 if !self.live {
-                    self.set_state("paused");
+                    self.set_state(ReportedState::Paused);
                     return Ok(());
                 }
                 self.initial().await?;
@@ -652,7 +671,7 @@ impl Task {
         }
     }
 
-    fn set_state(&mut self, state: &'static str) {
+    fn set_state(&mut self, state: ReportedState) {
         if self.view.state != state {
             self.view.state = state;
             self.report();
@@ -673,7 +692,7 @@ impl Task {
         }
         self.view.detail = reason;
         self.view.error.clear();
-        self.set_state("resync-required");
+        self.set_state(ReportedState::ResyncRequired);
     }
 
     // ---- connection --------------------------------------------------------------
@@ -702,7 +721,7 @@ impl Task {
     // ---- initial copy ------------------------------------------------------------
 
     async fn initial(&mut self) -> Result<(), ReplicationError> {
-        self.set_state("initial");
+        self.set_state(ReportedState::Initial);
         let mut client = self.client().await?;
         let progress = client
             .copy_progress(v1::CopyProgressRequest { relationship_id: self.p.relationship_id.clone() })
@@ -829,7 +848,7 @@ impl Task {
                 .into_inner();
             if progress.disks.is_empty() || !progress.disks.iter().all(|d| d.complete) {
                 self.view.detail = "waiting for the initial copy to be imported on the replica host".into();
-                self.set_state("waiting");
+                self.set_state(ReportedState::Waiting);
                 return Ok(());
             }
             tracing::info!("the replica host imported the initial copy: shipping the writes made since the export");
@@ -838,7 +857,7 @@ impl Task {
             self.view.detail.clear();
         }
         self.view.cycles += 1;
-        self.set_state(if self.live { "replicating" } else { "paused" });
+        self.set_state(if self.live { ReportedState::Replicating } else { ReportedState::Paused });
         if self.live
             && let Some(reason) = self.detect_resync()
         {
@@ -1063,7 +1082,7 @@ impl Task {
     async fn resync(&mut self, reason: String, requested: bool) -> Result<(), ReplicationError> {
         self.view.cycles += 1;
         self.view.detail = reason.clone();
-        self.set_state("resync-required");
+        self.set_state(ReportedState::ResyncRequired);
         if !self.live {
             return Ok(()); // the VM is stopped: wait for it
         }
@@ -1085,7 +1104,7 @@ impl Task {
             self.view.detail = format!("{reason} (waiting for the end of business hours)");
             return Ok(());
         }
-        self.set_state("resynchronising");
+        self.set_state(ReportedState::Resynchronising);
         tracing::info!("resynchronising: {reason}");
         let block_size = resync::RESYNC_BLOCK_SIZE;
         let mut client = self.client().await?;
@@ -1193,16 +1212,16 @@ impl Task {
             resync::RESYNC_SUB_BLOCK_SIZE >> 10
         );
         tracing::info!("{}", self.view.detail);
-        self.set_state("replicating");
+        self.set_state(ReportedState::Replicating);
         Ok(())
     }
 }
 
-fn phase_name(p: &Phase) -> &'static str {
+fn phase_name(p: &Phase) -> ReportedState {
     match p {
-        Phase::Initial => "initial",
-        Phase::Replicating => "replicating",
-        Phase::ResyncRequired { .. } => "resync-required",
+        Phase::Initial => ReportedState::Initial,
+        Phase::Replicating => ReportedState::Replicating,
+        Phase::ResyncRequired { .. } => ReportedState::ResyncRequired,
     }
 }
 

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use siterecovery_certs::files;
 use siterecovery_certs::identity::is_token;
+use siterecovery_proto::model::FailoverKind;
 use siterecovery_proto::v1;
 use tokio::net::UnixListener;
 use tokio::sync::Mutex;
@@ -126,8 +127,7 @@ pub struct VmConfig {
 pub struct FailoverConfig {
     pub relationship_id: String,
     pub point_id: String,
-    /// test | planned | unplanned | local
-    pub kind: String,
+    pub kind: FailoverKind,
     pub committed: bool,
     #[serde(default)]
     pub test_of: String,
@@ -139,7 +139,7 @@ impl FailoverConfig {
         v1::FailoverInfo {
             relationship_id: self.relationship_id.clone(),
             point_id: self.point_id.clone(),
-            kind: self.kind.clone(),
+            kind: self.kind.into(),
             committed: self.committed,
             test_of: self.test_of.clone(),
             started_unix_ms: self.started_unix_ms,
@@ -507,7 +507,7 @@ impl VmManager {
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
         let f = match &entry.config.failover {
             Some(f) if f.committed => return Ok(self.report(entry)),
-            Some(f) if f.kind == "test" => {
+            Some(f) if f.kind == FailoverKind::Test => {
                 return Err(VmError::State(format!("{name} is a test VM: clean it up instead")));
             }
             Some(f) => f.clone(),

@@ -229,7 +229,9 @@ async fn initial_copy_then_deltas_converge() {
     write(&env.disk, 100, 5 * MIB, 64 << 10);
     env.disk.write_zeroes(MIB, 4096, false).expect("zeroes");
     env.disk.trim(10 * MIB, 8192).expect("trim");
-    let s = st.wait("replicating with a first point", |s| s.state == "replicating" && s.last_point.is_some()).await;
+    let s = st
+        .wait("replicating with a first point", |s| s.state() == v1::SenderState::Replicating && s.last_point.is_some())
+        .await;
     assert!(s.total_bytes >= 6 * MIB && s.total_bytes < 8 * MIB, "allocated bytes {}", s.total_bytes);
     for i in 0..20u64 {
         write(&env.disk, 200 + i, (i * 1_300_017) % (31 * MIB), 5000 + i as usize * 300);
@@ -300,7 +302,7 @@ async fn broken_connection_resumes_the_copy() {
     let env = Env::new(64 * MIB, &[(0, 24 * MIB), (32 * MIB, 16 * MIB)]).await;
     let (proxy, proxied, cut) = cutting_proxy(env.replica_addr.clone(), 20 * MIB).await;
     let (h, mut st) = env.start(env.params(&proxy, false), env.primary.clone());
-    let s = st.wait("replicating", |s| s.state == "replicating" && s.last_point.is_some()).await;
+    let s = st.wait("replicating", |s| s.state() == v1::SenderState::Replicating && s.last_point.is_some()).await;
     assert!(cut.load(Ordering::SeqCst), "the proxy never cut the connection");
     eprintln!(
         "resume: allocated {allocated} B, bytes_replicated {} B ({:.2}x), through the proxy {} B, missed cycles {}",
@@ -324,7 +326,7 @@ async fn broken_connection_resumes_the_copy() {
 async fn damaged_log_is_repaired_by_resync() {
     let env = Env::new(32 * MIB, &[(0, 8 * MIB), (20 * MIB, 4 * MIB)]).await;
     let (h, mut st) = env.start(env.params(&env.replica_addr, false), env.primary.clone());
-    st.wait("replicating", |s| s.state == "replicating" && s.last_point.is_some()).await;
+    st.wait("replicating", |s| s.state() == v1::SenderState::Replicating && s.last_point.is_some()).await;
     h.stop().await;
 
     // Three 64 KiB blocks change in a log that gets damaged before it is shipped.
@@ -345,7 +347,7 @@ async fn damaged_log_is_repaired_by_resync() {
     *env.vm.0.lock().expect("lock") = Some(vec![(DiskId::new("disk0").expect("id"), disk.clone())]);
 
     let (h, mut st) = env.start(env.params(&env.replica_addr, false), env.primary.clone());
-    let s = st.wait("resync done", |s| s.state == "replicating" && s.resync_blocks_compared > 0).await;
+    let s = st.wait("resync done", |s| s.state() == v1::SenderState::Replicating && s.resync_blocks_compared > 0).await;
     eprintln!(
         "resync: compared {} blocks, sent {} sub-blocks, {} wire bytes (changed: 3 blocks = {} B + a 512 B write)",
         s.resync_blocks_compared,
@@ -371,7 +373,7 @@ async fn another_host_is_refused() {
     let env = Env::new(4 * MIB, &[(0, MIB)]).await;
     let intruder = host_files(&env.ca, &env.root, "host-c", "127.0.0.1:1");
     let (h, mut st) = env.start(env.params(&env.replica_addr, false), intruder);
-    let s = st.wait("a non-recoverable error", |s| s.state == "error").await;
+    let s = st.wait("a non-recoverable error", |s| s.state() == v1::SenderState::Error).await;
     assert!(!s.error_recoverable, "{s:?}");
     assert!(s.error.contains("PermissionDenied") || s.error.to_lowercase().contains("permission"), "{}", s.error);
     assert_eq!(env.replicas.get(VM).expect("replica").copy_progress()[0].acked_offset, 0);

@@ -1,9 +1,11 @@
-//! The `siterecovery.v1` wire protocol: generated tonic/prost code and the encoded
-//! file descriptor set served by gRPC reflection. Nothing else lives here.
+//! The `siterecovery.v1` wire protocol: the generated tonic/prost code ([`v1`]), the
+//! encoded file descriptor set served by gRPC reflection, and the validated domain
+//! model ([`model`]) that receivers convert wire messages into.
 
-#![allow(clippy::all, clippy::unwrap_used, missing_docs)]
+pub mod model;
 
 /// Package `siterecovery.v1`.
+#[allow(clippy::all, clippy::unwrap_used, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("siterecovery.v1");
 }

@@ -35,6 +35,8 @@ pub enum CliError {
     JobLost { id: String },
     #[error("output: {0}")]
     Output(String),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Parses "[scheme://]host:port" into the https URI and the host name for TLS.

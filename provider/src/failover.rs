@@ -24,6 +24,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use siterecovery_proto::model::FailoverKind;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::provider_message::Command;
 use tonic::{Code, Status};
@@ -49,6 +50,25 @@ pub enum FailoverType {
 }
 
 impl FailoverType {
+    /// The wire's `FailoverKind` (local failovers are not requested, only reported).
+    pub fn from_wire(v: i32) -> Option<Self> {
+        match siterecovery_proto::model::FailoverKind::try_from(v).ok()? {
+            siterecovery_proto::model::FailoverKind::Test => Some(Self::Test),
+            siterecovery_proto::model::FailoverKind::Planned => Some(Self::Planned),
+            siterecovery_proto::model::FailoverKind::Unplanned => Some(Self::Unplanned),
+            siterecovery_proto::model::FailoverKind::Local => None,
+        }
+    }
+
+    pub fn to_wire(self) -> i32 {
+        use siterecovery_proto::model::FailoverKind as K;
+        i32::from(match self {
+            Self::Test => K::Test,
+            Self::Planned => K::Planned,
+            Self::Unplanned => K::Unplanned,
+        })
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "test" => Self::Test,
@@ -213,11 +233,17 @@ fn record_vm(
     Some(rec)
 }
 
-fn vm_failover(rel: &RelationshipRecord, kind: &str, point: &str, committed: bool, test_of: &str) -> VmFailover {
+fn vm_failover(
+    rel: &RelationshipRecord,
+    kind: FailoverKind,
+    point: &str,
+    committed: bool,
+    test_of: &str,
+) -> VmFailover {
     VmFailover {
         relationship_id: rel.id.clone(),
         point_id: point.to_owned(),
-        kind: kind.to_owned(),
+        kind,
         committed,
         test_of: test_of.to_owned(),
         started_unix_ms: now_ms(),
@@ -282,13 +308,13 @@ async fn resolve_point(state: &AppState, rel: &RelationshipRecord, point: &str) 
 
 /// `Failover` RPC.
 pub async fn start_failover(state: &Arc<AppState>, r: &v1::FailoverRequest) -> Result<JobRecord, Status> {
-    let kind = FailoverType::parse(&r.r#type).ok_or_else(|| {
-        Status::invalid_argument(format!("failover type {:?}: use test, planned or unplanned", r.r#type))
+    let kind = FailoverType::from_wire(r.r#type).ok_or_else(|| {
+        Status::invalid_argument(format!("failover type {}: use test, planned or unplanned", r.r#type))
     })?;
-    let test_network = TestNetwork::parse(&r.test_network).ok_or_else(|| {
-        Status::invalid_argument(format!("test network {:?}: use mapped, isolated or none", r.test_network))
+    let test_network = TestNetwork::from_wire(r.test_network).ok_or_else(|| {
+        Status::invalid_argument(format!("test network {}: use mapped, isolated or none", r.test_network))
     })?;
-    if kind != FailoverType::Test && !r.test_network.is_empty() {
+    if kind != FailoverType::Test && r.test_network != 0 {
         return Err(Status::invalid_argument("--test-network is for test failover only"));
     }
     if kind == FailoverType::Planned && !r.point.is_empty() && r.point != "latest" {
@@ -436,8 +462,13 @@ async fn run_failover(
                 Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
             };
             let point_id = reported_point(&res, &point);
-            let rec =
-                record_vm(&state, &res, &rel.replica_host_id, &nics, vm_failover(&rel, "test", &point_id, false, &vm));
+            let rec = record_vm(
+                &state,
+                &res,
+                &rel.replica_host_id,
+                &nics,
+                vm_failover(&rel, FailoverKind::Test, &point_id, false, &vm),
+            );
             let job_id = job.id.clone();
             let mode = opts.test_network.as_str();
             let t = TestFailoverRecord {
@@ -527,7 +558,7 @@ async fn run_failover(
                 &res,
                 &rel.replica_host_id,
                 &failover_nics,
-                vm_failover(&rel, "planned", &point_id, true, ""),
+                vm_failover(&rel, FailoverKind::Planned, &point_id, true, ""),
             );
             job.succeed_step(
                 START_ON_REPLICA,
@@ -544,7 +575,7 @@ async fn run_failover(
             if let Err(s) = state.protection.update(&state.store, &rel.id, |r| {
                 r.state = r.state.next(Event::FailoverDone { committed: true })?;
                 r.failover = Some(FailoverRecord {
-                    kind: "planned".into(),
+                    kind: FailoverKind::Planned,
                     point_id: point_id.clone(),
                     job_id,
                     started_unix_ms: now_ms(),
@@ -609,13 +640,13 @@ async fn run_failover(
                 &res,
                 &rel.replica_host_id,
                 &failover_nics,
-                vm_failover(&rel, "unplanned", &point_id, false, ""),
+                vm_failover(&rel, FailoverKind::Unplanned, &point_id, false, ""),
             );
             let job_id = job.id.clone();
             if let Err(s) = state.protection.update(&state.store, &rel.id, |r| {
                 r.state = r.state.next(Event::FailoverDone { committed: false })?;
                 r.failover = Some(FailoverRecord {
-                    kind: "unplanned".into(),
+                    kind: FailoverKind::Unplanned,
                     point_id: point_id.clone(),
                     job_id,
                     started_unix_ms: now_ms(),
@@ -726,9 +757,9 @@ async fn commit_on_replica(state: &AppState, rel: &RelationshipRecord) -> Result
         .await
         .map_err(|s| format!("replica host: {}", s.message()))?;
     let point = rel.failover.as_ref().map(|f| f.point_id.clone()).unwrap_or_default();
-    let kind = rel.failover.as_ref().map(|f| f.kind.clone()).unwrap_or_else(|| "unplanned".into());
+    let kind = rel.failover.as_ref().map_or(FailoverKind::Unplanned, |f| f.kind);
     let nics: Vec<v1::Nic> = Vec::new();
-    record_vm(state, &res, &rel.replica_host_id, &nics, vm_failover(rel, &kind, &point, true, ""));
+    record_vm(state, &res, &rel.replica_host_id, &nics, vm_failover(rel, kind, &point, true, ""));
     state
         .protection
         .update(&state.store, &rel.id, |r| {
@@ -782,8 +813,8 @@ pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) ->
         };
         let point_id = reported_point(&res, &point);
         let before = rel.failover.as_ref().map(|f| f.point_id.clone()).unwrap_or_default();
-        let kind = rel.failover.as_ref().map(|f| f.kind.clone()).unwrap_or_else(|| "unplanned".into());
-        record_vm(&state, &res, &rel.replica_host_id, &[], vm_failover(&rel, &kind, &point_id, false, ""));
+        let kind = rel.failover.as_ref().map_or(FailoverKind::Unplanned, |f| f.kind);
+        record_vm(&state, &res, &rel.replica_host_id, &[], vm_failover(&rel, kind, &point_id, false, ""));
         if let Err(s) = state.protection.update(&state.store, &rel.id, |r| {
             r.state = r.state.next(Event::PointChanged)?;
             if let Some(f) = &mut r.failover {
@@ -1061,7 +1092,7 @@ async fn run_reprotect(
 pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
     for vm in vms {
         let Some(f) = &vm.failover else { continue };
-        if f.kind == "test" || !f.test_of.is_empty() {
+        if f.kind == FailoverKind::Test || !f.test_of.is_empty() {
             continue;
         }
         let rel = state.protection.get(&f.relationship_id).or_else(|| state.protection.of_vm(&vm.name));
@@ -1081,7 +1112,7 @@ pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
         let updated = state.protection.update(&state.store, &rel.id, |r| {
             r.state = r.state.next(Event::LocalFailover { committed: f.committed })?;
             let mut rec = r.failover.clone().unwrap_or(FailoverRecord {
-                kind: f.kind.clone(),
+                kind: f.kind,
                 point_id: f.point_id.clone(),
                 job_id: String::new(),
                 started_unix_ms: if f.started_unix_ms > 0 { f.started_unix_ms } else { now },

@@ -17,6 +17,26 @@ pub enum Health {
     Critical,
 }
 
+impl From<Health> for siterecovery_proto::v1::Health {
+    fn from(h: Health) -> Self {
+        match h {
+            Health::Normal => Self::Normal,
+            Health::Warning => Self::Warning,
+            Health::Critical => Self::Critical,
+        }
+    }
+}
+
+impl TryFrom<i32> for Health {
+    type Error = i32;
+    fn try_from(v: i32) -> Result<Self, i32> {
+        [Health::Normal, Health::Warning, Health::Critical]
+            .into_iter()
+            .find(|h| siterecovery_proto::v1::Health::from(*h) as i32 == v)
+            .ok_or(v)
+    }
+}
+
 impl Health {
     pub fn as_str(self) -> &'static str {
         match self {

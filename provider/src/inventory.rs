@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use siterecovery_certs::Role;
 use siterecovery_certs::identity::is_token;
+use siterecovery_proto::model::FailoverKind;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::inventory_server::Inventory;
 use siterecovery_proto::v1::provider_message::Command;
@@ -57,7 +58,7 @@ pub struct VmRecord {
 pub struct FailoverRecord {
     pub relationship_id: String,
     pub point_id: String,
-    pub kind: String,
+    pub kind: FailoverKind,
     pub committed: bool,
     pub test_of: String,
     pub started_unix_ms: i64,
@@ -103,14 +104,22 @@ impl VmRecord {
             }
             .into(),
             created_unix_ms: vm.created_unix_ms,
-            failover: vm.failover.as_ref().map(|f| FailoverRecord {
-                relationship_id: f.relationship_id.clone(),
-                point_id: f.point_id.clone(),
-                kind: f.kind.clone(),
-                committed: f.committed,
-                test_of: f.test_of.clone(),
-                started_unix_ms: f.started_unix_ms,
-            }),
+            failover: match vm.failover.as_ref() {
+                None => None,
+                Some(f) => Some(FailoverRecord {
+                    relationship_id: f.relationship_id.clone(),
+                    point_id: f.point_id.clone(),
+                    kind: FailoverKind::try_from(f.kind).map_err(|v| {
+                        Status::invalid_argument(format!(
+                            "vm.failover.kind: value {v} is not one of {}",
+                            FailoverKind::WORDS
+                        ))
+                    })?,
+                    committed: f.committed,
+                    test_of: f.test_of.clone(),
+                    started_unix_ms: f.started_unix_ms,
+                }),
+            },
             disks: vm
                 .disks
                 .iter()
@@ -150,7 +159,7 @@ impl VmRecord {
             failover: self.failover.as_ref().map(|f| v1::FailoverInfo {
                 relationship_id: f.relationship_id.clone(),
                 point_id: f.point_id.clone(),
-                kind: f.kind.clone(),
+                kind: f.kind.into(),
                 committed: f.committed,
                 test_of: f.test_of.clone(),
                 started_unix_ms: f.started_unix_ms,
@@ -190,7 +199,7 @@ pub fn report_wins(stored: Option<&VmRecord>, reported: &VmRecord) -> bool {
     if stored.host_id == reported.host_id {
         return true;
     }
-    let live = |v: &VmRecord| v.failover.clone().filter(|f| f.kind != "test" && f.test_of.is_empty());
+    let live = |v: &VmRecord| v.failover.clone().filter(|f| f.kind != FailoverKind::Test && f.test_of.is_empty());
     match (live(stored), live(reported)) {
         (Some(_), None) => false,
         (Some(a), Some(b)) => b.started_unix_ms >= a.started_unix_ms,
@@ -420,7 +429,7 @@ mod tests {
             failover: failover.map(|(kind, t)| FailoverRecord {
                 relationship_id: "r-1".into(),
                 point_id: "p-1".into(),
-                kind: kind.into(),
+                kind: FailoverKind::from_word(kind).expect("test kind"),
                 committed: true,
                 test_of: String::new(),
                 started_unix_ms: t,

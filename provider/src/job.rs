@@ -58,7 +58,67 @@ pub enum StepState {
     Skipped,
 }
 
+/// The wire's job kind of a kind name.
+pub fn kind_to_wire(kind: &str) -> v1::JobKind {
+    use v1::JobKind as K;
+    match kind {
+        ENABLE_PROTECTION => K::EnableProtection,
+        FINALIZE_PROTECTION => K::FinalizeProtection,
+        DISABLE_PROTECTION => K::DisableProtection,
+        RESYNC => K::Resync,
+        TEST_FAILOVER => K::TestFailover,
+        PLANNED_FAILOVER => K::PlannedFailover,
+        UNPLANNED_FAILOVER => K::UnplannedFailover,
+        COMMIT_FAILOVER => K::CommitFailover,
+        CHANGE_POINT => K::ChangePoint,
+        CLEANUP_TEST_FAILOVER => K::CleanupTestFailover,
+        REVERSE_REPLICATION => K::ReverseReplication,
+        LOCAL_FAILOVER => K::LocalFailover,
+        RECOVERY_PLAN => K::RecoveryPlan,
+        _ => K::Unspecified,
+    }
+}
+
+/// The kind name (what the CLI prints) of the wire's job kind.
+pub fn kind_name(kind: i32) -> &'static str {
+    use v1::JobKind as K;
+    match K::try_from(kind).unwrap_or(K::Unspecified) {
+        K::EnableProtection => ENABLE_PROTECTION,
+        K::FinalizeProtection => FINALIZE_PROTECTION,
+        K::DisableProtection => DISABLE_PROTECTION,
+        K::Resync => RESYNC,
+        K::TestFailover => TEST_FAILOVER,
+        K::PlannedFailover => PLANNED_FAILOVER,
+        K::UnplannedFailover => UNPLANNED_FAILOVER,
+        K::CommitFailover => COMMIT_FAILOVER,
+        K::ChangePoint => CHANGE_POINT,
+        K::CleanupTestFailover => CLEANUP_TEST_FAILOVER,
+        K::ReverseReplication => REVERSE_REPLICATION,
+        K::LocalFailover => LOCAL_FAILOVER,
+        K::RecoveryPlan => RECOVERY_PLAN,
+        K::Unspecified => "unknown job",
+    }
+}
+
 impl JobState {
+    pub fn to_wire(self) -> v1::JobState {
+        match self {
+            JobState::Running => v1::JobState::Running,
+            JobState::Succeeded => v1::JobState::Succeeded,
+            JobState::Failed => v1::JobState::Failed,
+        }
+    }
+
+    /// The word of the wire's job state.
+    pub fn name_of(v: i32) -> &'static str {
+        match v1::JobState::try_from(v) {
+            Ok(v1::JobState::Running) => "running",
+            Ok(v1::JobState::Succeeded) => "succeeded",
+            Ok(v1::JobState::Failed) => "failed",
+            _ => "unknown",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             JobState::Running => "running",
@@ -69,6 +129,28 @@ impl JobState {
 }
 
 impl StepState {
+    pub fn to_wire(self) -> v1::StepState {
+        match self {
+            StepState::Pending => v1::StepState::Pending,
+            StepState::Running => v1::StepState::Running,
+            StepState::Succeeded => v1::StepState::Succeeded,
+            StepState::Failed => v1::StepState::Failed,
+            StepState::Skipped => v1::StepState::Skipped,
+        }
+    }
+
+    /// The word of the wire's step state.
+    pub fn name_of(v: i32) -> &'static str {
+        match v1::StepState::try_from(v) {
+            Ok(v1::StepState::Pending) => "pending",
+            Ok(v1::StepState::Running) => "running",
+            Ok(v1::StepState::Succeeded) => "succeeded",
+            Ok(v1::StepState::Failed) => "failed",
+            Ok(v1::StepState::Skipped) => "skipped",
+            _ => "unknown",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             StepState::Pending => "pending",
@@ -238,15 +320,15 @@ impl JobRecord {
     pub fn to_proto(&self) -> v1::Job {
         v1::Job {
             id: self.id.clone(),
-            kind: self.kind.clone(),
+            kind: kind_to_wire(&self.kind).into(),
             vm: self.vm.clone(),
-            state: self.state.as_str().into(),
+            state: self.state.to_wire().into(),
             steps: self
                 .steps
                 .iter()
                 .map(|s| v1::JobStep {
                     name: s.name.clone(),
-                    state: s.state.as_str().into(),
+                    state: s.state.to_wire().into(),
                     detail: s.detail.clone(),
                     started_unix_ms: s.started_unix_ms,
                     ended_unix_ms: s.ended_unix_ms,

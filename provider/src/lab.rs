@@ -254,24 +254,29 @@ async fn wait_job(prot: &mut ProtectionClient<Chan>, job: v1::Job) -> Result<v1:
     let mut shown = 0;
     loop {
         let j = prot.get_job(v1::GetJobRequest { id: job.id.clone() }).await.map_err(rpc("job show"))?.into_inner();
-        for s in j.steps.iter().skip(shown).take_while(|s| s.state == "succeeded" || s.state == "failed") {
+        for s in j
+            .steps
+            .iter()
+            .skip(shown)
+            .take_while(|s| matches!(s.state(), v1::StepState::Succeeded | v1::StepState::Failed))
+        {
             println!(
                 "      {} {}: {}{}",
                 j.id,
                 s.name,
-                s.state,
+                siterecovery_provider::job::StepState::name_of(s.state),
                 if s.detail.is_empty() { String::new() } else { format!(" ({})", s.detail) }
             );
             shown += 1;
         }
-        if j.state != "running" {
-            if j.state == "failed" {
-                bail!("job {} {} failed: {}", j.id, j.kind, j.error);
+        if j.state() != v1::JobState::Running {
+            if j.state() == v1::JobState::Failed {
+                bail!("job {} {} failed: {}", j.id, siterecovery_provider::job::kind_name(j.kind), j.error);
             }
             return Ok(j);
         }
         if tokio::time::Instant::now() > end {
-            bail!("job {} {} still running after 5 minutes", j.id, j.kind);
+            bail!("job {} {} still running after 5 minutes", j.id, siterecovery_provider::job::kind_name(j.kind));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -331,7 +336,7 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
         interval_ms: 5_000,
         retention_ms: 3_600_000,
         compression: true,
-        initial_method: "network".into(),
+        initial_method: v1::InitialMethod::Network.into(),
         ..Default::default()
     })
     .await
@@ -376,7 +381,7 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
     let job = prot
         .failover(v1::FailoverRequest {
             vm: "vm1".into(),
-            r#type: "test".into(),
+            r#type: v1::FailoverKind::Test.into(),
             point: "latest".into(),
             ..Default::default()
         })
@@ -423,7 +428,7 @@ async fn planned_failover_to(
     let job = prot
         .failover(v1::FailoverRequest {
             vm: "vm1".into(),
-            r#type: "planned".into(),
+            r#type: v1::FailoverKind::Planned.into(),
             point: "latest".into(),
             ..Default::default()
         })
@@ -442,7 +447,9 @@ async fn wait_reprotected(inv: &mut InventoryClient<Chan>, host: &str) -> Result
     loop {
         if let Ok(vm) = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await {
             let vm = vm.into_inner();
-            if vm.host_name == host && vm.replication.as_ref().is_some_and(|r| r.state == "replicating") {
+            if vm.host_name == host
+                && vm.replication.as_ref().is_some_and(|r| r.state() == v1::ReplicationState::Replicating)
+            {
                 println!(
                     "      vm1 on {host}, replicating to {}",
                     vm.replication.map(|r| r.replica_host).unwrap_or_default()

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use siterecovery_proto::model::FailoverKind;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::inventory_client::InventoryClient;
 use siterecovery_proto::v1::protection_client::ProtectionClient;
@@ -168,8 +169,8 @@ enum FailoverCmd {
         #[arg(long, default_value = "latest")]
         point: String,
         /// mapped (the mapped network and reserved address), isolated (NETWORK-test-isolated) or none.
-        #[arg(long, default_value = "mapped")]
-        test_network: String,
+        #[arg(long, default_value = "mapped", value_parser = parse_test_network)]
+        test_network: i32,
         #[arg(long)]
         wait: bool,
     },
@@ -309,8 +310,8 @@ struct PolicyCreate {
     #[arg(long)]
     compression: bool,
     /// Initial replication: network (now), offline, or at=TIME (RFC 3339).
-    #[arg(long, default_value = "network")]
-    initial: String,
+    #[arg(long, default_value = "network", value_parser = parse_initial)]
+    initial: (i32, i64),
     /// Replication port on the replica host (default: the host's listener).
     #[arg(long, default_value_t = 0)]
     port: u32,
@@ -360,6 +361,32 @@ enum JobCmd {
     Show { id: String },
     /// Follow a job until it ends; exit non-zero when it fails.
     Watch { id: String },
+}
+
+fn parse_test_network(s: &str) -> Result<i32, String> {
+    Ok(match s {
+        "mapped" => v1::TestNetwork::Mapped,
+        "isolated" => v1::TestNetwork::Isolated,
+        "none" => v1::TestNetwork::None,
+        _ => return Err("use mapped, isolated or none".into()),
+    }
+    .into())
+}
+
+/// `network`, `offline` or `at=TIME` (RFC 3339): the wire's method and start time.
+fn parse_initial(s: &str) -> Result<(i32, i64), String> {
+    match s {
+        "network" => Ok((v1::InitialMethod::Network.into(), 0)),
+        "offline" => Ok((v1::InitialMethod::Offline.into(), 0)),
+        _ => {
+            let t = s
+                .strip_prefix("at=")
+                .ok_or("use network, offline or at=TIME (RFC 3339, e.g. at=2025-01-31T22:00:00Z)")?;
+            let t = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .map_err(|e| format!("{t:?} is not an RFC 3339 time (e.g. 2025-01-31T22:00:00Z): {e}"))?;
+            Ok((v1::InitialMethod::At.into(), (t.unix_timestamp_nanos() / 1_000_000) as i64))
+        }
+    }
 }
 
 fn parse_window(s: &str) -> Result<(u32, u32), String> {
@@ -620,7 +647,9 @@ async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, c
                     .map(|v| {
                         let total: u64 = v.disks.iter().map(|d| d.size_bytes).sum();
                         let (repl, health) = match &v.replication {
-                            Some(r) => (r.state.clone(), r.health.clone()),
+                            Some(r) => {
+                                (protect_cli::replication_state(r.state).into(), protect_cli::health(r.health).into())
+                            }
                             None => ("not enabled".into(), "-".into()),
                         };
                         vec![
@@ -685,7 +714,8 @@ async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, c
                         retention_ms: p.retention.as_millis() as u64,
                         app_consistent_every_ms: p.app_consistent_every.map(|d| d.as_millis() as u64).unwrap_or(0),
                         compression: p.compression,
-                        initial_method: p.initial,
+                        initial_method: p.initial.0,
+                        initial_at_unix_ms: p.initial.1,
                         port: p.port,
                         resync_window_start_hour: start,
                         resync_window_end_hour: end,
@@ -746,7 +776,7 @@ async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, c
                 FailoverCmd::Test { vm, point, test_network, wait } => (
                     protect_cli::FailoverArgs::Start(v1::FailoverRequest {
                         vm,
-                        r#type: "test".into(),
+                        r#type: FailoverKind::Test.into(),
                         point,
                         test_network,
                         shutdown_primary: false,
@@ -756,9 +786,9 @@ async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, c
                 FailoverCmd::Planned { vm, point, wait } => (
                     protect_cli::FailoverArgs::Start(v1::FailoverRequest {
                         vm,
-                        r#type: "planned".into(),
+                        r#type: FailoverKind::Planned.into(),
                         point,
-                        test_network: String::new(),
+                        test_network: 0,
                         shutdown_primary: false,
                     }),
                     wait,
@@ -766,9 +796,9 @@ async fn operator(connect: Option<String>, certs: Option<PathBuf>, json: bool, c
                 FailoverCmd::Unplanned { vm, point, shutdown_primary, wait } => (
                     protect_cli::FailoverArgs::Start(v1::FailoverRequest {
                         vm,
-                        r#type: "unplanned".into(),
+                        r#type: FailoverKind::Unplanned.into(),
                         point,
-                        test_network: String::new(),
+                        test_network: 0,
                         shutdown_primary,
                     }),
                     wait,

@@ -400,6 +400,25 @@ pub enum TestNetwork {
 }
 
 impl TestNetwork {
+    /// The wire's value; unspecified is the default, mapped.
+    pub fn from_wire(v: i32) -> Option<Self> {
+        use siterecovery_proto::v1::TestNetwork as W;
+        match W::try_from(v).ok()? {
+            W::Unspecified | W::Mapped => Some(Self::Mapped),
+            W::Isolated => Some(Self::Isolated),
+            W::None => Some(Self::None),
+        }
+    }
+
+    pub fn to_wire(self) -> i32 {
+        use siterecovery_proto::v1::TestNetwork as W;
+        (match self {
+            Self::Mapped => W::Mapped,
+            Self::Isolated => W::Isolated,
+            Self::None => W::None,
+        }) as i32
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "" | "mapped" => Self::Mapped,

@@ -116,8 +116,8 @@ impl PlanRecord {
                 .map(|a| v1::PlanAction {
                     after_group: a.after_group,
                     kind: match a.kind {
-                        ActionKind::Script => "script",
-                        ActionKind::Manual => "manual",
+                        ActionKind::Script => v1::PlanActionKind::Script,
+                        ActionKind::Manual => v1::PlanActionKind::Manual,
                     }
                     .into(),
                     command: a.command.clone(),
@@ -192,10 +192,10 @@ pub fn validate(p: &v1::RecoveryPlan) -> Result<PlanRecord, PlanError> {
         if a.after_group != 0 && !groups.iter().any(|g| g.order == a.after_group) {
             return Err(PlanError::UnknownGroup(a.after_group));
         }
-        let kind = match a.kind.as_str() {
-            "script" => ActionKind::Script,
-            "manual" => ActionKind::Manual,
-            k => return Err(PlanError::UnknownKind(k.into())),
+        let kind = match v1::PlanActionKind::try_from(a.kind) {
+            Ok(v1::PlanActionKind::Script) => ActionKind::Script,
+            Ok(v1::PlanActionKind::Manual) => ActionKind::Manual,
+            _ => return Err(PlanError::UnknownKind(a.kind.to_string())),
         };
         if a.command.trim().is_empty() {
             return Err(PlanError::EmptyAction(a.after_group));
@@ -346,9 +346,9 @@ fn check_vms(state: &AppState, plan: &PlanRecord, kind: FailoverType) -> Result<
 }
 
 /// `PlanFailover` RPC.
-pub async fn start_failover(state: &Arc<AppState>, name: &str, kind: &str) -> Result<JobRecord, Status> {
-    let kind = FailoverType::parse(kind)
-        .ok_or_else(|| Status::invalid_argument(format!("failover type {kind:?}: use test, planned or unplanned")))?;
+pub async fn start_failover(state: &Arc<AppState>, name: &str, kind: i32) -> Result<JobRecord, Status> {
+    let kind = FailoverType::from_wire(kind)
+        .ok_or_else(|| Status::invalid_argument(format!("failover type {kind}: use test, planned or unplanned")))?;
     let plan = list(&state.store)
         .map_err(store_err)?
         .into_iter()
@@ -654,6 +654,11 @@ mod tests {
     }
 
     fn action(after: u32, kind: &str, cmd: &str) -> v1::PlanAction {
+        let kind = match kind {
+            "script" => v1::PlanActionKind::Script,
+            "manual" => v1::PlanActionKind::Manual,
+            _ => v1::PlanActionKind::Unspecified,
+        };
         v1::PlanAction { after_group: after, kind: kind.into(), command: cmd.into(), timeout_secs: 0 }
     }
 
@@ -713,7 +718,7 @@ mod tests {
             bad(vec![group(1, &["a"])], vec![action(1, "script", "x.sh")]),
             PlanError::RelativeScript("x.sh".into())
         );
-        assert_eq!(bad(vec![group(1, &["a"])], vec![action(1, "email", "x")]), PlanError::UnknownKind("email".into()));
+        assert_eq!(bad(vec![group(1, &["a"])], vec![action(1, "email", "x")]), PlanError::UnknownKind("0".into()));
         let many: Vec<String> = (0..101).map(|i| format!("vm{i}")).collect();
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
         assert_eq!(bad(vec![group(1, &refs)], vec![]), PlanError::TooManyVms(101));

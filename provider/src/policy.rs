@@ -154,14 +154,7 @@ pub fn validate_policy(p: &v1::Policy, test_intervals: bool) -> Result<PolicyRec
     if p.app_consistent_every_ms != 0 && p.app_consistent_every_ms < p.interval_ms {
         return Err(PolicyError::AppConsistent { every: dur(p.app_consistent_every_ms), interval: dur(p.interval_ms) });
     }
-    let initial = if p.initial_method.is_empty() { "network".to_string() } else { p.initial_method.clone() };
-    match initial.as_str() {
-        "network" | "offline" => {}
-        other => match other.strip_prefix("at=") {
-            Some(t) if parse_rfc3339_ms(t).is_some() => {}
-            _ => return Err(PolicyError::Initial(other.into())),
-        },
-    }
+    let initial = initial_from_wire(p.initial_method, p.initial_at_unix_ms)?;
     if p.resync_window_start_hour > 23 || p.resync_window_end_hour > 23 {
         return Err(PolicyError::Window(p.resync_window_start_hour, p.resync_window_end_hour));
     }
@@ -251,7 +244,13 @@ impl PolicyRecord {
             retention_ms: self.retention_ms,
             app_consistent_every_ms: self.app_consistent_every_ms,
             compression: self.compression,
-            initial_method: self.initial_method.clone(),
+            initial_method: match self.initial_method.as_str() {
+                "offline" => v1::InitialMethod::Offline,
+                s if s.starts_with("at=") => v1::InitialMethod::At,
+                _ => v1::InitialMethod::Network,
+            }
+            .into(),
+            initial_at_unix_ms: self.initial_at_unix_ms().unwrap_or(0),
             port: self.port,
             resync_window_start_hour: self.resync_window_start_hour,
             resync_window_end_hour: self.resync_window_end_hour,
@@ -271,6 +270,24 @@ impl PairingRecord {
             target_cloud: self.target_cloud.clone(),
             policy: self.policy.clone(),
         }
+    }
+}
+
+/// The stored word of the wire's initial replication method (`network`, `offline`,
+/// `at=<RFC 3339>`).
+fn initial_from_wire(method: i32, at_unix_ms: i64) -> Result<String, PolicyError> {
+    match v1::InitialMethod::try_from(method) {
+        Ok(v1::InitialMethod::Unspecified | v1::InitialMethod::Network) => Ok("network".into()),
+        Ok(v1::InitialMethod::Offline) => Ok("offline".into()),
+        Ok(v1::InitialMethod::At) => {
+            let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_unix_ms) * 1_000_000)
+                .ok()
+                .filter(|_| at_unix_ms > 0)
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                .ok_or_else(|| PolicyError::Initial(format!("at {at_unix_ms} ms")))?;
+            Ok(format!("at={t}"))
+        }
+        Err(_) => Err(PolicyError::Initial(format!("method {method}"))),
     }
 }
 
@@ -335,7 +352,7 @@ mod tests {
             name: "gold".into(),
             interval_ms: interval_s * 1000,
             retention_ms: retention_s * 1000,
-            initial_method: "network".into(),
+            initial_method: v1::InitialMethod::Network.into(),
             ..Default::default()
         }
     }
@@ -385,15 +402,19 @@ mod tests {
     #[test]
     fn initial_method_window_port_name() {
         let mut p = policy(30, 86400);
-        p.initial_method = String::new();
+        p.initial_method = 0;
         assert_eq!(validate_policy(&p, false).expect("default").initial_method, "network");
-        p.initial_method = "offline".into();
+        p.initial_method = v1::InitialMethod::Offline.into();
         assert!(validate_policy(&p, false).is_ok());
-        p.initial_method = "at=2025-01-31T22:00:00Z".into();
-        assert!(validate_policy(&p, false).is_ok());
-        p.initial_method = "at=tonight".into();
+        p.initial_method = v1::InitialMethod::At.into();
+        p.initial_at_unix_ms = parse_rfc3339_ms("2025-01-31T22:00:00Z").expect("time");
+        let rec = validate_policy(&p, false).expect("at");
+        assert_eq!(rec.initial_method, "at=2025-01-31T22:00:00Z");
+        assert_eq!(rec.initial_at_unix_ms(), Some(p.initial_at_unix_ms));
+        assert_eq!(rec.to_proto().initial_method, i32::from(v1::InitialMethod::At));
+        p.initial_at_unix_ms = 0;
         assert!(matches!(validate_policy(&p, false), Err(PolicyError::Initial(_))));
-        p.initial_method = "carrier-pigeon".into();
+        p.initial_method = 42;
         assert!(matches!(validate_policy(&p, false), Err(PolicyError::Initial(_))));
         let mut p = policy(30, 86400);
         p.resync_window_start_hour = 18;

@@ -105,39 +105,55 @@ impl ReplicationState {
         }
     }
 
+    /// Every state, in wire order.
+    pub const ALL: [Self; 11] = [
+        Self::NotEnabled,
+        Self::WaitingForInitial,
+        Self::InitialInProgress,
+        Self::Replicating,
+        Self::ResyncRequired,
+        Self::Resynchronising,
+        Self::Paused,
+        Self::FailoverInProgress,
+        Self::FailedOver,
+        Self::Committed,
+        Self::StoppedOnError,
+    ];
+
     pub fn in_failover(self) -> bool {
         matches!(self, Self::FailoverInProgress | Self::FailedOver | Self::Committed)
     }
 }
 
-/// The `state` string of an agent's `ReplicationStatus`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AgentState {
-    Waiting,
-    Initial,
-    Replicating,
-    ResyncRequired,
-    Resynchronising,
-    Paused,
-    Stopped,
-    Error,
-}
-
-impl AgentState {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "waiting" => Self::Waiting,
-            "initial" => Self::Initial,
-            "replicating" => Self::Replicating,
-            "resync-required" => Self::ResyncRequired,
-            "resynchronising" | "resynchronizing" => Self::Resynchronising,
-            "paused" => Self::Paused,
-            "stopped" => Self::Stopped,
-            "error" => Self::Error,
-            _ => return None,
-        })
+impl From<ReplicationState> for v1::ReplicationState {
+    fn from(s: ReplicationState) -> Self {
+        use ReplicationState as S;
+        match s {
+            S::NotEnabled => Self::NotEnabled,
+            S::WaitingForInitial => Self::WaitingForInitial,
+            S::InitialInProgress => Self::InitialInProgress,
+            S::Replicating => Self::Replicating,
+            S::ResyncRequired => Self::ResyncRequired,
+            S::Resynchronising => Self::Resynchronising,
+            S::Paused => Self::Paused,
+            S::FailoverInProgress => Self::FailoverInProgress,
+            S::FailedOver => Self::FailedOver,
+            S::Committed => Self::Committed,
+            S::StoppedOnError => Self::StoppedOnError,
+        }
     }
 }
+
+impl TryFrom<i32> for ReplicationState {
+    type Error = i32;
+    /// The wire's value (the CLI prints the words); unspecified and unknown refused.
+    fn try_from(v: i32) -> Result<Self, i32> {
+        Self::ALL.iter().copied().find(|s| i32::from(v1::ReplicationState::from(*s)) == v).ok_or(v)
+    }
+}
+
+/// The phase an agent's `ReplicationStatus` reports.
+pub use siterecovery_proto::model::SenderState as AgentState;
 
 /// What happens to a relationship.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,7 +258,7 @@ impl ReplicationState {
                     return Ok(S::StoppedOnError);
                 }
                 Ok(match state {
-                    AgentState::Waiting => S::WaitingForInitial,
+                    AgentState::Waiting | AgentState::WaitingForImport => S::WaitingForInitial,
                     AgentState::Initial => S::InitialInProgress,
                     AgentState::Replicating => S::Replicating,
                     AgentState::ResyncRequired => S::ResyncRequired,
@@ -288,7 +304,7 @@ impl StatusRecord {
         let p = s.last_point.clone().unwrap_or_default();
         Self {
             received_unix_ms: now,
-            agent_state: s.state.clone(),
+            agent_state: AgentState::try_from(s.state).map(|a| a.as_str().to_owned()).unwrap_or_default(),
             done_bytes: s.done_bytes,
             total_bytes: s.total_bytes,
             last_point_id: p.id,
@@ -363,8 +379,7 @@ pub struct TestFailoverRecord {
 /// A failover of the relationship's VM to its replica host.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FailoverRecord {
-    /// planned | unplanned | local
-    pub kind: String,
+    pub kind: siterecovery_proto::model::FailoverKind,
     pub point_id: String,
     pub job_id: String,
     pub started_unix_ms: i64,
@@ -377,8 +392,8 @@ const MAX_SAMPLES: usize = 256;
 impl RelationshipRecord {
     /// Applies one status (pure apart from the given clock). Returns whether the state changed.
     pub fn apply_status(&mut self, s: &v1::ReplicationStatus, now: i64) -> Result<bool, InvalidTransition> {
-        let agent = AgentState::parse(&s.state)
-            .ok_or(InvalidTransition { from: self.state.as_str(), event: "an unknown agent state" })?;
+        let agent = AgentState::try_from(s.state)
+            .map_err(|_| InvalidTransition { from: self.state.as_str(), event: "an unknown agent state" })?;
         let old = self.state;
         let new =
             old.next(Event::Agent { state: agent, error: !s.error.is_empty(), recoverable: s.error_recoverable })?;
@@ -391,11 +406,12 @@ impl RelationshipRecord {
         // Progress rate: smoothed over successive statuses of the same phase.
         let prev = &self.status;
         let dt = now - prev.received_unix_ms;
-        if prev.agent_state == s.state && s.done_bytes >= prev.done_bytes && dt > 0 && prev.received_unix_ms > 0 {
+        if prev.agent_state == agent.as_str() && s.done_bytes >= prev.done_bytes && dt > 0 && prev.received_unix_ms > 0
+        {
             let inst = (s.done_bytes - prev.done_bytes) * 1000 / dt as u64;
             self.rate_bytes_per_sec =
                 if self.rate_bytes_per_sec == 0 { inst } else { (self.rate_bytes_per_sec * 3 + inst) / 4 };
-        } else if prev.agent_state != s.state {
+        } else if prev.agent_state != agent.as_str() {
             self.rate_bytes_per_sec = 0;
         }
         let cycles_changed = self.samples.last().is_none_or(|l| l.cycles != s.cycles || l.missed != s.missed_cycles);
@@ -631,8 +647,8 @@ pub fn replication_view(state: &AppState, rec: &RelationshipRecord, hosts: &[Hos
         primary_host: primary,
         replica_host: name(&rec.replica_host_id),
         policy: rec.policy.clone(),
-        state: rec.state.as_str().into(),
-        health: h.as_str().into(),
+        state: v1::ReplicationState::from(rec.state).into(),
+        health: v1::Health::from(h).into(),
         health_reasons: reasons,
         last_point_unix_ms: s.last_point_unix_ms,
         last_point_id: s.last_point_id.clone(),
@@ -1579,7 +1595,7 @@ impl Protection for ProtectionService {
     async fn plan_failover(&self, req: Request<v1::PlanFailoverRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
         let r = req.into_inner();
-        let job = crate::plan::start_failover(&self.state, &r.plan, &r.r#type).await?;
+        let job = crate::plan::start_failover(&self.state, &r.plan, r.r#type).await?;
         Ok(Response::new(job.to_proto()))
     }
 
@@ -1913,9 +1929,10 @@ mod tests {
             ("stopped", AgentState::Stopped),
             ("error", AgentState::Error),
         ] {
-            assert_eq!(AgentState::parse(s), Some(want));
+            assert_eq!(AgentState::from_word(s), Some(want));
+            assert_eq!(AgentState::try_from(i32::from(want)), Ok(want));
         }
-        assert_eq!(AgentState::parse("bogus"), None);
+        assert_eq!(AgentState::from_word("bogus"), None);
     }
 
     fn rel() -> RelationshipRecord {
@@ -1945,7 +1962,7 @@ mod tests {
         v1::ReplicationStatus {
             relationship_id: "r-1".into(),
             vm: "vm1".into(),
-            state: state.into(),
+            state: AgentState::from_word(state).map_or(0, i32::from),
             done_bytes: done,
             total_bytes: 1 << 20,
             ..Default::default()

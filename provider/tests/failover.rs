@@ -41,7 +41,7 @@ async fn fake_agent(host: &'static str, mut session: AgentSession, log: Log, sto
             id: id.into(),
             seq: 1,
             created_unix_ms: now_ms(),
-            kind: "latest".into(),
+            kind: v1::PointKind::Latest.into(),
             ..Default::default()
         };
         let summary = match &m.command {
@@ -56,7 +56,7 @@ async fn fake_agent(host: &'static str, mut session: AgentSession, log: Log, sto
                     let x = v1::ReplicationStatus {
                         relationship_id: s.relationship_id.clone(),
                         vm: s.vm.clone(),
-                        state: st.into(),
+                        state: siterecovery_proto::model::SenderState::from_word(st).map_or(0, i32::from),
                         done_bytes: done,
                         total_bytes: GIB,
                         last_point: p.then(|| point("p-1")),
@@ -87,7 +87,7 @@ async fn fake_agent(host: &'static str, mut session: AgentSession, log: Log, sto
                 v.failover = Some(v1::FailoverInfo {
                     relationship_id: f.relationship_id.clone(),
                     point_id: if f.point == "latest" { "p-1".into() } else { f.point.clone() },
-                    kind: kind.into(),
+                    kind: siterecovery_proto::model::FailoverKind::from_word(kind).map_or(0, i32::from),
                     committed: f.planned,
                     test_of: if f.test { f.vm.clone() } else { String::new() },
                     started_unix_ms: now_ms(),
@@ -158,7 +158,11 @@ async fn setup(vms: Vec<v1::Vm>) -> Env {
 }
 
 fn req(vm: &str, kind: &str) -> v1::FailoverRequest {
-    v1::FailoverRequest { vm: vm.into(), r#type: kind.into(), ..Default::default() }
+    v1::FailoverRequest {
+        vm: vm.into(),
+        r#type: siterecovery_proto::model::FailoverKind::from_word(kind).map_or(0, i32::from),
+        ..Default::default()
+    }
 }
 
 fn vmreq(vm: &str) -> v1::VmRequest {
@@ -197,7 +201,7 @@ async fn test_planned_failover_reprotect_and_refusals() {
     // Test failover: one at a time, cleanup clears it.
     let job = p.failover(req("vm1", "test")).await.expect("test").into_inner();
     let done = wait_job(p, &job.id).await;
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.state(), v1::JobState::Succeeded, "{done:?}");
     assert!(done.steps[1].detail.contains("vm1-test") && done.steps[1].detail.contains("nbd://"), "{done:?}");
     let e = p.failover(req("vm1", "test")).await.expect_err("second test");
     assert_eq!(e.code(), Code::FailedPrecondition);
@@ -206,25 +210,25 @@ async fn test_planned_failover_reprotect_and_refusals() {
     assert_eq!(test_vm.host_name, "hv-b");
     assert_eq!(test_vm.nics[0].ip, "10.0.0.5");
     let job = p.cleanup_test_failover(vmreq("vm1")).await.expect("cleanup").into_inner();
-    assert_eq!(wait_job(p, &job.id).await.state, "succeeded");
+    assert_eq!(wait_job(p, &job.id).await.state(), v1::JobState::Succeeded);
     assert!(env.inv.get_vm(v1::GetVmRequest { name: "vm1-test".into() }).await.is_err(), "test VM forgotten");
     // Isolated test network: the address is kept on NETWORK-test-isolated.
     let mut r = req("vm1", "test");
-    r.test_network = "isolated".into();
+    r.test_network = v1::TestNetwork::Isolated.into();
     let job = p.failover(r).await.expect("isolated").into_inner();
-    assert_eq!(wait_job(p, &job.id).await.state, "succeeded");
+    assert_eq!(wait_job(p, &job.id).await.state(), v1::JobState::Succeeded);
     let job = p.cleanup_test_failover(vmreq("vm1")).await.expect("cleanup").into_inner();
-    assert_eq!(wait_job(p, &job.id).await.state, "succeeded");
+    assert_eq!(wait_job(p, &job.id).await.state(), v1::JobState::Succeeded);
 
     // Planned failover: PrepareFailover to the primary, then Failover{planned} to the replica,
     // then reverse replication with the roles swapped.
     env.log.lock().expect("log").clear();
     let job = p.failover(req("vm1", "planned")).await.expect("planned").into_inner();
     let done = wait_job(p, &job.id).await;
-    assert_eq!(done.state, "succeeded", "{done:?}");
-    assert!(done.steps.iter().all(|s| s.state == "succeeded"), "{done:?}");
+    assert_eq!(done.state(), v1::JobState::Succeeded, "{done:?}");
+    assert!(done.steps.iter().all(|s| s.state() == v1::StepState::Succeeded), "{done:?}");
     let rev = wait_kind(p, "Reverse replication", "vm1").await;
-    assert_eq!(rev.state, "succeeded", "{rev:?}");
+    assert_eq!(rev.state(), v1::JobState::Succeeded, "{rev:?}");
     let prep = position(&env.log, "hv-a", "PrepareFailover vm1");
     let fo = position(&env.log, "hv-b", "Failover vm1 planned point=latest nics=dr=10.0.0.5");
     let adopt = position(&env.log, "hv-a", "PrepareReplica vm1 adopt=true");
@@ -233,9 +237,12 @@ async fn test_planned_failover_reprotect_and_refusals() {
     let shown = env.inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.expect("vm").into_inner();
     assert_eq!(shown.host_name, "hv-b");
     assert_eq!(shown.nics[0].ip, "10.0.0.5");
-    assert_eq!(shown.failover.as_ref().map(|f| f.kind.as_str()), Some("planned"));
+    assert_eq!(shown.failover.as_ref().map(|f| f.kind()), Some(v1::FailoverKind::Planned));
     let r = shown.replication.expect("reversed");
-    assert_eq!((r.primary_host.as_str(), r.replica_host.as_str(), r.state.as_str()), ("hv-b", "hv-a", "replicating"));
+    assert_eq!(
+        (r.primary_host.as_str(), r.replica_host.as_str(), r.state()),
+        ("hv-b", "hv-a", v1::ReplicationState::Replicating)
+    );
 
     // Commit / change-point refused on a replicating (reversed) relationship.
     let e = p.commit_failover(vmreq("vm1")).await.expect_err("commit");
@@ -260,23 +267,23 @@ async fn unplanned_change_point_commit_reprotect() {
     r.shutdown_primary = true;
     let job = p.failover(r).await.expect("unplanned").into_inner();
     let done = wait_job(p, &job.id).await;
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.state(), v1::JobState::Succeeded, "{done:?}");
     assert!(done.steps[1].detail.contains("stopped on hv-a"), "{done:?}");
     // .7 is not in the target pool: another free one.
     let shown = env.inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.expect("vm").into_inner();
     assert_eq!(shown.nics[0].ip, "10.0.0.5");
-    assert_eq!(shown.replication.expect("rel").state, "failed over (waiting for commit)");
+    assert_eq!(shown.replication.expect("rel").state(), v1::ReplicationState::FailedOver);
     let job = p.change_point(v1::ChangePointRequest { vm: "vm1".into(), point: "p-0".into() }).await.expect("cp");
-    assert_eq!(wait_job(p, &job.into_inner().id).await.state, "succeeded");
+    assert_eq!(wait_job(p, &job.into_inner().id).await.state(), v1::JobState::Succeeded);
     let job = p.commit_failover(vmreq("vm1")).await.expect("commit").into_inner();
-    assert_eq!(wait_job(p, &job.id).await.state, "succeeded");
+    assert_eq!(wait_job(p, &job.id).await.state(), v1::JobState::Succeeded);
     let e = p.change_point(v1::ChangePointRequest { vm: "vm1".into(), point: "p-1".into() }).await.expect_err("after");
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("committed"), "{}", e.message());
     let job = p.reprotect(vmreq("vm1")).await.expect("reprotect").into_inner();
     let done = wait_job(p, &job.id).await;
-    assert_eq!(done.state, "succeeded", "{done:?}");
-    assert_eq!(done.steps[1].state, "skipped", "already committed");
+    assert_eq!(done.state(), v1::JobState::Succeeded, "{done:?}");
+    assert_eq!(done.steps[1].state(), v1::StepState::Skipped, "already committed");
     let order: Vec<String> = env.log.lock().expect("log").iter().map(|(h, c)| format!("{h} {c}")).collect();
     let at = |s: &str| order.iter().position(|x| x.starts_with(s)).unwrap_or_else(|| panic!("{s}: {order:?}"));
     assert!(at("hv-a StopVm vm1") < at("hv-b Failover vm1 unplanned"));
@@ -314,8 +321,12 @@ async fn recovery_plan_groups_scripts_and_failure() {
         v1::PlanGroup { order: 1, vms: vec!["vm1".into(), "vm2".into()] },
         v1::PlanGroup { order: 2, vms: vec!["vm3".into()] },
     ];
-    let action =
-        |cmd: &str| v1::PlanAction { after_group: 1, kind: "script".into(), command: cmd.into(), timeout_secs: 10 };
+    let action = |cmd: &str| v1::PlanAction {
+        after_group: 1,
+        kind: v1::PlanActionKind::Script.into(),
+        command: cmd.into(),
+        timeout_secs: 10,
+    };
     p.create_plan(v1::RecoveryPlan { name: "broken".into(), groups: groups.clone(), actions: vec![action(&bad)] })
         .await
         .expect("plan broken");
@@ -328,25 +339,29 @@ async fn recovery_plan_groups_scripts_and_failure() {
     assert_eq!(p.list_plans(v1::ListPlansRequest {}).await.expect("list").into_inner().plans.len(), 2);
 
     // A failing script fails the plan; group 2 never runs.
-    let job =
-        p.plan_failover(v1::PlanFailoverRequest { plan: "broken".into(), r#type: "test".into() }).await.expect("run");
+    let job = p
+        .plan_failover(v1::PlanFailoverRequest { plan: "broken".into(), r#type: v1::FailoverKind::Test.into() })
+        .await
+        .expect("run");
     let done = wait_job(p, &job.into_inner().id).await;
-    assert_eq!(done.state, "failed", "{done:?}");
+    assert_eq!(done.state(), v1::JobState::Failed, "{done:?}");
     assert!(done.error.contains("script after group 1") && done.error.contains("bad.sh"), "{}", done.error);
     let step = done.steps.iter().find(|s| s.name.contains("bad.sh")).expect("script step");
-    assert_eq!(step.state, "failed");
+    assert_eq!(step.state(), v1::StepState::Failed);
     assert!(step.detail.contains("cannot reach dns"), "{}", step.detail);
-    assert_eq!(done.steps.iter().find(|s| s.name == "Group 2: vm3").expect("vm3").state, "skipped");
+    assert_eq!(done.steps.iter().find(|s| s.name == "Group 2: vm3").expect("vm3").state(), v1::StepState::Skipped);
     for v in ["vm1", "vm2"] {
         let job = p.cleanup_test_failover(vmreq(v)).await.expect("cleanup").into_inner();
-        assert_eq!(wait_job(p, &job.id).await.state, "succeeded");
+        assert_eq!(wait_job(p, &job.id).await.state(), v1::JobState::Succeeded);
     }
 
     // The planned run: shutdown step, group 1 in parallel, the script, then group 2.
-    let job =
-        p.plan_failover(v1::PlanFailoverRequest { plan: "dc".into(), r#type: "planned".into() }).await.expect("run");
+    let job = p
+        .plan_failover(v1::PlanFailoverRequest { plan: "dc".into(), r#type: v1::FailoverKind::Planned.into() })
+        .await
+        .expect("run");
     let done = wait_job(p, &job.into_inner().id).await;
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.state(), v1::JobState::Succeeded, "{done:?}");
     let step = |n: &str| done.steps.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("{n}: {done:?}")).clone();
     assert_eq!(done.steps[0].name, "Shut down the primary VMs");
     assert!(done.steps[0].detail.contains("last point p-9"), "{}", done.steps[0].detail);
@@ -380,7 +395,7 @@ async fn local_failover_is_detected_from_the_inventory() {
     local.failover = Some(v1::FailoverInfo {
         relationship_id: rel_id,
         point_id: "p-1".into(),
-        kind: "local".into(),
+        kind: v1::FailoverKind::Local.into(),
         committed: false,
         test_of: String::new(),
         started_unix_ms: now_ms(),
@@ -388,14 +403,14 @@ async fn local_failover_is_detected_from_the_inventory() {
     let again = CancellationToken::new();
     tokio::spawn(fake_agent("hv-b", env.provider.session(1, vec![local]).await, env.log.clone(), again.clone()));
     let job = wait_kind(&mut env.p, "Local failover detected", "vm1").await;
-    assert_eq!(job.state, "succeeded");
+    assert_eq!(job.state(), v1::JobState::Succeeded);
     assert!(job.steps[0].detail.contains("host hv-b reports VM vm1 failed over on its own"), "{job:?}");
     let shown = env.inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.expect("vm").into_inner();
     assert_eq!(shown.host_name, "hv-b", "the failed-over copy is the VM now");
-    assert_eq!(shown.replication.expect("rel").state, "failed over (waiting for commit)");
+    assert_eq!(shown.replication.expect("rel").state(), v1::ReplicationState::FailedOver);
     // Commit and reprotect from there work as after any unplanned failover.
     let job = env.p.commit_failover(vmreq("vm1")).await.expect("commit").into_inner();
-    assert_eq!(wait_job(&mut env.p, &job.id).await.state, "succeeded");
+    assert_eq!(wait_job(&mut env.p, &job.id).await.state(), v1::JobState::Succeeded);
     again.cancel();
     env.stops[0].cancel();
     env.provider.stop().await;

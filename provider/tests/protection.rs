@@ -20,14 +20,14 @@ async fn fake_agent(mut session: AgentSession, stop: CancellationToken) {
         let status = |state: &str, done: u64, point: bool| v1::ReplicationStatus {
             relationship_id: String::new(),
             vm: "vm1".into(),
-            state: state.into(),
+            state: siterecovery_proto::model::SenderState::from_word(state).map_or(0, i32::from),
             done_bytes: done,
             total_bytes: 2 * GIB,
             last_point: point.then(|| v1::RecoveryPoint {
                 id: "p-1".into(),
                 seq: 1,
                 created_unix_ms: now_ms(),
-                kind: "latest".into(),
+                kind: v1::PointKind::Latest.into(),
                 ..Default::default()
             }),
             cycles: 1,
@@ -58,8 +58,12 @@ async fn fake_agent(mut session: AgentSession, stop: CancellationToken) {
                 continue;
             }
             Some(Command::ListPoints(_)) => {
-                result.points =
-                    vec![v1::RecoveryPoint { id: "p-1".into(), seq: 1, kind: "latest".into(), ..Default::default() }];
+                result.points = vec![v1::RecoveryPoint {
+                    id: "p-1".into(),
+                    seq: 1,
+                    kind: v1::PointKind::Latest.into(),
+                    ..Default::default()
+                }];
             }
             Some(Command::ExportPoint(_)) => result.uri = "nbd://127.0.0.1:1/vm1-p-1".into(),
             _ => {}
@@ -109,22 +113,22 @@ async fn protect_resync_unprotect_with_fake_agents() {
         .expect("protect")
         .into_inner();
     let done = wait_job(&mut p, &job.id).await;
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.state(), v1::JobState::Succeeded, "{done:?}");
     assert_eq!(done.done_bytes, 2 * GIB);
-    assert!(done.steps.iter().all(|s| s.state == "succeeded"), "{done:?}");
+    assert!(done.steps.iter().all(|s| s.state() == v1::StepState::Succeeded), "{done:?}");
     let e = p.protect(v1::ProtectRequest { vm: "vm1".into(), export_dir: String::new() }).await.expect_err("twice");
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
 
     let vm = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.expect("vm").into_inner();
     let r = vm.replication.expect("replication");
-    assert_eq!(r.state, "replicating");
-    assert_eq!(r.health, "Normal", "{:?}", r.health_reasons);
+    assert_eq!(r.state(), v1::ReplicationState::Replicating);
+    assert_eq!(r.health(), v1::Health::Normal, "{:?}", r.health_reasons);
     assert_eq!(r.replica_host, "hv-b");
     assert_eq!(r.last_point_id, "p-1");
 
     // Finalize protection follows.
     let finalize = wait_kind(&mut p, "Finalize protection", "vm1").await;
-    assert_eq!(finalize.state, "succeeded");
+    assert_eq!(finalize.state(), v1::JobState::Succeeded);
 
     let points = p.list_points(v1::ListPointsRequest { vm: "vm1".into() }).await.expect("points").into_inner().points;
     assert_eq!(points.len(), 1);
@@ -137,12 +141,12 @@ async fn protect_resync_unprotect_with_fake_agents() {
 
     let job = p.resync(v1::ResyncRequest { vm: "vm1".into() }).await.expect("resync").into_inner();
     let done = wait_job(&mut p, &job.id).await;
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.state(), v1::JobState::Succeeded, "{done:?}");
     assert!(done.steps[1].detail.contains("64 blocks compared, 3 sent"), "{done:?}");
 
     let job = p.unprotect(v1::UnprotectRequest { vm: "vm1".into() }).await.expect("unprotect").into_inner();
     let done = wait_job(&mut p, &job.id).await;
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.state(), v1::JobState::Succeeded, "{done:?}");
     let vm = inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.expect("vm").into_inner();
     assert!(vm.replication.is_none());
     p.unpair_clouds(v1::UnpairCloudsRequest { source_cloud: "gold-a".into() }).await.expect("unpair");

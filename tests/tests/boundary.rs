@@ -195,14 +195,14 @@ fn protection_rpcs(import_dir: &str) -> Vec<Rpc> {
         vm("UnexportPoint"),
         unary(
             "Failover",
-            json!({"vm": "nosuch", "type": "test", "point": "latest"}),
+            json!({"vm": "nosuch", "type": "FAILOVER_KIND_TEST", "point": "latest"}),
             &[("/vm", Name), ("/point", Point)],
         ),
         vm("CommitFailover"),
         vm("CleanupTestFailover"),
         unary("ChangePoint", json!({"vm": "nosuch", "point": "p1"}), &[("/vm", Name), ("/point", PointRequired)]),
         vm("Reprotect"),
-        unary("PlanFailover", json!({"plan": "nosuch", "type": "test"}), &[("/plan", Name)]),
+        unary("PlanFailover", json!({"plan": "nosuch", "type": "FAILOVER_KIND_TEST"}), &[("/plan", Name)]),
         unary("ConfirmPlanAction", json!({"job_id": "j-999999"}), &[("/job_id", Job)]),
         unary("GetJob", json!({"id": "j-999999"}), &[("/id", Job)]),
         unary("WatchJob", json!({"id": "j-999999"}), &[("/id", Job)]),
@@ -254,7 +254,7 @@ fn control_rpcs() -> Vec<Rpc> {
         stream(
             "Session",
             json!([hello, {"inventory": {"free_bytes": 1, "vms": [{"name": "xvm", "disks": [disk],
-                "failover": {"relationship_id": "r-0000abcd", "point_id": "p1", "kind": "local", "test_of": ""}}]}}]),
+                "failover": {"relationship_id": "r-0000abcd", "point_id": "p1", "kind": "FAILOVER_KIND_LOCAL", "test_of": ""}}]}}]),
             &[
                 ("/1/inventory/vms/0/failover/relationship_id", Rel),
                 ("/1/inventory/vms/0/failover/point_id", Point),
@@ -263,7 +263,7 @@ fn control_rpcs() -> Vec<Rpc> {
         ),
         stream(
             "Session",
-            json!([hello, {"replication": {"relationship_id": "r-0000abcd", "vm": "xvm", "state": "replicating",
+            json!([hello, {"replication": {"relationship_id": "r-0000abcd", "vm": "xvm", "state": "SENDER_STATE_REPLICATING",
                 "last_point": {"id": "p1", "seq": 1}}}]),
             &[
                 ("/1/replication/relationship_id", Rel),

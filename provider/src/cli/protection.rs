@@ -45,11 +45,71 @@ pub fn utc(unix_ms: i64) -> String {
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
+// The words the CLI prints for the wire's enums.
+
+/// The wire's failover kind of the CLI's word (`test`, `planned`, `unplanned`).
+pub fn failover_type(word: &str) -> Result<i32, CliError> {
+    match siterecovery_proto::model::FailoverKind::from_word(word) {
+        Some(k) if k != siterecovery_proto::model::FailoverKind::Local => Ok(k.into()),
+        _ => Err(CliError::Usage(format!("failover type {word:?}: use test, planned or unplanned"))),
+    }
+}
+
+fn job_kind(v: i32) -> &'static str {
+    crate::job::kind_name(v)
+}
+
+fn job_state(v: i32) -> &'static str {
+    crate::job::JobState::name_of(v)
+}
+
+fn step_state(v: i32) -> &'static str {
+    crate::job::StepState::name_of(v)
+}
+
+pub fn replication_state(v: i32) -> &'static str {
+    crate::protection::ReplicationState::try_from(v).map_or("unknown", |s| s.as_str())
+}
+
+pub fn health(v: i32) -> &'static str {
+    crate::health::Health::try_from(v).map_or("unknown", |h| h.as_str())
+}
+
+fn failover_kind(v: i32) -> &'static str {
+    siterecovery_proto::model::FailoverKind::try_from(v).map_or("unknown", |k| k.as_str())
+}
+
+fn point_kind(v: i32) -> &'static str {
+    siterecovery_proto::model::PointKind::try_from(v).map_or("unknown", |k| k.as_str())
+}
+
+fn action_kind(v: i32) -> &'static str {
+    match v1::PlanActionKind::try_from(v) {
+        Ok(v1::PlanActionKind::Script) => "script",
+        Ok(v1::PlanActionKind::Manual) => "manual",
+        _ => "unknown",
+    }
+}
+
+/// `network`, `offline` or `at=<RFC 3339>`, as `policy create --initial` takes it.
+pub fn initial_method(p: &v1::Policy) -> String {
+    match v1::InitialMethod::try_from(p.initial_method) {
+        Ok(v1::InitialMethod::Offline) => "offline".into(),
+        Ok(v1::InitialMethod::At) => {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(p.initial_at_unix_ms) * 1_000_000)
+                .ok()
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                .map_or_else(|| "at=?".into(), |t| format!("at={t}"))
+        }
+        _ => "network".into(),
+    }
+}
+
 pub fn policy_json(p: &v1::Policy) -> serde_json::Value {
     serde_json::json!({
         "name": p.name, "interval_ms": p.interval_ms, "retention_ms": p.retention_ms,
         "app_consistent_every_ms": p.app_consistent_every_ms, "compression": p.compression,
-        "initial_method": p.initial_method, "port": p.port,
+        "initial_method": initial_method(p), "port": p.port,
         "resync_window_start_hour": p.resync_window_start_hour, "resync_window_end_hour": p.resync_window_end_hour,
     })
 }
@@ -84,7 +144,7 @@ pub async fn policy(
                             ms(p.retention_ms),
                             if p.app_consistent_every_ms == 0 { "never".into() } else { ms(p.app_consistent_every_ms) },
                             if p.compression { "on".into() } else { "off".into() },
-                            p.initial_method.clone(),
+                            initial_method(p),
                             if p.resync_window_start_hour == p.resync_window_end_hour {
                                 "any time".into()
                             } else {
@@ -194,20 +254,20 @@ pub async fn cloud(
 
 pub fn job_json(j: &v1::Job) -> serde_json::Value {
     serde_json::json!({
-        "id": j.id, "kind": j.kind, "vm": j.vm, "state": j.state, "error": j.error,
+        "id": j.id, "kind": job_kind(j.kind), "vm": j.vm, "state": job_state(j.state), "error": j.error,
         "done_bytes": j.done_bytes, "total_bytes": j.total_bytes, "rate_bytes_per_sec": j.rate_bytes_per_sec,
         "created_unix_ms": j.created_unix_ms, "ended_unix_ms": j.ended_unix_ms,
         "steps": j.steps.iter().map(|s| serde_json::json!({
-            "name": s.name, "state": s.state, "detail": s.detail,
+            "name": s.name, "state": step_state(s.state), "detail": s.detail,
             "started_unix_ms": s.started_unix_ms, "ended_unix_ms": s.ended_unix_ms,
         })).collect::<Vec<_>>(),
     })
 }
 
 fn print_job(j: &v1::Job) {
-    println!("job       {} ({})", j.id, j.kind);
+    println!("job       {} ({})", j.id, job_kind(j.kind));
     println!("VM        {}", j.vm);
-    println!("state     {}", j.state);
+    println!("state     {}", job_state(j.state));
     println!("created   {}", utc(j.created_unix_ms));
     if j.ended_unix_ms > 0 {
         println!("ended     {}", utc(j.ended_unix_ms));
@@ -236,7 +296,7 @@ fn progress_text(j: &v1::Job) -> String {
     if let Some(pct) = (j.done_bytes.min(j.total_bytes) * 100).checked_div(j.total_bytes) {
         s.push_str(&format!(" ({pct}%)"));
     }
-    if j.rate_bytes_per_sec > 0 && j.state == "running" {
+    if j.rate_bytes_per_sec > 0 && j.state() == v1::JobState::Running {
         s.push_str(&format!(", {}/s", human_size(j.rate_bytes_per_sec)));
         let left = j.total_bytes.saturating_sub(j.done_bytes);
         s.push_str(&format!(", ETA {}", coarse(left * 1000 / j.rate_bytes_per_sec)));
@@ -272,13 +332,16 @@ impl Follow {
         for (i, s) in j.steps.iter().enumerate() {
             let before = prev.as_ref().and_then(|p| p.steps.get(i));
             let changed_state = before.is_none_or(|b| b.state != s.state);
-            if changed_state && s.state != "pending" {
+            if changed_state && s.state() != v1::StepState::Pending {
                 self.clear_bar();
                 let detail = if s.detail.is_empty() { String::new() } else { format!(": {}", s.detail) };
-                println!("{} {} {}{detail}", j.id, s.state, s.name);
+                println!("{} {} {}{detail}", j.id, step_state(s.state), s.name);
             }
         }
-        if j.state == "running" && j.total_bytes > 0 && prev.as_ref().is_some_and(|p| p.done_bytes != j.done_bytes) {
+        if j.state() == v1::JobState::Running
+            && j.total_bytes > 0
+            && prev.as_ref().is_some_and(|p| p.done_bytes != j.done_bytes)
+        {
             if self.tty {
                 print!("\r\x1b[K{}", bar(j));
                 self.bar_shown = true;
@@ -313,12 +376,12 @@ pub async fn watch(
     let Some(j) = f.last else { return Err(CliError::JobLost { id: id.into() }) };
     if json {
         out(&job_json(&j))?;
-    } else if j.state == "succeeded" {
-        println!("{} {} succeeded", j.id, j.kind);
+    } else if j.state() == v1::JobState::Succeeded {
+        println!("{} {} succeeded", j.id, job_kind(j.kind));
     }
-    match j.state.as_str() {
-        "succeeded" => Ok(()),
-        "failed" => Err(CliError::JobFailed { id: j.id, kind: j.kind, error: j.error }),
+    match j.state() {
+        v1::JobState::Succeeded => Ok(()),
+        v1::JobState::Failed => Err(CliError::JobFailed { id: j.id, kind: job_kind(j.kind).into(), error: j.error }),
         _ => Err(CliError::JobLost { id: j.id }),
     }
 }
@@ -370,14 +433,14 @@ pub async fn job(
                     let step = j
                         .steps
                         .iter()
-                        .find(|s| s.state == "running" || s.state == "failed")
+                        .find(|s| matches!(s.state(), v1::StepState::Running | v1::StepState::Failed))
                         .map(|s| s.name.clone())
                         .unwrap_or_else(|| "-".into());
                     vec![
                         j.id.clone(),
-                        j.kind.clone(),
+                        job_kind(j.kind).into(),
                         j.vm.clone(),
-                        j.state.clone(),
+                        job_state(j.state).into(),
                         step,
                         age(j.created_unix_ms),
                         j.error.clone(),
@@ -403,7 +466,7 @@ pub async fn job(
 pub fn point_json(p: &v1::RecoveryPoint) -> serde_json::Value {
     serde_json::json!({
         "id": p.id, "seq": p.seq, "created_unix_ms": p.created_unix_ms, "app_consistent": p.app_consistent,
-        "size_bytes": p.size_bytes, "kind": p.kind,
+        "size_bytes": p.size_bytes, "kind": point_kind(p.kind),
     })
 }
 
@@ -420,10 +483,10 @@ pub async fn points(
     let rows: Vec<_> = ps
         .iter()
         .map(|p| {
-            let kind = if p.app_consistent && !p.kind.contains("app") {
-                format!("{},app-consistent", p.kind)
+            let kind = if p.app_consistent && p.kind() != v1::PointKind::AppConsistent {
+                format!("{},app-consistent", point_kind(p.kind))
             } else {
-                p.kind.clone()
+                point_kind(p.kind).into()
             };
             vec![utc(p.created_unix_ms), p.id.clone(), kind, human_size(p.size_bytes)]
         })
@@ -469,7 +532,7 @@ pub async fn point(
 pub fn replication_json(r: &v1::Replication) -> serde_json::Value {
     serde_json::json!({
         "relationship_id": r.relationship_id, "primary_host": r.primary_host, "replica_host": r.replica_host,
-        "policy": r.policy, "state": r.state, "health": r.health, "health_reasons": r.health_reasons,
+        "policy": r.policy, "state": replication_state(r.state), "health": health(r.health), "health_reasons": r.health_reasons,
         "last_point_unix_ms": r.last_point_unix_ms, "last_point_id": r.last_point_id, "rpo_lag_ms": r.rpo_lag_ms,
         "pending_log_bytes": r.pending_log_bytes, "bytes_replicated": r.bytes_replicated, "error": r.error,
         "done_bytes": r.done_bytes, "total_bytes": r.total_bytes,
@@ -483,7 +546,7 @@ pub fn replication_json(r: &v1::Replication) -> serde_json::Value {
 
 pub fn vm_failover_json(f: &v1::FailoverInfo) -> serde_json::Value {
     serde_json::json!({
-        "relationship_id": f.relationship_id, "point_id": f.point_id, "kind": f.kind, "committed": f.committed,
+        "relationship_id": f.relationship_id, "point_id": f.point_id, "kind": failover_kind(f.kind), "committed": f.committed,
         "test_of": f.test_of, "started_unix_ms": f.started_unix_ms,
     })
 }
@@ -494,7 +557,7 @@ pub fn print_vm_failover(f: &v1::FailoverInfo) {
     let committed = if f.committed { "committed" } else { "not committed" };
     println!(
         "failover  {} from point {} ({committed}{of}), started {}",
-        f.kind,
+        failover_kind(f.kind),
         if f.point_id.is_empty() { "-" } else { &f.point_id },
         utc(f.started_unix_ms)
     );
@@ -506,10 +569,10 @@ pub fn print_replication(r: Option<&v1::Replication>) {
         println!("replication  not enabled");
         return;
     };
-    println!("replication  {} ({})", r.state, r.relationship_id);
+    println!("replication  {} ({})", replication_state(r.state), r.relationship_id);
     let reasons =
         if r.health_reasons.is_empty() { String::new() } else { format!(": {}", r.health_reasons.join("; ")) };
-    println!("health       {}{reasons}", r.health);
+    println!("health       {}{reasons}", health(r.health));
     println!("replica      {} (primary {})", r.replica_host, r.primary_host);
     println!("policy       {}", r.policy);
     if r.done_bytes < r.total_bytes && r.total_bytes > 0 {
@@ -659,7 +722,9 @@ pub fn plan_from_flags(
         let (order, vms) = parse_group(g)?;
         plan.groups.push(v1::PlanGroup { order, vms });
     }
-    for (flag, kind, list) in [("script", "script", scripts), ("manual", "manual", manuals)] {
+    for (flag, kind, list) in
+        [("script", v1::PlanActionKind::Script, scripts), ("manual", v1::PlanActionKind::Manual, manuals)]
+    {
         for a in list {
             let (after_group, command) = parse_action(flag, a)?;
             plan.actions.push(v1::PlanAction {
@@ -686,7 +751,7 @@ pub fn plan_json(p: &v1::RecoveryPlan) -> serde_json::Value {
         "name": p.name,
         "groups": p.groups.iter().map(|g| serde_json::json!({"order": g.order, "vms": g.vms})).collect::<Vec<_>>(),
         "actions": p.actions.iter().map(|a| serde_json::json!({
-            "after_group": a.after_group, "kind": a.kind, "command": a.command, "timeout_secs": a.timeout_secs,
+            "after_group": a.after_group, "kind": action_kind(a.kind), "command": a.command, "timeout_secs": a.timeout_secs,
         })).collect::<Vec<_>>(),
     })
 }
@@ -721,8 +786,11 @@ pub async fn plan(
                 .map(|p| {
                     let groups: Vec<String> =
                         p.groups.iter().map(|g| format!("{}:{}", g.order, g.vms.join(","))).collect();
-                    let actions: Vec<String> =
-                        p.actions.iter().map(|a| format!("{}@{} {}", a.kind, a.after_group, a.command)).collect();
+                    let actions: Vec<String> = p
+                        .actions
+                        .iter()
+                        .map(|a| format!("{}@{} {}", action_kind(a.kind), a.after_group, a.command))
+                        .collect();
                     vec![
                         p.name.clone(),
                         groups.join(" "),
@@ -733,8 +801,11 @@ pub async fn plan(
             print_table(&["PLAN", "GROUPS", "ACTIONS"], &rows);
         }
         PlanArgs::Failover { plan, kind, wait } => {
-            let job =
-                prot.plan_failover(v1::PlanFailoverRequest { plan, r#type: kind }).await.map_err(rpc)?.into_inner();
+            let job = prot
+                .plan_failover(v1::PlanFailoverRequest { plan, r#type: failover_type(&kind)? })
+                .await
+                .map_err(rpc)?
+                .into_inner();
             return started(prot, job, wait, json, rpc).await;
         }
         PlanArgs::Confirm(job_id) => {
@@ -762,7 +833,7 @@ mod tests {
     #[test]
     fn progress_and_bar() {
         let j = v1::Job {
-            state: "running".into(),
+            state: v1::JobState::Running.into(),
             done_bytes: 1 << 29,
             total_bytes: 1 << 30,
             rate_bytes_per_sec: 1 << 20,

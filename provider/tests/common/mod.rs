@@ -222,7 +222,9 @@ pub async fn wait_kind(p: &mut ProtectionClient<Channel>, kind: &str, vm: &str) 
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let jobs = p.list_jobs(v1::ListJobsRequest {}).await.expect("jobs").into_inner().jobs;
-        if let Some(j) = jobs.into_iter().rev().find(|j| j.kind == kind && j.vm == vm && j.state != "running") {
+        if let Some(j) = jobs.into_iter().rev().find(|j| {
+            siterecovery_provider::job::kind_name(j.kind) == kind && j.vm == vm && j.state() != v1::JobState::Running
+        }) {
             return j;
         }
         assert!(tokio::time::Instant::now() < deadline, "no finished {kind} job for {vm} after {DEADLINE:?}");
@@ -240,5 +242,5 @@ pub async fn protect(p: &mut ProtectionClient<Channel>, vm: &str) {
     let job =
         p.protect(v1::ProtectRequest { vm: vm.into(), export_dir: String::new() }).await.expect("protect").into_inner();
     let done = wait_job(p, &job.id).await;
-    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.state(), v1::JobState::Succeeded, "{done:?}");
 }
