@@ -15,6 +15,7 @@ pub mod nbd;
 pub mod offline;
 pub mod overlay;
 pub mod peer;
+pub mod persist;
 pub mod protection;
 pub mod register;
 pub mod replica;

@@ -227,12 +227,10 @@ async fn run(cli: Cli) -> Result<()> {
             let vms_dir = files.vms_dir();
             if vms_dir.exists() {
                 for e in std::fs::read_dir(&vms_dir).with_context(|| format!("listing {}", vms_dir.display()))? {
-                    let path = e?.path().join("vm.json");
-                    if let Ok(text) = std::fs::read_to_string(&path) {
-                        match serde_json::from_str::<siterecovery_agent::vm::VmConfig>(&text) {
-                            Ok(c) => rows.push(c),
-                            Err(e) => eprintln!("warning: {}: {e}", path.display()),
-                        }
+                    match siterecovery_agent::vm::read_config(&e?.path()) {
+                        Ok(Some(c)) => rows.push(c),
+                        Ok(None) => {}
+                        Err(e) => eprintln!("warning: {e}"),
                     }
                 }
             }

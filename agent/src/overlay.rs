@@ -4,8 +4,11 @@
 //!
 //! Writes go to a sparse overlay file of the disk's size, in whole 4 KiB blocks (a
 //! partial block is completed from the base first); a bitmap says which blocks the
-//! overlay holds. The bitmap is saved beside the file (`<file>.map`, atomically) on every
-//! flush, so an agent restart keeps a failed-over VM's acknowledged-and-flushed writes.
+//! overlay holds. The bitmap is saved beside the file (`<file>.map`, in the
+//! [`crate::persist`] envelope, atomically) on every flush, so an agent restart keeps a
+//! failed-over VM's acknowledged-and-flushed writes. A map that cannot be read (torn,
+//! corrupt, the wrong size) fails the open: reading the base where the guest wrote would
+//! hand it stale data.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -14,9 +17,35 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use crate::disk::{BlockDevice, DiskError, check_range};
+use crate::persist::{self, OVERLAY_MAP, PersistError};
 
 /// Overlay block size.
 pub const BLOCK: u64 = 4096;
+
+/// Why an overlay could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The map file is torn, corrupt or of another kind.
+    #[error(transparent)]
+    Map(#[from] PersistError),
+    /// The map is not the size the disk needs (it belongs to another disk).
+    #[error("{path}: overlay map of {len} bytes, the disk needs {expected}")]
+    MapSize { path: PathBuf, len: u64, expected: u64 },
+}
+
+/// A failed map save as the NBD server sees it (no space stays no space).
+fn save_err(e: PersistError) -> DiskError {
+    match e {
+        PersistError::Io { source, .. } => DiskError::from_io(source),
+        other => DiskError::Io(io::Error::other(other)),
+    }
+}
 
 /// A writable view over a read-only base device.
 pub struct Overlay {
@@ -46,25 +75,25 @@ fn is_set(map: &[u64], b: u64) -> bool {
 
 impl Overlay {
     /// Opens (or creates) the overlay file at `path` over `base`.
-    pub fn open(base: Arc<dyn BlockDevice>, path: &Path) -> io::Result<Self> {
+    pub fn open(base: Arc<dyn BlockDevice>, path: &Path) -> Result<Self, OverlayError> {
+        let io_err = |source| OverlayError::Io { path: path.to_path_buf(), source };
         let size = base.size();
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        if file.metadata()?.len() != size {
-            file.set_len(size)?;
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err)?;
+        if file.metadata().map_err(io_err)?.len() != size {
+            file.set_len(size).map_err(io_err)?;
         }
         let words = size.div_ceil(BLOCK).div_ceil(64) as usize;
+        let expected = words as u64 * 8;
         let mut map = vec![0u64; words];
-        match std::fs::read(map_path(path)) {
-            Ok(bytes) if bytes.len() == words * 8 => {
-                for (w, c) in map.iter_mut().zip(bytes.chunks_exact(8)) {
-                    *w = u64::from_le_bytes(c.try_into().unwrap_or_default());
-                }
+        let map_file = map_path(path);
+        // Version 0 (before the envelope) is the same raw bitmap.
+        if let Some(stored) = persist::read(&map_file, &OVERLAY_MAP, expected)? {
+            if stored.payload.len() as u64 != expected {
+                return Err(OverlayError::MapSize { path: map_file, len: stored.payload.len() as u64, expected });
             }
-            Ok(_) => {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "overlay map does not match the disk size"));
+            for (w, c) in map.iter_mut().zip(stored.payload.chunks_exact(8)) {
+                *w = u64::from_le_bytes(c.try_into().unwrap_or_default());
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
         }
         Ok(Self { base, file, path: path.to_path_buf(), size, map: RwLock::new(map) })
     }
@@ -95,13 +124,12 @@ impl Overlay {
         let _ = std::fs::remove_file(map_path(path));
     }
 
-    fn save_map(&self, map: &[u64]) -> io::Result<()> {
+    fn save_map(&self, map: &[u64]) -> Result<(), PersistError> {
         let mut bytes = Vec::with_capacity(map.len() * 8);
         for w in map {
             bytes.extend_from_slice(&w.to_le_bytes());
         }
-        siterecovery_certs::files::write_private(&map_path(&self.path), &bytes)
-            .map_err(|e| io::Error::other(e.to_string()))
+        persist::save_bytes(&map_path(&self.path), &OVERLAY_MAP, &bytes, persist::PRIVATE)
     }
 
     /// Writes `data` at `offset` (any alignment) with the write lock held.
@@ -174,7 +202,7 @@ impl BlockDevice for Overlay {
         self.write_locked(&mut map, data, offset)?;
         if fua {
             self.file.sync_data().map_err(DiskError::from_io)?;
-            self.save_map(&map).map_err(DiskError::from_io)?;
+            self.save_map(&map).map_err(save_err)?;
         }
         Ok(())
     }
@@ -198,7 +226,7 @@ impl BlockDevice for Overlay {
     fn flush(&self) -> Result<(), DiskError> {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         self.file.sync_data().map_err(DiskError::from_io)?;
-        self.save_map(&map).map_err(DiskError::from_io)
+        self.save_map(&map).map_err(save_err)
     }
 }
 
@@ -233,5 +261,63 @@ mod tests {
         assert_eq!(again, expect);
         assert_eq!(ov.written_blocks(), vec![0, 1, 2, 16]);
         assert!(ov.read_at(&mut [0u8; 2], ov.size() - 1).is_err());
+    }
+
+    /// An overlay with blocks 0 and 2 written and flushed; returns its path and base.
+    fn flushed(dir: &Path) -> (PathBuf, Arc<dyn BlockDevice>) {
+        let base_path = dir.join("base.img");
+        std::fs::write(&base_path, vec![7u8; 16 * 1024]).expect("base");
+        let base: Arc<dyn BlockDevice> = Arc::new(RawFile::open(&base_path, true).expect("open base"));
+        let ov_path = dir.join("d.overlay");
+        let ov = Overlay::open(base.clone(), &ov_path).expect("overlay");
+        ov.write_at(&[1u8; 10], 0, false).expect("write");
+        ov.write_at(&[2u8; 10], 2 * BLOCK, false).expect("write");
+        ov.flush().expect("flush");
+        (ov_path, base)
+    }
+
+    #[test]
+    fn the_map_is_in_the_envelope_and_a_torn_or_corrupt_one_fails_the_open() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (ov_path, base) = flushed(dir.path());
+        let mp = map_path(&ov_path);
+        let good = std::fs::read(&mp).expect("map");
+        assert_eq!(&good[..4], &OVERLAY_MAP.magic);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&mp).expect("meta").permissions().mode() & 0o777, 0o600);
+
+        std::fs::write(&mp, &good[..good.len() - 1]).expect("tear");
+        match Overlay::open(base.clone(), &ov_path) {
+            Err(OverlayError::Map(PersistError::Torn { path, .. })) => assert_eq!(path, mp),
+            other => panic!("torn map: {other:?}"),
+        }
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x80;
+        std::fs::write(&mp, &bad).expect("corrupt");
+        let err = Overlay::open(base.clone(), &ov_path).expect_err("corrupt map");
+        assert!(matches!(err, OverlayError::Map(PersistError::Corrupt { .. })), "{err:?}");
+        assert!(err.to_string().contains("d.overlay.map"), "{err}");
+        // The map of a larger disk (refused before reading), and of a smaller one.
+        persist::save_bytes(&mp, &OVERLAY_MAP, &[0u8; 16], persist::PRIVATE).expect("save");
+        assert!(matches!(Overlay::open(base.clone(), &ov_path), Err(OverlayError::Map(PersistError::TooLarge { .. }))));
+        persist::save_bytes(&mp, &OVERLAY_MAP, &[], persist::PRIVATE).expect("save");
+        assert!(matches!(Overlay::open(base, &ov_path), Err(OverlayError::MapSize { len: 0, expected: 8, .. })));
+    }
+
+    #[test]
+    fn a_map_from_before_the_envelope_still_opens() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (ov_path, base) = flushed(dir.path());
+        let mp = map_path(&ov_path);
+        // What older agents wrote: the raw bitmap (blocks 0 and 2).
+        std::fs::write(&mp, 0b101u64.to_le_bytes()).expect("legacy map");
+        let ov = Overlay::open(base, &ov_path).expect("legacy");
+        assert_eq!(ov.written_blocks(), vec![0, 2]);
+        let mut got = [0u8; 10];
+        ov.read_at(&mut got, 2 * BLOCK).expect("read");
+        assert_eq!(got, [2u8; 10]);
+        ov.flush().expect("flush");
+        assert_eq!(&std::fs::read(&mp).expect("map")[..4], &OVERLAY_MAP.magic);
     }
 }

@@ -65,7 +65,7 @@ fn replica_status(e: ReplicaError) -> Status {
         ReplicaError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC) => {
             Status::resource_exhausted(msg)
         }
-        ReplicaError::Io { .. } | ReplicaError::Files(_) => Status::unavailable(msg),
+        ReplicaError::Io { .. } | ReplicaError::StateFile(_) => Status::unavailable(msg),
     };
     tracing::warn!("replica store refused: {e:#}");
     status

@@ -45,10 +45,12 @@ fn world(test: &str, disks: &[&str], b_extra: &[&str]) -> World {
     w
 }
 
-/// `replica.json` on hv-b, if readable.
+/// `replica.json` on hv-b, if readable: its JSON after the agent's 16-byte state-file
+/// header (`agent/docs/persist-format.md`).
 fn replica_state(w: &World) -> Option<Value> {
-    let text = std::fs::read_to_string(w.replica_dir("hv-b", VM).join("replica.json")).ok()?;
-    serde_json::from_str(&text).ok()
+    let bytes = std::fs::read(w.replica_dir("hv-b", VM).join("replica.json")).ok()?;
+    let json = if bytes.starts_with(b"SRRP") { bytes.get(16..)? } else { &bytes[..] };
+    serde_json::from_slice(json).ok()
 }
 
 /// Allocated bytes of the files (what the initial copy has to send).

@@ -1,0 +1,148 @@
+//! [`ReplicaSet`]: every replica of this host, by VM name; creating one (sparse images
+//! for a new relationship, or adopting the former primary's images for reverse
+//! replication) and removing one.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::state::{DiskCopyProgress, ReplicaDisk, ReplicaSpec, STATE_FILE, State, save_state};
+use super::store::Replica;
+use super::{ReplicaError, io_at, sync_dir};
+
+/// Every replica of this host, by VM name.
+#[derive(Debug)]
+pub struct ReplicaSet {
+    dir: PathBuf,
+    replicas: Mutex<BTreeMap<String, Arc<Replica>>>,
+}
+
+impl ReplicaSet {
+    /// Opens every replica under `dir`, finishing any interrupted apply.
+    pub fn open(dir: &Path) -> Result<Self, ReplicaError> {
+        std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let mut replicas = BTreeMap::new();
+        for e in std::fs::read_dir(dir).map_err(io_at(dir))? {
+            let path = e.map_err(io_at(dir))?.path();
+            if !path.join(STATE_FILE).exists() {
+                continue;
+            }
+            match Replica::open(&path) {
+                Ok(r) => {
+                    replicas.insert(r.spec.vm.clone(), Arc::new(r));
+                }
+                Err(e) => tracing::error!(replica = %path.display(), "cannot open replica: {e:#}"),
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), replicas: Mutex::new(replicas) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Replica>>> {
+        self.replicas.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates the replica of `spec.vm` (sparse images), or returns the existing one of
+    /// the same relationship.
+    pub fn prepare(&self, spec: ReplicaSpec) -> Result<Arc<Replica>, ReplicaError> {
+        self.create(spec, false, |dir, d| {
+            let path = dir.join(format!("{}.img", d.id));
+            let f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_at(&path))?;
+            f.set_len(d.size_bytes).map_err(io_at(&path))?;
+            f.sync_all().map_err(io_at(&path))
+        })
+    }
+
+    /// Reverse replication: makes a replica of existing disk images (the former
+    /// primary's, moved in by rename), with no points; the first point the new primary
+    /// ships is a resync, which brings them in line block by block.
+    pub fn adopt(&self, spec: ReplicaSpec, images: &[(String, PathBuf)]) -> Result<Arc<Replica>, ReplicaError> {
+        self.create(spec, true, |dir, d| {
+            let (_, src) = images
+                .iter()
+                .find(|(id, _)| *id == d.id)
+                .ok_or_else(|| ReplicaError::NotFound(format!("disk {} to adopt", d.id)))?;
+            let target = dir.join(format!("{}.img", d.id));
+            std::fs::rename(src, &target).map_err(io_at(&target))?;
+            let f = OpenOptions::new().write(true).open(&target).map_err(io_at(&target))?;
+            if f.metadata().map_err(io_at(&target))?.len() != d.size_bytes {
+                f.set_len(d.size_bytes).map_err(io_at(&target))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The shared part of [`Self::prepare`] and [`Self::adopt`]: a fresh folder, one image
+    /// per disk made by `image`, the state file (initial copy `complete` or not), opened
+    /// and registered. An existing replica of the same relationship is returned as is.
+    fn create(
+        &self,
+        spec: ReplicaSpec,
+        complete: bool,
+        image: impl Fn(&Path, &ReplicaDisk) -> Result<(), ReplicaError>,
+    ) -> Result<Arc<Replica>, ReplicaError> {
+        let mut map = self.lock();
+        if let Some(r) = map.get(&spec.vm) {
+            if r.spec.relationship_id == spec.relationship_id {
+                return Ok(r.clone());
+            }
+            return Err(ReplicaError::Exists { vm: spec.vm.clone(), existing: r.spec.relationship_id.clone() });
+        }
+        let dir = self.dir.join(&spec.vm);
+        if dir.exists() {
+            // Leftover of an earlier relationship that was not removed cleanly, or a
+            // replica whose state could not be read at start: the provider asked for a
+            // new one, which starts with a full initial copy.
+            tracing::warn!(folder = %dir.display(), "replacing a replica folder that is not in service");
+            std::fs::remove_dir_all(&dir).map_err(io_at(&dir))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        for d in &spec.disks {
+            image(&dir, d)?;
+        }
+        sync_dir(&dir)?;
+        let state = State {
+            copy: spec
+                .disks
+                .iter()
+                .map(|d| DiskCopyProgress {
+                    disk_id: d.id.clone(),
+                    acked_offset: if complete { d.size_bytes } else { 0 },
+                    complete,
+                })
+                .collect(),
+            spec,
+            points: vec![],
+            applying: None,
+            merges: 0,
+            rollback_to: None,
+        };
+        save_state(&dir, &state)?;
+        let r = Arc::new(Replica::open(&dir)?);
+        tracing::info!(vm = %r.spec.vm, relationship = %r.spec.relationship_id, adopted = complete, "replica created");
+        map.insert(r.spec.vm.clone(), r.clone());
+        Ok(r)
+    }
+
+    pub fn get(&self, vm: &str) -> Option<Arc<Replica>> {
+        self.lock().get(vm).cloned()
+    }
+
+    pub fn by_relationship(&self, relationship_id: &str) -> Option<Arc<Replica>> {
+        self.lock().values().find(|r| r.spec.relationship_id == relationship_id).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Replica>> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Deletes a replica and its folder.
+    pub fn remove(&self, vm: &str) -> Result<(), ReplicaError> {
+        let r = self.lock().remove(vm);
+        if let Some(r) = r {
+            std::fs::remove_dir_all(&r.dir).map_err(io_at(&r.dir))?;
+            tracing::info!(%vm, "replica removed");
+        }
+        Ok(())
+    }
+}

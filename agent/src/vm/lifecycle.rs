@@ -1,0 +1,227 @@
+//! Loading, creating, starting, stopping, deleting and releasing VMs, and switching
+//! change tracking: everything that changes a VM other than a failover.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use siterecovery_certs::identity::is_token;
+use siterecovery_proto::v1;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{DiskConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
+use super::entry::{Disks, Entry, Running};
+use super::manager::{Hooks, VmManager};
+use super::{MAX_DISK_SIZE, MAX_SOCKET_PATH, VmError, io, now_ms};
+use crate::nbd::Exports;
+use crate::replica::ReplicaSet;
+
+impl VmManager {
+    /// Loads every VM folder under `dir` and starts those configured as running.
+    /// `tcp_exports` is served on `nbd_tcp` by the caller.
+    pub async fn load(
+        dir: PathBuf,
+        replicas: Arc<ReplicaSet>,
+        tcp_exports: Arc<Exports>,
+        nbd_tcp: SocketAddr,
+        hooks: Hooks,
+        shutdown: CancellationToken,
+    ) -> Result<Self, VmError> {
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let mgr = Self {
+            dir: dir.clone(),
+            replicas,
+            handles: std::sync::Mutex::new(BTreeMap::new()),
+            vms: Mutex::new(BTreeMap::new()),
+            tcp_exports,
+            nbd_tcp,
+            hooks,
+            shutdown,
+        };
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let e = e.map_err(io(&dir))?;
+            let folder = e.path();
+            // A damaged config leaves the folder as it is (images and logs untouched) for
+            // a person to look at; the VM is not served.
+            match read_config(&folder) {
+                Ok(Some(cfg)) => found.push((cfg, folder)),
+                Ok(None) => {}
+                Err(e) => tracing::error!(folder = %folder.display(), "skipping VM folder: {e}"),
+            }
+        }
+        let mut vms = mgr.vms.lock().await;
+        for (config, folder) in found {
+            let name = config.name.clone();
+            let start = config.power == Power::Running;
+            vms.insert(name.clone(), Entry { config, folder, running: None });
+            if start {
+                let entry = vms.get_mut(&name).ok_or_else(|| VmError::NotFound(name.clone()))?;
+                match mgr.start_entry(entry).await {
+                    Ok(()) => tracing::info!(vm = %name, "VM started (was running)"),
+                    Err(e) => tracing::error!(vm = %name, "cannot start VM: {e:#}"),
+                }
+            }
+        }
+        drop(vms);
+        Ok(mgr)
+    }
+
+    /// Creates a VM folder with sparse disk images; starts it when asked.
+    pub async fn create(
+        &self,
+        name: &str,
+        disk_sizes: &[u64],
+        nics: &[v1::Nic],
+        start: bool,
+    ) -> Result<v1::Vm, VmError> {
+        if !is_token(name) {
+            return Err(VmError::Invalid(format!("VM name {name:?}: use 1-64 of A-Z a-z 0-9 . _ -")));
+        }
+        if disk_sizes.is_empty() || disk_sizes.len() > 16 {
+            return Err(VmError::Invalid("a VM has 1 to 16 disks".into()));
+        }
+        for &s in disk_sizes {
+            if s == 0 || s % 512 != 0 || s > MAX_DISK_SIZE {
+                return Err(VmError::Invalid(format!("disk size {s}: a multiple of 512 bytes, at most 64 TiB")));
+            }
+        }
+        let mut vms = self.vms.lock().await;
+        let folder = self.dir.join(name);
+        if vms.contains_key(name) || folder.exists() {
+            return Err(VmError::Exists(name.into()));
+        }
+        let sock = folder.join("nbd.sock");
+        if sock.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(VmError::Invalid(format!(
+                "the NBD socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter --data-dir",
+                sock.display()
+            )));
+        }
+        std::fs::create_dir_all(&folder).map_err(io(&folder))?;
+        let result = (|| {
+            let mut disks = Vec::new();
+            for (i, &size) in disk_sizes.iter().enumerate() {
+                let id = format!("disk{i}");
+                let file = format!("{id}.img");
+                let path = folder.join(&file);
+                let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io(&path))?;
+                f.set_len(size).map_err(io(&path))?;
+                f.sync_all().map_err(io(&path))?;
+                disks.push(DiskConfig { id, size_bytes: size, file, tracking: false });
+            }
+            let nics = nics
+                .iter()
+                .map(|n| NicConfig { network: n.network.clone(), ip: n.ip.clone(), dhcp: n.dhcp, mac: random_mac() })
+                .collect();
+            let config = VmConfig {
+                name: name.into(),
+                created_unix_ms: now_ms(),
+                power: Power::Off,
+                disks,
+                nics,
+                failover: None,
+            };
+            save_config(&folder, &config)?;
+            Ok(config)
+        })();
+        let config = match result {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&folder);
+                return Err(e);
+            }
+        };
+        tracing::info!(vm = %name, disks = disk_sizes.len(), "VM created");
+        vms.insert(name.into(), Entry { config, folder, running: None });
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if start {
+            self.start_entry(entry).await?;
+        }
+        Ok(self.report(entry))
+    }
+
+    pub async fn start(&self, name: &str) -> Result<v1::Vm, VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if entry.running.is_none() {
+            self.start_entry(entry).await?;
+        }
+        Ok(self.report(entry))
+    }
+
+    pub async fn stop(&self, name: &str) -> Result<v1::Vm, VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        self.stop_entry(entry, true).await?;
+        Ok(self.report(entry))
+    }
+
+    /// Deletes a stopped or running VM with its folder (images and logs).
+    pub async fn delete(&self, name: &str) -> Result<(), VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if entry.config.disks.iter().any(|d| d.tracking) {
+            return Err(VmError::State(format!("VM {name} is protected; unprotect it before deleting")));
+        }
+        self.stop_entry(entry, true).await?;
+        let folder = entry.folder.clone();
+        std::fs::remove_dir_all(&folder).map_err(io(&folder))?;
+        vms.remove(name);
+        if let Ok(mut h) = self.handles.lock() {
+            h.remove(name);
+        }
+        tracing::info!(vm = %name, "VM deleted");
+        Ok(())
+    }
+
+    /// Switches change tracking on or off for every disk of a VM, durably: the setting
+    /// is in `vm.json` and applies at the next start too.
+    pub async fn set_tracking(&self, name: &str, on: bool) -> Result<(), VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if let Some(Running { disks: Disks::Tracked(disks), .. }) = &entry.running {
+            for d in disks {
+                d.set_tracking(on)?;
+            }
+        }
+        for d in &mut entry.config.disks {
+            d.tracking = on;
+        }
+        save_config(&entry.folder, &entry.config)?;
+        tracing::info!(vm = %name, tracking = on, "change tracking switched");
+        Ok(())
+    }
+
+    /// Stops a VM and takes it out of this host's inventory, leaving its disk images for
+    /// the caller (reverse replication turns them into a replica); returns their paths.
+    pub async fn release(&self, name: &str) -> Result<Vec<(String, PathBuf)>, VmError> {
+        let mut vms = self.vms.lock().await;
+        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        self.stop_entry(entry, true).await?;
+        let images = entry.config.disks.iter().map(|d| (d.id.clone(), entry.folder.join(&d.file))).collect();
+        Ok(images)
+    }
+
+    /// Forgets a released VM and deletes what is left of its folder (logs, config).
+    pub async fn forget(&self, name: &str) -> Result<(), VmError> {
+        let mut vms = self.vms.lock().await;
+        if let Some(e) = vms.remove(name) {
+            std::fs::remove_dir_all(&e.folder).map_err(io(&e.folder))?;
+        }
+        Ok(())
+    }
+
+    /// Stops serving every VM for an agent shutdown: logs sealed, disks flushed, but the
+    /// configured power state kept so the next start serves them again.
+    pub async fn shutdown(&self) {
+        let mut vms = self.vms.lock().await;
+        for (name, entry) in vms.iter_mut() {
+            if let Err(e) = self.stop_entry(entry, false).await {
+                tracing::error!(vm = %name, "stopping VM at shutdown: {e:#}");
+            }
+        }
+    }
+}
