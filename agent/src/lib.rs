@@ -3,7 +3,8 @@
 //!
 //! The data path, in order: [`nbd`] (the hypervisor's writes) → [`tracker`] (each write
 //! appended to the disk's [`hrl`] log, then applied to the image). Around it: [`vm`]
-//! (VM folders and serving their disks), [`control`] (the channel to the provider),
+//! (VM folders and serving their disks), [`replication`] (the sender of each protected VM,
+//! the protection handlers), [`replica`] (the replica store), [`control`] (the channel to the provider),
 //! [`peer`] (agent-to-agent mutual TLS), [`register`] and [`config`] (the data dir).
 
 pub mod admin;
@@ -12,14 +13,15 @@ pub mod control;
 pub mod disk;
 pub mod hrl;
 pub mod nbd;
-pub mod offline;
 pub mod overlay;
 pub mod peer;
 pub mod persist;
-pub mod protection;
 pub mod register;
 pub mod replica;
-pub mod resync;
-pub mod sender;
+pub mod replication;
 pub mod tracker;
 pub mod vm;
+
+// The replication package's modules at their former paths (other modules and the
+// integration tests use them).
+pub use replication::{offline, protection, resync, sender};

@@ -248,11 +248,8 @@ async fn initial_copy_then_deltas_converge() {
         replica.latest_seq()
     );
     h.stop().await;
-    assert!(
-        std::fs::read_to_string(env.vm_dir.join(sender::STATE_FILE))
-            .expect("state")
-            .contains("\"phase\": \"replicating\"")
-    );
+    let state = sender::SenderState::load(&env.vm_dir.join(sender::STATE_FILE)).expect("state").expect("a state file");
+    assert_eq!(state.phase, sender::Stage::Replicating);
 }
 
 /// A TCP proxy that cuts the first connection once `cut_after` client bytes passed.

@@ -1,6 +1,7 @@
 //! Offline initial replication: the initial copy of a protected VM written to a
 //! directory on the primary host (`export`), carried to the replica host by any means,
-//! and copied into the prepared replica there (`import`, [`crate::replica::Replica::import_initial`]).
+//! and copied into the prepared replica there (`import`, `replica::Replica::import_initial`). It depends on nothing above it:
+//! the replica an export must fit is described by a [`Target`].
 //!
 //! An export directory holds one sparse image per disk, `<disk>.img` (the disk's size;
 //! only the ranges allocated in the source image are written), and `manifest.json`
@@ -15,8 +16,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-
-use crate::replica::ReplicaSpec;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const MANIFEST_FORMAT: &str = "siterecovery-offline-export";
@@ -101,7 +100,8 @@ impl Manifest {
 
     /// Whether this export fits the replica `spec`: same relationship and VM, the same
     /// disks with the same sizes, ranges inside the disks and ascending.
-    pub fn check(&self, spec: &ReplicaSpec) -> Result<(), OfflineError> {
+    pub fn check(&self, spec: &impl ExportTarget) -> Result<(), OfflineError> {
+        let spec = &spec.target();
         if self.relationship_id != spec.relationship_id {
             return Err(OfflineError::Invalid(format!(
                 "the export is of relationship {} (VM {}), not of {} (VM {}): refusing to import it",
@@ -156,6 +156,31 @@ impl Manifest {
     }
 }
 
+/// The replica an export must fit (what the replica store knows of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub relationship_id: String,
+    pub vm: String,
+    pub disks: Vec<TargetDisk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetDisk {
+    pub id: String,
+    pub size_bytes: u64,
+}
+
+/// Whatever describes a replica an export may be imported into.
+pub trait ExportTarget {
+    fn target(&self) -> Target;
+}
+
+impl ExportTarget for Target {
+    fn target(&self) -> Target {
+        self.clone()
+    }
+}
+
 /// Streaming checksum of an export disk.
 pub struct Checksum(xxhash_rust::xxh3::Xxh3);
 
@@ -197,7 +222,7 @@ pub fn export(dir: &Path, relationship_id: &str, vm: &str, disks: &[ExportDisk])
     let mut buf = vec![0u8; CHUNK as usize];
     for d in disks {
         let src = File::open(&d.image).map_err(io_at(&d.image))?;
-        let ranges = crate::sender::allocated_ranges(&src, 0, d.size).map_err(io_at(&d.image))?;
+        let ranges = super::extents::allocated_ranges(&src, 0, d.size).map_err(io_at(&d.image))?;
         let file = format!("{}.img", d.id);
         let path = dir.join(&file);
         let dst = OpenOptions::new().write(true).create(true).truncate(true).open(&path).map_err(io_at(&path))?;
@@ -249,16 +274,12 @@ pub fn export(dir: &Path, relationship_id: &str, vm: &str, disks: &[ExportDisk])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replica::ReplicaDisk;
 
-    fn spec() -> ReplicaSpec {
-        ReplicaSpec {
+    fn spec() -> Target {
+        Target {
             relationship_id: "r-1".into(),
             vm: "vm1".into(),
-            primary_host_id: "h".into(),
-            disks: vec![ReplicaDisk { id: "disk0".into(), size_bytes: 8 << 20 }],
-            retention_ms: 1,
-            bucket_ms: 1,
+            disks: vec![TargetDisk { id: "disk0".into(), size_bytes: 8 << 20 }],
         }
     }
 
@@ -303,7 +324,7 @@ mod tests {
         let d = ExportDisk { id: "disk0".into(), image: src, size: 8 << 20, log_seq: 1 };
         let m = export(&t.path().join("exp"), "r-1", "vm1", &[d]).expect("test setup");
 
-        let e = m.check(&ReplicaSpec { relationship_id: "r-2".into(), ..spec() }).expect_err("must be refused");
+        let e = m.check(&Target { relationship_id: "r-2".into(), ..spec() }).expect_err("must be refused");
         assert!(e.to_string().contains("not of r-2"), "{e}");
         let mut s = spec();
         s.disks[0].size_bytes = 16 << 20;

@@ -1,0 +1,143 @@
+//! `<vm folder>/protection.json` ([`ProtectionRecord`]): what the provider asked when it
+//! enabled protection, enough to restart the sender after an agent restart. Only this
+//! module reads or writes it, in the [`persist`] envelope (kind
+//! [`persist::PROTECTION_STATE`]); a plain JSON file of an older agent loads as is.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use siterecovery_proto::v1;
+
+use super::ProtectionError;
+use crate::persist::{self, PROTECTION_STATE, PersistError};
+
+/// File in a protected VM's folder.
+pub const PROTECTION_FILE: &str = "protection.json";
+
+/// `protection.json`: what the provider asked, enough to restart the sender.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct ProtectionRecord {
+    pub relationship_id: String,
+    pub replica_host_id: String,
+    pub replica_address: String,
+    interval_ms: u64,
+    retention_ms: u64,
+    app_consistent_every_ms: u64,
+    compression: bool,
+    retry_unit_ms: u64,
+    resync_window_start_hour: u32,
+    resync_window_end_hour: u32,
+}
+
+pub(crate) fn record_path(folder: &Path) -> PathBuf {
+    folder.join(PROTECTION_FILE)
+}
+
+impl ProtectionRecord {
+    pub fn new(
+        relationship_id: String,
+        replica_host_id: String,
+        replica_address: String,
+        s: v1::ReplicationSettings,
+    ) -> Result<Self, ProtectionError> {
+        if s.interval_ms == 0 {
+            return Err(ProtectionError::Invalid("replication interval must be positive".into()));
+        }
+        Ok(ProtectionRecord {
+            relationship_id,
+            replica_host_id,
+            replica_address,
+            interval_ms: s.interval_ms,
+            retention_ms: s.retention_ms,
+            app_consistent_every_ms: s.app_consistent_every_ms,
+            compression: s.compression,
+            retry_unit_ms: s.retry_unit_ms,
+            resync_window_start_hour: s.resync_window_start_hour,
+            resync_window_end_hour: s.resync_window_end_hour,
+        })
+    }
+
+    pub fn settings(&self) -> v1::ReplicationSettings {
+        v1::ReplicationSettings {
+            interval_ms: self.interval_ms,
+            retention_ms: self.retention_ms,
+            app_consistent_every_ms: self.app_consistent_every_ms,
+            compression: self.compression,
+            retry_unit_ms: self.retry_unit_ms,
+            resync_window_start_hour: self.resync_window_start_hour,
+            resync_window_end_hour: self.resync_window_end_hour,
+        }
+    }
+
+    /// The record of the VM in `folder`; `Ok(None)` when it is not protected.
+    pub fn load(folder: &Path) -> Result<Option<Self>, PersistError> {
+        persist::load(&record_path(folder), &PROTECTION_STATE)
+    }
+
+    pub fn save(&self, folder: &Path) -> Result<(), PersistError> {
+        persist::save_with_mode(&record_path(folder), &PROTECTION_STATE, self, persist::PUBLIC)
+    }
+
+    pub fn exists(folder: &Path) -> bool {
+        record_path(folder).exists()
+    }
+
+    /// Removes the record: the VM no longer replicates.
+    pub fn remove(folder: &Path) {
+        let path = record_path(folder);
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("removing {}: {e}", path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> ProtectionRecord {
+        let s = v1::ReplicationSettings { interval_ms: 300, retention_ms: 5, compression: true, ..Default::default() };
+        ProtectionRecord::new("r-0000abcd".into(), "host-b".into(), "127.0.0.1:7".into(), s).expect("record")
+    }
+
+    #[test]
+    fn round_trip_and_a_legacy_plain_json_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        assert_eq!(ProtectionRecord::load(dir.path()).expect("none"), None);
+        let r = record();
+        r.save(dir.path()).expect("save");
+        assert_eq!(ProtectionRecord::load(dir.path()).expect("load"), Some(r.clone()));
+        assert_eq!(r.settings().interval_ms, 300);
+        // What agents before the envelope wrote: plain JSON.
+        std::fs::write(record_path(dir.path()), serde_json::to_vec_pretty(&r).expect("json")).expect("write");
+        assert_eq!(ProtectionRecord::load(dir.path()).expect("legacy"), Some(r));
+    }
+
+    #[test]
+    fn torn_and_corrupt_files_are_typed_errors() {
+        let dir = tempfile::tempdir().expect("tmp");
+        record().save(dir.path()).expect("save");
+        let path = record_path(dir.path());
+        let good = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &good[..persist::HEADER_LEN + 3]).expect("write");
+        assert!(matches!(ProtectionRecord::load(dir.path()), Err(PersistError::Torn { .. })));
+        let mut bad = good;
+        let last = bad.len() - 2;
+        bad[last] ^= 0x01;
+        std::fs::write(&path, &bad).expect("write");
+        assert!(matches!(ProtectionRecord::load(dir.path()), Err(PersistError::Corrupt { .. })));
+        std::fs::write(&path, b"{\"relationship_id\": 3}").expect("write");
+        assert!(matches!(ProtectionRecord::load(dir.path()), Err(PersistError::Decode { version: 0, .. })));
+    }
+
+    #[test]
+    fn a_zero_interval_is_refused() {
+        let s = v1::ReplicationSettings::default();
+        assert!(matches!(
+            ProtectionRecord::new("r-1".into(), "h".into(), "a".into(), s),
+            Err(ProtectionError::Invalid(_))
+        ));
+    }
+}
