@@ -7,8 +7,8 @@
 //! CI failure can be read from its output.
 //!
 //! This module starts things (vault, provider, agents) and runs commands; what the
-//! tests ask through the operator CLI is in [`crate::cli`], grpcurl in
-//! [`crate::grpcurl`], the QEMU clients in [`crate::qemu`].
+//! tests ask through the operator CLI, grpcurl and the QEMU clients is in the modules
+//! above it (`cli`, `grpcurl`, `qemu`), which add methods to `Lab`.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
