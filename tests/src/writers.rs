@@ -144,6 +144,8 @@ pub fn random_u64() -> u64 {
 /// Writes random patterns at random offsets through several NBD URIs until stopped.
 pub struct Writer {
     rounds: Arc<AtomicU64>,
+    /// `qemu-io` runs started, and finished (they run one after the other).
+    runs: Arc<(AtomicU64, AtomicU64)>,
     thread: Background<Result<u64, String>>,
 }
 
@@ -154,7 +156,8 @@ impl Writer {
     /// a synchronisation).
     pub fn start(uris: Vec<String>, chunk: u64, span: u64, per_call: usize, pace: Duration) -> Self {
         let rounds = Arc::new(AtomicU64::new(0));
-        let r = rounds.clone();
+        let runs = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let (r, n_runs) = (rounds.clone(), runs.clone());
         let thread = Background::spawn(move |stop| {
             let mut seed = random_u64();
             let mut n = 0u64;
@@ -168,7 +171,9 @@ impl Writer {
                         let pattern = (seed >> 56) as u8 | 1;
                         cmd.args(["-c", &format!("write -P {pattern} {off} {chunk}")]);
                     }
+                    n_runs.0.fetch_add(1, Ordering::SeqCst);
                     let o = cmd.arg(uri).stdin(Stdio::null()).output().map_err(|e| e.to_string())?;
+                    n_runs.1.fetch_add(1, Ordering::SeqCst);
                     let out = String::from_utf8_lossy(&o.stdout);
                     if !o.status.success() || out.contains("failed") {
                         return Err(format!(
@@ -184,12 +189,20 @@ impl Writer {
             }
             Ok(n)
         });
-        Self { rounds, thread }
+        Self { rounds, runs, thread }
     }
 
     /// Rounds (one `qemu-io` run per URI) done so far.
     pub fn rounds(&self) -> u64 {
         self.rounds.load(Ordering::SeqCst)
+    }
+
+    /// `qemu-io` runs (started, finished) so far. A run overlapped a window that began
+    /// when `finished` was `f0` and ended when `started` was `s1` exactly when `s1 > f0`
+    /// (the runs are sequential: run `k` ended after the start iff `k >= f0`, and began
+    /// before the end iff `k < s1`).
+    pub fn runs(&self) -> (u64, u64) {
+        (self.runs.0.load(Ordering::SeqCst), self.runs.1.load(Ordering::SeqCst))
     }
 
     /// Stops the loop and waits for the running `qemu-io` to finish: every write it made
