@@ -14,7 +14,8 @@ use siterecovery_agent::protection::Protection;
 use siterecovery_agent::register::{RegisterArgs, register};
 use siterecovery_agent::replica::ReplicaSet;
 use siterecovery_agent::vm::{Hooks, VmManager};
-use tokio_util::sync::CancellationToken;
+use siterecovery_proto::daemon;
+use siterecovery_proto::model::units::parse_duration;
 
 #[derive(Parser)]
 #[command(
@@ -110,47 +111,10 @@ struct LocalFailover {
     point: String,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 5s, 1m)"))?;
-    Ok(match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    })
-}
-
-fn init_logging(json: bool, default: &str) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.log_json, if matches!(cli.cmd, Cmd::Serve { .. }) { "info" } else { "warn" });
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    if let Err(e) = rt.block_on(run(cli)) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    daemon::init_logging(cli.log_json, if matches!(cli.cmd, Cmd::Serve { .. }) { "info" } else { "warn" });
+    daemon::run_main(run(cli));
 }
 
 fn data_dir(d: Option<PathBuf>) -> Result<PathBuf> {
@@ -258,20 +222,7 @@ async fn serve(
     quiesce_hook: Option<String>,
 ) -> Result<()> {
     let files = Arc::new(AgentFiles::load(&dir)?);
-    let shutdown = CancellationToken::new();
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let t = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-            t.cancel();
-        });
-    }
+    let shutdown = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
     let peer_addr = peer_listen.unwrap_or_else(|| files.config.listen_address.clone());
     let peer_listener = tokio::net::TcpListener::bind(&peer_addr)
         .await

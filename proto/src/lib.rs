@@ -1,7 +1,10 @@
 //! The `siterecovery.v1` wire protocol: the generated tonic/prost code ([`v1`]), the
 //! encoded file descriptor set served by gRPC reflection, and the validated domain
-//! model ([`model`]) that receivers convert wire messages into.
+//! model ([`model`]) that receivers convert wire messages into; with feature `daemon`,
+//! the process set-up both binaries share ([`daemon`]).
 
+#[cfg(feature = "daemon")]
+pub mod daemon;
 pub mod model;
 
 /// Package `siterecovery.v1`.

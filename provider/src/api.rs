@@ -21,21 +21,28 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::control::{ControlService, Sessions};
 use crate::inventory::InventoryService;
-use crate::protection::{ProtectionConfig, ProtectionCore, ProtectionService};
+use crate::protection::{Core, ProtectionConfig, ProtectionCore, ProtectionService};
 use crate::registration::RegistrationService;
 use crate::store::Store;
 use crate::vault::Vault;
 
-/// Shared state of every service.
+/// Shared state of the registration, inventory and control services. Orchestration
+/// gets only the [`Core`] (through `Deref`, so `state.store` and `state.protection`
+/// read as before).
 pub struct AppState {
     pub vault_id: VaultId,
     /// The provider's data dir (registration secret file lives there).
     pub vault_dir: std::path::PathBuf,
     pub ca: VaultCa,
-    pub store: Store,
-    pub sessions: Sessions,
-    pub protection: ProtectionCore,
-    pub shutdown: CancellationToken,
+    pub sessions: Arc<Sessions>,
+    pub core: Arc<Core>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,16 +84,17 @@ pub async fn serve_with(
         .client_auth_optional(true)
         .timeout(Duration::from_secs(10));
     let (protection, resumed) = ProtectionCore::load(&store, protection)?;
+    let sessions = Arc::new(Sessions::new());
+    let core =
+        Arc::new(Core { store: Arc::new(store), protection, agents: sessions.clone(), shutdown: shutdown.clone() });
     let state = Arc::new(AppState {
         vault_id: vault.info.vault_id.clone(),
         vault_dir: vault.dir.clone(),
         ca: vault.ca,
-        store,
-        sessions: Sessions::new(),
-        protection,
-        shutdown: shutdown.clone(),
+        sessions,
+        core: core.clone(),
     });
-    crate::protection::resume_jobs(&state, resumed);
+    crate::protection::resume_jobs(&core, resumed);
     // The API schema is for members of the vault only, like every other call.
     let reflection_auth = {
         let vault_id = state.vault_id.clone();
@@ -114,7 +122,7 @@ pub async fn serve_with(
         .add_service(RegistrationServer::new(RegistrationService { state: state.clone() }))
         .add_service(InventoryServer::new(InventoryService { state: state.clone() }))
         .add_service(ControlServer::new(ControlService { state: state.clone() }))
-        .add_service(ProtectionServer::new(ProtectionService { state: state.clone() }))
+        .add_service(ProtectionServer::new(ProtectionService { core: core.clone(), vault_id: state.vault_id.clone() }))
         .add_service(InterceptedService::new(reflection_v1, reflection_auth.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, reflection_auth))
         .serve_with_incoming_shutdown(incoming, {

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use siterecovery_certs::Role;
+use siterecovery_proto::model::HostId;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::agent_message::Body;
 use siterecovery_proto::v1::control_server::Control;
@@ -23,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::api::AppState;
 use crate::auth::authorize;
-use crate::inventory::{HostRecord, VmRecord, internal, report_wins};
+use crate::inventory::{HostRecord, VmRecord, report_wins};
 use crate::store::{HOSTS, VMS};
 
 type Outbound = mpsc::Sender<Result<v1::ProviderMessage, Status>>;
@@ -68,18 +69,26 @@ impl Sessions {
         Self { sessions: Mutex::new(HashMap::new()), status: Mutex::new(HashMap::new()), next: AtomicU64::new(1) }
     }
 
-    pub fn status(&self, host_id: &str) -> LiveStatus {
+    pub fn status(&self, host_id: &(impl AsRef<str> + ?Sized)) -> LiveStatus {
+        let host_id = host_id.as_ref();
         self.status.lock().map(|s| s.get(host_id).cloned().unwrap_or_default()).unwrap_or_default()
     }
 
-    fn update_status(&self, host_id: &str, f: impl FnOnce(&mut LiveStatus)) {
+    fn update_status(&self, host_id: &HostId, f: impl FnOnce(&mut LiveStatus)) {
+        let host_id = host_id.as_str();
         if let Ok(mut s) = self.status.lock() {
             f(s.entry(host_id.to_owned()).or_default());
         }
     }
 
     /// Sends a command to a connected host and waits for its result.
-    pub async fn command(&self, host_id: &str, cmd: Command, timeout: Duration) -> Result<v1::CommandResult, Status> {
+    pub async fn command(
+        &self,
+        host_id: &(impl AsRef<str> + ?Sized),
+        cmd: Command,
+        timeout: Duration,
+    ) -> Result<v1::CommandResult, Status> {
+        let host_id = host_id.as_ref();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (done_tx, done_rx) = oneshot::channel();
         let tx = {
@@ -111,13 +120,13 @@ impl Sessions {
         })
     }
 
-    fn open(&self, host_id: &str, tx: Outbound) -> (u64, Arc<Mutex<Pending>>) {
+    fn open(&self, host_id: &HostId, tx: Outbound) -> (u64, Arc<Mutex<Pending>>) {
         let epoch = self.next.fetch_add(1, Ordering::Relaxed);
         let pending = Arc::new(Mutex::new(HashMap::new()));
         if let Ok(mut s) = self.sessions.lock() {
             // A reconnecting agent replaces its previous stream; dropping the old sender
             // ends that stream.
-            s.insert(host_id.to_owned(), Session { epoch, tx, pending: pending.clone() });
+            s.insert(host_id.to_string(), Session { epoch, tx, pending: pending.clone() });
         }
         self.update_status(host_id, |st| {
             st.connected = true;
@@ -126,12 +135,12 @@ impl Sessions {
         (epoch, pending)
     }
 
-    fn close(&self, host_id: &str, epoch: u64) {
+    fn close(&self, host_id: &HostId, epoch: u64) {
         let mut current = false;
         if let Ok(mut s) = self.sessions.lock()
-            && s.get(host_id).is_some_and(|x| x.epoch == epoch)
+            && s.get(host_id.as_str()).is_some_and(|x| x.epoch == epoch)
         {
-            s.remove(host_id);
+            s.remove(host_id.as_str());
             current = true;
         }
         if current {
@@ -163,9 +172,12 @@ impl Control for ControlService {
             .state
             .store
             .list::<HostRecord>(HOSTS)
-            .map_err(internal)?
+            .map_err(|e| {
+                tracing::error!("control session: {e:#}");
+                Status::internal(e.to_string())
+            })?
             .into_iter()
-            .find(|h| h.id == peer.id)
+            .find(|h| h.id.as_str() == peer.id)
             .ok_or_else(|| {
                 tracing::warn!(host_id = %peer.id, "refused control session: host not registered (or re-registered since)");
                 Status::permission_denied(format!(
@@ -259,7 +271,7 @@ fn handle(state: &AppState, host: &HostRecord, pending: &Mutex<Pending>, m: v1::
                             records.push((r.name.clone(), r));
                         }
                     }
-                    Err(e) => tracing::warn!(host = %host.name, "ignoring reported VM: {}", e.message()),
+                    Err(e) => tracing::warn!(host = %host.name, "ignoring reported VM: {e}"),
                 }
             }
             let id = host.id.clone();
@@ -269,7 +281,7 @@ fn handle(state: &AppState, host: &HostRecord, pending: &Mutex<Pending>, m: v1::
             let reported: Vec<VmRecord> = records.into_iter().map(|(_, r)| r).collect();
             crate::failover::on_inventory(state, host, &reported);
         }
-        Body::Replication(status) => state.protection.on_status(&state.store, &host.id, &status),
+        Body::Replication(status) => state.protection.on_status(&state.store, host.id.as_str(), &status),
         Body::Result(r) => {
             let waiter = pending.lock().ok().and_then(|mut p| p.remove(&r.command_id));
             match waiter {

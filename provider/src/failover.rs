@@ -27,16 +27,17 @@ use std::time::Duration;
 use siterecovery_proto::model::FailoverKind;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::provider_message::Command;
-use tonic::{Code, Status};
+use tonic::Status;
 
-use crate::api::AppState;
+use crate::agents::AgentErrorKind;
+
 use crate::inventory::{FailoverRecord as VmFailover, HostRecord, VmRecord};
-use crate::job::{self, JobRecord, now_ms};
+use crate::jobs::{Claim, JobKind, JobRecord, JobState, now_ms};
 use crate::network::{self, NetworkStore, NicIn, Reservation, TestNetwork};
 use crate::policy::{self, PolicyRecord};
 use crate::protection::{
-    Claim, Event, FailoverRecord, InvalidTransition, RelationshipRecord, ReplicationState, StatusRecord,
-    TestFailoverRecord, Wait, fail_job, host_name, hosts, progress_detail, protected, relationship_id, save_job,
+    Core, Event, FailoverRecord, InvalidTransition, RelationshipRecord, ReplicationState, StatusRecord,
+    TestFailoverRecord, Wait, claim, fail_job, host_name, hosts, progress_detail, protected, relationship_id, save_job,
     store_err, wait_step,
 };
 use crate::store::{POLICIES, VMS};
@@ -86,11 +87,11 @@ impl FailoverType {
         }
     }
 
-    fn job_kind(self) -> &'static str {
+    fn job_kind(self) -> JobKind {
         match self {
-            Self::Test => job::TEST_FAILOVER,
-            Self::Planned => job::PLANNED_FAILOVER,
-            Self::Unplanned => job::UNPLANNED_FAILOVER,
+            Self::Test => JobKind::TestFailover,
+            Self::Planned => JobKind::PlannedFailover,
+            Self::Unplanned => JobKind::UnplannedFailover,
         }
     }
 
@@ -141,35 +142,37 @@ pub struct FailoverOptions {
 
 /// A reservation in one line, for job details and plan scripts.
 pub fn describe_reservation(r: &Reservation) -> String {
-    if r.target_network.is_empty() {
-        return format!("nic{} {}: {}", r.nic, r.source_network, r.note);
-    }
+    let net =
+        |n: &Option<siterecovery_proto::model::NetworkName>| n.as_ref().map(|n| n.to_string()).unwrap_or_default();
+    let Some(target_network) = &r.target_network else {
+        return format!("nic{} {}: {}", r.nic, net(&r.source_network), r.note);
+    };
     let (from, to) = if r.dhcp {
         ("dhcp".to_string(), "dhcp".to_string())
     } else {
         (if r.source_ip.is_empty() { "-".into() } else { r.source_ip.clone() }, r.target_ip.clone())
     };
-    format!("nic{} {} {from} → {} {to} ({})", r.nic, r.source_network, r.target_network, r.note)
+    format!("nic{} {} {from} → {target_network} {to} ({})", r.nic, net(&r.source_network), r.note)
 }
 
 /// Reserves target addresses for the NICs of `vm`: addresses of other VMs' NICs and
 /// other relationships' reservations are taken.
-pub fn reserve_addresses(state: &AppState, vm: &VmRecord, _why: Option<&str>) -> Result<Vec<Reservation>, Status> {
+pub fn reserve_addresses(state: &Core, vm: &VmRecord, _why: Option<&str>) -> Result<Vec<Reservation>, Status> {
     let ns = NetworkStore::new(&state.store);
     let networks = ns.networks().map_err(store_err)?;
     let mappings = ns.mappings().map_err(store_err)?;
-    let mut taken: HashMap<String, HashSet<Ipv4Addr>> = HashMap::new();
-    for r in state.protection.all().iter().filter(|r| r.vm != vm.name) {
+    let mut taken: HashMap<siterecovery_proto::model::NetworkName, HashSet<Ipv4Addr>> = HashMap::new();
+    for r in state.protection.all().iter().filter(|r| vm.name != r.vm.as_str()) {
         for a in &r.addresses {
-            if let Ok(ip) = a.target_ip.parse() {
-                taken.entry(a.target_network.clone()).or_default().insert(ip);
+            if let (Ok(ip), Some(net)) = (a.target_ip.parse(), &a.target_network) {
+                taken.entry(net.clone()).or_default().insert(ip);
             }
         }
     }
     for other in state.store.list::<VmRecord>(VMS).map_err(store_err)?.iter().filter(|v| v.name != vm.name) {
         for n in other.nics.iter().filter(|n| !n.dhcp) {
-            if let Ok(ip) = n.ip.parse() {
-                taken.entry(n.network.clone()).or_default().insert(ip);
+            if let (Ok(ip), Some(net)) = (n.ip.parse(), &n.network) {
+                taken.entry(net.clone()).or_default().insert(ip);
             }
         }
     }
@@ -184,11 +187,11 @@ fn refuse(vm: &str, e: InvalidTransition, hint: &str) -> Status {
     Status::failed_precondition(format!("VM {vm}: {e}{hint}"))
 }
 
-fn connected(state: &AppState, host_id: &str) -> bool {
-    state.sessions.status(host_id).connected
+fn connected(state: &Core, host_id: &str) -> bool {
+    state.agents.connected(host_id)
 }
 
-fn require_connected(state: &AppState, hosts: &[HostRecord], host_id: &str, role: &str) -> Result<(), Status> {
+fn require_connected(state: &Core, hosts: &[HostRecord], host_id: &str, role: &str) -> Result<(), Status> {
     if connected(state, host_id) {
         Ok(())
     } else {
@@ -199,33 +202,36 @@ fn require_connected(state: &AppState, hosts: &[HostRecord], host_id: &str, role
 /// Stores the VM an agent returned (it now runs on `host_id`), filling in what a
 /// minimal agent leaves out: the NICs it was given and how it came to run.
 fn record_vm(
-    state: &AppState,
+    state: &Core,
     res: &v1::CommandResult,
     host_id: &str,
     nics: &[v1::Nic],
-    failover: VmFailover,
+    failover: Option<VmFailover>,
 ) -> Option<VmRecord> {
     let vm = res.vm.as_ref()?;
-    let mut rec = match VmRecord::from_report(vm, host_id) {
+    let rec = siterecovery_proto::model::HostId::new(host_id)
+        .map_err(|source| siterecovery_proto::model::WireError::Invalid { field: "host_id".into(), source })
+        .and_then(|host_id| VmRecord::from_report(vm, &host_id));
+    let mut rec = match rec {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(vm = %vm.name, "agent returned an invalid VM: {}", e.message());
+            tracing::warn!(vm = %vm.name.chars().take(80).collect::<String>(), "agent returned an invalid VM: {e}");
             return None;
         }
     };
     if rec.nics.is_empty() && !nics.is_empty() {
-        rec.nics = nics
+        match nics
             .iter()
-            .map(|n| crate::inventory::NicRecord {
-                network: n.network.clone(),
-                ip: n.ip.clone(),
-                dhcp: n.dhcp,
-                mac: n.mac.clone(),
-            })
-            .collect();
+            .enumerate()
+            .map(|(i, n)| crate::inventory::NicRecord::from_wire(n, &format!("nics[{i}]")))
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(n) => rec.nics = n,
+            Err(e) => tracing::warn!(vm = %rec.name, "NICs not recorded: {e}"),
+        }
     }
     if rec.failover.is_none() {
-        rec.failover = Some(failover);
+        rec.failover = failover;
     }
     if let Err(e) = state.store.put(VMS, &rec.name, &rec) {
         tracing::error!(vm = %rec.name, "cannot record the failed-over VM: {e:#}");
@@ -239,15 +245,19 @@ fn vm_failover(
     point: &str,
     committed: bool,
     test_of: &str,
-) -> VmFailover {
-    VmFailover {
-        relationship_id: rel.id.clone(),
-        point_id: point.to_owned(),
-        kind,
-        committed,
-        test_of: test_of.to_owned(),
-        started_unix_ms: now_ms(),
-    }
+) -> Option<VmFailover> {
+    use siterecovery_proto::model::wire;
+    let f = (|| {
+        Ok::<_, siterecovery_proto::model::WireError>(VmFailover {
+            relationship_id: wire::field("relationship_id", &rel.id)?,
+            point_id: wire::field("point_id", point)?,
+            kind,
+            committed,
+            test_of: wire::optional("test_of", test_of)?,
+            started_unix_ms: now_ms(),
+        })
+    })();
+    f.map_err(|e| tracing::warn!(vm = %rel.vm, "failover not recorded on the VM: {e}")).ok()
 }
 
 fn disks_text(v: Option<&VmRecord>) -> String {
@@ -282,12 +292,12 @@ fn nics_text(nics: &[v1::Nic]) -> String {
 
 /// Resolves `latest-app-consistent` to a point id on the replica host; other values
 /// go to the agent as they are.
-async fn resolve_point(state: &AppState, rel: &RelationshipRecord, point: &str) -> Result<String, String> {
+async fn resolve_point(state: &Core, rel: &RelationshipRecord, point: &str) -> Result<String, String> {
     match point {
         "" | "latest" => Ok("latest".into()),
         "latest-app-consistent" => {
             let res = state
-                .sessions
+                .agents
                 .command(
                     &rel.replica_host_id,
                     Command::ListPoints(v1::ListPoints { vm: rel.vm.clone() }),
@@ -307,7 +317,7 @@ async fn resolve_point(state: &AppState, rel: &RelationshipRecord, point: &str) 
 }
 
 /// `Failover` RPC.
-pub async fn start_failover(state: &Arc<AppState>, r: &v1::FailoverRequest) -> Result<JobRecord, Status> {
+pub async fn start_failover(state: &Arc<Core>, r: &v1::FailoverRequest) -> Result<JobRecord, Status> {
     let kind = FailoverType::from_wire(r.r#type).ok_or_else(|| {
         Status::invalid_argument(format!("failover type {}: use test, planned or unplanned", r.r#type))
     })?;
@@ -336,7 +346,7 @@ pub async fn start_failover(state: &Arc<AppState>, r: &v1::FailoverRequest) -> R
 }
 
 /// Checks that `vm` may fail over as asked, then starts the job.
-pub async fn start_vm_failover(state: &Arc<AppState>, vm: &str, opts: FailoverOptions) -> Result<JobRecord, Status> {
+pub async fn start_vm_failover(state: &Arc<Core>, vm: &str, opts: FailoverOptions) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     let hosts = hosts(state)?;
     let primary = host_name(&hosts, &rel.primary_host_id);
@@ -375,7 +385,7 @@ pub async fn start_vm_failover(state: &Arc<AppState>, vm: &str, opts: FailoverOp
         }
     }
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job =
         state.protection.jobs.create(&state.store, opts.kind.job_kind(), vm, opts.kind.steps()).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
@@ -405,7 +415,7 @@ pub async fn start_vm_failover(state: &Arc<AppState>, vm: &str, opts: FailoverOp
     Ok(job)
 }
 
-fn abort(state: &AppState, rel_id: &str) {
+fn abort(state: &Core, rel_id: &str) {
     if let Err(s) = state.protection.update(&state.store, rel_id, |r| {
         r.state = r.state.next(Event::FailoverAborted)?;
         Ok(())
@@ -415,7 +425,7 @@ fn abort(state: &AppState, rel_id: &str) {
 }
 
 async fn run_failover(
-    state: Arc<AppState>,
+    state: Arc<Core>,
     mut job: JobRecord,
     rel: RelationshipRecord,
     opts: FailoverOptions,
@@ -457,7 +467,7 @@ async fn run_failover(
                 test_vm_name: test_vm.clone(),
                 planned: false,
             });
-            let res = match state.sessions.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
+            let res = match state.agents.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
                 Ok(r) => r,
                 Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
             };
@@ -545,7 +555,7 @@ async fn run_failover(
                 test_vm_name: String::new(),
                 planned: true,
             });
-            let res = match state.sessions.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
+            let res = match state.agents.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
                 Ok(r) => r,
                 Err(s) => {
                     abort(&state, &rel.id);
@@ -627,7 +637,7 @@ async fn run_failover(
                 test_vm_name: String::new(),
                 planned: false,
             });
-            let res = match state.sessions.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
+            let res = match state.agents.command(&rel.replica_host_id, cmd, cfg.command_timeout).await {
                 Ok(r) => r,
                 Err(s) => {
                     abort(&state, &rel.id);
@@ -684,10 +694,10 @@ fn reported_point(res: &v1::CommandResult, asked: &str) -> String {
 }
 
 /// `PrepareFailover` to the primary host; the last point the replica acknowledged.
-pub(crate) async fn prepare_primary(state: &AppState, rel: &RelationshipRecord) -> Result<String, String> {
+pub(crate) async fn prepare_primary(state: &Core, rel: &RelationshipRecord) -> Result<String, String> {
     let cmd = Command::PrepareFailover(v1::PrepareFailover { relationship_id: rel.id.clone(), vm: rel.vm.clone() });
     let res = state
-        .sessions
+        .agents
         .command(&rel.primary_host_id, cmd, state.protection.config.command_timeout)
         .await
         .map_err(|s| s.message().to_owned())?;
@@ -695,17 +705,17 @@ pub(crate) async fn prepare_primary(state: &AppState, rel: &RelationshipRecord) 
 }
 
 /// Best-effort `StopVm` to the primary host; says what happened.
-pub(crate) async fn stop_primary(state: &AppState, rel: &RelationshipRecord, pname: &str) -> String {
+pub(crate) async fn stop_primary(state: &Core, rel: &RelationshipRecord, pname: &str) -> String {
     let timeout = state.protection.config.command_timeout.min(Duration::from_secs(30));
     let cmd = Command::StopVm(v1::StopVm { name: rel.vm.clone() });
-    match state.sessions.command(&rel.primary_host_id, cmd, timeout).await {
+    match state.agents.command(&rel.primary_host_id, cmd, timeout).await {
         Ok(_) => format!("VM {} stopped on {pname}", rel.vm),
         Err(s) => format!("could not stop VM {} on {pname} ({}); failover goes on", rel.vm, s.message()),
     }
 }
 
 /// `CommitFailover` RPC.
-pub async fn start_commit(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+pub async fn start_commit(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     rel.state.next(Event::Committed).map_err(|e| {
         let hint = match rel.state {
@@ -717,9 +727,9 @@ pub async fn start_commit(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
     })?;
     let hosts = hosts(state)?;
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job =
-        state.protection.jobs.create(&state.store, job::COMMIT_FAILOVER, vm, &COMMIT_STEPS).map_err(store_err)?;
+        state.protection.jobs.create(&state.store, JobKind::CommitFailover, vm, &COMMIT_STEPS).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     let rname = host_name(&hosts, &rel.replica_host_id);
     job.start_step(COMMIT_STEPS[0], &rname, now_ms());
@@ -749,10 +759,10 @@ pub async fn start_commit(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
     Ok(ret)
 }
 
-async fn commit_on_replica(state: &AppState, rel: &RelationshipRecord) -> Result<(), String> {
+async fn commit_on_replica(state: &Core, rel: &RelationshipRecord) -> Result<(), String> {
     let cmd = Command::CommitFailover(v1::CommitFailover { vm: rel.vm.clone() });
     let res = state
-        .sessions
+        .agents
         .command(&rel.replica_host_id, cmd, state.protection.config.command_timeout)
         .await
         .map_err(|s| format!("replica host: {}", s.message()))?;
@@ -774,7 +784,7 @@ async fn commit_on_replica(state: &AppState, rel: &RelationshipRecord) -> Result
 }
 
 /// `ChangePoint` RPC.
-pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) -> Result<JobRecord, Status> {
+pub async fn start_change_point(state: &Arc<Core>, vm: &str, point: &str) -> Result<JobRecord, Status> {
     if point.is_empty() {
         return Err(Status::invalid_argument("--point is required (see `points VM`)"));
     }
@@ -789,9 +799,9 @@ pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) ->
     })?;
     let hosts = hosts(state)?;
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job =
-        state.protection.jobs.create(&state.store, job::CHANGE_POINT, vm, &CHANGE_POINT_STEPS).map_err(store_err)?;
+        state.protection.jobs.create(&state.store, JobKind::ChangePoint, vm, &CHANGE_POINT_STEPS).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     let rname = host_name(&hosts, &rel.replica_host_id);
     job.start_step(CHANGE_POINT_STEPS[0], &format!("point {point} on {rname}"), now_ms());
@@ -806,8 +816,7 @@ pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) ->
             Err(e) => return fail_job(&state, &mut job, &e),
         };
         let cmd = Command::ChangePoint(v1::ChangePoint { vm: rel.vm.clone(), point: point.clone() });
-        let res = match state.sessions.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await
-        {
+        let res = match state.agents.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await {
             Ok(r) => r,
             Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
         };
@@ -839,7 +848,7 @@ pub async fn start_change_point(state: &Arc<AppState>, vm: &str, point: &str) ->
 }
 
 /// `CleanupTestFailover` RPC.
-pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+pub async fn start_cleanup(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     let Some(test) = rel.test_failover.clone() else {
         return Err(Status::failed_precondition(format!(
@@ -848,11 +857,11 @@ pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord,
     };
     let hosts = hosts(state)?;
     require_connected(state, &hosts, &rel.replica_host_id, "replica")?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job = state
         .protection
         .jobs
-        .create(&state.store, job::CLEANUP_TEST_FAILOVER, vm, &CLEANUP_STEPS)
+        .create(&state.store, JobKind::CleanupTestFailover, vm, &CLEANUP_STEPS)
         .map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     let rname = host_name(&hosts, &rel.replica_host_id);
@@ -866,12 +875,12 @@ pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord,
             vm: rel.vm.clone(),
             test_vm_name: test.test_vm.clone(),
         });
-        let note =
-            match state.sessions.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await {
-                Ok(_) => String::new(),
-                Err(s) if s.code() == Code::NotFound => format!(" (the host had no such VM: {})", s.message()),
-                Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
-            };
+        let note = match state.agents.command(&rel.replica_host_id, cmd, state.protection.config.command_timeout).await
+        {
+            Ok(_) => String::new(),
+            Err(s) if s.kind() == AgentErrorKind::NotFound => format!(" (the host had no such VM: {})", s.message()),
+            Err(s) => return fail_job(&state, &mut job, &format!("replica host {rname}: {}", s.message())),
+        };
         if let Err(e) = state.store.delete(VMS, &test.test_vm) {
             tracing::warn!(vm = %test.test_vm, "cannot forget the test VM: {e:#}");
         }
@@ -893,7 +902,7 @@ pub async fn start_cleanup(state: &Arc<AppState>, vm: &str) -> Result<JobRecord,
 }
 
 /// `Reprotect` RPC: reverse replication after a failover.
-pub async fn start_reprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+pub async fn start_reprotect(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     rel.state.next(Event::Reprotected).map_err(|e| {
         refuse(
@@ -919,11 +928,11 @@ pub async fn start_reprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecor
         .get::<VmRecord>(VMS, vm)
         .map_err(store_err)?
         .ok_or_else(|| Status::not_found(format!("no VM {vm:?} (see `vm list`)")))?;
-    let claim = Claim::take(state, vm)?;
+    let claim = claim(state, vm)?;
     let mut job = state
         .protection
         .jobs
-        .create(&state.store, job::REVERSE_REPLICATION, vm, &REPROTECT_STEPS)
+        .create(&state.store, JobKind::ReverseReplication, vm, &REPROTECT_STEPS)
         .map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     job.total_bytes = vm_rec.disks.iter().map(|d| d.size_bytes).sum();
@@ -946,7 +955,7 @@ pub async fn start_reprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecor
 }
 
 async fn run_reprotect(
-    state: Arc<AppState>,
+    state: Arc<Core>,
     mut job: JobRecord,
     old: RelationshipRecord,
     policy: PolicyRecord,
@@ -978,10 +987,10 @@ async fn run_reprotect(
     };
     let mut new = RelationshipRecord {
         id: relationship_id(),
-        vm: vm.name.clone(),
+        vm: vm.name.to_string(),
         primary_host_id: new_primary.clone(),
         replica_host_id: new_replica.clone(),
-        policy: policy.name.clone(),
+        policy: policy.name.to_string(),
         interval_ms: policy.interval_ms,
         state: ReplicationState::NotEnabled,
         created_unix_ms: now_ms(),
@@ -997,7 +1006,7 @@ async fn run_reprotect(
         reversed_from: old.id.clone(),
     };
     new.state = ReplicationState::NotEnabled.next(Event::Enabled).unwrap_or(ReplicationState::WaitingForInitial);
-    let restore = |state: &AppState, new_id: &str, old: &RelationshipRecord| {
+    let restore = |state: &Core, new_id: &str, old: &RelationshipRecord| {
         let _ = state.protection.remove(&state.store, new_id);
         if let Err(e) = state.protection.save(&state.store, old.clone()) {
             tracing::error!(relationship = %old.id, "cannot restore the relationship: {e:#}");
@@ -1018,13 +1027,13 @@ async fn run_reprotect(
     let settings = policy::replication_settings(&policy, cfg.test_intervals);
     let prepare = Command::PrepareReplica(v1::PrepareReplica {
         relationship_id: new.id.clone(),
-        vm: vm.name.clone(),
+        vm: vm.name.to_string(),
         primary_host_id: new_primary.clone(),
-        disks: vm.disks.iter().map(|d| v1::DiskSize { id: d.id.clone(), size_bytes: d.size_bytes }).collect(),
+        disks: vm.disks.iter().map(|d| v1::DiskSize { id: d.id.to_string(), size_bytes: d.size_bytes }).collect(),
         settings: Some(settings),
         adopt_vm_disks: true,
     });
-    if let Err(s) = state.sessions.command(&new_replica, prepare, cfg.command_timeout).await {
+    if let Err(s) = state.agents.command(&new_replica, prepare, cfg.command_timeout).await {
         restore(&state, &new.id, &old);
         return fail_job(&state, &mut job, &format!("former primary host {rname} refused: {}", s.message()));
     }
@@ -1036,23 +1045,24 @@ async fn run_reprotect(
     let step = REPROTECT_STEPS[3];
     job.start_step(step, &pname, now_ms());
     save_job(&state, &job);
-    let replica_address = hosts.iter().find(|h| h.id == new_replica).map(|h| h.address.clone()).unwrap_or_default();
+    let replica_address =
+        hosts.iter().find(|h| h.id.as_str() == new_replica).map(|h| h.address.clone()).unwrap_or_default();
     let start = Command::StartReplication(v1::StartReplication {
         relationship_id: new.id.clone(),
-        vm: vm.name.clone(),
+        vm: vm.name.to_string(),
         replica_host_id: new_replica.clone(),
         replica_address: replica_address.clone(),
         settings: Some(settings),
         resync_initial: true,
     });
-    if let Err(s) = state.sessions.command(&new_primary, start, cfg.command_timeout).await {
+    if let Err(s) = state.agents.command(&new_primary, start, cfg.command_timeout).await {
         // Keep the former primary's disks: they are the VM's older copy.
         let stop = Command::StopReplication(v1::StopReplication {
             relationship_id: new.id.clone(),
-            vm: vm.name.clone(),
+            vm: vm.name.to_string(),
             remove_replica: false,
         });
-        let _ = state.sessions.command(&new_replica, stop, cfg.command_timeout).await;
+        let _ = state.agents.command(&new_replica, stop, cfg.command_timeout).await;
         restore(&state, &new.id, &old);
         return fail_job(&state, &mut job, &format!("new primary host {pname} refused: {}", s.message()));
     }
@@ -1066,7 +1076,7 @@ async fn run_reprotect(
             "{} blocks compared, {} sent (4 KiB sub-blocks), {} on the wire",
             s.resync_blocks_compared,
             s.resync_blocks_sent,
-            crate::cli::human_size(s.resync_wire_bytes)
+            siterecovery_proto::model::units::human_size(s.resync_wire_bytes)
         );
         match rel.state {
             ReplicationState::Replicating => Wait::Done(format!("reverse replication running: {blocks}")),
@@ -1089,15 +1099,15 @@ async fn run_reprotect(
 /// Failovers the replica host reports that the provider did not make (an agent failed
 /// the VM over on its own while the provider was down, or a failover job was cut by a
 /// provider restart): the relationship follows and a job records it.
-pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
+pub fn on_inventory(state: &Core, host: &HostRecord, vms: &[VmRecord]) {
     for vm in vms {
         let Some(f) = &vm.failover else { continue };
-        if f.kind == FailoverKind::Test || !f.test_of.is_empty() {
+        if f.kind == FailoverKind::Test || f.test_of.is_some() {
             continue;
         }
-        let rel = state.protection.get(&f.relationship_id).or_else(|| state.protection.of_vm(&vm.name));
+        let rel = state.protection.get(f.relationship_id.as_str()).or_else(|| state.protection.of_vm(vm.name.as_str()));
         let Some(rel) = rel else { continue };
-        if rel.replica_host_id != host.id || rel.vm != vm.name {
+        if host.id != rel.replica_host_id.as_str() || vm.name != rel.vm.as_str() {
             continue;
         }
         let known = match rel.state {
@@ -1105,7 +1115,7 @@ pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
             ReplicationState::FailedOver => !f.committed,
             _ => false,
         };
-        if known || state.protection.busy(&vm.name) {
+        if known || state.protection.busy(vm.name.as_str()) {
             continue;
         }
         let now = now_ms();
@@ -1113,12 +1123,12 @@ pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
             r.state = r.state.next(Event::LocalFailover { committed: f.committed })?;
             let mut rec = r.failover.clone().unwrap_or(FailoverRecord {
                 kind: f.kind,
-                point_id: f.point_id.clone(),
+                point_id: f.point_id.to_string(),
                 job_id: String::new(),
                 started_unix_ms: if f.started_unix_ms > 0 { f.started_unix_ms } else { now },
                 committed_unix_ms: 0,
             });
-            rec.point_id = f.point_id.clone();
+            rec.point_id = f.point_id.to_string();
             if f.committed && rec.committed_unix_ms == 0 {
                 rec.committed_unix_ms = now;
             }
@@ -1133,13 +1143,14 @@ pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
             }
         };
         let step = "Local failover detected";
-        let mut job = match state.protection.jobs.create(&state.store, job::LOCAL_FAILOVER, &vm.name, &[step]) {
-            Ok(j) => j,
-            Err(e) => {
-                tracing::error!(vm = %vm.name, "cannot record the local failover job: {e:#}");
-                continue;
-            }
-        };
+        let mut job =
+            match state.protection.jobs.create(&state.store, JobKind::LocalFailover, vm.name.as_str(), &[step]) {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::error!(vm = %vm.name, "cannot record the local failover job: {e:#}");
+                    continue;
+                }
+            };
         job.relationship_id = rel.id.clone();
         job.start_step(step, "", now);
         let next = if f.committed {
@@ -1167,11 +1178,11 @@ pub fn on_inventory(state: &AppState, host: &HostRecord, vms: &[VmRecord]) {
 }
 
 /// Waits until job `id` ends; the job as it ended.
-pub(crate) async fn wait_job_end(state: &AppState, id: &str) -> Option<JobRecord> {
+pub(crate) async fn wait_job_end(state: &Core, id: &str) -> Option<JobRecord> {
     let mut rx = state.protection.jobs.subscribe();
     loop {
         match state.protection.jobs.get(&state.store, id) {
-            Ok(Some(j)) if j.state != job::JobState::Running => return Some(j),
+            Ok(Some(j)) if j.state != JobState::Running => return Some(j),
             Ok(Some(_)) => {}
             _ => return None,
         }
@@ -1182,3 +1193,6 @@ pub(crate) async fn wait_job_end(state: &AppState, id: &str) -> Option<JobRecord
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use siterecovery_proto::model::FailoverKind;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::inventory_client::InventoryClient;
 use siterecovery_proto::v1::protection_client::ProtectionClient;
@@ -219,7 +220,8 @@ pub async fn run(args: LabArgs) -> Result<()> {
     if result.is_ok() && !args.exit_when_ready {
         println!();
         println!("Running; Ctrl-C stops the lab.");
-        let shutdown = crate::shutdown_on_signals()?;
+        let shutdown =
+            siterecovery_proto::daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
         shutdown.cancelled().await;
     }
     println!("stopping the lab");
@@ -379,12 +381,7 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
     }
     println!("  test failover of vm1 (replication keeps running):");
     let job = prot
-        .failover(v1::FailoverRequest {
-            vm: "vm1".into(),
-            r#type: v1::FailoverKind::Test.into(),
-            point: "latest".into(),
-            ..Default::default()
-        })
+        .failover(cli::failover::request("vm1", FailoverKind::Test, "latest"))
         .await
         .map_err(rpc("failover test"))?
         .into_inner();
@@ -426,12 +423,7 @@ async fn planned_failover_to(
     host: &str,
 ) -> Result<String> {
     let job = prot
-        .failover(v1::FailoverRequest {
-            vm: "vm1".into(),
-            r#type: v1::FailoverKind::Planned.into(),
-            point: "latest".into(),
-            ..Default::default()
-        })
+        .failover(cli::failover::request("vm1", FailoverKind::Planned, "latest"))
         .await
         .map_err(rpc("failover planned"))?
         .into_inner();

@@ -12,14 +12,17 @@
 //! - [`api`]: the server that ties them together.
 //! - [`cli`]: the operator's commands against a running provider.
 
+pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod control;
+pub mod error;
 pub mod failover;
 pub mod health;
 pub mod inventory;
 pub mod job;
+pub mod jobs;
 pub mod network;
 pub mod plan;
 pub mod policy;

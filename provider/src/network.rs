@@ -20,10 +20,12 @@ use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+use siterecovery_proto::model::wire::{self, WireError};
+use siterecovery_proto::model::{CloudName, NetworkName, SiteName};
 use siterecovery_proto::v1;
 
 use crate::policy::{CloudInfo, PairingRecord};
-use crate::store::{META, Store, StoreError};
+use crate::store::{META, Store, StoreError, empty_is_none};
 
 /// `meta` key of the list of networks.
 pub const NETWORKS_KEY: &str = "networks";
@@ -34,8 +36,9 @@ pub const ISOLATED_SUFFIX: &str = "-test-isolated";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NetworkError {
-    #[error("invalid network name {0:?}: use 1-64 of A-Z a-z 0-9 . _ -")]
-    InvalidName(String),
+    /// The request does not convert into domain types (a network or site name).
+    #[error(transparent)]
+    Request(#[from] WireError),
     #[error("unknown site {0:?} (sites come from registered hosts; see `site list`)")]
     UnknownSite(String),
     #[error("network {0:?} already exists")]
@@ -144,8 +147,8 @@ impl std::fmt::Display for Pool {
 /// A VM network, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkRecord {
-    pub site: String,
-    pub name: String,
+    pub site: SiteName,
+    pub name: NetworkName,
     pub subnet: String,
     pub pools: Vec<Pool>,
     pub gateway: Option<Ipv4Addr>,
@@ -155,8 +158,8 @@ pub struct NetworkRecord {
 impl NetworkRecord {
     pub fn to_proto(&self) -> v1::VmNetwork {
         v1::VmNetwork {
-            site: self.site.clone(),
-            name: self.name.clone(),
+            site: self.site.to_string(),
+            name: self.name.to_string(),
             subnet: self.subnet.clone(),
             pools: self.pools.iter().map(|p| p.to_string()).collect(),
             gateway: self.gateway.map(|g| g.to_string()).unwrap_or_default(),
@@ -172,34 +175,70 @@ impl NetworkRecord {
 /// A network mapping, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MappingRecord {
-    pub source: String,
-    pub target: String,
+    pub source: NetworkName,
+    pub target: NetworkName,
 }
 
 impl MappingRecord {
     pub fn to_proto(&self) -> v1::NetworkMapping {
-        v1::NetworkMapping { source: self.source.clone(), target: self.target.clone() }
+        v1::NetworkMapping { source: self.source.to_string(), target: self.target.to_string() }
     }
 }
 
-fn is_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+/// A network as the operator asked for it, names converted (addresses are checked by
+/// [`validate_network`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkRequest {
+    pub site: SiteName,
+    pub name: NetworkName,
+    pub subnet: String,
+    pub pools: Vec<String>,
+    pub gateway: String,
+    pub dns: Vec<String>,
+}
+
+impl TryFrom<&v1::VmNetwork> for NetworkRequest {
+    type Error = WireError;
+    fn try_from(n: &v1::VmNetwork) -> Result<Self, WireError> {
+        Ok(Self {
+            site: wire::field("network.site", &n.site)?,
+            name: wire::field("network.name", &n.name)?,
+            subnet: n.subnet.clone(),
+            pools: n.pools.clone(),
+            gateway: n.gateway.clone(),
+            dns: n.dns.clone(),
+        })
+    }
+}
+
+/// A mapping as the operator asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappingRequest {
+    pub source: NetworkName,
+    pub target: NetworkName,
+}
+
+impl TryFrom<&v1::NetworkMapping> for MappingRequest {
+    type Error = WireError;
+    fn try_from(m: &v1::NetworkMapping) -> Result<Self, WireError> {
+        Ok(Self {
+            source: wire::field("mapping.source", &m.source)?,
+            target: wire::field("mapping.target", &m.target)?,
+        })
+    }
 }
 
 /// Validates a new network against the known sites and the existing networks.
 pub fn validate_network(
-    n: &v1::VmNetwork,
-    sites: &[String],
+    n: &NetworkRequest,
+    sites: &[SiteName],
     existing: &[NetworkRecord],
 ) -> Result<NetworkRecord, NetworkError> {
-    if !is_name(&n.name) {
-        return Err(NetworkError::InvalidName(n.name.clone()));
-    }
-    if !sites.iter().any(|s| s == &n.site) {
-        return Err(NetworkError::UnknownSite(n.site.clone()));
+    if !sites.contains(&n.site) {
+        return Err(NetworkError::UnknownSite(n.site.to_string()));
     }
     if existing.iter().any(|e| e.name == n.name) {
-        return Err(NetworkError::Exists(n.name.clone()));
+        return Err(NetworkError::Exists(n.name.to_string()));
     }
     let subnet = Cidr::parse(&n.subnet)?;
     let mut pools: Vec<Pool> = Vec::new();
@@ -228,33 +267,37 @@ pub fn validate_network(
 /// (any pairing from a cloud of the source site to a cloud of the target site), and the
 /// source has no mapping yet. Mapping the same pair again is accepted (idempotent).
 pub fn validate_mapping(
-    m: &v1::NetworkMapping,
+    m: &MappingRequest,
     networks: &[NetworkRecord],
     clouds: &[CloudInfo],
     pairings: &[PairingRecord],
     existing: &[MappingRecord],
 ) -> Result<MappingRecord, NetworkError> {
-    let find =
-        |n: &str| networks.iter().find(|x| x.name == n).ok_or_else(|| NetworkError::UnknownNetwork(n.to_owned()));
+    let find = |n: &NetworkName| {
+        networks.iter().find(|x| &x.name == n).ok_or_else(|| NetworkError::UnknownNetwork(n.to_string()))
+    };
     let (src, dst) = (find(&m.source)?, find(&m.target)?);
     if src.site == dst.site {
         return Err(NetworkError::SameSite {
-            source_net: src.name.clone(),
-            target: dst.name.clone(),
-            site: src.site.clone(),
+            source_net: src.name.to_string(),
+            target: dst.name.to_string(),
+            site: src.site.to_string(),
         });
     }
-    let site_of = |c: &str| clouds.iter().find(|x| x.name == c).map(|x| x.site.as_str());
+    let site_of = |c: &CloudName| clouds.iter().find(|x| &x.name == c).map(|x| &x.site);
     let paired = pairings
         .iter()
-        .any(|p| site_of(&p.source_cloud) == Some(src.site.as_str()) && site_of(&p.target_cloud) == Some(&dst.site));
+        .any(|p| site_of(&p.source_cloud) == Some(&src.site) && site_of(&p.target_cloud) == Some(&dst.site));
     if !paired {
-        return Err(NetworkError::SitesNotPaired { source_site: src.site.clone(), target_site: dst.site.clone() });
+        return Err(NetworkError::SitesNotPaired {
+            source_site: src.site.to_string(),
+            target_site: dst.site.to_string(),
+        });
     }
     if let Some(e) = existing.iter().find(|e| e.source == src.name)
         && e.target != dst.name
     {
-        return Err(NetworkError::AlreadyMapped { source_net: e.source.clone(), target: e.target.clone() });
+        return Err(NetworkError::AlreadyMapped { source_net: e.source.to_string(), target: e.target.to_string() });
     }
     Ok(MappingRecord { source: src.name.clone(), target: dst.name.clone() })
 }
@@ -267,7 +310,7 @@ pub fn allocate(
     taken: &HashSet<Ipv4Addr>,
 ) -> Result<Ipv4Addr, NetworkError> {
     if target.pools.is_empty() {
-        return Err(NetworkError::NoPool(target.name.clone()));
+        return Err(NetworkError::NoPool(target.name.to_string()));
     }
     let free = |ip: Ipv4Addr| !taken.contains(&ip) && Some(ip) != target.gateway;
     if let Some(ip) = current
@@ -284,29 +327,36 @@ pub fn allocate(
             }
         }
     }
-    Err(NetworkError::PoolExhausted { network: target.name.clone() })
+    Err(NetworkError::PoolExhausted { network: target.name.to_string() })
 }
 
 /// The address plan of one NIC (stored on the relationship).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Reservation {
     pub nic: u32,
-    pub source_network: String,
+    /// `None`: the NIC is not connected.
+    #[serde(with = "empty_is_none")]
+    pub source_network: Option<NetworkName>,
     pub source_ip: String,
-    /// Empty when the source network has no mapping.
-    pub target_network: String,
+    /// `None` when the source network has no mapping.
+    #[serde(with = "empty_is_none")]
+    pub target_network: Option<NetworkName>,
     pub target_ip: String,
     pub dhcp: bool,
     pub note: String,
+}
+
+fn name_or_empty(n: &Option<NetworkName>) -> String {
+    n.as_ref().map(|n| n.to_string()).unwrap_or_default()
 }
 
 impl Reservation {
     pub fn to_proto(&self) -> v1::AddressReservation {
         v1::AddressReservation {
             nic: self.nic,
-            source_network: self.source_network.clone(),
+            source_network: name_or_empty(&self.source_network),
             source_ip: self.source_ip.clone(),
-            target_network: self.target_network.clone(),
+            target_network: name_or_empty(&self.target_network),
             target_ip: self.target_ip.clone(),
             dhcp: self.dhcp,
             note: self.note.clone(),
@@ -315,22 +365,28 @@ impl Reservation {
 
     /// The NIC of the failed-over VM (planned or unplanned failover).
     pub fn failover_nic(&self, mac: &str) -> v1::Nic {
-        if self.target_network.is_empty() {
+        if self.target_network.is_none() {
             return v1::Nic {
-                network: self.source_network.clone(),
+                network: name_or_empty(&self.source_network),
                 ip: self.source_ip.clone(),
                 dhcp: self.dhcp,
                 mac: mac.into(),
             };
         }
-        v1::Nic { network: self.target_network.clone(), ip: self.target_ip.clone(), dhcp: self.dhcp, mac: mac.into() }
+        v1::Nic {
+            network: name_or_empty(&self.target_network),
+            ip: self.target_ip.clone(),
+            dhcp: self.dhcp,
+            mac: mac.into(),
+        }
     }
 }
 
 /// A NIC as the allocation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicIn {
-    pub network: String,
+    /// `None`: not connected.
+    pub network: Option<NetworkName>,
     pub ip: String,
     pub dhcp: bool,
 }
@@ -341,7 +397,7 @@ pub fn plan_addresses(
     nics: &[NicIn],
     networks: &[NetworkRecord],
     mappings: &[MappingRecord],
-    taken: &mut std::collections::HashMap<String, HashSet<Ipv4Addr>>,
+    taken: &mut std::collections::HashMap<NetworkName, HashSet<Ipv4Addr>>,
 ) -> Result<Vec<Reservation>, NetworkError> {
     let mut out = Vec::new();
     for (i, n) in nics.iter().enumerate() {
@@ -352,18 +408,18 @@ pub fn plan_addresses(
             dhcp: n.dhcp,
             ..Default::default()
         };
-        let mapped = mappings.iter().find(|m| m.source == n.network);
+        let mapped = mappings.iter().find(|m| n.network.as_ref() == Some(&m.source));
         match mapped {
-            None => r.note = format!("network {:?} is not mapped: network and address kept", n.network),
+            None => r.note = format!("network {:?} is not mapped: network and address kept", name_or_empty(&n.network)),
             Some(m) => {
-                r.target_network = m.target.clone();
+                r.target_network = Some(m.target.clone());
                 if n.dhcp {
                     r.note = "dhcp: not managed".into();
                 } else {
                     let target = networks
                         .iter()
                         .find(|x| x.name == m.target)
-                        .ok_or_else(|| NetworkError::UnknownNetwork(m.target.clone()))?;
+                        .ok_or_else(|| NetworkError::UnknownNetwork(m.target.to_string()))?;
                     let current = n.ip.parse::<Ipv4Addr>().ok();
                     let used = taken.entry(target.name.clone()).or_default();
                     let ip = allocate(current, target, used)?;
@@ -446,7 +502,8 @@ pub fn test_nics(reservations: &[Reservation], macs: &[String], mode: TestNetwor
             match mode {
                 TestNetwork::Mapped => r.failover_nic(&mac),
                 TestNetwork::Isolated => {
-                    let base = if r.target_network.is_empty() { &r.source_network } else { &r.target_network };
+                    let base =
+                        name_or_empty(r.target_network.as_ref().map_or(&r.source_network, |_| &r.target_network));
                     v1::Nic { network: format!("{base}{ISOLATED_SUFFIX}"), ip: r.source_ip.clone(), dhcp: r.dhcp, mac }
                 }
                 TestNetwork::None => v1::Nic { network: String::new(), ip: String::new(), dhcp: false, mac },
@@ -514,6 +571,22 @@ mod tests {
 
     use super::*;
 
+    /// The service's path: conversion, then validation.
+    fn validate_network(
+        n: &v1::VmNetwork,
+        sites: &[SiteName],
+        existing: &[NetworkRecord],
+    ) -> Result<NetworkRecord, NetworkError> {
+        super::validate_network(&NetworkRequest::try_from(n)?, sites, existing)
+    }
+
+    fn name<T: std::str::FromStr>(s: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
+        s.parse().expect("test name")
+    }
+
     fn net(name: &str, site: &str, subnet: &str, pools: &[&str], gw: &str) -> v1::VmNetwork {
         v1::VmNetwork {
             site: site.into(),
@@ -525,8 +598,8 @@ mod tests {
         }
     }
 
-    fn sites() -> Vec<String> {
-        vec!["primary".into(), "secondary".into()]
+    fn sites() -> Vec<SiteName> {
+        vec![name("primary"), name("secondary")]
     }
 
     #[test]
@@ -559,7 +632,14 @@ mod tests {
         ));
         assert!(matches!(err(net("x", "mars", "10.0.0.0/24", &[], "")), NetworkError::UnknownSite(_)));
         assert!(matches!(err(net("corp", "primary", "10.0.0.0/24", &[], "")), NetworkError::Exists(_)));
-        assert!(matches!(err(net("a b", "primary", "10.0.0.0/24", &[], "")), NetworkError::InvalidName(_)));
+        assert!(matches!(
+            err(net("a b", "primary", "10.0.0.0/24", &[], "")),
+            NetworkError::Request(e) if e.field() == "network.name"
+        ));
+        assert!(matches!(
+            err(net("x", "../etc", "10.0.0.0/24", &[], "")),
+            NetworkError::Request(e) if e.field() == "network.site"
+        ));
     }
 
     fn pairing(s: &str, t: &str) -> PairingRecord {
@@ -576,11 +656,11 @@ mod tests {
             validate_network(&net("c", "secondary", "10.2.0.0/24", &[], ""), &sites(), &[]).expect("c"),
         ];
         let clouds = vec![
-            CloudInfo { name: "gold-a".into(), site: "primary".into() },
-            CloudInfo { name: "gold-b".into(), site: "secondary".into() },
+            CloudInfo { name: name("gold-a"), site: name("primary") },
+            CloudInfo { name: name("gold-b"), site: name("secondary") },
         ];
         let pairings = vec![pairing("gold-a", "gold-b")];
-        let m = |s: &str, t: &str| v1::NetworkMapping { source: s.into(), target: t.into() };
+        let m = |s: &str, t: &str| MappingRequest { source: name(s), target: name(t) };
         let ab = validate_mapping(&m("a", "b"), &nets, &clouds, &pairings, &[]).expect("a→b");
         assert_eq!(ab.target, "b");
         let existing = vec![ab];
@@ -633,8 +713,8 @@ mod tests {
         let t = target();
         let src = validate_network(&net("corp", "primary", "10.0.0.0/24", &[], ""), &sites(), &[]).expect("corp");
         let nets = vec![src, t];
-        let maps = vec![MappingRecord { source: "corp".into(), target: "dr".into() }];
-        let nic = |n: &str, ip: &str, dhcp| NicIn { network: n.into(), ip: ip.into(), dhcp };
+        let maps = vec![MappingRecord { source: name("corp"), target: name("dr") }];
+        let nic = |n: &str, ip: &str, dhcp| NicIn { network: Some(name(n)), ip: ip.into(), dhcp };
         let mut taken = HashMap::new();
         let r = plan_addresses(
             &[
@@ -650,8 +730,8 @@ mod tests {
         .expect("plan");
         assert_eq!(r[0].target_ip, "10.0.0.11");
         assert_eq!(r[0].note, "same address kept");
-        assert!(r[1].dhcp && r[1].target_ip.is_empty() && r[1].target_network == "dr");
-        assert!(r[2].target_network.is_empty() && r[2].note.contains("not mapped"));
+        assert!(r[1].dhcp && r[1].target_ip.is_empty() && r[1].target_network == Some(name("dr")));
+        assert!(r[2].target_network.is_none() && r[2].note.contains("not mapped"));
         assert_eq!(r[2].failover_nic("").ip, "172.16.0.4");
         // The second NIC asking for .11 gets another one: the first reserved it.
         assert_eq!(r[3].target_ip, "10.0.0.10");
@@ -669,9 +749,9 @@ mod tests {
     fn test_network_modes() {
         let r = vec![Reservation {
             nic: 0,
-            source_network: "corp".into(),
+            source_network: Some(name("corp")),
             source_ip: "10.0.0.5".into(),
-            target_network: "dr".into(),
+            target_network: Some(name("dr")),
             target_ip: "10.0.0.10".into(),
             dhcp: false,
             note: String::new(),

@@ -30,11 +30,10 @@ use siterecovery_certs::identity::is_token;
 use siterecovery_proto::v1;
 use tonic::Status;
 
-use crate::api::AppState;
 use crate::failover::{self, FailoverOptions, FailoverType};
-use crate::job::{self, JobRecord, JobState, StepState, now_ms};
+use crate::jobs::{JobKind, JobRecord, JobState, StepState, now_ms};
 use crate::network::TestNetwork;
-use crate::protection::{Event, RelationshipRecord, fail_job, host_name, hosts, protected, save_job, store_err};
+use crate::protection::{Core, Event, RelationshipRecord, fail_job, host_name, hosts, protected, save_job, store_err};
 use crate::store::{META, Store, StoreError};
 
 /// `meta` key of the list of plans.
@@ -279,7 +278,7 @@ pub fn list(store: &Store) -> Result<Vec<PlanRecord>, StoreError> {
 }
 
 /// `CreatePlan` RPC.
-pub fn create(state: &AppState, p: &v1::RecoveryPlan) -> Result<PlanRecord, Status> {
+pub fn create(state: &Core, p: &v1::RecoveryPlan) -> Result<PlanRecord, Status> {
     let rec = validate(p).map_err(plan_status)?;
     let _g = WRITE.lock().unwrap_or_else(|e| e.into_inner());
     let mut all = list(&state.store).map_err(store_err)?;
@@ -300,7 +299,7 @@ fn plan_status(e: PlanError) -> Status {
 }
 
 /// Checks every VM of the plan may fail over as asked; all problems in one message.
-fn check_vms(state: &AppState, plan: &PlanRecord, kind: FailoverType) -> Result<Vec<RelationshipRecord>, Status> {
+fn check_vms(state: &Core, plan: &PlanRecord, kind: FailoverType) -> Result<Vec<RelationshipRecord>, Status> {
     let hosts = hosts(state)?;
     let mut rels = Vec::new();
     let mut problems = Vec::new();
@@ -326,13 +325,13 @@ fn check_vms(state: &AppState, plan: &PlanRecord, kind: FailoverType) -> Result<
         if state.protection.busy(vm) {
             problems.push(format!("VM {vm}: another job is working on it"));
         }
-        if kind == FailoverType::Planned && !state.sessions.status(&rel.primary_host_id).connected {
+        if kind == FailoverType::Planned && !state.agents.connected(&rel.primary_host_id) {
             problems.push(format!(
                 "VM {vm}: primary host {} is not connected (use --type unplanned)",
                 host_name(&hosts, &rel.primary_host_id)
             ));
         }
-        if !state.sessions.status(&rel.replica_host_id).connected {
+        if !state.agents.connected(&rel.replica_host_id) {
             problems
                 .push(format!("VM {vm}: replica host {} is not connected", host_name(&hosts, &rel.replica_host_id)));
         }
@@ -346,7 +345,7 @@ fn check_vms(state: &AppState, plan: &PlanRecord, kind: FailoverType) -> Result<
 }
 
 /// `PlanFailover` RPC.
-pub async fn start_failover(state: &Arc<AppState>, name: &str, kind: i32) -> Result<JobRecord, Status> {
+pub async fn start_failover(state: &Arc<Core>, name: &str, kind: i32) -> Result<JobRecord, Status> {
     let kind = FailoverType::from_wire(kind)
         .ok_or_else(|| Status::invalid_argument(format!("failover type {kind}: use test, planned or unplanned")))?;
     let plan = list(&state.store)
@@ -357,14 +356,15 @@ pub async fn start_failover(state: &Arc<AppState>, name: &str, kind: i32) -> Res
     let rels = check_vms(state, &plan, kind)?;
     let names = step_names(&plan, kind);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let job = state.protection.jobs.create(&state.store, job::RECOVERY_PLAN, &plan.name, &refs).map_err(store_err)?;
+    let job =
+        state.protection.jobs.create(&state.store, JobKind::RecoveryPlan, &plan.name, &refs).map_err(store_err)?;
     let ret = job.clone();
     tokio::spawn(run(state.clone(), job, plan, kind, rels));
     Ok(ret)
 }
 
 /// `ConfirmPlanAction` RPC.
-pub fn confirm(state: &AppState, job_id: &str) -> Result<JobRecord, Status> {
+pub fn confirm(state: &Core, job_id: &str) -> Result<JobRecord, Status> {
     let job = state
         .protection
         .jobs
@@ -437,7 +437,7 @@ pub async fn run_script(path: &str, env: &[(&str, String)], timeout: Duration) -
 }
 
 async fn run(
-    state: Arc<AppState>,
+    state: Arc<Core>,
     mut job: JobRecord,
     plan: PlanRecord,
     kind: FailoverType,
@@ -500,7 +500,7 @@ async fn run(
                 let g = &plan.groups[gi];
                 let now = now_ms();
                 for vm in &g.vms {
-                    job.start_step(&vm_step(g.order, vm), "", now);
+                    job.start_step(vm_step(g.order, vm), "", now);
                 }
                 save_job(&state, &job);
                 let mut futs: FuturesUnordered<_> = g

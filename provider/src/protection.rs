@@ -12,7 +12,7 @@
 //! says so. They never wait for ever: each waiting step has an overall timeout, and it
 //! fails as soon as its relationship is removed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,16 +20,20 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use siterecovery_certs::Role;
+use siterecovery_certs::VaultId;
+use siterecovery_proto::model::{PolicyName, SiteName};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::protection_server::Protection;
 use siterecovery_proto::v1::provider_message::Command;
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
-use crate::api::AppState;
+use crate::agents::{AgentError, AgentErrorKind, Agents};
 use crate::auth::authorize;
 use crate::health::{self, CycleSample, Health, HealthInput};
-use crate::inventory::{HostRecord, VmRecord, internal};
-use crate::job::{self, JobRecord, JobState, Jobs, now_ms};
+use crate::inventory::HostRecord;
+use crate::inventory::VmRecord;
+use crate::jobs::{self, Claim, EnableStep, JobKind, JobRecord, JobState, Jobs, Step, now_ms};
 use crate::network::{self, NetworkError, NetworkStore, Reservation};
 use crate::policy::{self, CloudInfo, PairingError, PairingRecord, PolicyError, PolicyRecord};
 use crate::store::{HOSTS, PAIRINGS, POLICIES, RELATIONSHIPS, Store, StoreError, VMS};
@@ -460,9 +464,8 @@ struct Live {
 /// working on right now.
 pub struct ProtectionCore {
     pub config: ProtectionConfig,
-    pub jobs: Jobs,
+    pub jobs: Arc<Jobs>,
     rels: Mutex<HashMap<String, Live>>,
-    busy: Mutex<HashSet<String>>,
     /// Plan jobs waiting for `plan confirm`, by job id.
     pub(crate) confirms: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
@@ -480,15 +483,9 @@ impl ProtectionCore {
             .into_iter()
             .map(|r| (r.id.clone(), Live { rec: r, persisted: Instant::now() }))
             .collect();
-        let resumed = job::recover(store)?;
+        let resumed = jobs::recover(store)?;
         Ok((
-            Self {
-                config,
-                jobs: Jobs::new(),
-                rels: Mutex::new(rels),
-                busy: Mutex::new(HashSet::new()),
-                confirms: Mutex::new(HashMap::new()),
-            },
+            Self { config, jobs: Arc::new(Jobs::new()), rels: Mutex::new(rels), confirms: Mutex::new(HashMap::new()) },
             resumed,
         ))
     }
@@ -592,49 +589,22 @@ impl ProtectionCore {
         self.jobs.notify();
     }
 
-    /// Marks `vm` as worked on by a job; `None` when another job already is.
-    pub(crate) fn claim(&self, vm: &str) -> bool {
-        lock(&self.busy).insert(vm.to_owned())
-    }
-
     /// Whether a job is working on `vm` right now.
     pub fn busy(&self, vm: &str) -> bool {
-        lock(&self.busy).contains(vm)
-    }
-
-    fn release(&self, vm: &str) {
-        lock(&self.busy).remove(vm);
+        self.jobs.busy(vm)
     }
 }
 
-/// Holds a VM's claim until dropped.
-pub(crate) struct Claim {
-    state: Arc<AppState>,
-    vm: String,
-}
-
-impl Claim {
-    pub(crate) fn take(state: &Arc<AppState>, vm: &str) -> Result<Self, Status> {
-        if !state.protection.claim(vm) {
-            return Err(Status::failed_precondition(format!(
-                "another protection job is working on VM {vm:?} right now (see `job list`)"
-            )));
-        }
-        Ok(Self { state: state.clone(), vm: vm.to_owned() })
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.state.protection.release(&self.vm);
-    }
+/// Claims `vm` for a job.
+pub(crate) fn claim(state: &Core, vm: &str) -> Result<Claim, Status> {
+    state.protection.jobs.claim(vm).map_err(|e| Status::failed_precondition(e.to_string()))
 }
 
 /// The operator's view of a relationship (for `Vm.replication`).
-pub fn replication_view(state: &AppState, rec: &RelationshipRecord, hosts: &[HostRecord], now: i64) -> v1::Replication {
-    let name = |id: &str| hosts.iter().find(|h| h.id == id).map(|h| h.name.clone()).unwrap_or_else(|| id.to_owned());
+pub fn replication_view(state: &Core, rec: &RelationshipRecord, hosts: &[HostRecord], now: i64) -> v1::Replication {
+    let name = |id: &str| host_name(hosts, id);
     let primary = name(&rec.primary_host_id);
-    let connected = state.sessions.status(&rec.primary_host_id).connected;
+    let connected = state.agents.connected(&rec.primary_host_id);
     let (h, reasons) = rec.health(connected, &primary, now);
     let s = &rec.status;
     let lag = if s.last_point_unix_ms > 0 && !rec.state.in_failover() && rec.state != ReplicationState::NotEnabled {
@@ -664,7 +634,7 @@ pub fn replication_view(state: &AppState, rec: &RelationshipRecord, hosts: &[Hos
 }
 
 /// `Vm.replication` for every protected VM, by VM name.
-pub fn replication_views(state: &AppState, hosts: &[HostRecord]) -> HashMap<String, v1::Replication> {
+pub fn replication_views(state: &Core, hosts: &[HostRecord]) -> HashMap<String, v1::Replication> {
     let now = now_ms();
     state.protection.all().iter().map(|r| (r.vm.clone(), replication_view(state, r, hosts, now))).collect()
 }
@@ -698,20 +668,47 @@ fn pairing_status(e: PairingError) -> Status {
     let msg = e.to_string();
     match e {
         PairingError::UnknownCloud(_) | PairingError::UnknownPolicy(_) => Status::not_found(msg),
-        PairingError::SameCloud(_) | PairingError::SameSite { .. } => Status::invalid_argument(msg),
+        PairingError::Request(_) | PairingError::SameCloud(_) | PairingError::SameSite { .. } => {
+            Status::invalid_argument(msg)
+        }
         PairingError::AlreadyPaired { .. } => Status::failed_precondition(msg),
     }
 }
 
 pub(crate) fn store_err(e: StoreError) -> Status {
-    internal(e)
+    tracing::error!("internal error: {e:#}");
+    Status::internal(e.to_string())
 }
 
 // ---------------------------------------------------------------------------------
 // The service.
 
 pub struct ProtectionService {
-    pub state: Arc<AppState>,
+    pub core: Arc<Core>,
+    pub vault_id: VaultId,
+}
+
+/// Everything orchestration works with: the store, the relationships and jobs, the
+/// agents, and the process's shutdown signal.
+pub struct Core {
+    pub store: Arc<Store>,
+    pub protection: ProtectionCore,
+    pub agents: Arc<dyn Agents>,
+    pub shutdown: CancellationToken,
+}
+
+/// The status code of an agent's error, as the operator's RPC reports it.
+pub(crate) fn agent_code(e: &AgentError) -> Code {
+    match e.kind() {
+        AgentErrorKind::Unavailable => Code::Unavailable,
+        AgentErrorKind::Timeout => Code::DeadlineExceeded,
+        AgentErrorKind::InvalidArgument => Code::InvalidArgument,
+        AgentErrorKind::NotFound => Code::NotFound,
+        AgentErrorKind::AlreadyExists => Code::AlreadyExists,
+        AgentErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        AgentErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        AgentErrorKind::Internal => Code::Internal,
+    }
 }
 
 /// What "Check prerequisites" found: everything the following steps need.
@@ -725,7 +722,7 @@ struct Plan {
     addresses: Vec<Reservation>,
 }
 
-pub(crate) fn hosts(state: &AppState) -> Result<Vec<HostRecord>, Status> {
+pub(crate) fn hosts(state: &Core) -> Result<Vec<HostRecord>, Status> {
     state.store.list(HOSTS).map_err(store_err)
 }
 
@@ -740,16 +737,16 @@ pub(crate) fn cloud_infos(hosts: &[HostRecord]) -> Vec<CloudInfo> {
 }
 
 /// How many protected VMs have their primary in `cloud`.
-fn protected_in_cloud(state: &AppState, hosts: &[HostRecord], cloud: &str) -> usize {
+fn protected_in_cloud(state: &Core, hosts: &[HostRecord], cloud: &str) -> usize {
     state
         .protection
         .all()
         .iter()
-        .filter(|r| hosts.iter().any(|h| h.id == r.primary_host_id && h.cloud == cloud))
+        .filter(|r| hosts.iter().any(|h| h.id.as_str() == r.primary_host_id && h.cloud == cloud))
         .count()
 }
 
-fn check_prerequisites(state: &AppState, vm_name: &str) -> Result<(Plan, String), Status> {
+fn check_prerequisites(state: &Core, vm_name: &str) -> Result<(Plan, String), Status> {
     let vm = state
         .store
         .get::<VmRecord>(VMS, vm_name)
@@ -779,17 +776,15 @@ fn check_prerequisites(state: &AppState, vm_name: &str) -> Result<(Plan, String)
             pairing.policy, primary.cloud
         ))
     })?;
-    if !state.sessions.status(&primary.id).connected {
+    if !state.agents.connected(primary.id.as_str()) {
         return Err(Status::unavailable(format!("primary host {} is not connected", primary.name)));
     }
     let total_bytes: u64 = vm.disks.iter().map(|d| d.size_bytes).sum();
     let candidates: Vec<(HostRecord, u64)> = hosts
         .iter()
         .filter(|h| h.cloud == pairing.target_cloud)
-        .filter_map(|h| {
-            let live = state.sessions.status(&h.id);
-            live.connected.then(|| (h.clone(), live.free_bytes))
-        })
+        .filter(|h| state.agents.connected(h.id.as_str()))
+        .map(|h| (h.clone(), state.agents.free_bytes(h.id.as_str())))
         .collect();
     let (replica, free) = candidates.into_iter().max_by_key(|(_, free)| *free).ok_or_else(|| {
         Status::unavailable(format!("no host of target cloud {:?} is connected", pairing.target_cloud))
@@ -799,8 +794,8 @@ fn check_prerequisites(state: &AppState, vm_name: &str) -> Result<(Plan, String)
             "not enough space in target cloud {:?}: host {} (the emptiest connected one) has {} free, VM {vm_name} needs {}",
             pairing.target_cloud,
             replica.name,
-            crate::cli::human_size(free),
-            crate::cli::human_size(total_bytes)
+            siterecovery_proto::model::units::human_size(free),
+            siterecovery_proto::model::units::human_size(total_bytes)
         )));
     }
     let addresses = crate::failover::reserve_addresses(state, &vm, None)?;
@@ -810,8 +805,8 @@ fn check_prerequisites(state: &AppState, vm_name: &str) -> Result<(Plan, String)
         pairing.target_cloud,
         policy.name,
         replica.name,
-        crate::cli::human_size(free),
-        crate::cli::human_size(total_bytes)
+        siterecovery_proto::model::units::human_size(free),
+        siterecovery_proto::model::units::human_size(total_bytes)
     );
     for r in &addresses {
         detail.push_str(&format!("; {}", crate::failover::describe_reservation(r)));
@@ -819,20 +814,6 @@ fn check_prerequisites(state: &AppState, vm_name: &str) -> Result<(Plan, String)
     Ok((Plan { vm, primary, replica, policy, total_bytes, addresses }, detail))
 }
 
-const ENABLE_STEPS: [&str; 4] = [
-    "Check prerequisites",
-    "Create replication relationship",
-    "Start initial replication",
-    job::STEP_INITIAL_REPLICATION,
-];
-/// Enable protection with the policy's initial method `offline`.
-const ENABLE_OFFLINE_STEPS: [&str; 5] = [
-    "Check prerequisites",
-    "Create replication relationship",
-    job::STEP_EXPORT,
-    job::STEP_WAITING_FOR_IMPORT,
-    job::STEP_INITIAL_REPLICATION,
-];
 const FINALIZE_STEPS: [&str; 1] = ["Check recovery points"];
 const DISABLE_STEPS: [&str; 3] =
     ["Stop replication on the replica host", "Stop replication on the primary host", "Delete replication relationship"];
@@ -843,13 +824,13 @@ pub(crate) fn relationship_id() -> String {
 }
 
 /// Saves a job, logging (not failing) on a store error: the job task goes on.
-pub(crate) fn save_job(state: &AppState, job: &JobRecord) {
+pub(crate) fn save_job(state: &Core, job: &JobRecord) {
     if let Err(e) = state.protection.jobs.save(&state.store, job) {
         tracing::error!(job = %job.id, "cannot record job: {e:#}");
     }
 }
 
-pub(crate) fn fail_job(state: &AppState, job: &mut JobRecord, error: &str) {
+pub(crate) fn fail_job(state: &Core, job: &mut JobRecord, error: &str) {
     tracing::warn!(job = %job.id, kind = %job.kind, vm = %job.vm, "job failed: {error}");
     job.fail(error, now_ms());
     save_job(state, job);
@@ -859,15 +840,16 @@ pub(crate) fn fail_job(state: &AppState, job: &mut JobRecord, error: &str) {
 /// failure is returned as the RPC's error and recorded as a failed job), the rest runs
 /// in a task. `export_dir` (offline initial replication) is required when the policy's
 /// initial method is `offline`, refused otherwise.
-pub async fn start_protect(state: &Arc<AppState>, vm: &str, export_dir: &str) -> Result<JobRecord, Status> {
-    let claim = Claim::take(state, vm)?;
+pub async fn start_protect(state: &Arc<Core>, vm: &str, export_dir: &str) -> Result<JobRecord, Status> {
+    let claim = claim(state, vm)?;
     // An export directory is given for, and required by, an offline policy (checked below).
-    let steps: &[&str] = if export_dir.is_empty() { &ENABLE_STEPS } else { &ENABLE_OFFLINE_STEPS };
-    let mut job = state.protection.jobs.create(&state.store, job::ENABLE_PROTECTION, vm, steps).map_err(store_err)?;
-    job.start_step(ENABLE_STEPS[0], "", now_ms());
+    let steps: &[EnableStep] = if export_dir.is_empty() { &EnableStep::ONLINE } else { &EnableStep::OFFLINE };
+    let mut job =
+        state.protection.jobs.create(&state.store, JobKind::EnableProtection, vm, steps).map_err(store_err)?;
+    job.start_step(EnableStep::CheckPrerequisites, "", now_ms());
     let checked = check_prerequisites(state, vm).and_then(|(plan, detail)| {
-        let method = plan.policy.initial_method.as_str();
-        if method == "offline" && export_dir.is_empty() {
+        let offline = plan.policy.initial_method == policy::InitialMethod::Offline;
+        if offline && export_dir.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "policy {} replicates the initial copy offline: give `--export-dir DIR` (an absolute directory on \
                  the primary host {} to export the initial copy to; then carry it to the replica host {} and run \
@@ -875,11 +857,14 @@ pub async fn start_protect(state: &Arc<AppState>, vm: &str, export_dir: &str) ->
                 plan.policy.name, plan.primary.name, plan.replica.name
             )));
         }
-        if method != "offline" && !export_dir.is_empty() {
+        if !offline && !export_dir.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "--export-dir is for offline initial replication; policy {} copies the initial replica {}",
                 plan.policy.name,
-                if method == "network" { "over the network".to_string() } else { format!("by {method}") }
+                match plan.policy.initial_method {
+                    policy::InitialMethod::Network => "over the network".to_string(),
+                    method => format!("by {method}"),
+                }
             )));
         }
         if !export_dir.is_empty() && !export_dir.starts_with('/') {
@@ -889,7 +874,7 @@ pub async fn start_protect(state: &Arc<AppState>, vm: &str, export_dir: &str) ->
     });
     match checked {
         Ok((plan, detail)) => {
-            job.succeed_step(ENABLE_STEPS[0], &detail, now_ms());
+            job.succeed_step(EnableStep::CheckPrerequisites, &detail, now_ms());
             save_job(state, &job);
             tokio::spawn(run_enable(state.clone(), job.clone(), plan, claim, export_dir.to_owned()));
             Ok(job)
@@ -901,18 +886,18 @@ pub async fn start_protect(state: &Arc<AppState>, vm: &str, export_dir: &str) ->
     }
 }
 
-async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim: Claim, export_dir: String) {
+async fn run_enable(state: Arc<Core>, mut job: JobRecord, plan: Plan, claim: Claim, export_dir: String) {
     let cfg = state.protection.config.clone();
     let settings = policy::replication_settings(&plan.policy, cfg.test_intervals);
     // Create replication relationship.
-    let step = ENABLE_STEPS[1];
+    let step = EnableStep::CreateRelationship;
     job.start_step(step, &format!("replica host {}", plan.replica.name), now_ms());
     let mut rec = RelationshipRecord {
         id: relationship_id(),
-        vm: plan.vm.name.clone(),
-        primary_host_id: plan.primary.id.clone(),
-        replica_host_id: plan.replica.id.clone(),
-        policy: plan.policy.name.clone(),
+        vm: plan.vm.name.to_string(),
+        primary_host_id: plan.primary.id.to_string(),
+        replica_host_id: plan.replica.id.to_string(),
+        policy: plan.policy.name.to_string(),
         interval_ms: plan.policy.interval_ms,
         state: ReplicationState::NotEnabled,
         created_unix_ms: now_ms(),
@@ -937,12 +922,12 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
     let prepare = Command::PrepareReplica(v1::PrepareReplica {
         adopt_vm_disks: false,
         relationship_id: rec.id.clone(),
-        vm: plan.vm.name.clone(),
-        primary_host_id: plan.primary.id.clone(),
-        disks: plan.vm.disks.iter().map(|d| v1::DiskSize { id: d.id.clone(), size_bytes: d.size_bytes }).collect(),
+        vm: plan.vm.name.to_string(),
+        primary_host_id: plan.primary.id.to_string(),
+        disks: plan.vm.disks.iter().map(|d| v1::DiskSize { id: d.id.to_string(), size_bytes: d.size_bytes }).collect(),
         settings: Some(settings),
     });
-    if let Err(s) = state.sessions.command(&plan.replica.id, prepare, cfg.command_timeout).await {
+    if let Err(s) = state.agents.command(plan.replica.id.as_str(), prepare, cfg.command_timeout).await {
         let _ = state.protection.remove(&state.store, &rec.id);
         return fail_job(&state, &mut job, &format!("replica host {} refused: {}", plan.replica.name, s.message()));
     }
@@ -958,7 +943,7 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
     }
 
     // Start initial replication.
-    let step = ENABLE_STEPS[2];
+    let step = EnableStep::StartInitialReplication;
     job.start_step(step, "", now_ms());
     if let Some(at) = plan.policy.initial_at_unix_ms()
         && at > now_ms()
@@ -974,23 +959,23 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
     let start = Command::StartReplication(v1::StartReplication {
         resync_initial: false,
         relationship_id: rec.id.clone(),
-        vm: plan.vm.name.clone(),
-        replica_host_id: plan.replica.id.clone(),
+        vm: plan.vm.name.to_string(),
+        replica_host_id: plan.replica.id.to_string(),
         replica_address: plan.replica.address.clone(),
         settings: Some(settings),
     });
-    if let Err(s) = state.sessions.command(&plan.primary.id, start, cfg.command_timeout).await {
+    if let Err(s) = state.agents.command(plan.primary.id.as_str(), start, cfg.command_timeout).await {
         let stop = Command::StopReplication(v1::StopReplication {
             relationship_id: rec.id.clone(),
-            vm: plan.vm.name.clone(),
+            vm: plan.vm.name.to_string(),
             remove_replica: true,
         });
-        let _ = state.sessions.command(&plan.replica.id, stop, cfg.command_timeout).await;
+        let _ = state.agents.command(plan.replica.id.as_str(), stop, cfg.command_timeout).await;
         let _ = state.protection.remove(&state.store, &rec.id);
         return fail_job(&state, &mut job, &format!("primary host {} refused: {}", plan.primary.name, s.message()));
     }
     job.succeed_step(step, &format!("{} replicating to {}", plan.primary.name, plan.replica.address), now_ms());
-    job.start_step(job::STEP_INITIAL_REPLICATION, "", now_ms());
+    job.start_step(EnableStep::InitialReplication, "", now_ms());
     save_job(&state, &job);
     drop(claim);
     wait_initial(state, job).await;
@@ -1000,7 +985,7 @@ async fn run_enable(state: Arc<AppState>, mut job: JobRecord, plan: Plan, claim:
 /// starts replicating (its sender waits for the import); the job then waits until
 /// `protect-import` imported the export on the replica host ([`start_import`]).
 async fn run_export(
-    state: Arc<AppState>,
+    state: Arc<Core>,
     mut job: JobRecord,
     plan: Plan,
     claim: Claim,
@@ -1009,29 +994,29 @@ async fn run_export(
     dir: String,
 ) {
     let cfg = state.protection.config.clone();
-    let step = job::STEP_EXPORT;
+    let step = EnableStep::ExportInitialCopy;
     job.start_step(step, &format!("exporting to {dir} on {}", plan.primary.name), now_ms());
     save_job(&state, &job);
     let export = Command::ExportInitial(v1::ExportInitial {
         relationship_id: rec.id.clone(),
-        vm: plan.vm.name.clone(),
-        replica_host_id: plan.replica.id.clone(),
+        vm: plan.vm.name.to_string(),
+        replica_host_id: plan.replica.id.to_string(),
         replica_address: plan.replica.address.clone(),
         settings: Some(settings),
         dir: dir.clone(),
     });
     // The export reads every allocated byte: it may take far longer than a command.
     let timeout = cfg.step_timeout.max(cfg.command_timeout);
-    let bytes = match state.sessions.command(&plan.primary.id, export, timeout).await {
+    let bytes = match state.agents.command(plan.primary.id.as_str(), export, timeout).await {
         Ok(r) => r.bytes,
         Err(s) => {
             for (host, remove) in [(&plan.primary.id, false), (&plan.replica.id, true)] {
                 let stop = Command::StopReplication(v1::StopReplication {
                     relationship_id: rec.id.clone(),
-                    vm: plan.vm.name.clone(),
+                    vm: plan.vm.name.to_string(),
                     remove_replica: remove,
                 });
-                let _ = state.sessions.command(host, stop, cfg.command_timeout).await;
+                let _ = state.agents.command(host.as_str(), stop, cfg.command_timeout).await;
             }
             let _ = state.protection.remove(&state.store, &rec.id);
             return fail_job(
@@ -1045,14 +1030,14 @@ async fn run_export(
         step,
         &format!(
             "{} of {} disk(s) exported to {dir} on {}",
-            crate::cli::human_size(bytes),
+            siterecovery_proto::model::units::human_size(bytes),
             plan.vm.disks.len(),
             plan.primary.name
         ),
         now_ms(),
     );
     job.start_step(
-        job::STEP_WAITING_FOR_IMPORT,
+        EnableStep::WaitingForImport,
         &format!(
             "carry {dir} to the replica host {}, then run `provider protect-import {} --dir DIR`",
             plan.replica.name, plan.vm.name
@@ -1066,7 +1051,7 @@ async fn run_export(
 
 /// Waits (without a time limit) until [`start_import`] moved the job on to "Initial
 /// replication", then waits for that. Fails when the relationship goes away.
-async fn wait_import(state: Arc<AppState>, mut job: JobRecord) {
+async fn wait_import(state: Arc<Core>, mut job: JobRecord) {
     let mut rx = state.protection.jobs.subscribe();
     loop {
         if state.protection.get(&job.relationship_id).is_none() {
@@ -1080,7 +1065,7 @@ async fn wait_import(state: Arc<AppState>, mut job: JobRecord) {
         if job.state != JobState::Running {
             return;
         }
-        if job.running_step().is_none_or(|s| s.name != job::STEP_WAITING_FOR_IMPORT) {
+        if job.running() != Some(Step::Enable(EnableStep::WaitingForImport)) {
             break;
         }
         tokio::select! {
@@ -1096,17 +1081,17 @@ async fn wait_import(state: Arc<AppState>, mut job: JobRecord) {
 /// `protect-import`: imports the export in `dir` on the replica host of `vm`, whose
 /// Enable protection job waits in "Waiting for import"; on success the job goes on to
 /// "Initial replication". A failed import leaves the job waiting (fix and retry).
-pub async fn start_import(state: &Arc<AppState>, vm: &str, dir: &str) -> Result<JobRecord, Status> {
+pub async fn start_import(state: &Arc<Core>, vm: &str, dir: &str) -> Result<JobRecord, Status> {
     if !dir.starts_with('/') {
         return Err(Status::invalid_argument(format!("import directory {dir:?} must be an absolute path")));
     }
     let rel = protected(state, vm)?;
-    let _claim = Claim::take(state, vm)?;
+    let _claim = claim(state, vm)?;
     let waiting = |j: &JobRecord| {
-        j.kind == job::ENABLE_PROTECTION
+        j.kind == JobKind::EnableProtection
             && j.state == JobState::Running
             && j.relationship_id == rel.id
-            && j.running_step().is_some_and(|s| s.name == job::STEP_WAITING_FOR_IMPORT)
+            && j.running() == Some(Step::Enable(EnableStep::WaitingForImport))
     };
     let find = || -> Result<JobRecord, Status> {
         state.store.list::<JobRecord>(crate::store::JOBS).map_err(store_err)?.into_iter().find(waiting).ok_or_else(
@@ -1128,7 +1113,7 @@ pub async fn start_import(state: &Arc<AppState>, vm: &str, dir: &str) -> Result<
     });
     let cfg = &state.protection.config;
     let timeout = cfg.step_timeout.max(cfg.command_timeout);
-    let result = state.sessions.command(&rel.replica_host_id, cmd, timeout).await;
+    let result = state.agents.command(&rel.replica_host_id, cmd, timeout).await;
     // Re-read: the job task may have failed it meanwhile.
     let mut job = state.protection.jobs.get(&state.store, &job.id).map_err(store_err)?.unwrap_or(job);
     if !waiting(&job) {
@@ -1137,31 +1122,31 @@ pub async fn start_import(state: &Arc<AppState>, vm: &str, dir: &str) -> Result<
     match result {
         Ok(r) => {
             job.succeed_step(
-                job::STEP_WAITING_FOR_IMPORT,
-                &format!("{} imported from {dir} on {replica}", crate::cli::human_size(r.bytes)),
+                EnableStep::WaitingForImport,
+                &format!("{} imported from {dir} on {replica}", siterecovery_proto::model::units::human_size(r.bytes)),
                 now_ms(),
             );
-            job.start_step(job::STEP_INITIAL_REPLICATION, "shipping the writes made since the export", now_ms());
+            job.start_step(EnableStep::InitialReplication, "shipping the writes made since the export", now_ms());
             save_job(state, &job);
             tracing::info!(job = %job.id, %vm, bytes = r.bytes, "initial copy imported");
             Ok(job)
         }
         Err(s) => {
             job.set_detail(
-                job::STEP_WAITING_FOR_IMPORT,
+                EnableStep::WaitingForImport,
                 &format!("import from {dir} on {replica} failed: {}; still waiting", s.message()),
             );
             save_job(state, &job);
-            Err(Status::new(s.code(), format!("replica host {replica}: {}", s.message())))
+            Err(Status::new(agent_code(&s), format!("replica host {replica}: {}", s.message())))
         }
     }
 }
 
 /// Resumes the jobs the restart rule kept running.
-pub fn resume_jobs(state: &Arc<AppState>, jobs: Vec<JobRecord>) {
+pub fn resume_jobs(state: &Arc<Core>, jobs: Vec<JobRecord>) {
     for job in jobs {
         tracing::info!(job = %job.id, vm = %job.vm, "resuming job after restart");
-        if job.running_step().is_some_and(|s| s.name == job::STEP_WAITING_FOR_IMPORT) {
+        if job.running() == Some(Step::Enable(EnableStep::WaitingForImport)) {
             tokio::spawn(wait_import(state.clone(), job));
         } else {
             tokio::spawn(wait_initial(state.clone(), job));
@@ -1180,7 +1165,7 @@ pub(crate) enum Wait {
 /// progress into the job; fails on timeout or when the relationship goes away.
 /// Returns true when the step succeeded.
 pub(crate) async fn wait_step(
-    state: &Arc<AppState>,
+    state: &Arc<Core>,
     job: &mut JobRecord,
     step: &str,
     mut judge: impl FnMut(&RelationshipRecord, bool) -> Wait,
@@ -1194,7 +1179,7 @@ pub(crate) async fn wait_step(
             fail_job(state, job, &format!("protection of VM {} was removed while the job ran", job.vm));
             return false;
         };
-        let primary_connected = state.sessions.status(&rel.primary_host_id).connected;
+        let primary_connected = state.agents.connected(&rel.primary_host_id);
         match judge(&rel, primary_connected) {
             Wait::Done(detail) => {
                 job.done_bytes = job.total_bytes.max(rel.status.done_bytes);
@@ -1248,7 +1233,11 @@ pub(crate) async fn wait_step(
 pub(crate) fn progress_detail(rel: &RelationshipRecord, connected: bool, what: &str) -> String {
     let s = &rel.status;
     let mut d = if s.total_bytes > 0 {
-        format!("{what} {} of {}", crate::cli::human_size(s.done_bytes), crate::cli::human_size(s.total_bytes))
+        format!(
+            "{what} {} of {}",
+            siterecovery_proto::model::units::human_size(s.done_bytes),
+            siterecovery_proto::model::units::human_size(s.total_bytes)
+        )
     } else {
         rel.state.as_str().to_string()
     };
@@ -1261,11 +1250,11 @@ pub(crate) fn progress_detail(rel: &RelationshipRecord, connected: bool, what: &
     d
 }
 
-async fn wait_initial(state: Arc<AppState>, mut job: JobRecord) {
-    let ok = wait_step(&state, &mut job, job::STEP_INITIAL_REPLICATION, |rel, connected| match rel.state {
+async fn wait_initial(state: Arc<Core>, mut job: JobRecord) {
+    let ok = wait_step(&state, &mut job, EnableStep::InitialReplication.name(), |rel, connected| match rel.state {
         ReplicationState::Replicating => Wait::Done(format!(
             "initial replication done; {} replicated",
-            crate::cli::human_size(rel.status.bytes_replicated)
+            siterecovery_proto::model::units::human_size(rel.status.bytes_replicated)
         )),
         ReplicationState::StoppedOnError => Wait::Failed(if rel.status.error.is_empty() {
             "replication stopped on an error".into()
@@ -1284,8 +1273,8 @@ async fn wait_initial(state: Arc<AppState>, mut job: JobRecord) {
     run_finalize(state, job.vm.clone(), job.relationship_id.clone()).await;
 }
 
-async fn run_finalize(state: Arc<AppState>, vm: String, rel_id: String) {
-    let mut job = match state.protection.jobs.create(&state.store, job::FINALIZE_PROTECTION, &vm, &FINALIZE_STEPS) {
+async fn run_finalize(state: Arc<Core>, vm: String, rel_id: String) {
+    let mut job = match state.protection.jobs.create(&state.store, JobKind::FinalizeProtection, &vm, &FINALIZE_STEPS) {
         Ok(j) => j,
         Err(e) => return tracing::error!(vm, "cannot create the Finalize protection job: {e:#}"),
     };
@@ -1300,7 +1289,7 @@ async fn run_finalize(state: Arc<AppState>, vm: String, rel_id: String) {
             return fail_job(&state, &mut job, &format!("protection of VM {vm} was removed while the job ran"));
         };
         let r = state
-            .sessions
+            .agents
             .command(&rel.replica_host_id, Command::ListPoints(v1::ListPoints { vm: vm.clone() }), cfg.command_timeout)
             .await;
         match r {
@@ -1332,10 +1321,10 @@ async fn run_finalize(state: Arc<AppState>, vm: String, rel_id: String) {
 }
 
 pub(crate) fn host_name(hosts: &[HostRecord], id: &str) -> String {
-    hosts.iter().find(|h| h.id == id).map(|h| h.name.clone()).unwrap_or_else(|| id.to_owned())
+    hosts.iter().find(|h| h.id.as_str() == id).map(|h| h.name.to_string()).unwrap_or_else(|| id.to_owned())
 }
 
-pub(crate) fn protected(state: &AppState, vm: &str) -> Result<RelationshipRecord, Status> {
+pub(crate) fn protected(state: &Core, vm: &str) -> Result<RelationshipRecord, Status> {
     state.protection.of_vm(vm).ok_or_else(|| {
         let exists = state.store.get::<VmRecord>(VMS, vm).ok().flatten().is_some();
         if exists {
@@ -1346,11 +1335,14 @@ pub(crate) fn protected(state: &AppState, vm: &str) -> Result<RelationshipRecord
     })
 }
 
-pub async fn start_unprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+pub async fn start_unprotect(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
-    let claim = Claim::take(state, vm)?;
-    let mut job =
-        state.protection.jobs.create(&state.store, job::DISABLE_PROTECTION, vm, &DISABLE_STEPS).map_err(store_err)?;
+    let claim = claim(state, vm)?;
+    let mut job = state
+        .protection
+        .jobs
+        .create(&state.store, JobKind::DisableProtection, vm, &DISABLE_STEPS)
+        .map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     save_job(state, &job);
     let state = state.clone();
@@ -1370,16 +1362,16 @@ pub async fn start_unprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecor
                 vm: rel.vm.clone(),
                 remove_replica: remove,
             });
-            let detail = match state.sessions.command(host_id, cmd, cfg.command_timeout).await {
+            let detail = match state.agents.command(host_id, cmd, cfg.command_timeout).await {
                 Ok(_) if remove => format!("{name}: replication stopped, replica removed"),
                 Ok(_) => format!("{name}: replication stopped"),
-                Err(s) if s.code() == Code::Unavailable => {
+                Err(s) if s.kind() == AgentErrorKind::Unavailable => {
                     format!(
                         "{name} is not connected: skipped ({}); it will hold its copy until told otherwise",
                         s.message()
                     )
                 }
-                Err(s) if s.code() == Code::NotFound => format!("{name}: nothing to stop ({})", s.message()),
+                Err(s) if s.kind() == AgentErrorKind::NotFound => format!("{name}: nothing to stop ({})", s.message()),
                 Err(s) => format!("{name} failed to stop ({}); continued", s.message()),
             };
             job.succeed_step(step, &detail, now_ms());
@@ -1398,21 +1390,21 @@ pub async fn start_unprotect(state: &Arc<AppState>, vm: &str) -> Result<JobRecor
     Ok(ret)
 }
 
-pub async fn start_resync(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, Status> {
+pub async fn start_resync(state: &Arc<Core>, vm: &str) -> Result<JobRecord, Status> {
     let rel = protected(state, vm)?;
     let requested = rel.state.next(Event::ResyncRequested).map_err(|e| Status::failed_precondition(e.to_string()))?;
     let primary = hosts(state)?
         .into_iter()
-        .find(|h| h.id == rel.primary_host_id)
+        .find(|h| h.id.as_str() == rel.primary_host_id)
         .ok_or_else(|| Status::failed_precondition("the primary host is no longer registered"))?;
-    if !state.sessions.status(&primary.id).connected {
+    if !state.agents.connected(primary.id.as_str()) {
         return Err(Status::unavailable(format!("primary host {} is not connected", primary.name)));
     }
-    let claim = Claim::take(state, vm)?;
-    let mut job = state.protection.jobs.create(&state.store, job::RESYNC, vm, &RESYNC_STEPS).map_err(store_err)?;
+    let claim = claim(state, vm)?;
+    let mut job = state.protection.jobs.create(&state.store, JobKind::Resync, vm, &RESYNC_STEPS).map_err(store_err)?;
     job.relationship_id = rel.id.clone();
     job.total_bytes = rel.total_bytes;
-    job.start_step(RESYNC_STEPS[0], &primary.name, now_ms());
+    job.start_step(RESYNC_STEPS[0], primary.name.as_str(), now_ms());
     save_job(state, &job);
     let baseline = rel.resyncs_completed;
     let previous = rel.state;
@@ -1423,7 +1415,7 @@ pub async fn start_resync(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
         return Err(store_err(e));
     }
     let cmd = Command::RequestResync(v1::RequestResync { relationship_id: rel.id.clone(), vm: vm.to_owned() });
-    if let Err(s) = state.sessions.command(&primary.id, cmd, state.protection.config.command_timeout).await {
+    if let Err(s) = state.agents.command(primary.id.as_str(), cmd, state.protection.config.command_timeout).await {
         if let Some(mut cur) = state.protection.get(&rel.id)
             && cur.state == requested
             && requested != previous
@@ -1432,7 +1424,7 @@ pub async fn start_resync(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
             let _ = state.protection.save(&state.store, cur);
         }
         fail_job(state, &mut job, &format!("primary host {}: {}", primary.name, s.message()));
-        return Err(Status::new(s.code(), format!("{} (job {})", s.message(), job.id)));
+        return Err(Status::new(agent_code(&s), format!("{} (job {})", s.message(), job.id)));
     }
     job.succeed_step(RESYNC_STEPS[0], &format!("{} accepted the resync request", primary.name), now_ms());
     job.start_step(RESYNC_STEPS[1], "", now_ms());
@@ -1447,7 +1439,7 @@ pub async fn start_resync(state: &Arc<AppState>, vm: &str) -> Result<JobRecord, 
                 "{} blocks compared, {} sent (4 KiB sub-blocks), {} on the wire",
                 s.resync_blocks_compared,
                 s.resync_blocks_sent,
-                crate::cli::human_size(s.resync_wire_bytes)
+                siterecovery_proto::model::units::human_size(s.resync_wire_bytes)
             );
             if rel.resyncs_completed > baseline && rel.state == ReplicationState::Replicating {
                 return Wait::Done(format!("resync done: {blocks}"));
@@ -1474,30 +1466,30 @@ type JobStream = Pin<Box<dyn Stream<Item = Result<v1::Job, Status>> + Send>>;
 
 impl ProtectionService {
     fn auth<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        authorize(req, &self.state.vault_id, &[Role::Operator]).map(|_| ())
+        authorize(req, &self.vault_id, &[Role::Operator]).map(|_| ())
     }
 
     fn replica_of(&self, vm: &str) -> Result<(RelationshipRecord, String), Status> {
-        let rel = protected(&self.state, vm)?;
-        let hosts = hosts(&self.state)?;
+        let rel = protected(&self.core, vm)?;
+        let hosts = hosts(&self.core)?;
         let name = host_name(&hosts, &rel.replica_host_id);
         Ok((rel, name))
     }
 
     async fn replica_command(&self, vm: &str, cmd: Command) -> Result<v1::CommandResult, Status> {
         let (rel, name) = self.replica_of(vm)?;
-        self.state
-            .sessions
-            .command(&rel.replica_host_id, cmd, self.state.protection.config.command_timeout)
+        self.core
+            .agents
+            .command(&rel.replica_host_id, cmd, self.core.protection.config.command_timeout)
             .await
-            .map_err(|s| Status::new(s.code(), format!("replica host {name}: {}", s.message())))
+            .map_err(|s| Status::new(agent_code(&s), format!("replica host {name}: {}", s.message())))
     }
 
     fn job(&self, id: &str) -> Result<JobRecord, Status> {
-        self.state
+        self.core
             .protection
             .jobs
-            .get(&self.state.store, id)
+            .get(&self.core.store, id)
             .map_err(store_err)?
             .ok_or_else(|| Status::not_found(format!("no job {id:?} (see `job list`)")))
     }
@@ -1507,43 +1499,44 @@ impl ProtectionService {
 impl Protection for ProtectionService {
     async fn failover(&self, req: Request<v1::FailoverRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = crate::failover::start_failover(&self.state, &req.into_inner()).await?;
+        let job = crate::failover::start_failover(&self.core, &req.into_inner()).await?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn commit_failover(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = crate::failover::start_commit(&self.state, &req.into_inner().vm).await?;
+        let job = crate::failover::start_commit(&self.core, &req.into_inner().vm).await?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn cleanup_test_failover(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = crate::failover::start_cleanup(&self.state, &req.into_inner().vm).await?;
+        let job = crate::failover::start_cleanup(&self.core, &req.into_inner().vm).await?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn change_point(&self, req: Request<v1::ChangePointRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
         let r = req.into_inner();
-        let job = crate::failover::start_change_point(&self.state, &r.vm, &r.point).await?;
+        let job = crate::failover::start_change_point(&self.core, &r.vm, &r.point).await?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn reprotect(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = crate::failover::start_reprotect(&self.state, &req.into_inner().vm).await?;
+        let job = crate::failover::start_reprotect(&self.core, &req.into_inner().vm).await?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn create_network(&self, req: Request<v1::VmNetwork>) -> Result<Response<v1::VmNetwork>, Status> {
         self.auth(&req)?;
         let n = req.into_inner();
-        let hosts = hosts(&self.state)?;
-        let mut sites: Vec<String> = hosts.iter().map(|h| h.site.clone()).collect();
+        let hosts = hosts(&self.core)?;
+        let n = network::NetworkRequest::try_from(&n)?;
+        let mut sites: Vec<SiteName> = hosts.iter().map(|h| h.site.clone()).collect();
         sites.sort();
         sites.dedup();
-        let rec = NetworkStore::new(&self.state.store).add_network(store_err, |existing| {
+        let rec = NetworkStore::new(&self.core.store).add_network(store_err, |existing| {
             network::validate_network(&n, &sites, existing).map_err(network_status)
         })?;
         Ok(Response::new(rec.to_proto()))
@@ -1554,17 +1547,17 @@ impl Protection for ProtectionService {
         req: Request<v1::ListNetworksRequest>,
     ) -> Result<Response<v1::ListNetworksResponse>, Status> {
         self.auth(&req)?;
-        let nets = NetworkStore::new(&self.state.store).networks().map_err(store_err)?;
+        let nets = NetworkStore::new(&self.core.store).networks().map_err(store_err)?;
         Ok(Response::new(v1::ListNetworksResponse { networks: nets.iter().map(|n| n.to_proto()).collect() }))
     }
 
     async fn map_network(&self, req: Request<v1::NetworkMapping>) -> Result<Response<v1::NetworkMapping>, Status> {
         self.auth(&req)?;
-        let m = req.into_inner();
-        let ns = NetworkStore::new(&self.state.store);
+        let m = network::MappingRequest::try_from(req.get_ref())?;
+        let ns = NetworkStore::new(&self.core.store);
         let networks = ns.networks().map_err(store_err)?;
-        let clouds = cloud_infos(&hosts(&self.state)?);
-        let pairings = self.state.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
+        let clouds = cloud_infos(&hosts(&self.core)?);
+        let pairings = self.core.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
         let rec = ns.add_mapping(store_err, |existing| {
             network::validate_mapping(&m, &networks, &clouds, &pairings, existing).map_err(network_status)
         })?;
@@ -1576,26 +1569,26 @@ impl Protection for ProtectionService {
         req: Request<v1::ListNetworkMappingsRequest>,
     ) -> Result<Response<v1::ListNetworkMappingsResponse>, Status> {
         self.auth(&req)?;
-        let maps = NetworkStore::new(&self.state.store).mappings().map_err(store_err)?;
+        let maps = NetworkStore::new(&self.core.store).mappings().map_err(store_err)?;
         Ok(Response::new(v1::ListNetworkMappingsResponse { mappings: maps.iter().map(|m| m.to_proto()).collect() }))
     }
 
     async fn create_plan(&self, req: Request<v1::RecoveryPlan>) -> Result<Response<v1::RecoveryPlan>, Status> {
         self.auth(&req)?;
-        let rec = crate::plan::create(&self.state, &req.into_inner())?;
+        let rec = crate::plan::create(&self.core, &req.into_inner())?;
         Ok(Response::new(rec.to_proto()))
     }
 
     async fn list_plans(&self, req: Request<v1::ListPlansRequest>) -> Result<Response<v1::ListPlansResponse>, Status> {
         self.auth(&req)?;
-        let plans = crate::plan::list(&self.state.store).map_err(store_err)?;
+        let plans = crate::plan::list(&self.core.store).map_err(store_err)?;
         Ok(Response::new(v1::ListPlansResponse { plans: plans.iter().map(|p| p.to_proto()).collect() }))
     }
 
     async fn plan_failover(&self, req: Request<v1::PlanFailoverRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
         let r = req.into_inner();
-        let job = crate::plan::start_failover(&self.state, &r.plan, r.r#type).await?;
+        let job = crate::plan::start_failover(&self.core, &r.plan, r.r#type).await?;
         Ok(Response::new(job.to_proto()))
     }
 
@@ -1604,18 +1597,18 @@ impl Protection for ProtectionService {
         req: Request<v1::ConfirmPlanActionRequest>,
     ) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = crate::plan::confirm(&self.state, &req.into_inner().job_id)?;
+        let job = crate::plan::confirm(&self.core, &req.into_inner().job_id)?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn create_policy(&self, req: Request<v1::Policy>) -> Result<Response<v1::Policy>, Status> {
         self.auth(&req)?;
-        let rec = policy::validate_policy(req.get_ref(), self.state.protection.config.test_intervals)
-            .map_err(policy_status)?;
-        if self.state.store.get::<PolicyRecord>(POLICIES, &rec.name).map_err(store_err)?.is_some() {
-            return Err(policy_status(PolicyError::Exists(rec.name)));
+        let p = policy::PolicyRequest::try_from(req.get_ref())?;
+        let rec = policy::validate_policy(&p, self.core.protection.config.test_intervals).map_err(policy_status)?;
+        if self.core.store.get::<PolicyRecord>(POLICIES, &rec.name).map_err(store_err)?.is_some() {
+            return Err(policy_status(PolicyError::Exists(rec.name.to_string())));
         }
-        self.state.store.put(POLICIES, &rec.name, &rec).map_err(store_err)?;
+        self.core.store.put(POLICIES, &rec.name, &rec).map_err(store_err)?;
         Ok(Response::new(rec.to_proto()))
     }
 
@@ -1624,7 +1617,7 @@ impl Protection for ProtectionService {
         req: Request<v1::ListPoliciesRequest>,
     ) -> Result<Response<v1::ListPoliciesResponse>, Status> {
         self.auth(&req)?;
-        let policies = self.state.store.list::<PolicyRecord>(POLICIES).map_err(store_err)?;
+        let policies = self.core.store.list::<PolicyRecord>(POLICIES).map_err(store_err)?;
         Ok(Response::new(v1::ListPoliciesResponse { policies: policies.iter().map(|p| p.to_proto()).collect() }))
     }
 
@@ -1633,26 +1626,26 @@ impl Protection for ProtectionService {
         req: Request<v1::DeletePolicyRequest>,
     ) -> Result<Response<v1::DeletePolicyResponse>, Status> {
         self.auth(&req)?;
-        let name = req.into_inner().name;
-        if self.state.store.get::<PolicyRecord>(POLICIES, &name).map_err(store_err)?.is_none() {
-            return Err(policy_status(PolicyError::UnknownPolicy(name)));
+        let name: PolicyName = siterecovery_proto::model::wire::field("delete_policy.name", &req.get_ref().name)?;
+        if self.core.store.get::<PolicyRecord>(POLICIES, &name).map_err(store_err)?.is_none() {
+            return Err(policy_status(PolicyError::UnknownPolicy(name.to_string())));
         }
-        let pairings = self.state.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
+        let pairings = self.core.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
         policy::check_policy_delete(&name, &pairings).map_err(policy_status)?;
-        self.state.store.delete(POLICIES, &name).map_err(store_err)?;
+        self.core.store.delete(POLICIES, &name).map_err(store_err)?;
         Ok(Response::new(v1::DeletePolicyResponse {}))
     }
 
     async fn pair_clouds(&self, req: Request<v1::CloudPairing>) -> Result<Response<v1::CloudPairing>, Status> {
         self.auth(&req)?;
-        let r = req.into_inner();
-        let hosts = hosts(&self.state)?;
-        let policies = self.state.store.list::<PolicyRecord>(POLICIES).map_err(store_err)?;
-        let pairings = self.state.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
-        let protected = protected_in_cloud(&self.state, &hosts, &r.source_cloud);
+        let r = policy::PairingRequest::try_from(req.get_ref())?;
+        let hosts = hosts(&self.core)?;
+        let policies = self.core.store.list::<PolicyRecord>(POLICIES).map_err(store_err)?;
+        let pairings = self.core.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
+        let protected = protected_in_cloud(&self.core, &hosts, r.source_cloud.as_str());
         let rec = policy::validate_pairing(&r, &cloud_infos(&hosts), &policies, &pairings, protected)
             .map_err(pairing_status)?;
-        self.state.store.put(PAIRINGS, &rec.source_cloud, &rec).map_err(store_err)?;
+        self.core.store.put(PAIRINGS, &rec.source_cloud, &rec).map_err(store_err)?;
         Ok(Response::new(rec.to_proto()))
     }
 
@@ -1661,7 +1654,7 @@ impl Protection for ProtectionService {
         req: Request<v1::ListPairingsRequest>,
     ) -> Result<Response<v1::ListPairingsResponse>, Status> {
         self.auth(&req)?;
-        let pairings = self.state.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
+        let pairings = self.core.store.list::<PairingRecord>(PAIRINGS).map_err(store_err)?;
         Ok(Response::new(v1::ListPairingsResponse { pairings: pairings.iter().map(|p| p.to_proto()).collect() }))
     }
 
@@ -1671,43 +1664,43 @@ impl Protection for ProtectionService {
     ) -> Result<Response<v1::UnpairCloudsResponse>, Status> {
         self.auth(&req)?;
         let source = req.into_inner().source_cloud;
-        if self.state.store.get::<PairingRecord>(PAIRINGS, &source).map_err(store_err)?.is_none() {
+        if self.core.store.get::<PairingRecord>(PAIRINGS, &source).map_err(store_err)?.is_none() {
             return Err(Status::not_found(format!("cloud {source:?} is not paired (see `cloud list`)")));
         }
-        let hosts = hosts(&self.state)?;
-        let n = protected_in_cloud(&self.state, &hosts, &source);
+        let hosts = hosts(&self.core)?;
+        let n = protected_in_cloud(&self.core, &hosts, &source);
         if n > 0 {
             return Err(Status::failed_precondition(format!(
                 "{n} VM(s) of cloud {source:?} are protected; unprotect them first"
             )));
         }
-        self.state.store.delete(PAIRINGS, &source).map_err(store_err)?;
+        self.core.store.delete(PAIRINGS, &source).map_err(store_err)?;
         Ok(Response::new(v1::UnpairCloudsResponse {}))
     }
 
     async fn protect(&self, req: Request<v1::ProtectRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
         let r = req.into_inner();
-        let job = start_protect(&self.state, &r.vm, r.export_dir.trim()).await?;
+        let job = start_protect(&self.core, &r.vm, r.export_dir.trim()).await?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn import_initial(&self, req: Request<v1::ImportInitialRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
         let r = req.into_inner();
-        let job = start_import(&self.state, &r.vm, r.dir.trim()).await?;
+        let job = start_import(&self.core, &r.vm, r.dir.trim()).await?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn unprotect(&self, req: Request<v1::UnprotectRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = start_unprotect(&self.state, &req.into_inner().vm).await?;
+        let job = start_unprotect(&self.core, &req.into_inner().vm).await?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn resync(&self, req: Request<v1::ResyncRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = start_resync(&self.state, &req.into_inner().vm).await?;
+        let job = start_resync(&self.core, &req.into_inner().vm).await?;
         Ok(Response::new(job.to_proto()))
     }
 
@@ -1752,7 +1745,7 @@ impl Protection for ProtectionService {
 
     async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
         self.auth(&req)?;
-        let jobs = self.state.store.list::<JobRecord>(crate::store::JOBS).map_err(store_err)?;
+        let jobs = self.core.store.list::<JobRecord>(crate::store::JOBS).map_err(store_err)?;
         Ok(Response::new(v1::ListJobsResponse { jobs: jobs.iter().map(|j| j.to_proto()).collect() }))
     }
 
@@ -1768,7 +1761,7 @@ impl Protection for ProtectionService {
         let id = req.into_inner().id;
         let first = self.job(&id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let state = self.state.clone();
+        let state = self.core.clone();
         tokio::spawn(async move {
             let mut changes = state.protection.jobs.subscribe();
             let mut last: Option<JobRecord> = None;

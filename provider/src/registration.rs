@@ -9,19 +9,95 @@
 use std::sync::Arc;
 
 use siterecovery_certs::ca::{LEAF_VALIDITY, ServerNames};
-use siterecovery_certs::identity::is_token;
 use siterecovery_certs::{PeerIdentity, Role};
+use siterecovery_proto::model::wire::{self, WireError};
+use siterecovery_proto::model::{CloudName, HostId, HostName, SiteName};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::registration_server::Registration;
 use tonic::{Request, Response, Status};
 
 use crate::api::AppState;
-use crate::inventory::{HostRecord, internal};
-use crate::store::HOSTS;
+use crate::inventory::HostRecord;
+use crate::store::{HOSTS, StoreError};
 use crate::vault::{SecretRecord, read_secret, sha256_hex};
 
 pub struct RegistrationService {
     pub state: Arc<AppState>,
+}
+
+/// Why a registration was refused (or failed).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationError {
+    #[error("this provider serves vault {ours}, not {theirs}")]
+    OtherVault { ours: String, theirs: String },
+    #[error(transparent)]
+    Request(#[from] WireError),
+    #[error("this vault has no usable registration secret: run `provider vault key`")]
+    NoSecret,
+    #[error("wrong registration secret (the vault key file is not the current one)")]
+    WrongSecret,
+    #[error("the registration secret expired: make a new vault key file on the provider")]
+    ExpiredSecret,
+    #[error("host {0:?} is already registered; pass --reregister to replace its registration")]
+    AlreadyRegistered(HostName),
+    #[error("certificate request: {0}")]
+    Csr(String),
+    #[error("host identity: {0}")]
+    Identity(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The one mapping of registration errors to gRPC statuses.
+impl From<RegistrationError> for Status {
+    fn from(e: RegistrationError) -> Self {
+        use RegistrationError as E;
+        let msg = e.to_string();
+        match e {
+            E::OtherVault { .. } | E::WrongSecret | E::ExpiredSecret => Status::permission_denied(msg),
+            E::Request(_) | E::Csr(_) => Status::invalid_argument(msg),
+            E::NoSecret => Status::failed_precondition(msg),
+            E::AlreadyRegistered(_) => Status::already_exists(msg),
+            E::Identity(_) | E::Store(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// A registration request, converted: the names follow their rules and the listen
+/// address is `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterRequest {
+    pub host_name: HostName,
+    pub site: SiteName,
+    pub cloud: CloudName,
+    pub listen_address: String,
+}
+
+impl TryFrom<&v1::RegisterRequest> for RegisterRequest {
+    type Error = WireError;
+    fn try_from(r: &v1::RegisterRequest) -> Result<Self, WireError> {
+        if !valid_address(&r.listen_address) {
+            return Err(WireError::rule(
+                "register.listen_address",
+                format!("{:?} is not HOST:PORT", truncated(&r.listen_address)),
+            ));
+        }
+        Ok(Self {
+            host_name: wire::field("register.host_name", &r.host_name)?,
+            site: wire::field("register.site", &r.site)?,
+            cloud: wire::field("register.cloud", &r.cloud)?,
+            listen_address: r.listen_address.clone(),
+        })
+    }
+}
+
+/// At most 80 chars of a string from the network, for messages and logs.
+fn truncated(s: &str) -> String {
+    let mut out: String = s.chars().take(80).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
 }
 
 /// Constant-time comparison of two hex digests.
@@ -30,7 +106,63 @@ fn same_digest(a: &str, b: &str) -> bool {
 }
 
 fn valid_address(a: &str) -> bool {
-    a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+    a.len() <= 255 && a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
+impl RegistrationService {
+    async fn register(&self, r: &v1::RegisterRequest) -> Result<v1::RegisterResponse, RegistrationError> {
+        let state = &self.state;
+        if r.vault_id != state.vault_id.as_str() {
+            return Err(RegistrationError::OtherVault {
+                ours: state.vault_id.to_string(),
+                theirs: truncated(&r.vault_id),
+            });
+        }
+        // Converted before the secret file or the store is read.
+        let req = RegisterRequest::try_from(r)?;
+        let secret: SecretRecord = read_secret(&state.vault_dir).map_err(|e| {
+            tracing::error!("cannot read the registration secret: {e:#}");
+            RegistrationError::NoSecret
+        })?;
+        if !same_digest(&sha256_hex(r.secret.as_bytes()), &secret.sha256) {
+            return Err(RegistrationError::WrongSecret);
+        }
+        if siterecovery_certs::unix_now() >= secret.expires_unix {
+            return Err(RegistrationError::ExpiredSecret);
+        }
+        let existing: Option<HostRecord> = state.store.get(HOSTS, req.host_name.as_str())?;
+        if existing.is_some() && !r.reregister {
+            return Err(RegistrationError::AlreadyRegistered(req.host_name));
+        }
+        // A fresh id per registration: certificates of an earlier registration of the
+        // same name stop being accepted on the control channel.
+        let host_id = format!("{}-{}", req.host_name, siterecovery_certs::random_hex(3));
+        let host_id = if host_id.len() > 64 { siterecovery_certs::random_hex(8) } else { host_id };
+        let host_id = HostId::new(host_id).map_err(|e| RegistrationError::Identity(e.to_string()))?;
+        let identity = PeerIdentity::new(state.vault_id.clone(), Role::Host, host_id.as_str())
+            .map_err(|e| RegistrationError::Identity(e.to_string()))?;
+        let cert = state
+            .ca
+            .issue_for_csr(&r.csr_pem, &identity, &ServerNames::for_address(&req.listen_address), LEAF_VALIDITY)
+            .map_err(|e| RegistrationError::Csr(e.to_string()))?;
+        let record = HostRecord {
+            id: host_id.clone(),
+            name: req.host_name,
+            site: req.site,
+            cloud: req.cloud,
+            address: req.listen_address,
+            agent_version: r.agent_version.clone(),
+            registered_unix_ms: siterecovery_certs::unix_now() * 1000,
+        };
+        state.store.put(HOSTS, record.name.as_str(), &record)?;
+        tracing::info!(host = %record.name, host_id = %host_id, site = %record.site, cloud = %record.cloud,
+            reregistered = existing.is_some(), "host registered");
+        Ok(v1::RegisterResponse {
+            host_id: host_id.to_string(),
+            certificate_pem: cert,
+            vault_id: state.vault_id.to_string(),
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -38,77 +170,66 @@ impl Registration for RegistrationService {
     async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
         let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let r = req.into_inner();
-        let refuse = |status: Status| {
-            tracing::warn!(%from, host = %r.host_name, "registration refused: {}", status.message());
-            status
-        };
-        if r.vault_id != self.state.vault_id.as_str() {
-            return Err(refuse(Status::permission_denied(format!(
-                "this provider serves vault {}, not {}",
-                self.state.vault_id, r.vault_id
-            ))));
-        }
-        let secret: SecretRecord = read_secret(&self.state.vault_dir).map_err(|e| {
-            tracing::error!("cannot read the registration secret: {e:#}");
-            Status::failed_precondition("this vault has no usable registration secret: run `provider vault key`")
-        })?;
-        if !same_digest(&sha256_hex(r.secret.as_bytes()), &secret.sha256) {
-            return Err(refuse(Status::permission_denied(
-                "wrong registration secret (the vault key file is not the current one)",
-            )));
-        }
-        if siterecovery_certs::unix_now() >= secret.expires_unix {
-            return Err(refuse(Status::permission_denied(
-                "the registration secret expired: make a new vault key file on the provider",
-            )));
-        }
-        for (what, v) in [("host name", &r.host_name), ("site", &r.site), ("cloud", &r.cloud)] {
-            if !is_token(v) {
-                return Err(refuse(Status::invalid_argument(format!(
-                    "invalid {what} {v:?}: use 1-64 of A-Z a-z 0-9 . _ -"
-                ))));
+        match RegistrationService::register(self, &r).await {
+            Ok(resp) => Ok(Response::new(resp)),
+            Err(e) => {
+                // Logged once, here, with the caller's address, never with the secret.
+                match &e {
+                    RegistrationError::Store(_) | RegistrationError::Identity(_) => {
+                        tracing::error!(%from, "registration failed: {e:#}")
+                    }
+                    _ => tracing::warn!(%from, host = %truncated(&r.host_name), "registration refused: {e}"),
+                }
+                Err(e.into())
             }
         }
-        if !valid_address(&r.listen_address) {
-            return Err(refuse(Status::invalid_argument(format!(
-                "listen address {:?} is not HOST:PORT",
-                r.listen_address
-            ))));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> v1::RegisterRequest {
+        v1::RegisterRequest {
+            host_name: "hv1".into(),
+            site: "primary".into(),
+            cloud: "gold-a".into(),
+            listen_address: "10.0.0.1:7443".into(),
+            ..Default::default()
         }
-        let existing: Option<HostRecord> = self.state.store.get(HOSTS, &r.host_name).map_err(internal)?;
-        if existing.is_some() && !r.reregister {
-            return Err(refuse(Status::already_exists(format!(
-                "host {:?} is already registered; pass --reregister to replace its registration",
-                r.host_name
-            ))));
+    }
+
+    #[test]
+    fn every_name_field_is_checked() {
+        let ok = RegisterRequest::try_from(&request()).expect("valid");
+        assert_eq!(ok.host_name, "hv1");
+        for (field, set) in [
+            ("register.host_name", (|r: &mut v1::RegisterRequest| r.host_name = "../etc".into()) as fn(&mut _)),
+            ("register.site", |r| r.site = "a/b".into()),
+            ("register.cloud", |r| r.cloud = ".".into()),
+            ("register.listen_address", |r| r.listen_address = "no-port".into()),
+            ("register.host_name", |r| r.host_name = String::new()),
+        ] {
+            let mut r = request();
+            set(&mut r);
+            let e = RegisterRequest::try_from(&r).expect_err(field);
+            assert_eq!(e.field(), field);
+            let status = Status::from(RegistrationError::from(e));
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains(field), "{}", status.message());
         }
-        // A fresh id per registration: certificates of an earlier registration of the
-        // same name stop being accepted on the control channel.
-        let host_id = format!("{}-{}", r.host_name, siterecovery_certs::random_hex(3));
-        let host_id = if host_id.len() > 64 { siterecovery_certs::random_hex(8) } else { host_id };
-        let identity = PeerIdentity::new(self.state.vault_id.clone(), Role::Host, &host_id)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let cert = self
-            .state
-            .ca
-            .issue_for_csr(&r.csr_pem, &identity, &ServerNames::for_address(&r.listen_address), LEAF_VALIDITY)
-            .map_err(|e| refuse(Status::invalid_argument(format!("certificate request: {e}"))))?;
-        let record = HostRecord {
-            id: host_id.clone(),
-            name: r.host_name.clone(),
-            site: r.site.clone(),
-            cloud: r.cloud.clone(),
-            address: r.listen_address.clone(),
-            agent_version: r.agent_version.clone(),
-            registered_unix_ms: siterecovery_certs::unix_now() * 1000,
-        };
-        self.state.store.put(HOSTS, &record.name, &record).map_err(internal)?;
-        tracing::info!(%from, host = %record.name, host_id = %host_id, site = %record.site, cloud = %record.cloud,
-            reregistered = existing.is_some(), "host registered");
-        Ok(Response::new(v1::RegisterResponse {
-            host_id,
-            certificate_pem: cert,
-            vault_id: self.state.vault_id.to_string(),
-        }))
+    }
+
+    #[test]
+    fn refusals_map_to_their_codes() {
+        let code = |e: RegistrationError| Status::from(e).code();
+        assert_eq!(code(RegistrationError::WrongSecret), tonic::Code::PermissionDenied);
+        assert_eq!(code(RegistrationError::NoSecret), tonic::Code::FailedPrecondition);
+        assert_eq!(
+            code(RegistrationError::AlreadyRegistered("hv1".parse().expect("name"))),
+            tonic::Code::AlreadyExists
+        );
+        assert_eq!(truncated(&"x".repeat(200)).chars().count(), 81);
     }
 }

@@ -67,6 +67,29 @@ pub const RELATIONSHIPS: Table = Table(TableDefinition::new("relationships"), "r
 pub const JOBS: Table = Table(TableDefinition::new("jobs"), "jobs");
 const ALL: [Table; 7] = [HOSTS, VMS, META, POLICIES, PAIRINGS, RELATIONSHIPS, JOBS];
 
+/// Serde of an optional name kept as a plain string that is empty when absent: the
+/// stored shape of records from before the domain types (`"test_of": ""`).
+pub mod empty_is_none {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, T: AsRef<str>>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.as_ref().map(|x| x.as_ref()).unwrap_or(""))
+    }
+
+    pub fn deserialize<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: FromStr,
+        T::Err: Display,
+    {
+        let s = String::deserialize(d)?;
+        if s.is_empty() { Ok(None) } else { s.parse().map(Some).map_err(serde::de::Error::custom) }
+    }
+}
+
 /// The open database. Cheap to share behind an `Arc`; redb serialises writers.
 pub struct Store {
     db: Database,
@@ -85,7 +108,12 @@ impl Store {
     }
 
     /// Reads one record.
-    pub fn get<T: DeserializeOwned>(&self, table: Table, key: &str) -> Result<Option<T>, StoreError> {
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &(impl AsRef<str> + ?Sized),
+    ) -> Result<Option<T>, StoreError> {
+        let key = key.as_ref();
         let tx = self.db.begin_read()?;
         let t = tx.open_table(table.0)?;
         match t.get(key)? {
@@ -115,7 +143,13 @@ impl Store {
     }
 
     /// Writes one record durably.
-    pub fn put<T: Serialize>(&self, table: Table, key: &str, value: &T) -> Result<(), StoreError> {
+    pub fn put<T: Serialize>(
+        &self,
+        table: Table,
+        key: &(impl AsRef<str> + ?Sized),
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let key = key.as_ref();
         let bytes = serde_json::to_vec(value)?;
         let tx = self.db.begin_write()?;
         {
@@ -127,7 +161,8 @@ impl Store {
     }
 
     /// Deletes one record durably; true when it existed.
-    pub fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
+    pub fn delete(&self, table: Table, key: &(impl AsRef<str> + ?Sized)) -> Result<bool, StoreError> {
+        let key = key.as_ref();
         let tx = self.db.begin_write()?;
         let existed = {
             let mut t = tx.open_table(table.0)?;
@@ -139,11 +174,11 @@ impl Store {
 
     /// Replaces, in one transaction, the records of `table` selected by `owned` with
     /// `records` (key, value). Used when a host reports its whole VM list.
-    pub fn replace_where<T: Serialize + DeserializeOwned>(
+    pub fn replace_where<T: Serialize + DeserializeOwned, K: AsRef<str>>(
         &self,
         table: Table,
         owned: impl Fn(&T) -> bool,
-        records: &[(String, T)],
+        records: &[(K, T)],
     ) -> Result<(), StoreError> {
         let tx = self.db.begin_write()?;
         {
@@ -162,7 +197,7 @@ impl Store {
             }
             for (k, v) in records {
                 let bytes = serde_json::to_vec(v)?;
-                t.insert(k.as_str(), bytes.as_slice())?;
+                t.insert(k.as_ref(), bytes.as_slice())?;
             }
         }
         tx.commit()?;
@@ -196,7 +231,7 @@ mod tests {
         let s = Store::open(dir.path()).expect("open");
         s.put(VMS, "x", &("h1".to_string(), 1)).expect("put");
         s.put(VMS, "y", &("h2".to_string(), 2)).expect("put");
-        s.replace_where(VMS, |r: &(String, i32)| r.0 == "h1", &[("z".into(), ("h1".to_string(), 3))]).expect("replace");
+        s.replace_where(VMS, |r: &(String, i32)| r.0 == "h1", &[("z", ("h1".to_string(), 3))]).expect("replace");
         let all: Vec<(String, i32)> = s.list(VMS).expect("list");
         assert_eq!(all, vec![("h2".to_string(), 2), ("h1".to_string(), 3)]);
     }

@@ -59,7 +59,7 @@ async fn fake_agent(host: &'static str, mut session: AgentSession, log: Log, sto
                         state: siterecovery_proto::model::SenderState::from_word(st).map_or(0, i32::from),
                         done_bytes: done,
                         total_bytes: GIB,
-                        last_point: p.then(|| point("p-1")),
+                        last_point: p.then(|| point("p1")),
                         cycles: 1,
                         ..Default::default()
                     };
@@ -69,7 +69,7 @@ async fn fake_agent(host: &'static str, mut session: AgentSession, log: Log, sto
             }
             Some(Command::PrepareReplica(p)) => format!("PrepareReplica {} adopt={}", p.vm, p.adopt_vm_disks),
             Some(Command::PrepareFailover(p)) => {
-                result.points = vec![point("p-9")];
+                result.points = vec![point("p9")];
                 format!("PrepareFailover {}", p.vm)
             }
             Some(Command::Failover(f)) => {
@@ -86,7 +86,7 @@ async fn fake_agent(host: &'static str, mut session: AgentSession, log: Log, sto
                 v.disks[0].nbd_tcp_uri = format!("nbd://127.0.0.1:10809/{name}-disk0");
                 v.failover = Some(v1::FailoverInfo {
                     relationship_id: f.relationship_id.clone(),
-                    point_id: if f.point == "latest" { "p-1".into() } else { f.point.clone() },
+                    point_id: if f.point == "latest" { "p1".into() } else { f.point.clone() },
                     kind: siterecovery_proto::model::FailoverKind::from_word(kind).map_or(0, i32::from),
                     committed: f.planned,
                     test_of: if f.test { f.vm.clone() } else { String::new() },
@@ -101,7 +101,7 @@ async fn fake_agent(host: &'static str, mut session: AgentSession, log: Log, sto
             Some(Command::CleanupTestFailover(c)) => format!("CleanupTestFailover {} {}", c.vm, c.test_vm_name),
             Some(Command::StopVm(s)) => format!("StopVm {}", s.name),
             Some(Command::ListPoints(l)) => {
-                result.points = vec![point("p-1")];
+                result.points = vec![point("p1")];
                 format!("ListPoints {}", l.vm)
             }
             Some(Command::StopReplication(s)) => format!("StopReplication {} remove={}", s.vm, s.remove_replica),
@@ -189,7 +189,7 @@ async fn test_planned_failover_reprotect_and_refusals() {
     // Refusals before any failover.
     for e in [
         p.commit_failover(vmreq("vm1")).await.expect_err("commit"),
-        p.change_point(v1::ChangePointRequest { vm: "vm1".into(), point: "p-1".into() }).await.expect_err("point"),
+        p.change_point(v1::ChangePointRequest { vm: "vm1".into(), point: "p1".into() }).await.expect_err("point"),
         p.reprotect(vmreq("vm1")).await.expect_err("reprotect"),
         p.cleanup_test_failover(vmreq("vm1")).await.expect_err("cleanup"),
     ] {
@@ -273,11 +273,11 @@ async fn unplanned_change_point_commit_reprotect() {
     let shown = env.inv.get_vm(v1::GetVmRequest { name: "vm1".into() }).await.expect("vm").into_inner();
     assert_eq!(shown.nics[0].ip, "10.0.0.5");
     assert_eq!(shown.replication.expect("rel").state(), v1::ReplicationState::FailedOver);
-    let job = p.change_point(v1::ChangePointRequest { vm: "vm1".into(), point: "p-0".into() }).await.expect("cp");
+    let job = p.change_point(v1::ChangePointRequest { vm: "vm1".into(), point: "p0".into() }).await.expect("cp");
     assert_eq!(wait_job(p, &job.into_inner().id).await.state(), v1::JobState::Succeeded);
     let job = p.commit_failover(vmreq("vm1")).await.expect("commit").into_inner();
     assert_eq!(wait_job(p, &job.id).await.state(), v1::JobState::Succeeded);
-    let e = p.change_point(v1::ChangePointRequest { vm: "vm1".into(), point: "p-1".into() }).await.expect_err("after");
+    let e = p.change_point(v1::ChangePointRequest { vm: "vm1".into(), point: "p1".into() }).await.expect_err("after");
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("committed"), "{}", e.message());
     let job = p.reprotect(vmreq("vm1")).await.expect("reprotect").into_inner();
@@ -287,7 +287,7 @@ async fn unplanned_change_point_commit_reprotect() {
     let order: Vec<String> = env.log.lock().expect("log").iter().map(|(h, c)| format!("{h} {c}")).collect();
     let at = |s: &str| order.iter().position(|x| x.starts_with(s)).unwrap_or_else(|| panic!("{s}: {order:?}"));
     assert!(at("hv-a StopVm vm1") < at("hv-b Failover vm1 unplanned"));
-    assert!(at("hv-b ChangePoint vm1 p-0") < at("hv-b CommitFailover vm1"));
+    assert!(at("hv-b ChangePoint vm1 p0") < at("hv-b CommitFailover vm1"));
     assert!(at("hv-a PrepareReplica vm1 adopt=true") < at("hv-b StartReplication vm1 resync_initial=true"));
     env.stops.iter().for_each(CancellationToken::cancel);
     env.provider.stop().await;
@@ -364,7 +364,7 @@ async fn recovery_plan_groups_scripts_and_failure() {
     assert_eq!(done.state(), v1::JobState::Succeeded, "{done:?}");
     let step = |n: &str| done.steps.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("{n}: {done:?}")).clone();
     assert_eq!(done.steps[0].name, "Shut down the primary VMs");
-    assert!(done.steps[0].detail.contains("last point p-9"), "{}", done.steps[0].detail);
+    assert!(done.steps[0].detail.contains("last point p9"), "{}", done.steps[0].detail);
     let (g1a, g1b, g2) = (step("Group 1: vm1"), step("Group 1: vm2"), step("Group 2: vm3"));
     let script_step = done.steps.iter().find(|s| s.name.contains("dns.sh")).expect("script step");
     assert!(script_step.detail.contains("updated-dns"), "{}", script_step.detail);
@@ -394,7 +394,7 @@ async fn local_failover_is_detected_from_the_inventory() {
     let mut local = vm("vm1", "10.0.0.5");
     local.failover = Some(v1::FailoverInfo {
         relationship_id: rel_id,
-        point_id: "p-1".into(),
+        point_id: "p1".into(),
         kind: v1::FailoverKind::Local.into(),
         committed: false,
         test_of: String::new(),

@@ -77,10 +77,10 @@ impl TestProvider {
             host_certs
                 .push(v.ca.issue_local(&id, &ServerNames::default(), Duration::from_secs(3600)).expect("host cert"));
             let rec = HostRecord {
-                id: format!("{name}-id"),
-                name: name.into(),
-                site: site.into(),
-                cloud: cloud.into(),
+                id: format!("{name}-id").parse().expect("host id"),
+                name: name.parse().expect("host name"),
+                site: site.parse().expect("site"),
+                cloud: cloud.parse().expect("cloud"),
                 address: format!("127.0.0.1:{}", 9001 + i),
                 agent_version: "fake".into(),
                 registered_unix_ms: now_ms(),
