@@ -3,34 +3,25 @@
 //! replication, refusals), networks and address reservations, and recovery plans with
 //! scripts.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use siterecovery_certs::ca::ServerNames;
-use siterecovery_certs::{PeerIdentity, Role};
+use common::{
+    AgentSession, GIB, TestProvider, now_ms, ok_result, pairing, protect, wait_connected, wait_host, wait_job,
+    wait_kind,
+};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::agent_message::Body;
-use siterecovery_proto::v1::control_client::ControlClient;
 use siterecovery_proto::v1::inventory_client::InventoryClient;
 use siterecovery_proto::v1::protection_client::ProtectionClient;
 use siterecovery_proto::v1::provider_message::Command;
-use siterecovery_provider::cli::{self, OperatorCerts};
-use siterecovery_provider::inventory::HostRecord;
-use siterecovery_provider::protection::ProtectionConfig;
-use siterecovery_provider::store::{HOSTS, Store};
-use siterecovery_provider::{api, vault};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-
-const GIB: u64 = 1 << 30;
+use tonic::transport::Channel;
 
 type Log = Arc<Mutex<Vec<(String, String)>>>;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
 
 fn vm(name: &str, ip: &str) -> v1::Vm {
     v1::Vm {
@@ -43,44 +34,9 @@ fn vm(name: &str, ip: &str) -> v1::Vm {
 }
 
 /// A fake agent: records every command as (host, summary) and answers like the real one.
-async fn fake_agent(
-    host: &'static str,
-    addr: String,
-    ca_pem: String,
-    cert: (String, String),
-    vms: Vec<v1::Vm>,
-    log: Log,
-    stop: CancellationToken,
-) {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&ca_pem))
-        .identity(Identity::from_pem(&cert.0, &cert.1))
-        .domain_name("127.0.0.1");
-    let ch = Endpoint::from_shared(format!("https://{addr}"))
-        .expect("endpoint")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("agent connect");
-    let (tx, rx) = mpsc::channel::<v1::AgentMessage>(64);
-    let send = |b: Body| v1::AgentMessage { body: Some(b) };
-    tx.send(send(Body::Hello(v1::Hello { agent_version: "fake".into(), listen_address: String::new() })))
-        .await
-        .expect("hello");
-    tx.send(send(Body::Inventory(v1::InventoryReport { vms, free_bytes: 100 * GIB }))).await.expect("inventory");
-    let mut inbound = ControlClient::new(ch)
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("session")
-        .into_inner();
-    loop {
-        let msg = tokio::select! {
-            m = inbound.message() => m,
-            _ = stop.cancelled() => return,
-        };
-        let Ok(Some(m)) = msg else { return };
-        let mut result = v1::CommandResult { command_id: m.command_id, ok: true, ..Default::default() };
+async fn fake_agent(host: &'static str, mut session: AgentSession, log: Log, stop: CancellationToken) {
+    while let Some(m) = session.next(&stop).await {
+        let mut result = ok_result(&m);
         let point = |id: &str| v1::RecoveryPoint {
             id: id.into(),
             seq: 1,
@@ -90,10 +46,11 @@ async fn fake_agent(
         };
         let summary = match &m.command {
             Some(Command::StartReplication(s)) => {
-                tx.send(send(Body::Result(result.clone()))).await.expect("result");
+                session.reply(result.clone()).await;
                 log.lock()
                     .expect("log")
                     .push((host.into(), format!("StartReplication {} resync_initial={}", s.vm, s.resync_initial)));
+                // Paced like a copy in progress, so the job shows its steps.
                 for (st, done, p) in [("initial", 0, false), ("replicating", GIB, true)] {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     let x = v1::ReplicationStatus {
@@ -106,7 +63,7 @@ async fn fake_agent(
                         cycles: 1,
                         ..Default::default()
                     };
-                    tx.send(send(Body::Replication(x))).await.expect("status");
+                    session.send(Body::Replication(x)).await;
                 }
                 continue;
             }
@@ -151,91 +108,33 @@ async fn fake_agent(
             _ => "other".into(),
         };
         log.lock().expect("log").push((host.into(), summary));
-        tx.send(send(Body::Result(result))).await.expect("result");
+        session.reply(result).await;
     }
 }
 
 struct Env {
-    _dir: tempfile::TempDir,
-    dir: std::path::PathBuf,
+    provider: TestProvider,
     p: ProtectionClient<Channel>,
     inv: InventoryClient<Channel>,
     log: Log,
     stops: Vec<CancellationToken>,
-    shutdown: CancellationToken,
-    addr: String,
-    ca_pem: String,
-    cert_b: (String, String),
 }
 
+/// A provider with fake agents hv-a (reporting `vms`) and hv-b, policy `fast`, gold-a
+/// paired with gold-b, networks corp (primary) and dr (secondary) mapped.
 async fn setup(vms: Vec<v1::Vm>) -> Env {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().to_path_buf();
-    let data = dir.join("provider");
-    let v =
-        vault::create(&data, "test", "127.0.0.1:1", &dir.join("vault.key"), Duration::from_secs(600)).expect("vault");
-    let vault_id = v.info.vault_id.clone();
-    let ca_pem = v.ca.cert_pem().to_owned();
-    let opdir = dir.join("op");
-    v.issue_operator_cert(&opdir, "op", Duration::from_secs(3600)).expect("operator cert");
-    let store = Store::open(&data).expect("store");
-    let mut host_certs = Vec::new();
-    for (i, (name, site, cloud)) in
-        [("hv-a", "primary", "gold-a"), ("hv-b", "secondary", "gold-b")].into_iter().enumerate()
-    {
-        let id = PeerIdentity::new(vault_id.clone(), Role::Host, format!("{name}-id")).expect("identity");
-        host_certs.push(v.ca.issue_local(&id, &ServerNames::default(), Duration::from_secs(3600)).expect("host cert"));
-        let rec = HostRecord {
-            id: format!("{name}-id").parse().expect("host id"),
-            name: name.parse().expect("host name"),
-            site: site.parse().expect("site"),
-            cloud: cloud.parse().expect("cloud"),
-            address: format!("127.0.0.1:{}", 9001 + i),
-            agent_version: "fake".into(),
-            registered_unix_ms: now_ms(),
-        };
-        store.put(HOSTS, name, &rec).expect("host");
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(api::serve_with(
-        v,
-        store,
-        listener,
-        shutdown.clone(),
-        Duration::from_secs(1),
-        ProtectionConfig::for_tests(),
-    ));
+    let provider = TestProvider::start().await;
     let log: Log = Arc::new(Mutex::new(Vec::new()));
     let stops = vec![CancellationToken::new(), CancellationToken::new()];
-    let [a, b]: [(String, String); 2] = host_certs.try_into().expect("two");
     let n = vms.len();
-    tokio::spawn(fake_agent("hv-a", addr.clone(), ca_pem.clone(), a, vms, log.clone(), stops[0].clone()));
-    let cert_b = b.clone();
-    tokio::spawn(fake_agent("hv-b", addr.clone(), ca_pem.clone(), b, vec![], log.clone(), stops[1].clone()));
-    let certs = OperatorCerts::load(&opdir).expect("op certs");
-    let ch = cli::connect(&addr, &certs).await.expect("connect");
-    let mut inv = InventoryClient::new(ch.clone());
-    let mut p = ProtectionClient::new(ch);
-    for _ in 0..100 {
-        let hosts = inv.list_hosts(v1::ListHostsRequest {}).await.expect("hosts").into_inner().hosts;
-        let listed = inv.list_vms(v1::ListVmsRequest::default()).await.expect("vms").into_inner().vms;
-        if hosts.iter().all(|h| h.connected) && listed.len() == n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::spawn(fake_agent("hv-a", provider.session(0, vms).await, log.clone(), stops[0].clone()));
+    tokio::spawn(fake_agent("hv-b", provider.session(1, vec![]).await, log.clone(), stops[1].clone()));
+    let (mut inv, mut p) = provider.operator().await;
+    wait_connected(&mut inv, n).await;
     p.create_policy(v1::Policy { name: "fast".into(), interval_ms: 1000, retention_ms: 60_000, ..Default::default() })
         .await
         .expect("policy");
-    p.pair_clouds(v1::CloudPairing {
-        source_cloud: "gold-a".into(),
-        target_cloud: "gold-b".into(),
-        policy: "fast".into(),
-    })
-    .await
-    .expect("pair");
+    p.pair_clouds(pairing("gold-a", "gold-b", "fast")).await.expect("pair");
     let net = |site: &str, name: &str, pools: &[&str]| v1::VmNetwork {
         site: site.into(),
         name: name.into(),
@@ -255,38 +154,7 @@ async fn setup(vms: Vec<v1::Vm>) -> Env {
         .expect_err("secondary → primary is not paired");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     p.map_network(v1::NetworkMapping { source: "corp".into(), target: "dr".into() }).await.expect("map");
-    Env { _dir: tmp, dir, p, inv, log, stops, shutdown, addr, ca_pem, cert_b }
-}
-
-async fn wait_job(p: &mut ProtectionClient<Channel>, id: &str) -> v1::Job {
-    let mut s = p.watch_job(v1::GetJobRequest { id: id.into() }).await.expect("watch").into_inner();
-    let mut last = None;
-    while let Some(j) =
-        tokio::time::timeout(Duration::from_secs(30), s.message()).await.expect("job stalled").expect("stream")
-    {
-        last = Some(j);
-    }
-    last.expect("a job")
-}
-
-async fn wait_kind(p: &mut ProtectionClient<Channel>, kind: &str, vm: &str) -> v1::Job {
-    for _ in 0..200 {
-        let jobs = p.list_jobs(v1::ListJobsRequest {}).await.expect("jobs").into_inner().jobs;
-        if let Some(j) = jobs.into_iter().rev().find(|j| {
-            siterecovery_provider::job::kind_name(j.kind) == kind && j.vm == vm && j.state() != v1::JobState::Running
-        }) {
-            return j;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no finished {kind} job for {vm}");
-}
-
-async fn protect(p: &mut ProtectionClient<Channel>, vm: &str) {
-    let job =
-        p.protect(v1::ProtectRequest { vm: vm.into(), export_dir: String::new() }).await.expect("protect").into_inner();
-    let done = wait_job(p, &job.id).await;
-    assert_eq!(done.state(), v1::JobState::Succeeded, "{done:?}");
+    Env { provider, p, inv, log, stops }
 }
 
 fn req(vm: &str, kind: &str) -> v1::FailoverRequest {
@@ -382,18 +250,12 @@ async fn test_planned_failover_reprotect_and_refusals() {
 
     // The primary (now hv-b) goes away: planned failover is refused, suggesting unplanned.
     env.stops[1].cancel();
-    for _ in 0..100 {
-        let hosts = env.inv.list_hosts(v1::ListHostsRequest {}).await.expect("hosts").into_inner().hosts;
-        if hosts.iter().any(|h| h.name == "hv-b" && !h.connected) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_host(&mut env.inv, "hv-b", false).await;
     let e = p.failover(req("vm1", "planned")).await.expect_err("primary down");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("failover unplanned vm1"), "{}", e.message());
     env.stops[0].cancel();
-    env.shutdown.cancel();
+    env.provider.stop().await;
 }
 
 #[tokio::test]
@@ -428,7 +290,7 @@ async fn unplanned_change_point_commit_reprotect() {
     assert!(at("hv-b ChangePoint vm1 p0") < at("hv-b CommitFailover vm1"));
     assert!(at("hv-a PrepareReplica vm1 adopt=true") < at("hv-b StartReplication vm1 resync_initial=true"));
     env.stops.iter().for_each(CancellationToken::cancel);
-    env.shutdown.cancel();
+    env.provider.stop().await;
 }
 
 #[tokio::test]
@@ -440,12 +302,12 @@ async fn recovery_plan_groups_scripts_and_failure() {
     }
     let script = |name: &str, body: &str| {
         use std::os::unix::fs::PermissionsExt;
-        let path = env.dir.join(name);
+        let path = env.provider.dir.join(name);
         std::fs::write(&path, body).expect("script");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         path.to_string_lossy().into_owned()
     };
-    let envfile = env.dir.join("env.txt");
+    let envfile = env.provider.dir.join("env.txt");
     let good = script(
         "dns.sh",
         &format!(
@@ -518,7 +380,7 @@ async fn recovery_plan_groups_scripts_and_failure() {
     let first_fo = log.iter().position(|(_, c)| c.contains(" planned ")).expect("failover");
     assert!(last_prep < first_fo, "{log:?}");
     env.stops.iter().for_each(CancellationToken::cancel);
-    env.shutdown.cancel();
+    env.provider.stop().await;
 }
 
 #[tokio::test]
@@ -539,15 +401,7 @@ async fn local_failover_is_detected_from_the_inventory() {
         started_unix_ms: now_ms(),
     });
     let again = CancellationToken::new();
-    tokio::spawn(fake_agent(
-        "hv-b",
-        env.addr.clone(),
-        env.ca_pem.clone(),
-        env.cert_b.clone(),
-        vec![local],
-        env.log.clone(),
-        again.clone(),
-    ));
+    tokio::spawn(fake_agent("hv-b", env.provider.session(1, vec![local]).await, env.log.clone(), again.clone()));
     let job = wait_kind(&mut env.p, "Local failover detected", "vm1").await;
     assert_eq!(job.state(), v1::JobState::Succeeded);
     assert!(job.steps[0].detail.contains("host hv-b reports VM vm1 failed over on its own"), "{job:?}");
@@ -559,5 +413,5 @@ async fn local_failover_is_detected_from_the_inventory() {
     assert_eq!(wait_job(&mut env.p, &job.id).await.state(), v1::JobState::Succeeded);
     again.cancel();
     env.stops[0].cancel();
-    env.shutdown.cancel();
+    env.provider.stop().await;
 }

@@ -14,381 +14,32 @@
 //!
 //! Run: `cargo build --workspace --bins && cargo test -p siterecovery-tests --test failover`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use siterecovery_tests::*;
 
 const MIB: u64 = 1 << 20;
-/// Write size of the tests, and the agent's resync block size (`agent/src/resync.rs`).
-const BLOCK: u64 = 64 << 10;
+/// Write size of the tests ([`AckWriter`]'s), and the agent's resync block size
+/// (`agent/src/resync.rs`).
+const BLOCK: u64 = ACK_BLOCK;
 /// Second-level resync sub-block: the unit of the "sent" figure.
 const SUB_BLOCK: u64 = 4 << 10;
 /// The policy interval (the provider runs with `--test-intervals`).
 const INTERVAL_MS: i64 = 1000;
-/// Longest wait for a replication event (points, health, states).
-const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Longest a `--wait` command may run.
-const JOB_TIMEOUT: Duration = Duration::from_secs(150);
 
-// ---------------------------------------------------------------------------------
-// The world: provider + two hosts, paired clouds and a fast policy.
-
-struct World {
-    lab: Lab,
-    provider: Option<Proc>,
-    a: Proc,
-    _b: Proc,
-}
-
-impl World {
-    /// Provider with `--test-intervals`, hv-a and hv-b registered and connected, policy
-    /// `fast` (1 s), gold-a paired with gold-b. No VM yet.
-    fn new(test: &str) -> Self {
-        let lab = Lab::new(test);
-        lab.create_vault();
-        let provider = lab.start_provider_with(&["--test-intervals"]);
-        lab.operator_cert();
-        lab.register_agent("hv-a", "primary", "gold-a");
-        lab.register_agent("hv-b", "secondary", "gold-b");
-        let a = lab.start_agent("hv-a");
-        let b = lab.start_agent("hv-b");
-        lab.wait_host_connected("hv-a");
-        lab.wait_host_connected("hv-b");
-        lab.cli_json(&["policy", "create", "--name", "fast", "--interval", "1s", "--retention", "1h"]);
-        lab.cli_json(&["cloud", "pair", "--source", "gold-a", "--target", "gold-b", "--policy", "fast"]);
-        Self { lab, provider: Some(provider), a, _b: b }
-    }
-
-    /// `vm create --host hv-a --name NAME --disk D... --nic N...`.
-    fn vm(&self, name: &str, disks: &[&str], nics: &[&str]) {
-        let mut args = vec!["vm", "create", "--host", "hv-a", "--name", name];
-        for d in disks {
-            args.extend(["--disk", d]);
-        }
-        for n in nics {
-            args.extend(["--nic", n]);
-        }
-        self.lab.cli_json(&args);
-    }
-
-    fn dir(&self, host: &str) -> PathBuf {
-        self.lab.host_slot(host).dir
-    }
-
-    /// The operator CLI with a long timeout (for `--wait`).
-    fn cli_long(&self, args: &[&str]) -> Output {
-        self.lab.run_timeout(
-            Command::new(bin("provider"))
-                .args(["--connect", &self.lab.addr()])
-                .arg("--certs")
-                .arg(&self.lab.opdir)
-                .args(args),
-            JOB_TIMEOUT,
-        )
-    }
-
-    /// `--json ARGS --wait`, asserting success; the job as printed.
-    #[track_caller]
-    fn wait_job(&self, args: &[&str]) -> Value {
-        let mut a = vec!["--json"];
-        a.extend_from_slice(args);
-        a.push("--wait");
-        let o = self.cli_long(&a);
-        assert_ok(&o, &args.join(" "));
-        job_from(&o).unwrap_or_else(|| panic!("{} printed no job: {}", args.join(" "), stdout(&o)))
-    }
-
-    /// `vm show V --json`, `None` while the CLI fails.
-    fn try_show(&self, vm: &str) -> Option<Value> {
-        let o = self.lab.cli(&["--json", "vm", "show", vm]);
-        if !o.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&o.stdout).ok()
-    }
-
-    #[track_caller]
-    fn show(&self, vm: &str) -> Value {
-        self.lab.cli_json(&["vm", "show", vm])
-    }
-
-    /// The unix-socket NBD URI of every disk of `vm` (where it runs now).
-    #[track_caller]
-    fn uris(&self, vm: &str) -> Vec<String> {
-        let v = self.show(vm);
-        let uris: Vec<String> = v["disks"]
-            .as_array()
-            .expect("disks")
-            .iter()
-            .map(|d| d["nbd_unix_uri"].as_str().unwrap_or_default().to_owned())
-            .collect();
-        assert!(!uris.is_empty() && uris.iter().all(|u| !u.is_empty()), "{vm}: disks without NBD URIs: {v}");
-        uris
-    }
-
-    /// Waits until `vm show V --json` satisfies `pred`; returns it.
-    #[track_caller]
-    fn wait_vm(&self, vm: &str, what: &str, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
-        let mut last = Value::Null;
-        let ok = wait_until(timeout, || {
-            last = self.try_show(vm).unwrap_or(Value::Null);
-            pred(&last)
-        });
-        if !ok {
-            self.lab.dump_logs();
-            panic!("{vm}: {what} not seen within {timeout:?}; last `vm show`: {last}");
-        }
-        last
-    }
-
-    /// Recovery points of `vm`, oldest first; empty while the CLI fails.
-    fn points(&self, vm: &str) -> Vec<Value> {
-        let o = self.lab.cli(&["--json", "points", vm]);
-        if !o.status.success() {
-            return Vec::new();
-        }
-        let mut v: Vec<Value> =
-            serde_json::from_slice::<Value>(&o.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default();
-        v.sort_by_key(|p| p["seq"].as_u64().unwrap_or(0));
-        v
-    }
-
-    /// Waits for a point of `vm` created after `after_ms` (it holds every write
-    /// acknowledged before then); returns it.
-    #[track_caller]
-    fn wait_point_after(&self, vm: &str, after_ms: i64, what: &str) -> Value {
-        let mut last = Vec::new();
-        let ok = wait_until(EVENT_TIMEOUT, || {
-            last = self.points(vm);
-            last.last().is_some_and(|p| p["created_unix_ms"].as_i64().unwrap_or(0) > after_ms)
-        });
-        if !ok {
-            self.lab.dump_logs();
-            panic!("{what}: no point of {vm} created after {after_ms} within {EVENT_TIMEOUT:?}; points: {last:?}");
-        }
-        last.pop().expect("a point")
-    }
-
-    /// `protect V --wait` and a first recovery point.
-    #[track_caller]
-    fn protect(&self, vm: &str) {
-        let o = self.cli_long(&["protect", vm, "--wait"]);
-        assert_ok(&o, &format!("protect {vm} --wait"));
-        self.wait_point_after(vm, 0, "first point");
-    }
-
-    /// `point export V --point P`: one read-only NBD URI per disk.
-    #[track_caller]
-    fn export(&self, vm: &str, point: &str) -> Vec<String> {
-        let o = self.lab.cli(&["point", "export", vm, "--point", point]);
-        assert_ok(&o, &format!("point export {vm} --point {point}"));
-        let uris: Vec<String> = stdout(&o).split_whitespace().map(str::to_owned).collect();
-        assert!(!uris.is_empty() && uris.iter().all(|u| u.starts_with("nbd")), "point export printed {uris:?}");
-        uris
-    }
-
-    /// `job show ID --json`.
-    #[track_caller]
-    fn job(&self, id: &str) -> Value {
-        self.lab.cli_json(&["job", "show", id])
-    }
-
-    /// The newest job whose kind contains `kind` (case-insensitive).
-    #[track_caller]
-    fn last_job(&self, kind: &str) -> Value {
-        let jobs = self.lab.cli_json(&["job", "list"]);
-        jobs.as_array()
-            .expect("jobs")
-            .iter()
-            .filter(|j| j["kind"].as_str().is_some_and(|k| k.to_lowercase().contains(&kind.to_lowercase())))
-            .max_by_key(|j| j["created_unix_ms"].as_i64().unwrap_or(0))
-            .cloned()
-            .unwrap_or_else(|| panic!("no {kind} job in {jobs}"))
-    }
-}
-
-/// The job JSON a `--json ... --wait` printed.
-fn job_from(o: &Output) -> Option<Value> {
-    let text = stdout(o);
-    let start = text.find('{')?;
-    serde_json::from_str(&text[start..]).ok()
-}
-
-/// A step of a job by name.
+/// Writes 1 MiB of 0xa1 at 0 and waits for point A; then, in a later retention bucket
+/// (so A is retained), 1 MiB of 0xb2 at 0 and waits for point B. Returns (A, B).
 #[track_caller]
-fn step<'a>(job: &'a Value, name: &str) -> &'a Value {
-    job["steps"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["name"] == name))
-        .unwrap_or_else(|| panic!("no step {name:?} in {job}"))
-}
-
-/// `qemu-io -f raw [-r] -c CMD... URI`.
-fn qio(lab: &Lab, uri: &str, cmds: &[String], read_only: bool) -> Output {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    if read_only {
-        args.push("-r");
-    }
-    for c in cmds {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(uri);
-    lab.qemu_io(&args)
-}
-
-/// Strict: exit 0 and no "failed" (a failed write, or a pattern that does not verify).
-fn qio_ok(lab: &Lab, uri: &str, cmds: &[String], read_only: bool) -> bool {
-    let o = qio(lab, uri, cmds, read_only);
-    o.status.success() && !stdout(&o).contains("failed") && !stderr(&o).contains("failed")
-}
-
-#[track_caller]
-fn write(lab: &Lab, uri: &str, cmds: &[&str]) {
-    let cmds: Vec<String> = cmds.iter().map(|s| s.to_string()).collect();
-    assert!(qio_ok(lab, uri, &cmds, false), "qemu-io {cmds:?} {uri} failed");
-}
-
-/// True when every `read -P` verifies (read-only open).
-fn reads(lab: &Lab, uri: &str, cmds: &[&str]) -> bool {
-    let cmds: Vec<String> = cmds.iter().map(|s| s.to_string()).collect();
-    qio_ok(lab, uri, &cmds, true)
-}
-
-/// `qemu-img compare -f raw -F raw A B`: true identical, false different; panics otherwise.
-#[track_caller]
-fn same(lab: &Lab, a: &str, b: &str) -> bool {
-    let o = lab.qemu_img(&["compare", "-f", "raw", "-F", "raw", a, b]);
-    match o.status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        _ => panic!("qemu-img compare {a} {b} failed: {} {}", stdout(&o), stderr(&o)),
-    }
-}
-
-/// `(compared, sent)` parsed from "... N blocks compared, M sent ...".
-fn resync_figures(text: &str) -> Option<(u64, u64)> {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let num = |w: &str| w.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>().ok();
-    let i = words.windows(3).position(|w| w[1] == "blocks" && w[2].starts_with("compared"))?;
-    Some((num(words[i])?, num(words.get(i + 3)?)?))
-}
-
-/// Every file under `dir` (recursively) whose name ends with `suffix`.
-fn files_ending(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                todo.push(p);
-            } else if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(suffix)) {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-fn write_script(path: &Path, body: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, body).expect("write script");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
-}
-
-// ---------------------------------------------------------------------------------
-// Background writers.
-
-/// Writes 64 KiB blocks, each with its own pattern at its own offset, through one NBD
-/// URI, `per_call` writes per `qemu-io` run, recording the offset of every write
-/// `qemu-io` reports as done ("wrote ... at offset N"). Ends at the first failure (the
-/// VM stopped), when stopped, or when the slots run out.
-struct AckWriter {
-    stop: Arc<AtomicBool>,
-    acked: Arc<AtomicU64>,
-    /// When the last `qemu-io` run ended (ms since the epoch).
-    last_call_ms: Arc<AtomicU64>,
-    handle: Option<JoinHandle<(Vec<u64>, Option<String>)>>,
-}
-
-/// The pattern of the block at `off` (never 0, neighbours differ).
-fn pattern_at(off: u64) -> u8 {
-    ((off / BLOCK * 37) % 251) as u8 + 1
-}
-
-impl AckWriter {
-    fn start(uri: String, span: u64, per_call: u64, pace: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(AtomicU64::new(0));
-        let last_call_ms = Arc::new(AtomicU64::new(0));
-        let (s, a, a_ms) = (stop.clone(), acked.clone(), last_call_ms.clone());
-        let handle = std::thread::spawn(move || {
-            let mut done = Vec::new();
-            let slots = span / BLOCK;
-            let mut next = 0u64;
-            while !s.load(Ordering::SeqCst) {
-                if next >= slots {
-                    return (done, None);
-                }
-                let mut cmd = Command::new("qemu-io");
-                cmd.args(["-f", "raw"]);
-                for _ in 0..per_call.min(slots - next) {
-                    let off = next * BLOCK;
-                    cmd.args(["-c", &format!("write -P {} {off} {BLOCK}", pattern_at(off))]);
-                    next += 1;
-                }
-                let o = match cmd.arg(&uri).stdin(std::process::Stdio::null()).output() {
-                    Ok(o) => o,
-                    Err(e) => return (done, Some(e.to_string())),
-                };
-                let out = String::from_utf8_lossy(&o.stdout);
-                a_ms.store(unix_now_ms() as u64, Ordering::SeqCst);
-                for l in out.lines().filter(|l| l.starts_with("wrote ")) {
-                    if let Some(off) = l.rsplit(' ').next().and_then(|w| w.parse::<u64>().ok()) {
-                        done.push(off);
-                        a.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                if !o.status.success() || out.contains("failed") {
-                    let err = format!("{} {out} {}", o.status, String::from_utf8_lossy(&o.stderr));
-                    return (done, Some(err));
-                }
-                std::thread::sleep(pace);
-            }
-            (done, None)
-        });
-        Self { stop, acked, last_call_ms, handle: Some(handle) }
-    }
-
-    fn acked(&self) -> u64 {
-        self.acked.load(Ordering::SeqCst)
-    }
-
-    fn finished(&self) -> bool {
-        self.handle.as_ref().is_none_or(|h| h.is_finished())
-    }
-
-    /// Stops and joins: the acknowledged offsets and the error that ended it, if any.
-    fn stop(mut self) -> (Vec<u64>, Option<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.handle.take().expect("running").join().expect("writer thread panicked")
-    }
-}
-
-impl Drop for AckWriter {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
+fn point_a_then_b(w: &World, vm: &str, uri: &str) -> (Value, Value) {
+    w.qio_ok(uri, &["write -P 0xa1 0 1M"]);
+    let p_a = w.wait_point_after(vm, unix_now_ms(), "point A");
+    // Buckets are one interval wide with --test-intervals.
+    let p_a_ms = p_a["created_unix_ms"].as_i64().unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(10), || unix_now_ms() > p_a_ms + 2 * INTERVAL_MS + 100));
+    w.qio_ok(uri, &["write -P 0xb2 0 1M"]);
+    let p_b = w.wait_point_after(vm, unix_now_ms(), "point B");
+    (p_a, p_b)
 }
 
 // ---------------------------------------------------------------------------------
@@ -399,7 +50,7 @@ fn planned_failover_while_writing_loses_no_acknowledged_write() {
     let w = World::new("planned_while_writing");
     w.vm("vm1", &["64M"], &[]);
     let uri_a = w.uris("vm1")[0].clone();
-    w.protect("vm1");
+    w.protect_with_point("vm1");
     let writer = AckWriter::start(uri_a.clone(), 64 * MIB, 2, Duration::from_millis(10));
     assert!(wait_until(Duration::from_secs(30), || writer.acked() >= 100), "the writer made no progress");
     let before = writer.acked();
@@ -409,7 +60,7 @@ fn planned_failover_while_writing_loses_no_acknowledged_write() {
     let took = started.elapsed();
     // Once the primary VM is stopped its writes are refused: the writer ends on a failure.
     let ended = wait_until(Duration::from_secs(20), || writer.finished());
-    let last_call = writer.last_call_ms.load(Ordering::SeqCst) as i64 - started_ms;
+    let last_call = writer.last_call_ms() - started_ms;
     let (acked, err) = writer.stop();
     eprintln!(
         "[planned] {} writes acknowledged ({before} before the failover started); failover took {took:?}; the writer's last run ended {last_call} ms after the failover started, with {err:?}",
@@ -420,7 +71,7 @@ fn planned_failover_while_writing_loses_no_acknowledged_write() {
     // for lack of free slots).
     assert!(err.is_some(), "the writer ended without a refused write ({} writes)", acked.len());
     assert!(acked.len() as u64 >= before, "acknowledged writes were lost by the writer's bookkeeping");
-    assert!(!qio_ok(&w.lab, &uri_a, &["write -P 0x99 0 64k".into()], false), "hv-a still accepts writes to vm1");
+    assert!(!w.qio_passes(&uri_a, &["write -P 0x99 0 64k"], false), "hv-a still accepts writes to vm1");
     assert_eq!(step(&job, "Commit")["state"], "succeeded", "{job}");
 
     // Every acknowledged write is on hv-b, read back through vm1's export there.
@@ -431,10 +82,10 @@ fn planned_failover_while_writing_loses_no_acknowledged_write() {
     let mut missing = Vec::new();
     for chunk in acked.chunks(200) {
         let cmds: Vec<String> = chunk.iter().map(|off| format!("read -P {} {off} {BLOCK}", pattern_at(*off))).collect();
-        if !qio_ok(&w.lab, &uri_b, &cmds, true) {
+        if !w.qio_passes(&uri_b, &cmds, true) {
             // Find which ones (rare path: only on failure).
             for (off, c) in chunk.iter().zip(&cmds) {
-                if !qio_ok(&w.lab, &uri_b, std::slice::from_ref(c), true) {
+                if !w.qio_passes(&uri_b, std::slice::from_ref(c), true) {
                     missing.push(*off);
                 }
             }
@@ -457,15 +108,9 @@ fn unplanned_failover_change_point_and_commit() {
     let mut w = World::new("unplanned");
     w.vm("vm1", &["16M"], &[]);
     let uri = w.uris("vm1")[0].clone();
-    w.protect("vm1");
-    write(&w.lab, &uri, &["write -P 0xa1 0 1M"]);
-    let p_a = w.wait_point_after("vm1", unix_now_ms(), "point A");
+    w.protect_with_point("vm1");
+    let (p_a, p_b) = point_a_then_b(&w, "vm1", &uri);
     let p_a_id = p_a["id"].as_str().expect("point id").to_owned();
-    // The next write lands in a later retention bucket, so point A is retained.
-    let p_a_ms = p_a["created_unix_ms"].as_i64().unwrap_or(0);
-    assert!(wait_until(Duration::from_secs(10), || unix_now_ms() > p_a_ms + 2 * INTERVAL_MS + 100));
-    write(&w.lab, &uri, &["write -P 0xb2 0 1M"]);
-    let p_b = w.wait_point_after("vm1", unix_now_ms(), "point B");
     assert_ne!(p_b["id"], p_a["id"]);
     assert!(w.points("vm1").iter().any(|p| p["id"] == p_a_id.as_str()), "point A was not retained");
 
@@ -479,16 +124,16 @@ fn unplanned_failover_change_point_and_commit() {
     assert_eq!(vm["failover"]["committed"], false, "{vm}");
     assert_eq!(vm["replication"]["state"], "failed over (waiting for commit)", "{vm}");
     let uri_b = w.uris("vm1")[0].clone();
-    assert!(reads(&w.lab, &uri_b, &["read -P 0xb2 0 1M"]), "vm1 on hv-b does not start from the latest point (B)");
+    assert!(w.reads(&uri_b, &["read -P 0xb2 0 1M"]), "vm1 on hv-b does not start from the latest point (B)");
 
     w.wait_job(&["failover", "change-point", "vm1", "--point", &p_a_id]);
     let vm = w.show("vm1");
     assert_eq!(vm["failover"]["point_id"], p_a_id.as_str(), "{vm}");
     let uri_b = w.uris("vm1")[0].clone();
-    assert!(reads(&w.lab, &uri_b, &["read -P 0xa1 0 1M"]), "after change-point, vm1 does not read point A");
-    assert!(!reads(&w.lab, &uri_b, &["read -P 0xb2 0 64k"]), "after change-point, vm1 still reads B");
+    assert!(w.reads(&uri_b, &["read -P 0xa1 0 1M"]), "after change-point, vm1 does not read point A");
+    assert!(!w.reads(&uri_b, &["read -P 0xb2 0 64k"]), "after change-point, vm1 still reads B");
     // Written before the commit: kept by it.
-    write(&w.lab, &uri_b, &["write -P 0xc3 2M 1M"]);
+    w.qio_ok(&uri_b, &["write -P 0xc3 2M 1M"]);
 
     w.wait_job(&["failover", "commit", "vm1"]);
     let vm = w.show("vm1");
@@ -496,9 +141,9 @@ fn unplanned_failover_change_point_and_commit() {
     assert_eq!(vm["failover"]["committed"], true, "{vm}");
     assert_eq!(vm["replication"]["state"], "committed", "{vm}");
     let uri_b = w.uris("vm1")[0].clone();
-    assert!(reads(&w.lab, &uri_b, &["read -P 0xa1 0 1M", "read -P 0xc3 2M 1M"]), "data changed by the commit");
-    write(&w.lab, &uri_b, &["write -P 0xd4 4M 1M"]);
-    assert!(reads(&w.lab, &uri_b, &["read -P 0xd4 4M 1M", "read -P 0xa1 0 1M"]), "vm1 is not writable after commit");
+    assert!(w.reads(&uri_b, &["read -P 0xa1 0 1M", "read -P 0xc3 2M 1M"]), "data changed by the commit");
+    w.qio_ok(&uri_b, &["write -P 0xd4 4M 1M"]);
+    assert!(w.reads(&uri_b, &["read -P 0xd4 4M 1M", "read -P 0xa1 0 1M"]), "vm1 is not writable after commit");
     let pts = w.lab.cli(&["--json", "points", "vm1"]);
     if pts.status.success() {
         let list: Value = serde_json::from_slice(&pts.stdout).expect("points JSON");
@@ -520,8 +165,8 @@ fn test_failover_keeps_replicating_and_cleans_up() {
     let w = World::new("test_failover");
     w.vm("vm1", &["64M"], &[]);
     let uri = w.uris("vm1")[0].clone();
-    write(&w.lab, &uri, &["write -P 0x31 0 4M"]);
-    w.protect("vm1");
+    w.qio_ok(&uri, &["write -P 0x31 0 4M"]);
+    w.protect_with_point("vm1");
     let writer = AckWriter::start(uri.clone(), 32 * MIB, 1, Duration::from_millis(100));
     assert!(wait_until(Duration::from_secs(30), || writer.acked() >= 2), "the writer made no progress");
 
@@ -531,9 +176,9 @@ fn test_failover_keeps_replicating_and_cleans_up() {
     assert_eq!(test["host"], "hv-b", "{test}");
     assert_eq!(test["failover"]["kind"], "test", "{test}");
     let test_uri = w.uris("vm1-test")[0].clone();
-    assert!(reads(&w.lab, &test_uri, &["read -P 0x31 0 4M"]), "the test VM does not read the point's data");
-    write(&w.lab, &test_uri, &["write -P 0xee 48M 1M"]);
-    assert!(reads(&w.lab, &test_uri, &["read -P 0xee 48M 1M"]), "the test VM lost its write");
+    assert!(w.reads(&test_uri, &["read -P 0x31 0 4M"]), "the test VM does not read the point's data");
+    w.qio_ok(&test_uri, &["write -P 0xee 48M 1M"]);
+    assert!(w.reads(&test_uri, &["read -P 0xee 48M 1M"]), "the test VM lost its write");
     // One test failover per VM.
     let o = w.lab.cli(&["failover", "test", "vm1"]);
     assert_fails_saying(&o, &["test failover", "cleanup"], "a second test failover");
@@ -556,10 +201,10 @@ fn test_failover_keeps_replicating_and_cleans_up() {
     // The test VM's write reached neither the primary nor the replica.
     let p = w.wait_point_after("vm1", unix_now_ms(), "a point after the writer");
     let exported = w.export("vm1", p["id"].as_str().expect("id"));
-    assert!(reads(&w.lab, &exported[0], &["read -P 0 48M 1M"]), "the test VM's write is in the replica's point");
-    assert!(same(&w.lab, &exported[0], &uri), "the replica's latest point differs from the primary");
+    assert!(w.reads(&exported[0], &["read -P 0 48M 1M"]), "the test VM's write is in the replica's point");
+    assert!(w.same_image(&exported[0], &uri), "the replica's latest point differs from the primary");
     assert_ok(&w.lab.cli(&["point", "unexport", "vm1"]), "point unexport");
-    assert!(reads(&w.lab, &uri, &["read -P 0 48M 1M"]), "the test VM's write reached the primary");
+    assert!(w.reads(&uri, &["read -P 0 48M 1M"]), "the test VM's write reached the primary");
 
     w.wait_job(&["failover", "cleanup", "vm1"]);
     let list = w.lab.cli_json(&["vm", "list"]);
@@ -589,8 +234,8 @@ fn reverse_replication_sends_only_new_blocks_and_failback_matches() {
     let disk = 64 * MIB;
     w.vm("vm1", &["64M"], &[]);
     let uri_a = w.uris("vm1")[0].clone();
-    write(&w.lab, &uri_a, &["write -P 0x41 0 8M", "write -P 0x42 40M 2M"]);
-    w.protect("vm1");
+    w.qio_ok(&uri_a, &["write -P 0x41 0 8M", "write -P 0x42 40M 2M"]);
+    w.protect_with_point("vm1");
     w.wait_point_after("vm1", unix_now_ms(), "a point with the data");
 
     let job = w.wait_job(&["failover", "planned", "vm1"]);
@@ -604,19 +249,9 @@ fn reverse_replication_sends_only_new_blocks_and_failback_matches() {
     w.wait_vm("vm1", "replicating from hv-b to hv-a", EVENT_TIMEOUT, |v| {
         v["host"] == "hv-b" && v["replication"]["state"] == "replicating" && v["replication"]["replica_host"] == "hv-a"
     });
-    let mut rev = Value::Null;
-    let ended = wait_until(EVENT_TIMEOUT, || {
-        rev = w.job(&rev_id);
-        rev["state"] != "running"
-    });
-    assert!(ended && rev["state"] == "succeeded", "reverse replication job: {rev}");
-    let (compared, sent) = rev["steps"]
-        .as_array()
-        .expect("steps")
-        .iter()
-        .filter_map(|s| s["detail"].as_str())
-        .find_map(resync_figures)
-        .unwrap_or_else(|| panic!("no block figures in {rev}"));
+    let rev = w.wait_job_done(&rev_id, EVENT_TIMEOUT);
+    assert_eq!(rev["state"], "succeeded", "reverse replication job: {rev}");
+    let (compared, sent) = job_resync_figures(&rev);
     eprintln!(
         "[reverse] initial reverse resync: {sent} sub-blocks of {compared} blocks sent ({} of {} bytes)",
         sent * SUB_BLOCK,
@@ -633,7 +268,7 @@ fn reverse_replication_sends_only_new_blocks_and_failback_matches() {
     let before = w.show("vm1")["replication"]["bytes_replicated"].as_u64().unwrap_or(0);
     let cmds: Vec<String> =
         (0..10u64).map(|i| format!("write -P {} {} {BLOCK}", 0x60 + i, (i * 5 + 1) * MIB)).collect();
-    assert!(qio_ok(&w.lab, &uri_b, &cmds, false), "writes on hv-b");
+    assert!(w.qio_passes(&uri_b, &cmds, false), "writes on hv-b");
     let wrote = unix_now_ms();
     w.wait_point_after("vm1", wrote, "a point on hv-a with the writes made on hv-b");
     let written = 10 * BLOCK;
@@ -657,13 +292,9 @@ fn reverse_replication_sends_only_new_blocks_and_failback_matches() {
     });
     let uri_a = vm["disks"][0]["nbd_unix_uri"].as_str().expect("uri").to_owned();
     assert!(uri_a.contains(&w.dir("hv-a").display().to_string()), "vm1's disk is not served by hv-a: {uri_a}");
-    assert!(same(&w.lab, &uri_a, &saved.display().to_string()), "after failback hv-a differs from what hv-b had");
+    assert!(w.same_image(&uri_a, &saved.display().to_string()), "after failback hv-a differs from what hv-b had");
     assert!(
-        reads(
-            &w.lab,
-            &uri_a,
-            &["read -P 0x41 0 1M", "read -P 0x60 1M 64k", "read -P 0x42 40M 1M", "read -P 0x69 46M 64k"]
-        ),
+        w.reads(&uri_a, &["read -P 0x41 0 1M", "read -P 0x60 1M 64k", "read -P 0x42 40M 1M", "read -P 0x69 46M 64k"]),
         "hv-a lacks data written at either site"
     );
 }
@@ -688,8 +319,8 @@ fn failover_addresses_follow_the_target_pool() {
     net(&["map", "--source", "prod", "--target", "dr"]);
     w.vm("vmA", &["8M"], &["prod=10.0.0.25", "prod=10.0.0.12", "prod=dhcp"]);
     w.vm("vmB", &["8M"], &["prod=10.0.0.25"]);
-    w.protect("vmA");
-    w.protect("vmB");
+    w.protect_with_point("vmA");
+    w.protect_with_point("vmB");
     let res_a = w.show("vmA")["replication"]["addresses"].clone();
     let res_b = w.show("vmB")["replication"]["addresses"].clone();
     eprintln!("[ip] reservations vmA {res_a}\n[ip] reservations vmB {res_b}");
@@ -749,7 +380,7 @@ fn recovery_plan_runs_groups_in_order_and_reports_a_failing_script() {
         w.vm(vm, &["8M"], &[]);
     }
     for vm in ["v1", "v2", "v3"] {
-        w.protect(vm);
+        w.protect_with_point(vm);
     }
     let stamp = w.lab.root.join("stamp.txt");
     let script = w.lab.root.join("after1.sh");
@@ -831,11 +462,11 @@ fn local_failover_with_the_provider_down() {
     let mut w = World::new("local_failover");
     w.vm("vm1", &["16M"], &[]);
     let uri = w.uris("vm1")[0].clone();
-    w.protect("vm1");
-    write(&w.lab, &uri, &["write -P 0x71 0 2M", "write -P 0x72 8M 1M"]);
+    w.protect_with_point("vm1");
+    w.qio_ok(&uri, &["write -P 0x71 0 2M", "write -P 0x72 8M 1M"]);
     let p = w.wait_point_after("vm1", unix_now_ms(), "a point with the data");
 
-    w.provider.as_mut().expect("provider").stop_gracefully();
+    w.stop_provider();
     w.a.kill9();
     let b = w.dir("hv-b");
     let o = w.lab.agent(&["--data-dir", &b.display().to_string(), "failover", "vm1"]);
@@ -845,9 +476,9 @@ fn local_failover_with_the_provider_down() {
     assert!(text.contains("vm1"), "{text}");
     let uris: Vec<&str> = text.split_whitespace().filter(|w| w.starts_with("nbd")).collect();
     assert!(!uris.is_empty(), "agent failover printed no URI: {text}");
-    assert!(reads(&w.lab, uris[0], &["read -P 0x71 0 2M", "read -P 0x72 8M 1M"]), "the latest point's data");
+    assert!(w.reads(uris[0], &["read -P 0x71 0 2M", "read -P 0x72 8M 1M"]), "the latest point's data");
 
-    w.provider = Some(w.lab.start_provider_with(&["--test-intervals"]));
+    w.start_provider();
     w.lab.wait_host_connected("hv-b");
     let vm = w.wait_vm("vm1", "failed over locally on hv-b", EVENT_TIMEOUT, |v| {
         v["host"] == "hv-b" && v["failover"]["kind"] == "local"
@@ -866,7 +497,7 @@ fn local_failover_with_the_provider_down() {
     let vm = w.show("vm1");
     assert_eq!(vm["replication"]["state"], "committed", "{vm}");
     let uri_b = w.uris("vm1")[0].clone();
-    assert!(reads(&w.lab, &uri_b, &["read -P 0x71 0 2M", "read -P 0x72 8M 1M"]), "data lost by the commit");
+    assert!(w.reads(&uri_b, &["read -P 0x71 0 2M", "read -P 0x72 8M 1M"]), "data lost by the commit");
 }
 
 // ---------------------------------------------------------------------------------
@@ -880,21 +511,16 @@ fn reprotect_after_unplanned_failover_sends_only_differing_blocks() {
     let disk = 16 * MIB;
     w.vm("vm1", &["16M"], &[]);
     let uri = w.uris("vm1")[0].clone();
-    w.protect("vm1");
-    write(&w.lab, &uri, &["write -P 0xa1 0 1M"]);
-    let p_a = w.wait_point_after("vm1", unix_now_ms(), "point A");
+    w.protect_with_point("vm1");
+    // Point B has 16 blocks (0xb2) the chosen point A (0xa1) does not.
+    let (p_a, _) = point_a_then_b(&w, "vm1", &uri);
     let p_a_id = p_a["id"].as_str().expect("point id").to_owned();
-    let p_a_ms = p_a["created_unix_ms"].as_i64().unwrap_or(0);
-    assert!(wait_until(Duration::from_secs(10), || unix_now_ms() > p_a_ms + 2 * INTERVAL_MS + 100));
-    // 16 blocks the chosen point will not have.
-    write(&w.lab, &uri, &["write -P 0xb2 0 1M"]);
-    w.wait_point_after("vm1", unix_now_ms(), "point B");
     w.a.kill9();
     w.wait_job(&["failover", "unplanned", "vm1", "--point", &p_a_id]);
     let uri_b = w.uris("vm1")[0].clone();
-    assert!(reads(&w.lab, &uri_b, &["read -P 0xa1 0 1M"]), "vm1 on hv-b does not read point A");
+    assert!(w.reads(&uri_b, &["read -P 0xa1 0 1M"]), "vm1 on hv-b does not read point A");
     // 8 blocks written at the secondary.
-    write(&w.lab, &uri_b, &["write -P 0xc3 4M 512k"]);
+    w.qio_ok(&uri_b, &["write -P 0xc3 4M 512k"]);
     w.wait_job(&["failover", "commit", "vm1"]);
     let uri_b = w.uris("vm1")[0].clone();
 
@@ -902,13 +528,7 @@ fn reprotect_after_unplanned_failover_sends_only_differing_blocks() {
     w.a = w.lab.start_agent("hv-a");
     w.lab.wait_host_heartbeat_since("hv-a", since);
     let job = w.wait_job(&["reprotect", "vm1"]);
-    let (compared, sent) = job["steps"]
-        .as_array()
-        .expect("steps")
-        .iter()
-        .filter_map(|s| s["detail"].as_str())
-        .find_map(resync_figures)
-        .unwrap_or_else(|| panic!("no block figures in {job}"));
+    let (compared, sent) = job_resync_figures(&job);
     eprintln!(
         "[reprotect] resync of the former primary: {sent} 4 KiB sub-blocks of {compared} blocks sent (expected (16 + 8) × 16)"
     );
@@ -920,7 +540,7 @@ fn reprotect_after_unplanned_failover_sends_only_differing_blocks() {
     eprintln!("[reprotect] {}", vm["replication"]);
     w.wait_point_after("vm1", unix_now_ms(), "a point on hv-a");
     let exported = w.export("vm1", "latest");
-    assert!(same(&w.lab, &exported[0], &uri_b), "hv-a's replica differs from vm1 on hv-b after reprotect");
+    assert!(w.same_image(&exported[0], &uri_b), "hv-a's replica differs from vm1 on hv-b after reprotect");
 }
 
 #[test]
@@ -928,7 +548,7 @@ fn recovery_plan_waits_for_a_manual_action_until_confirmed() {
     let w = World::new("plan_manual");
     for vm in ["m1", "m2"] {
         w.vm(vm, &["8M"], &[]);
-        w.protect(vm);
+        w.protect_with_point(vm);
     }
     w.lab.cli_json(&["plan", "create", "mp", "--group", "1:m1", "--group", "2:m2", "--manual", "1=check the database"]);
     let started = w.lab.cli_json(&["plan", "failover", "mp", "--type", "test"]);
@@ -941,23 +561,17 @@ fn recovery_plan_waits_for_a_manual_action_until_confirmed() {
         step(&job, manual)["state"] == "running"
     });
     assert!(waiting, "the plan never reached its manual action: {job}");
-    std::thread::sleep(Duration::from_millis(1500)); // a while at the action: nothing may move on by itself
-    let job = w.lab.cli_json(&["job", "show", &id]);
-    assert_eq!(step(&job, manual)["state"], "running", "{job}");
-    assert_eq!(
-        step(&job, "Group 2: m2")["started_unix_ms"].as_i64().unwrap_or(0),
-        0,
-        "group 2 ran before confirm: {job}"
-    );
-    let confirmed_at =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-    w.lab.cli_json(&["plan", "confirm", &id]);
-    let mut done = Value::Null;
-    let finished = wait_until(Duration::from_secs(60), || {
-        done = w.lab.cli_json(&["job", "show", &id]);
-        done["state"] != "running"
+    // A while at the action: nothing may move on by itself.
+    let held = holds_for(Duration::from_millis(1500), || {
+        job = w.lab.cli_json(&["job", "show", &id]);
+        step(&job, manual)["state"] == "running"
+            && step(&job, "Group 2: m2")["started_unix_ms"].as_i64().unwrap_or(0) == 0
     });
-    assert!(finished && done["state"] == "succeeded", "plan after confirm: {done}");
+    assert!(held, "the plan moved on from its manual action before confirm (group 2 ran?): {job}");
+    let confirmed_at = unix_now_ms();
+    w.lab.cli_json(&["plan", "confirm", &id]);
+    let done = w.wait_job_done(&id, Duration::from_secs(60));
+    assert_eq!(done["state"], "succeeded", "plan after confirm: {done}");
     let g2 = step(&done, "Group 2: m2")["started_unix_ms"].as_i64().unwrap_or(0);
     assert!(g2 >= confirmed_at - 1000, "group 2 started at {g2}, before the confirmation at {confirmed_at}");
     // A job that is not waiting for anything cannot be confirmed.

@@ -93,30 +93,28 @@ fn register_shows_connected_and_survives_provider_restart() {
 #[test]
 fn grpcurl_lists_describes_and_calls_with_the_operator_cert() {
     let (lab, _provider, _agent) = Lab::with_host("grpcurl");
-    let mut args = lab.op_tls();
-    args.extend(strings(&[&lab.addr(), "list"]));
-    let o = lab.grpcurl(&args);
+    let o = lab.grpcurl_with(&lab.op_tls(), &[&lab.addr(), "list"]);
     assert_ok(&o, "grpcurl list");
     let services: Vec<String> = stdout(&o).lines().map(|l| l.trim().to_owned()).collect();
     for s in ["siterecovery.v1.Inventory", "siterecovery.v1.Registration", "siterecovery.v1.Control"] {
         assert!(services.iter().any(|x| x == s), "grpcurl list lacks {s}: {services:?}");
     }
 
-    let mut args = lab.op_tls();
-    args.extend(strings(&[&lab.addr(), "describe", "siterecovery.v1.Inventory"]));
-    let o = lab.grpcurl(&args);
+    let o = lab.grpcurl_with(&lab.op_tls(), &[&lab.addr(), "describe", "siterecovery.v1.Inventory"]);
     assert_ok(&o, "grpcurl describe");
     let d = stdout(&o);
     assert!(d.contains("service Inventory") && d.contains("rpc ListHosts"), "describe output:\n{d}");
 
     // A describe of something that does not exist fails: the check above can fail.
-    let mut args = lab.op_tls();
-    args.extend(strings(&[&lab.addr(), "describe", "siterecovery.v1.NoSuchService"]));
-    assert_fails(&lab.grpcurl(&args), "grpcurl describe of a missing service");
+    assert_fails(
+        &lab.grpcurl_with(&lab.op_tls(), &[&lab.addr(), "describe", "siterecovery.v1.NoSuchService"]),
+        "grpcurl describe of a missing service",
+    );
 
-    let mut args = lab.op_tls();
-    args.extend(strings(&["-emit-defaults", "-d", "{}", &lab.addr(), "siterecovery.v1.Inventory/ListHosts"]));
-    let o = lab.grpcurl(&args);
+    let o = lab.grpcurl_with(
+        &lab.op_tls(),
+        &["-emit-defaults", "-d", "{}", &lab.addr(), "siterecovery.v1.Inventory/ListHosts"],
+    );
     assert_ok(&o, "grpcurl ListHosts");
     let v: Value =
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("ListHosts is not JSON ({e}): {}", stdout(&o)));
@@ -135,14 +133,10 @@ fn tls_refusals_leave_the_provider_serving() {
 
     // No client certificate: Unauthenticated (16) → grpcurl exits 64+16. Reflection is
     // for members of the vault only too, so the schema comes from the .proto files here.
-    let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/proto");
-    let mut a = tls_args(&ca, None);
-    a.extend(strings(&["-import-path", &proto_dir.to_string_lossy(), "-proto", "siterecovery/v1/inventory.proto"]));
-    a.extend(strings(&["-d", "{}", &addr, "siterecovery.v1.Inventory/ListHosts"]));
-    assert_exit(&lab.grpcurl(&a), 80, "ListHosts without a client certificate");
-    let mut a = tls_args(&ca, None);
-    a.extend(strings(&[&addr, "list"]));
-    let o = lab.grpcurl(&a);
+    let o =
+        lab.grpcurl_call(&tls_args(&ca, None), "inventory.proto", "{}", &addr, "siterecovery.v1.Inventory/ListHosts");
+    assert_exit(&o, grpc_exit(16), "ListHosts without a client certificate");
+    let o = lab.grpcurl_with(&tls_args(&ca, None), &[&addr, "list"]);
     assert_fails_saying(&o, &["unauthenticated"], "reflection without a client certificate");
     assert_still_serving(&lab, "a call without a client certificate");
 
@@ -155,13 +149,21 @@ fn tls_refusals_leave_the_provider_serving() {
     assert_ok(&lab.operator_cert_at(&other_dir, &other_op, &[]), "second vault operator-cert");
     //   (a) grpcurl trusting our CA but presenting the other vault's certificate: the
     //       provider refuses it at the handshake;
-    let mut a = tls_args(&ca, Some((&other_op.join("op.pem"), &other_op.join("op.key"))));
-    a.extend(strings(&["-d", "{}", &addr, "siterecovery.v1.Inventory/ListHosts"]));
-    assert_fails(&lab.grpcurl(&a), "grpcurl with another vault's operator certificate");
+    assert_fails(
+        &lab.grpcurl_with(
+            &tls_args(&ca, Some((&other_op.join("op.pem"), &other_op.join("op.key")))),
+            &["-d", "{}", &addr, "siterecovery.v1.Inventory/ListHosts"],
+        ),
+        "grpcurl with another vault's operator certificate",
+    );
     //   (b) grpcurl with the whole other operator dir (its CA does not vouch for our provider);
-    let mut a = tls_args(&other_op.join("ca.pem"), Some((&other_op.join("op.pem"), &other_op.join("op.key"))));
-    a.extend(strings(&[&addr, "list"]));
-    assert_fails(&lab.grpcurl(&a), "grpcurl with another vault's operator dir");
+    assert_fails(
+        &lab.grpcurl_with(
+            &tls_args(&other_op.join("ca.pem"), Some((&other_op.join("op.pem"), &other_op.join("op.key")))),
+            &[&addr, "list"],
+        ),
+        "grpcurl with another vault's operator dir",
+    );
     //   (c) the CLI with the other vault's operator dir;
     let o = lab.cli_as(&addr, &other_op, &["host", "list"]);
     assert_fails_saying(&o, &["tls", "certificate"], "CLI with another vault's operator dir");
@@ -176,10 +178,8 @@ fn tls_refusals_leave_the_provider_serving() {
     assert_still_serving(&lab, "another vault's certificates");
 
     // A host certificate calling an operator RPC: PermissionDenied (7) → 71.
-    let hv1 = lab.host_slot("hv1").dir;
-    let mut a = tls_args(&hv1.join("ca.pem"), Some((&hv1.join("host.pem"), &hv1.join("host.key"))));
-    a.extend(strings(&["-d", "{}", &addr, "siterecovery.v1.Inventory/ListHosts"]));
-    assert_exit(&lab.grpcurl(&a), 71, "ListHosts with a host certificate");
+    let o = lab.grpcurl_with(&lab.host_tls("hv1"), &["-d", "{}", &addr, "siterecovery.v1.Inventory/ListHosts"]);
+    assert_exit(&o, grpc_exit(7), "ListHosts with a host certificate");
     assert_still_serving(&lab, "a host certificate on an operator RPC");
 
     // An expired operator certificate: refused by the CLI before it connects, and by the
@@ -190,9 +190,13 @@ fn tls_refusals_leave_the_provider_serving() {
     assert!(wait_until(Duration::from_secs(3), || unix_now() > issued), "clock did not move");
     let o = lab.cli_as(&addr, &expired, &["host", "list"]);
     assert_fails_saying(&o, &["not valid now", "expired"], "CLI with an expired operator certificate");
-    let mut a = tls_args(&expired.join("ca.pem"), Some((&expired.join("op.pem"), &expired.join("op.key"))));
-    a.extend(strings(&["-d", "{}", &addr, "siterecovery.v1.Inventory/ListHosts"]));
-    assert_fails(&lab.grpcurl(&a), "grpcurl with an expired operator certificate");
+    assert_fails(
+        &lab.grpcurl_with(
+            &tls_args(&expired.join("ca.pem"), Some((&expired.join("op.pem"), &expired.join("op.key")))),
+            &["-d", "{}", &addr, "siterecovery.v1.Inventory/ListHosts"],
+        ),
+        "grpcurl with an expired operator certificate",
+    );
     assert_still_serving(&lab, "an expired operator certificate");
 
     // An unreachable provider.
@@ -283,12 +287,9 @@ fn registration_refusals() {
     assert_ne!(new_id, old_id, "re-registration keeps the old host id");
 
     // The old certificate is refused on the control channel; the new one is accepted.
-    let session = |dir: &Path| {
-        let mut a = tls_args(&dir.join("ca.pem"), Some((&dir.join("host.pem"), &dir.join("host.key"))));
-        a.extend(strings(&["-d", "{}", &lab.addr(), "siterecovery.v1.Control/Session"]));
-        lab.grpcurl(&a)
-    };
-    assert_exit(&session(&hv1_old), 71, "control session with the certificate of the replaced registration");
+    let session =
+        |dir: &Path| lab.grpcurl_with(&host_tls(dir), &["-d", "{}", &lab.addr(), "siterecovery.v1.Control/Session"]);
+    assert_exit(&session(&hv1_old), grpc_exit(7), "control session with the certificate of the replaced registration");
     assert_ok(&session(&hv1_new), "control session with the new certificate");
     // The agent holding the new registration connects; the old one is gone for good.
     agent.stop_gracefully();

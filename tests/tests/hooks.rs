@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use siterecovery_tests::{Lab, wait_until};
+use siterecovery_tests::{Lab, World, wait_until};
 
 fn read(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
@@ -14,58 +14,33 @@ fn read(path: &std::path::Path) -> String {
 #[test]
 fn vm_hooks_run_and_quiesce_marks_app_consistent_points() {
     let lab = Lab::new("hooks");
-    lab.create_vault();
-    let _provider = lab.start_provider_with(&["--test-intervals"]);
-    lab.operator_cert();
-    lab.register_agent("hv-a", "primary", "gold-a");
-    lab.register_agent("hv-b", "secondary", "gold-b");
     let events = lab.root.join("events.txt");
     let quiesce = lab.root.join("quiesce.txt");
     let on_start = format!("echo start $SITERECOVERY_VM $SITERECOVERY_NBD_URIS >> {}", events.display());
     let on_stop = format!("echo stop $SITERECOVERY_VM >> {}", events.display());
     let hook = format!("echo quiesce $SITERECOVERY_VM >> {}", quiesce.display());
-    let _a = lab.start_agent_with(
-        "hv-a",
-        &lab.host_slot("hv-a").dir,
-        &["--on-vm-start", &on_start, "--on-vm-stop", &on_stop, "--quiesce-hook", &hook],
-    );
-    let _b = lab.start_agent("hv-b");
-    lab.wait_host_connected("hv-a");
-    lab.wait_host_connected("hv-b");
-
-    lab.cli_json(&["vm", "create", "--host", "hv-a", "--name", "vm1", "--disk", "16M"]);
+    let w = World::start(lab, &["--on-vm-start", &on_start, "--on-vm-stop", &on_stop, "--quiesce-hook", &hook], &[]);
+    w.vm("vm1", &["16M"], &[]);
     assert!(
         wait_until(Duration::from_secs(10), || read(&events).contains("start vm1 nbd+unix:///vm1-disk0?socket=")),
         "on-vm-start hook did not run with the VM and its NBD URI: {:?}",
         read(&events)
     );
 
-    lab.cli_json(&[
-        "policy",
-        "create",
-        "--name",
-        "app",
-        "--interval",
-        "1s",
-        "--retention",
-        "1h",
-        "--app-consistent-every",
-        "2s",
-    ]);
-    lab.cli_json(&["cloud", "pair", "--source", "gold-a", "--target", "gold-b", "--policy", "app"]);
-    lab.cli_json(&["protect", "vm1", "--wait"]);
+    w.pair("app", &["--app-consistent-every", "2s"]);
+    w.protect("vm1");
     let mut points = Value::Null;
     // Every 2 s a point follows the quiesce hook (app-consistent); the 1 s points in
     // between are crash-consistent only.
     let both = wait_until(Duration::from_secs(30), || {
-        points = lab.cli_json(&["points", "vm1"]);
+        points = w.cli_json(&["points", "vm1"]);
         let ps = points.as_array().cloned().unwrap_or_default();
         ps.iter().any(|p| p["app_consistent"] == true) && ps.iter().any(|p| p["app_consistent"] == false)
     });
     assert!(both, "want app-consistent and crash-consistent points: {points}");
     assert!(read(&quiesce).contains("quiesce vm1"), "quiesce hook did not run: {:?}", read(&quiesce));
 
-    lab.cli_json(&["vm", "stop", "vm1"]);
+    w.cli_json(&["vm", "stop", "vm1"]);
     assert!(
         wait_until(Duration::from_secs(10), || read(&events).contains("stop vm1")),
         "on-vm-stop hook did not run: {:?}",

@@ -5,35 +5,20 @@
 use std::process::Command;
 use std::time::Duration;
 
-use siterecovery_tests::bin;
+use siterecovery_tests::{Lab, bin, stderr, stdout};
 
 #[test]
 fn lab_demo_walks_the_journey_and_keeps_every_write() {
-    let dir = tempfile::Builder::new().prefix("srlab").tempdir().expect("tempdir");
-    let lab_dir = dir.path().join("lab");
-    let mut child = Command::new(bin("provider"))
-        .args(["lab", "--exit-when-ready", "--demo", "--dir"])
-        .arg(&lab_dir)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the lab");
-    // Bounded wait: the lab exits by itself once the journey is done.
-    let deadline = std::time::Instant::now() + Duration::from_secs(240);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the lab did not finish within 240 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let out = child.wait_with_output().expect("output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(status.success(), "lab failed ({status}):\n{stdout}\n{stderr}");
+    // A lab for its temp dir, transcript and deadline; `provider lab` starts the rest.
+    let lab = Lab::new("lab_demo");
+    let lab_dir = lab.root.join("lab");
+    // Bounded: the lab exits by itself once the journey is done.
+    let out = lab.run_timeout(
+        Command::new(bin("provider")).args(["lab", "--exit-when-ready", "--demo", "--dir"]).arg(&lab_dir),
+        Duration::from_secs(240),
+    );
+    let (stdout, stderr) = (stdout(&out), stderr(&out));
+    assert!(out.status.success(), "lab failed ({}):\n{stdout}\n{stderr}", out.status);
     for line in [
         "both hosts connected",
         "is identical to the primary",

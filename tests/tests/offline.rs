@@ -12,54 +12,12 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 use siterecovery_tests::*;
 
 const MIB: u64 = 1 << 20;
-const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn disk_uri(lab: &Lab, vm: &str) -> String {
-    let v = lab.cli_json(&["vm", "show", vm]);
-    v["disks"][0]["nbd_unix_uri"].as_str().expect("NBD URI").to_owned()
-}
-
-#[track_caller]
-fn qio_ok(lab: &Lab, uri: &str, cmd: &str) {
-    let o = lab.qemu_io(&["-f", "raw", "-c", cmd, uri]);
-    assert!(o.status.success() && !stdout(&o).contains("failed"), "qemu-io {cmd} {uri}: {}", stderr(&o));
-}
-
-fn job(lab: &Lab, id: &str) -> Value {
-    lab.cli_json(&["job", "show", id])
-}
-
-fn step<'a>(job: &'a Value, name: &str) -> &'a Value {
-    job["steps"].as_array().and_then(|s| s.iter().find(|s| s["name"] == name)).unwrap_or(&Value::Null)
-}
-
-/// Waits until job `id`'s step `name` is in `state`; returns the job.
-#[track_caller]
-fn wait_step(lab: &Lab, id: &str, name: &str, state: &str) -> Value {
-    let mut last = Value::Null;
-    let ok = wait_until(EVENT_TIMEOUT, || {
-        let o = lab.cli(&["--json", "job", "show", id]);
-        last = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        step(&last, name)["state"] == state || last["state"] == "failed"
-    });
-    if !ok || step(&last, name)["state"] != state {
-        lab.dump_logs();
-        panic!("job {id}: step {name:?} not {state} within {EVENT_TIMEOUT:?}: {last:#}");
-    }
-    last
-}
-
-fn replication(lab: &Lab, vm: &str) -> Value {
-    let o = lab.cli(&["--json", "vm", "show", vm]);
-    serde_json::from_slice::<Value>(&o.stdout).map(|v| v["replication"].clone()).unwrap_or_default()
-}
 
 /// `protect VM --export-dir DIR` (no --wait): the job id.
 fn protect_offline(lab: &Lab, vm: &str, dir: &Path) -> String {
@@ -67,63 +25,25 @@ fn protect_offline(lab: &Lab, vm: &str, dir: &Path) -> String {
     v["id"].as_str().expect("job id").to_owned()
 }
 
+/// `protect-import VM --dir DIR --wait`.
 fn import(lab: &Lab, vm: &str, dir: &Path) -> std::process::Output {
-    lab.run_timeout(
-        Command::new(bin("provider")).args(["--connect", &lab.addr()]).arg("--certs").arg(&lab.opdir).args([
-            "protect-import",
-            vm,
-            "--dir",
-            dir.to_str().expect("utf-8"),
-            "--wait",
-        ]),
-        Duration::from_secs(120),
-    )
-}
-
-#[track_caller]
-fn same(lab: &Lab, a: &str, b: &str) -> bool {
-    let o = lab.qemu_img(&["compare", "-f", "raw", "-F", "raw", a, b]);
-    match o.status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        _ => panic!("qemu-img compare {a} {b} failed: {} {}", stdout(&o), stderr(&o)),
-    }
+    lab.cli_long(&["protect-import", vm, "--dir", dir.to_str().expect("utf-8"), "--wait"])
 }
 
 #[test]
 fn offline_export_import_then_only_later_writes_travel() {
-    let lab = Lab::new("offline_export_import");
-    lab.create_vault();
-    let mut provider = lab.start_provider_with(&["--test-intervals"]);
-    lab.operator_cert();
-    lab.register_agent("hv-a", "primary", "gold-a");
-    lab.register_agent("hv-b", "secondary", "gold-b");
-    let _a = lab.start_agent("hv-a");
-    let _b = lab.start_agent("hv-b");
-    lab.wait_host_connected("hv-a");
-    lab.wait_host_connected("hv-b");
-    lab.cli_json(&[
-        "policy",
-        "create",
-        "--name",
-        "off",
-        "--interval",
-        "1s",
-        "--retention",
-        "1h",
-        "--initial",
-        "offline",
-    ]);
-    lab.cli_json(&["cloud", "pair", "--source", "gold-a", "--target", "gold-b", "--policy", "off"]);
-    lab.cli_json(&["vm", "create", "--host", "hv-a", "--name", "vm1", "--disk", "64M"]);
-    lab.cli_json(&["vm", "create", "--host", "hv-a", "--name", "vm2", "--disk", "16M"]);
-    let uri1 = disk_uri(&lab, "vm1");
-    let uri2 = disk_uri(&lab, "vm2");
+    let mut w = World::unpaired("offline_export_import", &[], &[]);
+    w.pair("off", &["--initial", "offline"]);
+    w.vm("vm1", &["64M"], &[]);
+    w.vm("vm2", &["16M"], &[]);
+    let lab = &w.lab;
+    let uri1 = lab.uris("vm1")[0].clone();
+    let uri2 = lab.uris("vm2")[0].clone();
 
     // 16 MiB before the export: it travels on "disk", not over the network.
     let before = 16 * MIB;
-    qio_ok(&lab, &uri1, "write -P 0x11 0 16M");
-    qio_ok(&lab, &uri2, "write -P 0x44 1M 2M");
+    lab.qio_ok(&uri1, &["write -P 0x11 0 16M"]);
+    lab.qio_ok(&uri2, &["write -P 0x44 1M 2M"]);
 
     // Offline policy: --export-dir is required.
     let o = lab.cli(&["protect", "vm1"]);
@@ -131,13 +51,13 @@ fn offline_export_import_then_only_later_writes_travel() {
 
     let exp1 = lab.root.join("exp1");
     let exp2 = lab.root.join("exp2");
-    let job1 = protect_offline(&lab, "vm1", &exp1);
-    let job2 = protect_offline(&lab, "vm2", &exp2);
-    let j = wait_step(&lab, &job1, "Waiting for import", "running");
+    let job1 = protect_offline(lab, "vm1", &exp1);
+    let job2 = protect_offline(lab, "vm2", &exp2);
+    let j = lab.wait_step(&job1, "Waiting for import", "running");
     assert_eq!(j["state"], "running", "{j:#}");
     let detail = step(&j, "Export the initial copy")["detail"].as_str().unwrap_or_default().to_owned();
     assert!(detail.contains(exp1.to_str().expect("utf-8")) && detail.contains("16"), "export detail: {detail}");
-    wait_step(&lab, &job2, "Waiting for import", "running");
+    lab.wait_step(&job2, "Waiting for import", "running");
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(exp1.join("manifest.json")).expect("manifest")).expect("json");
     let exported = manifest["disks"][0]["copied_bytes"].as_u64().expect("copied_bytes");
@@ -145,26 +65,30 @@ fn offline_export_import_then_only_later_writes_travel() {
     assert!(std::fs::metadata(exp1.join("disk0.img")).expect("image").len() == 64 * MIB);
 
     // Writes after the export: these, and only these, go over the network.
-    qio_ok(&lab, &uri1, "write -P 0x22 40M 1M");
-    qio_ok(&lab, &uri1, "write -P 0x33 0 256K");
+    lab.qio_ok(&uri1, &["write -P 0x22 40M 1M"]);
+    lab.qio_ok(&uri1, &["write -P 0x33 0 256K"]);
 
-    // Nothing is shipped before the import; the replica waits.
-    std::thread::sleep(Duration::from_secs(3));
-    let r = replication(&lab, "vm1");
-    assert!(r["state"].as_str().unwrap_or_default().contains("waiting"), "before import: {r}");
-    assert!(r["last_point_id"].as_str().unwrap_or_default().is_empty(), "a point before the import: {r}");
+    // Nothing is shipped before the import; the replica waits (for a while, it stays so).
+    let mut r = Value::Null;
+    let waits = holds_for(Duration::from_secs(3), || {
+        r = lab.replication("vm1");
+        r["state"].as_str().unwrap_or_default().contains("waiting")
+            && r["last_point_id"].as_str().unwrap_or_default().is_empty()
+    });
+    assert!(waits, "before import, not waiting or a point already: {r}");
 
     // A provider restart keeps the job waiting (resumed, not failed).
-    provider.stop_gracefully();
-    provider = lab.start_provider_with(&["--test-intervals"]);
+    w.stop_provider();
+    w.start_provider();
+    let lab = &w.lab;
     lab.wait_host_connected("hv-a");
     lab.wait_host_connected("hv-b");
-    let j = job(&lab, &job1);
+    let j = lab.job(&job1);
     assert_eq!(j["state"], "running", "after a provider restart: {j:#}");
     assert_eq!(step(&j, "Waiting for import")["state"], "running", "{j:#}");
 
     // The export of another relationship is refused.
-    let o = import(&lab, "vm1", &exp2);
+    let o = import(lab, "vm1", &exp2);
     assert_fails_saying(&o, &["refusing to import"], "import of vm2's export for vm1");
     // A damaged export is refused (checksum), then imports once repaired.
     let img2 = exp2.join("disk0.img");
@@ -172,21 +96,21 @@ fn offline_export_import_then_only_later_writes_travel() {
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, 2 * MIB).expect("read");
     f.write_all_at(&[b[0] ^ 0xff], 2 * MIB).expect("damage");
-    let o = import(&lab, "vm2", &exp2);
+    let o = import(lab, "vm2", &exp2);
     assert_fails_saying(&o, &["checksum mismatch"], "import of a damaged export");
     f.write_all_at(&b, 2 * MIB).expect("repair");
-    assert_ok(&import(&lab, "vm2", &exp2), "protect-import vm2 (repaired)");
+    assert_ok(&import(lab, "vm2", &exp2), "protect-import vm2 (repaired)");
 
     // The import: the job goes on and initial replication completes.
-    let o = import(&lab, "vm1", &exp1);
+    let o = import(lab, "vm1", &exp1);
     assert_ok(&o, "protect-import vm1");
-    let j = job(&lab, &job1);
+    let j = lab.job(&job1);
     assert_eq!(j["state"], "succeeded", "{j:#}");
     assert!(step(&j, "Waiting for import")["detail"].as_str().unwrap_or_default().contains("imported"), "{j:#}");
 
     let mut r = Value::Null;
     let ok = wait_until(EVENT_TIMEOUT, || {
-        r = replication(&lab, "vm1");
+        r = lab.replication("vm1");
         r["state"] == "replicating" && !r["last_point_id"].as_str().unwrap_or_default().is_empty()
     });
     if !ok {
@@ -196,22 +120,21 @@ fn offline_export_import_then_only_later_writes_travel() {
     // A point after the last write holds everything: the replica equals the primary.
     let done = unix_now_ms();
     assert!(
-        wait_until(EVENT_TIMEOUT, || replication(&lab, "vm1")["last_point_unix_ms"].as_i64().unwrap_or(0) > done),
+        wait_until(EVENT_TIMEOUT, || lab.replication("vm1")["last_point_unix_ms"].as_i64().unwrap_or(0) > done),
         "no point after the writes"
     );
     let o = lab.cli(&["point", "export", "vm1", "--point", "latest"]);
     assert_ok(&o, "point export");
     let point = stdout(&o).split_whitespace().next().expect("uri").to_owned();
-    assert!(same(&lab, &point, &uri1), "the replica's latest point differs from the primary");
+    assert!(lab.same_image(&point, &uri1), "the replica's latest point differs from the primary");
     assert_ok(&lab.cli(&["point", "unexport", "vm1"]), "point unexport");
 
-    let wire = replication(&lab, "vm1")["bytes_replicated"].as_u64().unwrap_or(u64::MAX);
+    let wire = lab.replication("vm1")["bytes_replicated"].as_u64().unwrap_or(u64::MAX);
     eprintln!("[offline] exported {exported} bytes (wrote {before} before the export); {wire} bytes over the network");
     assert!(wire < 4 * MIB, "{wire} bytes over the network: the initial copy travelled?");
     assert!(wire * 4 < before, "network bytes {wire} not far below the {before} bytes written before the export");
 
     // vm2 replicates too, with its export.
-    let ok = wait_until(EVENT_TIMEOUT, || replication(&lab, "vm2")["state"] == "replicating");
-    assert!(ok, "vm2 not replicating: {}", replication(&lab, "vm2"));
-    drop(provider);
+    let ok = wait_until(EVENT_TIMEOUT, || lab.replication("vm2")["state"] == "replicating");
+    assert!(ok, "vm2 not replicating: {}", lab.replication("vm2"));
 }

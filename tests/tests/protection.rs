@@ -15,10 +15,8 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -26,289 +24,38 @@ use siterecovery_tests::*;
 
 const MIB: u64 = 1 << 20;
 /// The policy interval (the provider runs with `--test-intervals`).
-const INTERVAL: &str = "1s";
 const INTERVAL_MS: i64 = 1000;
 /// The resync block size of the agent (`agent/src/resync.rs`).
 const RESYNC_BLOCK: u64 = 64 << 10;
 /// Second-level resync sub-block: the unit of the "sent" figure.
 const SUB_BLOCK: u64 = 4 << 10;
-/// Longest wait for a replication event (points, health, jobs).
-const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------
 // The world: provider + two hosts + a VM, paired clouds and a fast policy.
 
-struct World {
-    lab: Lab,
-    _provider: Proc,
-    a: Proc,
-    b: Proc,
+/// The VM every test here protects.
+const VM: &str = "vm1";
+
+/// A [`World`] (hv-b served with `b_extra`) with gold-a paired with gold-b under policy
+/// `fast` (1 s), and `vm1` on hv-a with `disks`.
+fn world(test: &str, disks: &[&str], b_extra: &[&str]) -> World {
+    let w = World::unpaired(test, &[], b_extra);
+    w.pair("fast", &[]);
+    w.vm(VM, disks, &[]);
+    w
 }
 
-impl World {
-    /// Provider with `--test-intervals`, hv-a and hv-b registered and connected (hv-b
-    /// served with `b_extra`), policy `fast` (1 s), gold-a paired with gold-b, and `vm1`
-    /// on hv-a with `disks`.
-    fn new(test: &str, disks: &[&str], b_extra: &[&str]) -> Self {
-        let lab = Lab::new(test);
-        lab.create_vault();
-        let provider = lab.start_provider_with(&["--test-intervals"]);
-        lab.operator_cert();
-        lab.register_agent("hv-a", "primary", "gold-a");
-        lab.register_agent("hv-b", "secondary", "gold-b");
-        let a = lab.start_agent("hv-a");
-        let b = lab.start_agent_with("hv-b", &lab.host_slot("hv-b").dir, b_extra);
-        lab.wait_host_connected("hv-a");
-        lab.wait_host_connected("hv-b");
-        lab.cli_json(&["policy", "create", "--name", "fast", "--interval", INTERVAL, "--retention", "1h"]);
-        lab.cli_json(&["cloud", "pair", "--source", "gold-a", "--target", "gold-b", "--policy", "fast"]);
-        let mut args = vec!["vm", "create", "--host", "hv-a", "--name", "vm1"];
-        for d in disks {
-            args.extend(["--disk", d]);
-        }
-        lab.cli_json(&args);
-        Self { lab, _provider: provider, a, b }
-    }
-
-    fn dir(&self, host: &str) -> PathBuf {
-        self.lab.host_slot(host).dir
-    }
-
-    /// hv-a's folder of vm1.
-    fn vm_dir(&self) -> PathBuf {
-        self.dir("hv-a").join("vms").join("vm1")
-    }
-
-    /// hv-b's replica folder of vm1.
-    fn replica_dir(&self) -> PathBuf {
-        self.dir("hv-b").join("replicas").join("vm1")
-    }
-
-    fn show(&self) -> Value {
-        self.lab.cli_json(&["vm", "show", "vm1"])
-    }
-
-    /// The primary's unix-socket NBD URI of every disk.
-    fn primary_uris(&self) -> Vec<String> {
-        let vm = self.show();
-        let uris: Vec<String> = vm["disks"]
-            .as_array()
-            .expect("disks")
-            .iter()
-            .map(|d| d["nbd_unix_uri"].as_str().unwrap_or_default().to_owned())
-            .collect();
-        assert!(!uris.is_empty() && uris.iter().all(|u| !u.is_empty()), "disks without NBD URIs: {vm}");
-        uris
-    }
-
-    /// Recovery points (`points vm1 --json`), oldest first; empty while the CLI fails.
-    fn points(&self) -> Vec<Value> {
-        let o = self.lab.cli(&["--json", "points", "vm1"]);
-        if !o.status.success() {
-            return Vec::new();
-        }
-        let mut v: Vec<Value> =
-            serde_json::from_slice::<Value>(&o.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default();
-        v.sort_by_key(|p| p["seq"].as_u64().unwrap_or(0));
-        v
-    }
-
-    /// Waits for a recovery point created after `after_ms` (so it holds every write
-    /// acknowledged before then: a point is stamped after its barrier seal); returns it.
-    #[track_caller]
-    fn wait_point_after(&self, after_ms: i64, what: &str) -> Value {
-        let mut last = Vec::new();
-        let ok = wait_until(EVENT_TIMEOUT, || {
-            last = self.points();
-            last.last().is_some_and(|p| p["created_unix_ms"].as_i64().unwrap_or(0) > after_ms)
-        });
-        if !ok {
-            self.lab.dump_logs();
-            panic!("{what}: no recovery point created after {after_ms} within {EVENT_TIMEOUT:?}; points: {last:?}");
-        }
-        last.pop().expect("a point")
-    }
-
-    /// Waits until `vm show --json`'s replication satisfies `pred`.
-    #[track_caller]
-    fn wait_replication(&self, what: &str, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
-        let mut last = Value::Null;
-        let ok = wait_until(timeout, || {
-            let o = self.lab.cli(&["--json", "vm", "show", "vm1"]);
-            if !o.status.success() {
-                return false;
-            }
-            last = serde_json::from_slice::<Value>(&o.stdout).map(|v| v["replication"].clone()).unwrap_or_default();
-            pred(&last)
-        });
-        if !ok {
-            self.lab.dump_logs();
-            panic!("vm1: {what} not seen within {timeout:?}; last replication: {last}");
-        }
-        last
-    }
-
-    /// `protect vm1 --wait`, asserting success.
-    fn protect(&self) {
-        let o = self.lab.run_timeout(
-            Command::new(bin("provider"))
-                .args(["--connect", &self.lab.addr()])
-                .arg("--certs")
-                .arg(&self.lab.opdir)
-                .args(["protect", "vm1", "--wait"]),
-            Duration::from_secs(120),
-        );
-        assert_ok(&o, "protect vm1 --wait");
-    }
-
-    /// `point export vm1 --point P`: one read-only NBD URI per disk.
-    #[track_caller]
-    fn export(&self, point: &str) -> Vec<String> {
-        let o = self.lab.cli(&["point", "export", "vm1", "--point", point]);
-        assert_ok(&o, &format!("point export vm1 --point {point}"));
-        let uris: Vec<String> = stdout(&o).split_whitespace().map(str::to_owned).collect();
-        assert!(uris.iter().all(|u| u.starts_with("nbd")), "point export printed {uris:?}");
-        uris
-    }
-
-    /// Exports `point` and asserts each disk is byte-identical to the primary's disk.
-    #[track_caller]
-    fn assert_point_matches_primary(&self, point: &str) {
-        let exported = self.export(point);
-        let primary = self.primary_uris();
-        assert_eq!(exported.len(), primary.len(), "one export per disk: {exported:?} vs {primary:?}");
-        for (i, (e, p)) in exported.iter().zip(&primary).enumerate() {
-            assert!(same(&self.lab, e, p), "disk {i}: point {point} ({e}) differs from the primary ({p})");
-        }
-        assert_ok(&self.lab.cli(&["point", "unexport", "vm1"]), "point unexport");
-    }
-
-    /// `replica.json` on hv-b, if readable: its JSON after the agent's 16-byte state-file
-    /// header (`agent/docs/persist-format.md`).
-    fn replica_state(&self) -> Option<Value> {
-        let bytes = std::fs::read(self.replica_dir().join("replica.json")).ok()?;
-        let json = if bytes.starts_with(b"SRRP") { bytes.get(16..)? } else { &bytes[..] };
-        serde_json::from_slice(json).ok()
-    }
-}
-
-/// `qemu-img compare -f raw -F raw A B`: true identical, false different; panics otherwise.
-#[track_caller]
-fn same(lab: &Lab, a: &str, b: &str) -> bool {
-    let o = lab.qemu_img(&["compare", "-f", "raw", "-F", "raw", a, b]);
-    match o.status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        _ => panic!("qemu-img compare {a} {b} failed: {} {}", stdout(&o), stderr(&o)),
-    }
-}
-
-/// `qemu-io -f raw [-r] -c CMD... URI`, strict: exit 0 and no "failed" on stdout.
-fn qio(lab: &Lab, uri: &str, cmds: &[String], read_only: bool) -> bool {
-    let mut args: Vec<&str> = vec!["-f", "raw"];
-    if read_only {
-        args.push("-r");
-    }
-    for c in cmds {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(uri);
-    let o = lab.qemu_io(&args);
-    o.status.success() && !stdout(&o).contains("failed")
-}
-
-#[track_caller]
-fn qio_ok(lab: &Lab, uri: &str, cmds: &[String]) {
-    assert!(qio(lab, uri, cmds, false), "qemu-io {cmds:?} {uri} failed");
+/// `replica.json` on hv-b, if readable: its JSON after the agent's 16-byte state-file
+/// header (`agent/docs/persist-format.md`).
+fn replica_state(w: &World) -> Option<Value> {
+    let bytes = std::fs::read(w.replica_dir("hv-b", VM).join("replica.json")).ok()?;
+    let json = if bytes.starts_with(b"SRRP") { bytes.get(16..)? } else { &bytes[..] };
+    serde_json::from_slice(json).ok()
 }
 
 /// Allocated bytes of the files (what the initial copy has to send).
 fn allocated(paths: &[PathBuf]) -> u64 {
     paths.iter().map(|p| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)).sum()
-}
-
-/// A pseudo-random number (no extra crates): clock nanoseconds through splitmix64.
-fn random_u64() -> u64 {
-    let mut z = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
-        as u64
-        ^ u64::from(std::process::id()).rotate_left(32);
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-// ---------------------------------------------------------------------------------
-// A background writer: qemu-io in a loop through the primary's NBD export.
-
-struct Writer {
-    stop: Arc<AtomicBool>,
-    rounds: Arc<AtomicU64>,
-    handle: Option<JoinHandle<Result<u64, String>>>,
-}
-
-impl Writer {
-    /// Writes `chunk`-byte patterns at pseudo-random `chunk`-aligned offsets below `span`
-    /// to every URI, `per_call` writes per `qemu-io` run, until stopped; `pace` between
-    /// rounds keeps the write rate below what replication sustains (a pacing delay, not
-    /// a synchronisation).
-    fn start(uris: Vec<String>, chunk: u64, span: u64, per_call: usize, pace: Duration) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let rounds = Arc::new(AtomicU64::new(0));
-        let (s, r) = (stop.clone(), rounds.clone());
-        let handle = std::thread::spawn(move || {
-            let mut seed = random_u64();
-            let mut n = 0u64;
-            while !s.load(Ordering::SeqCst) {
-                for uri in &uris {
-                    let mut cmd = Command::new("qemu-io");
-                    cmd.args(["-f", "raw"]);
-                    for _ in 0..per_call {
-                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        let off = ((seed >> 20) % (span / chunk)) * chunk;
-                        let pattern = (seed >> 56) as u8 | 1;
-                        cmd.args(["-c", &format!("write -P {pattern} {off} {chunk}")]);
-                    }
-                    let o = cmd.arg(uri).stdin(std::process::Stdio::null()).output().map_err(|e| e.to_string())?;
-                    let out = String::from_utf8_lossy(&o.stdout);
-                    if !o.status.success() || out.contains("failed") {
-                        return Err(format!(
-                            "qemu-io on {uri}: {} {out} {}",
-                            o.status,
-                            String::from_utf8_lossy(&o.stderr)
-                        ));
-                    }
-                    n += per_call as u64;
-                }
-                r.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(pace);
-            }
-            Ok(n)
-        });
-        Self { stop, rounds, handle: Some(handle) }
-    }
-
-    fn rounds(&self) -> u64 {
-        self.rounds.load(Ordering::SeqCst)
-    }
-
-    /// Stops the loop and waits for the running `qemu-io` to finish: every write it made
-    /// is acknowledged when this returns. Returns the number of writes.
-    #[track_caller]
-    fn stop(mut self) -> u64 {
-        self.stop.store(true, Ordering::SeqCst);
-        let r = self.handle.take().expect("running").join().expect("writer thread panicked");
-        r.unwrap_or_else(|e| panic!("background writer failed: {e}"))
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -317,26 +64,31 @@ impl Drop for Writer {
 
 #[test]
 fn protect_while_writing_then_points_match_the_primary() {
-    let w = World::new("protect_while_writing", &["64M", "32M"], &[]);
-    let uris = w.primary_uris();
-    qio_ok(&w.lab, &uris[0], &["write -P 0x11 0 8M".into()]);
+    let w = world("protect_while_writing", &["64M", "32M"], &[]);
+    let uris = w.uris(VM);
+    w.qio_ok(&uris[0], &["write -P 0x11 0 8M"]);
     let writer = Writer::start(uris.clone(), 256 << 10, 32 * MIB, 8, Duration::from_millis(50));
     assert!(wait_until(Duration::from_secs(20), || writer.rounds() >= 1), "the writer made no progress");
-    let rounds_before = writer.rounds();
-    w.protect();
-    let rounds_during = writer.rounds() - rounds_before;
+    let finished_before = writer.runs().1;
+    w.protect(VM);
+    // qemu-io runs that overlapped `protect --wait` (see `Writer::runs`).
+    let runs_during = writer.runs().0 - finished_before;
     // Keep writing through a few delta cycles after the initial replication.
-    let first = w.wait_point_after(0, "first point").clone();
-    w.wait_point_after(first["created_unix_ms"].as_i64().unwrap_or(0) + 2 * INTERVAL_MS, "delta points while writing");
+    let first = w.wait_point_after(VM, 0, "first point").clone();
+    w.wait_point_after(
+        VM,
+        first["created_unix_ms"].as_i64().unwrap_or(0) + 2 * INTERVAL_MS,
+        "delta points while writing",
+    );
     let writes = writer.stop();
     let stopped = unix_now_ms();
-    eprintln!("[protect] {writes} writes of 256 KiB; {rounds_during} writer rounds ran while `protect --wait` did");
-    assert!(rounds_during >= 1, "the writer made no write while protection was being enabled");
+    eprintln!("[protect] {writes} writes of 256 KiB; {runs_during} qemu-io runs overlapped `protect --wait`");
+    assert!(runs_during >= 1, "the writer made no write while protection was being enabled");
 
-    let p_a = w.wait_point_after(stopped, "a point holding the last write");
+    let p_a = w.wait_point_after(VM, stopped, "a point holding the last write");
     let p_a_id = p_a["id"].as_str().expect("point id").to_owned();
-    w.assert_point_matches_primary("latest");
-    let r = w.show()["replication"].clone();
+    w.assert_point_matches_primary(VM, "latest");
+    let r = w.show(VM)["replication"].clone();
     assert_eq!(r["state"], "replicating", "{r}");
     assert_eq!(r["health"], "Normal", "{r}");
     assert!(r["bytes_replicated"].as_u64().unwrap_or(0) > 0, "{r}");
@@ -348,22 +100,22 @@ fn protect_while_writing_then_points_match_the_primary() {
     assert_ok(&o, "qemu-img convert of the primary's disk0");
     let p_a_ms = p_a["created_unix_ms"].as_i64().unwrap_or(0);
     assert!(wait_until(Duration::from_secs(10), || unix_now_ms() > p_a_ms + 2 * INTERVAL_MS + 100));
-    qio_ok(&w.lab, &uris[0], &["write -P 0xee 0 1M".into()]);
+    w.qio_ok(&uris[0], &["write -P 0xee 0 1M"]);
     let wrote = unix_now_ms();
-    let p_b = w.wait_point_after(wrote, "a point after the overwrite");
+    let p_b = w.wait_point_after(VM, wrote, "a point after the overwrite");
     assert_ne!(p_b["id"], p_a["id"]);
-    w.assert_point_matches_primary("latest");
+    w.assert_point_matches_primary(VM, "latest");
 
-    let pts = w.points();
+    let pts = w.points(VM);
     assert!(pts.iter().any(|p| p["id"] == p_a_id.as_str()), "point {p_a_id} was not retained: {pts:?}");
-    let old = w.export(&p_a_id);
-    assert!(!same(&w.lab, &old[0], &uris[0]), "point {p_a_id} of disk0 shows the overwrite it predates");
-    assert!(same(&w.lab, &old[0], &before.display().to_string()), "point {p_a_id} of disk0 lost its data");
-    assert!(same(&w.lab, &old[1], &uris[1]), "point {p_a_id} of disk1 (unchanged since) differs");
-    assert!(!qio(&w.lab, &old[0], &["read -P 0xee 0 1M".into()], true), "the old point reads the new data");
+    let old = w.export(VM, &p_a_id);
+    assert!(!w.same_image(&old[0], &uris[0]), "point {p_a_id} of disk0 shows the overwrite it predates");
+    assert!(w.same_image(&old[0], &before.display().to_string()), "point {p_a_id} of disk0 lost its data");
+    assert!(w.same_image(&old[1], &uris[1]), "point {p_a_id} of disk1 (unchanged since) differs");
+    assert!(!w.qio_passes(&old[0], &["read -P 0xee 0 1M"], true), "the old point reads the new data");
     assert_ok(&w.lab.cli(&["point", "unexport", "vm1"]), "point unexport");
-    let new = w.export("latest");
-    assert!(qio(&w.lab, &new[0], &["read -P 0xee 0 1M".into()], true), "the latest point lacks the overwrite");
+    let new = w.export(VM, "latest");
+    assert!(w.qio_passes(&new[0], &["read -P 0xee 0 1M"], true), "the latest point lacks the overwrite");
 }
 
 // ---------------------------------------------------------------------------------
@@ -371,24 +123,24 @@ fn protect_while_writing_then_points_match_the_primary() {
 
 #[test]
 fn replica_agent_killed_mid_apply_comes_back_at_one_point() {
-    let mut w = World::new("replica_kill9", &["128M"], &[]);
-    let uris = w.primary_uris();
-    w.protect();
+    let mut w = world("replica_kill9", &["128M"], &[]);
+    let uris = w.uris(VM);
+    w.protect(VM);
     // Bigger writes: 4 MiB each, so applying a point takes a moment (~16 MB/s: below
     // what delta replication sustains here, else the 50% pending rule forces resyncs).
     let writer = Writer::start(uris.clone(), 4 * MIB, 128 * MIB, 1, Duration::from_millis(250));
-    let first = w.wait_point_after(0, "first point");
-    w.wait_point_after(first["created_unix_ms"].as_i64().unwrap_or(0) + 2 * INTERVAL_MS, "points under writes");
+    let first = w.wait_point_after(VM, 0, "first point");
+    w.wait_point_after(VM, first["created_unix_ms"].as_i64().unwrap_or(0) + 2 * INTERVAL_MS, "points under writes");
     // Catch an apply in flight (replica.json says "applying"), else kill at a random moment.
     let random_deadline = Instant::now() + Duration::from_millis(500 + random_u64() % 3000);
     let mut caught = false;
     wait_until_every(Duration::from_secs(10), Duration::from_millis(2), || {
-        caught = w.replica_state().is_some_and(|s| !s["applying"].is_null());
+        caught = replica_state(&w).is_some_and(|s| !s["applying"].is_null());
         caught || Instant::now() >= random_deadline
     });
     w.b.kill9();
     let killed = unix_now_ms();
-    let applying_at_kill = w.replica_state().map(|s| s["applying"].clone()).unwrap_or_default();
+    let applying_at_kill = replica_state(&w).map(|s| s["applying"].clone()).unwrap_or_default();
     eprintln!(
         "[kill9] replica agent killed {} (applying at kill: {applying_at_kill})",
         if caught { "mid-apply" } else { "at a random moment" }
@@ -397,7 +149,7 @@ fn replica_agent_killed_mid_apply_comes_back_at_one_point() {
     w.b = w.lab.start_agent("hv-b");
     w.lab.wait_host_heartbeat_since("hv-b", killed);
     // The replica is at exactly one point: no apply is left half done.
-    let st = w.replica_state().expect("replica.json readable after restart");
+    let st = replica_state(&w).expect("replica.json readable after restart");
     assert!(st["applying"].is_null(), "replica.json still applying after restart: {}", st["applying"]);
     // Killed after the "applying" mark: the restart rolls that point forward.
     if let Some(seq) = applying_at_kill["seq"].as_u64() {
@@ -406,17 +158,17 @@ fn replica_agent_killed_mid_apply_comes_back_at_one_point() {
     }
     // Replication resumes by itself: new points, health back to Normal (writes still flow).
     let restarted = unix_now_ms();
-    w.wait_point_after(restarted, "a point after the replica agent restarted");
-    w.wait_replication("health Normal after the restart", EVENT_TIMEOUT, |r| {
+    w.wait_point_after(VM, restarted, "a point after the replica agent restarted");
+    w.wait_replication(VM, "health Normal after the restart", EVENT_TIMEOUT, |r| {
         r["health"] == "Normal" && r["state"] == "replicating"
     });
     let writes = writer.stop();
     let stopped = unix_now_ms();
     eprintln!("[kill9] {writes} writes of 4 MiB");
-    w.wait_point_after(stopped, "a point after the writes stopped");
-    let st = w.replica_state().expect("replica.json");
+    w.wait_point_after(VM, stopped, "a point after the writes stopped");
+    let st = replica_state(&w).expect("replica.json");
     assert!(st["applying"].is_null(), "{}", st["applying"]);
-    w.assert_point_matches_primary("latest");
+    w.assert_point_matches_primary(VM, "latest");
 }
 
 // ---------------------------------------------------------------------------------
@@ -490,21 +242,21 @@ fn initial_copy_resumes_after_a_connection_cut() {
     // hv-b registers the proxy's port as its address and listens for peers elsewhere.
     let real_port = free_port();
     let real = format!("127.0.0.1:{real_port}");
-    let w = World::new("copy_resume", &["256M"], &["--peer-listen", &real]);
+    let w = world("copy_resume", &["256M"], &["--peer-listen", &real]);
     let proxy_port = w.lab.host_slot("hv-b").listen_port;
-    let uris = w.primary_uris();
+    let uris = w.uris(VM);
     // 128 MiB written (8 MiB pieces every 16 MiB, with different patterns), so the copy
     // is long enough to be cut in the middle.
     let cmds: Vec<String> = (0..16u64).map(|i| format!("write -P {} {} 8M", i + 1, i * 16 * MIB)).collect();
-    qio_ok(&w.lab, &uris[0], &cmds);
-    let alloc = allocated(&[w.vm_dir().join("disk0.img")]);
+    w.qio_ok(&uris[0], &cmds);
+    let alloc = allocated(&[w.vm_dir("hv-a", VM).join("disk0.img")]);
     assert!(alloc >= 128 * MIB, "disk0 should have 128 MiB allocated, has {alloc}");
     // Cut past 3/4 of the copy: a copy restarted from zero would forward > 1.75x.
     let cut_after = alloc * 3 / 4;
     let proxy = Proxy::start(proxy_port, real_port, cut_after);
 
     let started = Instant::now();
-    w.protect();
+    w.protect(VM);
     let took = started.elapsed();
     let forwarded = proxy.forwarded.load(Ordering::SeqCst);
     let connections = proxy.connections.load(Ordering::SeqCst);
@@ -522,20 +274,12 @@ fn initial_copy_resumes_after_a_connection_cut() {
     );
     let log = std::fs::read_to_string(&w.a.log).unwrap_or_default();
     assert!(log.contains("resuming the initial copy"), "hv-a's log does not show a resumed copy");
-    w.wait_point_after(0, "the first point");
-    w.assert_point_matches_primary("latest");
+    w.wait_point_after(VM, 0, "the first point");
+    w.assert_point_matches_primary(VM, "latest");
 }
 
 // ---------------------------------------------------------------------------------
 // 4. Resync: on demand after writes the replica missed, and after a damaged HRL log.
-
-/// `(compared, sent)` parsed from "... N blocks compared, M sent ...".
-fn resync_figures(text: &str) -> Option<(u64, u64)> {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let num = |w: &str| w.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>().ok();
-    let i = words.windows(3).position(|w| w[1] == "blocks" && w[2].starts_with("compared"))?;
-    Some((num(words[i])?, num(words.get(i + 3)?)?))
-}
 
 /// Writes one 64 KiB block every `stride` bytes, `count` blocks: exactly `count`
 /// resync blocks change.
@@ -545,32 +289,22 @@ fn scattered_writes(count: u64, stride: u64, pattern: u8) -> Vec<String> {
 
 #[test]
 fn resync_on_demand_sends_only_the_changed_blocks() {
-    let mut w = World::new("resync_on_demand", &["64M", "32M"], &[]);
-    let uris = w.primary_uris();
-    qio_ok(&w.lab, &uris[0], &["write -P 0x21 0 16M".into()]);
-    w.protect();
-    w.wait_point_after(0, "first point");
+    let mut w = world("resync_on_demand", &["64M", "32M"], &[]);
+    let uris = w.uris(VM);
+    w.qio_ok(&uris[0], &["write -P 0x21 0 16M"]);
+    w.protect_with_point(VM);
     w.b.stop_gracefully();
     // 20 blocks of disk0 and 5 of disk1 change while the replica host is down.
-    qio_ok(&w.lab, &uris[0], &scattered_writes(20, 3 * MIB, 0x5c));
-    qio_ok(&w.lab, &uris[1], &scattered_writes(5, 5 * MIB, 0x6d));
+    w.qio_ok(&uris[0], &scattered_writes(20, 3 * MIB, 0x5c));
+    w.qio_ok(&uris[1], &scattered_writes(5, 5 * MIB, 0x6d));
     let changed = 25u64;
     let disk_blocks = (64 + 32) * MIB / RESYNC_BLOCK;
     // Ask for the resync while the replica is down (so the missed writes cannot travel
     // as a delta first), then bring the replica back: the job finishes.
     let lab = &w.lab;
     let job = std::thread::scope(|s| {
-        let t = s.spawn(|| {
-            lab.run_timeout(
-                Command::new(bin("provider"))
-                    .args(["--connect", &lab.addr()])
-                    .arg("--certs")
-                    .arg(&lab.opdir)
-                    .args(["--json", "resync", "vm1", "--wait"]),
-                Duration::from_secs(90),
-            )
-        });
-        let r = w.wait_replication("resync requested", Duration::from_secs(30), |r| {
+        let t = s.spawn(|| lab.cli_long(&["--json", "resync", VM, "--wait"]));
+        let r = w.wait_replication(VM, "resync requested", Duration::from_secs(30), |r| {
             r["state"] == "resync required" || r["state"] == "resynchronising"
         });
         eprintln!("[resync] requested: {r}");
@@ -581,34 +315,18 @@ fn resync_on_demand_sends_only_the_changed_blocks() {
     let (o, b) = job;
     w.b = b;
     assert_ok(&o, "resync vm1 --wait");
-    let jobs = w.lab.cli_json(&["job", "list"]);
-    let resync = jobs
-        .as_array()
-        .expect("jobs")
-        .iter()
-        .rev()
-        .find(|j| j["kind"].as_str().is_some_and(|k| k.to_lowercase().contains("resync")))
-        .cloned()
-        .unwrap_or_else(|| panic!("no resync job in {jobs}"));
-    let id = resync["id"].as_str().expect("job id");
-    let shown = w.lab.cli_json(&["job", "show", id]);
+    let resync = w.last_job("resync");
+    let shown = w.job(resync["id"].as_str().expect("job id"));
     assert_eq!(shown["state"], "succeeded", "{shown}");
-    let detail = shown["steps"]
-        .as_array()
-        .expect("steps")
-        .iter()
-        .filter_map(|s| s["detail"].as_str())
-        .find_map(resync_figures)
-        .unwrap_or_else(|| panic!("no block figures in the resync job: {shown}"));
-    let (compared, sent) = detail;
+    let (compared, sent) = job_resync_figures(&shown);
     eprintln!(
         "[resync] on demand: {sent} of {compared} blocks sent (changed {changed}, disk blocks {disk_blocks}); job {shown}"
     );
     assert_eq!(compared, disk_blocks, "every block of both disks is compared");
     // "sent" counts 4 KiB sub-blocks: every one of a rewritten 64 KiB block differs.
     assert_eq!(sent, changed * RESYNC_BLOCK / SUB_BLOCK, "only the changed blocks travel");
-    w.assert_point_matches_primary("latest");
-    let r = w.show()["replication"].clone();
+    w.assert_point_matches_primary(VM, "latest");
+    let r = w.show(VM)["replication"].clone();
     assert_eq!(r["state"], "replicating", "{r}");
 }
 
@@ -632,15 +350,14 @@ fn sealed_logs(dir: &Path, disk: &str) -> Vec<PathBuf> {
 
 #[test]
 fn damaged_log_triggers_a_resync_of_the_changed_blocks() {
-    let mut w = World::new("resync_corrupt_log", &["64M"], &[]);
-    let uris = w.primary_uris();
-    w.protect();
-    w.wait_point_after(0, "first point");
+    let mut w = world("resync_corrupt_log", &["64M"], &[]);
+    let uris = w.uris(VM);
+    w.protect_with_point(VM);
     w.b.stop_gracefully();
     let changed = 24u64;
-    qio_ok(&w.lab, &uris[0], &scattered_writes(changed, 2 * MIB, 0x7e));
+    w.qio_ok(&uris[0], &scattered_writes(changed, 2 * MIB, 0x7e));
     // The next cycle seals the log holding these writes; shipping it fails (hv-b is down).
-    let vm_dir = w.vm_dir();
+    let vm_dir = w.vm_dir("hv-a", VM);
     let mut sealed = Vec::new();
     let ok = wait_until(Duration::from_secs(20), || {
         sealed = sealed_logs(&vm_dir, "disk0")
@@ -681,8 +398,8 @@ fn damaged_log_triggers_a_resync_of_the_changed_blocks() {
     eprintln!("[corrupt] automatic resync: {sent} of {compared} blocks sent (changed {changed})");
     assert_eq!(compared, 64 * MIB / RESYNC_BLOCK, "every block is compared");
     assert_eq!(sent, changed, "only the changed blocks travel");
-    w.wait_replication("replicating after the resync", EVENT_TIMEOUT, |r| r["state"] == "replicating");
-    w.assert_point_matches_primary("latest");
+    w.wait_replication(VM, "replicating after the resync", EVENT_TIMEOUT, |r| r["state"] == "replicating");
+    w.assert_point_matches_primary(VM, "latest");
 }
 
 // ---------------------------------------------------------------------------------
@@ -690,28 +407,13 @@ fn damaged_log_triggers_a_resync_of_the_changed_blocks() {
 
 #[test]
 fn only_the_primary_may_use_the_replicas_peer_service() {
-    let w = World::new("peer_authz", &["16M"], &[]);
-    w.protect();
-    let rel = w.show()["replication"]["relationship_id"].as_str().expect("relationship id").to_owned();
+    let w = world("peer_authz", &["16M"], &[]);
+    w.protect(VM);
+    let rel = w.show(VM)["replication"]["relationship_id"].as_str().expect("relationship id").to_owned();
     w.lab.register_agent("hv-c", "secondary", "gold-c");
     let b_addr = format!("127.0.0.1:{}", w.lab.host_slot("hv-b").listen_port);
-    let call = |host: &str, method: &str, data: &str| {
-        let dir = w.lab.host_slot(host).dir;
-        let mut args = tls_args(&dir.join("ca.pem"), Some((&dir.join("host.pem"), &dir.join("host.key"))));
-        args.extend(strings(&[
-            "-import-path",
-            "proto/proto",
-            "-proto",
-            "siterecovery/v1/peer.proto",
-            "-d",
-            data,
-            &b_addr,
-            method,
-        ]));
-        // grpcurl resolves -import-path from the workspace root.
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
-        w.lab.run(Command::new("grpcurl").current_dir(root).args(["-connect-timeout", "2"]).args(&args))
-    };
+    let call =
+        |host: &str, method: &str, data: &str| w.grpcurl_call(&w.host_tls(host), "peer.proto", data, &b_addr, method);
     let req = format!("{{\"relationship_id\":\"{rel}\"}}");
     // Controls: any host of the vault may ping; the primary may ask for copy progress.
     assert_ok(&call("hv-c", "siterecovery.v1.Peer/Ping", "{}"), "hv-c pings hv-b");
@@ -723,10 +425,9 @@ fn only_the_primary_may_use_the_replicas_peer_service() {
 
 #[test]
 fn reregistered_primary_is_refused_and_health_goes_critical() {
-    let mut w = World::new("reregistered_primary", &["16M"], &[]);
-    let uris = w.primary_uris();
-    w.protect();
-    w.wait_point_after(0, "first point");
+    let mut w = world("reregistered_primary", &["16M"], &[]);
+    let uris = w.uris(VM);
+    w.protect_with_point(VM);
     w.a.stop_gracefully();
     let slot = w.lab.host_slot("hv-a");
     let o = w.lab.register_at("hv-a", &slot.dir, &w.lab.vault_key, "primary", "gold-a", &["--reregister"]);
@@ -734,7 +435,7 @@ fn reregistered_primary_is_refused_and_health_goes_critical() {
     let since = unix_now_ms();
     w.a = w.lab.start_agent("hv-a");
     w.lab.wait_host_heartbeat_since("hv-a", since);
-    qio_ok(&w.lab, &uris[0], &["write -P 0x33 0 1M".into()]);
+    w.qio_ok(&uris[0], &["write -P 0x33 0 1M"]);
     // The replica refuses the new identity (the relationship names the old host id)...
     let b_log = w.b.log.clone();
     let refused = wait_until(Duration::from_secs(30), || {
@@ -742,7 +443,7 @@ fn reregistered_primary_is_refused_and_health_goes_critical() {
     });
     assert!(refused, "hv-b did not refuse the re-registered primary");
     // ...and the sender stops on that authorisation failure: health must say so.
-    let r = w.wait_replication("health Critical on an authorisation failure", Duration::from_secs(30), |r| {
+    let r = w.wait_replication(VM, "health Critical on an authorisation failure", Duration::from_secs(30), |r| {
         r["health"] == "Critical"
             && r["health_reasons"].as_array().is_some_and(|a| {
                 a.iter().any(|x| {
@@ -759,34 +460,26 @@ fn reregistered_primary_is_refused_and_health_goes_critical() {
 
 #[test]
 fn unprotect_removes_the_replica_and_the_protection_files() {
-    let w = World::new("unprotect", &["16M"], &[]);
-    let uris = w.primary_uris();
-    qio_ok(&w.lab, &uris[0], &["write -P 0x42 0 2M".into()]);
-    w.protect();
-    w.wait_point_after(0, "first point");
+    let w = world("unprotect", &["16M"], &[]);
+    let uris = w.uris(VM);
+    w.qio_ok(&uris[0], &["write -P 0x42 0 2M"]);
+    w.protect_with_point(VM);
     // An unprotected disk keeps one empty open HRL log (header only): its size now.
-    let empty_log = std::fs::read_dir(w.vm_dir())
+    let empty_log = std::fs::read_dir(w.vm_dir("hv-a", VM))
         .expect("VM folder")
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().ends_with(".hrl"))
         .filter_map(|e| e.metadata().ok().map(|m| m.len()))
         .min()
         .expect("an HRL log in the VM folder");
-    assert!(w.replica_dir().join("replica.json").is_file());
-    assert!(w.vm_dir().join("protection.json").is_file());
-    let o = w.lab.run_timeout(
-        Command::new(bin("provider")).args(["--connect", &w.lab.addr()]).arg("--certs").arg(&w.lab.opdir).args([
-            "unprotect",
-            "vm1",
-            "--wait",
-        ]),
-        Duration::from_secs(60),
-    );
+    assert!(w.replica_dir("hv-b", VM).join("replica.json").is_file());
+    assert!(w.vm_dir("hv-a", VM).join("protection.json").is_file());
+    let o = w.cli_long(&["unprotect", VM, "--wait"]);
     assert_ok(&o, "unprotect vm1 --wait");
-    let gone = wait_until(Duration::from_secs(20), || !w.replica_dir().exists());
-    assert!(gone, "the replica folder {} is still there", w.replica_dir().display());
+    let gone = wait_until(Duration::from_secs(20), || !w.replica_dir("hv-b", VM).exists());
+    assert!(gone, "the replica folder {} is still there", w.replica_dir("hv-b", VM).display());
     // No protection record, no sender state, no log holding records.
-    let leftovers: Vec<String> = std::fs::read_dir(w.vm_dir())
+    let leftovers: Vec<String> = std::fs::read_dir(w.vm_dir("hv-a", VM))
         .expect("the VM folder stays")
         .filter_map(|e| e.ok())
         .filter(|e| {
@@ -798,13 +491,13 @@ fn unprotect_removes_the_replica_and_the_protection_files() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert!(leftovers.is_empty(), "protection files left in the VM folder: {leftovers:?}");
-    let vm = w.show();
+    let vm = w.show(VM);
     assert_eq!(vm["power_state"], "running", "{vm}");
     let state = vm["replication"]["state"].as_str().unwrap_or("not enabled");
     assert_eq!(state, "not enabled", "{vm}");
-    assert!(w.vm_dir().join("disk0.img").is_file());
-    qio_ok(&w.lab, &uris[0], &["write -P 0x43 1M 1M".into()]);
-    assert!(qio(&w.lab, &uris[0], &["read -P 0x42 0 1M".into(), "read -P 0x43 1M 1M".into()], false));
+    assert!(w.vm_dir("hv-a", VM).join("disk0.img").is_file());
+    w.qio_ok(&uris[0], &["write -P 0x43 1M 1M"]);
+    assert!(w.qio_passes(&uris[0], &["read -P 0x42 0 1M", "read -P 0x43 1M 1M"], false));
     let pts = w.lab.cli(&["points", "vm1"]);
     assert_fails(&pts, "points of an unprotected VM");
 }

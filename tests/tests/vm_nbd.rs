@@ -13,11 +13,6 @@ use siterecovery_tests::*;
 
 const MIB: usize = 1 << 20;
 
-/// `vm show NAME --json`.
-fn show(lab: &Lab, name: &str) -> Value {
-    lab.cli_json(&["vm", "show", name])
-}
-
 /// (unix URI, tcp URI) of disk `i` of a VM as the CLI shows it.
 fn uris(vm: &Value, i: usize) -> (String, String) {
     let d = &vm["disks"][i];
@@ -25,20 +20,6 @@ fn uris(vm: &Value, i: usize) -> (String, String) {
     let t = d["nbd_tcp_uri"].as_str().unwrap_or_default().to_owned();
     assert!(!u.is_empty() && !t.is_empty(), "disk {i} has no export URIs: {vm}");
     (u, t)
-}
-
-/// `qemu-io -f raw -c CMD URI`.
-fn qio(lab: &Lab, uri: &str, cmd: &str) -> std::process::Output {
-    lab.qemu_io(&["-f", "raw", "-c", cmd, uri])
-}
-
-#[track_caller]
-fn qio_ok(lab: &Lab, uri: &str, cmd: &str) {
-    let o = qio(lab, uri, cmd);
-    assert_ok(&o, &format!("qemu-io -c '{cmd}' {uri}"));
-    // qemu-io reports some failures on stdout with exit 0 in older versions: be strict.
-    let out = stdout(&o);
-    assert!(!out.contains("failed"), "qemu-io -c '{cmd}' {uri}: {out}");
 }
 
 fn write_file(path: &Path, data: &[u8]) {
@@ -60,7 +41,7 @@ fn disks_are_served_over_unix_and_tcp_nbd() {
     let (lab, _provider, _agent) = Lab::with_host("nbd_serve");
     let created = create_vm(&lab, "vm1", &["64M", "32M"], &["--nic", "prod=10.0.0.5"]);
     assert_eq!(created["power_state"], "running", "{created}");
-    let vm = show(&lab, "vm1");
+    let vm = lab.show("vm1");
     assert_eq!(vm["host"], "hv1", "{vm}");
     assert_eq!(vm["power_state"], "running", "{vm}");
     let disks = vm["disks"].as_array().expect("disks");
@@ -84,15 +65,15 @@ fn disks_are_served_over_unix_and_tcp_nbd() {
     );
 
     // Write through one transport, read back through the other.
-    qio_ok(&lab, &unix0, "write -P 0xab 0 1M");
-    qio_ok(&lab, &tcp0, "write -P 0xcd 1M 1M");
-    qio_ok(&lab, &tcp0, "read -P 0xab 0 1M");
-    qio_ok(&lab, &unix0, "read -P 0xcd 1M 1M");
+    lab.qio_ok(&unix0, &["write -P 0xab 0 1M"]);
+    lab.qio_ok(&tcp0, &["write -P 0xcd 1M 1M"]);
+    lab.qio_ok(&tcp0, &["read -P 0xab 0 1M"]);
+    lab.qio_ok(&unix0, &["read -P 0xcd 1M 1M"]);
     // A wrong pattern fails: the reads above do verify.
-    assert_fails(&qio(&lab, &tcp0, "read -P 0xcd 0 1M"), "read -P with the wrong pattern");
-    assert_fails(&qio(&lab, &unix0, "read -P 0x00 1M 1M"), "read -P with the wrong pattern");
+    assert_fails(&lab.qio(&tcp0, &["read -P 0xcd 0 1M"], false), "read -P with the wrong pattern");
+    assert_fails(&lab.qio(&unix0, &["read -P 0x00 1M 1M"], false), "read -P with the wrong pattern");
     // The other disk is separate and still zero.
-    qio_ok(&lab, &unix1, "read -P 0 0 2M");
+    lab.qio_ok(&unix1, &["read -P 0 0 2M"]);
 
     // The whole disk against a file built here.
     let mut expected = vec![0u8; 64 * MIB];
@@ -152,17 +133,17 @@ fn agent_restart_keeps_the_vm_running_and_its_data() {
     let (lab, _provider, mut agent) = Lab::with_host("nbd_restart");
     let vm = create_vm(&lab, "vm1", &["16M"], &[]);
     let (unix0, _) = uris(&vm, 0);
-    qio_ok(&lab, &unix0, "write -P 0x5a 4M 2M");
+    lab.qio_ok(&unix0, &["write -P 0x5a 4M 2M"]);
 
     agent.stop_gracefully();
-    assert_fails(&qio(&lab, &unix0, "read -P 0x5a 4M 2M"), "read while the agent is down");
+    assert_fails(&lab.qio(&unix0, &["read -P 0x5a 4M 2M"], false), "read while the agent is down");
     let since = unix_now_ms();
     let _agent = lab.start_agent("hv1");
     lab.wait_host_heartbeat_since("hv1", since);
 
     let mut vm = Value::Null;
     let served = wait_until(Duration::from_secs(20), || {
-        vm = show(&lab, "vm1");
+        vm = lab.show("vm1");
         vm["power_state"] == "running" && vm["disks"][0]["nbd_unix_uri"].as_str().is_some_and(|u| !u.is_empty())
     });
     assert!(served, "vm1 not running with exports after the agent restart: {vm}");
@@ -170,10 +151,10 @@ fn agent_restart_keeps_the_vm_running_and_its_data() {
     let row = list.as_array().and_then(|a| a.iter().find(|v| v["name"] == "vm1")).cloned().unwrap_or_default();
     assert_eq!(row["power_state"], "running", "vm list: {list}");
     let (unix0, tcp0) = uris(&vm, 0);
-    qio_ok(&lab, &unix0, "read -P 0x5a 4M 2M");
-    qio_ok(&lab, &tcp0, "read -P 0x5a 4M 2M");
-    qio_ok(&lab, &tcp0, "read -P 0 0 4M");
-    assert_fails(&qio(&lab, &tcp0, "read -P 0x5b 4M 2M"), "wrong pattern after restart");
+    lab.qio_ok(&unix0, &["read -P 0x5a 4M 2M"]);
+    lab.qio_ok(&tcp0, &["read -P 0x5a 4M 2M"]);
+    lab.qio_ok(&tcp0, &["read -P 0 0 4M"]);
+    assert_fails(&lab.qio(&tcp0, &["read -P 0x5b 4M 2M"], false), "wrong pattern after restart");
 }
 
 #[test]
@@ -184,26 +165,26 @@ fn stop_start_delete_and_bad_requests() {
     assert!(Path::new(&folder).join("vm.json").is_file(), "no vm.json in {folder}");
     let (unix0, tcp0) = uris(&vm, 0);
     let (unix1, _) = uris(&vm, 1);
-    qio_ok(&lab, &unix0, "write -P 0x11 0 1M");
-    qio_ok(&lab, &unix1, "write -P 0x22 0 1M");
+    lab.qio_ok(&unix0, &["write -P 0x11 0 1M"]);
+    lab.qio_ok(&unix1, &["write -P 0x22 0 1M"]);
 
     // Stop: powered off, exports gone, NBD refused.
     let stopped = lab.cli_json(&["vm", "stop", "vm1"]);
     assert_eq!(stopped["power_state"], "off", "{stopped}");
     assert!(stopped["disks"][0]["nbd_unix_uri"].as_str().is_some_and(str::is_empty), "{stopped}");
-    assert_eq!(show(&lab, "vm1")["power_state"], "off");
-    assert_fails(&qio(&lab, &unix0, "read -P 0x11 0 1M"), "NBD (unix) of a stopped VM");
-    assert_fails(&qio(&lab, &tcp0, "read -P 0x11 0 1M"), "NBD (tcp) of a stopped VM");
-    assert_fails(&qio(&lab, &tcp0, "write -P 0x33 0 1M"), "NBD write to a stopped VM");
+    assert_eq!(lab.show("vm1")["power_state"], "off");
+    assert_fails(&lab.qio(&unix0, &["read -P 0x11 0 1M"], false), "NBD (unix) of a stopped VM");
+    assert_fails(&lab.qio(&tcp0, &["read -P 0x11 0 1M"], false), "NBD (tcp) of a stopped VM");
+    assert_fails(&lab.qio(&tcp0, &["write -P 0x33 0 1M"], false), "NBD write to a stopped VM");
 
     // Start: served again, data intact.
     let started = lab.cli_json(&["vm", "start", "vm1"]);
     assert_eq!(started["power_state"], "running", "{started}");
     let (unix0, tcp0) = uris(&started, 0);
     let (_, tcp1) = uris(&started, 1);
-    qio_ok(&lab, &unix0, "read -P 0x11 0 1M");
-    qio_ok(&lab, &tcp0, "read -P 0x11 0 1M");
-    qio_ok(&lab, &tcp1, "read -P 0x22 0 1M");
+    lab.qio_ok(&unix0, &["read -P 0x11 0 1M"]);
+    lab.qio_ok(&tcp0, &["read -P 0x11 0 1M"]);
+    lab.qio_ok(&tcp1, &["read -P 0x22 0 1M"]);
 
     // Delete: folder removed, gone from the inventory.
     let o = lab.cli(&["vm", "delete", "vm1"]);
@@ -212,7 +193,7 @@ fn stop_start_delete_and_bad_requests() {
     assert_fails_saying(&lab.cli(&["vm", "show", "vm1"]), &["no vm"], "vm show of a deleted VM");
     let list = lab.cli_json(&["vm", "list"]);
     assert!(list.as_array().is_some_and(|a| a.iter().all(|v| v["name"] != "vm1")), "{list}");
-    assert_fails(&qio(&lab, &tcp0, "read -P 0x11 0 1M"), "NBD of a deleted VM");
+    assert_fails(&lab.qio(&tcp0, &["read -P 0x11 0 1M"], false), "NBD of a deleted VM");
 
     // Bad requests fail clearly and create nothing.
     let vms_dir = lab.host_slot("hv1").dir.join("vms");
@@ -226,7 +207,7 @@ fn stop_start_delete_and_bad_requests() {
     create_vm(&lab, "vm2", &["1M"], &["--stopped"]);
     let o = lab.cli(&["vm", "create", "--host", "hv1", "--name", "vm2", "--disk", "1M"]);
     assert_fails_saying(&o, &["already exists"], "duplicate VM name");
-    assert_eq!(show(&lab, "vm2")["power_state"], "off", "--stopped VM");
+    assert_eq!(lab.show("vm2")["power_state"], "off", "--stopped VM");
 }
 
 /// Offsets and patterns of the kill -9 test: 4 KiB writes at distinct offsets.
@@ -286,7 +267,7 @@ fn kill9_of_the_agent_keeps_every_acknowledged_write() {
     let mut vm = Value::Null;
     assert!(
         wait_until(Duration::from_secs(20), || {
-            vm = show(&lab, "vm1");
+            vm = lab.show("vm1");
             vm["disks"][0]["nbd_unix_uri"].as_str().is_some_and(|u| !u.is_empty())
         }),
         "vm1 not served after the restart: {vm}"
