@@ -97,7 +97,8 @@ fn host_key(field: &str, value: &str) -> Result<HostId, WireError> {
 /// A NIC of a VM to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicSpec {
-    pub network: Option<NetworkName>,
+    /// Every NIC is on a VM network of its site (`--nic NETWORK[=IP|dhcp]`).
+    pub network: NetworkName,
     /// `None` with DHCP, or when no address is given.
     pub ip: Option<std::net::Ipv4Addr>,
     pub dhcp: bool,
@@ -154,7 +155,7 @@ impl TryFrom<&v1::CreateVmRequest> for CreateVmRequest {
                     })?)
                 };
                 Ok(NicSpec {
-                    network: wire::optional(&format!("create_vm.nics[{i}].network"), &n.network)?,
+                    network: wire::field(&format!("create_vm.nics[{i}].network"), &n.network)?,
                     ip,
                     dhcp: n.dhcp,
                 })
@@ -174,7 +175,7 @@ impl CreateVmRequest {
                 .nics
                 .iter()
                 .map(|n| v1::Nic {
-                    network: n.network.as_ref().map(|x| x.to_string()).unwrap_or_default(),
+                    network: n.network.to_string(),
                     // A DHCP NIC's address is ignored, as before the types.
                     ip: n.ip.map(|ip| ip.to_string()).unwrap_or_default(),
                     dhcp: n.dhcp,
@@ -413,6 +414,9 @@ mod tests {
             let mut r = create();
             r.nics[0].network = bad.into();
             assert_eq!(refused(&r), "create_vm.nics[0].network");
+            let mut r = create();
+            r.nics[0].network = String::new();
+            assert_eq!(refused(&r), "create_vm.nics[0].network", "a NIC names its network");
             for field in ["get_vm.name", "delete_vm.name", "start_vm.name", "stop_vm.name"] {
                 let e = wire::field::<VmName>(field, bad).expect_err(bad);
                 assert_eq!(e.field(), field);
