@@ -19,8 +19,6 @@
 //!   replica), `StartReplication{resync_initial}` to the new primary; a new relationship
 //!   with the roles swapped replaces the old one.
 
-use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +31,7 @@ use crate::agents::AgentErrorKind;
 
 use crate::inventory::{FailoverRecord as VmFailover, HostRecord, VmRecord};
 use crate::jobs::{Claim, JobKind, JobRecord, JobState, now_ms};
-use crate::network::{self, NetworkStore, NicIn, Reservation, TestNetwork};
+use crate::network::{self, Reservation, TestNetwork};
 use crate::policy::{self, PolicyRecord};
 use crate::protection::{
     Core, Event, FailoverRecord, InvalidTransition, RelationshipRecord, ReplicationState, StatusRecord,
@@ -140,46 +138,20 @@ pub struct FailoverOptions {
     pub prepared: Option<String>,
 }
 
-/// A reservation in one line, for job details and plan scripts.
-pub fn describe_reservation(r: &Reservation) -> String {
-    let net =
-        |n: &Option<siterecovery_proto::model::NetworkName>| n.as_ref().map(|n| n.to_string()).unwrap_or_default();
-    let Some(target_network) = &r.target_network else {
-        return format!("nic{} {}: {}", r.nic, net(&r.source_network), r.note);
-    };
-    let (from, to) = if r.dhcp {
-        ("dhcp".to_string(), "dhcp".to_string())
-    } else {
-        (if r.source_ip.is_empty() { "-".into() } else { r.source_ip.clone() }, r.target_ip.clone())
-    };
-    format!("nic{} {} {from} → {target_network} {to} ({})", r.nic, net(&r.source_network), r.note)
+/// Moved to [`crate::addresses`]; kept until protection calls it there.
+pub use crate::addresses::describe_reservation;
+
+/// Moved to [`crate::addresses::reserve_addresses`]; this adapter for protection's
+/// call site goes when protection calls it there.
+pub fn reserve_addresses(state: &Core, vm: &VmRecord, _why: Option<&str>) -> Result<Vec<Reservation>, Status> {
+    reserve_for(state, vm).map_err(|e| crate::error::status(&e))
 }
 
-/// Reserves target addresses for the NICs of `vm`: addresses of other VMs' NICs and
-/// other relationships' reservations are taken.
-pub fn reserve_addresses(state: &Core, vm: &VmRecord, _why: Option<&str>) -> Result<Vec<Reservation>, Status> {
-    let ns = NetworkStore::new(&state.store);
-    let networks = ns.networks().map_err(store_err)?;
-    let mappings = ns.mappings().map_err(store_err)?;
-    let mut taken: HashMap<siterecovery_proto::model::NetworkName, HashSet<Ipv4Addr>> = HashMap::new();
-    for r in state.protection.all().iter().filter(|r| vm.name != r.vm.as_str()) {
-        for a in &r.addresses {
-            if let (Ok(ip), Some(net)) = (a.target_ip.parse(), &a.target_network) {
-                taken.entry(net.clone()).or_default().insert(ip);
-            }
-        }
-    }
-    for other in state.store.list::<VmRecord>(VMS).map_err(store_err)?.iter().filter(|v| v.name != vm.name) {
-        for n in other.nics.iter().filter(|n| !n.dhcp) {
-            if let (Ok(ip), Some(net)) = (n.ip.parse(), &n.network) {
-                taken.entry(net.clone()).or_default().insert(ip);
-            }
-        }
-    }
-    let nics: Vec<NicIn> =
-        vm.nics.iter().map(|n| NicIn { network: n.network.clone(), ip: n.ip.clone(), dhcp: n.dhcp }).collect();
-    network::plan_addresses(&nics, &networks, &mappings, &mut taken)
-        .map_err(|e| Status::failed_precondition(format!("addresses of VM {} at the target site: {e}", vm.name)))
+/// Reserves addresses for `vm`; the other VMs' relationships hold theirs.
+fn reserve_for(state: &Core, vm: &VmRecord) -> Result<Vec<Reservation>, crate::addresses::AddressError> {
+    let others: Vec<RelationshipRecord> =
+        state.protection.all().into_iter().filter(|r| vm.name != r.vm.as_str()).collect();
+    crate::addresses::reserve_addresses(&state.store, vm, others.iter().flat_map(|r| r.addresses.iter()))
 }
 
 fn refuse(vm: &str, e: InvalidTransition, hint: &str) -> Status {
@@ -981,9 +953,9 @@ async fn run_reprotect(
     }
     save_job(&state, &job);
 
-    let (addresses, note) = match reserve_addresses(&state, &vm, None) {
+    let (addresses, note) = match reserve_for(&state, &vm) {
         Ok(a) => (a, String::new()),
-        Err(s) => (vec![], format!("; addresses not reserved: {}", s.message())),
+        Err(e) => (vec![], format!("; addresses not reserved: {e}")),
     };
     let mut new = RelationshipRecord {
         id: relationship_id(),

@@ -12,6 +12,7 @@
 //! - [`api`]: the server that ties them together.
 //! - [`cli`]: the operator's commands against a running provider.
 
+pub mod addresses;
 pub mod agents;
 pub mod api;
 pub mod auth;
