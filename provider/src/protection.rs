@@ -1499,32 +1499,38 @@ impl ProtectionService {
 impl Protection for ProtectionService {
     async fn failover(&self, req: Request<v1::FailoverRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = crate::failover::start_failover(&self.core, &req.into_inner()).await?;
+        let r = crate::failover::StartFailover::try_from(req.get_ref())?;
+        let job = crate::failover::start_failover(&self.core, r).await.map_err(|e| crate::error::status(&e))?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn commit_failover(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = crate::failover::start_commit(&self.core, &req.into_inner().vm).await?;
+        let vm = crate::failover::request::vm_of(req.get_ref())?;
+        let job = crate::failover::start_commit(&self.core, &vm).await.map_err(|e| crate::error::status(&e))?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn cleanup_test_failover(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = crate::failover::start_cleanup(&self.core, &req.into_inner().vm).await?;
+        let vm = crate::failover::request::vm_of(req.get_ref())?;
+        let job = crate::failover::start_cleanup(&self.core, &vm).await.map_err(|e| crate::error::status(&e))?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn change_point(&self, req: Request<v1::ChangePointRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let r = req.into_inner();
-        let job = crate::failover::start_change_point(&self.core, &r.vm, &r.point).await?;
+        let r = crate::failover::ChangePoint::try_from(req.get_ref())?;
+        let job = crate::failover::start_change_point(&self.core, &r.vm, r.point)
+            .await
+            .map_err(|e| crate::error::status(&e))?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn reprotect(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = crate::failover::start_reprotect(&self.core, &req.into_inner().vm).await?;
+        let vm = crate::failover::request::vm_of(req.get_ref())?;
+        let job = crate::failover::start_reprotect(&self.core, &vm).await.map_err(|e| crate::error::status(&e))?;
         Ok(Response::new(job.to_proto()))
     }
 
