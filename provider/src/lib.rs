@@ -4,19 +4,23 @@
 //! - [`vault`]: the data dir, CA, registration secret, operator certificates.
 //! - [`store`]: the embedded database.
 //! - [`registration`], [`inventory`], [`control`]: the gRPC services.
-//! - [`auth`]: per-RPC authorisation from the peer certificate.
+//! - [`auth`]: per-RPC authorisation from the peer certificate; [`command`]: how a
+//!   command to an agent fails.
 //! - [`policy`], [`protection`], [`job`], [`health`]: replication policies and cloud
 //!   pairings, protected VMs and their state machine, jobs, replication health.
 //! - [`failover`], [`network`], [`plan`]: failover jobs, reverse replication, VM
 //!   networks with mappings and static IP pools, recovery plans.
-//! - [`api`]: the server that ties them together.
+//! - [`api`]: the server that ties them together; [`edge`]: the shared state seen
+//!   through the edge services' context traits.
 //! - [`cli`]: the operator's commands against a running provider.
 
 pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod command;
 pub mod control;
+pub mod edge;
 pub mod error;
 pub mod failover;
 pub mod health;
