@@ -31,14 +31,15 @@ use tonic::Status;
 
 use crate::agents::AgentErrorKind;
 
+use crate::error::store_err;
 use crate::inventory::{FailoverRecord as VmFailover, HostRecord, VmRecord};
 use crate::jobs::{Claim, JobKind, JobRecord, JobState, now_ms};
 use crate::network::{self, NetworkStore, NicIn, Reservation, TestNetwork};
 use crate::policy::{self, PolicyRecord};
-use crate::protection::{
+use crate::relationship::{
     Core, Event, FailoverRecord, InvalidTransition, RelationshipRecord, ReplicationState, StatusRecord,
     TestFailoverRecord, Wait, claim, fail_job, host_name, hosts, progress_detail, protected, relationship_id, save_job,
-    store_err, wait_step,
+    wait_step,
 };
 use crate::store::{POLICIES, VMS};
 

@@ -12,7 +12,7 @@ use super::*;
 use crate::agents::fake::FakeAgents;
 use crate::agents::{AgentError, AgentErrorKind};
 use crate::jobs::{JobState, PlannedFailoverStep, StepState};
-use crate::protection::{Core, ProtectionConfig, ProtectionCore, RelationshipRecord, ReplicationState};
+use crate::relationship::{Core, ProtectionConfig, ProtectionCore, RelationshipRecord, ReplicationState};
 use crate::store::{HOSTS, POLICIES, Store};
 
 const PRIMARY: &str = "hv-a-0a0a0a";
