@@ -4,12 +4,18 @@
 //! - [`vault`]: the data dir, CA, registration secret, operator certificates.
 //! - [`store`]: the embedded database.
 //! - [`registration`], [`inventory`], [`control`]: the gRPC services.
-//! - [`auth`]: per-RPC authorisation from the peer certificate.
-//! - [`policy`], [`protection`], [`job`], [`health`]: replication policies and cloud
-//!   pairings, protected VMs and their state machine, jobs, replication health.
+//! - [`auth`]: per-RPC authorisation from the peer certificate; [`command`]: how a
+//!   command to an agent fails.
+//! - [`relationship`]: replication relationships (state machine, records, health, the
+//!   store-backed set, the orchestration [`relationship::Core`]); the bottom layer of
+//!   protection, failover and plans.
+//! - [`jobs`]: the job engine; [`agents`]: agents behind a trait.
+//! - [`policy`], [`protection`]: replication policies and cloud pairings; the jobs that
+//!   enable, finalize, disable and resync protection.
 //! - [`failover`], [`network`], [`plan`]: failover jobs, reverse replication, VM
 //!   networks with mappings and static IP pools, recovery plans.
-//! - [`api`]: the server that ties them together.
+//! - [`api`]: the server that ties them together; [`edge`]: the shared state seen
+//!   through the edge services' context traits.
 //! - [`cli`]: the operator's commands against a running provider.
 
 pub mod addresses;
@@ -17,10 +23,11 @@ pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod command;
 pub mod control;
+pub mod edge;
 pub mod error;
 pub mod failover;
-pub mod health;
 pub mod inventory;
 pub mod job;
 pub mod jobs;
@@ -29,5 +36,6 @@ pub mod plan;
 pub mod policy;
 pub mod protection;
 pub mod registration;
+pub mod relationship;
 pub mod store;
 pub mod vault;

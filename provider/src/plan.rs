@@ -30,10 +30,11 @@ use siterecovery_certs::identity::is_token;
 use siterecovery_proto::v1;
 use tonic::Status;
 
+use crate::error::store_err;
 use crate::failover::{self, FailoverError, FailoverOptions, FailoverType};
 use crate::jobs::{JobKind, JobRecord, JobState, StepState, now_ms};
 use crate::network::TestNetwork;
-use crate::protection::{Core, Event, RelationshipRecord, fail_job, host_name, hosts, protected, save_job, store_err};
+use crate::relationship::{Core, Event, RelationshipRecord, fail_job, host_name, hosts, protected, save_job};
 use crate::store::{META, Store, StoreError};
 
 /// `meta` key of the list of plans.

@@ -6,23 +6,32 @@
 //! and a host name already registered unless re-registration is asked for explicitly.
 //! Each refusal is logged with the caller's address, never with the secret.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use siterecovery_certs::ca::{LEAF_VALIDITY, ServerNames};
-use siterecovery_certs::{PeerIdentity, Role};
+use siterecovery_certs::{PeerIdentity, Role, VaultCa, VaultId};
 use siterecovery_proto::model::wire::{self, WireError};
 use siterecovery_proto::model::{CloudName, HostId, HostName, SiteName};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::registration_server::Registration;
 use tonic::{Request, Response, Status};
 
-use crate::api::AppState;
-use crate::inventory::HostRecord;
-use crate::store::{HOSTS, StoreError};
+use crate::inventory::{HostRecord, is_host_port};
+use crate::store::{HOSTS, Store, StoreError};
 use crate::vault::{SecretRecord, read_secret, sha256_hex};
 
-pub struct RegistrationService {
-    pub state: Arc<AppState>,
+/// What registration needs from the provider around it.
+pub trait RegistrationContext: Send + Sync + 'static {
+    fn vault_id(&self) -> &VaultId;
+    /// The data dir, where the registration secret lives.
+    fn vault_dir(&self) -> &Path;
+    fn ca(&self) -> &VaultCa;
+    fn store(&self) -> &Store;
+}
+
+pub struct RegistrationService<C> {
+    pub state: Arc<C>,
 }
 
 /// Why a registration was refused (or failed).
@@ -76,7 +85,7 @@ pub struct RegisterRequest {
 impl TryFrom<&v1::RegisterRequest> for RegisterRequest {
     type Error = WireError;
     fn try_from(r: &v1::RegisterRequest) -> Result<Self, WireError> {
-        if !valid_address(&r.listen_address) {
+        if !is_host_port(&r.listen_address) {
             return Err(WireError::rule(
                 "register.listen_address",
                 format!("{:?} is not HOST:PORT", truncated(&r.listen_address)),
@@ -105,22 +114,18 @@ fn same_digest(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn valid_address(a: &str) -> bool {
-    a.len() <= 255 && a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
-}
-
-impl RegistrationService {
+impl<C: RegistrationContext> RegistrationService<C> {
     async fn register(&self, r: &v1::RegisterRequest) -> Result<v1::RegisterResponse, RegistrationError> {
-        let state = &self.state;
-        if r.vault_id != state.vault_id.as_str() {
+        let state = self.state.as_ref();
+        if r.vault_id != state.vault_id().as_str() {
             return Err(RegistrationError::OtherVault {
-                ours: state.vault_id.to_string(),
+                ours: state.vault_id().to_string(),
                 theirs: truncated(&r.vault_id),
             });
         }
         // Converted before the secret file or the store is read.
         let req = RegisterRequest::try_from(r)?;
-        let secret: SecretRecord = read_secret(&state.vault_dir).map_err(|e| {
+        let secret: SecretRecord = read_secret(state.vault_dir()).map_err(|e| {
             tracing::error!("cannot read the registration secret: {e:#}");
             RegistrationError::NoSecret
         })?;
@@ -130,7 +135,7 @@ impl RegistrationService {
         if siterecovery_certs::unix_now() >= secret.expires_unix {
             return Err(RegistrationError::ExpiredSecret);
         }
-        let existing: Option<HostRecord> = state.store.get(HOSTS, req.host_name.as_str())?;
+        let existing: Option<HostRecord> = state.store().get(HOSTS, req.host_name.as_str())?;
         if existing.is_some() && !r.reregister {
             return Err(RegistrationError::AlreadyRegistered(req.host_name));
         }
@@ -139,10 +144,10 @@ impl RegistrationService {
         let host_id = format!("{}-{}", req.host_name, siterecovery_certs::random_hex(3));
         let host_id = if host_id.len() > 64 { siterecovery_certs::random_hex(8) } else { host_id };
         let host_id = HostId::new(host_id).map_err(|e| RegistrationError::Identity(e.to_string()))?;
-        let identity = PeerIdentity::new(state.vault_id.clone(), Role::Host, host_id.as_str())
+        let identity = PeerIdentity::new(state.vault_id().clone(), Role::Host, host_id.as_str())
             .map_err(|e| RegistrationError::Identity(e.to_string()))?;
         let cert = state
-            .ca
+            .ca()
             .issue_for_csr(&r.csr_pem, &identity, &ServerNames::for_address(&req.listen_address), LEAF_VALIDITY)
             .map_err(|e| RegistrationError::Csr(e.to_string()))?;
         let record = HostRecord {
@@ -154,23 +159,23 @@ impl RegistrationService {
             agent_version: r.agent_version.clone(),
             registered_unix_ms: siterecovery_certs::unix_now() * 1000,
         };
-        state.store.put(HOSTS, record.name.as_str(), &record)?;
+        state.store().put(HOSTS, record.name.as_str(), &record)?;
         tracing::info!(host = %record.name, host_id = %host_id, site = %record.site, cloud = %record.cloud,
             reregistered = existing.is_some(), "host registered");
         Ok(v1::RegisterResponse {
             host_id: host_id.to_string(),
             certificate_pem: cert,
-            vault_id: state.vault_id.to_string(),
+            vault_id: state.vault_id().to_string(),
         })
     }
 }
 
 #[tonic::async_trait]
-impl Registration for RegistrationService {
+impl<C: RegistrationContext> Registration for RegistrationService<C> {
     async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
         let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let r = req.into_inner();
-        match RegistrationService::register(self, &r).await {
+        match RegistrationService::<C>::register(self, &r).await {
             Ok(resp) => Ok(Response::new(resp)),
             Err(e) => {
                 // Logged once, here, with the caller's address, never with the secret.

@@ -14,7 +14,7 @@ use siterecovery_proto::v1::protection_client::ProtectionClient;
 use siterecovery_proto::v1::provider_message::Command;
 use siterecovery_provider::cli::{self, OperatorCerts};
 use siterecovery_provider::inventory::HostRecord;
-use siterecovery_provider::protection::ProtectionConfig;
+use siterecovery_provider::relationship::ProtectionConfig;
 use siterecovery_provider::store::{HOSTS, Store};
 use siterecovery_provider::{api, vault};
 use tokio::sync::mpsc;
@@ -64,7 +64,7 @@ async fn fake_agent(addr: String, ca_pem: String, cert: (String, String), vm: Op
             done_bytes: done,
             total_bytes: 2 * GIB,
             last_point: point.then(|| v1::RecoveryPoint {
-                id: "p-1".into(),
+                id: "p1".into(),
                 seq: 1,
                 created_unix_ms: now_ms(),
                 kind: v1::PointKind::Latest.into(),
@@ -98,7 +98,7 @@ async fn fake_agent(addr: String, ca_pem: String, cert: (String, String), vm: Op
             }
             Some(Command::ListPoints(_)) => {
                 result.points = vec![v1::RecoveryPoint {
-                    id: "p-1".into(),
+                    id: "p1".into(),
                     seq: 1,
                     kind: v1::PointKind::Latest.into(),
                     ..Default::default()
@@ -237,7 +237,7 @@ async fn protect_resync_unprotect_with_fake_agents() {
     assert_eq!(r.state(), v1::ReplicationState::Replicating);
     assert_eq!(r.health(), v1::Health::Normal, "{:?}", r.health_reasons);
     assert_eq!(r.replica_host, "hv-b");
-    assert_eq!(r.last_point_id, "p-1");
+    assert_eq!(r.last_point_id, "p1");
 
     // Finalize protection follows.
     let mut finalize = None;

@@ -13,7 +13,7 @@ use super::common::{
     vm_failover,
 };
 use crate::jobs::{JobKind, JobRecord, now_ms};
-use crate::protection::{Core, Event, ReplicationState, fail_job, save_job};
+use crate::relationship::{Core, Event, ReplicationState, fail_job, save_job};
 
 const CHANGE_POINT_STEPS: [&str; 1] = ["Restart the VM from another point"];
 

@@ -10,7 +10,7 @@ use super::FailoverError;
 use super::common::{claim, host_name, hosts, protected, require_connected, update};
 use crate::agents::AgentErrorKind;
 use crate::jobs::{JobKind, JobRecord, now_ms};
-use crate::protection::{Core, fail_job, save_job};
+use crate::relationship::{Core, fail_job, save_job};
 use crate::store::VMS;
 
 const CLEANUP_STEPS: [&str; 1] = ["Delete the test VM and its overlay"];

@@ -10,7 +10,7 @@ use siterecovery_proto::v1::provider_message::Command;
 use super::FailoverError;
 use super::common::{claim, host_name, hosts, protected, record_vm, refuse, require_connected, update, vm_failover};
 use crate::jobs::{JobKind, JobRecord, now_ms};
-use crate::protection::{Core, Event, RelationshipRecord, ReplicationState, fail_job, save_job};
+use crate::relationship::{Core, Event, RelationshipRecord, ReplicationState, fail_job, save_job};
 
 const COMMIT_STEPS: [&str; 1] = ["Commit on the replica host"];
 

@@ -12,7 +12,7 @@ use tonic::Code;
 use super::FailoverError;
 use crate::inventory::{FailoverRecord as VmFailover, HostRecord, VmRecord};
 use crate::jobs::{Claim, now_ms};
-use crate::protection::{Core, Event, InvalidTransition, RelationshipRecord};
+use crate::relationship::{Core, Event, InvalidTransition, RelationshipRecord};
 use crate::store::{HOSTS, VMS};
 
 /// The relationship of `vm`, or why there is none.
@@ -35,7 +35,7 @@ pub(crate) fn claim(state: &Core, vm: &VmName) -> Result<Claim, FailoverError> {
     Ok(state.protection.jobs.claim(vm.as_str())?)
 }
 
-/// Changes the relationship `id` through [`crate::protection::ProtectionCore::update`],
+/// Changes the relationship `id` through [`crate::relationship::ProtectionCore::update`],
 /// classifying its refusal.
 pub(crate) fn update(
     state: &Core,

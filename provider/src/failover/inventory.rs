@@ -7,7 +7,7 @@ use siterecovery_proto::model::FailoverKind;
 use super::common::update;
 use crate::inventory::{HostRecord, VmRecord};
 use crate::jobs::{JobKind, now_ms};
-use crate::protection::{Core, Event, FailoverRecord, ReplicationState, save_job};
+use crate::relationship::{Core, Event, FailoverRecord, ReplicationState, save_job};
 
 /// Failovers the replica host reports that the provider did not make (an agent failed
 /// the VM over on its own while the provider was down, or a failover job was cut by a

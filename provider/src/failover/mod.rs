@@ -34,7 +34,7 @@ use tonic::Status;
 use crate::inventory::VmRecord;
 use crate::jobs::{JobKind, JobRecord, JobState};
 use crate::network::{Reservation, TestNetwork};
-use crate::protection::{Core, RelationshipRecord};
+use crate::relationship::{Core, RelationshipRecord};
 
 pub mod change_point;
 pub mod cleanup;

@@ -15,7 +15,7 @@ use super::common::{claim, host_name, hosts, protected, refuse, require_connecte
 use crate::inventory::VmRecord;
 use crate::jobs::{Claim, JobKind, JobRecord, now_ms};
 use crate::policy::{self, PolicyRecord};
-use crate::protection::{
+use crate::relationship::{
     Core, Event, RelationshipRecord, ReplicationState, StatusRecord, Wait, fail_job, progress_detail, relationship_id,
     save_job, wait_step,
 };

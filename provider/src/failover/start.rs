@@ -15,7 +15,7 @@ use super::common::{
 use super::{FailoverError, FailoverOptions, FailoverType, StartFailover, planned, test_failover, unplanned};
 use crate::inventory::VmRecord;
 use crate::jobs::{Claim, JobRecord, now_ms};
-use crate::protection::{Core, Event, FailoverRecord, RelationshipRecord, fail_job, save_job};
+use crate::relationship::{Core, Event, FailoverRecord, RelationshipRecord, fail_job, save_job};
 use crate::store::VMS;
 
 pub(crate) const CHECK: &str = "Check prerequisites";

@@ -9,7 +9,7 @@ use super::common::{disks_text, nics_text, record_vm, reported_point, resolve_po
 use super::start::Run;
 use crate::jobs::now_ms;
 use crate::network;
-use crate::protection::TestFailoverRecord;
+use crate::relationship::TestFailoverRecord;
 
 pub(crate) const START_TEST_VM: &str = "Start the test VM on the replica host";
 

@@ -15,7 +15,7 @@ use crate::agents::{AgentError, AgentErrorKind};
 use crate::inventory::VmRecord;
 use crate::jobs::{JobState, PlannedFailoverStep, StepState};
 use crate::policy::PolicyRecord;
-use crate::protection::{Core, ProtectionConfig, ProtectionCore, RelationshipRecord, ReplicationState};
+use crate::relationship::{Core, ProtectionConfig, ProtectionCore, RelationshipRecord, ReplicationState};
 use crate::store::{HOSTS, POLICIES, Store, VMS};
 
 const PRIMARY: &str = "hv-a-0a0a0a";

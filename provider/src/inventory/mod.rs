@@ -1,0 +1,18 @@
+//! Inventory: sites, clouds, hosts and VMs as the provider knows them, and the
+//! operator's Inventory service.
+//!
+//! Hosts are persisted at registration; their connection state and heartbeat live in
+//! the control sessions ([`crate::control`]). VMs are reported by their hosts (a full
+//! list at each connection, and with every command result) and persisted, so the
+//! inventory is intact across provider restarts even before hosts reconnect.
+//!
+//! - [`records`]: the stored records and their wire conversions.
+//! - [`service`]: the Inventory service, its requests and errors.
+
+pub mod records;
+pub mod service;
+
+pub use records::{
+    DiskRecord, FailoverRecord, HostRecord, LiveStatus, NicRecord, PowerState, VmRecord, is_host_port, report_wins,
+};
+pub use service::{CreateVmRequest, InventoryContext, InventoryError, InventoryService, NicSpec};

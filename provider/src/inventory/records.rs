@@ -1,0 +1,358 @@
+//! The inventory's records, as stored: hosts (at registration) and VMs (as their hosts
+//! report them), with their conversions from and to the wire.
+
+use serde::{Deserialize, Serialize};
+use siterecovery_proto::model::wire::{self, WireError};
+use siterecovery_proto::model::{
+    CloudName, DiskId, FailoverKind, HostId, HostName, NetworkName, PointId, RelationshipId, SiteName, VmName,
+};
+use siterecovery_proto::v1;
+
+use crate::store::empty_is_none;
+
+/// What the provider knows of a host's connection right now (not persisted).
+#[derive(Debug, Clone, Default)]
+pub struct LiveStatus {
+    pub connected: bool,
+    pub last_heartbeat_unix_ms: i64,
+    pub agent_version: Option<String>,
+    pub free_bytes: u64,
+}
+
+/// A registered host, as stored (table `hosts`, by name).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostRecord {
+    /// Identity id in the host's certificate; changes at re-registration.
+    pub id: HostId,
+    pub name: HostName,
+    pub site: SiteName,
+    pub cloud: CloudName,
+    /// host:port of the agent's peer listener.
+    pub address: String,
+    pub agent_version: String,
+    pub registered_unix_ms: i64,
+}
+
+/// The rule of a host's listen address: `HOST:PORT`, port 1-65535, at most 255 bytes.
+pub fn is_host_port(a: &str) -> bool {
+    a.len() <= 255 && a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
+/// Whether a VM runs, as its host last said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    Running,
+    Off,
+    /// The host reported no (or an unknown) state.
+    Unknown,
+}
+
+impl PowerState {
+    /// The wire's value; unspecified and unknown values are `Unknown` (a newer agent
+    /// may know more states: the VM is still worth recording).
+    pub fn from_wire(v: i32) -> Self {
+        match v1::PowerState::try_from(v) {
+            Ok(v1::PowerState::Running) => Self::Running,
+            Ok(v1::PowerState::Off) => Self::Off,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub fn to_wire(self) -> i32 {
+        (match self {
+            Self::Running => v1::PowerState::Running,
+            Self::Off => v1::PowerState::Off,
+            Self::Unknown => v1::PowerState::Unspecified,
+        }) as i32
+    }
+}
+
+/// A VM as last reported by its host (table `vms`, by name). A serde mirror of the
+/// proto message: easier to read in the store and in tests.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmRecord {
+    pub name: VmName,
+    /// The host that reported it (from the authenticated session, never the message).
+    pub host_id: HostId,
+    pub folder: String,
+    pub power_state: PowerState,
+    pub created_unix_ms: i64,
+    pub disks: Vec<DiskRecord>,
+    pub nics: Vec<NicRecord>,
+    /// Set when the VM was started by a failover on its host.
+    #[serde(default)]
+    pub failover: Option<FailoverRecord>,
+}
+
+/// How a VM on a replica host came to run (from the agent's report).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailoverRecord {
+    pub relationship_id: RelationshipId,
+    pub point_id: PointId,
+    pub kind: FailoverKind,
+    pub committed: bool,
+    /// For a test VM: the protected VM it is a copy of.
+    #[serde(default, with = "empty_is_none")]
+    pub test_of: Option<VmName>,
+    pub started_unix_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskRecord {
+    pub id: DiskId,
+    pub size_bytes: u64,
+    pub image_path: String,
+    pub export_name: String,
+    pub nbd_unix_uri: String,
+    pub nbd_tcp_uri: String,
+    pub tracking: bool,
+    pub pending_log_bytes: u64,
+    pub allocated_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NicRecord {
+    /// `None`: disconnected (a test VM without network).
+    #[serde(with = "empty_is_none")]
+    pub network: Option<NetworkName>,
+    pub ip: String,
+    pub dhcp: bool,
+    pub mac: String,
+}
+
+impl NicRecord {
+    /// A NIC from the wire; `field` names it in errors (`vm.nics[0]`).
+    pub fn from_wire(n: &v1::Nic, field: &str) -> Result<Self, WireError> {
+        Ok(Self {
+            network: wire::optional(&format!("{field}.network"), &n.network)?,
+            ip: n.ip.clone(),
+            dhcp: n.dhcp,
+            mac: n.mac.clone(),
+        })
+    }
+
+    pub fn to_proto(&self) -> v1::Nic {
+        v1::Nic {
+            network: self.network.as_ref().map(|n| n.to_string()).unwrap_or_default(),
+            ip: self.ip.clone(),
+            dhcp: self.dhcp,
+            mac: self.mac.clone(),
+        }
+    }
+}
+
+impl FailoverRecord {
+    /// A failover from the wire; `field` names it in errors (`vm.failover`).
+    pub fn from_wire(f: &v1::FailoverInfo, field: &str) -> Result<Self, WireError> {
+        Ok(Self {
+            relationship_id: wire::field(&format!("{field}.relationship_id"), &f.relationship_id)?,
+            point_id: wire::field(&format!("{field}.point_id"), &f.point_id)?,
+            kind: wire::enumeration(&format!("{field}.kind"), f.kind, FailoverKind::WORDS)?,
+            committed: f.committed,
+            test_of: wire::optional(&format!("{field}.test_of"), &f.test_of)?,
+            started_unix_ms: f.started_unix_ms,
+        })
+    }
+
+    pub fn to_proto(&self) -> v1::FailoverInfo {
+        v1::FailoverInfo {
+            relationship_id: self.relationship_id.to_string(),
+            point_id: self.point_id.to_string(),
+            kind: self.kind.into(),
+            committed: self.committed,
+            test_of: self.test_of.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+            started_unix_ms: self.started_unix_ms,
+        }
+    }
+}
+
+impl DiskRecord {
+    /// A disk from the wire; `field` names it in errors (`vm.disks[0]`).
+    pub fn from_wire(d: &v1::Disk, field: &str) -> Result<Self, WireError> {
+        Ok(Self {
+            id: wire::field(&format!("{field}.id"), &d.id)?,
+            size_bytes: d.size_bytes,
+            image_path: d.image_path.clone(),
+            export_name: d.export_name.clone(),
+            nbd_unix_uri: d.nbd_unix_uri.clone(),
+            nbd_tcp_uri: d.nbd_tcp_uri.clone(),
+            tracking: d.tracking,
+            pending_log_bytes: d.pending_log_bytes,
+            allocated_bytes: d.allocated_bytes,
+        })
+    }
+
+    pub fn to_proto(&self) -> v1::Disk {
+        v1::Disk {
+            id: self.id.to_string(),
+            size_bytes: self.size_bytes,
+            image_path: self.image_path.clone(),
+            export_name: self.export_name.clone(),
+            nbd_unix_uri: self.nbd_unix_uri.clone(),
+            nbd_tcp_uri: self.nbd_tcp_uri.clone(),
+            tracking: self.tracking,
+            pending_log_bytes: self.pending_log_bytes,
+            allocated_bytes: self.allocated_bytes,
+        }
+    }
+}
+
+impl VmRecord {
+    /// From a host's report; the host id comes from the authenticated session, never
+    /// from the message. Errors name the field under `vm`.
+    pub fn from_report(vm: &v1::Vm, host_id: &HostId) -> Result<Self, WireError> {
+        Self::from_wire(vm, host_id, "vm")
+    }
+
+    /// [`VmRecord::from_report`] with the message's place in its parent (`field`,
+    /// e.g. `inventory.vms[2]`) for the errors.
+    pub fn from_wire(vm: &v1::Vm, host_id: &HostId, field: &str) -> Result<Self, WireError> {
+        Ok(Self {
+            name: wire::field(&format!("{field}.name"), &vm.name)?,
+            host_id: host_id.clone(),
+            folder: vm.folder.clone(),
+            power_state: PowerState::from_wire(vm.power_state),
+            created_unix_ms: vm.created_unix_ms,
+            failover: match vm.failover.as_ref() {
+                None => None,
+                Some(f) => Some(FailoverRecord::from_wire(f, &format!("{field}.failover"))?),
+            },
+            disks: vm
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| DiskRecord::from_wire(d, &format!("{field}.disks[{i}]")))
+                .collect::<Result<_, _>>()?,
+            nics: vm
+                .nics
+                .iter()
+                .enumerate()
+                .map(|(i, n)| NicRecord::from_wire(n, &format!("{field}.nics[{i}]")))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn to_proto(&self, host_name: &str) -> v1::Vm {
+        v1::Vm {
+            name: self.name.to_string(),
+            host_id: self.host_id.to_string(),
+            host_name: host_name.to_owned(),
+            folder: self.folder.clone(),
+            power_state: self.power_state.to_wire(),
+            created_unix_ms: self.created_unix_ms,
+            replication: None,
+            failover: self.failover.as_ref().map(FailoverRecord::to_proto),
+            disks: self.disks.iter().map(DiskRecord::to_proto).collect(),
+            nics: self.nics.iter().map(NicRecord::to_proto).collect(),
+        }
+    }
+}
+
+/// Whether a host's report of a VM replaces the stored record of the same name.
+///
+/// After a failover the VM exists on two hosts until reverse replication adopts the old
+/// primary's disks: the old primary still reports its stopped copy. The copy started by a
+/// failover wins over one that was not; between two failed-over copies (failback) the
+/// later failover wins. Test VMs have their own names and never compete.
+pub fn report_wins(stored: Option<&VmRecord>, reported: &VmRecord) -> bool {
+    let Some(stored) = stored else { return true };
+    if stored.host_id == reported.host_id {
+        return true;
+    }
+    let live = |v: &VmRecord| v.failover.clone().filter(|f| f.kind != FailoverKind::Test && f.test_of.is_none());
+    match (live(stored), live(reported)) {
+        (Some(_), None) => false,
+        (Some(a), Some(b)) => b.started_unix_ms >= a.started_unix_ms,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(host: &str, failover: Option<(&str, i64)>) -> VmRecord {
+        VmRecord {
+            name: "vm1".parse().expect("name"),
+            host_id: host.parse().expect("host id"),
+            folder: String::new(),
+            power_state: PowerState::Running,
+            created_unix_ms: 0,
+            disks: vec![],
+            nics: vec![],
+            failover: failover.map(|(kind, t)| FailoverRecord {
+                relationship_id: "r-00000001".parse().expect("relationship id"),
+                point_id: "p1".parse().expect("point id"),
+                kind: FailoverKind::from_word(kind).expect("test kind"),
+                committed: true,
+                test_of: None,
+                started_unix_ms: t,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_failed_over_copy_wins() {
+        assert!(report_wins(None, &vm("a", None)));
+        assert!(report_wins(Some(&vm("a", None)), &vm("a", None)), "same host");
+        assert!(report_wins(Some(&vm("a", None)), &vm("b", Some(("planned", 5)))), "failover wins");
+        assert!(!report_wins(Some(&vm("b", Some(("planned", 5)))), &vm("a", None)), "old primary loses");
+        // Failback: the later failover wins.
+        assert!(report_wins(Some(&vm("b", Some(("planned", 5)))), &vm("a", Some(("planned", 9)))));
+        assert!(!report_wins(Some(&vm("a", Some(("planned", 9)))), &vm("b", Some(("planned", 5)))));
+        // A test copy never competes.
+        assert!(report_wins(Some(&vm("b", Some(("test", 5)))), &vm("a", None)));
+    }
+
+    /// Stored records keep the JSON shape of their string fields; a hostile name in a
+    /// stored record does not decode.
+    #[test]
+    fn records_keep_their_stored_shape() {
+        let old = serde_json::json!({
+            "name": "vm1", "host_id": "hv-b-0a1b2c", "folder": "/vms/vm1", "power_state": "running",
+            "created_unix_ms": 5,
+            "disks": [{"id": "disk0", "size_bytes": 512, "image_path": "", "export_name": "", "nbd_unix_uri": "",
+                "nbd_tcp_uri": "", "tracking": true, "pending_log_bytes": 0, "allocated_bytes": 0}],
+            "nics": [{"network": "", "ip": "", "dhcp": true, "mac": "52:54:00:00:00:01"}],
+            "failover": {"relationship_id": "r-0000abcd", "point_id": "p4", "kind": "test", "committed": false,
+                "test_of": "vm0", "started_unix_ms": 9}
+        });
+        let rec: VmRecord = serde_json::from_value(old.clone()).expect("old record");
+        assert_eq!(rec.nics[0].network, None);
+        assert_eq!(rec.power_state, PowerState::Running);
+        assert_eq!(rec.failover.as_ref().and_then(|f| f.test_of.as_ref()).map(|v| v.as_str()), Some("vm0"));
+        assert_eq!(serde_json::to_value(&rec).expect("ser"), old);
+        for (path, value) in [("name", "../etc"), ("host_id", "a/b")] {
+            let mut bad = old.clone();
+            bad[path] = value.into();
+            assert!(serde_json::from_value::<VmRecord>(bad).is_err(), "{path}");
+        }
+        let mut bad = old.clone();
+        bad["disks"][0]["id"] = "..".into();
+        assert!(serde_json::from_value::<VmRecord>(bad).is_err());
+        let host = HostRecord {
+            id: "hv1-0a1b2c".parse().expect("id"),
+            name: "hv1".parse().expect("name"),
+            site: "primary".parse().expect("site"),
+            cloud: "gold-a".parse().expect("cloud"),
+            address: "10.0.0.1:7443".into(),
+            agent_version: "0.1".into(),
+            registered_unix_ms: 1,
+        };
+        let json = serde_json::to_value(&host).expect("ser");
+        assert_eq!(json["name"], "hv1");
+        assert_eq!(json["id"], "hv1-0a1b2c");
+        assert_eq!(serde_json::from_value::<HostRecord>(json).expect("de"), host);
+    }
+
+    #[test]
+    fn wire_round_trip() {
+        let host: HostId = "hv1-0a1b2c".parse().expect("id");
+        let v = vm("hv1-0a1b2c", Some(("unplanned", 3)));
+        let back = VmRecord::from_report(&v.to_proto("hv1"), &host).expect("from wire");
+        assert_eq!(back, v);
+        assert!(is_host_port("10.0.0.1:7443") && is_host_port("[::1]:1"));
+        assert!(!is_host_port("10.0.0.1") && !is_host_port(":7443") && !is_host_port("h:0"));
+    }
+}
