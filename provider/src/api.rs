@@ -21,8 +21,9 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::control::{ControlService, Sessions};
 use crate::inventory::InventoryService;
-use crate::protection::{Core, ProtectionConfig, ProtectionCore, ProtectionService};
+use crate::protection::ProtectionService;
 use crate::registration::RegistrationService;
+use crate::relationship::{Core, ProtectionConfig, ProtectionCore};
 use crate::store::Store;
 use crate::vault::Vault;
 

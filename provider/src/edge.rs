@@ -56,7 +56,7 @@ impl InventoryContext for AppState {
     }
 
     fn replication_views(&self, hosts: &[HostRecord]) -> HashMap<String, v1::Replication> {
-        crate::protection::replication_views(self, hosts)
+        crate::relationship::replication_views(self, hosts)
     }
 }
 

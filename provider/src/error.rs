@@ -37,6 +37,18 @@ impl Classify for WireError {
     }
 }
 
+impl Classify for crate::store::StoreError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Internal
+    }
+}
+
+/// A store error as a status (logged once, here): for code that still answers with
+/// `Status` directly.
+pub fn store_err(e: crate::store::StoreError) -> tonic::Status {
+    status(&e)
+}
+
 /// The one mapping from a classified error to a gRPC status.
 pub fn status<E: Classify + ?Sized>(e: &E) -> tonic::Status {
     let msg = e.to_string();

@@ -6,14 +6,19 @@
 //! - [`registration`], [`inventory`], [`control`]: the gRPC services.
 //! - [`auth`]: per-RPC authorisation from the peer certificate; [`command`]: how a
 //!   command to an agent fails.
-//! - [`policy`], [`protection`], [`job`], [`health`]: replication policies and cloud
-//!   pairings, protected VMs and their state machine, jobs, replication health.
+//! - [`relationship`]: replication relationships (state machine, records, health, the
+//!   store-backed set, the orchestration [`relationship::Core`]); the bottom layer of
+//!   protection, failover and plans.
+//! - [`jobs`]: the job engine; [`agents`]: agents behind a trait.
+//! - [`policy`], [`protection`]: replication policies and cloud pairings; the jobs that
+//!   enable, finalize, disable and resync protection.
 //! - [`failover`], [`network`], [`plan`]: failover jobs, reverse replication, VM
 //!   networks with mappings and static IP pools, recovery plans.
 //! - [`api`]: the server that ties them together; [`edge`]: the shared state seen
 //!   through the edge services' context traits.
 //! - [`cli`]: the operator's commands against a running provider.
 
+pub mod addresses;
 pub mod agents;
 pub mod api;
 pub mod auth;
@@ -23,7 +28,6 @@ pub mod control;
 pub mod edge;
 pub mod error;
 pub mod failover;
-pub mod health;
 pub mod inventory;
 pub mod job;
 pub mod jobs;
@@ -32,5 +36,6 @@ pub mod plan;
 pub mod policy;
 pub mod protection;
 pub mod registration;
+pub mod relationship;
 pub mod store;
 pub mod vault;

@@ -21,7 +21,7 @@ use siterecovery_provider::cli::plan::PlanCmd;
 use siterecovery_provider::cli::protection::{CloudCmd, ImportArgs, PointCmd, PolicyCmd, ProtectArgs, VmJobArgs};
 use siterecovery_provider::cli::vault::{OperatorCertArgs, VaultCmd};
 use siterecovery_provider::cli::{self, CliError, Operator, OperatorCerts};
-use siterecovery_provider::protection::ProtectionConfig;
+use siterecovery_provider::relationship::ProtectionConfig;
 use siterecovery_provider::{api, store, vault};
 
 #[derive(Parser)]

@@ -8,9 +8,9 @@
 //!
 //! Tables: `hosts` (host name → [`HostRecord`]), `vms` (VM name → [`VmRecord`]),
 //! `meta` (key → JSON: registration secret, job id sequence, ...), `policies` (policy name →
-//! [`crate::policy::PolicyRecord`]), `pairings` (source cloud → [`crate::policy::PairingRecord`]),
-//! `relationships` (relationship id → [`crate::protection::RelationshipRecord`]) and `jobs`
-//! (job id → [`crate::job::JobRecord`]).
+//! `PolicyRecord` (policy)), `pairings` (source cloud → `PairingRecord` (policy)),
+//! `relationships` (relationship id → `RelationshipRecord` (relationship)) and `jobs`
+//! (job id → `JobRecord` (jobs)).
 
 use std::path::Path;
 

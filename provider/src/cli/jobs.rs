@@ -13,7 +13,7 @@ use super::output::{age, print_json, print_table, utc};
 use super::views::{self, JobView};
 use super::words::{job_kind, job_state, step_state};
 use super::{CliError, Operator};
-use crate::health::coarse;
+use crate::relationship::health::coarse;
 
 #[derive(Subcommand)]
 pub enum JobCmd {

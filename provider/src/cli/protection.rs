@@ -13,7 +13,7 @@ use super::output::{age, ms, print_json, print_table, utc};
 use super::views::{self, CloudView, Deleted, ExportView, PairingView, PointView, PolicyView, Unexported, Unpaired};
 use super::words::{health, initial_method, point_kind, replication_state};
 use super::{CliError, Operator};
-use crate::health::coarse;
+use crate::relationship::health::coarse;
 
 #[derive(Subcommand)]
 pub enum PolicyCmd {

@@ -29,11 +29,11 @@ pub fn step_state(v: i32) -> &'static str {
 }
 
 pub fn replication_state(v: i32) -> &'static str {
-    crate::protection::ReplicationState::try_from(v).map_or("unknown", |s| s.as_str())
+    crate::relationship::ReplicationState::try_from(v).map_or("unknown", |s| s.as_str())
 }
 
 pub fn health(v: i32) -> &'static str {
-    crate::health::Health::try_from(v).map_or("unknown", |h| h.as_str())
+    crate::relationship::Health::try_from(v).map_or("unknown", |h| h.as_str())
 }
 
 pub fn failover_kind(v: i32) -> &'static str {

@@ -6,7 +6,7 @@
 //! replication method and the automatic-resync window. A cloud pairing says that the VMs
 //! of a source cloud replicate to the hosts of a target cloud at another site, under a
 //! policy. Both are validated here by pure functions (tests call them directly); the
-//! Protection service ([`crate::protection`]) stores them.
+//! Protection service (in `protection`) stores them.
 
 //!
 //! - [`records`]: policies and pairings as stored ([`InitialMethod`] among them).
@@ -33,7 +33,7 @@ pub(crate) const MIN_RETENTION: Duration = Duration::from_secs(3600);
 pub(crate) const MAX_RETENTION: Duration = Duration::from_secs(30 * 86400);
 
 /// Why a policy or pairing was refused. Each maps to one `tonic::Status` code in
-/// [`crate::protection`].
+/// the Protection service.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
     /// The request does not convert into domain types (a name, the initial method).

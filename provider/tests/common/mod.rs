@@ -22,7 +22,7 @@ use siterecovery_proto::v1::inventory_client::InventoryClient;
 use siterecovery_proto::v1::protection_client::ProtectionClient;
 use siterecovery_provider::cli::{self, OperatorCerts};
 use siterecovery_provider::inventory::HostRecord;
-use siterecovery_provider::protection::ProtectionConfig;
+use siterecovery_provider::relationship::ProtectionConfig;
 use siterecovery_provider::store::{HOSTS, Store};
 use siterecovery_provider::{api, vault};
 use tokio::sync::mpsc;

@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::state::ReplicationState;
 use crate::policy::human_duration;
-use crate::protection::ReplicationState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Health {
