@@ -22,6 +22,9 @@ pub mod resync;
 pub mod settings;
 pub mod unprotect;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 pub use enable::start_protect;
