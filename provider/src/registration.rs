@@ -17,6 +17,7 @@ use siterecovery_proto::v1;
 use siterecovery_proto::v1::registration_server::Registration;
 use tonic::{Request, Response, Status};
 
+use crate::error::{self, Classify, ErrorClass};
 use crate::inventory::{HostRecord, is_host_port};
 use crate::store::{HOSTS, Store, StoreError};
 use crate::vault::{SecretRecord, read_secret, sha256_hex};
@@ -57,18 +58,23 @@ pub enum RegistrationError {
     Store(#[from] StoreError),
 }
 
+impl Classify for RegistrationError {
+    fn class(&self) -> ErrorClass {
+        use RegistrationError as E;
+        match self {
+            E::OtherVault { .. } | E::WrongSecret | E::ExpiredSecret => ErrorClass::PermissionDenied,
+            E::Request(_) | E::Csr(_) => ErrorClass::InvalidArgument,
+            E::NoSecret => ErrorClass::FailedPrecondition,
+            E::AlreadyRegistered(_) => ErrorClass::AlreadyExists,
+            E::Identity(_) | E::Store(_) => ErrorClass::Internal,
+        }
+    }
+}
+
 /// The one mapping of registration errors to gRPC statuses.
 impl From<RegistrationError> for Status {
     fn from(e: RegistrationError) -> Self {
-        use RegistrationError as E;
-        let msg = e.to_string();
-        match e {
-            E::OtherVault { .. } | E::WrongSecret | E::ExpiredSecret => Status::permission_denied(msg),
-            E::Request(_) | E::Csr(_) => Status::invalid_argument(msg),
-            E::NoSecret => Status::failed_precondition(msg),
-            E::AlreadyRegistered(_) => Status::already_exists(msg),
-            E::Identity(_) | E::Store(_) => Status::internal(msg),
-        }
+        error::status(&e)
     }
 }
 
@@ -178,12 +184,10 @@ impl<C: RegistrationContext> Registration for RegistrationService<C> {
         match RegistrationService::<C>::register(self, &r).await {
             Ok(resp) => Ok(Response::new(resp)),
             Err(e) => {
-                // Logged once, here, with the caller's address, never with the secret.
-                match &e {
-                    RegistrationError::Store(_) | RegistrationError::Identity(_) => {
-                        tracing::error!(%from, "registration failed: {e:#}")
-                    }
-                    _ => tracing::warn!(%from, host = %truncated(&r.host_name), "registration refused: {e}"),
+                // Refusals logged once, here, with the caller's address, never with the
+                // secret; internal errors by the mapping.
+                if e.class() != ErrorClass::Internal {
+                    tracing::warn!(%from, host = %truncated(&r.host_name), "registration refused: {e}");
                 }
                 Err(e.into())
             }

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::report::{AgentReport, ReplicationReport};
 use super::sessions::{Outbound, Pending, Sessions, now_ms};
 use crate::auth::authorize;
+use crate::error::{self, Classify, ErrorClass};
 use crate::inventory::{HostRecord, VmRecord, report_wins};
 use crate::store::{HOSTS, Store, StoreError, VMS};
 
@@ -49,14 +50,20 @@ pub enum ControlError {
     Store(#[from] StoreError),
 }
 
+impl Classify for ControlError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ControlError::NotRegistered(_) => ErrorClass::PermissionDenied,
+            ControlError::Report(_) => ErrorClass::InvalidArgument,
+            ControlError::Store(_) => ErrorClass::Internal,
+        }
+    }
+}
+
 /// The one mapping of control errors to gRPC statuses.
 impl From<ControlError> for Status {
     fn from(e: ControlError) -> Self {
-        match e {
-            ControlError::NotRegistered(_) => Status::permission_denied(e.to_string()),
-            ControlError::Report(_) => Status::invalid_argument(e.to_string()),
-            ControlError::Store(_) => Status::internal(e.to_string()),
-        }
+        error::status(&e)
     }
 }
 
@@ -86,9 +93,9 @@ impl<C: ControlContext> Control for ControlService<C> {
         let host = match self.registered_host(&peer.id) {
             Ok(h) => h,
             Err(e) => {
-                match &e {
-                    ControlError::Store(_) => tracing::error!(host_id = %peer.id, "control session: {e:#}"),
-                    _ => tracing::warn!(host_id = %peer.id, "refused control session: {e}"),
+                // Internal errors are logged by the mapping; refusals here, once.
+                if !matches!(e, ControlError::Store(_)) {
+                    tracing::warn!(host_id = %peer.id, "refused control session: {e}");
                 }
                 return Err(e.into());
             }

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 use super::records::{HostRecord, LiveStatus, VmRecord};
 use crate::auth::authorize;
 use crate::command::CommandError;
+use crate::error::{self, Classify, ErrorClass};
 use crate::store::{HOSTS, Store, StoreError, VMS};
 
 /// What the Inventory service needs from the provider around it.
@@ -63,19 +64,27 @@ pub enum InventoryError {
     Store(#[from] StoreError),
 }
 
-/// The one mapping of inventory errors to gRPC statuses.
+impl Classify for InventoryError {
+    fn class(&self) -> ErrorClass {
+        use InventoryError as E;
+        match self {
+            E::Request(_) => ErrorClass::InvalidArgument,
+            E::UnknownHost(_) | E::UnknownVm(_) => ErrorClass::NotFound,
+            E::VmExists(_) => ErrorClass::AlreadyExists,
+            // Mapped with the agent's own code (see `From` below).
+            E::Agent(_) => ErrorClass::Unavailable,
+            E::NoVmReturned | E::InvalidVmReturned(_) | E::Store(_) => ErrorClass::Internal,
+        }
+    }
+}
+
+/// The one mapping of inventory errors to gRPC statuses: an agent's refusal keeps its
+/// code (not found, deadline exceeded, ...), the rest by class.
 impl From<InventoryError> for Status {
     fn from(e: InventoryError) -> Self {
-        use InventoryError as E;
         match e {
-            E::Agent(e) => e.into(),
-            E::Request(_) => Status::invalid_argument(e.to_string()),
-            E::UnknownHost(_) | E::UnknownVm(_) => Status::not_found(e.to_string()),
-            E::VmExists(_) => Status::already_exists(e.to_string()),
-            E::NoVmReturned | E::InvalidVmReturned(_) | E::Store(_) => {
-                tracing::error!("inventory: {e:#}");
-                Status::internal(e.to_string())
-            }
+            InventoryError::Agent(e) => e.into(),
+            e => error::status(&e),
         }
     }
 }

@@ -27,6 +27,8 @@ pub mod subnet;
 
 use siterecovery_proto::model::wire::WireError;
 
+use crate::error::{Classify, ErrorClass};
+
 pub use addresses::{NicIn, Reservation, TestNetwork, allocate, plan_addresses, test_nics};
 pub use records::{
     MappingRecord, MappingRequest, NetworkRecord, NetworkRequest, NetworkStore, validate_mapping, validate_network,
@@ -75,6 +77,28 @@ pub enum NetworkError {
     PoolExhausted { network: String },
     #[error("network {0} has no static pool")]
     NoPool(String),
+}
+
+/// How the Protection service answers each refusal (through [`crate::error::status`]).
+impl Classify for NetworkError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::Exists(_) => ErrorClass::AlreadyExists,
+            Self::UnknownNetwork(_) | Self::UnknownSite(_) => ErrorClass::NotFound,
+            Self::SitesNotPaired { .. } | Self::AlreadyMapped { .. } | Self::PoolExhausted { .. } => {
+                ErrorClass::FailedPrecondition
+            }
+            Self::Request(_)
+            | Self::InvalidSubnet(_)
+            | Self::InvalidAddress(_)
+            | Self::InvalidPool(_)
+            | Self::PoolOutsideSubnet { .. }
+            | Self::PoolsOverlap { .. }
+            | Self::GatewayOutsideSubnet { .. }
+            | Self::SameSite { .. }
+            | Self::NoPool(_) => ErrorClass::InvalidArgument,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use siterecovery_proto::model::wire::WireError;
 
+use crate::error::{Classify, ErrorClass};
+
 pub use records::{CloudInfo, InitialMethod, PairingRecord, PolicyRecord, parse_rfc3339_ms};
 pub use validate::{
     PairingRequest, PolicyRequest, check_policy_delete, human_duration, replication_settings, validate_pairing,
@@ -83,6 +85,36 @@ pub enum PairingError {
         "cloud {source_cloud:?} is already paired with {target_cloud:?} and {protected} of its VMs are protected; unprotect them first"
     )]
     AlreadyPaired { source_cloud: String, target_cloud: String, protected: usize },
+}
+
+/// How the Protection service answers each refusal (through [`crate::error::status`]).
+impl Classify for PolicyError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::Exists(_) => ErrorClass::AlreadyExists,
+            Self::UnknownPolicy(_) => ErrorClass::NotFound,
+            Self::InUse { .. } => ErrorClass::FailedPrecondition,
+            Self::Request(_)
+            | Self::Interval(_)
+            | Self::IntervalTooShort
+            | Self::Retention(_)
+            | Self::RetentionBelowInterval { .. }
+            | Self::AppConsistent { .. }
+            | Self::Initial(_)
+            | Self::Window(..)
+            | Self::Port(_) => ErrorClass::InvalidArgument,
+        }
+    }
+}
+
+impl Classify for PairingError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Self::UnknownCloud(_) | Self::UnknownPolicy(_) => ErrorClass::NotFound,
+            Self::Request(_) | Self::SameCloud(_) | Self::SameSite { .. } => ErrorClass::InvalidArgument,
+            Self::AlreadyPaired { .. } => ErrorClass::FailedPrecondition,
+        }
+    }
 }
 
 #[cfg(test)]
