@@ -122,36 +122,6 @@ fn agent_class(kind: AgentErrorKind) -> ErrorClass {
     }
 }
 
-fn policy_class(e: &PolicyError) -> ErrorClass {
-    match e {
-        PolicyError::Exists(_) => ErrorClass::AlreadyExists,
-        PolicyError::UnknownPolicy(_) => ErrorClass::NotFound,
-        PolicyError::InUse { .. } => ErrorClass::FailedPrecondition,
-        _ => ErrorClass::InvalidArgument,
-    }
-}
-
-fn pairing_class(e: &PairingError) -> ErrorClass {
-    match e {
-        PairingError::UnknownCloud(_) | PairingError::UnknownPolicy(_) => ErrorClass::NotFound,
-        PairingError::Request(_) | PairingError::SameCloud(_) | PairingError::SameSite { .. } => {
-            ErrorClass::InvalidArgument
-        }
-        PairingError::AlreadyPaired { .. } => ErrorClass::FailedPrecondition,
-    }
-}
-
-fn network_class(e: &NetworkError) -> ErrorClass {
-    match e {
-        NetworkError::Exists(_) => ErrorClass::AlreadyExists,
-        NetworkError::UnknownNetwork(_) | NetworkError::UnknownSite(_) => ErrorClass::NotFound,
-        NetworkError::SitesNotPaired { .. }
-        | NetworkError::AlreadyMapped { .. }
-        | NetworkError::PoolExhausted { .. } => ErrorClass::FailedPrecondition,
-        _ => ErrorClass::InvalidArgument,
-    }
-}
-
 impl Classify for ProtectionError {
     fn class(&self) -> ErrorClass {
         use ErrorClass as C;
@@ -176,9 +146,9 @@ impl Classify for ProtectionError {
             Self::Agent { source, .. } => agent_class(source.kind()),
             Self::Addresses { class, .. } => *class,
             Self::InJob { source, .. } => source.class(),
-            Self::Policy(e) => policy_class(e),
-            Self::Pairing(e) => pairing_class(e),
-            Self::Network(e) => network_class(e),
+            Self::Policy(e) => e.class(),
+            Self::Pairing(e) => e.class(),
+            Self::Network(e) => e.class(),
             Self::Relationship(e) => e.class(),
             Self::Job(e) => e.class(),
         }
