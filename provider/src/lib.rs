@@ -18,6 +18,7 @@
 //!   through the edge services' context traits.
 //! - [`cli`]: the operator's commands against a running provider.
 
+pub mod addresses;
 pub mod agents;
 pub mod api;
 pub mod auth;

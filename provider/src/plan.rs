@@ -31,7 +31,7 @@ use siterecovery_proto::v1;
 use tonic::Status;
 
 use crate::error::store_err;
-use crate::failover::{self, FailoverOptions, FailoverType};
+use crate::failover::{self, FailoverError, FailoverOptions, FailoverType};
 use crate::jobs::{JobKind, JobRecord, JobState, StepState, now_ms};
 use crate::network::TestNetwork;
 use crate::relationship::{Core, Event, RelationshipRecord, fail_job, host_name, hosts, protected, save_job};
@@ -456,7 +456,7 @@ async fn run(
                 let pname = host_name(&hosts, &rel.primary_host_id);
                 async move {
                     let r = if kind == FailoverType::Planned {
-                        failover::prepare_primary(&state, rel).await
+                        failover::prepare_primary(&state, rel, &pname).await.map_err(|e| e.to_string())
                     } else {
                         Ok(failover::stop_primary(&state, rel, &pname).await)
                     };
@@ -511,7 +511,7 @@ async fn run(
                         let state = state.clone();
                         let opts = FailoverOptions {
                             kind,
-                            point: String::new(),
+                            point: siterecovery_proto::model::PointSelector::Latest,
                             test_network: TestNetwork::Mapped,
                             shutdown_primary: false,
                             prepared: match kind {
@@ -521,8 +521,15 @@ async fn run(
                         };
                         let vm = vm.clone();
                         async move {
-                            let r = match failover::start_vm_failover(&state, &vm, opts).await {
-                                Err(s) => Err(s.message().to_owned()),
+                            let started = match siterecovery_proto::model::VmName::new(vm.as_str()) {
+                                Ok(name) => failover::start_vm_failover(&state, &name, opts).await,
+                                Err(e) => Err(FailoverError::Request(siterecovery_proto::model::WireError::Invalid {
+                                    field: "vm".into(),
+                                    source: e,
+                                })),
+                            };
+                            let r = match started {
+                                Err(e) => Err(e.to_string()),
                                 Ok(child) => match failover::wait_job_end(&state, &child.id).await {
                                     Some(j) if j.state == JobState::Succeeded => {
                                         let last = j

@@ -16,10 +16,10 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::authorize;
 use crate::error::{Classify, status, store_err};
+use crate::failover;
 use crate::jobs::{JobRecord, JobState};
 use crate::protection::requests::{
-    ChangePoint, ExportPoint, FailoverTarget, ImportInitial, JobRef, PlanTarget, ProtectVm, UnpairClouds, VmTarget,
-    check_plan,
+    ExportPoint, ImportInitial, JobRef, PlanTarget, ProtectVm, UnpairClouds, VmTarget, check_plan,
 };
 use crate::protection::{self, points, settings};
 use crate::relationship::Core;
@@ -51,37 +51,36 @@ impl ProtectionService {
 impl Protection for ProtectionService {
     async fn failover(&self, req: Request<v1::FailoverRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let _: FailoverTarget = convert(req.get_ref())?;
-        let job = crate::failover::start_failover(&self.core, req.get_ref()).await?;
+        let r = failover::StartFailover::try_from(req.get_ref()).map_err(st)?;
+        let job = failover::start_failover(&self.core, r).await.map_err(st)?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn commit_failover(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
         let VmTarget(vm) = convert(req.get_ref())?;
-        let job = crate::failover::start_commit(&self.core, vm.as_str()).await?;
+        let job = failover::start_commit(&self.core, &vm).await.map_err(st)?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn cleanup_test_failover(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
         let VmTarget(vm) = convert(req.get_ref())?;
-        let job = crate::failover::start_cleanup(&self.core, vm.as_str()).await?;
+        let job = failover::start_cleanup(&self.core, &vm).await.map_err(st)?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn change_point(&self, req: Request<v1::ChangePointRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let ChangePoint { vm, .. } = convert(req.get_ref())?;
-        // The raw point: an empty one is refused by the change itself, with a hint.
-        let job = crate::failover::start_change_point(&self.core, vm.as_str(), &req.get_ref().point).await?;
+        let r = failover::ChangePoint::try_from(req.get_ref()).map_err(st)?;
+        let job = failover::start_change_point(&self.core, &r.vm, r.point).await.map_err(st)?;
         Ok(Response::new(job.to_proto()))
     }
 
     async fn reprotect(&self, req: Request<v1::VmRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
         let VmTarget(vm) = convert(req.get_ref())?;
-        let job = crate::failover::start_reprotect(&self.core, vm.as_str()).await?;
+        let job = failover::start_reprotect(&self.core, &vm).await.map_err(st)?;
         Ok(Response::new(job.to_proto()))
     }
 

@@ -5,15 +5,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use siterecovery_proto::model::{PointSelector, VmName};
 use siterecovery_proto::v1;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::agents::fake::FakeAgents;
 use crate::agents::{AgentError, AgentErrorKind};
+use crate::inventory::VmRecord;
 use crate::jobs::{JobState, PlannedFailoverStep, StepState};
+use crate::policy::PolicyRecord;
 use crate::relationship::{Core, ProtectionConfig, ProtectionCore, RelationshipRecord, ReplicationState};
-use crate::store::{HOSTS, POLICIES, Store};
+use crate::store::{HOSTS, POLICIES, Store, VMS};
 
 const PRIMARY: &str = "hv-a-0a0a0a";
 const REPLICA: &str = "hv-b-0b0b0b";
@@ -69,10 +72,29 @@ fn env(state: ReplicationState) -> Env {
     Env { core, agents, _dir: dir }
 }
 
+fn vm(name: &str) -> VmName {
+    VmName::new(name).expect("VM name")
+}
+
+fn sel(point: &str) -> PointSelector {
+    point.parse().expect("point selector")
+}
+
+/// The status code the service answers an error with.
+trait StatusCode {
+    fn code(&self) -> tonic::Code;
+}
+
+impl StatusCode for FailoverError {
+    fn code(&self) -> tonic::Code {
+        crate::error::status(self).code()
+    }
+}
+
 fn opts(kind: FailoverType) -> FailoverOptions {
     FailoverOptions {
         kind,
-        point: String::new(),
+        point: PointSelector::Latest,
         test_network: TestNetwork::Mapped,
         shutdown_primary: kind == FailoverType::Unplanned,
         prepared: None,
@@ -111,7 +133,7 @@ fn point(id: &str) -> v1::CommandResult {
 #[tokio::test]
 async fn test_failover_starts_a_test_vm_and_cleanup_removes_it() {
     let e = env(ReplicationState::Replicating);
-    let job = start_vm_failover(&e.core, "vm1", opts(FailoverType::Test)).await.expect("test failover");
+    let job = start_vm_failover(&e.core, &vm("vm1"), opts(FailoverType::Test)).await.expect("test failover");
     assert_eq!(job.kind, JobKind::TestFailover);
     let j = ended(&e.core, &job.id).await;
     assert_eq!(j.state, JobState::Succeeded, "{j:?}");
@@ -128,19 +150,19 @@ async fn test_failover_starts_a_test_vm_and_cleanup_removes_it() {
     let t = e.core.protection.of_vm("vm1").and_then(|r| r.test_failover).expect("test failover recorded");
     assert_eq!(t.test_vm, "vm1-test");
     // One test failover per VM at a time.
-    let err = start_vm_failover(&e.core, "vm1", opts(FailoverType::Test)).await.expect_err("second test");
+    let err = start_vm_failover(&e.core, &vm("vm1"), opts(FailoverType::Test)).await.expect_err("second test");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    assert!(err.message().contains("failover cleanup vm1"), "{}", err.message());
+    assert!(err.to_string().contains("failover cleanup vm1"), "{err}");
     // Nor a real failover while it runs.
-    let err = start_vm_failover(&e.core, "vm1", opts(FailoverType::Unplanned)).await.expect_err("unplanned");
+    let err = start_vm_failover(&e.core, &vm("vm1"), opts(FailoverType::Unplanned)).await.expect_err("unplanned");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
 
-    let c = start_cleanup(&e.core, "vm1").await.expect("cleanup");
+    let c = start_cleanup(&e.core, &vm("vm1")).await.expect("cleanup");
     let c = ended(&e.core, &c.id).await;
     assert_eq!(c.state, JobState::Succeeded, "{c:?}");
     assert_eq!(e.agents.log().last().map(String::as_str), Some(&*format!("{REPLICA}:CleanupTestFailover")));
     assert!(e.core.protection.of_vm("vm1").and_then(|r| r.test_failover).is_none());
-    let err = start_cleanup(&e.core, "vm1").await.expect_err("nothing to clean up");
+    let err = start_cleanup(&e.core, &vm("vm1")).await.expect_err("nothing to clean up");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
 }
 
@@ -148,7 +170,7 @@ async fn test_failover_starts_a_test_vm_and_cleanup_removes_it() {
 async fn planned_failover_drains_the_primary_commits_and_starts_reverse_replication() {
     let e = env(ReplicationState::Replicating);
     e.agents.reply(PRIMARY, "PrepareFailover", |_| Ok(point("p-000000000000000a")));
-    let job = start_vm_failover(&e.core, "vm1", opts(FailoverType::Planned)).await.expect("planned");
+    let job = start_vm_failover(&e.core, &vm("vm1"), opts(FailoverType::Planned)).await.expect("planned");
     let j = ended(&e.core, &job.id).await;
     assert_eq!(j.state, JobState::Succeeded, "{j:?}");
     assert!(j.steps.iter().all(|s| s.state == StepState::Succeeded), "{j:?}");
@@ -177,17 +199,17 @@ async fn planned_failover_drains_the_primary_commits_and_starts_reverse_replicat
 async fn planned_failover_needs_a_whole_chain_and_a_connected_primary() {
     for s in [ReplicationState::ResyncRequired, ReplicationState::InitialInProgress, ReplicationState::StoppedOnError] {
         let e = env(s);
-        let err = start_vm_failover(&e.core, "vm1", opts(FailoverType::Planned)).await.expect_err("refused");
+        let err = start_vm_failover(&e.core, &vm("vm1"), opts(FailoverType::Planned)).await.expect_err("refused");
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{s:?}");
         assert!(e.agents.log().is_empty(), "nothing sent when refused");
     }
     let e = env(ReplicationState::Replicating);
     e.agents.disconnect(PRIMARY);
-    let err = start_vm_failover(&e.core, "vm1", opts(FailoverType::Planned)).await.expect_err("primary down");
+    let err = start_vm_failover(&e.core, &vm("vm1"), opts(FailoverType::Planned)).await.expect_err("primary down");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    assert!(err.message().contains("failover unplanned vm1"), "{}", err.message());
+    assert!(err.to_string().contains("failover unplanned vm1"), "{err}");
     e.agents.disconnect(REPLICA);
-    let err = start_vm_failover(&e.core, "vm1", opts(FailoverType::Unplanned)).await.expect_err("replica down");
+    let err = start_vm_failover(&e.core, &vm("vm1"), opts(FailoverType::Unplanned)).await.expect_err("replica down");
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert_eq!(state_of(&e.core), ReplicationState::Replicating, "a refusal changes nothing");
 }
@@ -198,7 +220,7 @@ async fn a_failed_drain_aborts_the_planned_failover() {
     e.agents.reply(PRIMARY, "PrepareFailover", |_| {
         Err(AgentError::new(AgentErrorKind::FailedPrecondition, "the replica refused the last log"))
     });
-    let job = start_vm_failover(&e.core, "vm1", opts(FailoverType::Planned)).await.expect("planned");
+    let job = start_vm_failover(&e.core, &vm("vm1"), opts(FailoverType::Planned)).await.expect("planned");
     let j = ended(&e.core, &job.id).await;
     assert_eq!(j.state, JobState::Failed);
     assert_eq!(j.steps[1].state, StepState::Failed);
@@ -211,15 +233,18 @@ async fn a_failed_drain_aborts_the_planned_failover() {
 async fn unplanned_failover_change_point_commit_then_reprotect() {
     let e = env(ReplicationState::StoppedOnError);
     // Commit, change-point and reprotect need a failover first.
-    assert_eq!(start_commit(&e.core, "vm1").await.expect_err("commit").code(), tonic::Code::FailedPrecondition);
+    assert_eq!(start_commit(&e.core, &vm("vm1")).await.expect_err("commit").code(), tonic::Code::FailedPrecondition);
     assert_eq!(
-        start_change_point(&e.core, "vm1", "p-1").await.expect_err("point").code(),
+        start_change_point(&e.core, &vm("vm1"), sel("p1")).await.expect_err("point").code(),
         tonic::Code::FailedPrecondition
     );
-    assert_eq!(start_reprotect(&e.core, "vm1").await.expect_err("reprotect").code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        start_reprotect(&e.core, &vm("vm1")).await.expect_err("reprotect").code(),
+        tonic::Code::FailedPrecondition
+    );
 
     e.agents.reply(REPLICA, "Failover", |_| Ok(point("p-0000000000000005")));
-    let job = start_vm_failover(&e.core, "vm1", opts(FailoverType::Unplanned)).await.expect("unplanned");
+    let job = start_vm_failover(&e.core, &vm("vm1"), opts(FailoverType::Unplanned)).await.expect("unplanned");
     let j = ended(&e.core, &job.id).await;
     assert_eq!(j.state, JobState::Succeeded, "{j:?}");
     assert_eq!(e.agents.log(), vec![format!("{PRIMARY}:StopVm"), format!("{REPLICA}:Failover")]);
@@ -227,27 +252,27 @@ async fn unplanned_failover_change_point_commit_then_reprotect() {
     let f = e.core.protection.of_vm("vm1").and_then(|r| r.failover).expect("failover recorded");
     assert_eq!(f.point_id, "p-0000000000000005");
     assert_eq!(
-        start_vm_failover(&e.core, "vm1", opts(FailoverType::Unplanned)).await.expect_err("twice").code(),
+        start_vm_failover(&e.core, &vm("vm1"), opts(FailoverType::Unplanned)).await.expect_err("twice").code(),
         tonic::Code::FailedPrecondition
     );
 
     e.agents.reply(REPLICA, "ChangePoint", |_| Ok(point("p-0000000000000003")));
-    let c = start_change_point(&e.core, "vm1", "p-0000000000000003").await.expect("change point");
+    let c = start_change_point(&e.core, &vm("vm1"), sel("p3")).await.expect("change point");
     assert_eq!(ended(&e.core, &c.id).await.state, JobState::Succeeded);
     let f = e.core.protection.of_vm("vm1").and_then(|r| r.failover).expect("failover");
     assert_eq!(f.point_id, "p-0000000000000003");
 
-    let c = start_commit(&e.core, "vm1").await.expect("commit");
+    let c = start_commit(&e.core, &vm("vm1")).await.expect("commit");
     assert_eq!(ended(&e.core, &c.id).await.state, JobState::Succeeded);
     assert_eq!(state_of(&e.core), ReplicationState::Committed);
     // Change-point only before commit; commit only once.
     assert_eq!(
-        start_change_point(&e.core, "vm1", "p-1").await.expect_err("after commit").code(),
+        start_change_point(&e.core, &vm("vm1"), sel("p1")).await.expect_err("after commit").code(),
         tonic::Code::FailedPrecondition
     );
-    assert_eq!(start_commit(&e.core, "vm1").await.expect_err("again").code(), tonic::Code::FailedPrecondition);
+    assert_eq!(start_commit(&e.core, &vm("vm1")).await.expect_err("again").code(), tonic::Code::FailedPrecondition);
 
-    let r = start_reprotect(&e.core, "vm1").await.expect("reprotect");
+    let r = start_reprotect(&e.core, &vm("vm1")).await.expect("reprotect");
     // The job waits for the resync; a status from the new primary would end it.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -274,9 +299,9 @@ async fn a_vm_busy_with_another_job_is_refused() {
     let e = env(ReplicationState::Replicating);
     let _claim = e.core.protection.jobs.claim("vm1").expect("claim");
     for kind in [FailoverType::Test, FailoverType::Planned, FailoverType::Unplanned] {
-        let err = start_vm_failover(&e.core, "vm1", opts(kind)).await.expect_err("busy");
+        let err = start_vm_failover(&e.core, &vm("vm1"), opts(kind)).await.expect_err("busy");
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{kind:?}");
-        assert!(err.message().contains("another protection job"), "{}", err.message());
+        assert!(err.to_string().contains("another protection job"), "{err}");
     }
     assert!(e.agents.log().is_empty());
 }
@@ -284,9 +309,9 @@ async fn a_vm_busy_with_another_job_is_refused() {
 #[tokio::test]
 async fn an_unprotected_or_unknown_vm_is_refused() {
     let e = env(ReplicationState::Replicating);
-    let err = start_vm_failover(&e.core, "nope", opts(FailoverType::Test)).await.expect_err("unknown");
+    let err = start_vm_failover(&e.core, &vm("nope"), opts(FailoverType::Test)).await.expect_err("unknown");
     assert_eq!(err.code(), tonic::Code::NotFound);
     e.core.protection.remove(&e.core.store, "r-0000abcd").expect("remove");
-    let err = start_vm_failover(&e.core, "vm1", opts(FailoverType::Test)).await.expect_err("not protected");
+    let err = start_vm_failover(&e.core, &vm("vm1"), opts(FailoverType::Test)).await.expect_err("not protected");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
 }

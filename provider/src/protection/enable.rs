@@ -12,6 +12,7 @@ use siterecovery_proto::v1;
 use siterecovery_proto::v1::provider_message::Command;
 
 use super::ProtectionError;
+use crate::addresses::{describe_reservation, reserve_addresses};
 use crate::inventory::{HostRecord, VmRecord};
 use crate::jobs::{Claim, EnableStep, JobKind, JobRecord, now_ms};
 use crate::network::Reservation;
@@ -77,7 +78,9 @@ fn check_prerequisites(state: &Core, vm_name: &str) -> Result<(Plan, String), Pr
             needed: human_size(total_bytes),
         });
     }
-    let addresses = crate::failover::reserve_addresses(state, &vm, None).map_err(|s| ProtectionError::addresses(&s))?;
+    // The other VMs' relationships hold their addresses.
+    let others: Vec<RelationshipRecord> = state.protection.all().into_iter().filter(|r| r.vm != vm_name).collect();
+    let addresses = reserve_addresses(&state.store, &vm, others.iter().flat_map(|r| r.addresses.iter()))?;
     let mut detail = format!(
         "cloud {} paired with {} (policy {}); replica host {} has {} free for {}",
         primary.cloud,
@@ -88,7 +91,7 @@ fn check_prerequisites(state: &Core, vm_name: &str) -> Result<(Plan, String), Pr
         human_size(total_bytes)
     );
     for r in &addresses {
-        detail.push_str(&format!("; {}", crate::failover::describe_reservation(r)));
+        detail.push_str(&format!("; {}", describe_reservation(r)));
     }
     Ok((Plan { vm, primary, replica, policy, total_bytes, addresses }, detail))
 }

@@ -5,6 +5,7 @@
 
 use siterecovery_proto::model::WireError;
 
+use crate::addresses::AddressError;
 use crate::agents::{AgentError, AgentErrorKind};
 use crate::error::{Classify, ErrorClass};
 use crate::jobs::JobError;
@@ -60,9 +61,8 @@ pub enum ProtectionError {
     /// An agent refused or could not be reached; `context` says which host.
     #[error("{context}{}", source.message())]
     Agent { context: String, source: AgentError },
-    /// The target addresses could not be reserved (until reservations have a typed error).
-    #[error("{message}")]
-    Addresses { class: ErrorClass, message: String },
+    #[error(transparent)]
+    Addresses(#[from] AddressError),
     #[error("cloud {0:?} is not paired (see `cloud list`)")]
     CloudNotPaired(String),
     #[error("{count} VM(s) of cloud {cloud:?} are protected; unprotect them first")]
@@ -91,21 +91,6 @@ impl ProtectionError {
 
     pub fn agent(context: impl Into<String>, source: AgentError) -> Self {
         Self::Agent { context: context.into(), source }
-    }
-
-    /// A reservation refused as a status (by `failover::reserve_addresses`).
-    pub fn addresses(s: &tonic::Status) -> Self {
-        use tonic::Code;
-        let class = match s.code() {
-            Code::InvalidArgument => ErrorClass::InvalidArgument,
-            Code::NotFound => ErrorClass::NotFound,
-            Code::AlreadyExists => ErrorClass::AlreadyExists,
-            Code::FailedPrecondition => ErrorClass::FailedPrecondition,
-            Code::Unavailable => ErrorClass::Unavailable,
-            Code::ResourceExhausted => ErrorClass::ResourceExhausted,
-            _ => ErrorClass::Internal,
-        };
-        Self::Addresses { class, message: s.message().to_owned() }
     }
 }
 
@@ -144,7 +129,7 @@ impl Classify for ProtectionError {
             Self::PrimaryNotConnected(_) | Self::NoTargetHost(_) => C::Unavailable,
             Self::NoExportUri | Self::Store(_) => C::Internal,
             Self::Agent { source, .. } => agent_class(source.kind()),
-            Self::Addresses { class, .. } => *class,
+            Self::Addresses(e) => e.class(),
             Self::InJob { source, .. } => source.class(),
             Self::Policy(e) => e.class(),
             Self::Pairing(e) => e.class(),

@@ -74,38 +74,6 @@ impl TryFrom<&v1::ExportPointRequest> for ExportPoint {
     }
 }
 
-/// `Failover`'s names (the type and the test network are the failover's to check).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FailoverTarget {
-    pub vm: VmName,
-    pub point: PointSelector,
-}
-
-impl TryFrom<&v1::FailoverRequest> for FailoverTarget {
-    type Error = WireError;
-    fn try_from(r: &v1::FailoverRequest) -> Result<Self, WireError> {
-        let point = if r.point.is_empty() { PointSelector::Latest } else { wire::field("failover.point", &r.point)? };
-        Ok(Self { vm: wire::field("failover.vm", &r.vm)?, point })
-    }
-}
-
-/// `ChangePoint`: the VM and the point to move to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChangePoint {
-    pub vm: VmName,
-    pub point: PointSelector,
-}
-
-impl TryFrom<&v1::ChangePointRequest> for ChangePoint {
-    type Error = WireError;
-    fn try_from(r: &v1::ChangePointRequest) -> Result<Self, WireError> {
-        // An empty point is refused by the change itself, with a hint.
-        let point =
-            if r.point.is_empty() { PointSelector::Latest } else { wire::field("change_point.point", &r.point)? };
-        Ok(Self { vm: wire::field("change_point.vm", &r.vm)?, point })
-    }
-}
-
 /// `PlanFailover`'s plan (the type is the plan's to check).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanTarget(pub PlanName);
