@@ -815,20 +815,22 @@ impl Protection for ProtectionService {
 
     async fn create_plan(&self, req: Request<v1::RecoveryPlan>) -> Result<Response<v1::RecoveryPlan>, Status> {
         self.auth(&req)?;
-        let rec = crate::plan::create(&self.core, &req.into_inner())?;
+        let spec = crate::plan::PlanSpec::try_from(req.get_ref()).map_err(|e| crate::error::status(&e))?;
+        let rec = crate::plan::create(&self.core, spec).map_err(|e| crate::error::status(&e))?;
         Ok(Response::new(rec.to_proto()))
     }
 
     async fn list_plans(&self, req: Request<v1::ListPlansRequest>) -> Result<Response<v1::ListPlansResponse>, Status> {
         self.auth(&req)?;
-        let plans = crate::plan::list(&self.core.store).map_err(store_err)?;
+        let plans = crate::plan::list(&self.core).map_err(|e| crate::error::status(&e))?;
         Ok(Response::new(v1::ListPlansResponse { plans: plans.iter().map(|p| p.to_proto()).collect() }))
     }
 
     async fn plan_failover(&self, req: Request<v1::PlanFailoverRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let r = req.into_inner();
-        let job = crate::plan::start_failover(&self.core, &r.plan, r.r#type).await?;
+        let r = crate::plan::PlanFailover::try_from(req.get_ref()).map_err(|e| crate::error::status(&e))?;
+        let job =
+            crate::plan::start_failover(&self.core, &r.plan, r.kind).await.map_err(|e| crate::error::status(&e))?;
         Ok(Response::new(job.to_proto()))
     }
 
@@ -837,7 +839,8 @@ impl Protection for ProtectionService {
         req: Request<v1::ConfirmPlanActionRequest>,
     ) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let job = crate::plan::confirm(&self.core, &req.into_inner().job_id)?;
+        let r = crate::plan::ConfirmAction::try_from(req.get_ref()).map_err(|e| crate::error::status(&e))?;
+        let job = crate::plan::confirm(&self.core, &r.job).map_err(|e| crate::error::status(&e))?;
         Ok(Response::new(job.to_proto()))
     }
 

@@ -1,0 +1,1 @@
+//! Plan runs against fake agents.
