@@ -20,6 +20,10 @@ pub enum ErrorClass {
     FailedPrecondition,
     /// A host or the store is unreachable for now (retry later).
     Unavailable,
+    /// A host did not answer in time.
+    DeadlineExceeded,
+    /// A host ran out of something (space, addresses).
+    ResourceExhausted,
     /// The caller may not do this.
     PermissionDenied,
     /// A bug or a broken invariant (look at the provider's log).
@@ -58,6 +62,8 @@ pub fn status<E: Classify + ?Sized>(e: &E) -> tonic::Status {
         ErrorClass::AlreadyExists => tonic::Status::already_exists(msg),
         ErrorClass::FailedPrecondition => tonic::Status::failed_precondition(msg),
         ErrorClass::Unavailable => tonic::Status::unavailable(msg),
+        ErrorClass::DeadlineExceeded => tonic::Status::deadline_exceeded(msg),
+        ErrorClass::ResourceExhausted => tonic::Status::resource_exhausted(msg),
         ErrorClass::PermissionDenied => tonic::Status::permission_denied(msg),
         ErrorClass::Internal => {
             tracing::error!("internal error: {msg}");

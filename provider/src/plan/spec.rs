@@ -2,10 +2,11 @@
 //! converted once from the wire ([`PlanSpec`], [`PlanFailover`], [`ConfirmAction`]),
 //! the rules a plan obeys, the stored records, and the steps a run of it has.
 //!
-//! Names and ids are converted into domain types naming the field
-//! (`plan.groups[0].vms[1]`); the rules between fields (groups numbered from 1, a VM
-//! in one group only, actions after an existing group, scripts by absolute path) are
-//! [`PlanError`] variants. Both are `InvalidArgument`.
+//! Names and ids are converted into domain types naming the field after the RPC
+//! (`create_plan.groups[0].vms[1]`, as the rest of the Protection service does); the
+//! rules between fields (groups numbered from 1, a VM in one group only, actions after
+//! an existing group, scripts by absolute path) are [`PlanError`] variants. Both are
+//! `InvalidArgument`.
 
 use std::collections::HashSet;
 
@@ -76,7 +77,7 @@ impl TryFrom<&v1::RecoveryPlan> for PlanSpec {
     type Error = PlanError;
 
     fn try_from(p: &v1::RecoveryPlan) -> Result<Self, PlanError> {
-        let name: PlanName = wire::field("plan.name", &p.name)?;
+        let name: PlanName = wire::field("create_plan.name", &p.name)?;
         if p.groups.is_empty() {
             return Err(PlanError::NoGroups);
         }
@@ -92,7 +93,7 @@ impl TryFrom<&v1::RecoveryPlan> for PlanSpec {
             if g.vms.is_empty() {
                 return Err(PlanError::EmptyGroup(g.order));
             }
-            let vms: Vec<VmName> = wire::each(&format!("plan.groups[{gi}].vms"), &g.vms)?;
+            let vms: Vec<VmName> = wire::each(&format!("create_plan.groups[{gi}].vms"), &g.vms)?;
             for v in &vms {
                 if !seen.insert(v.clone()) {
                     return Err(PlanError::DuplicateVm(v.clone()));
@@ -110,7 +111,7 @@ impl TryFrom<&v1::RecoveryPlan> for PlanSpec {
                 return Err(PlanError::UnknownGroup(a.after_group));
             }
             let kind = match wire::enumeration::<v1::PlanActionKind>(
-                &format!("plan.actions[{ai}].kind"),
+                &format!("create_plan.actions[{ai}].kind"),
                 a.kind,
                 "script or manual",
             )? {
@@ -118,7 +119,7 @@ impl TryFrom<&v1::RecoveryPlan> for PlanSpec {
                 v1::PlanActionKind::Manual => ActionKind::Manual,
                 v1::PlanActionKind::Unspecified => {
                     return Err(WireError::Enum {
-                        field: format!("plan.actions[{ai}].kind"),
+                        field: format!("create_plan.actions[{ai}].kind"),
                         value: a.kind,
                         allowed: "script or manual",
                     }
@@ -151,9 +152,9 @@ impl TryFrom<&v1::PlanFailoverRequest> for PlanFailover {
     type Error = WireError;
 
     fn try_from(r: &v1::PlanFailoverRequest) -> Result<Self, WireError> {
-        let plan = wire::field("plan", &r.plan)?;
+        let plan = wire::field("plan_failover.plan", &r.plan)?;
         let kind = FailoverType::from_wire(r.r#type).ok_or(WireError::Enum {
-            field: "type".into(),
+            field: "plan_failover.type".into(),
             value: r.r#type,
             allowed: "test, planned or unplanned",
         })?;
@@ -171,7 +172,7 @@ impl TryFrom<&v1::ConfirmPlanActionRequest> for ConfirmAction {
     type Error = WireError;
 
     fn try_from(r: &v1::ConfirmPlanActionRequest) -> Result<Self, WireError> {
-        Ok(Self { job: wire::field("job_id", &r.job_id)? })
+        Ok(Self { job: wire::field("confirm_plan_action.job_id", &r.job_id)? })
     }
 }
 
@@ -417,18 +418,18 @@ mod tests {
             actions: vec![action(1, "script", "/opt/a.sh")],
         };
         let cases: Vec<(&str, v1::RecoveryPlan)> = vec![
-            ("plan.name", v1::RecoveryPlan { name: "../etc".into(), ..good() }),
-            ("plan.name", v1::RecoveryPlan { name: String::new(), ..good() }),
-            ("plan.name", v1::RecoveryPlan { name: "a/b".into(), ..good() }),
-            ("plan.groups[0].vms[1]", v1::RecoveryPlan { groups: vec![group(1, &["db", ".."])], ..good() }),
+            ("create_plan.name", v1::RecoveryPlan { name: "../etc".into(), ..good() }),
+            ("create_plan.name", v1::RecoveryPlan { name: String::new(), ..good() }),
+            ("create_plan.name", v1::RecoveryPlan { name: "a/b".into(), ..good() }),
+            ("create_plan.groups[0].vms[1]", v1::RecoveryPlan { groups: vec![group(1, &["db", ".."])], ..good() }),
             (
-                "plan.groups[1].vms[0]",
+                "create_plan.groups[1].vms[0]",
                 v1::RecoveryPlan { groups: vec![group(1, &["db"]), group(2, &["../../x"])], ..good() },
             ),
-            ("plan.groups[0].vms[0]", v1::RecoveryPlan { groups: vec![group(1, &["a b"])], ..good() }),
-            ("plan.actions[0].kind", v1::RecoveryPlan { actions: vec![action(1, "email", "x")], ..good() }),
+            ("create_plan.groups[0].vms[0]", v1::RecoveryPlan { groups: vec![group(1, &["a b"])], ..good() }),
+            ("create_plan.actions[0].kind", v1::RecoveryPlan { actions: vec![action(1, "email", "x")], ..good() }),
             (
-                "plan.actions[0].kind",
+                "create_plan.actions[0].kind",
                 v1::RecoveryPlan { actions: vec![v1::PlanAction { kind: 42, ..action(1, "script", "/x") }], ..good() },
             ),
         ];
@@ -453,10 +454,10 @@ mod tests {
         .expect("valid");
         assert_eq!((ok.plan.as_str(), ok.kind), ("dc", FailoverType::Planned));
         for (field, plan, kind) in [
-            ("plan", "../dc", v1::FailoverKind::Test),
-            ("plan", "", v1::FailoverKind::Test),
-            ("type", "dc", v1::FailoverKind::Local),
-            ("type", "dc", v1::FailoverKind::Unspecified),
+            ("plan_failover.plan", "../dc", v1::FailoverKind::Test),
+            ("plan_failover.plan", "", v1::FailoverKind::Test),
+            ("plan_failover.type", "dc", v1::FailoverKind::Local),
+            ("plan_failover.type", "dc", v1::FailoverKind::Unspecified),
         ] {
             let e = PlanFailover::try_from(&v1::PlanFailoverRequest { plan: plan.into(), r#type: kind.into() })
                 .expect_err(field);
@@ -471,7 +472,7 @@ mod tests {
         );
         for bad in ["", "../j-1", "j-1/x", "job"] {
             let e = ConfirmAction::try_from(&v1::ConfirmPlanActionRequest { job_id: bad.into() }).expect_err("hostile");
-            assert_eq!(e.field(), "job_id", "{bad:?}: {e}");
+            assert_eq!(e.field(), "confirm_plan_action.job_id", "{bad:?}: {e}");
         }
     }
 }

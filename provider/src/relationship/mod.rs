@@ -10,11 +10,13 @@
 //! - [`set`]: [`ProtectionCore`], the store-backed set of relationships, and
 //!   [`ProtectionConfig`].
 //! - [`core`]: [`Core`], the context orchestration runs in, and job bookkeeping.
+//! - [`error`]: the typed error, [`RelationshipError`].
 //! - [`lookup`]: hosts, clouds, and the relationship of a protected VM.
 //! - [`wait`]: job steps that wait on a relationship.
 //! - [`view`]: the operator's view of a relationship (`Vm.replication`).
 
 pub mod core;
+pub mod error;
 pub mod health;
 pub mod lookup;
 pub mod record;
@@ -24,8 +26,9 @@ pub mod view;
 pub mod wait;
 
 pub use self::core::{Core, claim, fail_job, relationship_id, save_job};
+pub use error::RelationshipError;
 pub use health::Health;
-pub use lookup::{cloud_infos, host_name, hosts, protected};
+pub use lookup::{claim_vm, cloud_infos, find_protected, host_name, hosts, list_hosts, protected};
 pub use record::{FailoverRecord, RelationshipRecord, StatusRecord, TestFailoverRecord, same_host};
 pub use set::{ProtectionConfig, ProtectionCore};
 pub use state::{AgentState, Event, InvalidTransition, ReplicationState};

@@ -3,6 +3,10 @@
 //! One listener serves everything. The vault CA is the only trust anchor; a client
 //! certificate is optional at the handshake because Registration is called before a
 //! host has one, and every other RPC authorises its caller ([`crate::auth`]).
+//!
+//! - [`protection`]: the Protection service's handlers.
+
+pub mod protection;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use self::protection::ProtectionService;
 use crate::control::{ControlService, Sessions};
 use crate::inventory::InventoryService;
-use crate::protection::ProtectionService;
 use crate::registration::RegistrationService;
 use crate::relationship::{Core, ProtectionConfig, ProtectionCore};
 use crate::store::Store;
