@@ -18,9 +18,7 @@ use crate::auth::authorize;
 use crate::error::{Classify, status, store_err};
 use crate::failover;
 use crate::jobs::{JobRecord, JobState};
-use crate::protection::requests::{
-    ExportPoint, ImportInitial, JobRef, PlanTarget, ProtectVm, UnpairClouds, VmTarget, check_plan,
-};
+use crate::protection::requests::{ExportPoint, ImportInitial, JobRef, ProtectVm, UnpairClouds, VmTarget};
 use crate::protection::{self, points, settings};
 use crate::relationship::Core;
 use crate::{network, policy};
@@ -118,21 +116,21 @@ impl Protection for ProtectionService {
 
     async fn create_plan(&self, req: Request<v1::RecoveryPlan>) -> Result<Response<v1::RecoveryPlan>, Status> {
         self.auth(&req)?;
-        check_plan(req.get_ref()).map_err(st)?;
-        let rec = crate::plan::create(&self.core, req.get_ref())?;
+        let spec = crate::plan::PlanSpec::try_from(req.get_ref()).map_err(st)?;
+        let rec = crate::plan::create(&self.core, spec).map_err(st)?;
         Ok(Response::new(rec.to_proto()))
     }
 
     async fn list_plans(&self, req: Request<v1::ListPlansRequest>) -> Result<Response<v1::ListPlansResponse>, Status> {
         self.auth(&req)?;
-        let plans = crate::plan::list(&self.core.store).map_err(store_err)?;
+        let plans = crate::plan::list(&self.core).map_err(st)?;
         Ok(Response::new(v1::ListPlansResponse { plans: plans.iter().map(|p| p.to_proto()).collect() }))
     }
 
     async fn plan_failover(&self, req: Request<v1::PlanFailoverRequest>) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let PlanTarget(plan) = convert(req.get_ref())?;
-        let job = crate::plan::start_failover(&self.core, plan.as_str(), req.get_ref().r#type).await?;
+        let r = crate::plan::PlanFailover::try_from(req.get_ref()).map_err(st)?;
+        let job = crate::plan::start_failover(&self.core, &r.plan, r.kind).await.map_err(st)?;
         Ok(Response::new(job.to_proto()))
     }
 
@@ -141,8 +139,8 @@ impl Protection for ProtectionService {
         req: Request<v1::ConfirmPlanActionRequest>,
     ) -> Result<Response<v1::Job>, Status> {
         self.auth(&req)?;
-        let JobRef(id) = convert(req.get_ref())?;
-        let job = crate::plan::confirm(&self.core, id.as_str())?;
+        let r = crate::plan::ConfirmAction::try_from(req.get_ref()).map_err(st)?;
+        let job = crate::plan::confirm(&self.core, &r.job).map_err(st)?;
         Ok(Response::new(job.to_proto()))
     }
 
