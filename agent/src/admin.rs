@@ -14,6 +14,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use siterecovery_proto::model::VmName;
+use siterecovery_proto::v1;
+
+use crate::control::command::point_selector;
 use crate::protection::Protection;
 
 /// Longest request line accepted.
@@ -74,7 +78,7 @@ async fn handle(stream: UnixStream, protection: &Protection) -> std::io::Result<
         return Ok(());
     } else {
         match serde_json::from_str::<Request>(&line) {
-            Ok(req) if req.op == "failover" => match protection.local_failover(&req.vm, &req.point).await {
+            Ok(req) if req.op == "failover" => match local_failover(protection, &req).await {
                 Ok(vm) => {
                     tracing::warn!(vm = %req.vm, "local failover done on this host (provider not involved)");
                     Answer {
@@ -85,7 +89,7 @@ async fn handle(stream: UnixStream, protection: &Protection) -> std::io::Result<
                         ..Default::default()
                     }
                 }
-                Err(e) => Answer { error: e.to_string(), ..Default::default() },
+                Err(error) => Answer { error, ..Default::default() },
             },
             Ok(req) => Answer { error: format!("unknown op {:?}", req.op), ..Default::default() },
             Err(e) => Answer { error: format!("bad request: {e}"), ..Default::default() },
@@ -94,6 +98,14 @@ async fn handle(stream: UnixStream, protection: &Protection) -> std::io::Result<
     let mut out = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
     out.push(b'\n');
     w.write_all(&out).await
+}
+
+/// A local failover request, its VM name and point checked first (the socket is local,
+/// but its requests are input from outside the process all the same).
+async fn local_failover(protection: &Protection, req: &Request) -> Result<v1::Vm, String> {
+    let vm = VmName::new(req.vm.as_str()).map_err(|e| format!("invalid argument: vm: {e}"))?;
+    let point = point_selector(&req.point).map_err(|e| format!("invalid argument: point: {e}"))?;
+    protection.local_failover(&vm, point).await.map_err(|e| e.to_string())
 }
 
 use tokio::io::AsyncReadExt as _;

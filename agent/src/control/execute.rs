@@ -40,8 +40,7 @@ fn protection_result<T>(
     }
 }
 
-/// Runs `c`. The handlers that still take a `v1` message get `wire`, whose fields the
-/// conversion has checked.
+/// Runs `c` with the handlers, which take its validated values as they are.
 pub async fn execute(vms: &VmManager, protection: &Protection, c: Command) -> v1::CommandResult {
     let id = c.id;
     let done = |(), r| r;
@@ -49,53 +48,36 @@ pub async fn execute(vms: &VmManager, protection: &Protection, c: Command) -> v1
     let with_bytes = |bytes, r| v1::CommandResult { bytes, ..r };
     match c.kind {
         CommandKind::CreateVm { name, disk_sizes, nics, start } => {
-            vm_result(id, vms.create(name.as_str(), &disk_sizes, &nics, start).await.map(Some))
+            vm_result(id, vms.create(&name, &disk_sizes, &nics, start).await.map(Some))
         }
-        CommandKind::DeleteVm { name } => vm_result(id, vms.delete(name.as_str()).await.map(|()| None)),
-        CommandKind::StartVm { name } => vm_result(id, vms.start(name.as_str()).await.map(Some)),
-        CommandKind::StopVm { name } => vm_result(id, vms.stop(name.as_str()).await.map(Some)),
-        CommandKind::PrepareReplica { wire, .. } => protection_result(id, protection.prepare_replica(wire).await, done),
-        CommandKind::StartReplication { wire, .. } => {
-            protection_result(id, protection.start_replication(wire).await, done)
-        }
-        CommandKind::StopReplication { wire, .. } => {
-            protection_result(id, protection.stop_replication(wire).await, done)
-        }
-        CommandKind::RequestResync { wire, .. } => protection_result(id, protection.request_resync(wire).await, done),
-        CommandKind::ExportInitial { wire, .. } => {
-            protection_result(id, protection.export_initial(wire).await, with_bytes)
-        }
-        CommandKind::ImportInitial { wire, .. } => {
-            protection_result(id, protection.import_initial(wire).await, with_bytes)
-        }
+        CommandKind::DeleteVm { name } => vm_result(id, vms.delete(&name).await.map(|()| None)),
+        CommandKind::StartVm { name } => vm_result(id, vms.start(&name).await.map(Some)),
+        CommandKind::StopVm { name } => vm_result(id, vms.stop(&name).await.map(Some)),
+        CommandKind::PrepareReplica(c) => protection_result(id, protection.prepare_replica(c).await, done),
+        CommandKind::StartReplication(c) => protection_result(id, protection.start_replication(c).await, done),
+        CommandKind::StopReplication(c) => protection_result(id, protection.stop_replication(c).await, done),
+        CommandKind::RequestResync(c) => protection_result(id, protection.request_resync(c).await, done),
+        CommandKind::ExportInitial(c) => protection_result(id, protection.export_initial(c).await, with_bytes),
+        CommandKind::ImportInitial(c) => protection_result(id, protection.import_initial(c).await, with_bytes),
         CommandKind::ListPoints { vm } => {
-            protection_result(id, protection.list_points(vm.as_str()), |points, r| v1::CommandResult { points, ..r })
+            protection_result(id, protection.list_points(&vm), |points, r| v1::CommandResult { points, ..r })
         }
         CommandKind::ExportPoint { vm, point } => {
-            protection_result(id, protection.export_point(vm.as_str(), &point.to_string()), |(uri, point_id), r| {
+            protection_result(id, protection.export_point(&vm, point), |(uri, point_id), r| {
                 let points = vec![v1::RecoveryPoint { id: point_id, ..Default::default() }];
                 v1::CommandResult { uri, points, ..r }
             })
         }
         CommandKind::UnexportPoint { vm } => {
-            protection.unexport_point(vm.as_str());
+            protection.unexport_point(&vm);
             ok(id)
         }
-        CommandKind::PrepareFailover { wire, .. } => {
-            protection_result(id, protection.prepare_failover(wire).await, |point, r| v1::CommandResult {
-                points: vec![point],
-                ..r
-            })
-        }
-        CommandKind::Failover { kind, wire, .. } => {
-            protection_result(id, protection.failover(wire, kind).await, with_vm)
-        }
-        CommandKind::ChangePoint { wire, .. } => protection_result(id, protection.change_point(wire).await, with_vm),
-        CommandKind::CommitFailover { wire, .. } => {
-            protection_result(id, protection.commit_failover(wire).await, with_vm)
-        }
-        CommandKind::CleanupTestFailover { wire, .. } => {
-            protection_result(id, protection.cleanup_test_failover(wire).await, done)
-        }
+        CommandKind::PrepareFailover(c) => protection_result(id, protection.prepare_failover(c).await, |point, r| {
+            v1::CommandResult { points: vec![point], ..r }
+        }),
+        CommandKind::Failover(c) => protection_result(id, protection.failover(c).await, with_vm),
+        CommandKind::ChangePoint(c) => protection_result(id, protection.change_point(c).await, with_vm),
+        CommandKind::CommitFailover(c) => protection_result(id, protection.commit_failover(c).await, with_vm),
+        CommandKind::CleanupTestFailover(c) => protection_result(id, protection.cleanup_test_failover(c).await, done),
     }
 }

@@ -338,7 +338,7 @@ fn points_and_failover_kinds() {
         planned,
         ..Default::default()
     }))) {
-        Ok(Command { kind: CommandKind::Failover { kind, test_vm, .. }, .. }) => Some((kind, test_vm)),
+        Ok(Command { kind: CommandKind::Failover(f), .. }) => Some((f.kind, f.test_vm)),
         _ => None,
     };
     assert_eq!(kind(true, false), Some((FailoverKind::Test, None)));
