@@ -136,9 +136,9 @@ impl Env {
 
     fn params(&self, address: &str, compression: bool) -> SenderParams {
         SenderParams {
-            relationship_id: REL.into(),
-            vm: VM.into(),
-            replica_host_id: "host-b".into(),
+            relationship_id: REL.parse().expect("relationship id"),
+            vm: VM.parse().expect("VM name"),
+            replica_host_id: "host-b".parse().expect("host id"),
             replica_address: address.into(),
             settings: v1::ReplicationSettings {
                 interval_ms: 300,

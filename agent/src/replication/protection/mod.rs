@@ -137,7 +137,7 @@ impl Protection {
     async fn spawn_sender(&self, vm: &VmName, folder: &Path, rec: &ProtectionRecord) {
         let params = SenderParams {
             relationship_id: rec.relationship_id.clone(),
-            vm: vm.to_string(),
+            vm: vm.clone(),
             replica_host_id: rec.replica_host_id.clone(),
             replica_address: rec.replica_address.clone(),
             settings: rec.settings(),

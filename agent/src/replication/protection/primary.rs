@@ -29,18 +29,13 @@ impl Protection {
     pub async fn start_replication(&self, c: StartReplication) -> Result<(), ProtectionError> {
         let t = c;
         let folder = self.vm_folder(&t.vm).await?;
-        let rec = ProtectionRecord::new(
-            t.relationship.to_string(),
-            t.replica_host.to_string(),
-            t.replica_address,
-            t.settings,
-        )?;
+        let rec = ProtectionRecord::new(t.relationship.clone(), t.replica_host, t.replica_address, t.settings)?;
         // Tracking first: every write from here on is in a log, so the initial copy
         // plus the logs give a consistent replica.
         self.vms.set_tracking(&t.vm, true).await?;
         if t.resync_initial {
             let reason = "reverse replication: bringing the former primary's disks in line".to_string();
-            sender::seed(&folder, t.relationship.as_str(), Seed::Resync { reason })?;
+            sender::seed(&folder, &t.relationship, Seed::Resync { reason })?;
         }
         rec.save(&folder)?;
         tracing::info!(vm = %t.vm, relationship = %rec.relationship_id, replica = %rec.replica_address, "replication enabled");
@@ -56,12 +51,7 @@ impl Protection {
     pub async fn export_initial(&self, c: ExportInitial) -> Result<u64, ProtectionError> {
         let t = c;
         let folder = self.vm_folder(&t.vm).await?;
-        let rec = ProtectionRecord::new(
-            t.relationship.to_string(),
-            t.replica_host.to_string(),
-            t.replica_address,
-            t.settings,
-        )?;
+        let rec = ProtectionRecord::new(t.relationship.clone(), t.replica_host, t.replica_address, t.settings)?;
         // A repeated export (the provider retried) starts over.
         self.stop_sender(&t.vm).await;
         self.vms.set_tracking(&t.vm, true).await?;
@@ -83,7 +73,7 @@ impl Protection {
                     log_seq: through.get(id.as_str()).copied().unwrap_or(0),
                 })
                 .collect();
-            Ok::<_, ProtectionError>(offline::export(&dir, &rel_id, &vm, &export)?)
+            Ok::<_, ProtectionError>(offline::export(&dir, rel_id.as_str(), &vm, &export)?)
         })
         .await
         .map_err(joined)??;
@@ -96,7 +86,7 @@ impl Protection {
             }
         }
         let through = manifest.disks.iter().map(|d| (d.id.clone(), d.log_seq)).collect();
-        sender::seed(&folder, t.relationship.as_str(), Seed::AwaitImport { through })?;
+        sender::seed(&folder, &t.relationship, Seed::AwaitImport { through })?;
         rec.save(&folder)?;
         let bytes = manifest.copied_bytes();
         tracing::info!(vm = %t.vm, relationship = %rec.relationship_id, dir = %t.dir.display(), bytes,

@@ -98,7 +98,7 @@ impl<T: PeerTransport> Task<T> {
         let child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(hook)
-            .env("SITERECOVERY_VM", &self.p.vm)
+            .env("SITERECOVERY_VM", self.p.vm.as_str())
             .kill_on_drop(true)
             .status();
         match tokio::time::timeout(HOOK_TIMEOUT, child).await {
@@ -150,7 +150,7 @@ impl<T: PeerTransport> Task<T> {
     async fn ship_pending(&mut self, p: &PendingPoint) -> Result<(), ReplicationError> {
         let logs = self.log_paths(&p.logs)?;
         let meta = v1::PointChunk {
-            relationship_id: self.p.relationship_id.clone(),
+            relationship_id: self.p.relationship_id.to_string(),
             seq: p.seq,
             created_unix_ms: p.created_unix_ms,
             app_consistent: p.app_consistent,

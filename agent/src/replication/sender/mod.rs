@@ -49,6 +49,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use siterecovery_proto::model::{HostId, RelationshipId, VmName};
 use siterecovery_proto::v1;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -79,9 +80,9 @@ pub const ZSTD_LEVEL: i32 = 1;
 /// What the lead's VM manager hands the sender for one protected VM.
 #[derive(Debug, Clone)]
 pub struct SenderParams {
-    pub relationship_id: String,
-    pub vm: String,
-    pub replica_host_id: String,
+    pub relationship_id: RelationshipId,
+    pub vm: VmName,
+    pub replica_host_id: HostId,
     /// host:port of the replica host's peer listener.
     pub replica_address: String,
     pub settings: v1::ReplicationSettings,
@@ -113,7 +114,7 @@ pub enum Seed {
 }
 
 /// Writes the starting state of a sender of `relationship_id` in `state_dir`.
-pub fn seed(state_dir: &Path, relationship_id: &str, seed: Seed) -> Result<(), ReplicationError> {
+pub fn seed(state_dir: &Path, relationship_id: &RelationshipId, seed: Seed) -> Result<(), ReplicationError> {
     let mut st = SenderState::fresh(relationship_id);
     match seed {
         Seed::Resync { reason } => st.phase = Stage::ResyncRequired { reason, requested: true },
@@ -153,7 +154,7 @@ pub struct Undrained {
 
 /// The running sender of one VM.
 pub struct SenderHandle {
-    relationship_id: String,
+    relationship_id: RelationshipId,
     cancel: CancellationToken,
     resync: Arc<ResyncRequest>,
     phase: watch::Receiver<Phase>,
@@ -225,7 +226,7 @@ impl SenderHandle {
         }
     }
 
-    pub fn relationship_id(&self) -> &str {
+    pub fn relationship_id(&self) -> &RelationshipId {
         &self.relationship_id
     }
 }

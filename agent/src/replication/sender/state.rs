@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use siterecovery_proto::model::RelationshipId;
 
 use super::phase::Stage;
 use crate::persist::{self, PersistError, SENDER_STATE};
@@ -81,8 +82,8 @@ struct LegacyEnvelope {
 struct LegacyError(String);
 
 impl SenderState {
-    pub(crate) fn fresh(relationship_id: &str) -> Self {
-        SenderState { relationship_id: relationship_id.to_owned(), next_seq: 1, ..Default::default() }
+    pub(crate) fn fresh(relationship_id: &RelationshipId) -> Self {
+        SenderState { relationship_id: relationship_id.to_string(), next_seq: 1, ..Default::default() }
     }
 
     /// Reads the state file; `Ok(None)` when there is none. A torn, corrupt or foreign
@@ -118,7 +119,7 @@ mod tests {
     use super::*;
 
     fn sample() -> SenderState {
-        let mut st = SenderState::fresh("rel-1");
+        let mut st = SenderState::fresh(&"r-0000abcd".parse().expect("relationship id"));
         st.phase = Stage::ResyncRequired { reason: "x".into(), requested: true };
         st.pending.push(PendingPoint {
             seq: 4,
