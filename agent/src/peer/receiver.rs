@@ -90,7 +90,7 @@ impl Receiver {
     fn replica_for(&self, caller: &PeerIdentity, relationship: &RelationshipId) -> Result<Arc<Replica>, Status> {
         let replica = self
             .replicas
-            .by_relationship(relationship.as_str())
+            .by_relationship(relationship)
             .ok_or_else(|| Status::not_found(format!("no replica of relationship {relationship} on this host")))?;
         let primary = &replica.spec().primary_host_id;
         if caller.id != *primary {
@@ -244,9 +244,9 @@ fn push_extent(spool: &mut PointSpool, e: wire::Extent) -> Result<(), Status> {
     match e.body {
         ExtentBody::Data(data) => {
             let data = data.into_raw()?;
-            spool.push(e.disk.as_str(), e.offset, ExtentData::Data(&data)).map_err(replica_status)
+            spool.push(&e.disk, e.offset, ExtentData::Data(&data)).map_err(replica_status)
         }
-        ExtentBody::Zeroes(n) => spool.push(e.disk.as_str(), e.offset, ExtentData::Zeroes(n)).map_err(replica_status),
+        ExtentBody::Zeroes(n) => spool.push(&e.disk, e.offset, ExtentData::Zeroes(n)).map_err(replica_status),
     }
 }
 
@@ -303,7 +303,7 @@ where
         if len > 0 {
             let data = c.data.into_raw()?;
             let (r, disk, offset) = (replica.clone(), k.disk.clone(), c.offset);
-            store(move || r.write_initial(disk.as_str(), offset, &data).map_err(replica_status)).await?;
+            store(move || r.write_initial(&disk, offset, &data).map_err(replica_status)).await?;
             k.end = c.offset + len;
             k.unacked += len;
         }
@@ -337,7 +337,7 @@ async fn ack(
     tx: &mpsc::Sender<Result<v1::CopyAck, Status>>,
 ) -> Result<(), Status> {
     let (r, disk) = (replica.clone(), c.disk.clone());
-    store(move || r.ack_initial(disk.as_str(), offset, complete).map_err(replica_status)).await?;
+    store(move || r.ack_initial(&disk, offset, complete).map_err(replica_status)).await?;
     if complete {
         tracing::info!(disk = %c.disk, "initial copy of disk complete");
     }

@@ -96,8 +96,8 @@ impl VmManager {
     /// Commits a failover: the replica is rolled back to the chosen point, the overlay's
     /// writes are written into it, and its images become the VM's own disks (tracked
     /// from now on); the replica and its other points are gone.
-    pub async fn commit(&self, name: &VmName) -> Result<v1::Vm, VmError> {
-        let name = name.as_str();
+    pub async fn commit(&self, vm: &VmName) -> Result<v1::Vm, VmError> {
+        let name = vm.as_str();
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
         let f = match &entry.config.failover {
@@ -108,8 +108,7 @@ impl VmManager {
             Some(f) => f.clone(),
             None => return Err(VmError::State(format!("VM {name} was not failed over"))),
         };
-        let replica =
-            self.replicas.get(name).ok_or_else(|| VmError::State(format!("the replica of {name} is gone")))?;
+        let replica = self.replicas.get(vm).ok_or_else(|| VmError::State(format!("the replica of {name} is gone")))?;
         self.stop_entry(entry, false).await?;
         let folder = entry.folder.clone();
         let disks = entry.config.disks.clone();
@@ -150,7 +149,7 @@ impl VmManager {
             fc.committed = true;
         }
         save_config(&entry.folder, &entry.config)?;
-        if let Err(e) = self.replicas.remove(name) {
+        if let Err(e) = self.replicas.remove(vm) {
             tracing::warn!(vm = %name, "removing the committed replica: {e:#}");
         }
         self.start_entry(entry).await?;

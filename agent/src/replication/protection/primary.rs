@@ -114,10 +114,10 @@ impl Protection {
             sender::forget(&folder);
             did = true;
         }
-        if c.remove_replica && self.replicas.get(vm.as_str()).is_some() {
+        if c.remove_replica && self.replicas.get(vm).is_some() {
             self.unexport_point(vm);
             let replicas = self.replicas.clone();
-            let v = vm.to_string();
+            let v = vm.clone();
             tokio::task::spawn_blocking(move || replicas.remove(&v)).await.map_err(joined)??;
             did = true;
         }

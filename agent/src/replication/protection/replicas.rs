@@ -53,7 +53,7 @@ impl Protection {
         let ImportInitial { relationship: relationship_id, vm, dir } = c;
         let r = self
             .replicas
-            .get(vm.as_str())
+            .get(&vm)
             .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
         if r.spec().relationship_id != relationship_id.as_str() {
             return Err(ProtectionError::Invalid(format!(
@@ -73,7 +73,7 @@ impl Protection {
     pub fn list_points(&self, vm: &VmName) -> Result<Vec<v1::RecoveryPoint>, ProtectionError> {
         let r = self
             .replicas
-            .get(vm.as_str())
+            .get(vm)
             .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
         let points = r.points();
         let last = points.last().map(|p| p.seq);
@@ -85,7 +85,7 @@ impl Protection {
     pub fn export_point(&self, vm: &VmName, point: PointSelector) -> Result<(String, String), ProtectionError> {
         let r = self
             .replicas
-            .get(vm.as_str())
+            .get(vm)
             .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
         self.unexport_point(vm);
         let view = r.open_point(&point.to_string())?;
@@ -126,7 +126,7 @@ impl Protection {
     ) -> Result<(String, Vec<(String, u64)>), ProtectionError> {
         let r = self
             .replicas
-            .get(replica_of.as_str())
+            .get(replica_of)
             .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {replica_of} on this host")))?;
         let points = r.points();
         let p = match point {
@@ -189,7 +189,7 @@ impl Protection {
     pub async fn local_failover(&self, vm: &VmName, point: PointSelector) -> Result<v1::Vm, ProtectionError> {
         let r = self
             .replicas
-            .get(vm.as_str())
+            .get(vm)
             .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
         let relationship = r
             .spec()
