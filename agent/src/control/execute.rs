@@ -1,10 +1,12 @@
 //! Carries out one validated provider command ([`super::command`]) with the handlers
-//! (`vm`, `protection`) and turns the outcome into the `CommandResult` sent back.
+//! (`vm`, `protection`) and turns the outcome into the `CommandResult` sent back, its
+//! error code from [`CommandError::code`].
 
 use siterecovery_proto::model::WireError;
 use siterecovery_proto::v1;
 
 use super::command::{Command, CommandKind};
+use super::error::CommandError;
 use crate::protection::{Protection, ProtectionError};
 use crate::vm::{VmError, VmManager};
 
@@ -12,20 +14,21 @@ fn ok(id: u64) -> v1::CommandResult {
     v1::CommandResult { command_id: id, ok: true, ..Default::default() }
 }
 
-fn fail(id: u64, code: v1::ErrorCode, error: String) -> v1::CommandResult {
+fn fail(id: u64, e: &CommandError) -> v1::CommandResult {
+    let error = e.to_string();
     tracing::warn!(command_id = id, "command failed: {error}");
-    v1::CommandResult { command_id: id, ok: false, code: code as i32, error, ..Default::default() }
+    v1::CommandResult { command_id: id, ok: false, code: e.code() as i32, error, ..Default::default() }
 }
 
 /// The result of a command refused at the boundary: InvalidArgument naming the field.
-pub fn refused(id: u64, e: &WireError) -> v1::CommandResult {
-    fail(id, v1::ErrorCode::InvalidArgument, e.to_string())
+pub fn refused(id: u64, e: WireError) -> v1::CommandResult {
+    fail(id, &CommandError::Refused(e))
 }
 
 fn vm_result(id: u64, r: Result<Option<v1::Vm>, VmError>) -> v1::CommandResult {
     match r {
         Ok(vm) => v1::CommandResult { vm, ..ok(id) },
-        Err(e) => fail(id, e.code(), e.to_string()),
+        Err(e) => fail(id, &e.into()),
     }
 }
 
@@ -36,7 +39,7 @@ fn protection_result<T>(
 ) -> v1::CommandResult {
     match r {
         Ok(v) => fill(v, ok(id)),
-        Err(e) => fail(id, e.code(), e.to_string()),
+        Err(e) => fail(id, &e.into()),
     }
 }
 
