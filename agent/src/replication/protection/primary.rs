@@ -70,7 +70,7 @@ impl Protection {
                     id: id.as_str().to_owned(),
                     image: d.image_path().to_owned(),
                     size: BlockDevice::size(d.as_ref()),
-                    log_seq: through.get(id.as_str()).copied().unwrap_or(0),
+                    log_seq: through.get(id).copied().unwrap_or(0),
                 })
                 .collect();
             Ok::<_, ProtectionError>(offline::export(&dir, rel_id.as_str(), &vm, &export)?)
@@ -85,7 +85,11 @@ impl Protection {
                 d.delete_logs_through(LogSeq(m.log_seq)).map_err(|e| ProtectionError::Internal(e.to_string()))?;
             }
         }
-        let through = manifest.disks.iter().map(|d| (d.id.clone(), d.log_seq)).collect();
+        // The manifest lists exactly these disks (it was written from them).
+        let through = disks
+            .iter()
+            .filter_map(|(id, _)| manifest.disks.iter().find(|m| m.id == id.as_str()).map(|m| (id.clone(), m.log_seq)))
+            .collect();
         sender::seed(&folder, &t.relationship, Seed::AwaitImport { through })?;
         rec.save(&folder)?;
         let bytes = manifest.copied_bytes();

@@ -110,7 +110,7 @@ pub enum Seed {
     Resync { reason: String },
     /// Offline initial replication: the copy was exported with every log up to
     /// `through` (disk id → log seq); ship nothing until the replica host imported it.
-    AwaitImport { through: BTreeMap<String, u64> },
+    AwaitImport { through: BTreeMap<DiskId, u64> },
 }
 
 /// Writes the starting state of a sender of `relationship_id` in `state_dir`.
@@ -265,7 +265,7 @@ pub fn spawn_with<T: PeerTransport>(
 /// Freezes every disk (in id order), seals each, releases: every disk's log ends at the
 /// same instant. Returns, per disk, the highest sealed log seq (the one just sealed, or
 /// the last sealed before when the disk had no writes).
-pub(crate) fn barrier_seal(disks: &Disks) -> Result<BTreeMap<String, u64>, ReplicationError> {
+pub(crate) fn barrier_seal(disks: &Disks) -> Result<BTreeMap<DiskId, u64>, ReplicationError> {
     let before: Vec<u64> = disks.iter().map(|(_, d)| d.sealed_logs().last().map_or(0, |l| l.seq.0)).collect();
     for (_, d) in disks {
         d.write_back()?; // shortens the freeze
@@ -274,7 +274,7 @@ pub(crate) fn barrier_seal(disks: &Disks) -> Result<BTreeMap<String, u64>, Repli
     let mut out = BTreeMap::new();
     for (((id, _), g), b) in disks.iter().zip(guards.iter_mut()).zip(before) {
         let sealed = g.seal()?;
-        out.insert(id.as_str().to_owned(), sealed.map_or(b, |s| s.0));
+        out.insert(id.clone(), sealed.map_or(b, |s| s.0));
     }
     drop(guards);
     Ok(out)

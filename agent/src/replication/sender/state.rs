@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use siterecovery_proto::model::RelationshipId;
+use siterecovery_proto::model::{DiskId, RelationshipId};
 
 use super::phase::Stage;
 use crate::persist::{self, PersistError, SENDER_STATE};
@@ -28,7 +28,7 @@ pub struct PendingPoint {
     pub created_unix_ms: i64,
     pub app_consistent: bool,
     /// Disk id → log seqs, ascending.
-    pub logs: BTreeMap<String, Vec<u64>>,
+    pub logs: BTreeMap<DiskId, Vec<u64>>,
 }
 
 /// The last point the replica acknowledged.
@@ -49,14 +49,14 @@ pub struct SenderState {
     /// Seq of the next new point (strictly increasing, never reused).
     pub next_seq: u64,
     /// Disk id → highest log seq already in a point (or made obsolete by a resync).
-    pub assigned_through: BTreeMap<String, u64>,
+    pub assigned_through: BTreeMap<DiskId, u64>,
     /// Points persisted but not acknowledged, ascending by seq.
     pub pending: Vec<PendingPoint>,
     pub last_point: Option<PointRecord>,
     pub bytes_replicated: u64,
     pub last_app_consistent_unix_ms: i64,
     /// Disk id → log seq up to which a resync covered damaged logs.
-    pub resynced_through: BTreeMap<String, u64>,
+    pub resynced_through: BTreeMap<DiskId, u64>,
     /// Offline initial replication: the initial copy was exported to a directory; no
     /// point is shipped until the replica host reports its copy complete (imported).
     /// Absent from the file when false (older files keep their checksum).
@@ -125,7 +125,7 @@ mod tests {
             seq: 4,
             created_unix_ms: 5,
             app_consistent: true,
-            logs: BTreeMap::from([("disk0".to_string(), vec![7, 8])]),
+            logs: BTreeMap::from([("disk0".parse().expect("disk id"), vec![7, 8])]),
         });
         st
     }

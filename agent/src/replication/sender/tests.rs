@@ -313,7 +313,7 @@ async fn a_fatal_error_waits_for_an_operator_resync() {
 #[tokio::test]
 async fn seeds_and_a_damaged_state_file() {
     let env = env();
-    let through = std::collections::BTreeMap::from([("disk0".to_string(), 4)]);
+    let through = std::collections::BTreeMap::from([("disk0".parse().expect("disk id"), 4)]);
     seed(&env.dir, &rel(), Seed::AwaitImport { through: through.clone() }).expect("seed");
     let st = SenderState::load(&env.dir.join(STATE_FILE)).expect("load").expect("seeded");
     assert!(st.awaiting_import && st.assigned_through == through);
