@@ -16,6 +16,7 @@ use siterecovery_agent::replica::ReplicaSet;
 use siterecovery_agent::vm::{Hooks, VmManager};
 use siterecovery_proto::daemon;
 use siterecovery_proto::model::units::parse_duration;
+use siterecovery_proto::model::{NameError, PointSelector, VmName};
 
 #[derive(Parser)]
 #[command(
@@ -105,10 +106,15 @@ enum VmCmd {
 #[derive(clap::Args)]
 struct LocalFailover {
     /// The protected VM whose replica is on this host.
-    vm: String,
+    vm: VmName,
     /// Recovery point: latest (default), latest-app-consistent, or a point id.
-    #[arg(long, default_value = "latest")]
-    point: String,
+    #[arg(long, default_value = "latest", value_parser = parse_point)]
+    point: PointSelector,
+}
+
+/// A point as the agent accepts it everywhere (a selector, or a bare sequence number).
+fn parse_point(s: &str) -> Result<PointSelector, NameError> {
+    siterecovery_agent::control::command::point_selector(s)
 }
 
 fn main() {
@@ -162,7 +168,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Failover(f) => {
             let dir = data_dir(cli.data_dir)?;
-            let req = siterecovery_agent::admin::Request { op: "failover".into(), vm: f.vm.clone(), point: f.point };
+            let req = siterecovery_agent::admin::Request {
+                op: "failover".into(),
+                vm: f.vm.to_string(),
+                point: f.point.to_string(),
+            };
             let answer = siterecovery_agent::admin::call(&dir, &req).await.with_context(|| {
                 format!(
                     "cannot reach the agent at {} (is `agent --data-dir {} serve` running?)",
@@ -191,8 +201,16 @@ async fn run(cli: Cli) -> Result<()> {
             let vms_dir = files.vms_dir();
             if vms_dir.exists() {
                 for e in std::fs::read_dir(&vms_dir).with_context(|| format!("listing {}", vms_dir.display()))? {
-                    match siterecovery_agent::vm::read_config(&e?.path()) {
-                        Ok(Some(c)) => rows.push(c),
+                    let folder = e?.path();
+                    match siterecovery_agent::vm::read_config(&folder) {
+                        Ok(Some(c)) => {
+                            // Hand-written or from an older agent: listed, but no command
+                            // can name it.
+                            if let Err(e) = VmName::new(c.name.as_str()) {
+                                eprintln!("warning: {}: {e}", folder.display());
+                            }
+                            rows.push(c)
+                        }
                         Ok(None) => {}
                         Err(e) => eprintln!("warning: {e}"),
                     }

@@ -34,6 +34,10 @@ const MIB: u64 = 1 << 20;
 // A relationship id as the provider makes them (`r-` and 8 hex digits): the peer refuses others.
 const REL: &str = "r-000000e1";
 const VM: &str = "vm1";
+
+fn vm() -> siterecovery_proto::model::VmName {
+    VM.parse().expect("VM name")
+}
 const DEADLINE: Duration = Duration::from_secs(20);
 
 /// splitmix64: reproducible incompressible data.
@@ -136,9 +140,9 @@ impl Env {
 
     fn params(&self, address: &str, compression: bool) -> SenderParams {
         SenderParams {
-            relationship_id: REL.into(),
-            vm: VM.into(),
-            replica_host_id: "host-b".into(),
+            relationship_id: REL.parse().expect("relationship id"),
+            vm: VM.parse().expect("VM name"),
+            replica_host_id: "host-b".parse().expect("host id"),
             replica_address: address.into(),
             settings: v1::ReplicationSettings {
                 interval_ms: 300,
@@ -161,7 +165,7 @@ impl Env {
     }
 
     fn replica_image(&self) -> PathBuf {
-        self.replicas.get(VM).expect("replica").dir().join("disk0.img")
+        self.replicas.get(&vm()).expect("replica").dir().join("disk0.img")
     }
 
     fn assert_images_equal(&self) {
@@ -240,7 +244,7 @@ async fn initial_copy_then_deltas_converge() {
     let s = st.wait_point_after_now().await;
     env.assert_images_equal();
     assert!(s.bytes_replicated > 0 && s.error.is_empty(), "{s:?}");
-    let replica = env.replicas.get(VM).expect("replica");
+    let replica = env.replicas.get(&vm()).expect("replica");
     // Points keep coming every interval (empty ones too), so the replica may be ahead.
     let reported = s.last_point.as_ref().map(|p| p.seq).expect("a point");
     assert!(
@@ -374,6 +378,6 @@ async fn another_host_is_refused() {
     let s = st.wait("a non-recoverable error", |s| s.state() == v1::SenderState::Error).await;
     assert!(!s.error_recoverable, "{s:?}");
     assert!(s.error.contains("PermissionDenied") || s.error.to_lowercase().contains("permission"), "{}", s.error);
-    assert_eq!(env.replicas.get(VM).expect("replica").copy_progress()[0].acked_offset, 0);
+    assert_eq!(env.replicas.get(&vm()).expect("replica").copy_progress()[0].acked_offset, 0);
     h.stop().await;
 }

@@ -3,18 +3,18 @@
 //! naming it (`failover.test_vm_name`, `prepare_replica.disks[1].id`) and the rule it
 //! broke; the channel answers it with an `InvalidArgument` result.
 //!
-//! Handlers that still take the `v1` message get it in `wire`, and only once every
-//! field in it passed its rule here.
+//! The protection commands become the handlers' own request values
+//! ([`crate::protection::request`]); the handlers take them as they are.
 
 use std::net::IpAddr;
 use std::path::{Component, Path, PathBuf};
 
 use siterecovery_proto::model::wire::{self, WireError};
-use siterecovery_proto::model::{
-    DiskId, FailoverKind, HostId, NetworkName, PointId, PointSelector, PointSeq, RelationshipId, VmName,
-};
+use siterecovery_proto::model::{FailoverKind, NameError, NetworkName, PointId, PointSelector, PointSeq, VmName};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::provider_message::Command as Wire;
+
+use crate::protection::request;
 
 /// One command from the provider, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,100 +25,29 @@ pub struct Command {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommandKind {
-    CreateVm {
-        name: VmName,
-        disk_sizes: Vec<u64>,
-        nics: Vec<v1::Nic>,
-        start: bool,
-    },
-    DeleteVm {
-        name: VmName,
-    },
-    StartVm {
-        name: VmName,
-    },
-    StopVm {
-        name: VmName,
-    },
-    PrepareReplica {
-        relationship: RelationshipId,
-        vm: VmName,
-        primary: HostId,
-        disks: Vec<DiskId>,
-        wire: v1::PrepareReplica,
-    },
-    StartReplication {
-        relationship: RelationshipId,
-        vm: VmName,
-        replica_host: HostId,
-        wire: v1::StartReplication,
-    },
-    StopReplication {
-        relationship: RelationshipId,
-        vm: VmName,
-        wire: v1::StopReplication,
-    },
-    RequestResync {
-        relationship: RelationshipId,
-        vm: VmName,
-        wire: v1::RequestResync,
-    },
-    ListPoints {
-        vm: VmName,
-    },
-    ExportPoint {
-        vm: VmName,
-        point: PointSelector,
-    },
-    UnexportPoint {
-        vm: VmName,
-    },
-    PrepareFailover {
-        relationship: RelationshipId,
-        vm: VmName,
-        wire: v1::PrepareFailover,
-    },
-    Failover {
-        relationship: RelationshipId,
-        vm: VmName,
-        point: PointSelector,
-        kind: FailoverKind,
-        /// Test failover: the test VM's name (`None`: `<vm>-test`).
-        test_vm: Option<VmName>,
-        wire: v1::Failover,
-    },
-    ChangePoint {
-        vm: VmName,
-        point: PointSelector,
-        wire: v1::ChangePoint,
-    },
-    CommitFailover {
-        vm: VmName,
-        wire: v1::CommitFailover,
-    },
-    CleanupTestFailover {
-        vm: VmName,
-        test_vm: Option<VmName>,
-        wire: v1::CleanupTestFailover,
-    },
-    ExportInitial {
-        relationship: RelationshipId,
-        vm: VmName,
-        replica_host: HostId,
-        dir: PathBuf,
-        wire: v1::ExportInitial,
-    },
-    ImportInitial {
-        relationship: RelationshipId,
-        vm: VmName,
-        dir: PathBuf,
-        wire: v1::ImportInitial,
-    },
+    CreateVm { name: VmName, disk_sizes: Vec<u64>, nics: Vec<v1::Nic>, start: bool },
+    DeleteVm { name: VmName },
+    StartVm { name: VmName },
+    StopVm { name: VmName },
+    PrepareReplica(request::PrepareReplica),
+    StartReplication(request::StartReplication),
+    StopReplication(request::StopReplication),
+    RequestResync(request::RequestResync),
+    ListPoints { vm: VmName },
+    ExportPoint { vm: VmName, point: PointSelector },
+    UnexportPoint { vm: VmName },
+    PrepareFailover(request::PrepareFailover),
+    Failover(request::Failover),
+    ChangePoint(request::ChangePoint),
+    CommitFailover(request::CommitFailover),
+    CleanupTestFailover(request::CleanupTestFailover),
+    ExportInitial(request::ExportInitial),
+    ImportInitial(request::ImportInitial),
 }
 
-/// A point as the provider names it: a selector, or (as the agent always accepted) the
-/// bare sequence number.
-fn point(field: &str, s: &str) -> Result<PointSelector, WireError> {
+/// A point as the provider (or an operator on this host) names it: a selector, or (as
+/// the agent always accepted) the bare sequence number.
+pub fn point_selector(s: &str) -> Result<PointSelector, NameError> {
     if !s.is_empty()
         && s.len() <= 20
         && s.bytes().all(|b| b.is_ascii_digit())
@@ -126,7 +55,11 @@ fn point(field: &str, s: &str) -> Result<PointSelector, WireError> {
     {
         return Ok(PointSelector::Id(PointId::from_seq(PointSeq(n))));
     }
-    PointSelector::new(s).map_err(|source| WireError::Invalid { field: field.to_owned(), source })
+    PointSelector::new(s)
+}
+
+fn point(field: &str, s: &str) -> Result<PointSelector, WireError> {
+    point_selector(s).map_err(|source| WireError::Invalid { field: field.to_owned(), source })
 }
 
 /// A directory on this host: absolute, no `..`, no NUL.
@@ -142,7 +75,7 @@ fn directory(field: &str, s: &str) -> Result<PathBuf, WireError> {
 }
 
 /// A host:port the sender dials.
-fn address(field: &str, s: &str) -> Result<(), WireError> {
+fn address(field: &str, s: &str) -> Result<String, WireError> {
     if s.is_empty() {
         return Err(WireError::missing(field));
     }
@@ -153,7 +86,7 @@ fn address(field: &str, s: &str) -> Result<(), WireError> {
     {
         return Err(WireError::rule(field, format!("{s:?} is not a host:port address")));
     }
-    Ok(())
+    Ok(s.to_owned())
 }
 
 fn nics(field: &str, nics: &[v1::Nic]) -> Result<Vec<v1::Nic>, WireError> {
@@ -191,7 +124,7 @@ impl TryFrom<v1::ProviderMessage> for Command {
             Wire::DeleteVm(c) => CommandKind::DeleteVm { name: field("delete_vm.name", &c.name)? },
             Wire::StartVm(c) => CommandKind::StartVm { name: field("start_vm.name", &c.name)? },
             Wire::StopVm(c) => CommandKind::StopVm { name: field("stop_vm.name", &c.name)? },
-            Wire::PrepareReplica(c) => CommandKind::PrepareReplica {
+            Wire::PrepareReplica(c) => CommandKind::PrepareReplica(request::PrepareReplica {
                 relationship: field("prepare_replica.relationship_id", &c.relationship_id)?,
                 vm: field("prepare_replica.vm", &c.vm)?,
                 primary: field("prepare_replica.primary_host_id", &c.primary_host_id)?,
@@ -199,40 +132,43 @@ impl TryFrom<v1::ProviderMessage> for Command {
                     .disks
                     .iter()
                     .enumerate()
-                    .map(|(i, d)| field(&format!("prepare_replica.disks[{i}].id"), &d.id))
-                    .collect::<Result<_, _>>()?,
-                wire: c,
-            },
-            Wire::StartReplication(c) => {
-                address("start_replication.replica_address", &c.replica_address)?;
-                CommandKind::StartReplication {
-                    relationship: field("start_replication.relationship_id", &c.relationship_id)?,
-                    vm: field("start_replication.vm", &c.vm)?,
-                    replica_host: field("start_replication.replica_host_id", &c.replica_host_id)?,
-                    wire: c,
-                }
-            }
-            Wire::StopReplication(c) => CommandKind::StopReplication {
+                    .map(|(i, d)| {
+                        Ok(request::DiskSize {
+                            id: field(&format!("prepare_replica.disks[{i}].id"), &d.id)?,
+                            size_bytes: d.size_bytes,
+                        })
+                    })
+                    .collect::<Result<_, WireError>>()?,
+                settings: c.settings.unwrap_or_default(),
+                adopt_vm_disks: c.adopt_vm_disks,
+            }),
+            Wire::StartReplication(c) => CommandKind::StartReplication(request::StartReplication {
+                replica_address: address("start_replication.replica_address", &c.replica_address)?,
+                relationship: field("start_replication.relationship_id", &c.relationship_id)?,
+                vm: field("start_replication.vm", &c.vm)?,
+                replica_host: field("start_replication.replica_host_id", &c.replica_host_id)?,
+                settings: c.settings.unwrap_or_default(),
+                resync_initial: c.resync_initial,
+            }),
+            Wire::StopReplication(c) => CommandKind::StopReplication(request::StopReplication {
                 relationship: field("stop_replication.relationship_id", &c.relationship_id)?,
                 vm: field("stop_replication.vm", &c.vm)?,
-                wire: c,
-            },
-            Wire::RequestResync(c) => CommandKind::RequestResync {
+                remove_replica: c.remove_replica,
+            }),
+            Wire::RequestResync(c) => CommandKind::RequestResync(request::RequestResync {
                 relationship: field("request_resync.relationship_id", &c.relationship_id)?,
                 vm: field("request_resync.vm", &c.vm)?,
-                wire: c,
-            },
+            }),
             Wire::ListPoints(c) => CommandKind::ListPoints { vm: field("list_points.vm", &c.vm)? },
             Wire::ExportPoint(c) => CommandKind::ExportPoint {
                 vm: field("export_point.vm", &c.vm)?,
                 point: point("export_point.point", &c.point)?,
             },
             Wire::UnexportPoint(c) => CommandKind::UnexportPoint { vm: field("unexport_point.vm", &c.vm)? },
-            Wire::PrepareFailover(c) => CommandKind::PrepareFailover {
+            Wire::PrepareFailover(c) => CommandKind::PrepareFailover(request::PrepareFailover {
                 relationship: field("prepare_failover.relationship_id", &c.relationship_id)?,
                 vm: field("prepare_failover.vm", &c.vm)?,
-                wire: c,
-            },
+            }),
             Wire::Failover(c) => {
                 let kind = if c.test {
                     FailoverKind::Test
@@ -241,43 +177,40 @@ impl TryFrom<v1::ProviderMessage> for Command {
                 } else {
                     FailoverKind::Unplanned
                 };
-                nics("failover.nics", &c.nics)?;
-                CommandKind::Failover {
+                let nics = nics("failover.nics", &c.nics)?;
+                CommandKind::Failover(request::Failover {
                     relationship: field("failover.relationship_id", &c.relationship_id)?,
                     vm: field("failover.vm", &c.vm)?,
                     point: point("failover.point", &c.point)?,
                     kind,
                     test_vm: optional("failover.test_vm_name", &c.test_vm_name)?,
-                    wire: c,
-                }
+                    nics,
+                })
             }
-            Wire::ChangePoint(c) => CommandKind::ChangePoint {
+            Wire::ChangePoint(c) => CommandKind::ChangePoint(request::ChangePoint {
                 vm: field("change_point.vm", &c.vm)?,
                 point: point("change_point.point", &c.point)?,
-                wire: c,
-            },
-            Wire::CommitFailover(c) => CommandKind::CommitFailover { vm: field("commit_failover.vm", &c.vm)?, wire: c },
-            Wire::CleanupTestFailover(c) => CommandKind::CleanupTestFailover {
+            }),
+            Wire::CommitFailover(c) => {
+                CommandKind::CommitFailover(request::CommitFailover { vm: field("commit_failover.vm", &c.vm)? })
+            }
+            Wire::CleanupTestFailover(c) => CommandKind::CleanupTestFailover(request::CleanupTestFailover {
                 vm: field("cleanup_test_failover.vm", &c.vm)?,
                 test_vm: optional("cleanup_test_failover.test_vm_name", &c.test_vm_name)?,
-                wire: c,
-            },
-            Wire::ExportInitial(c) => {
-                address("export_initial.replica_address", &c.replica_address)?;
-                CommandKind::ExportInitial {
-                    relationship: field("export_initial.relationship_id", &c.relationship_id)?,
-                    vm: field("export_initial.vm", &c.vm)?,
-                    replica_host: field("export_initial.replica_host_id", &c.replica_host_id)?,
-                    dir: directory("export_initial.dir", &c.dir)?,
-                    wire: c,
-                }
-            }
-            Wire::ImportInitial(c) => CommandKind::ImportInitial {
+            }),
+            Wire::ExportInitial(c) => CommandKind::ExportInitial(request::ExportInitial {
+                replica_address: address("export_initial.replica_address", &c.replica_address)?,
+                relationship: field("export_initial.relationship_id", &c.relationship_id)?,
+                vm: field("export_initial.vm", &c.vm)?,
+                replica_host: field("export_initial.replica_host_id", &c.replica_host_id)?,
+                settings: c.settings.unwrap_or_default(),
+                dir: directory("export_initial.dir", &c.dir)?,
+            }),
+            Wire::ImportInitial(c) => CommandKind::ImportInitial(request::ImportInitial {
                 relationship: field("import_initial.relationship_id", &c.relationship_id)?,
                 vm: field("import_initial.vm", &c.vm)?,
                 dir: directory("import_initial.dir", &c.dir)?,
-                wire: c,
-            },
+            }),
         };
         Ok(Command { id: m.command_id, kind })
     }

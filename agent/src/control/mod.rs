@@ -7,6 +7,7 @@
 //! ([`execute`]) in its own task so a slow one never delays heartbeats.
 
 pub mod command;
+mod error;
 pub mod execute;
 #[cfg(test)]
 mod tests;
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub use command::{Command, CommandKind};
+pub use error::CommandError;
 use execute::execute;
 
 use crate::config::AgentFiles;
@@ -155,7 +157,7 @@ async fn session(
                 tokio::spawn(async move {
                     let result = match Command::try_from(msg) {
                         Ok(c) => execute(&vms, &protection, c).await,
-                        Err(e) => execute::refused(id, &e),
+                        Err(e) => execute::refused(id, e),
                     };
                     let _ = tx.send(v1::AgentMessage { body: Some(Body::Result(result)) }).await;
                 });

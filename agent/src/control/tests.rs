@@ -247,7 +247,7 @@ fn a_hostile_value_in_every_field_is_refused_naming_it() {
             // An empty optional field is valid (it means "the default").
             let e = Command::try_from(msg(make(bad))).expect_err(&format!("{field} = {bad:?} accepted"));
             assert_eq!(e.field(), field, "{e}");
-            let r = super::execute::refused(7, &e);
+            let r = super::execute::refused(7, e.clone());
             assert!(!r.ok && r.code == v1::ErrorCode::InvalidArgument as i32, "{r:?}");
             assert!(r.error.contains(field), "{}", r.error);
         }
@@ -338,7 +338,7 @@ fn points_and_failover_kinds() {
         planned,
         ..Default::default()
     }))) {
-        Ok(Command { kind: CommandKind::Failover { kind, test_vm, .. }, .. }) => Some((kind, test_vm)),
+        Ok(Command { kind: CommandKind::Failover(f), .. }) => Some((f.kind, f.test_vm)),
         _ => None,
     };
     assert_eq!(kind(true, false), Some((FailoverKind::Test, None)));

@@ -9,6 +9,7 @@
 //! the relationship's primary host) and act.
 
 pub mod client;
+mod error;
 pub mod receiver;
 #[cfg(test)]
 mod tests;
@@ -26,6 +27,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 pub use client::endpoint;
+pub use error::PeerError;
 pub use receiver::{COPY_ACK_EVERY, HASHES_PER_CHUNK, Receiver};
 pub use wire::{MAX_SUB_HASH_BLOCKS, MAX_WIRE_DATA, MIN_BLOCK_SIZE};
 
@@ -36,14 +38,14 @@ use crate::replica::ReplicaSet;
 const MAX_MESSAGE: usize = 8 << 20;
 
 /// The caller's identity, when it is a host of this vault.
-pub fn authorize_host<T>(req: &Request<T>, vault_id: &str) -> Result<PeerIdentity, Status> {
-    let certs = req.peer_certs().ok_or_else(|| Status::unauthenticated("client certificate required"))?;
-    let id = siterecovery_certs::tls::peer_identity(&certs).map_err(|e| Status::unauthenticated(e.to_string()))?;
+pub fn authorize_host<T>(req: &Request<T>, vault_id: &str) -> Result<PeerIdentity, PeerError> {
+    let certs = req.peer_certs().ok_or_else(|| PeerError::Unauthenticated("client certificate required".into()))?;
+    let id = siterecovery_certs::tls::peer_identity(&certs).map_err(|e| PeerError::Unauthenticated(e.to_string()))?;
     if id.vault_id.as_str() != vault_id {
-        return Err(Status::permission_denied("certificate of another vault"));
+        return Err(PeerError::Denied("certificate of another vault".into()));
     }
     if id.role != Role::Host {
-        return Err(Status::permission_denied(format!("{id} is not a host")));
+        return Err(PeerError::Denied(format!("{id} is not a host")));
     }
     Ok(id)
 }

@@ -15,8 +15,9 @@ use siterecovery_proto::v1;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use super::error::PeerError;
 use super::wire::{self, BlockHashes, CopyChunk, CopyProgress, ExtentBody, PointChunk};
-use crate::replica::{ExtentData, PointSpool, Replica, ReplicaError, ReplicaSet};
+use crate::replica::{ExtentData, PointSpool, Replica, ReplicaSet};
 use siterecovery_proto::model::WireError;
 
 /// The initial copy is made durable and acknowledged after this many bytes written: each
@@ -26,32 +27,13 @@ pub const COPY_ACK_EVERY: u64 = 16 << 20;
 /// Blocks per `BlockHashesChunk` (64 KiB of hashes).
 pub const HASHES_PER_CHUNK: u64 = 4096;
 
-/// The one mapping from replica store errors to gRPC statuses (the sender classifies
-/// these codes: FailedPrecondition and DataLoss make it resynchronise).
-pub(super) fn replica_status(e: ReplicaError) -> Status {
-    let msg = e.to_string();
-    let status = match &e {
-        ReplicaError::NotFound(_) => Status::not_found(msg),
-        ReplicaError::Exists { .. } => Status::already_exists(msg),
-        ReplicaError::OutOfRange { .. } => Status::invalid_argument(msg),
-        ReplicaError::State(_) => Status::failed_precondition(msg),
-        ReplicaError::Corrupt { .. } => Status::data_loss(msg),
-        ReplicaError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC) => {
-            Status::resource_exhausted(msg)
-        }
-        ReplicaError::Io { .. } | ReplicaError::StateFile(_) => Status::unavailable(msg),
-    };
-    tracing::warn!("replica store refused: {e:#}");
-    status
-}
-
 /// Runs a blocking store call.
-async fn store<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("store task: {e}")))?
+async fn store<T: Send + 'static>(f: impl FnOnce() -> Result<T, PeerError> + Send + 'static) -> Result<T, PeerError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| PeerError::Internal(format!("store task: {e}")))?
 }
 
 /// The next message of an inbound stream, converted.
-async fn next<W, T, S>(inbound: &mut S) -> Result<Option<T>, Status>
+async fn next<W, T, S>(inbound: &mut S) -> Result<Option<T>, PeerError>
 where
     S: Stream<Item = Result<W, Status>> + Unpin,
     T: TryFrom<W, Error = WireError>,
@@ -63,14 +45,14 @@ where
 }
 
 /// Size of disk `disk` of `replica`.
-fn disk_size(replica: &Replica, disk: &DiskId) -> Result<u64, Status> {
+fn disk_size(replica: &Replica, disk: &DiskId) -> Result<u64, PeerError> {
     replica
         .spec()
         .disks
         .iter()
         .find(|d| d.id == disk.as_str())
         .map(|d| d.size_bytes)
-        .ok_or_else(|| Status::invalid_argument(format!("no disk {disk:?} in this replica")))
+        .ok_or_else(|| PeerError::invalid(format!("no disk {disk:?} in this replica")))
 }
 
 pub type HashStream = std::pin::Pin<Box<dyn Stream<Item = Result<v1::BlockHashesChunk, Status>> + Send>>;
@@ -87,15 +69,15 @@ impl Receiver {
     }
 
     /// The replica of `relationship`, if `caller` is its primary host.
-    fn replica_for(&self, caller: &PeerIdentity, relationship: &RelationshipId) -> Result<Arc<Replica>, Status> {
+    fn replica_for(&self, caller: &PeerIdentity, relationship: &RelationshipId) -> Result<Arc<Replica>, PeerError> {
         let replica = self
             .replicas
-            .by_relationship(relationship.as_str())
-            .ok_or_else(|| Status::not_found(format!("no replica of relationship {relationship} on this host")))?;
+            .by_relationship(relationship)
+            .ok_or_else(|| PeerError::NotFound(format!("no replica of relationship {relationship} on this host")))?;
         let primary = &replica.spec().primary_host_id;
         if caller.id != *primary {
             tracing::warn!(caller = %caller.id, primary = %primary, relationship = %relationship, "refused replication data from a host that is not the primary");
-            return Err(Status::permission_denied(format!(
+            return Err(PeerError::Denied(format!(
                 "host {} is not the primary of relationship {relationship}",
                 caller.id
             )));
@@ -107,7 +89,7 @@ impl Receiver {
         &self,
         caller: &PeerIdentity,
         r: CopyProgress,
-    ) -> Result<v1::CopyProgressResponse, Status> {
+    ) -> Result<v1::CopyProgressResponse, PeerError> {
         let replica = self.replica_for(caller, &r.relationship)?;
         let disks = store(move || Ok(replica.copy_progress())).await?;
         Ok(v1::CopyProgressResponse {
@@ -119,42 +101,40 @@ impl Receiver {
     }
 
     /// Starts receiving an initial copy; the acknowledgements stream back.
-    pub async fn initial_copy<S>(&self, caller: &PeerIdentity, mut inbound: S) -> Result<AckStream, Status>
+    pub async fn initial_copy<S>(&self, caller: &PeerIdentity, mut inbound: S) -> Result<AckStream, PeerError>
     where
         S: Stream<Item = Result<v1::CopyChunk, Status>> + Unpin + Send + 'static,
     {
-        let first: CopyChunk =
-            next(&mut inbound).await?.ok_or_else(|| Status::invalid_argument("empty copy stream"))?;
+        let first: CopyChunk = next(&mut inbound).await?.ok_or_else(|| PeerError::invalid("empty copy stream"))?;
         let relationship =
             first.relationship.clone().ok_or_else(|| WireError::missing("copy_chunk.relationship_id"))?;
         let replica = self.replica_for(caller, &relationship)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
-            if let Err(status) = receive_copy(replica, relationship, first, inbound, &tx).await {
-                let _ = tx.send(Err(status)).await;
+            if let Err(e) = receive_copy(replica, relationship, first, inbound, &tx).await {
+                let _ = tx.send(Err(e.into())).await;
             }
         });
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     /// Receives one point: spools it, applies it at commit.
-    pub async fn ship_point<S>(&self, caller: &PeerIdentity, mut inbound: S) -> Result<v1::PointAck, Status>
+    pub async fn ship_point<S>(&self, caller: &PeerIdentity, mut inbound: S) -> Result<v1::PointAck, PeerError>
     where
         S: Stream<Item = Result<v1::PointChunk, Status>> + Unpin,
     {
-        let first: PointChunk =
-            next(&mut inbound).await?.ok_or_else(|| Status::invalid_argument("empty point stream"))?;
+        let first: PointChunk = next(&mut inbound).await?.ok_or_else(|| PeerError::invalid("empty point stream"))?;
         let relationship =
             first.relationship.clone().ok_or_else(|| WireError::missing("point_chunk.relationship_id"))?;
         let replica = self.replica_for(caller, &relationship)?;
         let seq = first.seq;
         let (created, app, resync) = (first.created_unix_ms, first.app_consistent, first.resync);
         let r = replica.clone();
-        let mut spool = store(move || r.begin_point(seq.0, created, app, resync).map_err(replica_status)).await?;
+        let mut spool = store(move || r.begin_point(seq.0, created, app, resync).map_err(PeerError::from)).await?;
         let mut chunk = Some(first);
         while let Some(c) = chunk {
             if c.seq != seq || c.relationship.as_ref().is_some_and(|r| *r != relationship) {
-                return Err(Status::invalid_argument("a point stream must carry one relationship and one seq"));
+                return Err(PeerError::invalid("a point stream must carry one relationship and one seq"));
             }
             if !c.extents.is_empty() {
                 let extents = c.extents;
@@ -167,18 +147,18 @@ impl Receiver {
                 .await?;
             }
             if c.commit {
-                let info = store(move || spool.commit().map_err(replica_status)).await?;
+                let info = store(move || spool.commit().map_err(PeerError::from)).await?;
                 tracing::debug!(relationship = %relationship, seq = info.seq, point = %info.id, "point committed");
                 return Ok(v1::PointAck { seq: info.seq, point_id: info.id });
             }
             chunk = next(&mut inbound).await?;
         }
         // Dropping the spool discards it: nothing was applied.
-        Err(Status::aborted(format!("point {seq} ended without commit: discarded")))
+        Err(PeerError::Aborted(format!("point {seq} ended without commit: discarded")))
     }
 
     /// The block hashes (or, with [`wire::SubBlocks`], the sub-block hashes) of a disk.
-    pub async fn block_hashes(&self, caller: &PeerIdentity, r: BlockHashes) -> Result<HashStream, Status> {
+    pub async fn block_hashes(&self, caller: &PeerIdentity, r: BlockHashes) -> Result<HashStream, PeerError> {
         let replica = self.replica_for(caller, &r.relationship)?;
         let size = disk_size(&replica, &r.disk)?;
         let blocks = size.div_ceil(u64::from(r.block_size));
@@ -191,11 +171,11 @@ impl Receiver {
             while first < blocks {
                 let count = HASHES_PER_CHUNK.min(blocks - first);
                 let (rep, disk, bs) = (replica.clone(), r.disk.clone(), r.block_size);
-                let msg = store(move || rep.block_hashes(disk.as_str(), bs, first, count).map_err(replica_status))
+                let msg = store(move || rep.block_hashes(disk.as_str(), bs, first, count).map_err(PeerError::from))
                     .await
                     .map(|h| v1::BlockHashesChunk { first_block: first, hashes: h.concat() });
                 let failed = msg.is_err();
-                if tx.send(msg).await.is_err() || failed {
+                if tx.send(msg.map_err(Status::from)).await.is_err() || failed {
                     return;
                 }
                 first += count;
@@ -207,11 +187,11 @@ impl Receiver {
 
 /// The second level of a resync compare: the sub-block hashes of the listed blocks of a
 /// disk of `disk_blocks` blocks, in the order given, chunked like the block hashes.
-fn sub_block_hashes(replica: Arc<Replica>, r: BlockHashes, disk_blocks: u64) -> Result<HashStream, Status> {
-    let Some(sub) = r.sub else { return Err(Status::internal("no sub-blocks")) };
+fn sub_block_hashes(replica: Arc<Replica>, r: BlockHashes, disk_blocks: u64) -> Result<HashStream, PeerError> {
+    let Some(sub) = r.sub else { return Err(PeerError::Internal("no sub-blocks".into())) };
     let (bs, sbs) = (r.block_size, sub.sub_block_size);
     if let Some(b) = sub.blocks.iter().find(|&&b| b >= disk_blocks) {
-        return Err(Status::invalid_argument(format!("block {b} out of range (the disk has {disk_blocks})")));
+        return Err(PeerError::invalid(format!("block {b} out of range (the disk has {disk_blocks})")));
     }
     let per_block = (bs / sbs) as u64;
     // Blocks per message: about HASHES_PER_CHUNK hashes each.
@@ -224,7 +204,7 @@ fn sub_block_hashes(replica: Arc<Replica>, r: BlockHashes, disk_blocks: u64) -> 
             let end = (start + step).min(blocks.len());
             let (rep, disk, list) = (replica.clone(), r.disk.clone(), blocks.clone());
             let msg =
-                store(move || rep.sub_block_hashes(disk.as_str(), bs, sbs, &list[start..end]).map_err(replica_status))
+                store(move || rep.sub_block_hashes(disk.as_str(), bs, sbs, &list[start..end]).map_err(PeerError::from))
                     .await
                     .map(|h| {
                         let at = first;
@@ -232,7 +212,7 @@ fn sub_block_hashes(replica: Arc<Replica>, r: BlockHashes, disk_blocks: u64) -> 
                         v1::BlockHashesChunk { first_block: at, hashes: h.concat() }
                     });
             let failed = msg.is_err();
-            if tx.send(msg).await.is_err() || failed {
+            if tx.send(msg.map_err(Status::from)).await.is_err() || failed {
                 return;
             }
         }
@@ -240,13 +220,13 @@ fn sub_block_hashes(replica: Arc<Replica>, r: BlockHashes, disk_blocks: u64) -> 
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
 
-fn push_extent(spool: &mut PointSpool, e: wire::Extent) -> Result<(), Status> {
+fn push_extent(spool: &mut PointSpool, e: wire::Extent) -> Result<(), PeerError> {
     match e.body {
         ExtentBody::Data(data) => {
             let data = data.into_raw()?;
-            spool.push(e.disk.as_str(), e.offset, ExtentData::Data(&data)).map_err(replica_status)
+            spool.push(&e.disk, e.offset, ExtentData::Data(&data)).map_err(PeerError::from)
         }
-        ExtentBody::Zeroes(n) => spool.push(e.disk.as_str(), e.offset, ExtentData::Zeroes(n)).map_err(replica_status),
+        ExtentBody::Zeroes(n) => spool.push(&e.disk, e.offset, ExtentData::Zeroes(n)).map_err(PeerError::from),
     }
 }
 
@@ -266,7 +246,7 @@ async fn receive_copy<S>(
     first: CopyChunk,
     mut inbound: S,
     tx: &mpsc::Sender<Result<v1::CopyAck, Status>>,
-) -> Result<(), Status>
+) -> Result<(), PeerError>
 where
     S: Stream<Item = Result<v1::CopyChunk, Status>> + Unpin,
 {
@@ -276,7 +256,7 @@ where
     let mut chunk = Some(first);
     while let Some(c) = chunk {
         if c.relationship.as_ref().is_some_and(|r| *r != relationship) {
-            return Err(Status::invalid_argument("a copy stream must carry one relationship"));
+            return Err(PeerError::invalid("a copy stream must carry one relationship"));
         }
         if cur.as_ref().is_none_or(|cur| cur.disk != c.disk) {
             if let Some(prev) = cur.take() {
@@ -286,16 +266,16 @@ where
             let acked = progress.iter().find(|p| p.disk_id == c.disk.as_str()).map_or(0, |p| p.acked_offset);
             cur = Some(CopyCursor { disk: c.disk.clone(), size, end: acked, unacked: 0 });
         }
-        let Some(k) = cur.as_mut() else { return Err(Status::internal("no copy cursor")) };
+        let Some(k) = cur.as_mut() else { return Err(PeerError::Internal("no copy cursor".into())) };
         if c.offset < k.end {
-            return Err(Status::invalid_argument(format!(
+            return Err(PeerError::invalid(format!(
                 "copy chunk of {} at {} is below the acknowledged/written offset {}",
                 k.disk, c.offset, k.end
             )));
         }
         let len = c.data.len();
         if c.offset.checked_add(len).is_none_or(|end| end > k.size) {
-            return Err(Status::invalid_argument(format!(
+            return Err(PeerError::invalid(format!(
                 "copy chunk {}+{len} outside disk {} of {} bytes",
                 c.offset, k.disk, k.size
             )));
@@ -303,7 +283,7 @@ where
         if len > 0 {
             let data = c.data.into_raw()?;
             let (r, disk, offset) = (replica.clone(), k.disk.clone(), c.offset);
-            store(move || r.write_initial(disk.as_str(), offset, &data).map_err(replica_status)).await?;
+            store(move || r.write_initial(&disk, offset, &data).map_err(PeerError::from)).await?;
             k.end = c.offset + len;
             k.unacked += len;
         }
@@ -335,9 +315,9 @@ async fn ack(
     offset: u64,
     complete: bool,
     tx: &mpsc::Sender<Result<v1::CopyAck, Status>>,
-) -> Result<(), Status> {
+) -> Result<(), PeerError> {
     let (r, disk) = (replica.clone(), c.disk.clone());
-    store(move || r.ack_initial(disk.as_str(), offset, complete).map_err(replica_status)).await?;
+    store(move || r.ack_initial(&disk, offset, complete).map_err(PeerError::from)).await?;
     if complete {
         tracing::info!(disk = %c.disk, "initial copy of disk complete");
     }

@@ -61,8 +61,9 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
-fn invalid<T>(r: Result<T, Status>, field: &str) {
-    let Err(status) = r else { panic!("{field}: accepted") };
+/// `r` refused as the service answers it: InvalidArgument naming `field`.
+fn invalid<T, E: Into<Status>>(r: Result<T, E>, field: &str) {
+    let Err(status) = r.map_err(Into::into) else { panic!("{field}: accepted") };
     assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
     assert!(status.message().contains(field), "{field}: {}", status.message());
 }
@@ -115,7 +116,7 @@ async fn refuse_all(e: &Env, bad: &str, rel_field: bool) {
     invalid(e.receiver.ship_point(&e.caller, stream(vec![point(rel, disk, 1)])).await, field);
     let field = if rel_field { "block_hashes.relationship_id" } else { "block_hashes.disk_id" };
     let r = match wire::BlockHashes::try_from(hashes(rel, disk)) {
-        Ok(h) => e.receiver.block_hashes(&e.caller, h).await.map(|_| ()),
+        Ok(h) => e.receiver.block_hashes(&e.caller, h).await.map(|_| ()).map_err(Status::from),
         Err(w) => Err(Status::from(w)),
     };
     invalid(r, field);
@@ -176,8 +177,8 @@ async fn valid_requests_still_reach_the_store() {
     assert_eq!(ack.seq, 1);
     let other = PeerIdentity::new(VaultId::generate(), Role::Host, "host-c").expect("identity");
     let r = e.receiver.ship_point(&other, stream(vec![point(REL, "disk0", 2)])).await;
-    assert_eq!(r.map(|_| ()).map_err(|s| s.code()), Err(Code::PermissionDenied));
+    assert_eq!(r.map(|_| ()).map_err(|e| Status::from(e).code()), Err(Code::PermissionDenied));
     let h = wire::BlockHashes::try_from(hashes(REL, "disk9")).expect("valid id");
     let r = e.receiver.block_hashes(&e.caller, h).await;
-    assert_eq!(r.map(|_| ()).map_err(|s| s.code()), Err(Code::InvalidArgument), "unknown disk");
+    assert_eq!(r.map(|_| ()).map_err(|e| Status::from(e).code()), Err(Code::InvalidArgument), "unknown disk");
 }

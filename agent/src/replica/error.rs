@@ -1,5 +1,5 @@
 //! [`ReplicaError`]: why a replica store operation failed (the peer service maps it to
-//! gRPC statuses in one place, `peer::replica_status`).
+//! gRPC statuses in one place, `From<peer::PeerError> for Status`).
 
 use std::io;
 use std::path::{Path, PathBuf};

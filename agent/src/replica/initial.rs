@@ -2,6 +2,7 @@
 //! made durable by [`Replica::ack_initial`]) or an offline export imported whole
 //! ([`Replica::import_initial`]).
 
+use siterecovery_proto::model::DiskId;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -13,7 +14,8 @@ use super::{ReplicaError, io_at};
 
 impl Replica {
     /// Writes initial-copy data into a replica image (not durable until [`Self::ack_initial`]).
-    pub fn write_initial(&self, disk_id: &str, offset: u64, data: &[u8]) -> Result<(), ReplicaError> {
+    pub fn write_initial(&self, disk_id: &DiskId, offset: u64, data: &[u8]) -> Result<(), ReplicaError> {
+        let disk_id = disk_id.as_str();
         let i = self.disk_index(disk_id)?;
         let img = &self.images[i];
         check(img, "initial copy", offset, data.len() as u64)?;
@@ -31,7 +33,12 @@ impl Replica {
     }
 
     /// Makes the initial copy of a disk durable up to `offset`.
-    pub fn ack_initial(&self, disk_id: &str, offset: u64, complete: bool) -> Result<(), ReplicaError> {
+    pub fn ack_initial(&self, disk_id: &DiskId, offset: u64, complete: bool) -> Result<(), ReplicaError> {
+        self.ack_disk(disk_id.as_str(), offset, complete)
+    }
+
+    /// [`Self::ack_initial`] of a disk named by the replica's own spec.
+    fn ack_disk(&self, disk_id: &str, offset: u64, complete: bool) -> Result<(), ReplicaError> {
         let i = self.disk_index(disk_id)?;
         let img = &self.images[i];
         if offset > img.size {
@@ -117,7 +124,7 @@ impl Replica {
             return Err(e);
         }
         for img in &self.images {
-            self.ack_initial(&img.id, img.size, true)?;
+            self.ack_disk(&img.id, img.size, true)?;
         }
         tracing::info!(vm = %self.spec.vm, bytes = copied, dir = %dir.display(), "initial copy imported");
         Ok(copied)

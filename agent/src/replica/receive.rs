@@ -2,6 +2,7 @@
 //! it atomically (the order is in the module doc of [`crate::replica`]): undo record,
 //! "applying" mark in the state, extents into the images, the point recorded, pruning.
 
+use siterecovery_proto::model::DiskId;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::PathBuf;
@@ -67,7 +68,8 @@ impl Drop for PointSpool {
 
 impl PointSpool {
     /// Adds an extent; extents apply in the order pushed.
-    pub fn push(&mut self, disk_id: &str, offset: u64, data: ExtentData<'_>) -> Result<(), ReplicaError> {
+    pub fn push(&mut self, disk_id: &DiskId, offset: u64, data: ExtentData<'_>) -> Result<(), ReplicaError> {
+        let disk_id = disk_id.as_str();
         let disk = self.replica.disk_index(disk_id)?;
         let img = &self.replica.images[disk];
         let len = data.len();

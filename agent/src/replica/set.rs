@@ -2,6 +2,7 @@
 //! for a new relationship, or adopting the former primary's images for reverse
 //! replication) and removing one.
 
+use siterecovery_proto::model::{RelationshipId, VmName};
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -124,12 +125,12 @@ impl ReplicaSet {
         Ok(r)
     }
 
-    pub fn get(&self, vm: &str) -> Option<Arc<Replica>> {
-        self.lock().get(vm).cloned()
+    pub fn get(&self, vm: &VmName) -> Option<Arc<Replica>> {
+        self.lock().get(vm.as_str()).cloned()
     }
 
-    pub fn by_relationship(&self, relationship_id: &str) -> Option<Arc<Replica>> {
-        self.lock().values().find(|r| r.spec.relationship_id == relationship_id).cloned()
+    pub fn by_relationship(&self, relationship_id: &RelationshipId) -> Option<Arc<Replica>> {
+        self.lock().values().find(|r| *relationship_id == r.spec.relationship_id.as_str()).cloned()
     }
 
     pub fn list(&self) -> Vec<Arc<Replica>> {
@@ -137,8 +138,8 @@ impl ReplicaSet {
     }
 
     /// Deletes a replica and its folder.
-    pub fn remove(&self, vm: &str) -> Result<(), ReplicaError> {
-        let r = self.lock().remove(vm);
+    pub fn remove(&self, vm: &VmName) -> Result<(), ReplicaError> {
+        let r = self.lock().remove(vm.as_str());
         if let Some(r) = r {
             std::fs::remove_dir_all(&r.dir).map_err(io_at(&r.dir))?;
             tracing::info!(%vm, "replica removed");

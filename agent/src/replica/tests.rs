@@ -13,10 +13,18 @@ use super::*;
 use crate::disk::BlockDevice;
 use crate::persist::{self, PersistError, REPLICA_STATE};
 
+fn disk(id: &str) -> siterecovery_proto::model::DiskId {
+    id.parse().expect("disk id")
+}
+
+fn vm(name: &str) -> siterecovery_proto::model::VmName {
+    name.parse().expect("VM name")
+}
+
 fn spec(vm: &str, bucket_ms: u64) -> ReplicaSpec {
     ReplicaSpec {
         bucket_ms,
-        relationship_id: "r-1".into(),
+        relationship_id: "r-00000001".into(),
         vm: vm.into(),
         primary_host_id: "h1".into(),
         disks: vec![ReplicaDisk { id: "disk0".into(), size_bytes: 1 << 20 }],
@@ -34,7 +42,7 @@ fn point(r: &Arc<Replica>, seq: u64, writes: &[(u64, u8, usize)]) -> PointInfo {
     // distinct buckets whatever the clock does between calls
     let mut s = r.begin_point(seq, now_ms() - 100_000 + seq as i64 * 10, false, false).expect("begin");
     for &(off, byte, len) in writes {
-        s.push("disk0", off, ExtentData::Data(&vec![byte; len])).expect("push");
+        s.push(&disk("disk0"), off, ExtentData::Data(&vec![byte; len])).expect("push");
     }
     s.commit().expect("commit")
 }
@@ -48,7 +56,7 @@ fn import_copies_the_export_and_a_damaged_one_leaves_nothing() {
     f.write_all_at(&[7u8; 8192], 64 << 10).expect("write");
     let exp = dir.path().join("exp");
     let d = crate::offline::ExportDisk { id: "disk0".into(), image: src, size: 1 << 20, log_seq: 3 };
-    let m = crate::offline::export(&exp, "r-1", "vm1", &[d]).expect("export");
+    let m = crate::offline::export(&exp, "r-00000001", "vm1", &[d]).expect("export");
     let set = ReplicaSet::open(&dir.path().join("replicas")).expect("open");
     let r = set.prepare(spec("vm1", 1)).expect("prepare");
     m.check(r.spec()).expect("fits");
@@ -80,7 +88,7 @@ fn sub_block_hashes_are_the_small_block_hashes_of_the_listed_blocks() {
     let set = ReplicaSet::open(dir.path()).expect("open");
     let r = set.prepare(spec("vm1", 1)).expect("prepare");
     let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
-    r.write_initial("disk0", 0, &data).expect("copy");
+    r.write_initial(&disk("disk0"), 0, &data).expect("copy");
     let small = r.block_hashes("disk0", 4096, 0, 256).expect("4 KiB hashes");
     let sub = r.sub_block_hashes("disk0", 64 << 10, 4096, &[15, 2]).expect("sub-block hashes");
     assert_eq!(sub.len(), 32);
@@ -95,8 +103,8 @@ fn points_are_readable_through_undo_and_survive_reopen() {
     let dir = tempfile::tempdir().expect("tmp");
     let set = ReplicaSet::open(dir.path()).expect("open");
     let r = set.prepare(spec("vm1", 1)).expect("prepare");
-    r.write_initial("disk0", 0, &[1u8; 4096]).expect("copy");
-    r.ack_initial("disk0", 1 << 20, true).expect("ack");
+    r.write_initial(&disk("disk0"), 0, &[1u8; 4096]).expect("copy");
+    r.ack_initial(&disk("disk0"), 1 << 20, true).expect("ack");
     let p1 = point(&r, 1, &[(0, 2, 100)]);
     let p2 = point(&r, 2, &[(50, 3, 100), (4000, 4, 200)]);
     let p3 = point(&r, 3, &[(0, 5, 10), (60, 6, 10)]);
@@ -123,14 +131,14 @@ fn points_are_readable_through_undo_and_survive_reopen() {
     drop(r);
     drop(set);
     let set = ReplicaSet::open(dir.path()).expect("reopen");
-    let r = set.get("vm1").expect("replica");
+    let r = set.get(&vm("vm1")).expect("replica");
     assert_eq!(r.points().len(), 4);
     let v = r.open_point(&p1.id).expect("p1");
     assert_eq!(read_all(&*v.disks[0].1), expect1);
     // out of range and unknown disk are refused
     let mut s = r.begin_point(5, now_ms(), false, false).expect("begin");
-    assert!(s.push("disk0", (1 << 20) - 1, ExtentData::Data(&[0; 2])).is_err());
-    assert!(s.push("nope", 0, ExtentData::Zeroes(1)).is_err());
+    assert!(s.push(&disk("disk0"), (1 << 20) - 1, ExtentData::Data(&[0; 2])).is_err());
+    assert!(s.push(&disk("nope"), 0, ExtentData::Zeroes(1)).is_err());
 }
 
 #[test]
@@ -138,13 +146,13 @@ fn pruning_merges_undo_so_older_points_stay_correct() {
     let dir = tempfile::tempdir().expect("tmp");
     let set = ReplicaSet::open(dir.path()).expect("open");
     let r = set.prepare(spec("vm2", 3_600_000)).expect("prepare");
-    r.ack_initial("disk0", 1 << 20, true).expect("ack");
+    r.ack_initial(&disk("disk0"), 1 << 20, true).expect("ack");
     let hour = 3_600_000;
     let t0 = now_ms() - 3 * hour;
     let mk = |seq: u64, t: i64, writes: &[(u64, u8, usize)]| {
         let mut s = r.begin_point(seq, t, false, false).expect("begin");
         for &(off, b, len) in writes {
-            s.push("disk0", off, ExtentData::Data(&vec![b; len])).expect("push");
+            s.push(&disk("disk0"), off, ExtentData::Data(&vec![b; len])).expect("push");
         }
         s.commit().expect("commit")
     };
@@ -190,11 +198,11 @@ fn interrupted_apply_rolls_forward() {
     {
         let set = ReplicaSet::open(dir.path()).expect("open");
         let r = set.prepare(spec("vm3", 1)).expect("prepare");
-        r.ack_initial("disk0", 1 << 20, true).expect("ack");
+        r.ack_initial(&disk("disk0"), 1 << 20, true).expect("ack");
         point(&r, 1, &[(0, 1, 10)]);
         // simulate a crash after the "applying" mark: spool durable, images not written
         let mut s = r.begin_point(2, now_ms(), false, false).expect("begin");
-        s.push("disk0", 0, ExtentData::Data(&[9u8; 10])).expect("push");
+        s.push(&disk("disk0"), 0, ExtentData::Data(&[9u8; 10])).expect("push");
         let name = s.name.clone();
         let mut w = s.w.take().expect("writer");
         w.write_all(&END.to_le_bytes()).expect("end");
@@ -218,7 +226,7 @@ fn interrupted_apply_rolls_forward() {
         save_state(&r.dir, &inner.state).expect("save");
     }
     let set = ReplicaSet::open(dir.path()).expect("reopen");
-    let r = set.get("vm3").expect("replica");
+    let r = set.get(&vm("vm3")).expect("replica");
     assert_eq!(r.latest_seq(), Some(2));
     let latest = read_all(&*r.open_point("latest").expect("latest").disks[0].1);
     assert_eq!(&latest[..10], &[9u8; 10]);
@@ -230,7 +238,7 @@ fn interrupted_apply_rolls_forward() {
 fn replica_with_points(root: &Path, vm: &str) -> PathBuf {
     let set = ReplicaSet::open(root).expect("open");
     let r = set.prepare(spec(vm, 1)).expect("prepare");
-    r.ack_initial("disk0", 1 << 20, true).expect("ack");
+    r.ack_initial(&disk("disk0"), 1 << 20, true).expect("ack");
     point(&r, 1, &[(0, 1, 10)]);
     point(&r, 2, &[(0, 2, 10)]);
     r.dir().to_path_buf()
@@ -248,7 +256,7 @@ fn the_state_file_is_in_the_envelope_and_a_legacy_one_still_opens() {
     // What older agents wrote: the same JSON without the envelope.
     std::fs::write(&path, &stored[persist::HEADER_LEN..]).expect("legacy");
     let set = ReplicaSet::open(dir.path()).expect("reopen");
-    let r = set.get("vm4").expect("legacy replica opens");
+    let r = set.get(&vm("vm4")).expect("legacy replica opens");
     assert_eq!(r.latest_seq(), Some(2));
     let p1 = read_all(&*r.open_point("p1").expect("p1").disks[0].1);
     assert_eq!(&p1[..10], &[1u8; 10]);
@@ -278,12 +286,16 @@ fn a_torn_or_corrupt_state_file_keeps_the_replica_out_of_service_and_its_files()
         }
         // The set opens, without that replica, and leaves its folder alone.
         let set = ReplicaSet::open(dir.path()).expect("set opens");
-        assert!(set.get("vm5").is_none() && set.by_relationship("r-1").is_none(), "{what}");
+        assert!(
+            set.get(&vm("vm5")).is_none()
+                && set.by_relationship(&"r-00000001".parse().expect("relationship id")).is_none(),
+            "{what}"
+        );
         assert_eq!(std::fs::read_dir(&folder).expect("ls").count(), files_before, "{what}");
         assert_eq!(std::fs::read(&path).expect("state"), bytes, "{what}: the damaged file is kept");
     }
     std::fs::write(&path, &good).expect("repair");
-    assert!(ReplicaSet::open(dir.path()).expect("set").get("vm5").is_some());
+    assert!(ReplicaSet::open(dir.path()).expect("set").get(&vm("vm5")).is_some());
 }
 
 #[test]
@@ -295,7 +307,7 @@ fn a_state_file_from_a_newer_agent_is_refused() {
     b[4..6].copy_from_slice(&(REPLICA_STATE.version + 1).to_le_bytes());
     std::fs::write(&path, &b).expect("newer");
     assert!(matches!(Replica::open(&folder), Err(ReplicaError::StateFile(PersistError::NewerVersion { .. }))));
-    assert!(ReplicaSet::open(dir.path()).expect("set").get("vm6").is_none());
+    assert!(ReplicaSet::open(dir.path()).expect("set").get(&vm("vm6")).is_none());
 }
 
 #[test]
@@ -307,6 +319,6 @@ fn leftover_temporaries_of_the_state_file_are_removed_on_open() {
     std::fs::write(&ours, b"SRRP").expect("tmp");
     std::fs::write(&older, b"{").expect("tmp");
     let set = ReplicaSet::open(dir.path()).expect("reopen");
-    assert_eq!(set.get("vm7").expect("replica").latest_seq(), Some(2));
+    assert_eq!(set.get(&vm("vm7")).expect("replica").latest_seq(), Some(2));
     assert!(!ours.exists() && !older.exists());
 }

@@ -1,14 +1,12 @@
-//! [`VmError`]: why a VM operation failed, with its wire error code.
+//! [`VmError`]: why a VM operation failed (its wire error code is `control::CommandError::code`).
 
 use std::path::{Path, PathBuf};
-
-use siterecovery_proto::v1;
 
 use crate::nbd;
 use crate::persist::PersistError;
 use crate::tracker::TrackerError;
 
-/// Why a VM operation failed; `code()` gives the wire error code.
+/// Why a VM operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error("invalid argument: {0}")]
@@ -34,19 +32,6 @@ pub enum VmError {
     Config(#[from] PersistError),
     #[error(transparent)]
     Overlay(#[from] crate::overlay::OverlayError),
-}
-
-impl VmError {
-    pub fn code(&self) -> v1::ErrorCode {
-        match self {
-            VmError::Invalid(_) => v1::ErrorCode::InvalidArgument,
-            VmError::NotFound(_) => v1::ErrorCode::NotFound,
-            VmError::Exists(_) => v1::ErrorCode::AlreadyExists,
-            VmError::State(_) => v1::ErrorCode::FailedPrecondition,
-            VmError::Io { source, .. } if source.raw_os_error() == Some(28) => v1::ErrorCode::ResourceExhausted,
-            _ => v1::ErrorCode::Internal,
-        }
-    }
 }
 
 pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VmError + '_ {

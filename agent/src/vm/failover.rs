@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use siterecovery_certs::identity::is_token;
+use siterecovery_proto::model::VmName;
 use siterecovery_proto::v1;
 
 use super::config::{DiskConfig, FailoverConfig, NicConfig, Power, VmConfig, random_mac, save_config};
@@ -19,14 +19,12 @@ impl VmManager {
     /// replica on this host (a test VM, or a failed-over VM before commit), and starts it.
     pub async fn create_from_point(
         &self,
-        name: &str,
+        name: &VmName,
         disks: &[(String, u64)],
         nics: &[v1::Nic],
         failover: FailoverConfig,
     ) -> Result<v1::Vm, VmError> {
-        if !is_token(name) {
-            return Err(VmError::Invalid(format!("VM name {name:?}: use 1-64 of A-Z a-z 0-9 . _ -")));
-        }
+        let name = name.as_str();
         let mut vms = self.vms.lock().await;
         let folder = self.dir.join(name);
         if vms.contains_key(name) || folder.exists() {
@@ -74,7 +72,8 @@ impl VmManager {
 
     /// Restarts a failed-over VM (not committed) from another point of its replica; the
     /// writes made since the failover are discarded.
-    pub async fn change_point(&self, name: &str, point_id: &str) -> Result<v1::Vm, VmError> {
+    pub async fn change_point(&self, name: &VmName, point_id: &str) -> Result<v1::Vm, VmError> {
+        let name = name.as_str();
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
         match &entry.config.failover {
@@ -97,7 +96,8 @@ impl VmManager {
     /// Commits a failover: the replica is rolled back to the chosen point, the overlay's
     /// writes are written into it, and its images become the VM's own disks (tracked
     /// from now on); the replica and its other points are gone.
-    pub async fn commit(&self, name: &str) -> Result<v1::Vm, VmError> {
+    pub async fn commit(&self, vm: &VmName) -> Result<v1::Vm, VmError> {
+        let name = vm.as_str();
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
         let f = match &entry.config.failover {
@@ -108,8 +108,7 @@ impl VmManager {
             Some(f) => f.clone(),
             None => return Err(VmError::State(format!("VM {name} was not failed over"))),
         };
-        let replica =
-            self.replicas.get(name).ok_or_else(|| VmError::State(format!("the replica of {name} is gone")))?;
+        let replica = self.replicas.get(vm).ok_or_else(|| VmError::State(format!("the replica of {name} is gone")))?;
         self.stop_entry(entry, false).await?;
         let folder = entry.folder.clone();
         let disks = entry.config.disks.clone();
@@ -150,7 +149,7 @@ impl VmManager {
             fc.committed = true;
         }
         save_config(&entry.folder, &entry.config)?;
-        if let Err(e) = self.replicas.remove(name) {
+        if let Err(e) = self.replicas.remove(vm) {
             tracing::warn!(vm = %name, "removing the committed replica: {e:#}");
         }
         self.start_entry(entry).await?;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use siterecovery_certs::identity::is_token;
+use siterecovery_proto::model::VmName;
 use siterecovery_proto::v1;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -72,14 +72,12 @@ impl VmManager {
     /// Creates a VM folder with sparse disk images; starts it when asked.
     pub async fn create(
         &self,
-        name: &str,
+        name: &VmName,
         disk_sizes: &[u64],
         nics: &[v1::Nic],
         start: bool,
     ) -> Result<v1::Vm, VmError> {
-        if !is_token(name) {
-            return Err(VmError::Invalid(format!("VM name {name:?}: use 1-64 of A-Z a-z 0-9 . _ -")));
-        }
+        let name = name.as_str();
         if disk_sizes.is_empty() || disk_sizes.len() > 16 {
             return Err(VmError::Invalid("a VM has 1 to 16 disks".into()));
         }
@@ -143,7 +141,8 @@ impl VmManager {
         Ok(self.report(entry))
     }
 
-    pub async fn start(&self, name: &str) -> Result<v1::Vm, VmError> {
+    pub async fn start(&self, name: &VmName) -> Result<v1::Vm, VmError> {
+        let name = name.as_str();
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
         if entry.running.is_none() {
@@ -152,7 +151,8 @@ impl VmManager {
         Ok(self.report(entry))
     }
 
-    pub async fn stop(&self, name: &str) -> Result<v1::Vm, VmError> {
+    pub async fn stop(&self, name: &VmName) -> Result<v1::Vm, VmError> {
+        let name = name.as_str();
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
         self.stop_entry(entry, true).await?;
@@ -160,7 +160,8 @@ impl VmManager {
     }
 
     /// Deletes a stopped or running VM with its folder (images and logs).
-    pub async fn delete(&self, name: &str) -> Result<(), VmError> {
+    pub async fn delete(&self, name: &VmName) -> Result<(), VmError> {
+        let name = name.as_str();
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
         if entry.config.disks.iter().any(|d| d.tracking) {
@@ -179,7 +180,8 @@ impl VmManager {
 
     /// Switches change tracking on or off for every disk of a VM, durably: the setting
     /// is in `vm.json` and applies at the next start too.
-    pub async fn set_tracking(&self, name: &str, on: bool) -> Result<(), VmError> {
+    pub async fn set_tracking(&self, name: &VmName, on: bool) -> Result<(), VmError> {
+        let name = name.as_str();
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
         if let Some(Running { disks: Disks::Tracked(disks), .. }) = &entry.running {
@@ -197,7 +199,8 @@ impl VmManager {
 
     /// Stops a VM and takes it out of this host's inventory, leaving its disk images for
     /// the caller (reverse replication turns them into a replica); returns their paths.
-    pub async fn release(&self, name: &str) -> Result<Vec<(String, PathBuf)>, VmError> {
+    pub async fn release(&self, name: &VmName) -> Result<Vec<(String, PathBuf)>, VmError> {
+        let name = name.as_str();
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
         self.stop_entry(entry, true).await?;
@@ -206,7 +209,8 @@ impl VmManager {
     }
 
     /// Forgets a released VM and deletes what is left of its folder (logs, config).
-    pub async fn forget(&self, name: &str) -> Result<(), VmError> {
+    pub async fn forget(&self, name: &VmName) -> Result<(), VmError> {
+        let name = name.as_str();
         let mut vms = self.vms.lock().await;
         if let Some(e) = vms.remove(name) {
             std::fs::remove_dir_all(&e.folder).map_err(io(&e.folder))?;

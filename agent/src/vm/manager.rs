@@ -2,6 +2,7 @@
 //! without changing anything. Changing a VM is in `lifecycle` and `failover`; serving its
 //! disks in `running`.
 
+use siterecovery_proto::model::VmName;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,22 +48,32 @@ pub struct VmManager {
 
 impl VmManager {
     /// The disk handles of a running VM; `None` when it is not running.
-    pub fn disk_handles(&self, name: &str) -> Option<Vec<(DiskId, Arc<TrackedDisk>)>> {
+    pub fn disk_handles(&self, name: &VmName) -> Option<Vec<(DiskId, Arc<TrackedDisk>)>> {
+        let name = name.as_str();
         self.handles.lock().ok().and_then(|h| h.get(name).cloned())
     }
 
     /// Whether the VM's disks are being served.
-    pub async fn is_running(&self, name: &str) -> bool {
+    pub async fn is_running(&self, name: &VmName) -> bool {
+        let name = name.as_str();
         self.vms.lock().await.get(name).is_some_and(|e| e.running.is_some())
     }
 
+    /// The names of the VMs on this host. A name in a `vm.json` that breaks the VM name
+    /// rule (written by hand, or by an older agent) is left out: nothing can address it.
+    pub async fn names(&self) -> Vec<VmName> {
+        self.vms.lock().await.keys().filter_map(|n| VmName::new(n.as_str()).ok()).collect()
+    }
+
     /// The VM's folder.
-    pub async fn folder(&self, name: &str) -> Option<PathBuf> {
+    pub async fn folder(&self, name: &VmName) -> Option<PathBuf> {
+        let name = name.as_str();
         self.vms.lock().await.get(name).map(|e| e.folder.clone())
     }
 
     /// A VM's configuration (local commands).
-    pub async fn config(&self, name: &str) -> Option<VmConfig> {
+    pub async fn config(&self, name: &VmName) -> Option<VmConfig> {
+        let name = name.as_str();
         self.vms.lock().await.get(name).map(|e| e.config.clone())
     }
 }

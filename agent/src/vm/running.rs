@@ -2,6 +2,7 @@
 //! point), exporting them over NBD (the VM's unix socket and the agent's TCP port),
 //! running the start and stop hooks, and stopping (logs sealed, disks flushed).
 
+use siterecovery_proto::model::VmName;
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
@@ -24,6 +25,8 @@ impl VmManager {
         let disks = match entry.config.failover.clone().filter(|f| !f.committed) {
             Some(f) => {
                 let replica_of = if f.test_of.is_empty() { name.clone() } else { f.test_of.clone() };
+                let replica_of = VmName::new(replica_of)
+                    .map_err(|e| VmError::State(format!("the failover of {name} names a bad replica: {e}")))?;
                 let replica = self
                     .replicas
                     .get(&replica_of)

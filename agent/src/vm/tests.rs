@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use siterecovery_proto::model::VmName;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
@@ -27,6 +28,10 @@ async fn manager(root: &Path) -> VmManager {
     .expect("load")
 }
 
+fn vm(name: &str) -> VmName {
+    VmName::new(name).expect("a valid VM name")
+}
+
 async fn names(mgr: &VmManager) -> Vec<String> {
     mgr.list().await.into_iter().map(|v| v.name).collect()
 }
@@ -35,9 +40,9 @@ async fn names(mgr: &VmManager) -> Vec<String> {
 async fn configs_are_in_the_envelope_and_legacy_ones_still_load() {
     let dir = tempfile::tempdir().expect("tmp");
     let mgr = manager(dir.path()).await;
-    mgr.create("vm1", &[1 << 20], &[], false).await.expect("create");
-    let folder = mgr.folder("vm1").await.expect("folder");
-    let config = mgr.config("vm1").await.expect("config");
+    mgr.create(&vm("vm1"), &[1 << 20], &[], false).await.expect("create");
+    let folder = mgr.folder(&vm("vm1")).await.expect("folder");
+    let config = mgr.config(&vm("vm1")).await.expect("config");
     drop(mgr);
     let path = folder.join(CONFIG_FILE);
     let stored = std::fs::read(&path).expect("vm.json");
@@ -48,8 +53,8 @@ async fn configs_are_in_the_envelope_and_legacy_ones_still_load() {
     std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("legacy");
     assert_eq!(read_config(&folder).expect("read"), Some(config.clone()));
     let mgr = manager(dir.path()).await;
-    assert_eq!(mgr.config("vm1").await, Some(config));
-    mgr.set_tracking("vm1", true).await.expect("tracking");
+    assert_eq!(mgr.config(&vm("vm1")).await, Some(config));
+    mgr.set_tracking(&vm("vm1"), true).await.expect("tracking");
     assert_eq!(&std::fs::read(&path).expect("vm.json")[..4], &VM_CONFIG.magic, "rewritten in the envelope");
     assert_eq!(read_config(&dir.path().join("vms/none")).expect("no folder"), None);
 }
@@ -58,9 +63,9 @@ async fn configs_are_in_the_envelope_and_legacy_ones_still_load() {
 async fn a_torn_or_corrupt_config_skips_the_vm_and_keeps_its_folder() {
     let dir = tempfile::tempdir().expect("tmp");
     let mgr = manager(dir.path()).await;
-    mgr.create("good", &[1 << 20], &[], false).await.expect("create");
-    mgr.create("bad", &[1 << 20], &[], false).await.expect("create");
-    let folder = mgr.folder("bad").await.expect("folder");
+    mgr.create(&vm("good"), &[1 << 20], &[], false).await.expect("create");
+    mgr.create(&vm("bad"), &[1 << 20], &[], false).await.expect("create");
+    let folder = mgr.folder(&vm("bad")).await.expect("folder");
     drop(mgr);
     let path = folder.join(CONFIG_FILE);
     let good = std::fs::read(&path).expect("vm.json");

@@ -1,8 +1,5 @@
-//! Why a protection command failed ([`ProtectionError`]) and its one mapping to the
-//! control channel's error codes ([`ProtectionError::code`]).
-
-use siterecovery_proto::model::WireError;
-use siterecovery_proto::v1;
+//! Why a protection command failed ([`ProtectionError`]); the control channel maps it
+//! to an error code (`control::CommandError::code`, the one mapping).
 
 use crate::offline::OfflineError;
 use crate::persist::PersistError;
@@ -13,9 +10,6 @@ use crate::vm::VmError;
 /// Why a protection command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtectionError {
-    /// A command field breaks its rule (named in the message).
-    #[error("invalid argument: {0}")]
-    Wire(#[from] WireError),
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("{0}")]
@@ -39,21 +33,6 @@ pub enum ProtectionError {
     Drain(#[from] DrainError),
     #[error("internal: {0}")]
     Internal(String),
-}
-
-impl ProtectionError {
-    pub fn code(&self) -> v1::ErrorCode {
-        match self {
-            ProtectionError::Wire(_) | ProtectionError::Invalid(_) => v1::ErrorCode::InvalidArgument,
-            ProtectionError::NotFound(_) => v1::ErrorCode::NotFound,
-            ProtectionError::Vm(e) => e.code(),
-            ProtectionError::Replica(ReplicaError::NotFound(_)) => v1::ErrorCode::NotFound,
-            ProtectionError::Replica(ReplicaError::Exists { .. }) => v1::ErrorCode::AlreadyExists,
-            ProtectionError::Replica(ReplicaError::State(_)) => v1::ErrorCode::FailedPrecondition,
-            ProtectionError::Offline(OfflineError::Invalid(_)) => v1::ErrorCode::FailedPrecondition,
-            _ => v1::ErrorCode::Internal,
-        }
-    }
 }
 
 /// A blocking task that panicked or was cancelled.

@@ -3,9 +3,8 @@
 //! points. It carries out the provider's replication commands and forwards the
 //! senders' statuses to the control channel.
 //!
-//! Each handler converts its `v1` command into domain types first
-//! (`siterecovery_proto::model::wire`; a bad field is [`ProtectionError::Wire`], naming
-//! it) so nothing below handles raw wire strings. The primary side (`primary`) starts,
+//! Each handler takes its command as validated values ([`request`], built once by
+//! `control::command`), so nothing here handles raw wire strings. The primary side (`primary`) starts,
 //! seeds, drains and stops senders only through the sender's methods; the replica side
 //! (`replicas`) works on the replica store. A protected VM has `protection.json` in
 //! its folder (`record`, owned here); the sender keeps its own `replication.json`.
@@ -14,12 +13,14 @@ mod error;
 mod primary;
 mod record;
 mod replicas;
+pub mod request;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use siterecovery_proto::model::VmName;
 use siterecovery_proto::v1;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -38,7 +39,7 @@ use crate::vm::VmManager;
 /// The VM manager seen by one sender.
 struct ManagedDisks {
     vms: Arc<VmManager>,
-    vm: String,
+    vm: VmName,
 }
 
 impl VmDisks for ManagedDisks {
@@ -60,8 +61,8 @@ pub struct Protection {
     exports: Arc<Exports>,
     nbd_tcp: SocketAddr,
     quiesce_hook: Option<String>,
-    senders: tokio::sync::Mutex<HashMap<String, SenderHandle>>,
-    point_exports: Mutex<HashMap<String, PointExport>>,
+    senders: tokio::sync::Mutex<HashMap<VmName, SenderHandle>>,
+    point_exports: Mutex<HashMap<VmName, PointExport>>,
     status_tx: mpsc::Sender<v1::ReplicationStatus>,
     latest: Arc<Mutex<HashMap<String, v1::ReplicationStatus>>>,
     statuses: broadcast::Sender<v1::ReplicationStatus>,
@@ -110,17 +111,17 @@ impl Protection {
             statuses,
             shutdown,
         });
-        for vm in me.vms.list().await {
-            let Some(folder) = me.vms.folder(&vm.name).await else { continue };
+        for vm in me.vms.names().await {
+            let Some(folder) = me.vms.folder(&vm).await else { continue };
             match ProtectionRecord::load(&folder) {
                 Ok(Some(rec)) => {
-                    tracing::info!(vm = %vm.name, relationship = %rec.relationship_id, "resuming replication");
-                    me.spawn_sender(&vm.name, &folder, &rec).await;
+                    tracing::info!(%vm, relationship = %rec.relationship_id, "resuming replication");
+                    me.spawn_sender(&vm, &folder, &rec).await;
                 }
                 Ok(None) => {}
                 // A damaged record: the sender stays down (the provider sees no status
                 // and an operator re-enables protection); nothing is guessed.
-                Err(e) => tracing::error!(vm = %vm.name, "cannot resume replication: {e:#}"),
+                Err(e) => tracing::error!(%vm, "cannot resume replication: {e:#}"),
             }
         }
         me
@@ -133,26 +134,26 @@ impl Protection {
         (rx, latest)
     }
 
-    async fn spawn_sender(&self, vm: &str, folder: &Path, rec: &ProtectionRecord) {
+    async fn spawn_sender(&self, vm: &VmName, folder: &Path, rec: &ProtectionRecord) {
         let params = SenderParams {
             relationship_id: rec.relationship_id.clone(),
-            vm: vm.to_owned(),
+            vm: vm.clone(),
             replica_host_id: rec.replica_host_id.clone(),
             replica_address: rec.replica_address.clone(),
             settings: rec.settings(),
             state_dir: folder.to_path_buf(),
             quiesce_hook: self.quiesce_hook.clone(),
         };
-        let disks = Arc::new(ManagedDisks { vms: self.vms.clone(), vm: vm.to_owned() });
+        let disks = Arc::new(ManagedDisks { vms: self.vms.clone(), vm: vm.clone() });
         let handle =
             sender::spawn(params, disks, self.files.clone(), self.status_tx.clone(), self.shutdown.child_token());
-        if let Some(old) = self.senders.lock().await.insert(vm.to_owned(), handle) {
+        if let Some(old) = self.senders.lock().await.insert(vm.clone(), handle) {
             old.stop().await;
         }
     }
 
     /// Stops the sender of `vm`, if it runs.
-    async fn stop_sender(&self, vm: &str) -> bool {
+    async fn stop_sender(&self, vm: &VmName) -> bool {
         let handle = self.senders.lock().await.remove(vm);
         match handle {
             Some(h) => {

@@ -2,14 +2,15 @@
 //! VM, and the offline export of its initial copy. The sender's own state is reached
 //! only through `sender::{seed, forget}` and the sender handle.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use siterecovery_proto::model::{HostId, RelationshipId, VmName, wire};
+use siterecovery_proto::model::VmName;
 use siterecovery_proto::v1;
 
 use super::error::joined;
 use super::record::ProtectionRecord;
+use super::request::{ExportInitial, PrepareFailover, RequestResync, StartReplication, StopReplication};
 use super::{Protection, ProtectionError};
 use crate::disk::BlockDevice;
 use crate::hrl::LogSeq;
@@ -19,46 +20,26 @@ use crate::replication::sender::{self, Seed, Undrained};
 /// Longest a planned failover waits for the replica to acknowledge the last logs.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The replication fields of a start or export command, converted.
-struct Target {
-    vm: VmName,
-    relationship_id: RelationshipId,
-    replica_host_id: HostId,
-}
-
-fn target(cmd: &str, vm: &str, relationship_id: &str, replica_host_id: &str) -> Result<Target, ProtectionError> {
-    Ok(Target {
-        vm: wire::field(&format!("{cmd}.vm"), vm)?,
-        relationship_id: wire::field(&format!("{cmd}.relationship_id"), relationship_id)?,
-        replica_host_id: wire::field(&format!("{cmd}.replica_host_id"), replica_host_id)?,
-    })
-}
-
 impl Protection {
     async fn vm_folder(&self, vm: &VmName) -> Result<PathBuf, ProtectionError> {
-        self.vms.folder(vm.as_str()).await.ok_or_else(|| ProtectionError::NotFound(format!("no VM {vm} on this host")))
+        self.vms.folder(vm).await.ok_or_else(|| ProtectionError::NotFound(format!("no VM {vm} on this host")))
     }
 
     /// The primary side: track the VM and start its sender.
-    pub async fn start_replication(&self, c: v1::StartReplication) -> Result<(), ProtectionError> {
-        let t = target("start_replication", &c.vm, &c.relationship_id, &c.replica_host_id)?;
+    pub async fn start_replication(&self, c: StartReplication) -> Result<(), ProtectionError> {
+        let t = c;
         let folder = self.vm_folder(&t.vm).await?;
-        let rec = ProtectionRecord::new(
-            t.relationship_id.to_string(),
-            t.replica_host_id.to_string(),
-            c.replica_address,
-            c.settings.unwrap_or_default(),
-        )?;
+        let rec = ProtectionRecord::new(t.relationship.clone(), t.replica_host, t.replica_address, t.settings)?;
         // Tracking first: every write from here on is in a log, so the initial copy
         // plus the logs give a consistent replica.
-        self.vms.set_tracking(t.vm.as_str(), true).await?;
-        if c.resync_initial {
+        self.vms.set_tracking(&t.vm, true).await?;
+        if t.resync_initial {
             let reason = "reverse replication: bringing the former primary's disks in line".to_string();
-            sender::seed(&folder, t.relationship_id.as_str(), Seed::Resync { reason })?;
+            sender::seed(&folder, &t.relationship, Seed::Resync { reason })?;
         }
         rec.save(&folder)?;
         tracing::info!(vm = %t.vm, relationship = %rec.relationship_id, replica = %rec.replica_address, "replication enabled");
-        self.spawn_sender(t.vm.as_str(), &folder, &rec).await;
+        self.spawn_sender(&t.vm, &folder, &rec).await;
         Ok(())
     }
 
@@ -67,26 +48,18 @@ impl Protection {
     /// the sender waiting for the import: it ships the writes made after the barrier as
     /// the first point once the replica host imported the directory. Returns the bytes
     /// exported.
-    pub async fn export_initial(&self, c: v1::ExportInitial) -> Result<u64, ProtectionError> {
-        let t = target("export_initial", &c.vm, &c.relationship_id, &c.replica_host_id)?;
-        if c.dir.is_empty() || !Path::new(&c.dir).is_absolute() {
-            return Err(ProtectionError::Invalid(format!("export directory {:?} must be an absolute path", c.dir)));
-        }
+    pub async fn export_initial(&self, c: ExportInitial) -> Result<u64, ProtectionError> {
+        let t = c;
         let folder = self.vm_folder(&t.vm).await?;
-        let rec = ProtectionRecord::new(
-            t.relationship_id.to_string(),
-            t.replica_host_id.to_string(),
-            c.replica_address,
-            c.settings.unwrap_or_default(),
-        )?;
+        let rec = ProtectionRecord::new(t.relationship.clone(), t.replica_host, t.replica_address, t.settings)?;
         // A repeated export (the provider retried) starts over.
-        self.stop_sender(t.vm.as_str()).await;
-        self.vms.set_tracking(t.vm.as_str(), true).await?;
-        let mut disks = self.vms.disk_handles(t.vm.as_str()).ok_or_else(|| {
+        self.stop_sender(&t.vm).await;
+        self.vms.set_tracking(&t.vm, true).await?;
+        let mut disks = self.vms.disk_handles(&t.vm).ok_or_else(|| {
             ProtectionError::Invalid(format!("VM {} is not running: start it to export its initial copy", t.vm))
         })?;
         disks.sort_by(|a, b| a.0.cmp(&b.0));
-        let (dir, rel_id, vm) = (PathBuf::from(&c.dir), rec.relationship_id.clone(), t.vm.to_string());
+        let (dir, rel_id, vm) = (t.dir.clone(), rec.relationship_id.clone(), t.vm.to_string());
         let d2 = disks.clone();
         let manifest = tokio::task::spawn_blocking(move || {
             // Every write after the barrier is in a later log: the first point.
@@ -97,10 +70,10 @@ impl Protection {
                     id: id.as_str().to_owned(),
                     image: d.image_path().to_owned(),
                     size: BlockDevice::size(d.as_ref()),
-                    log_seq: through.get(id.as_str()).copied().unwrap_or(0),
+                    log_seq: through.get(id).copied().unwrap_or(0),
                 })
                 .collect();
-            Ok::<_, ProtectionError>(offline::export(&dir, &rel_id, &vm, &export)?)
+            Ok::<_, ProtectionError>(offline::export(&dir, rel_id.as_str(), &vm, &export)?)
         })
         .await
         .map_err(joined)??;
@@ -112,27 +85,29 @@ impl Protection {
                 d.delete_logs_through(LogSeq(m.log_seq)).map_err(|e| ProtectionError::Internal(e.to_string()))?;
             }
         }
-        let through = manifest.disks.iter().map(|d| (d.id.clone(), d.log_seq)).collect();
-        sender::seed(&folder, t.relationship_id.as_str(), Seed::AwaitImport { through })?;
+        // The manifest lists exactly these disks (it was written from them).
+        let through = disks
+            .iter()
+            .filter_map(|(id, _)| manifest.disks.iter().find(|m| m.id == id.as_str()).map(|m| (id.clone(), m.log_seq)))
+            .collect();
+        sender::seed(&folder, &t.relationship, Seed::AwaitImport { through })?;
         rec.save(&folder)?;
         let bytes = manifest.copied_bytes();
-        tracing::info!(vm = %t.vm, relationship = %rec.relationship_id, dir = %c.dir, bytes,
+        tracing::info!(vm = %t.vm, relationship = %rec.relationship_id, dir = %t.dir.display(), bytes,
             "initial copy exported; replication waits for the import on the replica host");
-        self.spawn_sender(t.vm.as_str(), &folder, &rec).await;
+        self.spawn_sender(&t.vm, &folder, &rec).await;
         Ok(bytes)
     }
 
     /// Stops replicating a VM (primary side) and/or drops its replica (replica side).
-    pub async fn stop_replication(&self, c: v1::StopReplication) -> Result<(), ProtectionError> {
-        let vm: VmName = wire::field("stop_replication.vm", &c.vm)?;
-        let relationship_id: Option<RelationshipId> =
-            wire::optional("stop_replication.relationship_id", &c.relationship_id)?;
-        let mut did = self.stop_sender(vm.as_str()).await;
-        if let Some(folder) = self.vms.folder(vm.as_str()).await
+    pub async fn stop_replication(&self, c: StopReplication) -> Result<(), ProtectionError> {
+        let vm = &c.vm;
+        let mut did = self.stop_sender(vm).await;
+        if let Some(folder) = self.vms.folder(vm).await
             && ProtectionRecord::exists(&folder)
         {
-            self.vms.set_tracking(vm.as_str(), false).await?;
-            if let Some(handles) = self.vms.disk_handles(vm.as_str()) {
+            self.vms.set_tracking(vm, false).await?;
+            if let Some(handles) = self.vms.disk_handles(vm) {
                 for (_, d) in handles {
                     if let Some(last) = d.sealed_logs().last() {
                         let _ = d.delete_logs_through(last.seq);
@@ -143,22 +118,22 @@ impl Protection {
             sender::forget(&folder);
             did = true;
         }
-        if c.remove_replica && self.replicas.get(vm.as_str()).is_some() {
-            self.unexport_point(vm.as_str());
+        if c.remove_replica && self.replicas.get(vm).is_some() {
+            self.unexport_point(vm);
             let replicas = self.replicas.clone();
-            let v = vm.to_string();
+            let v = vm.clone();
             tokio::task::spawn_blocking(move || replicas.remove(&v)).await.map_err(joined)??;
             did = true;
         }
-        if let (Some(id), Ok(mut l)) = (&relationship_id, self.latest.lock()) {
-            l.remove(id.as_str());
+        if let Ok(mut l) = self.latest.lock() {
+            l.remove(c.relationship.as_str());
         }
-        tracing::info!(%vm, relationship = %c.relationship_id, did, "replication stopped");
+        tracing::info!(%vm, relationship = %c.relationship, did, "replication stopped");
         Ok(())
     }
 
-    pub async fn request_resync(&self, c: v1::RequestResync) -> Result<(), ProtectionError> {
-        let vm: VmName = wire::field("request_resync.vm", &c.vm)?;
+    pub async fn request_resync(&self, c: RequestResync) -> Result<(), ProtectionError> {
+        let vm = &c.vm;
         let senders = self.senders.lock().await;
         let h = senders
             .get(vm.as_str())
@@ -169,11 +144,10 @@ impl Protection {
 
     /// Planned failover, primary side: stop the VM, ship every remaining log, stop
     /// replicating. Returns the last point the replica acknowledged.
-    pub async fn prepare_failover(&self, c: v1::PrepareFailover) -> Result<v1::RecoveryPoint, ProtectionError> {
-        let vm: VmName = wire::field("prepare_failover.vm", &c.vm)?;
-        let relationship_id: RelationshipId = wire::field("prepare_failover.relationship_id", &c.relationship_id)?;
-        let handles = self.vms.disk_handles(vm.as_str());
-        self.vms.stop(vm.as_str()).await?;
+    pub async fn prepare_failover(&self, c: PrepareFailover) -> Result<v1::RecoveryPoint, ProtectionError> {
+        let PrepareFailover { relationship: relationship_id, vm } = c;
+        let handles = self.vms.disk_handles(&vm);
+        self.vms.stop(&vm).await?;
         let handle = self.senders.lock().await.remove(vm.as_str());
         let acknowledged = match handle {
             // The sender ships what the stop sealed; logs are deleted once acknowledged.
@@ -181,7 +155,7 @@ impl Protection {
                 Ok(p) => p,
                 Err(Undrained { error, handle }) => {
                     // It keeps replicating: the failover is refused, not the protection.
-                    self.senders.lock().await.entry(vm.to_string()).or_insert(handle);
+                    self.senders.lock().await.entry(vm.clone()).or_insert(handle);
                     return Err(error.into());
                 }
             },
@@ -199,12 +173,8 @@ impl Protection {
                 self.latest.lock().ok().and_then(|l| l.get(relationship_id.as_str()).and_then(|s| s.last_point.clone()))
             })
             .unwrap_or_default();
-        self.stop_replication(v1::StopReplication {
-            relationship_id: relationship_id.to_string(),
-            vm: vm.to_string(),
-            remove_replica: false,
-        })
-        .await?;
+        self.stop_replication(StopReplication { relationship: relationship_id, vm: vm.clone(), remove_replica: false })
+            .await?;
         tracing::info!(%vm, point = %last.id, "primary stopped and drained for a planned failover");
         Ok(last)
     }

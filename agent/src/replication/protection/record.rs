@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use siterecovery_proto::model::{HostId, RelationshipId};
 use siterecovery_proto::v1;
 
 use super::ProtectionError;
@@ -17,8 +18,8 @@ pub const PROTECTION_FILE: &str = "protection.json";
 /// `protection.json`: what the provider asked, enough to restart the sender.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct ProtectionRecord {
-    pub relationship_id: String,
-    pub replica_host_id: String,
+    pub relationship_id: RelationshipId,
+    pub replica_host_id: HostId,
     pub replica_address: String,
     interval_ms: u64,
     retention_ms: u64,
@@ -35,8 +36,8 @@ pub(crate) fn record_path(folder: &Path) -> PathBuf {
 
 impl ProtectionRecord {
     pub fn new(
-        relationship_id: String,
-        replica_host_id: String,
+        relationship_id: RelationshipId,
+        replica_host_id: HostId,
         replica_address: String,
         s: v1::ReplicationSettings,
     ) -> Result<Self, ProtectionError> {
@@ -97,9 +98,13 @@ impl ProtectionRecord {
 mod tests {
     use super::*;
 
+    fn id<T: std::str::FromStr<Err = siterecovery_proto::model::NameError>>(s: &str) -> T {
+        s.parse().expect("a valid id")
+    }
+
     fn record() -> ProtectionRecord {
         let s = v1::ReplicationSettings { interval_ms: 300, retention_ms: 5, compression: true, ..Default::default() };
-        ProtectionRecord::new("r-0000abcd".into(), "host-b".into(), "127.0.0.1:7".into(), s).expect("record")
+        ProtectionRecord::new(id("r-0000abcd"), id("host-b"), "127.0.0.1:7".into(), s).expect("record")
     }
 
     #[test]
@@ -136,7 +141,7 @@ mod tests {
     fn a_zero_interval_is_refused() {
         let s = v1::ReplicationSettings::default();
         assert!(matches!(
-            ProtectionRecord::new("r-1".into(), "h".into(), "a".into(), s),
+            ProtectionRecord::new(id("r-00000001"), id("h"), "a".into(), s),
             Err(ProtectionError::Invalid(_))
         ));
     }

@@ -2,28 +2,25 @@
 //! copy, list and export recovery points, and start VMs from them (test, planned,
 //! unplanned and local failover, change of point, commit, test cleanup).
 
-use siterecovery_proto::model::{FailoverKind, HostId, PointKind, RelationshipId, VmName, wire};
+use siterecovery_proto::model::{FailoverKind, PointKind, PointSelector, VmName};
 use siterecovery_proto::v1;
 
 use super::error::joined;
+use super::request::{
+    ChangePoint, CleanupTestFailover, CommitFailover, Failover, ImportInitial, PrepareReplica, test_vm_name,
+};
 use super::{PointExport, Protection, ProtectionError};
 use crate::offline::{ExportTarget, Manifest, Target, TargetDisk};
 use crate::replica::{PointInfo, ReplicaDisk, ReplicaSpec};
 
 impl Protection {
     /// The replica side of a new relationship.
-    pub async fn prepare_replica(&self, c: v1::PrepareReplica) -> Result<(), ProtectionError> {
-        let vm: VmName = wire::field("prepare_replica.vm", &c.vm)?;
-        let relationship_id: RelationshipId = wire::field("prepare_replica.relationship_id", &c.relationship_id)?;
-        let primary: HostId = wire::field("prepare_replica.primary_host_id", &c.primary_host_id)?;
-        let mut disks = Vec::new();
-        for (i, d) in c.disks.iter().enumerate() {
-            let id: siterecovery_proto::model::DiskId = wire::field(&format!("prepare_replica.disks[{i}].id"), &d.id)?;
-            disks.push(ReplicaDisk { id: id.into_string(), size_bytes: d.size_bytes });
-        }
-        let settings = c.settings.unwrap_or_default();
+    pub async fn prepare_replica(&self, c: PrepareReplica) -> Result<(), ProtectionError> {
+        let PrepareReplica { relationship, vm, primary, disks, settings, adopt_vm_disks } = c;
+        let disks =
+            disks.into_iter().map(|d| ReplicaDisk { id: d.id.into_string(), size_bytes: d.size_bytes }).collect();
         let spec = ReplicaSpec {
-            relationship_id: relationship_id.into_string(),
+            relationship_id: relationship.into_string(),
             vm: vm.to_string(),
             primary_host_id: primary.into_string(),
             disks,
@@ -35,13 +32,13 @@ impl Protection {
         if spec.disks.is_empty() {
             return Err(ProtectionError::Invalid("a replica needs at least one disk".into()));
         }
-        if c.adopt_vm_disks {
+        if adopt_vm_disks {
             // Reverse replication: this host's (former primary's) VM becomes the replica.
-            self.stop_sender(vm.as_str()).await;
-            let images = self.vms.release(vm.as_str()).await?;
+            self.stop_sender(&vm).await;
+            let images = self.vms.release(&vm).await?;
             let replicas = self.replicas.clone();
             tokio::task::spawn_blocking(move || replicas.adopt(spec, &images)).await.map_err(joined)??;
-            self.vms.forget(vm.as_str()).await?;
+            self.vms.forget(&vm).await?;
             tracing::info!(%vm, "former primary's disks adopted as the replica (resync brings them in line)");
             return Ok(());
         }
@@ -52,12 +49,11 @@ impl Protection {
 
     /// Offline initial replication, replica side: verify the export in `c.dir` and copy
     /// it into the prepared replica. Returns the bytes imported.
-    pub async fn import_initial(&self, c: v1::ImportInitial) -> Result<u64, ProtectionError> {
-        let vm: VmName = wire::field("import_initial.vm", &c.vm)?;
-        let relationship_id: RelationshipId = wire::field("import_initial.relationship_id", &c.relationship_id)?;
+    pub async fn import_initial(&self, c: ImportInitial) -> Result<u64, ProtectionError> {
+        let ImportInitial { relationship: relationship_id, vm, dir } = c;
         let r = self
             .replicas
-            .get(vm.as_str())
+            .get(&vm)
             .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
         if r.spec().relationship_id != relationship_id.as_str() {
             return Err(ProtectionError::Invalid(format!(
@@ -65,7 +61,6 @@ impl Protection {
                 r.spec().relationship_id,
             )));
         }
-        let dir = std::path::PathBuf::from(&c.dir);
         tokio::task::spawn_blocking(move || {
             let manifest = Manifest::read(&dir)?;
             manifest.check(r.spec())?;
@@ -75,11 +70,10 @@ impl Protection {
         .map_err(joined)?
     }
 
-    pub fn list_points(&self, vm: &str) -> Result<Vec<v1::RecoveryPoint>, ProtectionError> {
-        let vm: VmName = wire::field("list_points.vm", vm)?;
+    pub fn list_points(&self, vm: &VmName) -> Result<Vec<v1::RecoveryPoint>, ProtectionError> {
         let r = self
             .replicas
-            .get(vm.as_str())
+            .get(vm)
             .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
         let points = r.points();
         let last = points.last().map(|p| p.seq);
@@ -88,14 +82,13 @@ impl Protection {
 
     /// Exports a point read-only over NBD on this host's TCP port; returns the URIs
     /// (one per disk, space-separated) and the point id.
-    pub fn export_point(&self, vm: &str, point: &str) -> Result<(String, String), ProtectionError> {
-        let vm: VmName = wire::field("export_point.vm", vm)?;
+    pub fn export_point(&self, vm: &VmName, point: PointSelector) -> Result<(String, String), ProtectionError> {
         let r = self
             .replicas
-            .get(vm.as_str())
+            .get(vm)
             .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
-        self.unexport_point(vm.as_str());
-        let view = r.open_point(if point.is_empty() { "latest" } else { point })?;
+        self.unexport_point(vm);
+        let view = r.open_point(&point.to_string())?;
         let mut names = Vec::new();
         let mut uris = Vec::new();
         for (disk, dev) in &view.disks {
@@ -108,13 +101,13 @@ impl Protection {
         let id = view.info.id.clone();
         tracing::info!(%vm, point = %id, "recovery point exported read-only");
         if let Ok(mut p) = self.point_exports.lock() {
-            p.insert(vm.to_string(), PointExport { names, _view: view });
+            p.insert(vm.clone(), PointExport { names, _view: view });
         }
         Ok((uris.join(" "), id))
     }
 
-    pub fn unexport_point(&self, vm: &str) -> bool {
-        let old = self.point_exports.lock().ok().and_then(|mut p| p.remove(vm));
+    pub fn unexport_point(&self, vm: &VmName) -> bool {
+        let old = self.point_exports.lock().ok().and_then(|mut p| p.remove(vm.as_str()));
         match old {
             Some(e) => {
                 for n in &e.names {
@@ -126,67 +119,61 @@ impl Protection {
         }
     }
 
-    fn resolve_point(&self, replica_of: &VmName, point: &str) -> Result<(String, Vec<(String, u64)>), ProtectionError> {
+    fn resolve_point(
+        &self,
+        replica_of: &VmName,
+        point: PointSelector,
+    ) -> Result<(String, Vec<(String, u64)>), ProtectionError> {
         let r = self
             .replicas
-            .get(replica_of.as_str())
+            .get(replica_of)
             .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {replica_of} on this host")))?;
         let points = r.points();
         let p = match point {
-            "" | "latest" => points.last(),
-            "latest-app-consistent" => points.iter().rev().find(|p| p.app_consistent),
-            id => points.iter().find(|p| p.id == id || p.seq.to_string() == id),
+            PointSelector::Latest => points.last(),
+            PointSelector::LatestAppConsistent => points.iter().rev().find(|p| p.app_consistent),
+            PointSelector::Id(id) => points.iter().find(|p| p.seq == id.seq().0),
         }
-        .ok_or_else(|| ProtectionError::NotFound(format!("no recovery point {point:?} of {replica_of}")))?;
+        .ok_or_else(|| {
+            ProtectionError::NotFound(format!("no recovery point {:?} of {replica_of}", point.to_string()))
+        })?;
         let disks = r.spec().disks.iter().map(|d| (d.id.clone(), d.size_bytes)).collect();
         Ok((p.id.clone(), disks))
     }
 
-    /// Failover on the replica host (test, planned or unplanned).
-    pub async fn failover(&self, c: v1::Failover, kind: FailoverKind) -> Result<v1::Vm, ProtectionError> {
-        let vm: VmName = wire::field("failover.vm", &c.vm)?;
-        let relationship_id: RelationshipId = wire::field("failover.relationship_id", &c.relationship_id)?;
-        let test_name: Option<VmName> = wire::optional("failover.test_vm_name", &c.test_vm_name)?;
-        let (point_id, disks) = self.resolve_point(&vm, &c.point)?;
-        let name = if c.test {
-            match test_name {
-                Some(n) => n.into_string(),
-                None => format!("{vm}-test"),
-            }
-        } else {
-            vm.to_string()
-        };
+    /// Failover on the replica host (test, planned, unplanned or local).
+    pub async fn failover(&self, c: Failover) -> Result<v1::Vm, ProtectionError> {
+        let Failover { relationship, vm, point, kind, test_vm, nics } = c;
+        let (point_id, disks) = self.resolve_point(&vm, point)?;
+        let test = kind == FailoverKind::Test;
+        let name = if test { test_vm_name(&vm, test_vm.as_ref())? } else { vm.clone() };
         let fc = crate::vm::FailoverConfig {
-            relationship_id: relationship_id.into_string(),
+            relationship_id: relationship.into_string(),
             point_id: point_id.clone(),
             kind,
             committed: false,
-            test_of: if c.test { vm.to_string() } else { String::new() },
+            test_of: if test { vm.to_string() } else { String::new() },
             started_unix_ms: now_ms(),
         };
-        let created = self.vms.create_from_point(&name, &disks, &c.nics, fc).await?;
+        let created = self.vms.create_from_point(&name, &disks, &nics, fc).await?;
         tracing::info!(vm = %name, point = %point_id, %kind, "VM started from a recovery point");
-        if c.planned {
+        if kind == FailoverKind::Planned {
             return Ok(self.vms.commit(&name).await?);
         }
         Ok(created)
     }
 
-    pub async fn change_point(&self, c: v1::ChangePoint) -> Result<v1::Vm, ProtectionError> {
-        let vm: VmName = wire::field("change_point.vm", &c.vm)?;
-        let (point_id, _) = self.resolve_point(&vm, &c.point)?;
-        Ok(self.vms.change_point(vm.as_str(), &point_id).await?)
+    pub async fn change_point(&self, c: ChangePoint) -> Result<v1::Vm, ProtectionError> {
+        let (point_id, _) = self.resolve_point(&c.vm, c.point)?;
+        Ok(self.vms.change_point(&c.vm, &point_id).await?)
     }
 
-    pub async fn commit_failover(&self, c: v1::CommitFailover) -> Result<v1::Vm, ProtectionError> {
-        let vm: VmName = wire::field("commit_failover.vm", &c.vm)?;
-        Ok(self.vms.commit(vm.as_str()).await?)
+    pub async fn commit_failover(&self, c: CommitFailover) -> Result<v1::Vm, ProtectionError> {
+        Ok(self.vms.commit(&c.vm).await?)
     }
 
-    pub async fn cleanup_test_failover(&self, c: v1::CleanupTestFailover) -> Result<(), ProtectionError> {
-        let vm: VmName = wire::field("cleanup_test_failover.vm", &c.vm)?;
-        let test_name: Option<VmName> = wire::optional("cleanup_test_failover.test_vm_name", &c.test_vm_name)?;
-        let name = test_name.map_or_else(|| format!("{vm}-test"), VmName::into_string);
+    pub async fn cleanup_test_failover(&self, c: CleanupTestFailover) -> Result<(), ProtectionError> {
+        let name = test_vm_name(&c.vm, c.test_vm.as_ref())?;
         match self.vms.config(&name).await {
             Some(cfg) if cfg.failover.as_ref().is_some_and(|f| f.kind == FailoverKind::Test) => {
                 self.vms.delete(&name).await?;
@@ -199,23 +186,19 @@ impl Protection {
 
     /// Local failover (the provider may be down): start the VM from a point of its
     /// replica here, as an unplanned failover the provider learns of when it is back.
-    pub async fn local_failover(&self, vm: &str, point: &str) -> Result<v1::Vm, ProtectionError> {
-        let name: VmName = wire::field("vm", vm)?;
+    pub async fn local_failover(&self, vm: &VmName, point: PointSelector) -> Result<v1::Vm, ProtectionError> {
         let r = self
             .replicas
-            .get(name.as_str())
-            .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {name} on this host")))?;
-        let relationship_id = r.spec().relationship_id.clone();
-        let c = v1::Failover {
-            relationship_id,
-            vm: name.into_string(),
-            point: point.to_owned(),
-            nics: vec![],
-            test: false,
-            test_vm_name: String::new(),
-            planned: false,
-        };
-        self.failover(c, FailoverKind::Local).await
+            .get(vm)
+            .ok_or_else(|| ProtectionError::NotFound(format!("no replica of {vm} on this host")))?;
+        let relationship = r
+            .spec()
+            .relationship_id
+            .parse()
+            .map_err(|e| ProtectionError::Internal(format!("the replica of {vm} names a bad relationship: {e}")))?;
+        let c =
+            Failover { relationship, vm: vm.clone(), point, kind: FailoverKind::Local, test_vm: None, nics: vec![] };
+        self.failover(c).await
     }
 }
 

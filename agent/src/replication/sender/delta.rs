@@ -15,7 +15,7 @@ use super::task::Task;
 use super::transport::PeerTransport;
 use super::{ReplicationError, barrier_seal, blocking, now_ms};
 use crate::disk::BlockDevice;
-use crate::hrl::{self, LogSeq};
+use crate::hrl::{self, DiskId, LogSeq};
 
 /// Longest a quiesce hook may run before the point is taken crash-consistent.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
@@ -37,10 +37,7 @@ impl<T: PeerTransport> Task<T> {
             let disks = self.disks.clone();
             blocking(move || barrier_seal(&disks)).await?
         } else {
-            self.disks
-                .iter()
-                .map(|(id, d)| (id.as_str().to_owned(), d.sealed_logs().last().map_or(0, |l| l.seq.0)))
-                .collect()
+            self.disks.iter().map(|(id, d)| (id.clone(), d.sealed_logs().last().map_or(0, |l| l.seq.0))).collect()
         };
         if app {
             self.st.last_app_consistent_unix_ms = now_ms();
@@ -73,7 +70,7 @@ impl<T: PeerTransport> Task<T> {
     /// Why delta replication cannot continue, if it cannot.
     fn detect_resync(&self) -> Option<String> {
         for (id, d) in &self.disks {
-            let covered = self.st.resynced_through.get(id.as_str()).copied().unwrap_or(0);
+            let covered = self.st.resynced_through.get(id).copied().unwrap_or(0);
             if let Some(c) = d.corrupt_logs().iter().find(|c| c.seq.0 > covered) {
                 return Some(format!("HRL log {} of disk {id} is damaged: {}", c.path.display(), c.error));
             }
@@ -98,7 +95,7 @@ impl<T: PeerTransport> Task<T> {
         let child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(hook)
-            .env("SITERECOVERY_VM", &self.p.vm)
+            .env("SITERECOVERY_VM", self.p.vm.as_str())
             .kill_on_drop(true)
             .status();
         match tokio::time::timeout(HOOK_TIMEOUT, child).await {
@@ -119,29 +116,29 @@ impl<T: PeerTransport> Task<T> {
     }
 
     /// Sealed logs of each disk above what earlier points took, up to `through`.
-    fn unassigned_logs(&self, through: &BTreeMap<String, u64>) -> BTreeMap<String, Vec<u64>> {
+    fn unassigned_logs(&self, through: &BTreeMap<DiskId, u64>) -> BTreeMap<DiskId, Vec<u64>> {
         let mut out = BTreeMap::new();
         for (id, d) in &self.disks {
-            let from = self.st.assigned_through.get(id.as_str()).copied().unwrap_or(0);
-            let to = through.get(id.as_str()).copied().unwrap_or(0);
+            let from = self.st.assigned_through.get(id).copied().unwrap_or(0);
+            let to = through.get(id).copied().unwrap_or(0);
             let seqs: Vec<u64> = d.sealed_logs().iter().map(|l| l.seq.0).filter(|&s| s > from && s <= to).collect();
             if !seqs.is_empty() {
-                out.insert(id.as_str().to_owned(), seqs);
+                out.insert(id.clone(), seqs);
             }
         }
         out
     }
 
-    fn log_paths(&self, logs: &BTreeMap<String, Vec<u64>>) -> Result<Vec<(String, u64, PathBuf)>, ReplicationError> {
+    fn log_paths(&self, logs: &BTreeMap<DiskId, Vec<u64>>) -> Result<Vec<(String, u64, PathBuf)>, ReplicationError> {
         let mut out = Vec::new();
         for (disk, seqs) in logs {
             let (id, d) =
-                self.disks.iter().find(|(id, _)| id.as_str() == disk).ok_or_else(|| {
+                self.disks.iter().find(|(id, _)| id == disk).ok_or_else(|| {
                     ReplicationError::ResyncRequired(format!("disk {disk} of a pending point is gone"))
                 })?;
             let dir = d.image_path().parent().map(Path::to_owned).unwrap_or_default();
             for &s in seqs {
-                out.push((disk.clone(), s, dir.join(hrl::log_file_name(id, LogSeq(s)))));
+                out.push((disk.to_string(), s, dir.join(hrl::log_file_name(id, LogSeq(s)))));
             }
         }
         Ok(out)
@@ -150,7 +147,7 @@ impl<T: PeerTransport> Task<T> {
     async fn ship_pending(&mut self, p: &PendingPoint) -> Result<(), ReplicationError> {
         let logs = self.log_paths(&p.logs)?;
         let meta = v1::PointChunk {
-            relationship_id: self.p.relationship_id.clone(),
+            relationship_id: self.p.relationship_id.to_string(),
             seq: p.seq,
             created_unix_ms: p.created_unix_ms,
             app_consistent: p.app_consistent,
@@ -185,8 +182,8 @@ impl<T: PeerTransport> Task<T> {
         Ok(())
     }
 
-    pub(super) fn delete_logs(&self, disk: &str, through: u64) -> Result<(), ReplicationError> {
-        if let Some((_, d)) = self.disks.iter().find(|(id, _)| id.as_str() == disk) {
+    pub(super) fn delete_logs(&self, disk: &DiskId, through: u64) -> Result<(), ReplicationError> {
+        if let Some((_, d)) = self.disks.iter().find(|(id, _)| id == disk) {
             d.delete_logs_through(LogSeq(through))?;
         }
         Ok(())

@@ -30,7 +30,7 @@ impl<T: PeerTransport> Task<T> {
     pub(super) async fn initial(&mut self) -> Result<(), ReplicationError> {
         let progress = self
             .peer
-            .copy_progress(v1::CopyProgressRequest { relationship_id: self.p.relationship_id.clone() })
+            .copy_progress(v1::CopyProgressRequest { relationship_id: self.p.relationship_id.to_string() })
             .await?;
         let disks = self.disks.clone();
         let layouts = blocking(move || {
@@ -97,7 +97,7 @@ impl<T: PeerTransport> Task<T> {
         let (tx, rx) = mpsc::channel::<v1::CopyChunk>(4);
         let (ack_tx, ack_rx) = watch::channel(acked);
         let feed = CopyFeed {
-            relationship_id: self.p.relationship_id.clone(),
+            relationship_id: self.p.relationship_id.to_string(),
             disk_id: id.as_str().to_owned(),
             size,
             compress: self.p.settings.compression,
@@ -140,7 +140,7 @@ impl<T: PeerTransport> Task<T> {
         debug_assert_eq!(self.phase, Phase::WaitingForImport);
         let progress = self
             .peer
-            .copy_progress(v1::CopyProgressRequest { relationship_id: self.p.relationship_id.clone() })
+            .copy_progress(v1::CopyProgressRequest { relationship_id: self.p.relationship_id.to_string() })
             .await?;
         if progress.disks.is_empty() || !progress.disks.iter().all(|d| d.complete) {
             self.view.detail = "waiting for the initial copy to be imported on the replica host".into();

@@ -49,6 +49,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use siterecovery_proto::model::{HostId, RelationshipId, VmName};
 use siterecovery_proto::v1;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -79,9 +80,9 @@ pub const ZSTD_LEVEL: i32 = 1;
 /// What the lead's VM manager hands the sender for one protected VM.
 #[derive(Debug, Clone)]
 pub struct SenderParams {
-    pub relationship_id: String,
-    pub vm: String,
-    pub replica_host_id: String,
+    pub relationship_id: RelationshipId,
+    pub vm: VmName,
+    pub replica_host_id: HostId,
     /// host:port of the replica host's peer listener.
     pub replica_address: String,
     pub settings: v1::ReplicationSettings,
@@ -109,11 +110,11 @@ pub enum Seed {
     Resync { reason: String },
     /// Offline initial replication: the copy was exported with every log up to
     /// `through` (disk id → log seq); ship nothing until the replica host imported it.
-    AwaitImport { through: BTreeMap<String, u64> },
+    AwaitImport { through: BTreeMap<DiskId, u64> },
 }
 
 /// Writes the starting state of a sender of `relationship_id` in `state_dir`.
-pub fn seed(state_dir: &Path, relationship_id: &str, seed: Seed) -> Result<(), ReplicationError> {
+pub fn seed(state_dir: &Path, relationship_id: &RelationshipId, seed: Seed) -> Result<(), ReplicationError> {
     let mut st = SenderState::fresh(relationship_id);
     match seed {
         Seed::Resync { reason } => st.phase = Stage::ResyncRequired { reason, requested: true },
@@ -153,7 +154,7 @@ pub struct Undrained {
 
 /// The running sender of one VM.
 pub struct SenderHandle {
-    relationship_id: String,
+    relationship_id: RelationshipId,
     cancel: CancellationToken,
     resync: Arc<ResyncRequest>,
     phase: watch::Receiver<Phase>,
@@ -225,7 +226,7 @@ impl SenderHandle {
         }
     }
 
-    pub fn relationship_id(&self) -> &str {
+    pub fn relationship_id(&self) -> &RelationshipId {
         &self.relationship_id
     }
 }
@@ -264,7 +265,7 @@ pub fn spawn_with<T: PeerTransport>(
 /// Freezes every disk (in id order), seals each, releases: every disk's log ends at the
 /// same instant. Returns, per disk, the highest sealed log seq (the one just sealed, or
 /// the last sealed before when the disk had no writes).
-pub(crate) fn barrier_seal(disks: &Disks) -> Result<BTreeMap<String, u64>, ReplicationError> {
+pub(crate) fn barrier_seal(disks: &Disks) -> Result<BTreeMap<DiskId, u64>, ReplicationError> {
     let before: Vec<u64> = disks.iter().map(|(_, d)| d.sealed_logs().last().map_or(0, |l| l.seq.0)).collect();
     for (_, d) in disks {
         d.write_back()?; // shortens the freeze
@@ -273,7 +274,7 @@ pub(crate) fn barrier_seal(disks: &Disks) -> Result<BTreeMap<String, u64>, Repli
     let mut out = BTreeMap::new();
     for (((id, _), g), b) in disks.iter().zip(guards.iter_mut()).zip(before) {
         let sealed = g.seal()?;
-        out.insert(id.as_str().to_owned(), sealed.map_or(b, |s| s.0));
+        out.insert(id.clone(), sealed.map_or(b, |s| s.0));
     }
     drop(guards);
     Ok(out)

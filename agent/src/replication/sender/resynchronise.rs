@@ -61,7 +61,7 @@ impl<T: PeerTransport> Task<T> {
             let mut stream = self
                 .peer
                 .block_hashes(v1::BlockHashesRequest {
-                    relationship_id: self.p.relationship_id.clone(),
+                    relationship_id: self.p.relationship_id.to_string(),
                     disk_id: id.as_str().to_owned(),
                     block_size,
                     ..Default::default()
@@ -93,7 +93,7 @@ impl<T: PeerTransport> Task<T> {
         self.progress.store(0, Ordering::Relaxed);
         let wire_before = self.wire.load(Ordering::Relaxed);
         let meta = v1::PointChunk {
-            relationship_id: self.p.relationship_id.clone(),
+            relationship_id: self.p.relationship_id.to_string(),
             seq,
             created_unix_ms: now_ms(),
             resync: true,
@@ -103,8 +103,11 @@ impl<T: PeerTransport> Task<T> {
         let progress = self.progress.clone();
         let disks = self.disks.clone();
         let t0c = t0.clone();
-        let mut sub =
-            SubHashes { peer: self.peer.clone(), relationship_id: self.p.relationship_id.clone(), unsupported: false };
+        let mut sub = SubHashes {
+            peer: self.peer.clone(),
+            relationship_id: self.p.relationship_id.to_string(),
+            unsupported: false,
+        };
         let (ack, (t1, compared, differed, sent)) = self
             .ship(meta, move |sink| {
                 let (mut compared, mut differed, mut sent) = (0u64, 0u64, 0u64);

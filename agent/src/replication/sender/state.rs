@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use siterecovery_proto::model::{DiskId, RelationshipId};
 
 use super::phase::Stage;
 use crate::persist::{self, PersistError, SENDER_STATE};
@@ -27,7 +28,7 @@ pub struct PendingPoint {
     pub created_unix_ms: i64,
     pub app_consistent: bool,
     /// Disk id → log seqs, ascending.
-    pub logs: BTreeMap<String, Vec<u64>>,
+    pub logs: BTreeMap<DiskId, Vec<u64>>,
 }
 
 /// The last point the replica acknowledged.
@@ -48,14 +49,14 @@ pub struct SenderState {
     /// Seq of the next new point (strictly increasing, never reused).
     pub next_seq: u64,
     /// Disk id → highest log seq already in a point (or made obsolete by a resync).
-    pub assigned_through: BTreeMap<String, u64>,
+    pub assigned_through: BTreeMap<DiskId, u64>,
     /// Points persisted but not acknowledged, ascending by seq.
     pub pending: Vec<PendingPoint>,
     pub last_point: Option<PointRecord>,
     pub bytes_replicated: u64,
     pub last_app_consistent_unix_ms: i64,
     /// Disk id → log seq up to which a resync covered damaged logs.
-    pub resynced_through: BTreeMap<String, u64>,
+    pub resynced_through: BTreeMap<DiskId, u64>,
     /// Offline initial replication: the initial copy was exported to a directory; no
     /// point is shipped until the replica host reports its copy complete (imported).
     /// Absent from the file when false (older files keep their checksum).
@@ -81,8 +82,8 @@ struct LegacyEnvelope {
 struct LegacyError(String);
 
 impl SenderState {
-    pub(crate) fn fresh(relationship_id: &str) -> Self {
-        SenderState { relationship_id: relationship_id.to_owned(), next_seq: 1, ..Default::default() }
+    pub(crate) fn fresh(relationship_id: &RelationshipId) -> Self {
+        SenderState { relationship_id: relationship_id.to_string(), next_seq: 1, ..Default::default() }
     }
 
     /// Reads the state file; `Ok(None)` when there is none. A torn, corrupt or foreign
@@ -118,13 +119,13 @@ mod tests {
     use super::*;
 
     fn sample() -> SenderState {
-        let mut st = SenderState::fresh("rel-1");
+        let mut st = SenderState::fresh(&"r-0000abcd".parse().expect("relationship id"));
         st.phase = Stage::ResyncRequired { reason: "x".into(), requested: true };
         st.pending.push(PendingPoint {
             seq: 4,
             created_unix_ms: 5,
             app_consistent: true,
-            logs: BTreeMap::from([("disk0".to_string(), vec![7, 8])]),
+            logs: BTreeMap::from([("disk0".parse().expect("disk id"), vec![7, 8])]),
         });
         st
     }

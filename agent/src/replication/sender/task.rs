@@ -66,7 +66,7 @@ impl<T: PeerTransport> Task<T> {
         let state_path = p.state_dir.join(STATE_FILE);
         let mut view = View::default();
         let st = match SenderState::load(&state_path) {
-            Ok(Some(st)) if st.relationship_id == p.relationship_id => st,
+            Ok(Some(st)) if p.relationship_id == st.relationship_id.as_str() => st,
             Ok(Some(st)) => {
                 tracing::warn!(old = %st.relationship_id, "state file of another relationship: starting over");
                 SenderState::fresh(&p.relationship_id)
@@ -294,8 +294,8 @@ impl<T: PeerTransport> Task<T> {
 
     fn status(&self) -> v1::ReplicationStatus {
         v1::ReplicationStatus {
-            relationship_id: self.p.relationship_id.clone(),
-            vm: self.p.vm.clone(),
+            relationship_id: self.p.relationship_id.to_string(),
+            vm: self.p.vm.to_string(),
             state: self.phase.reported().into(),
             done_bytes: self.view.done,
             total_bytes: self.view.total,

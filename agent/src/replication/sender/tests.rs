@@ -19,6 +19,10 @@ const MIB: u64 = 1 << 20;
 const SIZE: u64 = 8 * MIB;
 const REL: &str = "r-0000beef";
 
+fn rel() -> siterecovery_proto::model::RelationshipId {
+    REL.parse().expect("relationship id")
+}
+
 #[derive(Default)]
 struct Replica {
     image: Vec<u8>,
@@ -193,9 +197,9 @@ fn env() -> Env {
 impl Env {
     fn start(&self) -> SenderHandle {
         let params = SenderParams {
-            relationship_id: REL.into(),
-            vm: "vm1".into(),
-            replica_host_id: "host-b".into(),
+            relationship_id: rel(),
+            vm: "vm1".parse().expect("vm name"),
+            replica_host_id: "host-b".parse().expect("host id"),
             replica_address: "fake".into(),
             settings: v1::ReplicationSettings {
                 interval_ms: 100,
@@ -309,12 +313,12 @@ async fn a_fatal_error_waits_for_an_operator_resync() {
 #[tokio::test]
 async fn seeds_and_a_damaged_state_file() {
     let env = env();
-    let through = std::collections::BTreeMap::from([("disk0".to_string(), 4)]);
-    seed(&env.dir, REL, Seed::AwaitImport { through: through.clone() }).expect("seed");
+    let through = std::collections::BTreeMap::from([("disk0".parse().expect("disk id"), 4)]);
+    seed(&env.dir, &rel(), Seed::AwaitImport { through: through.clone() }).expect("seed");
     let st = SenderState::load(&env.dir.join(STATE_FILE)).expect("load").expect("seeded");
     assert!(st.awaiting_import && st.assigned_through == through);
     assert_eq!(Phase::from_stored(&st.phase, st.awaiting_import), Phase::WaitingForImport);
-    seed(&env.dir, REL, Seed::Resync { reason: "why".into() }).expect("seed");
+    seed(&env.dir, &rel(), Seed::Resync { reason: "why".into() }).expect("seed");
     let st = SenderState::load(&env.dir.join(STATE_FILE)).expect("load").expect("seeded");
     assert_eq!(st.phase, Stage::ResyncRequired { reason: "why".into(), requested: true });
     // A state file that cannot be read: the sender resynchronises (it cannot know what

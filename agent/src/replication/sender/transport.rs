@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use siterecovery_proto::model::HostId;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::peer_client::PeerClient;
 use tokio::sync::mpsc;
@@ -49,7 +50,7 @@ pub trait PeerTransport: Clone + Send + Sync + 'static {
 #[derive(Clone)]
 pub struct GrpcPeer {
     address: String,
-    host_id: String,
+    host_id: HostId,
     files: Arc<AgentFiles>,
     /// Shared by the clones (the resync's sub-block requests use the same connection).
     client: Arc<Mutex<Option<PeerClient<Channel>>>>,
@@ -57,7 +58,7 @@ pub struct GrpcPeer {
 
 impl GrpcPeer {
     /// The peer at `address`, which must prove to be host `host_id`.
-    pub fn new(address: String, host_id: String, files: Arc<AgentFiles>) -> Self {
+    pub fn new(address: String, host_id: HostId, files: Arc<AgentFiles>) -> Self {
         GrpcPeer { address, host_id, files, client: Arc::default() }
     }
 
@@ -71,8 +72,12 @@ impl GrpcPeer {
             crate::peer::endpoint(&address, &self.files).map_err(connect)?.connect().await.map_err(connect)?;
         let mut client = PeerClient::new(channel);
         let pong = client.ping(v1::PingRequest {}).await?.into_inner();
-        if pong.host_id != self.host_id {
-            return Err(ReplicationError::WrongPeer { address, expected: self.host_id.clone(), found: pong.host_id });
+        if self.host_id != pong.host_id.as_str() {
+            return Err(ReplicationError::WrongPeer {
+                address,
+                expected: self.host_id.to_string(),
+                found: pong.host_id,
+            });
         }
         if let Ok(mut c) = self.client.lock() {
             *c = Some(client.clone());
