@@ -38,4 +38,6 @@ pub mod protection;
 pub mod registration;
 pub mod relationship;
 pub mod store;
+#[cfg(test)]
+mod testkit;
 pub mod vault;

@@ -29,7 +29,6 @@
 use std::time::Duration;
 
 use siterecovery_proto::model::PointSelector;
-use tonic::Status;
 
 use crate::inventory::VmRecord;
 use crate::jobs::{JobKind, JobRecord, JobState};
@@ -134,15 +133,6 @@ pub struct FailoverOptions {
     /// Recovery plans: the plan's shutdown step already prepared (planned: the point it
     /// returned) or stopped (unplanned) the primary.
     pub prepared: Option<String>,
-}
-
-/// Moved to [`crate::addresses`]; kept until protection calls it there.
-pub use crate::addresses::describe_reservation;
-
-/// Moved to [`crate::addresses::reserve_addresses`]; this adapter for protection's
-/// call site goes when protection calls it there.
-pub fn reserve_addresses(state: &Core, vm: &VmRecord, _why: Option<&str>) -> Result<Vec<Reservation>, Status> {
-    reserve_for(state, vm).map_err(|e| crate::error::status(&e))
 }
 
 /// Reserves addresses for `vm`; the other VMs' relationships hold theirs.

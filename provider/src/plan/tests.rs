@@ -9,18 +9,14 @@ use serde_json::json;
 use siterecovery_proto::model::{JobId, PlanName};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::provider_message::Command;
-use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::agents::fake::FakeAgents;
 use crate::agents::{AgentError, AgentErrorKind};
-use crate::inventory::VmRecord;
-use crate::policy::PolicyRecord;
-use crate::relationship::{ProtectionConfig, ProtectionCore, ReplicationState};
-use crate::store::{POLICIES, Store, VMS};
+use crate::relationship::ReplicationState;
+use crate::store::Store;
 
-const PRIMARY: &str = "hv-a-0a0a0a";
-const REPLICA: &str = "hv-b-0b0b0b";
+use crate::testkit::{self, PRIMARY, REPLICA};
 const VMS_OF_PLAN: [&str; 3] = ["vm1", "vm2", "vm3"];
 
 struct Env {
@@ -34,39 +30,11 @@ struct Env {
 fn env() -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("store");
-    for (id, name, cloud) in [(PRIMARY, "hv-a", "east"), (REPLICA, "hv-b", "west")] {
-        let h: HostRecord = serde_json::from_value(json!({
-            "id": id, "name": name, "site": cloud, "cloud": cloud, "address": format!("{name}:7001"),
-            "agent_version": "0", "registered_unix_ms": 1,
-        }))
-        .expect("host");
-        store.put(HOSTS, id, &h).expect("put host");
-    }
-    let policy: PolicyRecord = serde_json::from_value(json!({
-        "name": "gold", "interval_ms": 1000, "retention_ms": 3600000, "app_consistent_every_ms": 0,
-        "compression": false, "initial_method": "network", "port": 0,
-        "resync_window_start_hour": 0, "resync_window_end_hour": 0,
-    }))
-    .expect("policy");
-    store.put(POLICIES, "gold", &policy).expect("put policy");
+    testkit::seed(&store);
     for name in VMS_OF_PLAN {
-        let vm: VmRecord = serde_json::from_value(json!({
-            "name": name, "host_id": PRIMARY, "folder": format!("/vms/{name}"), "power_state": "running",
-            "created_unix_ms": 1, "disks": [], "nics": [],
-        }))
-        .expect("vm");
-        store.put(VMS, name, &vm).expect("put vm");
+        testkit::put_vm(&store, name, false);
     }
-    let (protection, _) = ProtectionCore::load(&store, ProtectionConfig::for_tests()).expect("load");
-    let agents = Arc::new(FakeAgents::default());
-    agents.connect(PRIMARY);
-    agents.connect(REPLICA);
-    let core = Arc::new(Core {
-        store: Arc::new(store),
-        protection,
-        agents: agents.clone(),
-        shutdown: CancellationToken::new(),
-    });
+    let (core, agents, _) = testkit::start(store);
     for (i, name) in VMS_OF_PLAN.iter().enumerate() {
         let rel: RelationshipRecord = serde_json::from_value(json!({
             "id": format!("r-0000000{i}"), "vm": name, "primary_host_id": PRIMARY, "replica_host_id": REPLICA,

@@ -3,7 +3,7 @@
 //! reaches an agent.
 
 use siterecovery_proto::model::wire::{self, WireError};
-use siterecovery_proto::model::{CloudName, JobId, PlanName, PointSelector, VmName};
+use siterecovery_proto::model::{CloudName, JobId, PointSelector, VmName};
 use siterecovery_proto::v1;
 
 /// A request that names one VM (`VmRequest`, `UnprotectRequest`, ...).
@@ -74,26 +74,6 @@ impl TryFrom<&v1::ExportPointRequest> for ExportPoint {
     }
 }
 
-/// `PlanFailover`'s plan (the type is the plan's to check).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlanTarget(pub PlanName);
-
-impl TryFrom<&v1::PlanFailoverRequest> for PlanTarget {
-    type Error = WireError;
-    fn try_from(r: &v1::PlanFailoverRequest) -> Result<Self, WireError> {
-        wire::field("plan_failover.plan", &r.plan).map(Self)
-    }
-}
-
-/// A recovery plan's names: its own and its VMs'.
-pub fn check_plan(r: &v1::RecoveryPlan) -> Result<(), WireError> {
-    wire::field::<PlanName>("create_plan.name", &r.name)?;
-    for (i, g) in r.groups.iter().enumerate() {
-        wire::each::<VmName>(&format!("create_plan.groups[{i}].vms"), &g.vms)?;
-    }
-    Ok(())
-}
-
 /// A request that names one job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRef(pub JobId);
@@ -102,13 +82,6 @@ impl TryFrom<&v1::GetJobRequest> for JobRef {
     type Error = WireError;
     fn try_from(r: &v1::GetJobRequest) -> Result<Self, WireError> {
         wire::field("get_job.id", &r.id).map(Self)
-    }
-}
-
-impl TryFrom<&v1::ConfirmPlanActionRequest> for JobRef {
-    type Error = WireError;
-    fn try_from(r: &v1::ConfirmPlanActionRequest) -> Result<Self, WireError> {
-        wire::field("confirm_plan_action.job_id", &r.job_id).map(Self)
     }
 }
 

@@ -8,19 +8,16 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use siterecovery_proto::model::{SenderState, VmName};
 use siterecovery_proto::v1;
-use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::agents::fake::FakeAgents;
 use crate::error::{Classify, ErrorClass};
-use crate::inventory::{HostRecord, VmRecord};
 use crate::jobs::{EnableStep, JobKind, JobState, Jobs, RESTARTED, StepState};
-use crate::policy::{PairingRecord, PolicyRecord};
-use crate::relationship::{Core, ProtectionConfig, ProtectionCore, RelationshipRecord, ReplicationState, claim_vm};
-use crate::store::{HOSTS, PAIRINGS, POLICIES, Store, VMS};
+use crate::policy::PairingRecord;
+use crate::relationship::{Core, RelationshipRecord, ReplicationState, claim_vm};
+use crate::store::{PAIRINGS, Store};
 
-const PRIMARY: &str = "hv-a-0a0a0a";
-const REPLICA: &str = "hv-b-0b0b0b";
+use crate::testkit::{self, PRIMARY, REPLICA};
 
 struct Env {
     core: Arc<Core>,
@@ -34,44 +31,14 @@ struct Env {
 fn env_with(before: impl FnOnce(&Store)) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("store");
-    for (id, name, cloud) in [(PRIMARY, "hv-a", "east"), (REPLICA, "hv-b", "west")] {
-        let h: HostRecord = serde_json::from_value(json!({
-            "id": id, "name": name, "site": cloud, "cloud": cloud, "address": format!("{name}:7001"),
-            "agent_version": "0", "registered_unix_ms": 1,
-        }))
-        .expect("host");
-        store.put(HOSTS, id, &h).expect("put host");
-    }
-    let vm: VmRecord = serde_json::from_value(json!({
-        "name": "vm1", "host_id": PRIMARY, "folder": "/vms/vm1", "power_state": "running", "created_unix_ms": 1,
-        "disks": [{"id": "disk0", "size_bytes": 1048576, "image_path": "/vms/vm1/disk0.img", "export_name": "vm1-disk0",
-                   "nbd_unix_uri": "", "nbd_tcp_uri": "", "tracking": true, "pending_log_bytes": 0, "allocated_bytes": 0}],
-        "nics": [],
-    }))
-    .expect("vm");
-    store.put(VMS, "vm1", &vm).expect("put vm");
-    let policy: PolicyRecord = serde_json::from_value(json!({
-        "name": "gold", "interval_ms": 1000, "retention_ms": 3600000, "app_consistent_every_ms": 0,
-        "compression": false, "initial_method": "network", "port": 0,
-        "resync_window_start_hour": 0, "resync_window_end_hour": 0,
-    }))
-    .expect("policy");
-    store.put(POLICIES, "gold", &policy).expect("put policy");
+    testkit::seed(&store);
+    testkit::put_vm(&store, "vm1", true);
     let pairing: PairingRecord =
         serde_json::from_value(json!({"source_cloud": "east", "target_cloud": "west", "policy": "gold"}))
             .expect("pairing");
     store.put(PAIRINGS, "east", &pairing).expect("put pairing");
     before(&store);
-    let (protection, resumed) = ProtectionCore::load(&store, ProtectionConfig::for_tests()).expect("load");
-    let agents = Arc::new(FakeAgents::default());
-    agents.connect(PRIMARY);
-    agents.connect(REPLICA);
-    let core = Arc::new(Core {
-        store: Arc::new(store),
-        protection,
-        agents: agents.clone(),
-        shutdown: CancellationToken::new(),
-    });
+    let (core, agents, resumed) = testkit::start(store);
     Env { core, agents, resumed, _dir: dir }
 }
 
