@@ -1,4 +1,4 @@
-//! Block hashes of the replica images for resynchronisation (`crate::resync` compares
+//! Block hashes of the replica images for resynchronisation (the replication package's resync compares
 //! them with the primary's).
 
 use std::os::unix::fs::FileExt;

@@ -554,47 +554,6 @@ impl FreezeGuard<'_> {
     }
 }
 
-impl BlockDevice for TrackedDisk {
-    fn size(&self) -> u64 {
-        self.size
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
-        check_range(offset, buf.len() as u64, self.size)?;
-        self.image.read_exact_at(buf, offset).map_err(DiskError::from_io)
-    }
-    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), DiskError> {
-        self.mutate(RecordKind::Write, offset, data.len() as u64, data, fua, || self.image.write_all_at(data, offset))
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError> {
-        self.mutate(RecordKind::Zeroes, offset, len, &[], fua, || self.zero_image(offset, len))
-    }
-    fn trim(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.mutate(RecordKind::Trim, offset, len, &[], false, || self.zero_image(offset, len))
-    }
-    /// Group commit: the first flusher syncs everything completed so far; flushers that
-    /// queued behind it find their writes covered and return without a second fdatasync.
-    fn flush(&self) -> Result<(), DiskError> {
-        let target = self.completed.load(Ordering::SeqCst);
-        let mut synced = self.synced_gen.lock().unwrap_or_else(PoisonError::into_inner);
-        if *synced >= target {
-            return Ok(());
-        }
-        // Everything completed up to `now` is in this log file or in an earlier log,
-        // which its seal already synced.
-        let now = self.completed.load(Ordering::SeqCst);
-        let log_file = self.lock().log_file.clone();
-        if let Some(f) = log_file {
-            f.sync_data().map_err(DiskError::from_io)?;
-        }
-        self.image.sync_data().map_err(DiskError::from_io)?;
-        *synced = now;
-        Ok(())
-    }
-}
-
 /// Makes `writer` the open log.
 fn install_log(st: &mut State, writer: HrlWriter) -> Result<(), HrlError> {
     st.log_file = Some(Arc::new(writer.try_clone_file()?));
@@ -632,5 +591,6 @@ fn file_len(path: &Path) -> Result<u64, TrackerError> {
     std::fs::metadata(path).map(|m| m.len()).map_err(|source| log_err(path, source.into()))
 }
 
+mod block;
 #[cfg(test)]
 mod tests;

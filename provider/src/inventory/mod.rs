@@ -2,7 +2,7 @@
 //! operator's Inventory service.
 //!
 //! Hosts are persisted at registration; their connection state and heartbeat live in
-//! the control sessions ([`crate::control`]). VMs are reported by their hosts (a full
+//! the control sessions (module `control`). VMs are reported by their hosts (a full
 //! list at each connection, and with every command result) and persisted, so the
 //! inventory is intact across provider restarts even before hosts reconnect.
 //!
