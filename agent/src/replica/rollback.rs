@@ -13,12 +13,10 @@ impl Replica {
     /// recorded first and the rollback re-done on open.
     pub fn rollback_to(&self, point: &str) -> Result<PointInfo, ReplicaError> {
         let mut inner = self.write();
-        let meta = if point == "latest" {
-            inner.state.points.last()
-        } else {
-            inner.state.points.iter().find(|m| m.info.id == point || m.info.seq.to_string() == point)
-        }
-        .ok_or_else(|| ReplicaError::NotFound(format!("point {point:?} of {}", self.spec.vm)))?;
+        let meta = inner
+            .state
+            .find_point(point)
+            .ok_or_else(|| ReplicaError::NotFound(format!("point {point:?} of {}", self.spec.vm)))?;
         let info = meta.info.clone();
         if inner.state.points.last().is_some_and(|m| m.info.seq == info.seq) {
             return Ok(info);

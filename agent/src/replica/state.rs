@@ -87,6 +87,17 @@ pub(super) struct State {
     pub(super) rollback_to: Option<u64>,
 }
 
+impl State {
+    /// A retained point by `"latest"`, its id (`p7`) or its bare sequence (`7`).
+    pub(super) fn find_point(&self, point: &str) -> Option<&PointMeta> {
+        if point == "latest" {
+            self.points.last()
+        } else {
+            self.points.iter().find(|m| m.info.id == point || m.info.seq.to_string() == point)
+        }
+    }
+}
+
 /// The state file of a replica folder.
 pub const STATE_FILE: &str = "replica.json";
 

@@ -14,12 +14,10 @@ impl Replica {
     /// until the view is dropped.
     pub fn open_point(self: &Arc<Self>, point: &str) -> Result<PointView, ReplicaError> {
         let mut inner = self.write();
-        let meta = if point == "latest" {
-            inner.state.points.last()
-        } else {
-            inner.state.points.iter().find(|m| m.info.id == point || m.info.seq.to_string() == point)
-        }
-        .ok_or_else(|| ReplicaError::NotFound(format!("point {point:?} of {}", self.spec.vm)))?;
+        let meta = inner
+            .state
+            .find_point(point)
+            .ok_or_else(|| ReplicaError::NotFound(format!("point {point:?} of {}", self.spec.vm)))?;
         let info = meta.info.clone();
         *inner.pins.entry(info.seq).or_default() += 1;
         drop(inner);
