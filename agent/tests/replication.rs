@@ -57,8 +57,9 @@ fn fill(seed: u64, len: usize) -> Vec<u8> {
 
 fn host_files(ca: &VaultCa, root: &Path, host_id: &str, listen: &str) -> Arc<AgentFiles> {
     let id = PeerIdentity::new(ca.vault_id().clone(), Role::Host, host_id).expect("identity");
-    let (cert_pem, key_pem) =
-        ca.issue_local(&id, &ServerNames::for_address(listen), Duration::from_secs(3600)).expect("issue");
+    let (cert_pem, key_pem) = ca
+        .issue_local(&id, &ServerNames::for_address(listen).expect("names"), Duration::from_secs(3600))
+        .expect("issue");
     let dir = root.join(host_id);
     let config = AgentConfig {
         host_id: host_id.into(),

@@ -24,28 +24,62 @@ pub const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Names a leaf certificate is valid for as a TLS server (the agent's or provider's
 /// listening address), besides its identity URI.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerNames {
     pub dns: Vec<String>,
     pub ips: Vec<IpAddr>,
 }
 
 impl ServerNames {
-    /// The host part of `host:port` as an IP or DNS name, plus `localhost`.
-    pub fn for_address(address: &str) -> Self {
+    /// The names of a listener at `address` (`HOST:PORT`), validated: an IP address, or
+    /// a DNS name (letters, digits and hyphens in dot-separated labels; never a
+    /// wildcard). `localhost` and loopback addresses only for a loopback listener: a
+    /// loopback IP gets `localhost` too, any other address only itself. The
+    /// unspecified address (`0.0.0.0`, `::`) is refused: it is not a name peers dial.
+    pub fn for_address(address: &str) -> Result<Self, CertError> {
+        let bad = |why: &str| CertError::parse("listen address", format!("{why}: {:?}", short(address)));
+        if !address.contains(':') {
+            return Err(bad("not HOST:PORT"));
+        }
         let host = crate::host_of(address);
-        let mut names = ServerNames { dns: vec!["localhost".into()], ips: vec![] };
         match host.parse::<IpAddr>() {
-            Ok(ip) => names.ips.push(ip),
-            Err(_) if !host.is_empty() && host != "localhost" => names.dns.push(host.to_owned()),
-            Err(_) => {}
+            Ok(ip) if ip.is_unspecified() => Err(bad("an unspecified address is not a name peers can dial")),
+            Ok(ip) if ip.is_loopback() => Ok(ServerNames { dns: vec!["localhost".into()], ips: vec![ip] }),
+            Ok(ip) => Ok(ServerNames { dns: vec![], ips: vec![ip] }),
+            Err(_) => {
+                let lower = host.to_ascii_lowercase();
+                if !is_dns_name(&lower) {
+                    return Err(bad("not a DNS name or IP address (no wildcards)"));
+                }
+                if lower == "localhost" || lower.ends_with(".localhost") {
+                    let loopback: IpAddr = [127, 0, 0, 1].into();
+                    return Ok(ServerNames { dns: vec![lower], ips: vec![loopback] });
+                }
+                Ok(ServerNames { dns: vec![lower], ips: vec![] })
+            }
         }
-        let loopback: IpAddr = [127, 0, 0, 1].into();
-        if !names.ips.contains(&loopback) {
-            names.ips.push(loopback);
-        }
-        names
     }
+}
+
+fn short(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+/// A DNS host name: 1..=253 chars, dot-separated labels of 1..=63 letters, digits and
+/// hyphens, no label starting or ending with a hyphen, not all-numeric at the top.
+pub fn is_dns_name(s: &str) -> bool {
+    if s.is_empty() || s.len() > 253 {
+        return false;
+    }
+    let labels: Vec<&str> = s.split('.').collect();
+    let label_ok = |l: &&str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    labels.iter().all(label_ok) && labels.last().is_some_and(|t| !t.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The vault CA: its certificate and its key. Lives only on the provider.
@@ -244,7 +278,7 @@ mod tests {
         let req = crate::csr::make_csr("whatever").expect("csr");
         let id = PeerIdentity::new(vault.clone(), Role::Host, "h1").expect("id");
         let pem = ca
-            .issue_for_csr(&req.csr_pem, &id, &ServerNames::for_address("127.0.0.1:1"), LEAF_VALIDITY)
+            .issue_for_csr(&req.csr_pem, &id, &ServerNames::for_address("127.0.0.1:1").expect("names"), LEAF_VALIDITY)
             .expect("issue");
         let der = first_cert_der(&pem).expect("der");
         assert_eq!(PeerIdentity::from_cert_der(&der).expect("identity"), id);
@@ -262,6 +296,21 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn server_names_come_only_from_a_valid_address() {
+        let names = |a: &str| ServerNames::for_address(a).map(|n| (n.dns, n.ips));
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(names("10.0.0.1:7443").expect("ip"), (vec![], vec![ip("10.0.0.1")]));
+        assert_eq!(names("127.0.0.1:7443").expect("loopback"), (vec!["localhost".to_string()], vec![ip("127.0.0.1")]));
+        assert_eq!(names("[::1]:7443").expect("v6 loopback"), (vec!["localhost".to_string()], vec![ip("::1")]));
+        assert_eq!(names("HV1.Corp.Example:7443").expect("dns"), (vec!["hv1.corp.example".to_string()], vec![]));
+        for bad in
+            ["*.corp.example:1", "0.0.0.0:1", "[::]:1", "no-port", "a..b:1", "-a.b:1", "a_b.c:1", "1.2.3:1", ":1"]
+        {
+            assert!(ServerNames::for_address(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub enum Role {
     Host,
     /// A person or script using the admin API.
     Operator,
+    /// A hypervisor's NBD client (QEMU's `tls-creds-x509`): may open the TLS NBD
+    /// exports of the vault's hosts and nothing else.
+    Nbd,
 }
 
 impl Role {
@@ -32,6 +35,7 @@ impl Role {
             Role::Provider => "provider",
             Role::Host => "host",
             Role::Operator => "operator",
+            Role::Nbd => "nbd",
         }
     }
 }
@@ -49,6 +53,7 @@ impl FromStr for Role {
             "provider" => Ok(Role::Provider),
             "host" => Ok(Role::Host),
             "operator" => Ok(Role::Operator),
+            "nbd" => Ok(Role::Nbd),
             other => Err(CertError::NoIdentity(format!("unknown role {other:?}"))),
         }
     }

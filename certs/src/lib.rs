@@ -10,6 +10,9 @@
 //! - [`csr`]: key pair + CSR on the registering machine (the key never leaves it).
 //! - [`vault_key`]: the vault key file handed to hosts to register.
 //! - [`tls`]: rustls client/server configs that accept this vault's certificates only.
+//! - [`live`]: what changes at run time: the own certificate (renewal), the revoked
+//!   serials, and the identity a client requires of a server.
+//! - [`transport`]: tonic servers and channels over those rustls configs.
 //! - [`files`]: atomic writes with the right modes (private keys 0600).
 //!
 //! File formats: `docs/files.md` beside this crate.
@@ -18,7 +21,9 @@ pub mod ca;
 pub mod csr;
 pub mod files;
 pub mod identity;
+pub mod live;
 pub mod tls;
+pub mod transport;
 pub mod vault_key;
 
 pub use ca::VaultCa;

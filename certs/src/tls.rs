@@ -46,7 +46,7 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn roots(ca_pem: &str) -> Result<RootCertStore, CertError> {
+pub(crate) fn roots(ca_pem: &str) -> Result<RootCertStore, CertError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         let cert = cert.map_err(|e| CertError::parse("CA certificate", e))?;

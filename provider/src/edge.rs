@@ -18,6 +18,7 @@ use crate::control::{ControlContext, ReplicationReport, Sessions};
 use crate::inventory::{HostRecord, InventoryContext, LiveStatus, VmRecord};
 use crate::registration::RegistrationContext;
 use crate::store::Store;
+use crate::trust::Revocations;
 
 impl RegistrationContext for AppState {
     fn vault_id(&self) -> &VaultId {
@@ -35,6 +36,14 @@ impl RegistrationContext for AppState {
     fn store(&self) -> &Store {
         &self.store
     }
+
+    fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
+    fn cert_validity(&self) -> Duration {
+        self.cert_validity
+    }
 }
 
 #[tonic::async_trait]
@@ -45,6 +54,10 @@ impl InventoryContext for AppState {
 
     fn store(&self) -> &Store {
         &self.store
+    }
+
+    fn revocations(&self) -> &Revocations {
+        &self.revocations
     }
 
     fn live_status(&self, host: &HostId) -> LiveStatus {
@@ -71,6 +84,18 @@ impl ControlContext for AppState {
 
     fn sessions(&self) -> &Sessions {
         &self.sessions
+    }
+
+    fn ca(&self) -> &VaultCa {
+        &self.ca
+    }
+
+    fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
+    fn cert_validity(&self) -> Duration {
+        self.cert_validity
     }
 
     fn shutdown(&self) -> &CancellationToken {

@@ -4,6 +4,7 @@
 //! - [`vault`]: the data dir, CA, registration secret, operator certificates.
 //! - [`store`]: the embedded database.
 //! - [`registration`], [`inventory`], [`control`]: the gRPC services.
+//! - [`trust`]: the revoked certificates.
 //! - [`auth`]: per-RPC authorisation from the peer certificate; [`command`]: how a
 //!   command to an agent fails.
 //! - [`relationship`]: replication relationships (state machine, records, health, the
@@ -40,4 +41,5 @@ pub mod relationship;
 pub mod store;
 #[cfg(test)]
 mod testkit;
+pub mod trust;
 pub mod vault;

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use siterecovery_certs::ca::{LEAF_VALIDITY, ServerNames};
+use siterecovery_certs::ca::ServerNames;
 use siterecovery_certs::{PeerIdentity, Role, VaultCa, VaultId};
 use siterecovery_proto::model::wire::{self, WireError};
 use siterecovery_proto::model::{CloudName, HostId, HostName, SiteName};
@@ -29,6 +29,9 @@ pub trait RegistrationContext: Send + Sync + 'static {
     fn vault_dir(&self) -> &Path;
     fn ca(&self) -> &VaultCa;
     fn store(&self) -> &Store;
+    fn revocations(&self) -> &crate::trust::Revocations;
+    /// Validity of the host certificates it issues (`serve --cert-validity`).
+    fn cert_validity(&self) -> std::time::Duration;
 }
 
 pub struct RegistrationService<C> {
@@ -86,6 +89,8 @@ pub struct RegisterRequest {
     pub site: SiteName,
     pub cloud: CloudName,
     pub listen_address: String,
+    /// The names the CA puts into the certificate, from the listen address alone.
+    pub server_names: ServerNames,
 }
 
 impl TryFrom<&v1::RegisterRequest> for RegisterRequest {
@@ -97,7 +102,10 @@ impl TryFrom<&v1::RegisterRequest> for RegisterRequest {
                 format!("{:?} is not HOST:PORT", truncated(&r.listen_address)),
             ));
         }
+        let server_names = ServerNames::for_address(&r.listen_address)
+            .map_err(|e| WireError::rule("register.listen_address", e.to_string()))?;
         Ok(Self {
+            server_names,
             host_name: wire::field("register.host_name", &r.host_name)?,
             site: wire::field("register.site", &r.site)?,
             cloud: wire::field("register.cloud", &r.cloud)?,
@@ -154,7 +162,7 @@ impl<C: RegistrationContext> RegistrationService<C> {
             .map_err(|e| RegistrationError::Identity(e.to_string()))?;
         let cert = state
             .ca()
-            .issue_for_csr(&r.csr_pem, &identity, &ServerNames::for_address(&req.listen_address), LEAF_VALIDITY)
+            .issue_for_csr(&r.csr_pem, &identity, &req.server_names, state.cert_validity())
             .map_err(|e| RegistrationError::Csr(e.to_string()))?;
         let record = HostRecord {
             id: host_id.clone(),

@@ -65,7 +65,9 @@ pub const POLICIES: Table = Table(TableDefinition::new("policies"), "policies");
 pub const PAIRINGS: Table = Table(TableDefinition::new("pairings"), "pairings");
 pub const RELATIONSHIPS: Table = Table(TableDefinition::new("relationships"), "relationships");
 pub const JOBS: Table = Table(TableDefinition::new("jobs"), "jobs");
-const ALL: [Table; 7] = [HOSTS, VMS, META, POLICIES, PAIRINGS, RELATIONSHIPS, JOBS];
+/// Revoked certificate serials ([`crate::trust::RevokedRecord`]).
+pub const REVOKED: Table = Table(TableDefinition::new("revoked"), "revoked");
+const ALL: [Table; 8] = [HOSTS, VMS, META, POLICIES, PAIRINGS, RELATIONSHIPS, JOBS, REVOKED];
 
 /// Serde of an optional name kept as a plain string that is empty when absent: the
 /// stored shape of records from before the domain types (`"test_of": ""`).

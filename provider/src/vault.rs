@@ -100,7 +100,7 @@ pub fn create(dir: &Path, name: &str, address: &str, key_out: &Path, expiry: Dur
     let vault_id = VaultId::generate();
     let ca = VaultCa::create(vault_id.clone(), name)?;
     let provider_id = PeerIdentity::new(vault_id.clone(), Role::Provider, "provider")?;
-    let (cert_pem, key_pem) = ca.issue_local(&provider_id, &ServerNames::for_address(address), LEAF_VALIDITY)?;
+    let (cert_pem, key_pem) = ca.issue_local(&provider_id, &ServerNames::for_address(address)?, LEAF_VALIDITY)?;
     files::write_public(&dir.join("ca.pem"), ca.cert_pem().as_bytes())?;
     files::write_private(&dir.join("ca.key"), ca.key_pem().as_bytes())?;
     files::write_public(&dir.join("provider.pem"), cert_pem.as_bytes())?;

@@ -211,6 +211,10 @@ impl TryFrom<v1::ProviderMessage> for Command {
                 vm: field("import_initial.vm", &c.vm)?,
                 dir: directory("import_initial.dir", &c.dir)?,
             }),
+            // Pushes, handled by the session before commands are converted.
+            Wire::CertificateIssued(_) | Wire::RevocationList(_) => {
+                return Err(WireError::rule("command", "a push is not a command"));
+            }
         };
         Ok(Command { id: m.command_id, kind })
     }

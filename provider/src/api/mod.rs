@@ -29,6 +29,7 @@ use crate::inventory::InventoryService;
 use crate::registration::RegistrationService;
 use crate::relationship::{Core, ProtectionConfig, ProtectionCore};
 use crate::store::Store;
+use crate::trust::Revocations;
 use crate::vault::Vault;
 
 /// Shared state of the registration, inventory and control services. Orchestration
@@ -41,6 +42,10 @@ pub struct AppState {
     pub ca: VaultCa,
     pub sessions: Arc<Sessions>,
     pub core: Arc<Core>,
+    /// The revoked certificates.
+    pub revocations: Arc<Revocations>,
+    /// Validity of the host certificates issued at registration and renewal.
+    pub cert_validity: Duration,
 }
 
 impl std::ops::Deref for AppState {
@@ -92,7 +97,10 @@ pub async fn serve_with(
     let sessions = Arc::new(Sessions::new());
     let core =
         Arc::new(Core { store: Arc::new(store), protection, agents: sessions.clone(), shutdown: shutdown.clone() });
+    let revocations = Arc::new(Revocations::load(&core.store)?);
     let state = Arc::new(AppState {
+        revocations,
+        cert_validity: siterecovery_certs::ca::LEAF_VALIDITY,
         vault_id: vault.info.vault_id.clone(),
         vault_dir: vault.dir.clone(),
         ca: vault.ca,

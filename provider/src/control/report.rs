@@ -32,6 +32,10 @@ pub enum AgentReport {
     /// whole for the command's caller.
     Result(Box<v1::CommandResult>),
     Replication(Box<ReplicationReport>),
+    /// A certificate renewal request: the CSR, PEM (its signature is checked by the CA).
+    RenewCertificate {
+        csr_pem: String,
+    },
     /// A message without a body (a newer agent's kind): ignored.
     Empty,
 }
@@ -91,6 +95,12 @@ impl AgentReport {
                 },
                 status: s,
             })),
+            Body::RenewCertificate(r) => {
+                if r.csr_pem.is_empty() || r.csr_pem.len() > 16 * 1024 {
+                    return Err(WireError::rule("renew_certificate.csr_pem", "empty or longer than 16 KiB"));
+                }
+                Self::RenewCertificate { csr_pem: r.csr_pem }
+            }
         })
     }
 }

@@ -29,6 +29,11 @@ pub trait ControlContext: Send + Sync + 'static {
     fn vault_id(&self) -> &VaultId;
     fn store(&self) -> &Store;
     fn sessions(&self) -> &Sessions;
+    /// The CA, for certificate renewal.
+    fn ca(&self) -> &siterecovery_certs::VaultCa;
+    fn revocations(&self) -> &crate::trust::Revocations;
+    /// Validity of renewed host certificates.
+    fn cert_validity(&self) -> std::time::Duration;
     /// Cancelled at shutdown: streams end.
     fn shutdown(&self) -> &CancellationToken;
     /// A host's inventory was recorded: `vms` are the VMs it reported that won
@@ -202,6 +207,9 @@ fn handle<C: ControlContext>(state: &C, host: &HostRecord, pending: &Mutex<Pendi
             state.on_inventory(host, &reported);
         }
         AgentReport::Replication(r) => state.on_replication(host, &r),
+        AgentReport::RenewCertificate { .. } => {
+            tracing::warn!(host = %host.name, "certificate renewal is not implemented yet");
+        }
         AgentReport::Result(r) => {
             let waiter = pending.lock().ok().and_then(|mut p| p.remove(&r.command_id));
             match waiter {

@@ -29,6 +29,7 @@ use crate::store::{HOSTS, Store, StoreError, VMS};
 pub trait InventoryContext: Send + Sync + 'static {
     fn vault_id(&self) -> &VaultId;
     fn store(&self) -> &Store;
+    fn revocations(&self) -> &crate::trust::Revocations;
     /// The host's connection right now.
     fn live_status(&self, host: &HostId) -> LiveStatus;
     /// Sends a command to a connected host and waits for its result; the error is the
@@ -325,6 +326,7 @@ impl<C: InventoryContext> Inventory for InventoryService<C> {
                     cloud: h.cloud.into_string(),
                     address: h.address,
                     registered_unix_ms: h.registered_unix_ms,
+                    ..Default::default()
                 }
             })
             .collect();
@@ -360,6 +362,29 @@ impl<C: InventoryContext> Inventory for InventoryService<C> {
     async fn stop_vm(&self, req: Request<v1::StopVmRequest>) -> Result<Response<v1::Vm>, Status> {
         authorize(&req, self.state.vault_id(), &[Role::Operator])?;
         Ok(Response::new(self.power("stop_vm.name", &req.get_ref().name, false).await?))
+    }
+
+    async fn reset_host(&self, req: Request<v1::HostRequest>) -> Result<Response<v1::Host>, Status> {
+        authorize(&req, self.state.vault_id(), &[Role::Operator])?;
+        Err(Status::unimplemented("host reset is not implemented yet"))
+    }
+
+    async fn remove_host(&self, req: Request<v1::HostRequest>) -> Result<Response<v1::RemoveHostResponse>, Status> {
+        authorize(&req, self.state.vault_id(), &[Role::Operator])?;
+        Err(Status::unimplemented("host remove is not implemented yet"))
+    }
+
+    async fn move_host(&self, req: Request<v1::MoveHostRequest>) -> Result<Response<v1::Host>, Status> {
+        authorize(&req, self.state.vault_id(), &[Role::Operator])?;
+        Err(Status::unimplemented("host move is not implemented yet"))
+    }
+
+    async fn list_revoked(
+        &self,
+        req: Request<v1::ListRevokedRequest>,
+    ) -> Result<Response<v1::ListRevokedResponse>, Status> {
+        authorize(&req, self.state.vault_id(), &[Role::Operator])?;
+        Err(Status::unimplemented("the revocation list is not implemented yet"))
     }
 }
 
