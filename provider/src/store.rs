@@ -65,7 +65,7 @@ pub const POLICIES: Table = Table(TableDefinition::new("policies"), "policies");
 pub const PAIRINGS: Table = Table(TableDefinition::new("pairings"), "pairings");
 pub const RELATIONSHIPS: Table = Table(TableDefinition::new("relationships"), "relationships");
 pub const JOBS: Table = Table(TableDefinition::new("jobs"), "jobs");
-/// Revoked certificate serials ([`crate::trust::RevokedRecord`]).
+/// Revoked certificate serials (the trust module's revoked records).
 pub const REVOKED: Table = Table(TableDefinition::new("revoked"), "revoked");
 const ALL: [Table; 8] = [HOSTS, VMS, META, POLICIES, PAIRINGS, RELATIONSHIPS, JOBS, REVOKED];
 
