@@ -157,7 +157,10 @@ impl VaultCa {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::minutes(5);
+        // Backdated for clock skew, but by at most a tenth of the validity: a
+        // short-lived certificate's "two thirds of its life" must lie in its future.
+        let skew = validity.min(Duration::from_secs(3000)) / 10;
+        params.not_before = now - skew;
         params.not_after = now + validity;
         params.serial_number = Some(random_serial());
         let mut sans = vec![SanType::URI(identity.uri().try_into()?)];
@@ -241,8 +244,12 @@ pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, CertError> {
 
 /// Validity bounds of a PEM certificate, as unix seconds.
 pub fn validity(pem: &str) -> Result<(i64, i64), CertError> {
-    let der = first_cert_der(pem)?;
-    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| CertError::parse("certificate", e))?;
+    validity_of_der(&first_cert_der(pem)?)
+}
+
+/// Validity bounds of a DER certificate (a peer's, as TLS gives it), as unix seconds.
+pub fn validity_of_der(der: &[u8]) -> Result<(i64, i64), CertError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| CertError::parse("certificate", e))?;
     let v = cert.validity();
     Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
@@ -321,6 +328,21 @@ mod tests {
         let id = PeerIdentity::new(vault, Role::Operator, "op").expect("id");
         let (cert, _key) = again.issue_local(&id, &ServerNames::default(), LEAF_VALIDITY).expect("issue");
         assert!(check_valid_now("op", &cert).is_ok());
+    }
+
+    #[test]
+    fn a_short_lived_certificate_renews_in_its_future() {
+        let vault = VaultId::generate();
+        let ca = VaultCa::create(vault.clone(), "t").expect("ca");
+        let id = PeerIdentity::new(vault, Role::Host, "h1").expect("id");
+        let (cert, _) = ca.issue_local(&id, &ServerNames::default(), Duration::from_secs(30)).expect("issue");
+        let (nb, na) = validity(&cert).expect("validity");
+        let now = crate::unix_now();
+        assert!(now - nb <= 4, "backdated by {}s", now - nb);
+        assert!(crate::live::renew_at(nb, na) > now + 10, "renewal due at once");
+        let (long, _) = ca.issue_local(&id, &ServerNames::default(), LEAF_VALIDITY).expect("issue");
+        let backdated = now - validity(&long).expect("validity").0;
+        assert!((299..=301).contains(&backdated), "a year's certificate is backdated {backdated}s, not 5 minutes");
     }
 
     #[test]

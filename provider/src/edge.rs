@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use siterecovery_certs::{VaultCa, VaultId};
-use siterecovery_proto::model::HostId;
+use siterecovery_proto::model::{HostId, VmName};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::provider_message::Command;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::AppState;
 use crate::command::CommandError;
 use crate::control::{ControlContext, ReplicationReport, Sessions};
-use crate::inventory::{HostRecord, InventoryContext, LiveStatus, VmRecord};
+use crate::inventory::{HostRecord, InventoryContext, LiveStatus, RelationshipHosts, VmRecord};
 use crate::registration::RegistrationContext;
 use crate::store::Store;
 use crate::trust::Revocations;
@@ -108,5 +108,13 @@ impl ControlContext for AppState {
 
     fn on_replication(&self, host: &HostRecord, report: &ReplicationReport) {
         self.protection.on_status(&self.store, host.id.as_str(), &report.status);
+    }
+
+    fn relationship_hosts(&self, vm: &VmName) -> Option<RelationshipHosts> {
+        self.protection.of_vm(vm.as_str()).map(|r| RelationshipHosts {
+            relationship_id: r.id,
+            primary_host_id: r.primary_host_id,
+            replica_host_id: r.replica_host_id,
+        })
     }
 }

@@ -69,6 +69,13 @@ enum Cmd {
         /// Tests only: allow policy intervals from 1s and retry backoff in seconds.
         #[arg(long, hide = true)]
         test_intervals: bool,
+        /// Validity of the host certificates issued at registration and renewal, and of
+        /// the provider's own certificate when it renews it (at two thirds of its life).
+        #[arg(long, default_value = "365d", value_parser = parse_cert_validity, value_name = "DUR")]
+        cert_validity: Duration,
+        /// Open connections at most (handshaking or established); more are refused.
+        #[arg(long, default_value_t = 1024, value_name = "N")]
+        max_connections: usize,
     },
     /// Issue an operator certificate (ca.pem, op.pem, op.key) for the CLI and grpcurl.
     OperatorCert(OperatorCertArgs),
@@ -126,6 +133,15 @@ enum Cmd {
     Plan(PlanCmd),
 }
 
+/// `--cert-validity`: a duration of at least [`api::MIN_CERT_VALIDITY`].
+fn parse_cert_validity(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s).map_err(|e| e.to_string())?;
+    if d < api::MIN_CERT_VALIDITY {
+        return Err(format!("{s:?} is under the minimum of {}s", api::MIN_CERT_VALIDITY.as_secs()));
+    }
+    Ok(d)
+}
+
 fn main() {
     let cli = Cli::parse();
     let is_daemon = matches!(cli.cmd, Cmd::Serve { .. } | Cmd::Lab(_));
@@ -137,7 +153,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Vault(c) => cli::vault::run(c, cli.json),
         Cmd::OperatorCert(a) => cli::vault::operator_cert(a, cli.json),
-        Cmd::Serve { data_dir, listen, grace, test_intervals } => {
+        Cmd::Serve { data_dir, listen, grace, test_intervals, cert_validity, max_connections } => {
             let v = vault::Vault::open(&data_dir)?;
             let store = store::Store::open(&data_dir)?;
             let addr = listen.unwrap_or_else(|| v.info.address.clone());
@@ -150,7 +166,10 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 ProtectionConfig::default()
             };
-            api::serve_with(v, store, listener, shutdown, grace, protection).await?;
+            let mut limits = api::ServerLimits::default();
+            limits.accept.max_connections = max_connections;
+            let opts = api::ServeOptions { grace, protection, cert_validity, limits };
+            api::serve_options(v, store, listener, shutdown, opts).await?;
             tracing::info!("provider stopped");
             Ok(())
         }

@@ -164,7 +164,7 @@ impl<C: RegistrationContext> RegistrationService<C> {
             .ca()
             .issue_for_csr(&r.csr_pem, &identity, &req.server_names, state.cert_validity())
             .map_err(|e| RegistrationError::Csr(e.to_string()))?;
-        let record = HostRecord {
+        let mut record = HostRecord {
             id: host_id.clone(),
             name: req.host_name,
             site: req.site,
@@ -172,7 +172,11 @@ impl<C: RegistrationContext> RegistrationService<C> {
             address: req.listen_address,
             agent_version: r.agent_version.clone(),
             registered_unix_ms: siterecovery_certs::unix_now() * 1000,
+            cert_serial: String::new(),
+            cert_not_after_unix_ms: 0,
+            reset_pending: false,
         };
+        record.with_certificate(&cert).map_err(|e| RegistrationError::Identity(e.to_string()))?;
         state.store().put(HOSTS, record.name.as_str(), &record)?;
         tracing::info!(host = %record.name, host_id = %host_id, site = %record.site, cloud = %record.cloud,
             reregistered = existing.is_some(), "host registered");

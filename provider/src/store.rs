@@ -13,6 +13,7 @@
 //! (job id → `JobRecord` (jobs)).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::Serialize;
@@ -95,6 +96,15 @@ pub mod empty_is_none {
 /// The open database. Cheap to share behind an `Arc`; redb serialises writers.
 pub struct Store {
     db: Database,
+    /// Committed write transactions since open (what a flood test counts).
+    writes: AtomicU64,
+}
+
+/// One change decided by [`Store::reconcile`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change<T> {
+    Put(String, T),
+    Delete(String),
 }
 
 impl Store {
@@ -106,7 +116,18 @@ impl Store {
             tx.open_table(t.0)?;
         }
         tx.commit()?;
-        Ok(Self { db })
+        Ok(Self { db, writes: AtomicU64::new(0) })
+    }
+
+    /// Write transactions committed since the store was opened.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn commit(&self, tx: redb::WriteTransaction) -> Result<(), StoreError> {
+        tx.commit()?;
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Reads one record.
@@ -158,7 +179,7 @@ impl Store {
             let mut t = tx.open_table(table.0)?;
             t.insert(key, bytes.as_slice())?;
         }
-        tx.commit()?;
+        self.commit(tx)?;
         Ok(())
     }
 
@@ -170,8 +191,83 @@ impl Store {
             let mut t = tx.open_table(table.0)?;
             t.remove(key)?.is_some()
         };
-        tx.commit()?;
+        self.commit(tx)?;
         Ok(existed)
+    }
+
+    /// Reads, changes and writes one record in one write transaction, so what `f` decided
+    /// from is what it replaces (a record changed meanwhile is never written back). `f`
+    /// returns the new record, or `None` to write nothing (then nothing is committed),
+    /// and its own result.
+    pub fn update<T: Serialize + DeserializeOwned, R>(
+        &self,
+        table: Table,
+        key: &(impl AsRef<str> + ?Sized),
+        f: impl FnOnce(Option<T>) -> (Option<T>, R),
+    ) -> Result<R, StoreError> {
+        let key = key.as_ref();
+        let tx = self.db.begin_write()?;
+        let result = {
+            let mut t = tx.open_table(table.0)?;
+            let current = match t.get(key)? {
+                Some(v) => Some(serde_json::from_slice::<T>(v.value()).map_err(|source| StoreError::Decode {
+                    table: table.1,
+                    key: key.into(),
+                    source,
+                })?),
+                None => None,
+            };
+            let (new, result) = f(current);
+            match new {
+                Some(new) => {
+                    let bytes = serde_json::to_vec(&new)?;
+                    t.insert(key, bytes.as_slice())?;
+                }
+                None => return Ok(result),
+            }
+            result
+        };
+        self.commit(tx)?;
+        Ok(result)
+    }
+
+    /// Reads every record of `table` (those that decode) and applies the changes `f`
+    /// decides from them, in one write transaction; commits only when there is a
+    /// change. Returns `f`'s result.
+    pub fn reconcile<T: Serialize + DeserializeOwned, R>(
+        &self,
+        table: Table,
+        f: impl FnOnce(&[(String, T)]) -> (Vec<Change<T>>, R),
+    ) -> Result<R, StoreError> {
+        let tx = self.db.begin_write()?;
+        let result = {
+            let mut t = tx.open_table(table.0)?;
+            let mut current = Vec::new();
+            for row in t.iter()? {
+                let (k, v) = row?;
+                if let Ok(rec) = serde_json::from_slice::<T>(v.value()) {
+                    current.push((k.value().to_owned(), rec));
+                }
+            }
+            let (changes, result) = f(&current);
+            if changes.is_empty() {
+                return Ok(result);
+            }
+            for c in changes {
+                match c {
+                    Change::Put(k, v) => {
+                        let bytes = serde_json::to_vec(&v)?;
+                        t.insert(k.as_str(), bytes.as_slice())?;
+                    }
+                    Change::Delete(k) => {
+                        t.remove(k.as_str())?;
+                    }
+                }
+            }
+            result
+        };
+        self.commit(tx)?;
+        Ok(result)
     }
 
     /// Replaces, in one transaction, the records of `table` selected by `owned` with
@@ -202,7 +298,7 @@ impl Store {
                 t.insert(k.as_ref(), bytes.as_slice())?;
             }
         }
-        tx.commit()?;
+        self.commit(tx)?;
         Ok(())
     }
 }
@@ -225,6 +321,24 @@ mod tests {
         assert_eq!(s.get::<u32>(META, "b").expect("get"), Some(2));
         assert_eq!(s.get::<u32>(META, "a").expect("get"), None);
         assert_eq!(s.list::<u32>(META).expect("list"), vec![2]);
+    }
+
+    #[test]
+    fn update_and_reconcile_commit_only_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        s.put(META, "a", &1u32).expect("put");
+        let before = s.writes();
+        let seen = s.update(META, "a", |v: Option<u32>| (None, v)).expect("no-op update");
+        assert_eq!((seen, s.writes()), (Some(1), before), "a no-op update committed");
+        s.update(META, "a", |v: Option<u32>| (v.map(|v| v + 1), ())).expect("update");
+        assert_eq!((s.get::<u32>(META, "a").expect("get"), s.writes()), (Some(2), before + 1));
+        let n = s.reconcile(META, |all: &[(String, u32)]| (vec![], all.len())).expect("no-op reconcile");
+        assert_eq!((n, s.writes()), (1, before + 1));
+        s.reconcile(META, |_: &[(String, u32)]| (vec![Change::Delete("a".into()), Change::Put("b".into(), 7)], ()))
+            .expect("reconcile");
+        assert_eq!(s.list::<u32>(META).expect("list"), vec![7]);
+        assert_eq!(s.writes(), before + 2);
     }
 
     #[test]

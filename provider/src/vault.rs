@@ -156,6 +156,12 @@ impl Vault {
         Ok(file)
     }
 
+    /// [`renew_provider_cert`] of this vault.
+    pub fn renew_provider_cert(&mut self, validity: Duration) -> Result<PemIdentity, VaultError> {
+        self.provider_identity = renew_provider_cert(&self.dir, &self.info, &self.ca, validity)?;
+        Ok(self.provider_identity.clone())
+    }
+
     /// Issues an operator certificate into `out_dir`: `ca.pem`, `op.pem`, `op.key` (0600).
     pub fn issue_operator_cert(
         &self,
@@ -171,6 +177,23 @@ impl Vault {
         files::write_private(&out_dir.join("op.key"), key.as_bytes())?;
         Ok(id)
     }
+}
+
+/// Issues the provider a new certificate (new key, same identity, the names of the
+/// vault's address) valid for `validity`, and writes `provider.key` then `provider.pem`
+/// into `dir`, each atomically. A crash between the two leaves a pair that does not
+/// match; `provider serve` renews such a pair at start.
+pub fn renew_provider_cert(
+    dir: &Path,
+    info: &VaultInfo,
+    ca: &VaultCa,
+    validity: Duration,
+) -> Result<PemIdentity, VaultError> {
+    let id = PeerIdentity::new(info.vault_id.clone(), Role::Provider, "provider")?;
+    let (cert_pem, key_pem) = ca.issue_local(&id, &ServerNames::for_address(&info.address)?, validity)?;
+    files::write_private(&dir.join("provider.key"), key_pem.as_bytes())?;
+    files::write_public(&dir.join("provider.pem"), cert_pem.as_bytes())?;
+    Ok(PemIdentity { cert_pem, key_pem })
 }
 
 #[cfg(test)]

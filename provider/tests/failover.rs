@@ -123,7 +123,7 @@ struct Env {
 /// A provider with fake agents hv-a (reporting `vms`) and hv-b, policy `fast`, gold-a
 /// paired with gold-b, networks corp (primary) and dr (secondary) mapped.
 async fn setup(vms: Vec<v1::Vm>) -> Env {
-    let provider = TestProvider::start().await;
+    let provider = TestProvider::start_with(vms.iter().map(|v| (0, v.clone())).collect()).await;
     let log: Log = Arc::new(Mutex::new(Vec::new()));
     let stops = vec![CancellationToken::new(), CancellationToken::new()];
     let n = vms.len();

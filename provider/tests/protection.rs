@@ -74,12 +74,12 @@ async fn fake_agent(mut session: AgentSession, stop: CancellationToken) {
 
 #[tokio::test]
 async fn protect_resync_unprotect_with_fake_agents() {
-    let provider = TestProvider::start().await;
     let vm = v1::Vm {
         name: "vm1".into(),
         disks: vec![v1::Disk { id: "disk0".into(), size_bytes: 2 * GIB, ..Default::default() }],
         ..Default::default()
     };
+    let provider = TestProvider::start_with(vec![(0, vm.clone())]).await;
     let stop = CancellationToken::new();
     tokio::spawn(fake_agent(provider.session(0, vec![vm]).await, stop.clone()));
     tokio::spawn(fake_agent(provider.session(1, vec![]).await, stop.clone()));

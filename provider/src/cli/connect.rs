@@ -4,17 +4,20 @@
 //! expired certificate).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use siterecovery_certs::files;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use siterecovery_certs::live::{Expect, LiveIdentity, RevocationList, client_config_with};
+use siterecovery_certs::tls::PemIdentity;
+use siterecovery_certs::transport::{self, TlsConnector};
+use siterecovery_certs::{PeerIdentity, Role, files};
+use tonic::transport::Channel;
 
 use super::CliError;
 
-/// Parses "[scheme://]host:port" into the https URI and the host name for TLS.
-fn endpoint_parts(address: &str) -> (String, String) {
-    let bare = address.trim_start_matches("https://").trim_start_matches("http://");
-    (format!("https://{bare}"), siterecovery_certs::host_of(bare).to_owned())
+/// Strips a scheme from "[scheme://]host:port": what the connector dials.
+fn bare_address(address: &str) -> &str {
+    address.trim_start_matches("https://").trim_start_matches("http://")
 }
 
 /// Operator credentials from an OPDIR made by `provider operator-cert`.
@@ -46,20 +49,33 @@ impl OperatorCerts {
 }
 
 /// Connects with mutual TLS; the handshake happens here, so a refusal is reported now.
+/// The server must present a certificate of the operator's vault with the `provider`
+/// role for the dialled name (not merely one the CA signed).
 pub async fn connect(address: &str, certs: &OperatorCerts) -> Result<Channel, CliError> {
     siterecovery_certs::tls::install_crypto_provider();
-    let (uri, host) = endpoint_parts(address);
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&certs.ca_pem))
-        .identity(Identity::from_pem(&certs.cert_pem, &certs.key_pem))
-        .domain_name(host);
-    let endpoint = Endpoint::from_shared(uri)
+    let bare = bare_address(address);
+    let tls_err = |reason: String| CliError::Tls { address: address.into(), reason };
+    let own = siterecovery_certs::ca::first_cert_der(&certs.cert_pem)
+        .and_then(|der| PeerIdentity::from_cert_der(&der))
+        .map_err(|e| tls_err(format!("op.pem: {e}")))?;
+    let identity = LiveIdentity::new(&PemIdentity { cert_pem: certs.cert_pem.clone(), key_pem: certs.key_pem.clone() })
+        .map_err(|e| tls_err(format!("op.pem/op.key: {e}")))?;
+    // The operator CLI keeps no revocation list: a revoked provider certificate is
+    // refused by the agents, and the provider renews its own.
+    let config = client_config_with(
+        &own.vault_id,
+        &certs.ca_pem,
+        &RevocationList::new(),
+        Expect::Role(Role::Provider),
+        Some(&identity),
+    )
+    .map_err(|e| tls_err(e.to_string()))?;
+    let connector = TlsConnector::new(bare, Arc::new(config)).map_err(|e| tls_err(e.to_string()))?;
+    let endpoint = transport::endpoint(bare)
         .map_err(|e| CliError::Unreachable { address: address.into(), reason: e.to_string() })?
-        .tls_config(tls)
-        .map_err(|e| CliError::Tls { address: address.into(), reason: e.to_string() })?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(180));
-    endpoint.connect().await.map_err(|e| classify_transport(address, &e))
+    transport::connect(endpoint, connector).await.map_err(|e| classify_transport(address, &e))
 }
 
 /// Describes a transport error with its whole source chain, classified.
@@ -109,8 +125,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoints() {
-        assert_eq!(endpoint_parts("127.0.0.1:7443"), ("https://127.0.0.1:7443".into(), "127.0.0.1".into()));
-        assert_eq!(endpoint_parts("https://localhost:1"), ("https://localhost:1".into(), "localhost".into()));
+    fn addresses() {
+        assert_eq!(bare_address("127.0.0.1:7443"), "127.0.0.1:7443");
+        assert_eq!(bare_address("https://localhost:1"), "localhost:1");
     }
 }

@@ -2,7 +2,7 @@
 //! heartbeat of every host, and the way the rest of the provider sends a command to a
 //! host and awaits its result.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,6 +11,7 @@ use siterecovery_proto::model::HostId;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::provider_message::Command;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tonic::Status;
 
 pub use crate::command::CommandError;
@@ -32,7 +33,16 @@ pub struct Sessions {
     sessions: Mutex<HashMap<String, Session>>,
     status: Mutex<HashMap<String, LiveStatus>>,
     next: AtomicU64,
+    /// When each host's inventory was last written (the clock of
+    /// [`super::writes::due`]; kept across reconnections, so reconnecting does not
+    /// buy a write).
+    inventory_written: Mutex<HashMap<String, Instant>>,
+    /// VM names whose refusal was logged, per host (bounded).
+    refusals_logged: Mutex<HashMap<String, HashSet<String>>>,
 }
+
+/// At most this many refused VM names are remembered (and logged) per host.
+const MAX_REFUSALS_LOGGED: usize = 256;
 
 impl Default for Sessions {
     fn default() -> Self {
@@ -46,7 +56,38 @@ pub(super) fn now_ms() -> i64 {
 
 impl Sessions {
     pub fn new() -> Self {
-        Self { sessions: Mutex::new(HashMap::new()), status: Mutex::new(HashMap::new()), next: AtomicU64::new(1) }
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            status: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            inventory_written: Mutex::new(HashMap::new()),
+            refusals_logged: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(super) fn last_inventory_write(&self, host_id: &HostId) -> Option<Instant> {
+        self.inventory_written.lock().ok().and_then(|m| m.get(host_id.as_str()).copied())
+    }
+
+    pub(super) fn inventory_written(&self, host_id: &HostId, at: Instant) {
+        if let Ok(mut m) = self.inventory_written.lock() {
+            m.insert(host_id.to_string(), at);
+        }
+    }
+
+    /// Whether the refusal of VM `vm` reported by `host_id` is to be logged: the first
+    /// time for each name, up to [`MAX_REFUSALS_LOGGED`] names per host.
+    pub(super) fn first_refusal(&self, host_id: &HostId, vm: &str) -> bool {
+        let Ok(mut m) = self.refusals_logged.lock() else { return false };
+        let names = m.entry(host_id.to_string()).or_default();
+        if names.len() >= MAX_REFUSALS_LOGGED || names.contains(vm) {
+            return false;
+        }
+        names.insert(vm.to_owned());
+        if names.len() == MAX_REFUSALS_LOGGED {
+            tracing::warn!(host_id = %host_id, "{MAX_REFUSALS_LOGGED} refused VM names logged; further ones are not");
+        }
+        true
     }
 
     pub fn status(&self, host_id: &(impl AsRef<str> + ?Sized)) -> LiveStatus {

@@ -13,6 +13,7 @@ pub mod records;
 pub mod service;
 
 pub use records::{
-    DiskRecord, FailoverRecord, HostRecord, LiveStatus, NicRecord, PowerState, VmRecord, is_host_port, report_wins,
+    DiskRecord, FailoverRecord, HostRecord, LiveStatus, NicRecord, PowerState, RefusedReport, RelationshipHosts,
+    ReportVerdict, VmRecord, is_host_port, judge_report, report_wins,
 };
 pub use service::{CreateVmRequest, InventoryContext, InventoryError, InventoryService, NicSpec};

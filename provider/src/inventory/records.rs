@@ -31,6 +31,28 @@ pub struct HostRecord {
     pub address: String,
     pub agent_version: String,
     pub registered_unix_ms: i64,
+    /// Serial (lowercase hex) of the host's current certificate: the only one a control
+    /// session may be opened with. Empty in a store from before: adopted from the
+    /// first session.
+    #[serde(default)]
+    pub cert_serial: String,
+    /// Expiry of that certificate.
+    #[serde(default)]
+    pub cert_not_after_unix_ms: i64,
+    /// `host reset` ran: one new registration of this name is allowed.
+    #[serde(default)]
+    pub reset_pending: bool,
+}
+
+impl HostRecord {
+    /// Records `cert_pem` as the host's current certificate (serial and expiry).
+    pub fn with_certificate(&mut self, cert_pem: &str) -> Result<(), siterecovery_certs::CertError> {
+        let serial = siterecovery_certs::live::serial_of_pem(cert_pem)?;
+        let (_, not_after) = siterecovery_certs::ca::validity(cert_pem)?;
+        self.cert_serial = serial;
+        self.cert_not_after_unix_ms = not_after.saturating_mul(1000);
+        Ok(())
+    }
 }
 
 /// The rule of a host's listen address: `HOST:PORT`, port 1-65535, at most 255 bytes.
@@ -73,7 +95,10 @@ impl PowerState {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VmRecord {
     pub name: VmName,
-    /// The host that reported it (from the authenticated session, never the message).
+    /// The host the VM is placed on: written by the provider only (`vm create`, the
+    /// failovers it runs), and by a report only of that host or of a failover of the
+    /// VM's relationship on its replica host ([`judge_report`]). Never from a message's
+    /// own field.
     pub host_id: HostId,
     pub folder: String,
     pub power_state: PowerState,
@@ -249,14 +274,87 @@ impl VmRecord {
     }
 }
 
-/// Whether a host's report of a VM replaces the stored record of the same name.
+/// The hosts the provider placed a protected VM on: its relationship's primary and
+/// replica host (what [`judge_report`] needs to know of protection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelationshipHosts {
+    pub relationship_id: String,
+    pub primary_host_id: String,
+    pub replica_host_id: String,
+}
+
+/// What becomes of one VM of a host's inventory report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportVerdict {
+    /// The VM is placed on the reporting host: its report is recorded.
+    Record,
+    /// Another copy of a VM placed on this host too (the old primary's stopped copy
+    /// after a failover): not recorded, and nothing to log.
+    OtherCopy,
+    /// Not the reporting host's VM: refused (not recorded) and logged.
+    Refused(RefusedReport),
+}
+
+/// Why a reported VM was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedReport {
+    /// No VM of this name was placed anywhere (`vm create` records a VM; a report
+    /// never creates one).
+    NotPlaced,
+    /// The VM is placed on another host that is none of its relationship's hosts.
+    OtherHost,
+}
+
+impl std::fmt::Display for RefusedReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NotPlaced => "no VM of this name was created or failed over by the provider",
+            Self::OtherHost => "the VM is placed on another host",
+        })
+    }
+}
+
+/// Whether a host's report of a VM may change the stored record of that name.
 ///
-/// After a failover the VM exists on two hosts until reverse replication adopts the old
-/// primary's disks: the old primary still reports its stopped copy. The copy started by a
-/// failover wins over one that was not; between two failed-over copies (failback) the
-/// later failover wins. Test VMs have their own names and never compete.
-pub fn report_wins(stored: Option<&VmRecord>, reported: &VmRecord) -> bool {
-    let Some(stored) = stored else { return true };
+/// Placement is the stored record's `host_id`, written only by the provider: by `vm
+/// create` (the VM the agent returned) and by the failovers it runs (the VM the replica
+/// host returned). A report may update the record of a VM placed on the reporting host,
+/// and never create, move or delete another host's VM — with one exception: the replica
+/// host of the VM's relationship reporting a (non-test) failover of that relationship,
+/// which an agent may make on its own while the provider is down; between that copy and
+/// the stored one the failed-over copy wins, and of two failovers the later
+/// ([`report_wins`]). Any other host of the relationship holds a known copy
+/// ([`ReportVerdict::OtherCopy`]).
+pub fn judge_report(
+    stored: Option<&VmRecord>,
+    reported: &VmRecord,
+    relationship: Option<&RelationshipHosts>,
+) -> ReportVerdict {
+    let Some(stored) = stored else { return ReportVerdict::Refused(RefusedReport::NotPlaced) };
+    if stored.host_id == reported.host_id {
+        return ReportVerdict::Record;
+    }
+    let Some(rel) = relationship else { return ReportVerdict::Refused(RefusedReport::OtherHost) };
+    let reporter = reported.host_id.as_str();
+    let replica_failover = reporter == rel.replica_host_id
+        && reported.failover.as_ref().is_some_and(|f| {
+            f.relationship_id.as_str() == rel.relationship_id && f.kind != FailoverKind::Test && f.test_of.is_none()
+        });
+    if replica_failover && report_wins(stored, reported) {
+        ReportVerdict::Record
+    } else if reporter == rel.replica_host_id || reporter == rel.primary_host_id {
+        ReportVerdict::OtherCopy
+    } else {
+        ReportVerdict::Refused(RefusedReport::OtherHost)
+    }
+}
+
+/// Between two hosts' copies of one VM: whether `reported` (another host's) replaces
+/// `stored`. After a failover the VM exists on two hosts until reverse replication
+/// adopts the old primary's disks: the copy started by a failover wins over one that
+/// was not; between two failed-over copies (failback) the later failover wins. Test VMs
+/// have their own names and never compete.
+pub fn report_wins(stored: &VmRecord, reported: &VmRecord) -> bool {
     if stored.host_id == reported.host_id {
         return true;
     }
@@ -294,15 +392,57 @@ mod tests {
 
     #[test]
     fn the_failed_over_copy_wins() {
-        assert!(report_wins(None, &vm("a", None)));
-        assert!(report_wins(Some(&vm("a", None)), &vm("a", None)), "same host");
-        assert!(report_wins(Some(&vm("a", None)), &vm("b", Some(("planned", 5)))), "failover wins");
-        assert!(!report_wins(Some(&vm("b", Some(("planned", 5)))), &vm("a", None)), "old primary loses");
+        assert!(report_wins(&vm("a", None), &vm("a", None)), "same host");
+        assert!(report_wins(&vm("a", None), &vm("b", Some(("planned", 5)))), "failover wins");
+        assert!(!report_wins(&vm("b", Some(("planned", 5))), &vm("a", None)), "old primary loses");
         // Failback: the later failover wins.
-        assert!(report_wins(Some(&vm("b", Some(("planned", 5)))), &vm("a", Some(("planned", 9)))));
-        assert!(!report_wins(Some(&vm("a", Some(("planned", 9)))), &vm("b", Some(("planned", 5)))));
+        assert!(report_wins(&vm("b", Some(("planned", 5))), &vm("a", Some(("planned", 9)))));
+        assert!(!report_wins(&vm("a", Some(("planned", 9))), &vm("b", Some(("planned", 5)))));
         // A test copy never competes.
-        assert!(report_wins(Some(&vm("b", Some(("test", 5)))), &vm("a", None)));
+        assert!(report_wins(&vm("b", Some(("test", 5))), &vm("a", None)));
+    }
+
+    fn rel(primary: &str, replica: &str) -> RelationshipHosts {
+        RelationshipHosts {
+            relationship_id: "r-00000001".into(),
+            primary_host_id: primary.into(),
+            replica_host_id: replica.into(),
+        }
+    }
+
+    /// A report changes only a VM placed on its host; the replica host of a
+    /// relationship may report the failover of that relationship it made itself.
+    #[test]
+    fn a_report_records_only_the_reporters_vms() {
+        use ReportVerdict::{OtherCopy, Record, Refused};
+        let ab = rel("a", "b");
+        // Placed on the reporter.
+        assert_eq!(judge_report(Some(&vm("a", None)), &vm("a", None), None), Record);
+        // A report never creates a VM, whoever reports it.
+        assert_eq!(judge_report(None, &vm("a", None), Some(&ab)), Refused(RefusedReport::NotPlaced));
+        // A host of no relationship of the VM: refused, even with a forged failover.
+        assert_eq!(judge_report(Some(&vm("a", None)), &vm("c", None), None), Refused(RefusedReport::OtherHost));
+        assert_eq!(
+            judge_report(Some(&vm("a", None)), &vm("c", Some(("planned", i64::MAX))), Some(&ab)),
+            Refused(RefusedReport::OtherHost)
+        );
+        // The replica host's local failover of this relationship wins.
+        assert_eq!(judge_report(Some(&vm("a", None)), &vm("b", Some(("unplanned", 5))), Some(&ab)), Record);
+        // ... but not a failover of another relationship, nor a test copy, nor no failover.
+        let mut other = vm("b", Some(("unplanned", 5)));
+        if let Some(f) = other.failover.as_mut() {
+            f.relationship_id = "r-00000002".parse().expect("id");
+        }
+        assert_eq!(judge_report(Some(&vm("a", None)), &other, Some(&ab)), OtherCopy);
+        assert_eq!(judge_report(Some(&vm("a", None)), &vm("b", Some(("test", 5))), Some(&ab)), OtherCopy);
+        assert_eq!(judge_report(Some(&vm("a", None)), &vm("b", None), Some(&ab)), OtherCopy);
+        // After a failover to b, the old primary's stopped copy is another copy.
+        assert_eq!(judge_report(Some(&vm("b", Some(("planned", 5)))), &vm("a", None), Some(&ab)), OtherCopy);
+        // The primary never takes the VM back by a report (failback is the provider's).
+        assert_eq!(
+            judge_report(Some(&vm("b", Some(("planned", 5)))), &vm("a", Some(("planned", 9))), Some(&ab)),
+            OtherCopy
+        );
     }
 
     /// Stored records keep the JSON shape of their string fields; a hostile name in a
@@ -339,9 +479,20 @@ mod tests {
             address: "10.0.0.1:7443".into(),
             agent_version: "0.1".into(),
             registered_unix_ms: 1,
+            cert_serial: "0a1b".into(),
+            cert_not_after_unix_ms: 2,
+            reset_pending: false,
         };
-        let json = serde_json::to_value(&host).expect("ser");
+        let mut json = serde_json::to_value(&host).expect("ser");
         assert_eq!(json["name"], "hv1");
+        // A host record from before certificates were tracked loads, with no serial.
+        let mut old_host = json.clone();
+        for field in ["cert_serial", "cert_not_after_unix_ms", "reset_pending"] {
+            old_host.as_object_mut().expect("object").remove(field);
+        }
+        let old_host: HostRecord = serde_json::from_value(old_host).expect("old host record");
+        assert_eq!((old_host.cert_serial.as_str(), old_host.reset_pending), ("", false));
+        json["cert_serial"] = "0a1b".into();
         assert_eq!(json["id"], "hv1-0a1b2c");
         assert_eq!(serde_json::from_value::<HostRecord>(json).expect("de"), host);
     }

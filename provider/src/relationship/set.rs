@@ -5,9 +5,15 @@
 //! How statuses drive jobs: the primary agent sends a `ReplicationStatus` on every phase
 //! change and after every cycle. [`ProtectionCore::on_status`] applies it to the
 //! relationship through [`super::ReplicationState::next`] (a pure transition function),
-//! keeps the latest status in memory (persisted on a state change, a new point, or at
-//! most once a second) and bumps the change counter of [`Jobs`]. Job tasks waiting on a
-//! relationship wake on that counter and re-read it ([`super::wait`]).
+//! keeps the latest status in memory and bumps the change counter of [`Jobs`]. Job
+//! tasks waiting on a relationship wake on that counter and re-read it
+//! ([`super::wait`]).
+//!
+//! The store is written by the clock, not by the number of statuses, so a host flooding
+//! statuses cannot force a write per message: a state change or a new point is written
+//! at most every [`STATUS_MIN_GAP`] (a change within the gap by the next status after
+//! it), an unchanged but refreshed status at most every [`STATUS_REFRESH`]. Readers
+//! see the in-memory record, which is always current.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -53,9 +59,22 @@ impl ProtectionConfig {
     }
 }
 
+/// Between two writes of a relationship whose status changed state or point.
+pub const STATUS_MIN_GAP: Duration = Duration::from_millis(250);
+/// Between two writes of a relationship whose status only refreshed its counters.
+pub const STATUS_REFRESH: Duration = Duration::from_secs(10);
+
 struct Live {
     rec: RelationshipRecord,
     persisted: Instant,
+    /// A change not written yet.
+    dirty: bool,
+}
+
+impl Live {
+    fn new(rec: RelationshipRecord) -> Self {
+        Self { rec, persisted: Instant::now(), dirty: false }
+    }
 }
 
 /// Relationships in memory (the store holds them durably), jobs, and the VMs a job is
@@ -79,7 +98,7 @@ impl ProtectionCore {
         let rels = store
             .list::<RelationshipRecord>(RELATIONSHIPS)?
             .into_iter()
-            .map(|r| (r.id.clone(), Live { rec: r, persisted: Instant::now() }))
+            .map(|r| (r.id.clone(), Live::new(r)))
             .collect();
         let resumed = jobs::recover(store)?;
         Ok((
@@ -103,7 +122,7 @@ impl ProtectionCore {
     /// Writes a relationship now (created, or changed by the provider itself).
     pub fn save(&self, store: &Store, rec: RelationshipRecord) -> Result<(), StoreError> {
         store.put(RELATIONSHIPS, &rec.id, &rec)?;
-        lock(&self.rels).insert(rec.id.clone(), Live { rec, persisted: Instant::now() });
+        lock(&self.rels).insert(rec.id.clone(), Live::new(rec));
         self.jobs.notify();
         Ok(())
     }
@@ -125,6 +144,7 @@ impl ProtectionCore {
             store.put(RELATIONSHIPS, &rec.id, &rec).map_err(store_err)?;
             live.rec = rec.clone();
             live.persisted = Instant::now();
+            live.dirty = false;
             rec
         };
         self.jobs.notify();
@@ -169,11 +189,12 @@ impl ProtectionCore {
             if changed {
                 tracing::info!(vm = %live.rec.vm, relationship = %live.rec.id, state = live.rec.state.as_str(), "replication state changed");
             }
-            let due = changed
-                || old_point != live.rec.status.last_point_id
-                || live.persisted.elapsed() >= Duration::from_secs(1);
+            live.dirty |= changed || old_point != live.rec.status.last_point_id;
+            let since = live.persisted.elapsed();
+            let due = (live.dirty && since >= STATUS_MIN_GAP) || since >= STATUS_REFRESH;
             if due {
                 live.persisted = Instant::now();
+                live.dirty = false;
                 Some(live.rec.clone())
             } else {
                 None
@@ -190,5 +211,66 @@ impl ProtectionCore {
     /// Whether a job is working on `vm` right now.
     pub fn busy(&self, vm: &str) -> bool {
         self.jobs.busy(vm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relationship::{AgentState, ReplicationState, StatusRecord};
+
+    fn rel() -> RelationshipRecord {
+        RelationshipRecord {
+            id: "r-1".into(),
+            vm: "vm1".into(),
+            primary_host_id: "h1".into(),
+            replica_host_id: "h2".into(),
+            policy: "gold".into(),
+            interval_ms: 1000,
+            state: ReplicationState::Replicating,
+            created_unix_ms: 0,
+            total_bytes: 1 << 20,
+            status: StatusRecord::default(),
+            replicating_since_unix_ms: 0,
+            resyncs_completed: 0,
+            rate_bytes_per_sec: 0,
+            samples: vec![],
+            addresses: vec![],
+            test_failover: None,
+            failover: None,
+            reversed_from: String::new(),
+        }
+    }
+
+    /// A primary sending a status with a new point every message: the store is written
+    /// by the clock, the memory holds the newest.
+    #[test]
+    fn a_status_flood_is_written_by_the_clock() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path()).expect("store");
+        let (core, _) = ProtectionCore::load(&store, ProtectionConfig::for_tests()).expect("load");
+        core.save(&store, rel()).expect("save");
+        let before = store.writes();
+        let started = Instant::now();
+        let n = 2000;
+        for i in 0..n {
+            let s = v1::ReplicationStatus {
+                relationship_id: "r-1".into(),
+                vm: "vm1".into(),
+                state: i32::from(AgentState::Replicating),
+                last_point: Some(v1::RecoveryPoint { id: format!("p{i}"), ..Default::default() }),
+                ..Default::default()
+            };
+            core.on_status(&store, "h1", &s);
+        }
+        let writes = store.writes() - before;
+        let bound = 1 + started.elapsed().as_millis() / STATUS_MIN_GAP.as_millis();
+        assert!(writes as u128 <= bound, "{writes} writes for {n} statuses (bound {bound})");
+        assert_eq!(core.get("r-1").map(|r| r.status.last_point_id), Some(format!("p{}", n - 1)));
+        // A status from a host that is not the primary writes nothing.
+        let before = store.writes();
+        let s = v1::ReplicationStatus { relationship_id: "r-1".into(), ..Default::default() };
+        core.on_status(&store, "h9", &s);
+        assert_eq!(store.writes(), before);
     }
 }

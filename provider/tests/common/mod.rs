@@ -11,9 +11,13 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use siterecovery_certs::ca::ServerNames;
+use siterecovery_certs::live::{Expect, LiveIdentity, RevocationList, client_config_with};
+use siterecovery_certs::tls::PemIdentity;
+use siterecovery_certs::transport::{self, TlsConnector};
 use siterecovery_certs::{PeerIdentity, Role};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::agent_message::Body;
@@ -21,14 +25,14 @@ use siterecovery_proto::v1::control_client::ControlClient;
 use siterecovery_proto::v1::inventory_client::InventoryClient;
 use siterecovery_proto::v1::protection_client::ProtectionClient;
 use siterecovery_provider::cli::{self, OperatorCerts};
-use siterecovery_provider::inventory::HostRecord;
+use siterecovery_provider::inventory::{HostRecord, VmRecord};
 use siterecovery_provider::relationship::ProtectionConfig;
-use siterecovery_provider::store::{HOSTS, Store};
+use siterecovery_provider::store::{HOSTS, Store, VMS};
 use siterecovery_provider::{api, vault};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 
 pub const GIB: u64 = 1 << 30;
 /// Longest wait for the provider to see what a test set up (hosts, VMs, a job).
@@ -61,6 +65,13 @@ impl TestProvider {
     /// A vault, an operator certificate, hv-a (address 127.0.0.1:9001) and hv-b
     /// (127.0.0.1:9002) registered, and the provider serving with the test intervals.
     pub async fn start() -> Self {
+        Self::start_with(vec![]).await
+    }
+
+    /// [`TestProvider::start`] with VMs already placed on hosts (host index, VM), as
+    /// `vm create` would have recorded them: a host's report updates only VMs placed
+    /// on it.
+    pub async fn start_with(placed: Vec<(usize, v1::Vm)>) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         let data = dir.join("provider");
@@ -74,9 +85,8 @@ impl TestProvider {
         let mut host_certs = Vec::new();
         for (i, (name, site, cloud)) in TEST_HOSTS.into_iter().enumerate() {
             let id = PeerIdentity::new(vault_id.clone(), Role::Host, format!("{name}-id")).expect("identity");
-            host_certs
-                .push(v.ca.issue_local(&id, &ServerNames::default(), Duration::from_secs(3600)).expect("host cert"));
-            let rec = HostRecord {
+            let cert = v.ca.issue_local(&id, &ServerNames::default(), Duration::from_secs(3600)).expect("host cert");
+            let mut rec = HostRecord {
                 id: format!("{name}-id").parse().expect("host id"),
                 name: name.parse().expect("host name"),
                 site: site.parse().expect("site"),
@@ -84,8 +94,18 @@ impl TestProvider {
                 address: format!("127.0.0.1:{}", 9001 + i),
                 agent_version: "fake".into(),
                 registered_unix_ms: now_ms(),
+                cert_serial: String::new(),
+                cert_not_after_unix_ms: 0,
+                reset_pending: false,
             };
+            rec.with_certificate(&cert.0).expect("certificate serial");
+            host_certs.push(cert);
             store.put(HOSTS, name, &rec).expect("host");
+        }
+        for (i, vm) in placed {
+            let host: siterecovery_proto::model::HostId = format!("{}-id", TEST_HOSTS[i].0).parse().expect("host id");
+            let rec = VmRecord::from_report(&vm, &host).expect("placed VM");
+            store.put(VMS, &rec.name, &rec).expect("put VM");
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
@@ -131,17 +151,7 @@ pub struct AgentSession {
 impl AgentSession {
     /// Connects with host certificate `cert`, says Hello and reports `vms`.
     pub async fn open(addr: &str, ca_pem: &str, cert: &HostCert, vms: Vec<v1::Vm>) -> Self {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca_pem))
-            .identity(Identity::from_pem(&cert.0, &cert.1))
-            .domain_name("127.0.0.1");
-        let ch = Endpoint::from_shared(format!("https://{addr}"))
-            .expect("endpoint")
-            .tls_config(tls)
-            .expect("tls")
-            .connect()
-            .await
-            .expect("agent connect");
+        let ch = host_channel(addr, ca_pem, cert).await;
         let (tx, rx) = mpsc::channel::<v1::AgentMessage>(64);
         let s = |b: Body| v1::AgentMessage { body: Some(b) };
         tx.send(s(Body::Hello(v1::Hello { agent_version: "fake".into(), listen_address: String::new() })))
@@ -173,6 +183,27 @@ impl AgentSession {
     pub async fn reply(&self, result: v1::CommandResult) {
         self.send(Body::Result(result)).await;
     }
+}
+
+/// A channel to the provider at `addr` as the host of `cert`, requiring the provider
+/// role of the server (as agents do).
+pub async fn host_channel(addr: &str, ca_pem: &str, cert: &HostCert) -> Channel {
+    siterecovery_certs::tls::install_crypto_provider();
+    let own = siterecovery_certs::ca::first_cert_der(&cert.0)
+        .and_then(|der| PeerIdentity::from_cert_der(&der))
+        .expect("host identity");
+    let identity =
+        LiveIdentity::new(&PemIdentity { cert_pem: cert.0.clone(), key_pem: cert.1.clone() }).expect("identity");
+    let config = client_config_with(
+        &own.vault_id,
+        ca_pem,
+        &RevocationList::new(),
+        Expect::Role(Role::Provider),
+        Some(&identity),
+    )
+    .expect("client config");
+    let connector = TlsConnector::new(addr, Arc::new(config)).expect("connector");
+    transport::connect(transport::endpoint(addr).expect("endpoint"), connector).await.expect("agent connect")
 }
 
 /// A successful result of command `m`, to fill in.
