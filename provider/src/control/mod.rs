@@ -22,6 +22,8 @@ pub mod report;
 pub mod service;
 mod session;
 pub mod sessions;
+#[cfg(test)]
+mod tests;
 pub mod writes;
 
 pub use binding::Binding;

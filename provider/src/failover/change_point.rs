@@ -56,7 +56,7 @@ pub async fn start_change_point(
         let point_id = reported_point(&res, &point);
         let before = rel.failover.as_ref().map(|f| f.point_id.clone()).unwrap_or_default();
         let kind = rel.failover.as_ref().map_or(FailoverKind::Unplanned, |f| f.kind);
-        record_vm(&state, &res, &rel.replica_host_id, &[], vm_failover(&rel, kind, &point_id, false, ""));
+        record_vm(&state, &res, &rel.replica_host_id, &rel.vm, &[], vm_failover(&rel, kind, &point_id, false, ""));
         if let Err(e) = update(&state, &rel.id, |r| {
             r.state = r.state.next(Event::PointChanged)?;
             if let Some(f) = &mut r.failover {

@@ -69,7 +69,7 @@ pub(crate) async fn commit_on_replica(state: &Core, rel: &RelationshipRecord) ->
     let point = rel.failover.as_ref().map(|f| f.point_id.clone()).unwrap_or_default();
     let kind = rel.failover.as_ref().map_or(FailoverKind::Unplanned, |f| f.kind);
     let nics: Vec<v1::Nic> = Vec::new();
-    record_vm(state, &res, &rel.replica_host_id, &nics, vm_failover(rel, kind, &point, true, ""));
+    record_vm(state, &res, &rel.replica_host_id, &rel.vm, &nics, vm_failover(rel, kind, &point, true, ""));
     update(state, &rel.id, |r| {
         r.state = r.state.next(Event::Committed)?;
         if let Some(f) = &mut r.failover {

@@ -80,16 +80,24 @@ pub(crate) fn abort(state: &Core, rel_id: &str) {
     }
 }
 
-/// Stores the VM an agent returned (it now runs on `host_id`), filling in what a
-/// minimal agent leaves out: the NICs it was given and how it came to run.
+/// Stores the VM an agent returned (it now runs on `host_id`: the provider places it
+/// there), filling in what a minimal agent leaves out: the NICs it was given and how it
+/// came to run. Only the VM asked for (`expected`): a host answering with another name
+/// places nothing.
 pub(crate) fn record_vm(
     state: &Core,
     res: &v1::CommandResult,
     host_id: &str,
+    expected: &str,
     nics: &[v1::Nic],
     failover: Option<VmFailover>,
 ) -> Option<VmRecord> {
     let vm = res.vm.as_ref()?;
+    if vm.name != expected {
+        let got: String = vm.name.chars().take(80).collect();
+        tracing::warn!(vm = expected, %got, host_id, "agent returned another VM than asked for; not recorded");
+        return None;
+    }
     let rec = siterecovery_proto::model::HostId::new(host_id)
         .map_err(|source| siterecovery_proto::model::WireError::Invalid { field: "host_id".into(), source })
         .and_then(|host_id| VmRecord::from_report(vm, &host_id));

@@ -193,6 +193,7 @@ pub(crate) async fn start_on_replica(
         &run.state,
         &res,
         &run.rel.replica_host_id,
+        &run.rel.vm,
         &run.failover_nics,
         vm_failover(&run.rel, kind, &point_id, planned, ""),
     );

@@ -50,6 +50,7 @@ pub(crate) async fn run(run: &mut Run) -> bool {
         &run.state,
         &res,
         &run.rel.replica_host_id,
+        &test_vm,
         &nics,
         vm_failover(&run.rel, FailoverKind::Test, &point_id, false, &vm),
     );

@@ -208,11 +208,15 @@ impl<C: InventoryContext> InventoryService<C> {
         self.state.store().get::<VmRecord>(VMS, name)?.ok_or_else(|| InventoryError::UnknownVm(name.clone()))
     }
 
-    /// Sends `cmd` to the VM's host and records the VM it returns.
-    async fn vm_command(&self, host: &HostRecord, cmd: Command) -> Result<v1::Vm, InventoryError> {
+    /// Sends `cmd` about VM `name` to the VM's host and records the VM it returns (only
+    /// that one: the VM is placed on `host`).
+    async fn vm_command(&self, host: &HostRecord, name: &VmName, cmd: Command) -> Result<v1::Vm, InventoryError> {
         let result = self.state.command(&host.id, cmd, COMMAND_TIMEOUT).await?;
         let vm = result.vm.ok_or(InventoryError::NoVmReturned)?;
         let rec = VmRecord::from_report(&vm, &host.id).map_err(InventoryError::InvalidVmReturned)?;
+        if &rec.name != name {
+            return Err(InventoryError::InvalidVmReturned(WireError::rule("vm.name", "not the VM asked for")));
+        }
         self.state.store().put(VMS, &rec.name, &rec)?;
         Ok(rec.to_proto(host.name.as_str()))
     }
@@ -252,7 +256,7 @@ impl<C: InventoryContext> InventoryService<C> {
             return Err(InventoryError::VmExists(req.name));
         }
         let host = self.host_by_name_or_id(&req.host)?;
-        self.vm_command(&host, req.command()).await
+        self.vm_command(&host, &req.name, req.command()).await
     }
 
     async fn delete_vm(&self, r: &v1::DeleteVmRequest) -> Result<(), InventoryError> {
@@ -270,7 +274,7 @@ impl<C: InventoryContext> InventoryService<C> {
         let host = self.host_by_name_or_id(&vm.host_id)?;
         let name = vm.name.to_string();
         let cmd = if start { Command::StartVm(v1::StartVm { name }) } else { Command::StopVm(v1::StopVm { name }) };
-        self.vm_command(&host, cmd).await
+        self.vm_command(&host, &vm.name, cmd).await
     }
 }
 

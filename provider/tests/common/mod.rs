@@ -27,7 +27,8 @@ use siterecovery_proto::v1::protection_client::ProtectionClient;
 use siterecovery_provider::cli::{self, OperatorCerts};
 use siterecovery_provider::inventory::{HostRecord, VmRecord};
 use siterecovery_provider::relationship::ProtectionConfig;
-use siterecovery_provider::store::{HOSTS, Store, VMS};
+use siterecovery_provider::store::{HOSTS, REVOKED, Store, VMS};
+use siterecovery_provider::trust::RevokedRecord;
 use siterecovery_provider::{api, vault};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -47,6 +48,22 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// How [`TestProvider::start_options`] sets the provider up.
+pub struct Options {
+    /// VMs placed on hosts (host index, VM).
+    pub placed: Vec<(usize, v1::Vm)>,
+    /// `serve --cert-validity`.
+    pub cert_validity: Duration,
+    /// Replace the provider's certificate by one due for renewal after this long.
+    pub provider_renewal_due_in: Option<Duration>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { placed: vec![], cert_validity: Duration::from_secs(3600), provider_renewal_due_in: None }
+    }
+}
+
 /// A provider serving in this process.
 pub struct TestProvider {
     _tmp: tempfile::TempDir,
@@ -56,6 +73,14 @@ pub struct TestProvider {
     pub ca_pem: String,
     /// Certificates of hv-a and hv-b, in that order.
     pub host_certs: [HostCert; 2],
+    /// The operator's certificate (the one in the OPDIR).
+    pub op_cert: HostCert,
+    /// The provider's own certificate (its data dir's).
+    pub provider_cert: HostCert,
+    /// An operator certificate whose serial is in the provider's revocation list.
+    pub revoked_cert: HostCert,
+    /// An operator certificate that expired yesterday.
+    pub expired_cert: HostCert,
     opdir: PathBuf,
     pub shutdown: CancellationToken,
     server: JoinHandle<Result<(), api::ServeError>>,
@@ -72,6 +97,12 @@ impl TestProvider {
     /// `vm create` would have recorded them: a host's report updates only VMs placed
     /// on it.
     pub async fn start_with(placed: Vec<(usize, v1::Vm)>) -> Self {
+        Self::start_options(Options { placed, ..Options::default() }).await
+    }
+
+    /// [`TestProvider::start`] as `options` say.
+    pub async fn start_options(options: Options) -> Self {
+        let Options { placed, cert_validity, provider_renewal_due_in } = options;
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         let data = dir.join("provider");
@@ -81,6 +112,19 @@ impl TestProvider {
         let ca_pem = v.ca.cert_pem().to_owned();
         let opdir = dir.join("op");
         v.issue_operator_cert(&opdir, "op", Duration::from_secs(3600)).expect("operator cert");
+        let mut v = v;
+        if let Some(due) = provider_renewal_due_in {
+            // A provider certificate 60 s long, two thirds of it over `due` from now.
+            let id = PeerIdentity::new(vault_id.clone(), Role::Provider, "provider").expect("identity");
+            let now = time::OffsetDateTime::now_utc();
+            let nb = now + time::Duration::try_from(due).expect("due") - time::Duration::seconds(40);
+            let names = ServerNames::for_address("127.0.0.1:1").expect("names");
+            let (cert, key) =
+                v.ca.issue_local_between(&id, &names, nb, nb + time::Duration::seconds(60)).expect("cert");
+            std::fs::write(data.join("provider.pem"), &cert).expect("provider.pem");
+            std::fs::write(data.join("provider.key"), &key).expect("provider.key");
+            v.provider_identity = siterecovery_certs::tls::PemIdentity { cert_pem: cert, key_pem: key };
+        }
         let store = Store::open(&data).expect("store");
         let mut host_certs = Vec::new();
         for (i, (name, site, cloud)) in TEST_HOSTS.into_iter().enumerate() {
@@ -102,6 +146,24 @@ impl TestProvider {
             host_certs.push(cert);
             store.put(HOSTS, name, &rec).expect("host");
         }
+        let op_id = PeerIdentity::new(vault_id.clone(), Role::Operator, "op2").expect("identity");
+        let day = time::Duration::days(1);
+        let now = time::OffsetDateTime::now_utc();
+        let expired_cert =
+            v.ca.issue_local_between(&op_id, &ServerNames::default(), now - day - day, now - day).expect("expired");
+        let revoked_cert = v.ca.issue_local(&op_id, &ServerNames::default(), Duration::from_secs(3600)).expect("cert");
+        let serial = siterecovery_certs::live::serial_of_pem(&revoked_cert.0).expect("serial");
+        let revoked = RevokedRecord {
+            serial: serial.clone(),
+            host_id: "hv-a-id".parse().expect("id"),
+            host_name: "hv-a".parse().expect("name"),
+            revoked_unix_ms: now_ms(),
+            reason: "test".into(),
+        };
+        store.put(REVOKED, &serial, &revoked).expect("revoked");
+        let read = |name: &str| std::fs::read_to_string(opdir.join(name)).expect("op cert");
+        let op_cert = (read("op.pem"), read("op.key"));
+        let provider_cert = (v.provider_identity.cert_pem.clone(), v.provider_identity.key_pem.clone());
         for (i, vm) in placed {
             let host: siterecovery_proto::model::HostId = format!("{}-id", TEST_HOSTS[i].0).parse().expect("host id");
             let rec = VmRecord::from_report(&vm, &host).expect("placed VM");
@@ -110,16 +172,28 @@ impl TestProvider {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(api::serve_with(
-            v,
-            store,
-            listener,
-            shutdown.clone(),
-            Duration::from_secs(1),
-            ProtectionConfig::for_tests(),
-        ));
+        let opts = api::ServeOptions {
+            grace: Duration::from_secs(1),
+            protection: ProtectionConfig::for_tests(),
+            cert_validity,
+            ..api::ServeOptions::default()
+        };
+        let server = tokio::spawn(api::serve_options(v, store, listener, shutdown.clone(), opts));
         let host_certs: [HostCert; 2] = host_certs.try_into().expect("two host certificates");
-        Self { _tmp: tmp, dir, addr, ca_pem, host_certs, opdir, shutdown, server }
+        Self {
+            _tmp: tmp,
+            dir,
+            addr,
+            ca_pem,
+            host_certs,
+            op_cert,
+            provider_cert,
+            revoked_cert,
+            expired_cert,
+            opdir,
+            shutdown,
+            server,
+        }
     }
 
     /// The operator's Inventory and Protection clients (mutual TLS, operator certificate).
