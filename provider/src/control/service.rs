@@ -99,7 +99,8 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::ProviderMessage, Statu
 
 impl<C: ControlContext> ControlService<C> {
     /// The session's binding: the peer's certificate must be its host's current one.
-    fn bind(&self, req: &Request<Streaming<v1::AgentMessage>>) -> Result<(Binding, HostRecord), Status> {
+    /// Also returns the certificate's expiry (unix ms).
+    fn bind(&self, req: &Request<Streaming<v1::AgentMessage>>) -> Result<(Binding, HostRecord, i64), Status> {
         let peer = authorize(req, self.state.vault_id(), &[Role::Host])?;
         let leaf = req.peer_certs().and_then(|c| c.first().cloned());
         let bound = leaf.ok_or_else(|| ControlError::Certificate("none presented".into())).and_then(|leaf| {
@@ -109,7 +110,9 @@ impl<C: ControlContext> ControlService<C> {
             if self.state.revocations().is_revoked(&serial) {
                 return Err(ControlError::Revoked(serial));
             }
-            Binding::open(self.state.store(), &peer.id, &serial, not_after.saturating_mul(1000))
+            let not_after_ms = not_after.saturating_mul(1000);
+            let (binding, host) = Binding::open(self.state.store(), &peer.id, &serial, not_after_ms)?;
+            Ok((binding, host, not_after_ms))
         });
         bound.map_err(|e| {
             // Internal errors are logged by the mapping; refusals here, once.
@@ -126,12 +129,12 @@ impl<C: ControlContext> Control for ControlService<C> {
     type SessionStream = SessionStream;
 
     async fn session(&self, req: Request<Streaming<v1::AgentMessage>>) -> Result<Response<SessionStream>, Status> {
-        let (binding, host) = self.bind(&req)?;
+        let (binding, host, expires) = self.bind(&req)?;
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let (epoch, pending) = self.state.sessions().open(&host.id, tx.clone());
         tracing::info!(host = %host.name, host_id = %host.id, serial = %binding.serial, "host connected");
-        let session = Session::new(self.state.clone(), binding, host, epoch, pending, tx);
+        let session = Session::new(self.state.clone(), binding, host, epoch, pending, tx, expires);
         tokio::spawn(session.run(inbound));
         let out = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(Response::new(Box::pin(until_cancelled(out, self.state.shutdown().clone()))))

@@ -47,6 +47,8 @@ pub(super) struct Session<C> {
     pub hello_seen: bool,
     /// The latest inventory not written yet, and when it is due.
     pub inventory: Option<(Vec<VmRecord>, Instant)>,
+    /// Expiry of the bound certificate (unix ms; 0: unknown): the session ends then.
+    pub cert_expires_unix_ms: i64,
 }
 
 impl<C: ControlContext> Session<C> {
@@ -57,8 +59,10 @@ impl<C: ControlContext> Session<C> {
         epoch: u64,
         pending: Arc<Mutex<Pending>>,
         tx: Outbound,
+        cert_expires_unix_ms: i64,
     ) -> Self {
         Self {
+            cert_expires_unix_ms,
             state,
             binding,
             host,
@@ -82,6 +86,10 @@ impl<C: ControlContext> Session<C> {
         let mut flow = self.push_revocations().await;
         while flow == Flow::Continue {
             let due = self.inventory.as_ref().map(|(_, d)| *d);
+            let expires = (self.cert_expires_unix_ms > 0).then(|| {
+                let left = self.cert_expires_unix_ms.saturating_sub(now_ms());
+                Instant::now() + std::time::Duration::from_millis(u64::try_from(left).unwrap_or(0))
+            });
             flow = tokio::select! {
                 m = inbound.next() => match m {
                     Some(Ok(m)) => self.on_message(m).await,
@@ -103,6 +111,9 @@ impl<C: ControlContext> Session<C> {
                 },
                 _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                     self.flush_inventory().await
+                }
+                _ = tokio::time::sleep_until(expires.unwrap_or_else(Instant::now)), if expires.is_some() => {
+                    self.end(ControlError::Certificate(format!("{} expired", self.binding.serial))).await
                 }
                 _ = self.state.shutdown().cancelled() => Flow::End,
             };
@@ -198,6 +209,8 @@ impl<C: ControlContext> Session<C> {
                     Some(w) => {
                         let _ = w.send(*r);
                     }
+                    // An agent that does not know a push answers it like a command.
+                    None if r.command_id == 0 => tracing::debug!(host = %self.host.name, "answer to a push ignored"),
                     None => {
                         tracing::warn!(host = %self.host.name, command_id = r.command_id, "result for an unknown command")
                     }
@@ -295,6 +308,9 @@ impl<C: ControlContext> Session<C> {
         let old = self.binding.serial.clone();
         match renew(self.state.as_ref(), &mut self.binding, csr_pem) {
             Ok(pem) => {
+                if let Ok((_, not_after)) = siterecovery_certs::ca::validity(&pem) {
+                    self.cert_expires_unix_ms = not_after.saturating_mul(1000);
+                }
                 tracing::info!(host = %self.host.name, old_serial = %old, serial = %self.binding.serial,
                     "host certificate renewed");
                 self.push(answer(pem, String::new())).await;

@@ -124,11 +124,16 @@ struct Agent {
 }
 
 fn open(state: &Arc<Fake>, serial: &str) -> Agent {
+    open_until(state, serial, 0)
+}
+
+/// [`open`] with the certificate expiring at `expires_unix_ms`.
+fn open_until(state: &Arc<Fake>, serial: &str, expires_unix_ms: i64) -> Agent {
     let (binding, host) = Binding::open(&state.store, HOST_ID, serial, 0).expect("bound");
     let (out_tx, rx) = mpsc::channel(64);
     let (epoch, pending) = state.sessions.open(&host.id, out_tx.clone());
     let (tx, in_rx) = mpsc::channel(64);
-    let session = Session::new(state.clone(), binding, host, epoch, pending, out_tx);
+    let session = Session::new(state.clone(), binding, host, epoch, pending, out_tx, expires_unix_ms);
     let done = tokio::spawn(session.run(tokio_stream::wrappers::ReceiverStream::new(in_rx)));
     Agent { tx, rx, done }
 }
@@ -260,7 +265,7 @@ fn open_stale(state: &Arc<Fake>) -> Agent {
     let (out_tx, rx) = mpsc::channel(64);
     let (epoch, pending) = state.sessions.open(&rec.id, out_tx.clone());
     let (tx, in_rx) = mpsc::channel(64);
-    let session = Session::new(state.clone(), binding, rec, epoch, pending, out_tx);
+    let session = Session::new(state.clone(), binding, rec, epoch, pending, out_tx, 0);
     let done = tokio::spawn(session.run(tokio_stream::wrappers::ReceiverStream::new(in_rx)));
     Agent { tx, rx, done }
 }
@@ -299,4 +304,15 @@ async fn an_inventory_flood_is_written_by_the_clock() {
         .await;
     eventually(|| state.inventories.lock().map(|i| i.len()).unwrap_or(0) > 0).await;
     assert!(state.store.get::<VmRecord>(VMS, "intruder").expect("get").is_none());
+}
+
+#[tokio::test]
+async fn a_session_ends_when_its_certificate_expires() {
+    let state = fake(WriteLimits::default());
+    let mut agent = open_until(&state, "aa01", crate::jobs::now_ms() + 300);
+    agent.revocation_list().await;
+    let end = agent.next().await.expect_err("the session ends");
+    assert_eq!(end.code(), tonic::Code::PermissionDenied, "{end:?}");
+    assert!(end.message().contains("expired"), "{}", end.message());
+    agent.ended().await;
 }
