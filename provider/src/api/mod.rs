@@ -132,7 +132,7 @@ pub async fn serve_with(
         .map_err(ServeError::Tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(RegistrationServer::new(RegistrationService { state: state.clone() }))
+        .add_service(RegistrationServer::new(RegistrationService::new(state.clone())))
         .add_service(InventoryServer::new(InventoryService { state: state.clone() }))
         .add_service(ControlServer::new(ControlService { state: state.clone() }))
         .add_service(ProtectionServer::new(ProtectionService { core: core.clone(), vault_id: state.vault_id.clone() }))

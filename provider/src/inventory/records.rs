@@ -31,6 +31,46 @@ pub struct HostRecord {
     pub address: String,
     pub agent_version: String,
     pub registered_unix_ms: i64,
+    /// Serial (lowercase hex) of the host's current certificate: the only one a
+    /// renewal may present. Empty in records from before certificates were tracked.
+    #[serde(default)]
+    pub cert_serial: String,
+    /// When that certificate expires (unix ms); 0 when not known.
+    #[serde(default)]
+    pub cert_not_after_unix_ms: i64,
+    /// `host reset` ran: exactly one new registration of this name is allowed (it
+    /// clears the flag).
+    #[serde(default)]
+    pub reset_pending: bool,
+}
+
+impl HostRecord {
+    /// Records `cert_pem` as the host's current certificate (its serial and expiry):
+    /// at registration and at every renewal.
+    pub fn with_certificate(&mut self, cert_pem: &str) -> Result<(), siterecovery_certs::CertError> {
+        let serial = siterecovery_certs::live::serial_of_pem(cert_pem)?;
+        let (_, not_after) = siterecovery_certs::ca::validity(cert_pem)?;
+        self.cert_serial = serial;
+        self.cert_not_after_unix_ms = not_after.saturating_mul(1000);
+        Ok(())
+    }
+
+    /// The host as the operator's `ListHosts` shows it, without its live state.
+    pub fn to_proto(&self) -> v1::Host {
+        v1::Host {
+            id: self.id.to_string(),
+            name: self.name.to_string(),
+            site: self.site.to_string(),
+            cloud: self.cloud.to_string(),
+            address: self.address.clone(),
+            agent_version: self.agent_version.clone(),
+            registered_unix_ms: self.registered_unix_ms,
+            certificate_serial: self.cert_serial.clone(),
+            certificate_expires_unix_ms: self.cert_not_after_unix_ms,
+            reset_pending: self.reset_pending,
+            ..Default::default()
+        }
+    }
 }
 
 /// The rule of a host's listen address: `HOST:PORT`, port 1-65535, at most 255 bytes.
@@ -339,11 +379,45 @@ mod tests {
             address: "10.0.0.1:7443".into(),
             agent_version: "0.1".into(),
             registered_unix_ms: 1,
+            cert_serial: "0a1b".into(),
+            cert_not_after_unix_ms: 2000,
+            reset_pending: true,
         };
         let json = serde_json::to_value(&host).expect("ser");
         assert_eq!(json["name"], "hv1");
         assert_eq!(json["id"], "hv1-0a1b2c");
+        assert_eq!(json["cert_serial"], "0a1b");
         assert_eq!(serde_json::from_value::<HostRecord>(json).expect("de"), host);
+        // A record stored before certificates were tracked still loads.
+        let old = serde_json::json!({"id": "hv1-0a1b2c", "name": "hv1", "site": "primary", "cloud": "gold-a",
+            "address": "10.0.0.1:7443", "agent_version": "0.1", "registered_unix_ms": 1});
+        let rec: HostRecord = serde_json::from_value(old).expect("old host record");
+        assert_eq!((rec.cert_serial.as_str(), rec.cert_not_after_unix_ms, rec.reset_pending), ("", 0, false));
+    }
+
+    #[test]
+    fn a_certificate_is_recorded_by_serial_and_expiry() {
+        let vault = siterecovery_certs::VaultId::generate();
+        let ca = siterecovery_certs::VaultCa::create(vault.clone(), "t").expect("ca");
+        let id = siterecovery_certs::PeerIdentity::new(vault, siterecovery_certs::Role::Host, "hv1-0a1b2c")
+            .expect("identity");
+        let names = siterecovery_certs::ca::ServerNames::default();
+        let (pem, _) = ca.issue_local(&id, &names, std::time::Duration::from_secs(3600)).expect("cert");
+        let mut rec: HostRecord = serde_json::from_value(serde_json::json!({"id": "hv1-0a1b2c", "name": "hv1",
+            "site": "primary", "cloud": "gold-a", "address": "10.0.0.1:7443", "agent_version": "0.1",
+            "registered_unix_ms": 1}))
+        .expect("record");
+        rec.with_certificate(&pem).expect("recorded");
+        assert_eq!(rec.cert_serial, siterecovery_certs::live::serial_of_pem(&pem).expect("serial"));
+        assert_eq!(rec.cert_serial, rec.cert_serial.to_ascii_lowercase());
+        let expires = rec.cert_not_after_unix_ms / 1000 - siterecovery_certs::unix_now();
+        assert!((3500..=3601).contains(&expires), "{expires}");
+        let p = rec.to_proto();
+        assert_eq!(
+            (p.certificate_serial.as_str(), p.certificate_expires_unix_ms),
+            (rec.cert_serial.as_str(), rec.cert_not_after_unix_ms)
+        );
+        assert!(rec.with_certificate("not a certificate").is_err());
     }
 
     #[test]

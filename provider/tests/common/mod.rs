@@ -74,9 +74,8 @@ impl TestProvider {
         let mut host_certs = Vec::new();
         for (i, (name, site, cloud)) in TEST_HOSTS.into_iter().enumerate() {
             let id = PeerIdentity::new(vault_id.clone(), Role::Host, format!("{name}-id")).expect("identity");
-            host_certs
-                .push(v.ca.issue_local(&id, &ServerNames::default(), Duration::from_secs(3600)).expect("host cert"));
-            let rec = HostRecord {
+            let cert = v.ca.issue_local(&id, &ServerNames::default(), Duration::from_secs(3600)).expect("host cert");
+            let mut rec = HostRecord {
                 id: format!("{name}-id").parse().expect("host id"),
                 name: name.parse().expect("host name"),
                 site: site.parse().expect("site"),
@@ -84,7 +83,12 @@ impl TestProvider {
                 address: format!("127.0.0.1:{}", 9001 + i),
                 agent_version: "fake".into(),
                 registered_unix_ms: now_ms(),
+                cert_serial: String::new(),
+                cert_not_after_unix_ms: 0,
+                reset_pending: false,
             };
+            rec.with_certificate(&cert.0).expect("the host's certificate");
+            host_certs.push(cert);
             store.put(HOSTS, name, &rec).expect("host");
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
