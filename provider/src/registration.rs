@@ -24,7 +24,7 @@ pub mod limiter;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use siterecovery_certs::ca::ServerNames;
@@ -53,18 +53,15 @@ pub trait RegistrationContext: Send + Sync + 'static {
     fn cert_validity(&self) -> std::time::Duration;
 }
 
-/// The Registration service: its context, the limiter of refused attempts, and the
-/// lock that makes "read the host, decide, write the host" one step (two registrations
-/// racing after a `host reset` cannot both be the one it allows).
+/// The Registration service: its context and the limiter of refused attempts.
 pub struct RegistrationService<C> {
     pub state: Arc<C>,
     limiter: RefusalLimiter,
-    one_at_a_time: Mutex<()>,
 }
 
 impl<C> RegistrationService<C> {
     pub fn new(state: Arc<C>) -> Self {
-        Self { state, limiter: RefusalLimiter::new(), one_at_a_time: Mutex::new(()) }
+        Self { state, limiter: RefusalLimiter::new() }
     }
 }
 
@@ -224,6 +221,10 @@ pub fn decide(
     let not_current = |why: String| RegistrationError::NotCurrentCertificate { host: host.name.clone(), why };
     let grant = match presented {
         Some(Err(why)) => return Err(not_current(format!("unreadable: {why}"))),
+        // A reset voids every certificate of the host, revoked yet or not.
+        Some(Ok(_)) if host.reset_pending => {
+            return Err(not_current("the host was reset: register it without its old certificate".into()));
+        }
         Some(Ok(p)) => {
             if &p.identity.vault_id != vault {
                 return Err(not_current(format!("a certificate of vault {}", p.identity.vault_id)));
@@ -305,35 +306,38 @@ impl<C: RegistrationContext> RegistrationService<C> {
         if siterecovery_certs::unix_now() >= secret.expires_unix {
             return Err(RegistrationError::ExpiredSecret);
         }
-        let _one = self.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
-        let existing: Option<HostRecord> = state.store().get(HOSTS, req.host_name.as_str())?;
-        let grant =
-            decide(existing.as_ref(), &req, presented, state.vault_id(), |s| state.revocations().is_revoked(s))?;
-        let mut record = match (grant, existing) {
-            (Grant::Renewal, Some(host)) => {
-                HostRecord { address: req.listen_address.clone(), agent_version: r.agent_version.clone(), ..host }
-            }
-            _ => HostRecord {
-                id: fresh_host_id(&req.host_name)?,
-                name: req.host_name.clone(),
-                site: req.site.clone(),
-                cloud: req.cloud.clone(),
-                address: req.listen_address.clone(),
-                agent_version: r.agent_version.clone(),
-                registered_unix_ms: siterecovery_certs::unix_now() * 1000,
-                cert_serial: String::new(),
-                cert_not_after_unix_ms: 0,
-                reset_pending: false,
-            },
-        };
-        let identity = PeerIdentity::new(state.vault_id().clone(), Role::Host, record.id.as_str())
-            .map_err(|e| RegistrationError::Identity(e.to_string()))?;
-        let cert = state
-            .ca()
-            .issue_for_csr(&r.csr_pem, &identity, &req.server_names, state.cert_validity())
-            .map_err(|e| RegistrationError::Csr(e.to_string()))?;
-        record.with_certificate(&cert).map_err(|e| RegistrationError::Identity(e.to_string()))?;
-        state.store().put(HOSTS, record.name.as_str(), &record)?;
+        // Read, decide, issue and write in one store transaction: two registrations
+        // racing after a `host reset` cannot both be the one it allows, and a reset or
+        // a move in between is not undone.
+        let (record, cert, grant) = state.store().update(HOSTS, req.host_name.as_str(), |existing| {
+            let grant =
+                decide(existing.as_ref(), &req, presented, state.vault_id(), |s| state.revocations().is_revoked(s))?;
+            let mut record = match (grant, existing) {
+                (Grant::Renewal, Some(host)) => {
+                    HostRecord { address: req.listen_address.clone(), agent_version: r.agent_version.clone(), ..host }
+                }
+                _ => HostRecord {
+                    id: fresh_host_id(&req.host_name)?,
+                    name: req.host_name.clone(),
+                    site: req.site.clone(),
+                    cloud: req.cloud.clone(),
+                    address: req.listen_address.clone(),
+                    agent_version: r.agent_version.clone(),
+                    registered_unix_ms: siterecovery_certs::unix_now() * 1000,
+                    cert_serial: String::new(),
+                    cert_not_after_unix_ms: 0,
+                    reset_pending: false,
+                },
+            };
+            let identity = PeerIdentity::new(state.vault_id().clone(), Role::Host, record.id.as_str())
+                .map_err(|e| RegistrationError::Identity(e.to_string()))?;
+            let cert = state
+                .ca()
+                .issue_for_csr(&r.csr_pem, &identity, &req.server_names, state.cert_validity())
+                .map_err(|e| RegistrationError::Csr(e.to_string()))?;
+            record.with_certificate(&cert).map_err(|e| RegistrationError::Identity(e.to_string()))?;
+            Ok::<_, RegistrationError>((Some(record.clone()), (record, cert, grant)))
+        })?;
         tracing::info!(host = %record.name, host_id = %record.id, site = %record.site, cloud = %record.cloud,
             serial = %record.cert_serial, "host {}", grant.as_str());
         let resp = v1::RegisterResponse {

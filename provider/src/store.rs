@@ -174,6 +174,49 @@ impl Store {
         Ok(existed)
     }
 
+    /// Reads, changes and writes one record in one write transaction: writers are
+    /// serialised, so no other write falls between the read and the write (a
+    /// read-modify-write that a concurrent one cannot undo). `f` gets the record (`None`
+    /// when absent) and returns what to store (`None`: delete) and a result; when it
+    /// errs, nothing is written.
+    pub fn update<T, R, E>(
+        &self,
+        table: Table,
+        key: &(impl AsRef<str> + ?Sized),
+        f: impl FnOnce(Option<T>) -> Result<(Option<T>, R), E>,
+    ) -> Result<R, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<StoreError>,
+    {
+        let key = key.as_ref();
+        let tx = self.db.begin_write().map_err(StoreError::from)?;
+        let result = {
+            let mut t = tx.open_table(table.0).map_err(StoreError::from)?;
+            let current: Option<T> = match t.get(key).map_err(StoreError::from)? {
+                Some(v) => Some(serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                    table: table.1,
+                    key: key.into(),
+                    source,
+                })?),
+                None => None,
+            };
+            let (next, result) = f(current)?;
+            match next {
+                Some(v) => {
+                    let bytes = serde_json::to_vec(&v).map_err(StoreError::from)?;
+                    t.insert(key, bytes.as_slice()).map_err(StoreError::from)?;
+                }
+                None => {
+                    t.remove(key).map_err(StoreError::from)?;
+                }
+            }
+            result
+        };
+        tx.commit().map_err(StoreError::from)?;
+        Ok(result)
+    }
+
     /// Replaces, in one transaction, the records of `table` selected by `owned` with
     /// `records` (key, value). Used when a host reports its whole VM list.
     pub fn replace_where<T: Serialize + DeserializeOwned, K: AsRef<str>>(
@@ -225,6 +268,36 @@ mod tests {
         assert_eq!(s.get::<u32>(META, "b").expect("get"), Some(2));
         assert_eq!(s.get::<u32>(META, "a").expect("get"), None);
         assert_eq!(s.list::<u32>(META).expect("list"), vec![2]);
+    }
+
+    #[test]
+    fn update_is_one_read_modify_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = std::sync::Arc::new(Store::open(dir.path()).expect("open"));
+        // Concurrent increments: none is lost.
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..25 {
+                        s.update(META, "n", |n: Option<u32>| Ok::<_, StoreError>((Some(n.unwrap_or(0) + 1), ())))
+                            .expect("update");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(s.get::<u32>(META, "n").expect("get"), Some(100));
+        // An error writes nothing; `None` deletes.
+        let e = s.update(META, "n", |_: Option<u32>| {
+            Err::<(Option<u32>, ()), _>(StoreError::Encode(serde_json::from_str::<u32>("x").expect_err("not json")))
+        });
+        assert!(e.is_err());
+        assert_eq!(s.get::<u32>(META, "n").expect("get"), Some(100));
+        let old = s.update(META, "n", |n: Option<u32>| Ok::<_, StoreError>((None, n))).expect("delete");
+        assert_eq!((old, s.get::<u32>(META, "n").expect("get")), (Some(100), None));
     }
 
     #[test]

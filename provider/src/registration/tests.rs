@@ -137,9 +137,12 @@ fn the_rule_case_by_case() {
     );
     let e = decide(Some(&rec), &req, Some(&Ok(current.clone())), &vault, |s| s == "0c0ffee0").expect_err("revoked");
     assert!(e.to_string().contains("revoked"), "{e}");
-    // A revoked certificate is refused even while a reset is pending.
-    let e = decide(Some(&reset), &req, Some(&Ok(current.clone())), &vault, |s| s == "0c0ffee0").expect_err("revoked");
-    assert!(matches!(e, RegistrationError::NotCurrentCertificate { .. }), "{e}");
+    // While a reset is pending, the host's certificates renew nothing, revoked yet or not.
+    for revoked in [true, false] {
+        let e = decide(Some(&reset), &req, Some(&Ok(current.clone())), &vault, |_| revoked).expect_err("reset");
+        assert!(matches!(e, RegistrationError::NotCurrentCertificate { .. }), "{e}");
+        assert!(e.to_string().contains("was reset"), "{e}");
+    }
     assert!(matches!(d(Some(&rec), Some(Err("garbage".into()))), Err(RegistrationError::NotCurrentCertificate { .. })));
 
     // Site and cloud never change by registration, whatever grants it.
@@ -296,11 +299,23 @@ fn a_reset_allows_exactly_one_registration() {
     svc.state.store.put(HOSTS, "hv1", &rec).expect("flag");
 
     let e = svc.register(&req(&svc, "hv1", "primary"), presenting(&first.certificate_pem).as_ref()).expect_err("old");
-    assert!(e.to_string().contains("revoked"), "{e}");
+    assert!(e.to_string().contains("was reset"), "{e}");
     let e = svc.register(&req(&svc, "hv1", "secondary"), None).expect_err("moved");
     assert!(matches!(e, RegistrationError::Moved { .. }), "{e}");
-    let (again, grant) = svc.register(&req(&svc, "hv1", "primary"), None).expect("the one after reset");
-    assert_eq!(grant, Grant::AfterReset);
+    // Four registrations racing: exactly one is the one the reset allows.
+    let requests: Vec<_> = (0..4).map(|_| req(&svc, "hv1", "primary")).collect();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = requests.iter().map(|r| s.spawn(|| svc.register(r, None))).collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    let granted: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(granted.len(), 1, "{results:?}");
+    let (again, grant) = granted[0];
+    assert_eq!(*grant, Grant::AfterReset);
+    assert!(
+        results.iter().filter_map(|r| r.as_ref().err()).all(|e| matches!(e, RegistrationError::AlreadyRegistered(_)))
+    );
+    assert_eq!(stored(&svc, "hv1").id.as_str(), again.host_id);
     assert_ne!(again.host_id, first.host_id, "a fresh host id");
     assert!(!stored(&svc, "hv1").reset_pending, "the flag is cleared");
     let e = svc.register(&req(&svc, "hv1", "primary"), None).expect_err("a second one");
