@@ -9,6 +9,7 @@
 
 pub mod connect;
 pub mod failover;
+pub mod hosts;
 pub mod inventory;
 pub mod jobs;
 pub mod network;

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use siterecovery_proto::daemon;
 use siterecovery_proto::model::units::parse_duration;
 use siterecovery_provider::cli::failover::FailoverCmd;
+use siterecovery_provider::cli::hosts::HostCmd;
 use siterecovery_provider::cli::inventory::{ListOnly, VmCmd};
 use siterecovery_provider::cli::jobs::JobCmd;
 use siterecovery_provider::cli::network::NetworkCmd;
@@ -77,9 +78,9 @@ enum Cmd {
     /// Sites (locations) known from registered hosts.
     #[command(subcommand)]
     Site(ListOnly),
-    /// Registered hosts and their connection state.
+    /// Registered hosts: list, reset, remove, move, and the revoked certificates.
     #[command(subcommand)]
-    Host(ListOnly),
+    Host(HostCmd),
     /// Virtual machines on the hosts.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -166,10 +167,10 @@ async fn run(cli: Cli) -> Result<()> {
 
 /// The commands that talk to a running provider.
 async fn operator(op: &mut Operator, cmd: Cmd) -> Result<()> {
-    use siterecovery_provider::cli::{failover, inventory, jobs, network, plan, protection};
+    use siterecovery_provider::cli::{failover, hosts, inventory, jobs, network, plan, protection};
     match cmd {
         Cmd::Site(ListOnly::List) => inventory::sites(op).await?,
-        Cmd::Host(ListOnly::List) => inventory::hosts(op).await?,
+        Cmd::Host(c) => hosts::run(op, c).await?,
         Cmd::Vm(c) => inventory::vm(op, c).await?,
         Cmd::Policy(c) => protection::policy(op, c).await?,
         Cmd::Cloud(c) => protection::cloud(op, c).await?,
