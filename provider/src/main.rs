@@ -22,7 +22,7 @@ use siterecovery_provider::cli::plan::PlanCmd;
 use siterecovery_provider::cli::protection::{CloudCmd, ImportArgs, PointCmd, PolicyCmd, ProtectArgs, VmJobArgs};
 use siterecovery_provider::cli::vault::{OperatorCertArgs, VaultCmd};
 use siterecovery_provider::cli::{self, CliError, Operator, OperatorCerts};
-use siterecovery_provider::relationship::ProtectionConfig;
+use siterecovery_provider::relationship::{DEFAULT_SCRIPTS_DIR, ProtectionConfig};
 use siterecovery_provider::{api, store, vault};
 
 #[derive(Parser)]
@@ -70,6 +70,10 @@ enum Cmd {
         /// Tests only: allow policy intervals from 1s and retry backoff in seconds.
         #[arg(long, hide = true)]
         test_intervals: bool,
+        /// The only directory recovery-plan scripts run from (`plan create --script N=NAME`
+        /// names a script in it).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_SCRIPTS_DIR)]
+        scripts_dir: PathBuf,
     },
     /// Issue an operator certificate (ca.pem, op.pem, op.key) for the CLI and grpcurl.
     OperatorCert(OperatorCertArgs),
@@ -138,7 +142,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Vault(c) => cli::vault::run(c, cli.json),
         Cmd::OperatorCert(a) => cli::vault::operator_cert(a, cli.json),
-        Cmd::Serve { data_dir, listen, grace, test_intervals } => {
+        Cmd::Serve { data_dir, listen, grace, test_intervals, scripts_dir } => {
             let v = vault::Vault::open(&data_dir)?;
             let store = store::Store::open(&data_dir)?;
             let addr = listen.unwrap_or_else(|| v.info.address.clone());
@@ -151,6 +155,7 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 ProtectionConfig::default()
             };
+            let protection = ProtectionConfig { scripts_dir, ..protection };
             api::serve_with(v, store, listener, shutdown, grace, protection).await?;
             tracing::info!("provider stopped");
             Ok(())

@@ -47,6 +47,8 @@ pub struct Lab {
     pub provider_port: u16,
     pub vault_key: PathBuf,
     pub opdir: PathBuf,
+    /// The provider's `--scripts-dir` (recovery-plan scripts are named in it).
+    pub scripts_dir: PathBuf,
     hosts: Mutex<HashMap<String, HostSlot>>,
     seq: AtomicUsize,
     logs: Mutex<Vec<PathBuf>>,
@@ -67,6 +69,7 @@ impl Lab {
             provider_port: free_port(),
             vault_key: root.join("vault.key"),
             opdir: root.join("op"),
+            scripts_dir: root.join("scripts"),
             root,
             tmp: Some(tmp),
             hosts: Mutex::new(HashMap::new()),
@@ -74,6 +77,7 @@ impl Lab {
             logs: Mutex::new(Vec::new()),
             transcript,
         };
+        std::fs::create_dir_all(&lab.scripts_dir).expect("scripts dir");
         eprintln!("[lab] {test}: {}", lab.root.display());
         lab
     }
@@ -231,6 +235,7 @@ impl Lab {
     }
 
     /// [`Self::start_provider`] with extra `serve` flags (e.g. `--test-intervals`).
+    /// Plan scripts run from [`Self::scripts_dir`].
     pub fn start_provider_with(&self, extra: &[&str]) -> Proc {
         let mut p = self.spawn(
             "provider",
@@ -238,6 +243,8 @@ impl Lab {
                 .args(["serve", "--data-dir"])
                 .arg(&self.provider_dir)
                 .args(["--listen", &self.addr(), "--grace", "5s"])
+                .arg("--scripts-dir")
+                .arg(&self.scripts_dir)
                 .args(extra),
         );
         let addr = self.addr();
