@@ -91,6 +91,9 @@ pub enum RegistrationError {
          `provider host reset {host}`"
     )]
     NotCurrentCertificate { host: HostName, why: String },
+    /// The client certificate presented is revoked.
+    #[error("the certificate presented (serial {serial}) is revoked")]
+    Revoked { serial: String },
     /// A renewal or re-registration asked for another site or cloud.
     #[error(
         "host {host} is registered at site {site}, cloud {cloud}; registration never moves a host: an operator runs \
@@ -112,9 +115,11 @@ impl Classify for RegistrationError {
     fn class(&self) -> ErrorClass {
         use RegistrationError as E;
         match self {
-            E::OtherVault { .. } | E::WrongSecret | E::ExpiredSecret | E::NotCurrentCertificate { .. } => {
-                ErrorClass::PermissionDenied
-            }
+            E::OtherVault { .. }
+            | E::WrongSecret
+            | E::ExpiredSecret
+            | E::NotCurrentCertificate { .. }
+            | E::Revoked { .. } => ErrorClass::PermissionDenied,
             E::Request(_) | E::Csr(_) => ErrorClass::InvalidArgument,
             E::NoSecret | E::Moved { .. } => ErrorClass::FailedPrecondition,
             E::AlreadyRegistered(_) => ErrorClass::AlreadyExists,
@@ -217,6 +222,13 @@ pub fn decide(
     vault: &VaultId,
     is_revoked: impl Fn(&str) -> bool,
 ) -> Result<Grant, RegistrationError> {
+    // A revoked certificate is refused whatever it comes for (as the handshake refuses
+    // it where the provider's verifier reads the revocation list).
+    if let Some(Ok(p)) = presented
+        && is_revoked(&p.serial)
+    {
+        return Err(RegistrationError::Revoked { serial: p.serial.clone() });
+    }
     let Some(host) = existing else { return Ok(Grant::New) };
     let not_current = |why: String| RegistrationError::NotCurrentCertificate { host: host.name.clone(), why };
     let grant = match presented {
@@ -234,9 +246,6 @@ pub fn decide(
             }
             if p.identity.id != host.id.as_str() {
                 return Err(not_current(format!("the certificate of host id {}", truncated(&p.identity.id))));
-            }
-            if is_revoked(&p.serial) {
-                return Err(not_current(format!("certificate {} is revoked", p.serial)));
             }
             // Records from before serials were kept: the host id alone (each
             // registration had its own id, so one certificate per id).

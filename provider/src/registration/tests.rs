@@ -135,13 +135,17 @@ fn the_rule_case_by_case() {
         },
         "a certificate of vault",
     );
-    let e = decide(Some(&rec), &req, Some(&Ok(current.clone())), &vault, |s| s == "0c0ffee0").expect_err("revoked");
-    assert!(e.to_string().contains("revoked"), "{e}");
+    // A revoked certificate, for a registered name or a new one.
+    for existing in [Some(&rec), None] {
+        let e = decide(existing, &req, Some(&Ok(current.clone())), &vault, |s| s == "0c0ffee0").expect_err("revoked");
+        assert!(matches!(e, RegistrationError::Revoked { .. }) && e.to_string().contains("0c0ffee0"), "{e}");
+    }
     // While a reset is pending, the host's certificates renew nothing, revoked yet or not.
     for revoked in [true, false] {
         let e = decide(Some(&reset), &req, Some(&Ok(current.clone())), &vault, |_| revoked).expect_err("reset");
-        assert!(matches!(e, RegistrationError::NotCurrentCertificate { .. }), "{e}");
-        assert!(e.to_string().contains("was reset"), "{e}");
+        let want = if revoked { "is revoked" } else { "was reset" };
+        assert!(e.to_string().contains(want), "{e}");
+        assert_eq!(Status::from(e).code(), tonic::Code::PermissionDenied);
     }
     assert!(matches!(d(Some(&rec), Some(Err("garbage".into()))), Err(RegistrationError::NotCurrentCertificate { .. })));
 
@@ -299,7 +303,7 @@ fn a_reset_allows_exactly_one_registration() {
     svc.state.store.put(HOSTS, "hv1", &rec).expect("flag");
 
     let e = svc.register(&req(&svc, "hv1", "primary"), presenting(&first.certificate_pem).as_ref()).expect_err("old");
-    assert!(e.to_string().contains("was reset"), "{e}");
+    assert!(matches!(e, RegistrationError::Revoked { .. }), "{e}");
     let e = svc.register(&req(&svc, "hv1", "secondary"), None).expect_err("moved");
     assert!(matches!(e, RegistrationError::Moved { .. }), "{e}");
     // Four registrations racing: exactly one is the one the reset allows.
