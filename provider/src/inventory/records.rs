@@ -19,10 +19,13 @@ pub struct LiveStatus {
     pub free_bytes: u64,
 }
 
-/// A registered host, as stored (table `hosts`, by name).
+/// A registered host, as stored (table `hosts`, by name). Change it with one
+/// read-modify-write (`Store::update`), never by writing back a copy read earlier: a
+/// reset, a move or a renewal in between would be undone.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HostRecord {
-    /// Identity id in the host's certificate; changes at re-registration.
+    /// Identity id in the host's certificate: kept at renewal, fresh at the one
+    /// registration a `host reset` allows.
     pub id: HostId,
     pub name: HostName,
     pub site: SiteName,
