@@ -54,7 +54,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create a vault, or issue a new vault key file.
+    /// Create a vault, issue a new vault key file, or show the CA fingerprint hosts pin.
     #[command(subcommand)]
     Vault(VaultCmd),
     /// Run the provider (long-running; stops gracefully on SIGTERM or Ctrl-C).

@@ -268,7 +268,7 @@ pub fn decide(
 }
 
 /// At most 80 chars of a string from the network, for messages and logs.
-pub fn truncated(s: &str) -> String {
+fn truncated(s: &str) -> String {
     let mut out: String = s.chars().take(80).collect();
     if out.len() < s.len() {
         out.push('…');

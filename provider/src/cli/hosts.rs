@@ -15,15 +15,24 @@ pub enum HostCmd {
     List,
     /// Revoke the host's certificate and allow exactly one new registration of its name
     /// (`agent register` with the vault key file, e.g. after reinstalling the host).
-    Reset { host: String },
+    Reset {
+        /// Host name (or id).
+        host: String,
+    },
     /// Deregister the host: its certificate is revoked everywhere, its records deleted.
     /// Refused while a protected VM replicates from or to it.
-    Remove { host: String },
+    Remove {
+        /// Host name (or id).
+        host: String,
+    },
     /// Move the host to another site and/or cloud (registration never does).
     Move {
+        /// Host name (or id).
         host: String,
+        /// The new site (unchanged when not given).
         #[arg(long)]
         site: Option<String>,
+        /// The new cloud (unchanged when not given).
         #[arg(long)]
         cloud: Option<String>,
     },

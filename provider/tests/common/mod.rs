@@ -52,6 +52,8 @@ pub struct TestProvider {
     pub ca_pem: String,
     /// Certificates of hv-a and hv-b, in that order.
     pub host_certs: [HostCert; 2],
+    /// The provider's scripts directory (plan scripts are named in it).
+    pub scripts_dir: PathBuf,
     opdir: PathBuf,
     pub shutdown: CancellationToken,
     server: JoinHandle<Result<(), api::ServeError>>,
@@ -94,16 +96,13 @@ impl TestProvider {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(api::serve_with(
-            v,
-            store,
-            listener,
-            shutdown.clone(),
-            Duration::from_secs(1),
-            ProtectionConfig::for_tests(),
-        ));
+        let scripts_dir = dir.join("scripts");
+        std::fs::create_dir_all(&scripts_dir).expect("scripts dir");
+        let config = ProtectionConfig { scripts_dir: scripts_dir.clone(), ..ProtectionConfig::for_tests() };
+        let server =
+            tokio::spawn(api::serve_with(v, store, listener, shutdown.clone(), Duration::from_secs(1), config));
         let host_certs: [HostCert; 2] = host_certs.try_into().expect("two host certificates");
-        Self { _tmp: tmp, dir, addr, ca_pem, host_certs, opdir, shutdown, server }
+        Self { _tmp: tmp, dir, addr, ca_pem, host_certs, scripts_dir, opdir, shutdown, server }
     }
 
     /// The operator's Inventory and Protection clients (mutual TLS, operator certificate).
