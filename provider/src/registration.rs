@@ -15,7 +15,7 @@
 //! Anything else is refused, the `reregister` flag of the request grants nothing by
 //! itself, and site and cloud never change by registration (`provider host move`
 //! does). Refused: another vault's id, a wrong or expired secret, a malformed CSR or
-//! name. Refusals are rate-limited per source address ([`limiter`]): over the limit an
+//! name, a revoked client certificate. Refusals are rate-limited per source address ([`limiter`]): over the limit an
 //! attempt is answered `RESOURCE_EXHAUSTED` before the secret or the store is read.
 //! Each refusal is logged once, with the caller's address and the strings it sent
 //! truncated, never with the secret.
@@ -242,7 +242,7 @@ pub fn decide(
                 return Err(not_current(format!("a certificate of vault {}", p.identity.vault_id)));
             }
             if p.identity.role != Role::Host {
-                return Err(not_current(format!("a {} certificate, not a host's", p.identity.role)));
+                return Err(not_current(format!("a certificate of role {}, not host", p.identity.role)));
             }
             if p.identity.id != host.id.as_str() {
                 return Err(not_current(format!("the certificate of host id {}", truncated(&p.identity.id))));

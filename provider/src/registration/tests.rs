@@ -126,7 +126,7 @@ fn the_rule_case_by_case() {
             identity: PeerIdentity::new(vault.clone(), Role::Operator, "hv1-0a1b2c").expect("id"),
             ..current.clone()
         },
-        "a operator certificate",
+        "a certificate of role operator",
     );
     refused(
         Presented {
