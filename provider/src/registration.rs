@@ -290,6 +290,44 @@ fn fresh_host_id(name: &HostName) -> Result<HostId, RegistrationError> {
 }
 
 impl<C: RegistrationContext> RegistrationService<C> {
+    /// The rule applied to the stored host, and what a granted registration writes:
+    /// the host record with its new certificate, the certificate, the grant.
+    fn grant(
+        &self,
+        req: &RegisterRequest,
+        r: &v1::RegisterRequest,
+        presented: Option<&Result<Presented, String>>,
+        existing: Option<HostRecord>,
+    ) -> Result<(HostRecord, String, Grant), RegistrationError> {
+        let state = self.state.as_ref();
+        let grant = decide(existing.as_ref(), req, presented, state.vault_id(), |s| state.revocations().is_revoked(s))?;
+        let mut record = match (grant, existing) {
+            (Grant::Renewal, Some(host)) => {
+                HostRecord { address: req.listen_address.clone(), agent_version: r.agent_version.clone(), ..host }
+            }
+            _ => HostRecord {
+                id: fresh_host_id(&req.host_name)?,
+                name: req.host_name.clone(),
+                site: req.site.clone(),
+                cloud: req.cloud.clone(),
+                address: req.listen_address.clone(),
+                agent_version: r.agent_version.clone(),
+                registered_unix_ms: siterecovery_certs::unix_now() * 1000,
+                cert_serial: String::new(),
+                cert_not_after_unix_ms: 0,
+                reset_pending: false,
+            },
+        };
+        let identity = PeerIdentity::new(state.vault_id().clone(), Role::Host, record.id.as_str())
+            .map_err(|e| RegistrationError::Identity(e.to_string()))?;
+        let cert = state
+            .ca()
+            .issue_for_csr(&r.csr_pem, &identity, &req.server_names, state.cert_validity())
+            .map_err(|e| RegistrationError::Csr(e.to_string()))?;
+        record.with_certificate(&cert).map_err(|e| RegistrationError::Identity(e.to_string()))?;
+        Ok((record, cert, grant))
+    }
+
     /// One registration, past the limiter: checks, the rule, the certificate, the record.
     fn register(
         &self,
@@ -318,35 +356,13 @@ impl<C: RegistrationContext> RegistrationService<C> {
         // Read, decide, issue and write in one store transaction: two registrations
         // racing after a `host reset` cannot both be the one it allows, and a reset or
         // a move in between is not undone.
-        let (record, cert, grant) = state.store().update(HOSTS, req.host_name.as_str(), |existing| {
-            let grant =
-                decide(existing.as_ref(), &req, presented, state.vault_id(), |s| state.revocations().is_revoked(s))?;
-            let mut record = match (grant, existing) {
-                (Grant::Renewal, Some(host)) => {
-                    HostRecord { address: req.listen_address.clone(), agent_version: r.agent_version.clone(), ..host }
+        let (record, cert, grant) =
+            state.store().update(HOSTS, req.host_name.as_str(), |existing: Option<HostRecord>| {
+                match self.grant(&req, r, presented, existing) {
+                    Ok((record, cert, grant)) => (Some(record.clone()), Ok((record, cert, grant))),
+                    Err(e) => (None, Err(e)),
                 }
-                _ => HostRecord {
-                    id: fresh_host_id(&req.host_name)?,
-                    name: req.host_name.clone(),
-                    site: req.site.clone(),
-                    cloud: req.cloud.clone(),
-                    address: req.listen_address.clone(),
-                    agent_version: r.agent_version.clone(),
-                    registered_unix_ms: siterecovery_certs::unix_now() * 1000,
-                    cert_serial: String::new(),
-                    cert_not_after_unix_ms: 0,
-                    reset_pending: false,
-                },
-            };
-            let identity = PeerIdentity::new(state.vault_id().clone(), Role::Host, record.id.as_str())
-                .map_err(|e| RegistrationError::Identity(e.to_string()))?;
-            let cert = state
-                .ca()
-                .issue_for_csr(&r.csr_pem, &identity, &req.server_names, state.cert_validity())
-                .map_err(|e| RegistrationError::Csr(e.to_string()))?;
-            record.with_certificate(&cert).map_err(|e| RegistrationError::Identity(e.to_string()))?;
-            Ok::<_, RegistrationError>((Some(record.clone()), (record, cert, grant)))
-        })?;
+            })??;
         tracing::info!(host = %record.name, host_id = %record.id, site = %record.site, cloud = %record.cloud,
             serial = %record.cert_serial, "host {}", grant.as_str());
         let resp = v1::RegisterResponse {

@@ -13,6 +13,7 @@
 //! (job id → `JobRecord` (jobs)).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::Serialize;
@@ -95,6 +96,15 @@ pub mod empty_is_none {
 /// The open database. Cheap to share behind an `Arc`; redb serialises writers.
 pub struct Store {
     db: Database,
+    /// Committed write transactions since open (what a flood test counts).
+    writes: AtomicU64,
+}
+
+/// One change decided by [`Store::reconcile`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change<T> {
+    Put(String, T),
+    Delete(String),
 }
 
 impl Store {
@@ -106,7 +116,18 @@ impl Store {
             tx.open_table(t.0)?;
         }
         tx.commit()?;
-        Ok(Self { db })
+        Ok(Self { db, writes: AtomicU64::new(0) })
+    }
+
+    /// Write transactions committed since the store was opened.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn commit(&self, tx: redb::WriteTransaction) -> Result<(), StoreError> {
+        tx.commit()?;
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Reads one record.
@@ -158,7 +179,7 @@ impl Store {
             let mut t = tx.open_table(table.0)?;
             t.insert(key, bytes.as_slice())?;
         }
-        tx.commit()?;
+        self.commit(tx)?;
         Ok(())
     }
 
@@ -170,50 +191,82 @@ impl Store {
             let mut t = tx.open_table(table.0)?;
             t.remove(key)?.is_some()
         };
-        tx.commit()?;
+        self.commit(tx)?;
         Ok(existed)
     }
 
-    /// Reads, changes and writes one record in one write transaction: writers are
-    /// serialised, so no other write falls between the read and the write (a
-    /// read-modify-write that a concurrent one cannot undo). `f` gets the record (`None`
-    /// when absent) and returns what to store (`None`: delete) and a result; when it
-    /// errs, nothing is written.
-    pub fn update<T, R, E>(
+    /// Reads, changes and writes one record in one write transaction, so what `f` decided
+    /// from is what it replaces (a record changed meanwhile is never written back). `f`
+    /// returns the new record, or `None` to write nothing (then nothing is committed),
+    /// and its own result.
+    pub fn update<T: Serialize + DeserializeOwned, R>(
         &self,
         table: Table,
         key: &(impl AsRef<str> + ?Sized),
-        f: impl FnOnce(Option<T>) -> Result<(Option<T>, R), E>,
-    ) -> Result<R, E>
-    where
-        T: Serialize + DeserializeOwned,
-        E: From<StoreError>,
-    {
+        f: impl FnOnce(Option<T>) -> (Option<T>, R),
+    ) -> Result<R, StoreError> {
         let key = key.as_ref();
-        let tx = self.db.begin_write().map_err(StoreError::from)?;
+        let tx = self.db.begin_write()?;
         let result = {
-            let mut t = tx.open_table(table.0).map_err(StoreError::from)?;
-            let current: Option<T> = match t.get(key).map_err(StoreError::from)? {
-                Some(v) => Some(serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+            let mut t = tx.open_table(table.0)?;
+            let current = match t.get(key)? {
+                Some(v) => Some(serde_json::from_slice::<T>(v.value()).map_err(|source| StoreError::Decode {
                     table: table.1,
                     key: key.into(),
                     source,
                 })?),
                 None => None,
             };
-            let (next, result) = f(current)?;
-            match next {
-                Some(v) => {
-                    let bytes = serde_json::to_vec(&v).map_err(StoreError::from)?;
-                    t.insert(key, bytes.as_slice()).map_err(StoreError::from)?;
+            let (new, result) = f(current);
+            match new {
+                Some(new) => {
+                    let bytes = serde_json::to_vec(&new)?;
+                    t.insert(key, bytes.as_slice())?;
                 }
-                None => {
-                    t.remove(key).map_err(StoreError::from)?;
+                None => return Ok(result),
+            }
+            result
+        };
+        self.commit(tx)?;
+        Ok(result)
+    }
+
+    /// Reads every record of `table` (those that decode) and applies the changes `f`
+    /// decides from them, in one write transaction; commits only when there is a
+    /// change. Returns `f`'s result.
+    pub fn reconcile<T: Serialize + DeserializeOwned, R>(
+        &self,
+        table: Table,
+        f: impl FnOnce(&[(String, T)]) -> (Vec<Change<T>>, R),
+    ) -> Result<R, StoreError> {
+        let tx = self.db.begin_write()?;
+        let result = {
+            let mut t = tx.open_table(table.0)?;
+            let mut current = Vec::new();
+            for row in t.iter()? {
+                let (k, v) = row?;
+                if let Ok(rec) = serde_json::from_slice::<T>(v.value()) {
+                    current.push((k.value().to_owned(), rec));
+                }
+            }
+            let (changes, result) = f(&current);
+            if changes.is_empty() {
+                return Ok(result);
+            }
+            for c in changes {
+                match c {
+                    Change::Put(k, v) => {
+                        let bytes = serde_json::to_vec(&v)?;
+                        t.insert(k.as_str(), bytes.as_slice())?;
+                    }
+                    Change::Delete(k) => {
+                        t.remove(k.as_str())?;
+                    }
                 }
             }
             result
         };
-        tx.commit().map_err(StoreError::from)?;
+        self.commit(tx)?;
         Ok(result)
     }
 
@@ -245,7 +298,7 @@ impl Store {
                 t.insert(k.as_ref(), bytes.as_slice())?;
             }
         }
-        tx.commit()?;
+        self.commit(tx)?;
         Ok(())
     }
 }
@@ -271,33 +324,21 @@ mod tests {
     }
 
     #[test]
-    fn update_is_one_read_modify_write() {
+    fn update_and_reconcile_commit_only_a_change() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = std::sync::Arc::new(Store::open(dir.path()).expect("open"));
-        // Concurrent increments: none is lost.
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                let s = s.clone();
-                std::thread::spawn(move || {
-                    for _ in 0..25 {
-                        s.update(META, "n", |n: Option<u32>| Ok::<_, StoreError>((Some(n.unwrap_or(0) + 1), ())))
-                            .expect("update");
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().expect("thread");
-        }
-        assert_eq!(s.get::<u32>(META, "n").expect("get"), Some(100));
-        // An error writes nothing; `None` deletes.
-        let e = s.update(META, "n", |_: Option<u32>| {
-            Err::<(Option<u32>, ()), _>(StoreError::Encode(serde_json::from_str::<u32>("x").expect_err("not json")))
-        });
-        assert!(e.is_err());
-        assert_eq!(s.get::<u32>(META, "n").expect("get"), Some(100));
-        let old = s.update(META, "n", |n: Option<u32>| Ok::<_, StoreError>((None, n))).expect("delete");
-        assert_eq!((old, s.get::<u32>(META, "n").expect("get")), (Some(100), None));
+        let s = Store::open(dir.path()).expect("open");
+        s.put(META, "a", &1u32).expect("put");
+        let before = s.writes();
+        let seen = s.update(META, "a", |v: Option<u32>| (None, v)).expect("no-op update");
+        assert_eq!((seen, s.writes()), (Some(1), before), "a no-op update committed");
+        s.update(META, "a", |v: Option<u32>| (v.map(|v| v + 1), ())).expect("update");
+        assert_eq!((s.get::<u32>(META, "a").expect("get"), s.writes()), (Some(2), before + 1));
+        let n = s.reconcile(META, |all: &[(String, u32)]| (vec![], all.len())).expect("no-op reconcile");
+        assert_eq!((n, s.writes()), (1, before + 1));
+        s.reconcile(META, |_: &[(String, u32)]| (vec![Change::Delete("a".into()), Change::Put("b".into(), 7)], ()))
+            .expect("reconcile");
+        assert_eq!(s.list::<u32>(META).expect("list"), vec![7]);
+        assert_eq!(s.writes(), before + 2);
     }
 
     #[test]

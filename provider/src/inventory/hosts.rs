@@ -5,7 +5,7 @@
 //! certificates.
 //!
 //! Each change of a host record is one read-modify-write of the store
-//! ([`Store::update`]), so a registration or another command at the same moment
+//! ([`Store::update`], [`Store::reconcile`]), so a registration or another command at the same moment
 //! cannot undo it. A certificate is revoked after its host record changed: from then
 //! on a renewal with it is refused (the record says reset, or is gone) before the
 //! revocation even lands.
@@ -17,7 +17,7 @@ use siterecovery_proto::v1;
 
 use super::records::{HostRecord, VmRecord};
 use super::service::InventoryError;
-use crate::store::{HOSTS, RELATIONSHIPS, Store, StoreError, VMS};
+use crate::store::{Change, HOSTS, RELATIONSHIPS, Store, StoreError, VMS};
 use crate::trust::{Revocations, RevokedRecord};
 
 /// `MoveHost`, converted: the host by name or id, and what changes.
@@ -47,7 +47,7 @@ impl TryFrom<&v1::MoveHostRequest> for MoveHostRequest {
 /// `relationship` sits above this one, so its record type is not imported here, and
 /// only these fields are read.
 #[derive(Deserialize)]
-struct RelationshipHosts {
+struct StoredRelationship {
     vm: String,
     primary_host_id: String,
     replica_host_id: String,
@@ -55,7 +55,7 @@ struct RelationshipHosts {
 
 /// The VMs whose replication relationship uses host `id`, as primary or replica.
 pub fn relationships_using(store: &Store, id: &HostId) -> Result<Vec<String>, StoreError> {
-    let rels: Vec<RelationshipHosts> = store.list(RELATIONSHIPS)?;
+    let rels: Vec<StoredRelationship> = store.list(RELATIONSHIPS)?;
     let mut vms: Vec<String> = rels
         .into_iter()
         .filter(|r| r.primary_host_id == id.as_str() || r.replica_host_id == id.as_str())
@@ -91,14 +91,22 @@ fn revoke(
     Ok(Some(host.cert_serial.clone()))
 }
 
+/// Changes host `name` by `f` in one read-modify-write; the host as written.
+fn change(store: &Store, name: &HostName, f: impl FnOnce(&mut HostRecord)) -> Result<HostRecord, InventoryError> {
+    let host = store.update(HOSTS, name, |rec: Option<HostRecord>| match rec {
+        Some(mut h) => {
+            f(&mut h);
+            (Some(h.clone()), Some(h))
+        }
+        None => (None, None),
+    })?;
+    host.ok_or_else(|| InventoryError::UnknownHost(name.to_string()))
+}
+
 /// `host reset`: flags the host (one new registration allowed), then revokes its
 /// certificate. The host as it is now.
 pub fn reset(store: &Store, revocations: &Revocations, name: &HostName) -> Result<HostRecord, InventoryError> {
-    let host = store.update(HOSTS, name, |rec: Option<HostRecord>| {
-        let mut h = rec.ok_or_else(|| InventoryError::UnknownHost(name.to_string()))?;
-        h.reset_pending = true;
-        Ok::<_, InventoryError>((Some(h.clone()), h))
-    })?;
+    let host = change(store, name, |h| h.reset_pending = true)?;
     let serial = revoke(store, revocations, &host, "host reset")?;
     tracing::info!(host = %host.name, host_id = %host.id, serial = serial.as_deref().unwrap_or("-"),
         "host reset: certificate revoked, one new registration allowed");
@@ -108,14 +116,16 @@ pub fn reset(store: &Store, revocations: &Revocations, name: &HostName) -> Resul
 /// `host remove`: refused while a relationship uses the host; otherwise the host
 /// record and its VM records deleted and its certificate revoked. The revoked serial.
 pub fn remove(store: &Store, revocations: &Revocations, name: &HostName) -> Result<Option<String>, InventoryError> {
-    let host = store.update(HOSTS, name, |rec: Option<HostRecord>| {
-        let h = rec.ok_or_else(|| InventoryError::UnknownHost(name.to_string()))?;
-        let vms = relationships_using(store, &h.id)?;
-        if !vms.is_empty() {
-            return Err(InventoryError::HostInUse { host: h.name, vms });
+    let host = store.reconcile(HOSTS, |all: &[(String, HostRecord)]| {
+        let Some((key, h)) = all.iter().find(|(k, _)| k == name.as_str()) else {
+            return (vec![], Err(InventoryError::UnknownHost(name.to_string())));
+        };
+        match relationships_using(store, &h.id) {
+            Ok(vms) if vms.is_empty() => (vec![Change::Delete(key.clone())], Ok(h.clone())),
+            Ok(vms) => (vec![], Err(InventoryError::HostInUse { host: h.name.clone(), vms })),
+            Err(e) => (vec![], Err(e.into())),
         }
-        Ok((None, h))
-    })?;
+    })??;
     let serial = revoke(store, revocations, &host, "host remove")?;
     let none: &[(String, VmRecord)] = &[];
     store.replace_where(VMS, |v: &VmRecord| v.host_id == host.id, none)?;
@@ -126,15 +136,13 @@ pub fn remove(store: &Store, revocations: &Revocations, name: &HostName) -> Resu
 
 /// `host move`: the host's new site and/or cloud.
 pub fn move_host(store: &Store, name: &HostName, req: &MoveHostRequest) -> Result<HostRecord, InventoryError> {
-    let host = store.update(HOSTS, name, |rec: Option<HostRecord>| {
-        let mut h = rec.ok_or_else(|| InventoryError::UnknownHost(name.to_string()))?;
+    let host = change(store, name, |h| {
         if let Some(site) = &req.site {
             h.site = site.clone();
         }
         if let Some(cloud) = &req.cloud {
             h.cloud = cloud.clone();
         }
-        Ok::<_, InventoryError>((Some(h.clone()), h))
     })?;
     tracing::info!(host = %host.name, site = %host.site, cloud = %host.cloud, "host moved");
     Ok(host)

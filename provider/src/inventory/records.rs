@@ -34,22 +34,21 @@ pub struct HostRecord {
     pub address: String,
     pub agent_version: String,
     pub registered_unix_ms: i64,
-    /// Serial (lowercase hex) of the host's current certificate: the only one a
-    /// renewal may present. Empty in records from before certificates were tracked.
+    /// Serial (lowercase hex) of the host's current certificate: the only one a control
+    /// session may be opened with. Empty in a store from before: adopted from the
+    /// first session.
     #[serde(default)]
     pub cert_serial: String,
-    /// When that certificate expires (unix ms); 0 when not known.
+    /// Expiry of that certificate.
     #[serde(default)]
     pub cert_not_after_unix_ms: i64,
-    /// `host reset` ran: exactly one new registration of this name is allowed (it
-    /// clears the flag).
+    /// `host reset` ran: one new registration of this name is allowed.
     #[serde(default)]
     pub reset_pending: bool,
 }
 
 impl HostRecord {
-    /// Records `cert_pem` as the host's current certificate (its serial and expiry):
-    /// at registration and at every renewal.
+    /// Records `cert_pem` as the host's current certificate (serial and expiry).
     pub fn with_certificate(&mut self, cert_pem: &str) -> Result<(), siterecovery_certs::CertError> {
         let serial = siterecovery_certs::live::serial_of_pem(cert_pem)?;
         let (_, not_after) = siterecovery_certs::ca::validity(cert_pem)?;
@@ -57,7 +56,14 @@ impl HostRecord {
         self.cert_not_after_unix_ms = not_after.saturating_mul(1000);
         Ok(())
     }
+}
 
+/// The rule of a host's listen address: `HOST:PORT`, port 1-65535, at most 255 bytes.
+pub fn is_host_port(a: &str) -> bool {
+    a.len() <= 255 && a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
+impl HostRecord {
     /// The host as the operator's `ListHosts` shows it, without its live state.
     pub fn to_proto(&self) -> v1::Host {
         v1::Host {
@@ -74,11 +80,6 @@ impl HostRecord {
             ..Default::default()
         }
     }
-}
-
-/// The rule of a host's listen address: `HOST:PORT`, port 1-65535, at most 255 bytes.
-pub fn is_host_port(a: &str) -> bool {
-    a.len() <= 255 && a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
 }
 
 /// Whether a VM runs, as its host last said.
@@ -383,19 +384,31 @@ mod tests {
             agent_version: "0.1".into(),
             registered_unix_ms: 1,
             cert_serial: "0a1b".into(),
-            cert_not_after_unix_ms: 2000,
-            reset_pending: true,
+            cert_not_after_unix_ms: 2,
+            reset_pending: false,
         };
-        let json = serde_json::to_value(&host).expect("ser");
+        let mut json = serde_json::to_value(&host).expect("ser");
         assert_eq!(json["name"], "hv1");
+        // A host record from before certificates were tracked loads, with no serial.
+        let mut old_host = json.clone();
+        for field in ["cert_serial", "cert_not_after_unix_ms", "reset_pending"] {
+            old_host.as_object_mut().expect("object").remove(field);
+        }
+        let old_host: HostRecord = serde_json::from_value(old_host).expect("old host record");
+        assert_eq!((old_host.cert_serial.as_str(), old_host.reset_pending), ("", false));
+        json["cert_serial"] = "0a1b".into();
         assert_eq!(json["id"], "hv1-0a1b2c");
-        assert_eq!(json["cert_serial"], "0a1b");
         assert_eq!(serde_json::from_value::<HostRecord>(json).expect("de"), host);
-        // A record stored before certificates were tracked still loads.
-        let old = serde_json::json!({"id": "hv1-0a1b2c", "name": "hv1", "site": "primary", "cloud": "gold-a",
-            "address": "10.0.0.1:7443", "agent_version": "0.1", "registered_unix_ms": 1});
-        let rec: HostRecord = serde_json::from_value(old).expect("old host record");
-        assert_eq!((rec.cert_serial.as_str(), rec.cert_not_after_unix_ms, rec.reset_pending), ("", 0, false));
+    }
+
+    #[test]
+    fn wire_round_trip() {
+        let host: HostId = "hv1-0a1b2c".parse().expect("id");
+        let v = vm("hv1-0a1b2c", Some(("unplanned", 3)));
+        let back = VmRecord::from_report(&v.to_proto("hv1"), &host).expect("from wire");
+        assert_eq!(back, v);
+        assert!(is_host_port("10.0.0.1:7443") && is_host_port("[::1]:1"));
+        assert!(!is_host_port("10.0.0.1") && !is_host_port(":7443") && !is_host_port("h:0"));
     }
 
     #[test]
@@ -415,21 +428,12 @@ mod tests {
         assert_eq!(rec.cert_serial, rec.cert_serial.to_ascii_lowercase());
         let expires = rec.cert_not_after_unix_ms / 1000 - siterecovery_certs::unix_now();
         assert!((3500..=3601).contains(&expires), "{expires}");
+        rec.reset_pending = true;
         let p = rec.to_proto();
         assert_eq!(
-            (p.certificate_serial.as_str(), p.certificate_expires_unix_ms),
-            (rec.cert_serial.as_str(), rec.cert_not_after_unix_ms)
+            (p.certificate_serial.as_str(), p.certificate_expires_unix_ms, p.reset_pending),
+            (rec.cert_serial.as_str(), rec.cert_not_after_unix_ms, true)
         );
         assert!(rec.with_certificate("not a certificate").is_err());
-    }
-
-    #[test]
-    fn wire_round_trip() {
-        let host: HostId = "hv1-0a1b2c".parse().expect("id");
-        let v = vm("hv1-0a1b2c", Some(("unplanned", 3)));
-        let back = VmRecord::from_report(&v.to_proto("hv1"), &host).expect("from wire");
-        assert_eq!(back, v);
-        assert!(is_host_port("10.0.0.1:7443") && is_host_port("[::1]:1"));
-        assert!(!is_host_port("10.0.0.1") && !is_host_port(":7443") && !is_host_port("h:0"));
     }
 }
