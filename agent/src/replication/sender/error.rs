@@ -12,14 +12,15 @@ use crate::tracker::TrackerError;
 /// Why a replication step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
-    /// The replica host could not be reached (refused, TLS, timeout).
-    #[error("connect to the replica host {address}: {source}")]
-    Connect { address: String, source: tonic::transport::Error },
+    /// The replica host could not be reached (refused, TLS, timeout): the reason in full.
+    #[error("connect to the replica host {address}: {reason}")]
+    Connect { address: String, reason: String },
     /// The replica host answered with an error.
     #[error("replica host: {}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
-    /// The peer at the replica address is another host.
-    #[error("{address} is host {found}, not the replica host {expected}")]
+    /// The certificate of the peer at the replica address names another identity than
+    /// the relationship's replica host (`found`: what the handshake refused, naming it).
+    #[error("the replica host {expected} was expected at {address}, but its certificate was refused: {found}")]
     WrongPeer { address: String, expected: String, found: String },
     /// A tracked disk failed (seal, delete).
     #[error("tracker: {0}")]
@@ -108,11 +109,14 @@ pub fn classify_io(e: &io::Error) -> ErrorClass {
 impl ReplicationError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            ReplicationError::Connect { .. } | ReplicationError::StreamClosed | ReplicationError::Cancelled => {
-                ErrorClass::Recoverable
-            }
+            // Another host at the replica's address: nothing is sent to it, and the real
+            // replica host may be back there (a move, a restart) by the next try.
+            ReplicationError::Connect { .. }
+            | ReplicationError::WrongPeer { .. }
+            | ReplicationError::StreamClosed
+            | ReplicationError::Cancelled => ErrorClass::Recoverable,
             ReplicationError::Rpc(s) => classify_code(s.code()),
-            ReplicationError::WrongPeer { .. } | ReplicationError::Protocol(_) => ErrorClass::Fatal,
+            ReplicationError::Protocol(_) => ErrorClass::Fatal,
             ReplicationError::State(PersistError::Io { source, .. }) => classify_io(source),
             ReplicationError::State(_) => ErrorClass::Fatal,
             ReplicationError::Tracker(TrackerError::Stopped) => ErrorClass::Recoverable,

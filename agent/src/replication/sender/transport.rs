@@ -1,12 +1,18 @@
 //! What the sender needs of the replica host ([`PeerTransport`]): the `Peer` service's
 //! calls, connected lazily and dropped after an error. [`GrpcPeer`] is the real one (the
 //! mutual-TLS gRPC client); tests use a fake replica in memory.
+//!
+//! Every call of the sender (initial copy, copy progress, points, the resync's block
+//! hashes) goes through the one connection of a [`GrpcPeer`], whose handshake requires
+//! the relationship's replica host id in the server's certificate
+//! (`Expect::Host`): what the peer says about itself is never asked.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use siterecovery_certs::live::Expect;
 use siterecovery_proto::model::HostId;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::peer_client::PeerClient;
@@ -57,7 +63,7 @@ pub struct GrpcPeer {
 }
 
 impl GrpcPeer {
-    /// The peer at `address`, which must prove to be host `host_id`.
+    /// The peer at `address`, which must prove to be host `host_id` (by its certificate).
     pub fn new(address: String, host_id: HostId, files: Arc<AgentFiles>) -> Self {
         GrpcPeer { address, host_id, files, client: Arc::default() }
     }
@@ -66,19 +72,14 @@ impl GrpcPeer {
         if let Some(c) = self.client.lock().ok().and_then(|c| c.clone()) {
             return Ok(c);
         }
-        let address = self.address.clone();
-        let connect = |source| ReplicationError::Connect { address: address.clone(), source };
-        let channel =
-            crate::peer::endpoint(&address, &self.files).map_err(connect)?.connect().await.map_err(connect)?;
-        let mut client = PeerClient::new(channel);
-        let pong = client.ping(v1::PingRequest {}).await?.into_inner();
-        if self.host_id != pong.host_id.as_str() {
-            return Err(ReplicationError::WrongPeer {
-                address,
-                expected: self.host_id.to_string(),
-                found: pong.host_id,
-            });
-        }
+        let expect = Expect::Host(self.host_id.to_string());
+        let channel = crate::peer::connect(&self.address, expect, &self.files).await.map_err(|e| match e {
+            crate::peer::ConnectError::WrongPeer { address, found } => {
+                ReplicationError::WrongPeer { address, expected: self.host_id.to_string(), found }
+            }
+            crate::peer::ConnectError::Failed { address, reason } => ReplicationError::Connect { address, reason },
+        })?;
+        let client = PeerClient::new(channel);
         if let Ok(mut c) = self.client.lock() {
             *c = Some(client.clone());
         }
