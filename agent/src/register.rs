@@ -9,7 +9,9 @@
 //! `--reregister` renews the registration held in the data dir: the host's current
 //! certificate and key are presented over mutual TLS (the provider allows
 //! re-registering a name only so, or after an operator's `host reset`), and the new
-//! credentials replace the old ones as one set only once the provider issued them.
+//! credentials replace the old ones as one set only once the provider issued them. A
+//! current certificate that expired, or that the provider refuses (revoked by the
+//! reset), is not presented: the request goes without it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use siterecovery_proto::v1;
 use siterecovery_proto::v1::registration_client::RegistrationClient;
 
 use crate::config::{AgentConfig, AgentFiles, ConfigError};
-use crate::peer::client::chain;
+use crate::peer::client::{chain, own_certificate_refused};
 
 /// Why registration failed, in words an operator can act on.
 #[derive(Debug, thiserror::Error)]
@@ -133,50 +135,92 @@ fn check_issued(key: &VaultKeyFile, host_id: &str, issued: &PemIdentity) -> Resu
     Ok(())
 }
 
-pub async fn register(a: RegisterArgs<'_>) -> Result<AgentConfig, RegisterError> {
-    let key_err = |source| RegisterError::KeyFile { path: a.vault_key.into(), source };
-    let key = VaultKeyFile::read(a.vault_key).map_err(key_err)?;
-    check_pin(&key, a.ca_fingerprint)?;
-    key.check_not_expired().map_err(key_err)?;
-    let present = current_identity(&a, &key)?;
-    siterecovery_certs::tls::install_crypto_provider();
-    let csr = make_csr(a.host)?;
-    let address = key.content.provider_address.clone();
-    let unreachable = |e: &(dyn std::error::Error + 'static)| RegisterError::Unreachable {
-        address: address.clone(),
-        reason: chain(e),
+/// Why one attempt failed, and whether the provider refused the certificate presented.
+struct Failed {
+    error: RegisterError,
+    own_certificate_refused: bool,
+}
+
+/// One Register call to the key file's provider, presenting `present` when given.
+async fn call(
+    key: &VaultKeyFile,
+    present: Option<&Arc<LiveIdentity>>,
+    req: v1::RegisterRequest,
+) -> Result<v1::RegisterResponse, Failed> {
+    let address = key.content.provider_address.as_str();
+    let unreachable = |e: &(dyn std::error::Error + 'static)| Failed {
+        error: RegisterError::Unreachable { address: address.to_owned(), reason: chain(e) },
+        own_certificate_refused: own_certificate_refused(e),
     };
+    let plain = |error: RegisterError| Failed { error, own_certificate_refused: false };
     let tls = live::client_config_with(
         &key.content.vault_id,
         &key.content.ca_pem,
         &RevocationList::new(),
         Expect::Role(Role::Provider),
-        present.as_ref(),
-    )?;
-    let connector = TlsConnector::new(&address, Arc::new(tls))?;
-    let endpoint = transport::endpoint(&address)
+        present,
+    )
+    .map_err(|e| plain(e.into()))?;
+    let connector = TlsConnector::new(address, Arc::new(tls)).map_err(|e| plain(e.into()))?;
+    let endpoint = transport::endpoint(address)
         .map_err(|e| unreachable(&e))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30));
     let channel = transport::connect(endpoint, connector).await.map_err(|e| unreachable(&e))?;
-    let resp = RegistrationClient::new(channel)
-        .register(v1::RegisterRequest {
-            vault_id: key.content.vault_id.to_string(),
-            secret: key.content.secret.clone(),
-            csr_pem: csr.csr_pem,
-            host_name: a.host.into(),
-            site: a.site.into(),
-            cloud: a.cloud.into(),
-            listen_address: a.listen.into(),
-            reregister: a.reregister,
-            agent_version: crate::control::AGENT_VERSION.into(),
-        })
-        .await
-        .map_err(|s| match s.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown => unreachable(&s),
-            _ => RegisterError::Refused(s.message().to_owned()),
-        })?
-        .into_inner();
+    let resp = RegistrationClient::new(channel).register(req).await.map_err(|s| match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown => unreachable(&s),
+        _ => plain(RegisterError::Refused(s.message().to_owned())),
+    })?;
+    Ok(resp.into_inner())
+}
+
+/// The current certificate, unless it expired (the provider would refuse it at the
+/// handshake; without it, re-registration needs an operator's `host reset`).
+fn presentable(current: Option<Arc<LiveIdentity>>) -> Option<Arc<LiveIdentity>> {
+    let id = current?;
+    match siterecovery_certs::ca::check_valid_now("this host's certificate", &id.pem().cert_pem) {
+        Ok(()) => Some(id),
+        Err(e) => {
+            tracing::warn!(
+                "{e}: re-registering without it (the provider allows that only after `provider host reset`)"
+            );
+            None
+        }
+    }
+}
+
+pub async fn register(a: RegisterArgs<'_>) -> Result<AgentConfig, RegisterError> {
+    let key_err = |source| RegisterError::KeyFile { path: a.vault_key.into(), source };
+    let key = VaultKeyFile::read(a.vault_key).map_err(key_err)?;
+    check_pin(&key, a.ca_fingerprint)?;
+    key.check_not_expired().map_err(key_err)?;
+    let present = presentable(current_identity(&a, &key)?);
+    siterecovery_certs::tls::install_crypto_provider();
+    let csr = make_csr(a.host)?;
+    let req = v1::RegisterRequest {
+        vault_id: key.content.vault_id.to_string(),
+        secret: key.content.secret.clone(),
+        csr_pem: csr.csr_pem.clone(),
+        host_name: a.host.into(),
+        site: a.site.into(),
+        cloud: a.cloud.into(),
+        listen_address: a.listen.into(),
+        reregister: a.reregister,
+        agent_version: crate::control::AGENT_VERSION.into(),
+    };
+    let resp = match call(&key, present.as_ref(), req.clone()).await {
+        Ok(r) => r,
+        // Revoked (an operator reset this host) or otherwise refused: the same request
+        // without it, which the provider allows only after `provider host reset`.
+        Err(f) if f.own_certificate_refused && present.is_some() => {
+            tracing::warn!(
+                "the provider refused this host's current certificate ({}); re-registering without it",
+                f.error
+            );
+            call(&key, None, req).await.map_err(|f| f.error)?
+        }
+        Err(f) => return Err(f.error),
+    };
     let issued = PemIdentity { cert_pem: resp.certificate_pem, key_pem: csr.key_pem };
     check_issued(&key, &resp.host_id, &issued)?;
     let config = AgentConfig {
@@ -185,7 +229,7 @@ pub async fn register(a: RegisterArgs<'_>) -> Result<AgentConfig, RegisterError>
         site: a.site.into(),
         cloud: a.cloud.into(),
         vault_id: key.content.vault_id.to_string(),
-        provider_address: address,
+        provider_address: key.content.provider_address.clone(),
         listen_address: a.listen.into(),
         registered_unix: siterecovery_certs::unix_now(),
     };

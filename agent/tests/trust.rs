@@ -376,3 +376,141 @@ async fn the_peer_listener_refuses_revoked_expired_and_foreign_certificates() {
     assert!(e.contains("Revoked") || e.contains("revoked"), "{e}");
     p.stop.cancel();
 }
+
+// ---------------------------------------------------------------------------------
+// `agent register --reregister` against a fake Registration service.
+
+use siterecovery_agent::register::{RegisterArgs, RegisterError, register as do_register};
+use siterecovery_certs::VaultKeyFile;
+use siterecovery_proto::v1::registration_server::{Registration, RegistrationServer};
+
+/// A Registration service that issues `host/<id>` for any request (refusing them all
+/// when `refuse`), recording the serial of the client certificate of each call.
+#[derive(Clone)]
+struct FakeRegistration {
+    ca: Arc<VaultCa>,
+    id: String,
+    refuse: bool,
+    calls: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+#[tonic::async_trait]
+impl Registration for FakeRegistration {
+    async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
+        let serial = req.peer_certs().and_then(|c| c.first().and_then(|l| serial_of_der(l.as_ref()).ok()));
+        self.calls.lock().expect("calls").push(serial);
+        if self.refuse {
+            return Err(Status::permission_denied("host hv1 is already registered"));
+        }
+        let names = ServerNames::for_address("127.0.0.1:1").expect("names");
+        let cert = self
+            .ca
+            .issue_for_csr(&req.get_ref().csr_pem, &identity(&self.ca, Role::Host, &self.id), &names, DAY)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(v1::RegisterResponse {
+            host_id: self.id.clone(),
+            certificate_pem: cert,
+            vault_id: self.ca.vault_id().to_string(),
+        }))
+    }
+}
+
+/// Serves `fake` (client certificates optional, `revoked` refused) on a fresh port.
+async fn serve_registration(fake: FakeRegistration, revoked: &[String], stop: CancellationToken) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let cert = issue(&fake.ca, &identity(&fake.ca, Role::Provider, "provider"), &addr, DAY);
+    let list = RevocationList::new();
+    list.replace(1, revoked.iter().cloned());
+    let trust = Trust {
+        vault: fake.ca.vault_id().clone(),
+        ca_pem: fake.ca.cert_pem().to_owned(),
+        identity: LiveIdentity::new(&cert).expect("live"),
+        revoked: list,
+    };
+    let tls = Arc::new(trust.server_config(ClientAuth::Optional, true).expect("tls"));
+    let incoming = transport::incoming(listener, tls, AcceptLimits::default());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RegistrationServer::new(fake))
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
+    );
+    addr
+}
+
+/// The credential files of `dir`.
+fn credential_files(dir: &Path) -> Vec<String> {
+    ["agent.json", "ca.pem", "host.pem", "host.key"]
+        .iter()
+        .map(|n| std::fs::read_to_string(dir.join(n)).expect("read"))
+        .collect()
+}
+
+async fn reregister(dir: &Path, key: &Path) -> Result<AgentConfig, RegisterError> {
+    do_register(RegisterArgs {
+        vault_key: key,
+        host: "hv1",
+        site: "primary",
+        cloud: "gold-a",
+        data_dir: dir,
+        listen: "127.0.0.1:1",
+        reregister: true,
+        ca_fingerprint: None,
+    })
+    .await
+}
+
+#[tokio::test]
+async fn reregister_presents_the_current_certificate_and_goes_without_a_refused_one() {
+    siterecovery_certs::tls::install_crypto_provider();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let ca = Arc::new(VaultCa::create(VaultId::generate(), "test").expect("ca"));
+    let stop = CancellationToken::new();
+    let dir = tmp.path().join("hv1");
+    let current = issue(&ca, &identity(&ca, Role::Host, "hv1-abc"), "127.0.0.1:1", DAY);
+    let serial = serial_of_pem(&current.cert_pem).expect("serial");
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let fake = |refuse| FakeRegistration { ca: ca.clone(), id: "hv1-abc".into(), refuse, calls: calls.clone() };
+    let key_for = |addr: &str, name: &str| {
+        let path = tmp.path().join(name);
+        let k = VaultKeyFile::new(&ca, "test", addr, "s3cret", siterecovery_certs::unix_now() + 600).expect("key");
+        k.write(&path).expect("write key");
+        path
+    };
+
+    // 1. The current certificate is presented; the new credentials replace it.
+    let addr = serve_registration(fake(false), &[], stop.clone()).await;
+    let key = key_for(&addr, "a.key");
+    register(&dir, &ca, "hv1-abc", &addr, "127.0.0.1:1", &current);
+    reregister(&dir, &key).await.expect("re-register");
+    assert_eq!(calls.lock().expect("calls").clone(), vec![Some(serial.clone())], "the current certificate");
+    let renewed = AgentFiles::load(&dir).expect("load");
+    assert_ne!(renewed.trust.identity.serial().expect("serial"), serial, "the credentials were not replaced");
+
+    // 2. Refused: the credentials stay as they were.
+    calls.lock().expect("calls").clear();
+    let before = credential_files(&dir);
+    let addr = serve_registration(fake(true), &[], stop.clone()).await;
+    let key = key_for(&addr, "b.key");
+    let e = reregister(&dir, &key).await.expect_err("refused");
+    assert!(matches!(e, RegisterError::Refused(_)), "{e:?}");
+    assert_eq!(credential_files(&dir), before, "a refused re-registration changed the credentials");
+
+    // 3. The current certificate revoked (an operator's host reset): the request goes
+    //    again without it.
+    calls.lock().expect("calls").clear();
+    register(&dir, &ca, "hv1-abc", &addr, "127.0.0.1:1", &current);
+    let addr = serve_registration(fake(false), std::slice::from_ref(&serial), stop.clone()).await;
+    let key = key_for(&addr, "c.key");
+    reregister(&dir, &key).await.expect("re-register without the revoked certificate");
+    assert_eq!(calls.lock().expect("calls").clone(), vec![None], "the revoked certificate reached the service");
+
+    // 4. Expired: not even presented.
+    calls.lock().expect("calls").clear();
+    let expired = issue_between(&ca, &identity(&ca, Role::Host, "hv1-abc"), "127.0.0.1:1", -100, -10);
+    register(&dir, &ca, "hv1-abc", &addr, "127.0.0.1:1", &expired);
+    let key = key_for(&addr, "d.key");
+    reregister(&dir, &key).await.expect("re-register without the expired certificate");
+    assert_eq!(calls.lock().expect("calls").clone(), vec![None]);
+    stop.cancel();
+}

@@ -38,23 +38,51 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// The [`WrongPeer`] a handshake failed with, somewhere in `e`'s sources.
-pub fn wrong_peer(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+/// The first rustls error among `e`'s sources (an `io::Error` hides it as its payload).
+fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut cur = Some(e);
     while let Some(err) = cur {
         let inner: Option<&(dyn std::error::Error + 'static)> = match err.downcast_ref::<std::io::Error>() {
             Some(io) => io.get_ref().map(|i| i as &(dyn std::error::Error + 'static)),
             None => Some(err),
         };
-        if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))) =
-            inner.and_then(|i| i.downcast_ref::<rustls::Error>())
-            && let Some(w) = o.0.downcast_ref::<WrongPeer>()
-        {
-            return Some(w.0.clone());
+        if let Some(t) = inner.and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            return Some(t);
         }
         cur = err.source();
     }
     None
+}
+
+/// The [`WrongPeer`] a handshake failed with, somewhere in `e`'s sources.
+pub fn wrong_peer(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    match tls_error(e) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))) => {
+            o.0.downcast_ref::<WrongPeer>().map(|w| w.0.clone())
+        }
+        _ => None,
+    }
+}
+
+/// TLS alerts by which a server refuses the certificate a client presented.
+const CERTIFICATE_ALERTS: [rustls::AlertDescription; 6] = [
+    rustls::AlertDescription::CertificateRevoked,
+    rustls::AlertDescription::CertificateExpired,
+    rustls::AlertDescription::BadCertificate,
+    rustls::AlertDescription::CertificateUnknown,
+    rustls::AlertDescription::UnknownCA,
+    rustls::AlertDescription::UnsupportedCertificate,
+];
+
+/// Whether the server refused the certificate this host presented (revoked, expired,
+/// unknown): the TLS alert it sent back, somewhere in `e`'s sources. (Past the
+/// handshake, rustls's reader hands the alert up as text only.)
+pub fn own_certificate_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(rustls::Error::AlertReceived(a)) = tls_error(e) {
+        return CERTIFICATE_ALERTS.contains(a);
+    }
+    let text = chain(e);
+    CERTIFICATE_ALERTS.iter().any(|a| text.contains(&rustls::Error::AlertReceived(*a).to_string()))
 }
 
 /// A channel to `address` whose server must be `expect`; connected now (the
