@@ -137,7 +137,7 @@ impl Renewal {
     ) -> Result<Renewed, RenewalError> {
         let pending = self.pending.take().ok_or(RenewalError::Unexpected)?;
         let result = if msg.certificate_pem.is_empty() {
-            Err(RenewalError::Refused(msg.error.chars().take(200).collect()))
+            Err(RenewalError::Refused(msg.error.chars().take(80).collect()))
         } else {
             take(files, PemIdentity { cert_pem: msg.certificate_pem, key_pem: pending.key_pem })
         };

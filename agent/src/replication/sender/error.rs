@@ -179,6 +179,14 @@ mod tests {
             ReplicationError::BrokenLog { disk: "d".into(), seq: 3, source: HrlError::NotSealed { valid_len: 0 } };
         assert_eq!(broken.class(), ErrorClass::Resync);
         assert_eq!(ReplicationError::Tracker(TrackerError::Stopped).class(), ErrorClass::Recoverable);
+        // An impostor at the replica's address: retried (the real replica may be back).
+        let impostor = ReplicationError::WrongPeer {
+            address: "127.0.0.1:1".into(),
+            expected: "hv-b-1".into(),
+            found: "server is host/hv-c-2, not host/hv-b-1".into(),
+        };
+        assert_eq!(impostor.class(), ErrorClass::Recoverable);
+        assert!(impostor.to_string().contains("hv-b-1") && impostor.to_string().contains("hv-c-2"));
         let denied = ReplicationError::Rpc(tonic::Status::permission_denied("no"));
         assert_eq!(denied.class(), ErrorClass::Fatal);
         let enospc = ReplicationError::Io { what: "x".into(), source: io::Error::from_raw_os_error(nix::libc::ENOSPC) };
