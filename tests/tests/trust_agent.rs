@@ -201,7 +201,7 @@ fn a_sender_refuses_a_replica_whose_certificate_names_another_host() {
     w.qio_ok(&uris[0], &["write -P 0x5c 0 1M"]);
     let r = w.wait_replication(VM, "the sender's error naming both hosts", EVENT_TIMEOUT, |r| {
         let e = r["error"].as_str().unwrap_or_default();
-        e.contains(&b_id) && e.contains(&c_id)
+        e.contains(&format!("replica host {b_id} was expected")) && e.contains(&format!("server is host/{c_id}"))
     });
     eprintln!("[wrong replica] {}", r["error"]);
     // Nothing reached hv-c: no replica, no Peer call in its log; no new point.

@@ -87,6 +87,19 @@ impl GrpcPeer {
     }
 }
 
+impl GrpcPeer {
+    /// A call's error. The channel reconnects by itself after the connection broke, so
+    /// a replica refused at that handshake shows here, as an Unavailable status.
+    fn refused(&self, s: tonic::Status) -> ReplicationError {
+        match crate::peer::client::wrong_peer(&s) {
+            Some(found) => {
+                ReplicationError::WrongPeer { address: self.address.clone(), expected: self.host_id.to_string(), found }
+            }
+            None => ReplicationError::Rpc(s),
+        }
+    }
+}
+
 impl PeerTransport for GrpcPeer {
     fn reset(&mut self) {
         if let Ok(mut c) = self.client.lock() {
@@ -98,25 +111,28 @@ impl PeerTransport for GrpcPeer {
         &mut self,
         req: v1::CopyProgressRequest,
     ) -> Result<v1::CopyProgressResponse, ReplicationError> {
-        Ok(self.client().await?.copy_progress(req).await?.into_inner())
+        let r = self.client().await?.copy_progress(req).await;
+        Ok(r.map_err(|s| self.refused(s))?.into_inner())
     }
 
     async fn initial_copy(
         &mut self,
         chunks: mpsc::Receiver<v1::CopyChunk>,
     ) -> Result<Answers<v1::CopyAck>, ReplicationError> {
-        let acks = self.client().await?.initial_copy(ReceiverStream::new(chunks)).await?.into_inner();
-        Ok(acks.boxed())
+        let r = self.client().await?.initial_copy(ReceiverStream::new(chunks)).await;
+        Ok(r.map_err(|s| self.refused(s))?.into_inner().boxed())
     }
 
     async fn ship_point(&mut self, chunks: mpsc::Receiver<v1::PointChunk>) -> Result<v1::PointAck, ReplicationError> {
-        Ok(self.client().await?.ship_point(ReceiverStream::new(chunks)).await?.into_inner())
+        let r = self.client().await?.ship_point(ReceiverStream::new(chunks)).await;
+        Ok(r.map_err(|s| self.refused(s))?.into_inner())
     }
 
     async fn block_hashes(
         &mut self,
         req: v1::BlockHashesRequest,
     ) -> Result<Answers<v1::BlockHashesChunk>, ReplicationError> {
-        Ok(self.client().await?.block_hashes(req).await?.into_inner().boxed())
+        let r = self.client().await?.block_hashes(req).await;
+        Ok(r.map_err(|s| self.refused(s))?.into_inner().boxed())
     }
 }
