@@ -60,9 +60,15 @@ enum Cmd {
         /// Address other hosts reach this agent on (HOST:PORT), for replication traffic.
         #[arg(long, value_name = "ADDR")]
         listen: String,
-        /// Replace an existing registration of this host name.
+        /// Renew the registration held in the data dir (presents its current
+        /// certificate), or register a name an operator reset (`provider host reset`).
         #[arg(long)]
         reregister: bool,
+        /// The vault CA's fingerprint as `provider vault create` printed it
+        /// (sha256:HEX): a vault key file of another CA is refused before anything is
+        /// sent. Without it, registration warns that the CA was not pinned.
+        #[arg(long, value_name = "sha256:HEX")]
+        ca_fingerprint: Option<String>,
     },
     /// Run the agent (long-running; stops gracefully on SIGTERM or Ctrl-C).
     Serve {
@@ -129,7 +135,7 @@ fn data_dir(d: Option<PathBuf>) -> Result<PathBuf> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Register { vault_key, host, site, cloud, listen, reregister } => {
+        Cmd::Register { vault_key, host, site, cloud, listen, reregister, ca_fingerprint } => {
             let dir = data_dir(cli.data_dir)?;
             let cfg = register(RegisterArgs {
                 vault_key: &vault_key,
@@ -139,6 +145,7 @@ async fn run(cli: Cli) -> Result<()> {
                 data_dir: &dir,
                 listen: &listen,
                 reregister,
+                ca_fingerprint: ca_fingerprint.as_deref(),
             })
             .await?;
             if cli.json {
