@@ -70,7 +70,7 @@ impl AgentFiles {
         files::write_public(&dir.join("ca.pem"), ca_pem.as_bytes())?;
         let json = serde_json::to_vec_pretty(config)
             .map_err(|e| ConfigError::Invalid { path: dir.join("agent.json"), reason: e.to_string() })?;
-        files::write_public(&dir.join("agent.json"), &json)?;
+        files::write_private(&dir.join("agent.json"), &json)?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ pub mod connect;
 pub mod failover;
 pub mod inventory;
 pub mod jobs;
+pub mod nbd_cert;
 pub mod network;
 pub mod output;
 pub mod plan;

@@ -178,7 +178,8 @@ pub async fn run(args: LabArgs) -> Result<()> {
             procs.push(spawn(
                 host,
                 &agent_bin,
-                &["--data-dir", &hdir, "serve", "--heartbeat", "2s"],
+                // Point exports are read over the loopback TCP export with plain qemu-img.
+                &["--data-dir", &hdir, "serve", "--heartbeat", "2s", "--nbd-insecure-tcp"],
                 &dir.join(format!("{host}.log")),
             )?);
             println!("  host {host} registered (site {site}, cloud {cloud}) and started, peer traffic on {listen}");
