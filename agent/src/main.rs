@@ -26,7 +26,7 @@ use siterecovery_proto::model::{NameError, PointSelector, VmName};
     version,
     about = "siterecovery agent: serves VM disks over NBD, tracks writes in HRL logs, replicates to a peer host",
     long_about = "siterecovery agent: the host daemon. It serves every VM disk over NBD (unix socket in the VM folder \
-        and TCP on loopback), tracks every write in per-disk HRL logs, and replicates to a peer host over mutual TLS.\n\n\
+        for the hypervisor's group, and TCP with TLS and a client certificate of the vault), tracks every write in per-disk HRL logs, and replicates to a peer host over mutual TLS.\n\n\
         First `agent register` with the vault key file from the provider, then `agent serve`."
 )]
 struct Cli {

@@ -4,7 +4,8 @@
 //! `qemu-img`, `qemu-io`, the kernel's `nbd-client`) and the agent's disks. It knows
 //! nothing of HRL logs or replication: every request ends in a [`BlockDevice`] call, and
 //! the tracker behind that trait sees each write. The protocol reference is the
-//! NetworkBlockDevice project's `doc/proto.md`.
+//! NetworkBlockDevice project's `doc/proto.md`; who may connect, the caps and the flags
+//! are in `agent/docs/nbd-access.md`.
 //!
 //! # Layout
 //!
