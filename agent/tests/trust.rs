@@ -196,9 +196,17 @@ async fn run_control(root: &Path, files: Arc<AgentFiles>, stop: CancellationToke
     let replicas = Arc::new(ReplicaSet::open(&root.join("replicas")).expect("replicas"));
     let exports = Arc::new(Exports::new());
     let vms = Arc::new(
-        VmManager::load(files.vms_dir(), replicas.clone(), exports.clone(), nbd, Hooks::default(), stop.clone())
-            .await
-            .expect("vms"),
+        VmManager::load(
+            files.vms_dir(),
+            replicas.clone(),
+            exports.clone(),
+            nbd,
+            siterecovery_agent::files::SocketAccess::default(),
+            Hooks::default(),
+            stop.clone(),
+        )
+        .await
+        .expect("vms"),
     );
     let protection = Protection::start(files.clone(), vms.clone(), replicas, exports, nbd, None, stop.clone()).await;
     let opts = ControlOptions { heartbeat: Duration::from_millis(200), ..ControlOptions::default() };

@@ -77,6 +77,9 @@ enum Cmd {
     },
     /// Issue an operator certificate (ca.pem, op.pem, op.key) for the CLI and grpcurl.
     OperatorCert(OperatorCertArgs),
+    /// Issue a hypervisor's NBD client certificate (ca-cert.pem, client-cert.pem,
+    /// client-key.pem) for QEMU's tls-creds-x509 and the agents' TLS NBD exports.
+    NbdClientCert(siterecovery_provider::cli::nbd_cert::NbdCertArgs),
     /// Run a whole deployment on loopback: a vault, a provider and two hosts.
     Lab(lab::LabArgs),
     /// Sites (locations) known from registered hosts.
@@ -142,6 +145,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Vault(c) => cli::vault::run(c, cli.json),
         Cmd::OperatorCert(a) => cli::vault::operator_cert(a, cli.json),
+        Cmd::NbdClientCert(a) => cli::nbd_cert::run(a, cli.json),
         Cmd::Serve { data_dir, listen, grace, test_intervals, scripts_dir } => {
             let v = vault::Vault::open(&data_dir)?;
             let store = store::Store::open(&data_dir)?;
@@ -190,7 +194,7 @@ async fn operator(op: &mut Operator, cmd: Cmd) -> Result<()> {
         Cmd::Failover(c) => failover::run(op, c).await?,
         Cmd::Network(c) => network::run(op, c).await?,
         Cmd::Plan(c) => plan::run(op, c).await?,
-        Cmd::Vault(_) | Cmd::Serve { .. } | Cmd::OperatorCert(_) | Cmd::Lab(_) => {
+        Cmd::Vault(_) | Cmd::Serve { .. } | Cmd::OperatorCert(_) | Cmd::NbdClientCert(_) | Cmd::Lab(_) => {
             anyhow::bail!("not an operator command")
         }
     }

@@ -331,7 +331,16 @@ impl Lab {
     }
 
     /// [`Self::start_agent_in`] with extra `serve` flags (e.g. `--peer-listen ADDR`).
+    /// The TCP NBD export is plain (`--nbd-insecure-tcp`, loopback), so the tests can
+    /// read point exports with plain `qemu-img`; [`Self::start_agent_tls`] keeps TLS.
     pub fn start_agent_with(&self, name: &str, dir: &Path, extra: &[&str]) -> Proc {
+        let mut args = vec!["--nbd-insecure-tcp"];
+        args.extend_from_slice(extra);
+        self.start_agent_tls(name, dir, &args)
+    }
+
+    /// `agent serve` as it runs in production: TLS required on the TCP NBD export.
+    pub fn start_agent_tls(&self, name: &str, dir: &Path, extra: &[&str]) -> Proc {
         let slot = self.host_slot(name);
         let nbd = format!("127.0.0.1:{}", slot.nbd_port);
         self.spawn(

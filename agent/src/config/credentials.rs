@@ -41,7 +41,7 @@ impl<'a> CredentialFile<'a> {
         Self { name, data, mode: 0o600 }
     }
 
-    /// A file others may read (0644): certificates, `agent.json`.
+    /// A file others may read (0644): the certificates.
     pub fn public(name: &'static str, data: &'a [u8]) -> Self {
         Self { name, data, mode: 0o644 }
     }

@@ -119,7 +119,7 @@ impl AgentFiles {
                 CredentialFile::private(HOST_KEY, identity.key_pem.as_bytes()),
                 CredentialFile::public(HOST_CERT, identity.cert_pem.as_bytes()),
                 CredentialFile::public("ca.pem", ca_pem.as_bytes()),
-                CredentialFile::public("agent.json", &json),
+                CredentialFile::private("agent.json", &json),
             ],
         )?;
         Ok(())

@@ -48,5 +48,5 @@ pub fn load(dir: &Path) -> Result<Option<Revoked>, PersistError> {
 
 /// Writes the list (atomically, 0600).
 pub fn save(dir: &Path, list: &Revoked) -> Result<(), PersistError> {
-    persist::save_with_mode(&path(dir), &REVOKED, list, persist::PRIVATE)
+    persist::save(&path(dir), &REVOKED, list)
 }
