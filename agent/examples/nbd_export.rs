@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use siterecovery_agent::disk::RawFile;
-use siterecovery_agent::nbd::{Exports, serve_tcp, serve_unix};
+use siterecovery_agent::nbd::{Exports, TcpSecurity, serve_tcp, serve_unix};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(addr) = &args.tcp {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
-        tasks.spawn(serve_tcp(listener, exports.clone(), shutdown.clone()));
+        tasks.spawn(serve_tcp(listener, exports.clone(), TcpSecurity::Insecure, shutdown.clone()));
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

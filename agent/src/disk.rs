@@ -81,7 +81,7 @@ pub struct RawFile {
 impl RawFile {
     /// Opens an existing raw image.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let file = crate::files::open_existing(path, !read_only)?;
         let size = file.metadata()?.len();
         Ok(Self { file, size, read_only })
     }

@@ -5,13 +5,15 @@
 //! appended to the disk's [`hrl`] log, then applied to the image). Around it: [`vm`]
 //! (VM folders and serving their disks), [`replication`] (the sender of each protected VM,
 //! the protection handlers), [`replica`] (the replica store), [`control`] (the channel to the provider),
-//! [`peer`] (agent-to-agent mutual TLS), [`register`] and [`config`] (the data dir).
+//! [`peer`] (agent-to-agent mutual TLS), [`register`] and [`config`] (the data dir), [`files`] (the modes
+//! every file and directory is made with).
 
 pub mod admin;
 pub mod config;
 pub mod control;
 pub mod disk;
 pub mod extents;
+pub mod files;
 pub mod hrl;
 pub mod nbd;
 pub mod offline;

@@ -8,14 +8,15 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use siterecovery_agent::config::AgentFiles;
 use siterecovery_agent::control::{self, ControlOptions};
-use siterecovery_agent::nbd::{self, Exports};
+use siterecovery_agent::files::{self, SocketAccess};
+use siterecovery_agent::nbd::{self, Exports, NbdTls, TcpSecurity};
 use siterecovery_agent::peer;
 use siterecovery_agent::protection::Protection;
 use siterecovery_agent::register::{RegisterArgs, register};
 use siterecovery_agent::replica::ReplicaSet;
 use siterecovery_agent::vm::{Hooks, VmManager};
 use siterecovery_proto::daemon;
-use siterecovery_proto::model::units::parse_duration;
+use siterecovery_proto::model::units::{parse_duration, parse_size};
 use siterecovery_proto::model::{NameError, PointSelector, VmName};
 
 #[derive(Parser)]
@@ -24,7 +25,7 @@ use siterecovery_proto::model::{NameError, PointSelector, VmName};
     version,
     about = "siterecovery agent: serves VM disks over NBD, tracks writes in HRL logs, replicates to a peer host",
     long_about = "siterecovery agent: the host daemon. It serves every VM disk over NBD (unix socket in the VM folder \
-        and TCP on loopback), tracks every write in per-disk HRL logs, and replicates to a peer host over mutual TLS.\n\n\
+        for the hypervisor's group, and TCP with TLS and a client certificate of the vault), tracks every write in per-disk HRL logs, and replicates to a peer host over mutual TLS.\n\n\
         First `agent register` with the vault key file from the provider, then `agent serve`."
 )]
 struct Cli {
@@ -60,9 +61,15 @@ enum Cmd {
         /// Address other hosts reach this agent on (HOST:PORT), for replication traffic.
         #[arg(long, value_name = "ADDR")]
         listen: String,
-        /// Replace an existing registration of this host name.
+        /// Renew the registration held in the data dir (presents its current
+        /// certificate), or register a name an operator reset (`provider host reset`).
         #[arg(long)]
         reregister: bool,
+        /// The vault CA's fingerprint as `provider vault create` printed it
+        /// (sha256:HEX): a vault key file of another CA is refused before anything is
+        /// sent. Without it, registration warns that the CA was not pinned.
+        #[arg(long, value_name = "sha256:HEX")]
+        ca_fingerprint: Option<String>,
     },
     /// Run the agent (long-running; stops gracefully on SIGTERM or Ctrl-C).
     Serve {
@@ -70,9 +77,8 @@ enum Cmd {
         /// address registered with --listen (NAT, a proxy in front of the agent).
         #[arg(long, value_name = "ADDR")]
         peer_listen: Option<String>,
-        /// TCP address of the NBD server (keep it on loopback).
-        #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
-        nbd_listen: String,
+        #[command(flatten)]
+        nbd: NbdArgs,
         /// Heartbeat interval to the provider.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         heartbeat: Duration,
@@ -95,6 +101,36 @@ enum Cmd {
     /// provider itself is down); the provider learns of it when it is back. Needs the
     /// agent running (`agent serve`).
     Failover(LocalFailover),
+}
+
+/// The NBD flags of `agent serve`.
+#[derive(clap::Args)]
+struct NbdArgs {
+    /// TCP address of the NBD server. Clients must negotiate TLS on it (NBD STARTTLS,
+    /// QEMU's `tls-creds-x509`) with a client certificate of the vault: role `nbd`
+    /// (`provider nbd-client-cert`) or `host`.
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    nbd_listen: String,
+    /// Labs only: plain NBD on the TCP listener, no TLS. Refused unless --nbd-listen is
+    /// a loopback address (any local user can then reach every disk).
+    #[arg(long)]
+    nbd_insecure_tcp: bool,
+    /// Group given the VMs' NBD unix sockets (mode 0660) and the right to traverse the
+    /// directories leading to them (0710): the hypervisor's, e.g. `kvm`. Without it the
+    /// sockets are reachable by the agent's own user only.
+    #[arg(long, value_name = "GROUP")]
+    nbd_group: Option<String>,
+    /// NBD connections at once on the TCP listener; over it a client is closed at once.
+    /// Each VM's unix socket has its own cap ((its disks + 1) times --nbd-max-export-connections).
+    #[arg(long, default_value_t = nbd::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
+    nbd_max_connections: usize,
+    /// NBD connections at once to one disk, over both listeners; over it NBD_OPT_GO is refused.
+    #[arg(long, default_value_t = nbd::DEFAULT_MAX_EXPORT_CONNECTIONS, value_name = "N")]
+    nbd_max_export_connections: usize,
+    /// Request payload bytes one NBD connection may have in flight (at least 32M, the
+    /// largest request); a client sending more before it reads replies is not read on.
+    #[arg(long, default_value = "64M", value_parser = parse_size, value_name = "SIZE")]
+    nbd_max_request_memory: u64,
 }
 
 #[derive(Subcommand)]
@@ -129,7 +165,7 @@ fn data_dir(d: Option<PathBuf>) -> Result<PathBuf> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Register { vault_key, host, site, cloud, listen, reregister } => {
+        Cmd::Register { vault_key, host, site, cloud, listen, reregister, ca_fingerprint } => {
             let dir = data_dir(cli.data_dir)?;
             let cfg = register(RegisterArgs {
                 vault_key: &vault_key,
@@ -139,6 +175,7 @@ async fn run(cli: Cli) -> Result<()> {
                 data_dir: &dir,
                 listen: &listen,
                 reregister,
+                ca_fingerprint: ca_fingerprint.as_deref(),
             })
             .await?;
             if cli.json {
@@ -152,19 +189,12 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { peer_listen, nbd_listen, heartbeat, on_vm_start, on_vm_stop, quiesce_hook } => {
+        Cmd::Serve { peer_listen, nbd, heartbeat, on_vm_start, on_vm_stop, quiesce_hook } => {
             let dir = data_dir(cli.data_dir)?;
             // Absolute, so the NBD URIs reported to the provider work from anywhere.
             let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;
-            serve(
-                dir,
-                peer_listen,
-                nbd_listen,
-                heartbeat,
-                Hooks { on_start: on_vm_start, on_stop: on_vm_stop },
-                quiesce_hook,
-            )
-            .await
+            serve(dir, peer_listen, nbd, heartbeat, Hooks { on_start: on_vm_start, on_stop: on_vm_stop }, quiesce_hook)
+                .await
         }
         Cmd::Failover(f) => {
             let dir = data_dir(cli.data_dir)?;
@@ -231,31 +261,64 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The NBD TCP listener's security: TLS, or plain with `--nbd-insecure-tcp` on
+/// loopback only.
+fn nbd_security(args: &NbdArgs, bound: std::net::SocketAddr, files: &AgentFiles) -> Result<TcpSecurity> {
+    if !args.nbd_insecure_tcp {
+        return Ok(TcpSecurity::Tls(Arc::new(NbdTls::new(&files.trust)?)));
+    }
+    if !bound.ip().is_loopback() {
+        anyhow::bail!(
+            "--nbd-insecure-tcp serves every disk without TLS: only on a loopback address, not {bound} \
+             (drop --nbd-insecure-tcp to require TLS with a client certificate of the vault)"
+        );
+    }
+    tracing::warn!(nbd = %bound, "--nbd-insecure-tcp: plain NBD on TCP, any local user can reach every disk; for labs only");
+    Ok(TcpSecurity::Insecure)
+}
+
 async fn serve(
     dir: PathBuf,
     peer_listen: Option<String>,
-    nbd_listen: String,
+    nbd_args: NbdArgs,
     heartbeat: Duration,
     hooks: Hooks,
     quiesce_hook: Option<String>,
 ) -> Result<()> {
     let files = Arc::new(AgentFiles::load(&dir)?);
+    let limits = nbd::Limits::new(
+        nbd_args.nbd_max_connections,
+        nbd_args.nbd_max_export_connections,
+        nbd_args.nbd_max_request_memory,
+    )
+    .context("NBD limits")?;
+    let access = match &nbd_args.nbd_group {
+        Some(g) => SocketAccess::for_group(g)?,
+        None => SocketAccess::default(),
+    };
+    // The data dir leads to the VMs' sockets: 0700, or 0710 in the NBD group. Forced
+    // at every start, as are vms/ and replicas/ (and their folders) when opened below.
+    access.socket_dir(&dir).with_context(|| format!("data dir {}", dir.display()))?;
+    files::private_dir(&dir.join("replicas")).with_context(|| format!("data dir {}", dir.display()))?;
     let shutdown = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
     let peer_addr = peer_listen.unwrap_or_else(|| files.config.listen_address.clone());
     let peer_listener = tokio::net::TcpListener::bind(&peer_addr)
         .await
         .with_context(|| format!("cannot listen on {peer_addr} for peer traffic"))?;
-    let nbd_listener = tokio::net::TcpListener::bind(&nbd_listen)
+    let nbd_listen = &nbd_args.nbd_listen;
+    let nbd_listener = tokio::net::TcpListener::bind(nbd_listen)
         .await
         .with_context(|| format!("cannot listen on {nbd_listen} for NBD"))?;
     let nbd_addr = nbd_listener.local_addr()?;
-    let exports = Arc::new(Exports::new());
+    let security = nbd_security(&nbd_args, nbd_addr, &files)?;
+    let exports = Arc::new(Exports::with_limits(limits));
     let replicas_dir = dir.join("replicas");
     let replicas = Arc::new(
         tokio::task::spawn_blocking(move || ReplicaSet::open(&replicas_dir)).await.context("opening replicas")??,
     );
     let vms = Arc::new(
-        VmManager::load(files.vms_dir(), replicas.clone(), exports.clone(), nbd_addr, hooks, shutdown.clone()).await?,
+        VmManager::load(files.vms_dir(), replicas.clone(), exports.clone(), nbd_addr, access, hooks, shutdown.clone())
+            .await?,
     );
 
     let protection = Protection::start(
@@ -269,8 +332,8 @@ async fn serve(
     )
     .await;
     tracing::info!(host = %files.config.host_name, host_id = %files.config.host_id, peer = %files.config.listen_address,
-        nbd = %nbd_addr, "agent serving");
-    let nbd_task = tokio::spawn(nbd::serve_tcp(nbd_listener, exports, shutdown.clone()));
+        nbd = %nbd_addr, nbd_tls = matches!(security, TcpSecurity::Tls(_)), "agent serving");
+    let nbd_task = tokio::spawn(nbd::serve_tcp(nbd_listener, exports, security, shutdown.clone()));
     let peer_task = tokio::spawn(peer::serve(files.clone(), replicas.clone(), peer_listener, shutdown.clone()));
     let opts = ControlOptions { heartbeat, ..ControlOptions::default() };
     let admin_path = siterecovery_agent::admin::socket_path(&dir);

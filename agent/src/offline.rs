@@ -8,11 +8,12 @@
 //! ([`Manifest`]): the relationship, per disk its size, the copied ranges, an xxh3-64
 //! checksum of the copied bytes and the HRL log seq sealed at the export's barrier
 //! (every write after it is in a later log, shipped as the first point after the import).
-//! Everything is fsynced before the export is reported done.
+//! Everything is fsynced before the export is reported done. An export never overwrites
+//! a file nor follows a symlink: it goes into an empty (or new, 0700) directory.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -208,15 +209,49 @@ pub struct ExportDisk {
 }
 
 /// Copies the allocated ranges of each disk into `dir/<id>.img` and writes the
-/// manifest, all fsynced.
+/// manifest, all fsynced. Nothing in `dir` is ever overwritten and no symlink followed
+/// (`O_EXCL | O_NOFOLLOW`, the manifest put in place with a hard link): a directory
+/// that already holds any of these names is refused, and the files of a failed attempt
+/// are removed again, so a retry finds the directory as it was. A missing `dir` is
+/// created 0700; an existing one (the operator's medium) keeps its mode.
 pub fn export(dir: &Path, relationship_id: &str, vm: &str, disks: &[ExportDisk]) -> Result<Manifest, OfflineError> {
-    std::fs::create_dir_all(dir).map_err(io_at(dir))?;
-    // A manifest of an earlier attempt goes first: a half-written export never looks done.
+    std::fs::DirBuilder::new().recursive(true).mode(crate::files::DIR_MODE).create(dir).map_err(io_at(dir))?;
+    let mut created = Vec::new();
+    let result = export_into(dir, relationship_id, vm, disks, &mut created);
+    if result.is_err() {
+        for p in &created {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    result
+}
+
+/// A file of the export, created new: an existing one is refused by name.
+fn create_new_at(path: &Path) -> Result<File, OfflineError> {
+    crate::files::create_export(path).map_err(|e| refuse_existing(path, e))
+}
+
+fn refuse_existing(path: &Path, e: io::Error) -> OfflineError {
+    if e.kind() == io::ErrorKind::AlreadyExists {
+        OfflineError::Invalid(format!(
+            "{} already exists: an export never overwrites a file; export into an empty directory",
+            path.display()
+        ))
+    } else {
+        OfflineError::Io { path: path.to_path_buf(), source: e }
+    }
+}
+
+fn export_into(
+    dir: &Path,
+    relationship_id: &str,
+    vm: &str,
+    disks: &[ExportDisk],
+    created: &mut Vec<PathBuf>,
+) -> Result<Manifest, OfflineError> {
     let mpath = dir.join(MANIFEST_FILE);
-    match std::fs::remove_file(&mpath) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(OfflineError::Io { path: mpath, source: e }),
+    if mpath.symlink_metadata().is_ok() {
+        return Err(refuse_existing(&mpath, io::ErrorKind::AlreadyExists.into()));
     }
     let mut out = Vec::new();
     let mut buf = vec![0u8; CHUNK as usize];
@@ -225,7 +260,8 @@ pub fn export(dir: &Path, relationship_id: &str, vm: &str, disks: &[ExportDisk])
         let ranges = crate::extents::allocated_ranges(&src, 0, d.size).map_err(io_at(&d.image))?;
         let file = format!("{}.img", d.id);
         let path = dir.join(&file);
-        let dst = OpenOptions::new().write(true).create(true).truncate(true).open(&path).map_err(io_at(&path))?;
+        let dst = create_new_at(&path)?;
+        created.push(path.clone());
         dst.set_len(d.size).map_err(io_at(&path))?;
         let mut sum = Checksum::default();
         let mut copied = 0;
@@ -260,13 +296,17 @@ pub fn export(dir: &Path, relationship_id: &str, vm: &str, disks: &[ExportDisk])
         disks: out,
     };
     let json = serde_json::to_vec_pretty(&m).map_err(|e| OfflineError::Invalid(format!("manifest: {e}")))?;
-    let tmp = dir.join(".manifest.json.tmp");
+    // Written aside, then linked in place: the manifest appears whole or not at all,
+    // and last, so a half-written export never looks done.
+    let tmp = dir.join(format!(".{MANIFEST_FILE}.{}.tmp", siterecovery_certs::random_hex(4)));
     {
-        let mut f = File::create(&tmp).map_err(io_at(&tmp))?;
+        let mut f = create_new_at(&tmp)?;
+        created.push(tmp.clone());
         f.write_all(&json).map_err(io_at(&tmp))?;
         f.sync_all().map_err(io_at(&tmp))?;
     }
-    std::fs::rename(&tmp, &mpath).map_err(io_at(&mpath))?;
+    crate::files::link_new(&tmp, &mpath).map_err(|e| refuse_existing(&mpath, e))?;
+    created.pop();
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))?;
     Ok(m)
 }

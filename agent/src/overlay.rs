@@ -10,7 +10,7 @@
 //! corrupt, the wrong size) fails the open: reading the base where the guest wrote would
 //! hand it stale data.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -78,7 +78,7 @@ impl Overlay {
     pub fn open(base: Arc<dyn BlockDevice>, path: &Path) -> Result<Self, OverlayError> {
         let io_err = |source| OverlayError::Io { path: path.to_path_buf(), source };
         let size = base.size();
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err)?;
+        let file = crate::files::open_or_create(path).map_err(io_err)?;
         if file.metadata().map_err(io_err)?.len() != size {
             file.set_len(size).map_err(io_err)?;
         }
@@ -129,7 +129,7 @@ impl Overlay {
         for w in map {
             bytes.extend_from_slice(&w.to_le_bytes());
         }
-        persist::save_bytes(&map_path(&self.path), &OVERLAY_MAP, &bytes, persist::PRIVATE)
+        persist::save_bytes(&map_path(&self.path), &OVERLAY_MAP, &bytes)
     }
 
     /// Writes `data` at `offset` (any alignment) with the write lock held.
@@ -299,9 +299,9 @@ mod tests {
         assert!(matches!(err, OverlayError::Map(PersistError::Corrupt { .. })), "{err:?}");
         assert!(err.to_string().contains("d.overlay.map"), "{err}");
         // The map of a larger disk (refused before reading), and of a smaller one.
-        persist::save_bytes(&mp, &OVERLAY_MAP, &[0u8; 16], persist::PRIVATE).expect("save");
+        persist::save_bytes(&mp, &OVERLAY_MAP, &[0u8; 16]).expect("save");
         assert!(matches!(Overlay::open(base.clone(), &ov_path), Err(OverlayError::Map(PersistError::TooLarge { .. }))));
-        persist::save_bytes(&mp, &OVERLAY_MAP, &[], persist::PRIVATE).expect("save");
+        persist::save_bytes(&mp, &OVERLAY_MAP, &[]).expect("save");
         assert!(matches!(Overlay::open(base, &ov_path), Err(OverlayError::MapSize { len: 0, expected: 8, .. })));
     }
 

@@ -67,10 +67,8 @@ pub const KINDS: [FileKind; 5] = [REPLICA_STATE, VM_CONFIG, OVERLAY_MAP, SENDER_
 pub const HEADER_LEN: usize = 16;
 /// Largest JSON payload accepted (state files are kilobytes; anything near this is damage).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
-/// Mode of a file only the agent reads.
-pub const PRIVATE: u32 = 0o600;
-/// Mode of a file other local users may read (the agent's JSON state today).
-pub const PUBLIC: u32 = 0o644;
+/// Mode of every state file: only the agent reads them (see `files`).
+pub const MODE: u32 = crate::files::FILE_MODE;
 
 /// Why a state file could not be read or written. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -287,28 +285,18 @@ pub fn load<T: serde::de::DeserializeOwned>(path: &Path, kind: &FileKind) -> Res
     load_migrating(path, kind, |_, payload| serde_json::from_slice(payload).map_err(Into::into))
 }
 
-/// Saves `value` as JSON atomically, mode 0600.
+/// Saves `value` as JSON atomically, mode 0600 ([`MODE`]).
 pub fn save<T: serde::Serialize>(path: &Path, kind: &FileKind, value: &T) -> Result<(), PersistError> {
-    save_with_mode(path, kind, value, PRIVATE)
-}
-
-/// Saves `value` as JSON atomically with `mode` ([`PRIVATE`] or [`PUBLIC`]).
-pub fn save_with_mode<T: serde::Serialize>(
-    path: &Path,
-    kind: &FileKind,
-    value: &T,
-    mode: u32,
-) -> Result<(), PersistError> {
     let json = serde_json::to_vec_pretty(value).map_err(|source| PersistError::Encode {
         path: path.to_path_buf(),
         kind: kind.name,
         source,
     })?;
-    save_bytes(path, kind, &json, mode)
+    save_bytes(path, kind, &json)
 }
 
-/// Saves a raw payload atomically with `mode`.
-pub fn save_bytes(path: &Path, kind: &FileKind, payload: &[u8], mode: u32) -> Result<(), PersistError> {
+/// Saves a raw payload atomically, mode 0600 ([`MODE`]).
+pub fn save_bytes(path: &Path, kind: &FileKind, payload: &[u8]) -> Result<(), PersistError> {
     if u32::try_from(payload.len()).is_err() {
         return Err(PersistError::TooLarge {
             path: path.to_path_buf(),
@@ -317,7 +305,7 @@ pub fn save_bytes(path: &Path, kind: &FileKind, payload: &[u8], mode: u32) -> Re
             max: u64::from(u32::MAX),
         });
     }
-    write_atomic(path, &encode(kind, payload), mode)
+    write_atomic(path, &encode(kind, payload), MODE)
 }
 
 /// The temporary files of a save end in this.
@@ -356,7 +344,13 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), PersistError>
         move |source| PersistError::Io { path: p, source }
     };
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).map_err(io_at(&tmp))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(io_at(&tmp))?;
         // The umask may have narrowed the mode; set it exactly.
         f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_at(&tmp))?;
         f.write_all(data).map_err(io_at(&tmp))?;
@@ -398,8 +392,9 @@ mod tests {
         assert_eq!(le_u16(&bytes, 4), 2);
         assert_eq!(le_u32(&bytes, 8) as usize, bytes.len() - HEADER_LEN);
         assert_eq!(fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600);
-        save_with_mode(&p, &KIND, &S { a: 1, ..s() }, PUBLIC).expect("save again");
-        assert_eq!(fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o644);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("an older agent's mode");
+        save(&p, &KIND, &S { a: 1, ..s() }).expect("save again");
+        assert_eq!(fs::metadata(&p).expect("meta").permissions().mode() & 0o777, 0o600, "a save narrows it");
         assert_eq!(load::<S>(&p, &KIND).expect("load").map(|v| v.a), Some(1));
         // Nothing but the file itself is left in the directory.
         assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 1);
@@ -544,7 +539,7 @@ mod tests {
     fn lengths_over_the_limit_are_refused_before_reading() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = dir.path().join("m.map");
-        save_bytes(&p, &KIND, &[1u8; 100], PRIVATE).expect("save");
+        save_bytes(&p, &KIND, &[1u8; 100]).expect("save");
         assert!(matches!(read(&p, &KIND, 99), Err(PersistError::TooLarge { .. })));
         assert_eq!(read(&p, &KIND, 100).expect("read").map(|s| s.payload.len()), Some(100));
         // A length field claiming 4 GiB in a small file.

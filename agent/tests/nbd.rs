@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use siterecovery_agent::disk::RawFile;
-use siterecovery_agent::nbd::{Exports, serve_tcp, serve_unix};
+use siterecovery_agent::nbd::{Exports, TcpSecurity, serve_tcp, serve_unix};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +37,7 @@ impl Server {
         let shutdown = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(serve_unix(unix, exports.clone(), shutdown.clone()));
-        tasks.spawn(serve_tcp(tcp, exports.clone(), shutdown.clone()));
+        tasks.spawn(serve_tcp(tcp, exports.clone(), TcpSecurity::Insecure, shutdown.clone()));
         Server { dir, socket, port, exports, shutdown, tasks }
     }
 

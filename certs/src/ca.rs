@@ -154,6 +154,11 @@ impl VaultCa {
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if identity.role == crate::Role::Nbd {
+            // QEMU's tls-creds-x509 refuses its client certificate when the (critical)
+            // key usage lacks keyEncipherment, whatever the key type.
+            params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
+        }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();

@@ -9,8 +9,10 @@
 
 pub mod connect;
 pub mod failover;
+pub mod hosts;
 pub mod inventory;
 pub mod jobs;
+pub mod nbd_cert;
 pub mod network;
 pub mod output;
 pub mod plan;

@@ -134,6 +134,8 @@ pub async fn run(args: LabArgs) -> Result<()> {
     println!("siterecovery lab in {}", dir.display());
     let v = vault::create(&pdir, "lab", &addr, &key, Duration::from_secs(5 * 86400))?;
     println!("  vault lab ({}) created", v.info.vault_id);
+    // The hosts pin the CA they register with, as the README's journey does.
+    let fingerprint = siterecovery_certs::live::fingerprint_of_pem(v.ca.cert_pem())?;
     v.issue_operator_cert(&opdir, "operator", Duration::from_secs(30 * 86400))?;
     drop(v);
 
@@ -172,13 +174,16 @@ pub async fn run(args: LabArgs) -> Result<()> {
                     cloud,
                     "--listen",
                     &listen,
+                    "--ca-fingerprint",
+                    &fingerprint,
                 ],
             )
             .await?;
             procs.push(spawn(
                 host,
                 &agent_bin,
-                &["--data-dir", &hdir, "serve", "--heartbeat", "2s"],
+                // Point exports are read over the loopback TCP export with plain qemu-img.
+                &["--data-dir", &hdir, "serve", "--heartbeat", "2s", "--nbd-insecure-tcp"],
                 &dir.join(format!("{host}.log")),
             )?);
             println!("  host {host} registered (site {site}, cloud {cloud}) and started, peer traffic on {listen}");

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use siterecovery_proto::daemon;
 use siterecovery_proto::model::units::parse_duration;
 use siterecovery_provider::cli::failover::FailoverCmd;
+use siterecovery_provider::cli::hosts::HostCmd;
 use siterecovery_provider::cli::inventory::{ListOnly, VmCmd};
 use siterecovery_provider::cli::jobs::JobCmd;
 use siterecovery_provider::cli::network::NetworkCmd;
@@ -21,7 +22,7 @@ use siterecovery_provider::cli::plan::PlanCmd;
 use siterecovery_provider::cli::protection::{CloudCmd, ImportArgs, PointCmd, PolicyCmd, ProtectArgs, VmJobArgs};
 use siterecovery_provider::cli::vault::{OperatorCertArgs, VaultCmd};
 use siterecovery_provider::cli::{self, CliError, Operator, OperatorCerts};
-use siterecovery_provider::relationship::ProtectionConfig;
+use siterecovery_provider::relationship::{DEFAULT_SCRIPTS_DIR, ProtectionConfig};
 use siterecovery_provider::{api, store, vault};
 
 #[derive(Parser)]
@@ -53,7 +54,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create a vault, or issue a new vault key file.
+    /// Create a vault, issue a new vault key file, or show the CA fingerprint hosts pin.
     #[command(subcommand)]
     Vault(VaultCmd),
     /// Run the provider (long-running; stops gracefully on SIGTERM or Ctrl-C).
@@ -76,17 +77,24 @@ enum Cmd {
         /// Open connections at most (handshaking or established); more are refused.
         #[arg(long, default_value_t = 1024, value_name = "N")]
         max_connections: usize,
+        /// The only directory recovery-plan scripts run from (`plan create --script N=NAME`
+        /// names a script in it).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_SCRIPTS_DIR)]
+        scripts_dir: PathBuf,
     },
     /// Issue an operator certificate (ca.pem, op.pem, op.key) for the CLI and grpcurl.
     OperatorCert(OperatorCertArgs),
+    /// Issue a hypervisor's NBD client certificate (ca-cert.pem, client-cert.pem,
+    /// client-key.pem) for QEMU's tls-creds-x509 and the agents' TLS NBD exports.
+    NbdClientCert(siterecovery_provider::cli::nbd_cert::NbdCertArgs),
     /// Run a whole deployment on loopback: a vault, a provider and two hosts.
     Lab(lab::LabArgs),
     /// Sites (locations) known from registered hosts.
     #[command(subcommand)]
     Site(ListOnly),
-    /// Registered hosts and their connection state.
+    /// Registered hosts: list, reset, remove, move, and the revoked certificates.
     #[command(subcommand)]
-    Host(ListOnly),
+    Host(HostCmd),
     /// Virtual machines on the hosts.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -153,7 +161,8 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Vault(c) => cli::vault::run(c, cli.json),
         Cmd::OperatorCert(a) => cli::vault::operator_cert(a, cli.json),
-        Cmd::Serve { data_dir, listen, grace, test_intervals, cert_validity, max_connections } => {
+        Cmd::NbdClientCert(a) => cli::nbd_cert::run(a, cli.json),
+        Cmd::Serve { data_dir, listen, grace, test_intervals, scripts_dir, cert_validity, max_connections } => {
             let v = vault::Vault::open(&data_dir)?;
             let store = store::Store::open(&data_dir)?;
             let addr = listen.unwrap_or_else(|| v.info.address.clone());
@@ -166,6 +175,7 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 ProtectionConfig::default()
             };
+            let protection = ProtectionConfig { scripts_dir, ..protection };
             let mut limits = api::ServerLimits::default();
             limits.accept.max_connections = max_connections;
             let opts = api::ServeOptions { grace, protection, cert_validity, limits };
@@ -185,10 +195,10 @@ async fn run(cli: Cli) -> Result<()> {
 
 /// The commands that talk to a running provider.
 async fn operator(op: &mut Operator, cmd: Cmd) -> Result<()> {
-    use siterecovery_provider::cli::{failover, inventory, jobs, network, plan, protection};
+    use siterecovery_provider::cli::{failover, hosts, inventory, jobs, network, plan, protection};
     match cmd {
         Cmd::Site(ListOnly::List) => inventory::sites(op).await?,
-        Cmd::Host(ListOnly::List) => inventory::hosts(op).await?,
+        Cmd::Host(c) => hosts::run(op, c).await?,
         Cmd::Vm(c) => inventory::vm(op, c).await?,
         Cmd::Policy(c) => protection::policy(op, c).await?,
         Cmd::Cloud(c) => protection::cloud(op, c).await?,
@@ -203,7 +213,7 @@ async fn operator(op: &mut Operator, cmd: Cmd) -> Result<()> {
         Cmd::Failover(c) => failover::run(op, c).await?,
         Cmd::Network(c) => network::run(op, c).await?,
         Cmd::Plan(c) => plan::run(op, c).await?,
-        Cmd::Vault(_) | Cmd::Serve { .. } | Cmd::OperatorCert(_) | Cmd::Lab(_) => {
+        Cmd::Vault(_) | Cmd::Serve { .. } | Cmd::OperatorCert(_) | Cmd::NbdClientCert(_) | Cmd::Lab(_) => {
             anyhow::bail!("not an operator command")
         }
     }

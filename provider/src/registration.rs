@@ -2,12 +2,30 @@
 //! certificate signed by the vault CA. The only service callable without a client
 //! certificate (the server is still authenticated by the CA in the vault key file).
 //!
-//! Refused: another vault's id, a wrong or expired secret, a malformed CSR or name,
-//! and a host name already registered unless re-registration is asked for explicitly.
-//! Each refusal is logged with the caller's address, never with the secret.
+//! The secret registers each host **name** once. Another registration of a registered
+//! name is granted only ([`decide`], a pure function of the stored host and the caller):
+//!
+//! - as a **renewal**: the request arrives over mutual TLS with the host's current,
+//!   unrevoked certificate (role host, the stored host id, the stored serial). The host
+//!   keeps its id; the new certificate becomes the current one;
+//! - **after `provider host reset`**: the reset revoked the old certificate and set
+//!   `reset_pending`; exactly one registration of the name is then granted (a fresh
+//!   host id), which clears the flag.
+//!
+//! Anything else is refused, the `reregister` flag of the request grants nothing by
+//! itself, and site and cloud never change by registration (`provider host move`
+//! does). Refused: another vault's id, a wrong or expired secret, a malformed CSR or
+//! name, a revoked client certificate. Refusals are rate-limited per source address ([`limiter`]): over the limit an
+//! attempt is answered `RESOURCE_EXHAUSTED` before the secret or the store is read.
+//! Each refusal is logged once, with the caller's address and the strings it sent
+//! truncated, never with the secret.
 
+pub mod limiter;
+
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use siterecovery_certs::ca::ServerNames;
 use siterecovery_certs::{PeerIdentity, Role, VaultCa, VaultId};
@@ -17,6 +35,7 @@ use siterecovery_proto::v1;
 use siterecovery_proto::v1::registration_server::Registration;
 use tonic::{Request, Response, Status};
 
+use self::limiter::{RefusalLimiter, Verdict};
 use crate::error::{self, Classify, ErrorClass};
 use crate::inventory::{HostRecord, is_host_port};
 use crate::store::{HOSTS, Store, StoreError};
@@ -34,8 +53,16 @@ pub trait RegistrationContext: Send + Sync + 'static {
     fn cert_validity(&self) -> std::time::Duration;
 }
 
+/// The Registration service: its context and the limiter of refused attempts.
 pub struct RegistrationService<C> {
     pub state: Arc<C>,
+    limiter: RefusalLimiter,
+}
+
+impl<C> RegistrationService<C> {
+    pub fn new(state: Arc<C>) -> Self {
+        Self { state, limiter: RefusalLimiter::new() }
+    }
 }
 
 /// Why a registration was refused (or failed).
@@ -51,8 +78,31 @@ pub enum RegistrationError {
     WrongSecret,
     #[error("the registration secret expired: make a new vault key file on the provider")]
     ExpiredSecret,
-    #[error("host {0:?} is already registered; pass --reregister to replace its registration")]
+    /// A registered name, asked for without the host's certificate and without a reset.
+    #[error(
+        "host {0} is already registered; the vault key file registers a host name once. To renew, the host \
+         re-registers with its current certificate; to replace the host, an operator runs `provider host reset {0}` \
+         first"
+    )]
     AlreadyRegistered(HostName),
+    /// A client certificate came with the request but is not the host's current one.
+    #[error(
+        "the certificate presented is not host {host}'s current one ({why}); to replace the host, an operator runs \
+         `provider host reset {host}`"
+    )]
+    NotCurrentCertificate { host: HostName, why: String },
+    /// The client certificate presented is revoked.
+    #[error("the certificate presented (serial {serial}) is revoked")]
+    Revoked { serial: String },
+    /// A renewal or re-registration asked for another site or cloud.
+    #[error(
+        "host {host} is registered at site {site}, cloud {cloud}; registration never moves a host: an operator runs \
+         `provider host move {host} --site SITE --cloud CLOUD`"
+    )]
+    Moved { host: HostName, site: SiteName, cloud: CloudName },
+    /// Too many refused attempts from the caller's address.
+    #[error("too many refused registrations from this address; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
     #[error("certificate request: {0}")]
     Csr(String),
     #[error("host identity: {0}")]
@@ -65,10 +115,15 @@ impl Classify for RegistrationError {
     fn class(&self) -> ErrorClass {
         use RegistrationError as E;
         match self {
-            E::OtherVault { .. } | E::WrongSecret | E::ExpiredSecret => ErrorClass::PermissionDenied,
+            E::OtherVault { .. }
+            | E::WrongSecret
+            | E::ExpiredSecret
+            | E::NotCurrentCertificate { .. }
+            | E::Revoked { .. } => ErrorClass::PermissionDenied,
             E::Request(_) | E::Csr(_) => ErrorClass::InvalidArgument,
-            E::NoSecret => ErrorClass::FailedPrecondition,
+            E::NoSecret | E::Moved { .. } => ErrorClass::FailedPrecondition,
             E::AlreadyRegistered(_) => ErrorClass::AlreadyExists,
+            E::RateLimited { .. } => ErrorClass::ResourceExhausted,
             E::Identity(_) | E::Store(_) => ErrorClass::Internal,
         }
     }
@@ -114,6 +169,104 @@ impl TryFrom<&v1::RegisterRequest> for RegisterRequest {
     }
 }
 
+/// The client certificate a registration arrived with, as the TLS layer verified it
+/// (signed by the vault CA): its identity and serial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presented {
+    pub identity: PeerIdentity,
+    /// Lowercase hex.
+    pub serial: String,
+}
+
+/// The caller's client certificate, if it presented one: `Err` when it does not read
+/// as a vault certificate.
+pub fn presented<T>(req: &Request<T>) -> Option<Result<Presented, String>> {
+    let chain = req.peer_certs()?;
+    let leaf = chain.first()?;
+    let read = || -> Result<Presented, siterecovery_certs::CertError> {
+        Ok(Presented {
+            identity: siterecovery_certs::tls::peer_identity(&chain)?,
+            serial: siterecovery_certs::live::serial_of_der(leaf)?,
+        })
+    };
+    Some(read().map_err(|e| truncated(&e.to_string())))
+}
+
+/// What a registration is granted as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// A name not registered yet: a fresh host id.
+    New,
+    /// The host's current certificate was presented: same host id, new certificate.
+    Renewal,
+    /// The one registration a `host reset` allows: a fresh host id, the flag cleared.
+    AfterReset,
+}
+
+impl Grant {
+    fn as_str(self) -> &'static str {
+        match self {
+            Grant::New => "registered",
+            Grant::Renewal => "renewed",
+            Grant::AfterReset => "registered again after host reset",
+        }
+    }
+}
+
+/// The rule of a registration of `req.host_name` (see the module header), given the
+/// stored host, the certificate presented, and the revoked serials. Pure.
+pub fn decide(
+    existing: Option<&HostRecord>,
+    req: &RegisterRequest,
+    presented: Option<&Result<Presented, String>>,
+    vault: &VaultId,
+    is_revoked: impl Fn(&str) -> bool,
+) -> Result<Grant, RegistrationError> {
+    // A revoked certificate is refused whatever it comes for (as the handshake refuses
+    // it where the provider's verifier reads the revocation list).
+    if let Some(Ok(p)) = presented
+        && is_revoked(&p.serial)
+    {
+        return Err(RegistrationError::Revoked { serial: p.serial.clone() });
+    }
+    let Some(host) = existing else { return Ok(Grant::New) };
+    let not_current = |why: String| RegistrationError::NotCurrentCertificate { host: host.name.clone(), why };
+    let grant = match presented {
+        Some(Err(why)) => return Err(not_current(format!("unreadable: {why}"))),
+        // A reset voids every certificate of the host, revoked yet or not.
+        Some(Ok(_)) if host.reset_pending => {
+            return Err(not_current("the host was reset: register it without its old certificate".into()));
+        }
+        Some(Ok(p)) => {
+            if &p.identity.vault_id != vault {
+                return Err(not_current(format!("a certificate of vault {}", p.identity.vault_id)));
+            }
+            if p.identity.role != Role::Host {
+                return Err(not_current(format!("a certificate of role {}, not host", p.identity.role)));
+            }
+            if p.identity.id != host.id.as_str() {
+                return Err(not_current(format!("the certificate of host id {}", truncated(&p.identity.id))));
+            }
+            // Records from before serials were kept: the host id alone (each
+            // registration had its own id, so one certificate per id).
+            if !host.cert_serial.is_empty() && p.serial != host.cert_serial {
+                return Err(not_current(format!("certificate {} was superseded by {}", p.serial, host.cert_serial)));
+            }
+            Grant::Renewal
+        }
+        None if host.reset_pending => Grant::AfterReset,
+        None => return Err(RegistrationError::AlreadyRegistered(host.name.clone())),
+    };
+    if req.site != host.site || req.cloud != host.cloud {
+        return Err(RegistrationError::Moved {
+            host: host.name.clone(),
+            site: host.site.clone(),
+            cloud: host.cloud.clone(),
+        });
+    }
+    Ok(grant)
+}
+
 /// At most 80 chars of a string from the network, for messages and logs.
 fn truncated(s: &str) -> String {
     let mut out: String = s.chars().take(80).collect();
@@ -128,8 +281,59 @@ fn same_digest(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A fresh host id for `name`: the name and 6 hex digits (certificates of an earlier
+/// registration of the name stop being accepted on the control channel).
+fn fresh_host_id(name: &HostName) -> Result<HostId, RegistrationError> {
+    let id = format!("{name}-{}", siterecovery_certs::random_hex(3));
+    let id = if id.len() > 64 { siterecovery_certs::random_hex(8) } else { id };
+    HostId::new(id).map_err(|e| RegistrationError::Identity(e.to_string()))
+}
+
 impl<C: RegistrationContext> RegistrationService<C> {
-    async fn register(&self, r: &v1::RegisterRequest) -> Result<v1::RegisterResponse, RegistrationError> {
+    /// The rule applied to the stored host, and what a granted registration writes:
+    /// the host record with its new certificate, the certificate, the grant.
+    fn grant(
+        &self,
+        req: &RegisterRequest,
+        r: &v1::RegisterRequest,
+        presented: Option<&Result<Presented, String>>,
+        existing: Option<HostRecord>,
+    ) -> Result<(HostRecord, String, Grant), RegistrationError> {
+        let state = self.state.as_ref();
+        let grant = decide(existing.as_ref(), req, presented, state.vault_id(), |s| state.revocations().is_revoked(s))?;
+        let mut record = match (grant, existing) {
+            (Grant::Renewal, Some(host)) => {
+                HostRecord { address: req.listen_address.clone(), agent_version: r.agent_version.clone(), ..host }
+            }
+            _ => HostRecord {
+                id: fresh_host_id(&req.host_name)?,
+                name: req.host_name.clone(),
+                site: req.site.clone(),
+                cloud: req.cloud.clone(),
+                address: req.listen_address.clone(),
+                agent_version: r.agent_version.clone(),
+                registered_unix_ms: siterecovery_certs::unix_now() * 1000,
+                cert_serial: String::new(),
+                cert_not_after_unix_ms: 0,
+                reset_pending: false,
+            },
+        };
+        let identity = PeerIdentity::new(state.vault_id().clone(), Role::Host, record.id.as_str())
+            .map_err(|e| RegistrationError::Identity(e.to_string()))?;
+        let cert = state
+            .ca()
+            .issue_for_csr(&r.csr_pem, &identity, &req.server_names, state.cert_validity())
+            .map_err(|e| RegistrationError::Csr(e.to_string()))?;
+        record.with_certificate(&cert).map_err(|e| RegistrationError::Identity(e.to_string()))?;
+        Ok((record, cert, grant))
+    }
+
+    /// One registration, past the limiter: checks, the rule, the certificate, the record.
+    fn register(
+        &self,
+        r: &v1::RegisterRequest,
+        presented: Option<&Result<Presented, String>>,
+    ) -> Result<(v1::RegisterResponse, Grant), RegistrationError> {
         let state = self.state.as_ref();
         if r.vault_id != state.vault_id().as_str() {
             return Err(RegistrationError::OtherVault {
@@ -149,57 +353,52 @@ impl<C: RegistrationContext> RegistrationService<C> {
         if siterecovery_certs::unix_now() >= secret.expires_unix {
             return Err(RegistrationError::ExpiredSecret);
         }
-        let existing: Option<HostRecord> = state.store().get(HOSTS, req.host_name.as_str())?;
-        if existing.is_some() && !r.reregister {
-            return Err(RegistrationError::AlreadyRegistered(req.host_name));
-        }
-        // A fresh id per registration: certificates of an earlier registration of the
-        // same name stop being accepted on the control channel.
-        let host_id = format!("{}-{}", req.host_name, siterecovery_certs::random_hex(3));
-        let host_id = if host_id.len() > 64 { siterecovery_certs::random_hex(8) } else { host_id };
-        let host_id = HostId::new(host_id).map_err(|e| RegistrationError::Identity(e.to_string()))?;
-        let identity = PeerIdentity::new(state.vault_id().clone(), Role::Host, host_id.as_str())
-            .map_err(|e| RegistrationError::Identity(e.to_string()))?;
-        let cert = state
-            .ca()
-            .issue_for_csr(&r.csr_pem, &identity, &req.server_names, state.cert_validity())
-            .map_err(|e| RegistrationError::Csr(e.to_string()))?;
-        let mut record = HostRecord {
-            id: host_id.clone(),
-            name: req.host_name,
-            site: req.site,
-            cloud: req.cloud,
-            address: req.listen_address,
-            agent_version: r.agent_version.clone(),
-            registered_unix_ms: siterecovery_certs::unix_now() * 1000,
-            cert_serial: String::new(),
-            cert_not_after_unix_ms: 0,
-            reset_pending: false,
-        };
-        record.with_certificate(&cert).map_err(|e| RegistrationError::Identity(e.to_string()))?;
-        state.store().put(HOSTS, record.name.as_str(), &record)?;
-        tracing::info!(host = %record.name, host_id = %host_id, site = %record.site, cloud = %record.cloud,
-            reregistered = existing.is_some(), "host registered");
-        Ok(v1::RegisterResponse {
-            host_id: host_id.to_string(),
+        // Read, decide, issue and write in one store transaction: two registrations
+        // racing after a `host reset` cannot both be the one it allows, and a reset or
+        // a move in between is not undone.
+        let (record, cert, grant) =
+            state.store().update(HOSTS, req.host_name.as_str(), |existing: Option<HostRecord>| {
+                match self.grant(&req, r, presented, existing) {
+                    Ok((record, cert, grant)) => (Some(record.clone()), Ok((record, cert, grant))),
+                    Err(e) => (None, Err(e)),
+                }
+            })??;
+        tracing::info!(host = %record.name, host_id = %record.id, site = %record.site, cloud = %record.cloud,
+            serial = %record.cert_serial, "host {}", grant.as_str());
+        let resp = v1::RegisterResponse {
+            host_id: record.id.to_string(),
             certificate_pem: cert,
             vault_id: state.vault_id().to_string(),
-        })
+        };
+        Ok((resp, grant))
     }
 }
 
 #[tonic::async_trait]
 impl<C: RegistrationContext> Registration for RegistrationService<C> {
     async fn register(&self, req: Request<v1::RegisterRequest>) -> Result<Response<v1::RegisterResponse>, Status> {
-        let from = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let from = req.remote_addr();
+        let ip = from.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        let from = from.map(|a| a.to_string()).unwrap_or_default();
+        if let Verdict::Limited { first, retry_after } = self.limiter.check(ip, Instant::now()) {
+            // Once per episode: a flood of attempts is not a flood of log lines.
+            if first {
+                tracing::warn!(%from, "registration refused: too many refused attempts from this address");
+            }
+            let e = RegistrationError::RateLimited { retry_after_secs: retry_after.as_secs().max(1) };
+            return Err(e.into());
+        }
+        let presented = presented(&req);
         let r = req.into_inner();
-        match RegistrationService::<C>::register(self, &r).await {
-            Ok(resp) => Ok(Response::new(resp)),
+        match RegistrationService::<C>::register(self, &r, presented.as_ref()) {
+            Ok((resp, _)) => Ok(Response::new(resp)),
             Err(e) => {
                 // Refusals logged once, here, with the caller's address, never with the
                 // secret; internal errors by the mapping.
                 if e.class() != ErrorClass::Internal {
-                    tracing::warn!(%from, host = %truncated(&r.host_name), "registration refused: {e}");
+                    self.limiter.refused(ip, Instant::now());
+                    tracing::warn!(%from, host = %truncated(&r.host_name), reregister = r.reregister,
+                        "registration refused: {e}");
                 }
                 Err(e.into())
             }
@@ -208,49 +407,4 @@ impl<C: RegistrationContext> Registration for RegistrationService<C> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn request() -> v1::RegisterRequest {
-        v1::RegisterRequest {
-            host_name: "hv1".into(),
-            site: "primary".into(),
-            cloud: "gold-a".into(),
-            listen_address: "10.0.0.1:7443".into(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn every_name_field_is_checked() {
-        let ok = RegisterRequest::try_from(&request()).expect("valid");
-        assert_eq!(ok.host_name, "hv1");
-        for (field, set) in [
-            ("register.host_name", (|r: &mut v1::RegisterRequest| r.host_name = "../etc".into()) as fn(&mut _)),
-            ("register.site", |r| r.site = "a/b".into()),
-            ("register.cloud", |r| r.cloud = ".".into()),
-            ("register.listen_address", |r| r.listen_address = "no-port".into()),
-            ("register.host_name", |r| r.host_name = String::new()),
-        ] {
-            let mut r = request();
-            set(&mut r);
-            let e = RegisterRequest::try_from(&r).expect_err(field);
-            assert_eq!(e.field(), field);
-            let status = Status::from(RegistrationError::from(e));
-            assert_eq!(status.code(), tonic::Code::InvalidArgument);
-            assert!(status.message().contains(field), "{}", status.message());
-        }
-    }
-
-    #[test]
-    fn refusals_map_to_their_codes() {
-        let code = |e: RegistrationError| Status::from(e).code();
-        assert_eq!(code(RegistrationError::WrongSecret), tonic::Code::PermissionDenied);
-        assert_eq!(code(RegistrationError::NoSecret), tonic::Code::FailedPrecondition);
-        assert_eq!(
-            code(RegistrationError::AlreadyRegistered("hv1".parse().expect("name"))),
-            tonic::Code::AlreadyExists
-        );
-        assert_eq!(truncated(&"x".repeat(200)).chars().count(), 81);
-    }
-}
+mod tests;

@@ -58,7 +58,12 @@ pub fn put_vm(store: &Store, name: &str, disk: bool) {
 /// "Starts" the provider on `store`: loads relationships and jobs (returns the jobs to
 /// resume) with fake agents, both hosts connected.
 pub fn start(store: Store) -> (Arc<Core>, Arc<FakeAgents>, Vec<JobRecord>) {
-    let (protection, resumed) = ProtectionCore::load(&store, ProtectionConfig::for_tests()).expect("load");
+    start_with(store, ProtectionConfig::for_tests())
+}
+
+/// [`start`] with other protection settings (a plan test's scripts directory).
+pub fn start_with(store: Store, config: ProtectionConfig) -> (Arc<Core>, Arc<FakeAgents>, Vec<JobRecord>) {
+    let (protection, resumed) = ProtectionCore::load(&store, config).expect("load");
     let agents = Arc::new(FakeAgents::default());
     agents.connect(PRIMARY);
     agents.connect(REPLICA);

@@ -65,6 +65,16 @@ pub fn read_secret(dir: &Path) -> Result<SecretRecord, VaultError> {
         .map_err(|e| VaultError::Invalid { what: "registration.json", why: e.to_string() })
 }
 
+/// The CA's SHA-256 fingerprint (`sha256:<hex>`) of the vault in `dir`, from `ca.pem`
+/// alone (no private key read): what `agent register --ca-fingerprint` pins.
+pub fn ca_fingerprint(dir: &Path) -> Result<String, VaultError> {
+    if !dir.join("vault.json").exists() {
+        return Err(VaultError::Missing(dir.to_path_buf()));
+    }
+    let pem = files::read_text(&dir.join("ca.pem"))?;
+    Ok(siterecovery_certs::live::fingerprint_of_pem(&pem)?)
+}
+
 /// An opened vault: everything `provider serve` needs.
 pub struct Vault {
     pub dir: PathBuf,
@@ -214,6 +224,14 @@ mod tests {
         ));
         let again = Vault::open(&data).expect("open");
         assert_eq!(again.info.vault_id, v.info.vault_id);
+        // The fingerprint is the CA's, in the form `--ca-fingerprint` takes.
+        let fp = ca_fingerprint(&data).expect("fingerprint");
+        assert_eq!(
+            fp,
+            siterecovery_certs::live::fingerprint_of_pem(f.content.ca_pem.as_str()).expect("of the key file")
+        );
+        assert_eq!(siterecovery_certs::live::parse_fingerprint(&fp).expect("parses"), fp);
+        assert!(matches!(ca_fingerprint(&dir.path().join("none")), Err(VaultError::Missing(_))));
         use std::os::unix::fs::PermissionsExt;
         for k in ["ca.key", "provider.key"] {
             let mode = std::fs::metadata(data.join(k)).expect("meta").permissions().mode() & 0o777;

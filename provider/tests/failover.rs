@@ -302,10 +302,10 @@ async fn recovery_plan_groups_scripts_and_failure() {
     }
     let script = |name: &str, body: &str| {
         use std::os::unix::fs::PermissionsExt;
-        let path = env.provider.dir.join(name);
+        let path = env.provider.scripts_dir.join(name);
         std::fs::write(&path, body).expect("script");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        path.to_string_lossy().into_owned()
+        name.to_owned()
     };
     let envfile = env.provider.dir.join("env.txt");
     let good = script(

@@ -62,7 +62,7 @@ wait_until() {
 start_agent() { # host
     local h=$1
     # AGENT_LD_PRELOAD: experiments only (e.g. a shim setting TCP_NODELAY on accepted sockets).
-    LD_PRELOAD=${AGENT_LD_PRELOAD:-${LD_PRELOAD:-}} "$AGENT_BIN" --data-dir "$WORK/$h" serve --heartbeat 1s >>"$WORK/$h.log" 2>&1 &
+    LD_PRELOAD=${AGENT_LD_PRELOAD:-${LD_PRELOAD:-}} "$AGENT_BIN" --data-dir "$WORK/$h" serve --heartbeat 1s --nbd-insecure-tcp >>"$WORK/$h.log" 2>&1 &
     AGENT_PID[$h]=$!
     PIDS+=($!)
 }

@@ -47,6 +47,8 @@ pub struct Lab {
     pub provider_port: u16,
     pub vault_key: PathBuf,
     pub opdir: PathBuf,
+    /// The provider's `--scripts-dir` (recovery-plan scripts are named in it).
+    pub scripts_dir: PathBuf,
     hosts: Mutex<HashMap<String, HostSlot>>,
     seq: AtomicUsize,
     logs: Mutex<Vec<PathBuf>>,
@@ -67,6 +69,7 @@ impl Lab {
             provider_port: free_port(),
             vault_key: root.join("vault.key"),
             opdir: root.join("op"),
+            scripts_dir: root.join("scripts"),
             root,
             tmp: Some(tmp),
             hosts: Mutex::new(HashMap::new()),
@@ -74,6 +77,7 @@ impl Lab {
             logs: Mutex::new(Vec::new()),
             transcript,
         };
+        std::fs::create_dir_all(&lab.scripts_dir).expect("scripts dir");
         eprintln!("[lab] {test}: {}", lab.root.display());
         lab
     }
@@ -231,6 +235,7 @@ impl Lab {
     }
 
     /// [`Self::start_provider`] with extra `serve` flags (e.g. `--test-intervals`).
+    /// Plan scripts run from [`Self::scripts_dir`].
     pub fn start_provider_with(&self, extra: &[&str]) -> Proc {
         let mut p = self.spawn(
             "provider",
@@ -238,6 +243,8 @@ impl Lab {
                 .args(["serve", "--data-dir"])
                 .arg(&self.provider_dir)
                 .args(["--listen", &self.addr(), "--grace", "5s"])
+                .arg("--scripts-dir")
+                .arg(&self.scripts_dir)
                 .args(extra),
         );
         let addr = self.addr();
@@ -324,7 +331,16 @@ impl Lab {
     }
 
     /// [`Self::start_agent_in`] with extra `serve` flags (e.g. `--peer-listen ADDR`).
+    /// The TCP NBD export is plain (`--nbd-insecure-tcp`, loopback), so the tests can
+    /// read point exports with plain `qemu-img`; [`Self::start_agent_tls`] keeps TLS.
     pub fn start_agent_with(&self, name: &str, dir: &Path, extra: &[&str]) -> Proc {
+        let mut args = vec!["--nbd-insecure-tcp"];
+        args.extend_from_slice(extra);
+        self.start_agent_tls(name, dir, &args)
+    }
+
+    /// `agent serve` as it runs in production: TLS required on the TCP NBD export.
+    pub fn start_agent_tls(&self, name: &str, dir: &Path, extra: &[&str]) -> Proc {
         let slot = self.host_slot(name);
         let nbd = format!("127.0.0.1:{}", slot.nbd_port);
         self.spawn(

@@ -326,7 +326,7 @@ fn failover_addresses_follow_the_target_pool() {
     eprintln!("[ip] reservations vmA {res_a}\n[ip] reservations vmB {res_b}");
 
     let out = w.lab.root.join("ip-changes.txt");
-    let script = w.lab.root.join("dns.sh");
+    let script = w.lab.scripts_dir.join("dns.sh");
     write_script(
         &script,
         &format!(
@@ -334,7 +334,7 @@ fn failover_addresses_follow_the_target_pool() {
             out = out.display()
         ),
     );
-    w.lab.cli_json(&["plan", "create", "ips", "--group", "1:vmA,vmB", "--script", &format!("1={}", script.display())]);
+    w.lab.cli_json(&["plan", "create", "ips", "--group", "1:vmA,vmB", "--script", "1=dns.sh"]);
     let job = w.wait_job(&["plan", "failover", "ips", "--type", "planned"]);
     assert_eq!(job["state"], "succeeded", "{job}");
 
@@ -366,7 +366,7 @@ fn failover_addresses_follow_the_target_pool() {
         assert!(lines.contains(&want.as_str()), "the script did not see {want:?}: {lines:?}");
     }
     assert!(!lines.iter().any(|l| l.contains("nic2")), "a DHCP NIC in the IP changes: {lines:?}");
-    let s = step(&job, &format!("After group 1, action 1: script {}", script.display()));
+    let s = step(&job, "After group 1, action 1: script dns.sh");
     assert!(s["detail"].as_str().unwrap_or_default().contains("dns update after group 1"), "{s}");
 }
 
@@ -383,7 +383,7 @@ fn recovery_plan_runs_groups_in_order_and_reports_a_failing_script() {
         w.protect_with_point(vm);
     }
     let stamp = w.lab.root.join("stamp.txt");
-    let script = w.lab.root.join("after1.sh");
+    let script = w.lab.scripts_dir.join("after1.sh");
     write_script(
         &script,
         &format!(
@@ -391,23 +391,13 @@ fn recovery_plan_runs_groups_in_order_and_reports_a_failing_script() {
             stamp.display()
         ),
     );
-    w.lab.cli_json(&[
-        "plan",
-        "create",
-        "dc",
-        "--group",
-        "1:v1,v2",
-        "--group",
-        "2:v3",
-        "--script",
-        &format!("1={}", script.display()),
-    ]);
+    w.lab.cli_json(&["plan", "create", "dc", "--group", "1:v1,v2", "--group", "2:v3", "--script", "1=after1.sh"]);
     let job = w.wait_job(&["plan", "failover", "dc", "--type", "test"]);
     assert_eq!(job["state"], "succeeded", "{job}");
     let t = |name: &str, field: &str| step(&job, name)[field].as_i64().unwrap_or(0);
     let g1_end = t("Group 1: v1", "ended_unix_ms").max(t("Group 1: v2", "ended_unix_ms"));
     let g2_start = t("Group 2: v3", "started_unix_ms");
-    let script_step = format!("After group 1, action 1: script {}", script.display());
+    let script_step = "After group 1, action 1: script after1.sh".to_owned();
     eprintln!(
         "[plan] group 1: v1 {}..{}, v2 {}..{}; script {}..{}; group 2: v3 {}..{}",
         t("Group 1: v1", "started_unix_ms"),
@@ -437,9 +427,14 @@ fn recovery_plan_runs_groups_in_order_and_reports_a_failing_script() {
     }
 
     // A failing script fails the plan, and the report says so.
-    let bad = w.lab.root.join("bad.sh");
+    let bad = w.lab.scripts_dir.join("bad.sh");
     write_script(&bad, "#!/bin/sh\necho 'dns server unreachable' >&2\nexit 1\n");
-    w.lab.cli_json(&["plan", "create", "bad", "--group", "1:v1", "--script", &format!("1={}", bad.display())]);
+    // A script outside the provider's scripts directory is refused at plan create.
+    for outside in [bad.display().to_string(), "../bad.sh".into()] {
+        let o = w.cli(&["plan", "create", "outside", "--group", "1:v1", "--script", &format!("1={outside}")]);
+        assert_fails_saying(&o, &["create_plan.actions[0].command"], &format!("plan create --script 1={outside}"));
+    }
+    w.lab.cli_json(&["plan", "create", "bad", "--group", "1:v1", "--script", "1=bad.sh"]);
     let o = w.cli_long(&["--json", "plan", "failover", "bad", "--type", "test", "--wait"]);
     assert_fails(&o, "plan failover with a failing script");
     let job = job_from(&o).unwrap_or_else(|| w.last_job("plan"));
@@ -448,7 +443,7 @@ fn recovery_plan_runs_groups_in_order_and_reports_a_failing_script() {
     assert_eq!(job["state"], "failed", "{job}");
     let err = job["error"].as_str().unwrap_or_default().to_lowercase();
     assert!(err.contains("script") && err.contains("bad.sh"), "the plan's error does not name the script: {err}");
-    let s = step(&job, &format!("After group 1, action 1: script {}", bad.display()));
+    let s = step(&job, "After group 1, action 1: script bad.sh");
     assert_eq!(s["state"], "failed", "{s}");
     assert!(s["detail"].as_str().unwrap_or_default().contains("dns server unreachable"), "{s}");
     w.wait_job(&["failover", "cleanup", "v1"]);

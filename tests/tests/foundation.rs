@@ -281,8 +281,14 @@ fn registration_refusals() {
     assert_fails_saying(&o, &["already registered"], "register a host name twice");
     assert_eq!(lab.host("hv1").expect("hv1")["id"], old_id.as_str(), "refused re-registration changed the host");
     assert_still_serving(&lab, "a duplicate host name");
+    // --reregister grants nothing by itself (issue 9: it took hosts over); an
+    // operator's `host reset` allows one new registration.
     let o = lab.register_at("hv1", &hv1_new, &key_b, "primary", "gold-a", &["--reregister"]);
-    assert_ok(&o, "register --reregister");
+    assert_fails_saying(&o, &["already registered"], "register --reregister without the host's certificate");
+    assert_eq!(lab.host("hv1").expect("hv1")["id"], old_id.as_str(), "--reregister changed the host");
+    assert_ok(&lab.cli(&["host", "reset", "hv1"]), "host reset hv1");
+    let o = lab.register_at("hv1", &hv1_new, &key_b, "primary", "gold-a", &["--reregister"]);
+    assert_ok(&o, "register after host reset");
     let new_id = lab.host("hv1").expect("hv1")["id"].as_str().unwrap_or_default().to_owned();
     assert_ne!(new_id, old_id, "re-registration keeps the old host id");
 

@@ -430,6 +430,8 @@ fn reregistered_primary_is_refused_and_health_goes_critical() {
     w.protect_with_point(VM);
     w.a.stop_gracefully();
     let slot = w.lab.host_slot("hv-a");
+    // A registered name registers again only after an operator's `host reset`.
+    assert_ok(&w.lab.cli(&["host", "reset", "hv-a"]), "host reset hv-a");
     let o = w.lab.register_at("hv-a", &slot.dir, &w.lab.vault_key, "primary", "gold-a", &["--reregister"]);
     assert_ok(&o, "agent register --reregister hv-a");
     let since = unix_now_ms();

@@ -1,33 +1,43 @@
 //! The control channel to the provider: one long-lived bidi stream, reconnected with
 //! backoff whenever it breaks (provider restart, network loss).
 //!
-//! Up: `Hello`, the full inventory, heartbeats, command results. Down: commands, each
-//! converted into a domain [`Command`] ([`command`]; a refused field is an
-//! InvalidArgument result naming it, before any handler runs) and carried out
+//! The provider must prove the `provider` role of the vault at the handshake; this host
+//! presents its live certificate (a renewed one from the next reconnect on).
+//!
+//! Up: `Hello`, the full inventory, heartbeats, command results, certificate renewal
+//! requests ([`renewal`]). Down: the pushes, handled first: the vault's revocation list
+//! (applied by version and kept in `revoked.json`) and a renewed certificate; then
+//! commands, each converted into a domain [`Command`] ([`command`]; a refused field is
+//! an InvalidArgument result naming it, before any handler runs) and carried out
 //! ([`execute`]) in its own task so a slow one never delays heartbeats.
 
 pub mod command;
 mod error;
 pub mod execute;
+pub mod renewal;
 #[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use siterecovery_certs::Role;
+use siterecovery_certs::live::Expect;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::agent_message::Body;
 use siterecovery_proto::v1::control_client::ControlClient;
+use siterecovery_proto::v1::provider_message::Command as Wire;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 pub use command::{Command, CommandKind};
 pub use error::CommandError;
 use execute::execute;
+use renewal::Renewal;
 
 use crate::config::AgentFiles;
-use crate::peer::endpoint;
+use crate::config::revoked::is_serial;
+use crate::peer::ConnectError;
 use crate::protection::Protection;
 use crate::vm::VmManager;
 
@@ -67,12 +77,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff = opts.min_backoff;
+    let mut renewal = Renewal::default();
     loop {
         let started = tokio::time::Instant::now();
-        match session(&files, &vms, &protection, &opts, &shutdown).await {
+        match session(&files, &vms, &protection, &opts, &mut renewal, &shutdown).await {
             Ok(()) => tracing::info!("control session ended"),
             Err(e) => tracing::warn!(provider = %files.config.provider_address, "control session: {e:#}"),
         }
+        renewal.session_ended();
         if shutdown.is_cancelled() {
             return;
         }
@@ -92,7 +104,7 @@ pub async fn run(
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error("connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    Connect(#[from] ConnectError),
     #[error("provider refused: {0}")]
     Status(#[from] tonic::Status),
     #[error("outbound stream closed")]
@@ -104,9 +116,10 @@ async fn session(
     vms: &Arc<VmManager>,
     protection: &Arc<Protection>,
     opts: &ControlOptions,
+    renewal: &mut Renewal,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let channel: Channel = endpoint(&files.config.provider_address, files)?.connect().await?;
+    let channel = crate::peer::connect(&files.config.provider_address, Expect::Role(Role::Provider), files).await?;
     let mut client = ControlClient::new(channel);
     let (tx, rx) = mpsc::channel::<v1::AgentMessage>(64);
     let send = |tx: &mpsc::Sender<v1::AgentMessage>, body: Body| {
@@ -151,8 +164,34 @@ async fn session(
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
             },
+            _ = tokio::time::sleep_until(renewal.next_at(files)) => {
+                match renewal.tick(files, tokio::time::Instant::now()) {
+                    Ok(Some(req)) => {
+                        tracing::info!("asking the provider to renew this host's certificate");
+                        send(&tx, Body::RenewCertificate(req)).await?;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("certificate renewal: {e}"),
+                }
+            }
             msg = inbound.message() => {
                 let Some(msg) = msg? else { return Ok(()) };
+                let msg = match msg.command {
+                    Some(Wire::RevocationList(list)) => {
+                        apply_revocations(files, list);
+                        continue;
+                    }
+                    Some(Wire::CertificateIssued(issued)) => {
+                        match renewal.issued(files, issued, tokio::time::Instant::now()) {
+                            Ok(r) => tracing::info!(serial = %r.serial, expires_unix = r.not_after,
+                                valid_for_s = r.not_after - siterecovery_certs::unix_now(),
+                                "certificate renewed: new handshakes present it"),
+                            Err(e) => tracing::warn!("certificate renewal: {e}"),
+                        }
+                        continue;
+                    }
+                    _ => msg,
+                };
                 let (vms, protection, tx, id) = (vms.clone(), protection.clone(), tx.clone(), msg.command_id);
                 tokio::spawn(async move {
                     let result = match Command::try_from(msg) {
@@ -163,6 +202,22 @@ async fn session(
                 });
             }
         }
+    }
+}
+
+/// Applies the vault's revocation list pushed by the provider (ignored when older than
+/// the one held), kept on disk for the next start.
+pub fn apply_revocations(files: &AgentFiles, list: v1::RevocationList) {
+    if let Some(bad) = list.serials.iter().find(|s| !is_serial(s)) {
+        let bad: String = bad.chars().take(80).collect();
+        tracing::warn!(version = list.version, "revocation list refused: {bad:?} is not a certificate serial");
+        return;
+    }
+    let (version, count) = (list.version, list.serials.len());
+    match files.apply_revocations(list.version, list.serials) {
+        Ok(true) => tracing::info!(version, revoked = count, "revocation list applied"),
+        Ok(false) => tracing::debug!(version, "revocation list unchanged or older than the one held"),
+        Err(e) => tracing::error!(version, "revocation list applied but not kept on disk: {e}"),
     }
 }
 

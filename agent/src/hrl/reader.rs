@@ -225,7 +225,7 @@ pub fn verify_sealed(path: &Path) -> Result<LogFooter, HrlError> {
 /// record (or after the footer of a sealed log) and fsyncs. Returns the valid length.
 pub fn truncate_torn_tail(path: &Path) -> Result<u64, HrlError> {
     let scan = scan(path)?;
-    let file = OpenOptions::new().write(true).open(path)?;
+    let file = crate::files::open_existing(path, true)?;
     if file.metadata()?.len() != scan.valid_len {
         file.set_len(scan.valid_len)?;
         file.sync_all()?;

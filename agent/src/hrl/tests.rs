@@ -2,6 +2,7 @@
 
 use super::*;
 use proptest::prelude::*;
+use std::fs::OpenOptions;
 use std::io::Cursor;
 
 fn disk() -> DiskId {

@@ -26,7 +26,7 @@ impl HrlWriter {
     pub fn create(dir: &Path, disk_id: &DiskId, seq: LogSeq) -> Result<Self, HrlError> {
         let path = dir.join(log_file_name(disk_id, seq));
         let header = LogHeader { disk_id: disk_id.clone(), seq, start_ms: now_ms() };
-        let mut file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        let mut file = crate::files::create_new(&path)?;
         file.write_all(&header.encode())?;
         file.sync_all()?;
         sync_dir(dir)?;
@@ -51,7 +51,7 @@ impl HrlWriter {
         if let ScanEnd::Sealed(_) = scan.end {
             return Err(HrlError::Malformed { what: "open log (it is sealed)", at: scan.valid_len });
         }
-        let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+        let mut file = crate::files::open_existing(path, true)?;
         if file.metadata()?.len() != scan.valid_len {
             file.set_len(scan.valid_len)?;
             file.sync_all()?;

@@ -1,5 +1,6 @@
 //! The fixed-newstyle handshake: option haggling until the client picks an export
-//! (`EXPORT_NAME`, `GO`), with bounded option payloads.
+//! (`EXPORT_NAME`, `GO`), with bounded option payloads; on a TLS-mandatory listener,
+//! haggling until `STARTTLS` first (see the module doc of `nbd`).
 
 use super::*;
 
@@ -8,11 +9,54 @@ pub(super) struct Session {
     pub(super) export: Arc<Export>,
     /// `NBD_OPT_STRUCTURED_REPLY` was negotiated: reads are answered with chunks.
     pub(super) structured: bool,
+    /// Payload bytes this connection may hold in flight.
+    pub(super) request_bytes: usize,
+    /// The connection's place under the export's cap, given back when it ends.
+    pub(super) _slot: Option<OwnedSemaphorePermit>,
 }
 
-/// Runs the fixed-newstyle handshake. `Ok(None)` when the client aborted or closed the
-/// connection between options.
+/// Where a connection stands with TLS while options are haggled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TlsPhase<'a> {
+    /// A plain listener (unix socket, `--nbd-insecure-tcp`): `STARTTLS` is refused by
+    /// policy, everything else is served.
+    Off,
+    /// A TLS-mandatory listener before `STARTTLS`: only `STARTTLS` and `ABORT`.
+    Required,
+    /// Inside TLS, the client's certificate accepted.
+    Done,
+    /// Inside TLS, the client's certificate may not open exports: every option is
+    /// refused by policy with this message.
+    Denied(&'a str),
+}
+
+/// How option haggling ended.
+pub(super) enum Negotiated {
+    /// An export was chosen: transmission follows.
+    Session(Session),
+    /// `STARTTLS` was acknowledged: the TLS handshake follows on the same stream.
+    StartTls,
+    /// The client aborted or closed the connection between options.
+    Closed,
+}
+
+/// Runs the plain fixed-newstyle handshake (unix sockets, insecure TCP). `Ok(None)`
+/// when the client aborted or closed the connection between options.
 pub(super) async fn handshake<R, W>(r: &mut R, w: &mut W, exports: &Exports) -> Result<Option<Session>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let no_zeroes = greet(r, w).await?;
+    match options(r, w, exports, no_zeroes, TlsPhase::Off).await? {
+        Negotiated::Session(s) => Ok(Some(s)),
+        Negotiated::StartTls | Negotiated::Closed => Ok(None),
+    }
+}
+
+/// The server's greeting and the client's flags; returns whether the client asked for
+/// no zeroes after `EXPORT_NAME`.
+pub(super) async fn greet<R, W>(r: &mut R, w: &mut W) -> Result<bool, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -28,15 +72,29 @@ where
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
         return Err(NbdError::ClientFlags(client_flags));
     }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
-    let mut structured = false;
+    Ok(client_flags & CLIENT_NO_ZEROES != 0)
+}
 
+/// Option haggling in `phase` until an export is chosen, `STARTTLS` is acknowledged
+/// (only in [`TlsPhase::Required`]) or the client leaves.
+pub(super) async fn options<R, W>(
+    r: &mut R,
+    w: &mut W,
+    exports: &Exports,
+    no_zeroes: bool,
+    phase: TlsPhase<'_>,
+) -> Result<Negotiated, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut structured = false;
     loop {
         let magic = match r.read_u64().await {
             Ok(m) => m,
             // A client may probe and hang up between options (qemu-img info does not,
             // but port scanners and health checks do).
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Negotiated::Closed),
             Err(e) => return Err(e.into()),
         };
         if magic != IHAVEOPT {
@@ -51,17 +109,68 @@ where
                 return Err(NbdError::OptionTooLarge { option, len });
             }
             discard(r, u64::from(len)).await?;
-            option_reply(w, option, REP_ERR_TOO_BIG, &[]).await?;
+            let rep = if phase == TlsPhase::Required { REP_ERR_TLS_REQD } else { REP_ERR_TOO_BIG };
+            option_reply(w, option, rep, &[]).await?;
             continue;
         }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await?;
 
+        if option == OPT_ABORT {
+            // Best effort: the client may already have closed its end.
+            let _ = option_reply(w, option, REP_ACK, &[]).await;
+            return Ok(Negotiated::Closed);
+        }
+        match (phase, option) {
+            (TlsPhase::Required, OPT_STARTTLS) if data.is_empty() => {
+                option_reply(w, option, REP_ACK, &[]).await?;
+                return Ok(Negotiated::StartTls);
+            }
+            (TlsPhase::Required, OPT_STARTTLS) => {
+                option_reply(w, option, REP_ERR_INVALID, &[]).await?;
+                continue;
+            }
+            (TlsPhase::Required, OPT_EXPORT_NAME) => {
+                return Err(NbdError::ExportNameRefused("TLS is required first (NBD_OPT_STARTTLS)"));
+            }
+            (TlsPhase::Required, _) => {
+                option_reply(
+                    w,
+                    option,
+                    REP_ERR_TLS_REQD,
+                    b"TLS is required: connect with a client certificate of the vault",
+                )
+                .await?;
+                continue;
+            }
+            (TlsPhase::Denied(_), OPT_EXPORT_NAME) => {
+                return Err(NbdError::ExportNameRefused("the client certificate may not open exports"));
+            }
+            (TlsPhase::Denied(why), _) => {
+                option_reply(w, option, REP_ERR_POLICY, why.as_bytes()).await?;
+                continue;
+            }
+            (TlsPhase::Off, OPT_STARTTLS) => {
+                option_reply(w, option, REP_ERR_POLICY, b"TLS is not offered on this listener").await?;
+                continue;
+            }
+            (TlsPhase::Done, OPT_STARTTLS) => {
+                // TLS already negotiated: the protocol says INVALID.
+                option_reply(w, option, REP_ERR_INVALID, &[]).await?;
+                continue;
+            }
+            (TlsPhase::Off | TlsPhase::Done, _) => {}
+        }
+
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data);
                 let Some(export) = exports.get(&name) else {
-                    return Err(NbdError::UnknownExport(name.into_owned()));
+                    return Err(NbdError::UnknownExport(short(&name)));
+                };
+                let Some(slot) = export.slots.try_take() else {
+                    note_busy(exports, &name, export.slots.max());
+                    return Err(NbdError::ExportBusy(short(&name)));
                 };
                 let mut reply = Vec::with_capacity(10 + 124);
                 reply.extend_from_slice(&export.dev.size().to_be_bytes());
@@ -71,12 +180,8 @@ where
                 }
                 w.write_all(&reply).await?;
                 w.flush().await?;
-                return Ok(Some(Session { export, structured }));
-            }
-            OPT_ABORT => {
-                // Best effort: the client may already have closed its end.
-                let _ = option_reply(w, option, REP_ACK, &[]).await;
-                return Ok(None);
+                let request_bytes = exports.limits.max_request_bytes;
+                return Ok(Negotiated::Session(Session { export, structured, request_bytes, _slot: Some(slot) }));
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -108,6 +213,21 @@ where
                     option_reply(w, option, REP_ERR_UNKNOWN, &[]).await?;
                     continue;
                 };
+                // The slot is taken before anything is promised, so a refusal can
+                // still be told in-band.
+                let slot = if option == OPT_GO {
+                    let Some(slot) = export.slots.try_take() else {
+                        let name = String::from_utf8_lossy(name);
+                        note_busy(exports, &name, export.slots.max());
+                        let why =
+                            format!("export {} is at its cap of {} connections", short(&name), export.slots.max());
+                        option_reply(w, option, REP_ERR_POLICY, why.as_bytes()).await?;
+                        continue;
+                    };
+                    Some(slot)
+                } else {
+                    None
+                };
                 let mut info = Vec::with_capacity(12);
                 info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 info.extend_from_slice(&export.dev.size().to_be_bytes());
@@ -129,7 +249,8 @@ where
                 }
                 option_reply(w, option, REP_ACK, &[]).await?;
                 if option == OPT_GO {
-                    return Ok(Some(Session { export, structured }));
+                    let request_bytes = exports.limits.max_request_bytes;
+                    return Ok(Negotiated::Session(Session { export, structured, request_bytes, _slot: slot }));
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -140,6 +261,13 @@ where
             }
             _ => option_reply(w, option, REP_ERR_UNSUP, &[]).await?,
         }
+    }
+}
+
+/// Logs (rate-limited) that a client was refused an export at its connection cap.
+fn note_busy(exports: &Exports, name: &str, max: usize) {
+    if let Some(more) = exports.refusals.note() {
+        tracing::warn!(export = %short(name), cap = max, also_refused = more, "nbd: export at its connection cap; client refused");
     }
 }
 

@@ -4,7 +4,8 @@
 //! `qemu-img`, `qemu-io`, the kernel's `nbd-client`) and the agent's disks. It knows
 //! nothing of HRL logs or replication: every request ends in a [`BlockDevice`] call, and
 //! the tracker behind that trait sees each write. The protocol reference is the
-//! NetworkBlockDevice project's `doc/proto.md`.
+//! NetworkBlockDevice project's `doc/proto.md`; who may connect, the caps and the flags
+//! are in `agent/docs/nbd-access.md`.
 //!
 //! # Layout
 //!
@@ -12,10 +13,30 @@
 //!   export marks it closed: connections that already opened it get `NBD_ESHUTDOWN` for
 //!   every further request, new connections cannot open it.
 //! * [`serve_unix`] / [`serve_tcp`]: accept loops, one task per connection, stopped by
-//!   the shutdown token. [`serve_connection`] runs one connection over any byte stream.
+//!   the shutdown token. [`serve_connection`] runs one plain connection over any byte
+//!   stream.
+//! * Trust (`tls`): the TCP listener is *TLS mandatory* in `doc/proto.md` terms unless
+//!   the agent runs with `--nbd-insecure-tcp` ([`TcpSecurity`]). Before TLS, every option
+//!   other than `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is answered
+//!   `NBD_REP_ERR_TLS_REQD` (`NBD_OPT_EXPORT_NAME`, which has no error reply, closes the
+//!   connection); `STARTTLS` is answered `NBD_REP_ACK` and the TLS handshake follows on
+//!   the same socket (nothing the client sent before it is kept: the plaintext phase
+//!   reads unbuffered). The client must present a certificate of the vault, not
+//!   revoked ([`NbdTls`], made from the agent's `certs::live::Trust`), whose role is
+//!   `nbd` (`provider nbd-client-cert`) or `host`; any other role gets
+//!   `NBD_REP_ERR_POLICY` with a message for every option. The unix sockets stay plain
+//!   (`STARTTLS` there gets `NBD_REP_ERR_POLICY`): who may connect is decided by the
+//!   socket's mode and group.
+//! * Caps ([`Limits`]): connections at once per listener (the TCP listener's cap is the
+//!   agent's; each VM's unix socket has its own, so a flood on TCP never starves a
+//!   VM's socket) and per export (counted across listeners: the unix and TCP entries of
+//!   one disk share [`ConnSlots`]); over a cap a client is refused at once (accept:
+//!   closed; `NBD_OPT_GO`: `NBD_REP_ERR_POLICY`), with a rate-limited log line, never
+//!   queued. And the bytes of request payload in flight per connection (below).
 //! * Handshake (`handshake`): fixed newstyle, options `EXPORT_NAME`, `GO`, `INFO`,
-//!   `LIST`, `ABORT`, `STRUCTURED_REPLY`, `LIST/SET_META_CONTEXT` (answered with zero
-//!   contexts), anything else `NBD_REP_ERR_UNSUP`. Option payloads are bounded.
+//!   `LIST`, `ABORT`, `STARTTLS`, `STRUCTURED_REPLY`, `LIST/SET_META_CONTEXT` (answered
+//!   with zero contexts), anything else `NBD_REP_ERR_UNSUP`. Option payloads are bounded,
+//!   and the whole handshake (TLS included) must finish within 30 s.
 //! * Transmission: a pipeline of three stages per connection.
 //!   1. the *reader* (the connection task) parses 28-byte request headers and decides
 //!      each request with the pure function `plan` (range, size, flags, read-only and
@@ -32,8 +53,9 @@
 //!   Back-pressure: the reader takes a slot (count) and, for reads and writes, a byte
 //!   budget before it reads a payload or starts an operation; they are given back when
 //!   the reply has been written. A client that stops reading replies therefore stops
-//!   being read, and memory per connection stays below [`MAX_BYTES_IN_FLIGHT`] plus
-//!   buffers. Payload buffers are recycled through a small per-connection pool.
+//!   being read, and memory per connection stays below [`Limits::max_request_bytes`]
+//!   (default [`MAX_BYTES_IN_FLIGHT`]) plus buffers. Payload buffers are recycled
+//!   through a small per-connection pool.
 //!
 //! Requests whose payload length is above [`MAX_PAYLOAD`] (32 MiB, the protocol's
 //! portable limit and what we advertise in `NBD_INFO_BLOCK_SIZE`): a read gets
@@ -61,7 +83,7 @@ use crate::disk::{BlockDevice, DiskError};
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Requests of one connection executing or waiting for their reply to be written.
 pub const MAX_IN_FLIGHT: usize = 128;
-/// Read and write payload bytes one connection may hold in flight.
+/// Default read and write payload bytes one connection may hold in flight.
 pub const MAX_BYTES_IN_FLIGHT: usize = 64 << 20;
 /// Longest export name we accept (the protocol's own limit is 4 KiB).
 pub const MAX_NAME_LEN: usize = 4096;
@@ -70,7 +92,7 @@ const MAX_OPTION_LEN: u32 = MAX_NAME_LEN as u32 + 1024;
 /// Oversized option payloads up to this are drained and refused with
 /// `NBD_REP_ERR_TOO_BIG`; beyond it the connection is closed.
 const MAX_OPTION_DISCARD: u32 = 1 << 20;
-/// A client must finish the handshake within this time.
+/// A client must finish the handshake (TLS included) within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Unit of the byte budget semaphore (a semaphore counts `u32` permits).
 const BUDGET_UNIT: usize = 1024;
@@ -87,20 +109,40 @@ const COPY_PAYLOAD_BELOW: usize = 8 << 10;
 /// Payload buffers kept for reuse per connection, and the largest one kept.
 const POOL_BUFFERS: usize = 64;
 const POOL_MAX_BUFFER: usize = 4 << 20;
+/// Longest piece of a client-supplied string (export name, identity) put in a log line.
+const LOG_CHARS: usize = 80;
 
 mod handshake;
+mod limits;
 mod plan;
 mod protocol;
 mod server;
 #[cfg(test)]
 mod tests;
+mod tls;
+#[cfg(test)]
+mod tls_tests;
 mod transmission;
 
 use handshake::*;
+use limits::Refusals;
+pub use limits::{ConnSlots, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_EXPORT_CONNECTIONS, Limits, LimitsError};
 use plan::*;
 use protocol::*;
+#[cfg(test)]
+use server::serve_tls;
 pub use server::{serve_connection, serve_tcp, serve_unix};
+pub use tls::{NbdTls, TcpSecurity};
 use transmission::*;
+
+/// At most [`LOG_CHARS`] characters of a client-supplied string, for a log line.
+fn short(s: &str) -> String {
+    let mut out: String = s.chars().take(LOG_CHARS).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
 
 /// Why a connection ended abnormally, or an export could not be registered.
 #[derive(Debug, thiserror::Error)]
@@ -119,9 +161,21 @@ pub enum NbdError {
     #[error("option {option} payload of {len} bytes is too large")]
     OptionTooLarge { option: u32, len: u32 },
     /// `NBD_OPT_EXPORT_NAME` named an unknown export; that option has no error reply,
-    /// so the protocol says to close the connection.
+    /// so the protocol says to close the connection. The name is cut for logs.
     #[error("unknown export {0:?}")]
     UnknownExport(String),
+    /// `NBD_OPT_EXPORT_NAME` on a TLS-mandatory listener before `NBD_OPT_STARTTLS` (or
+    /// by a client whose certificate may not open exports): it has no error reply, so
+    /// the connection is closed.
+    #[error("NBD_OPT_EXPORT_NAME refused: {0}")]
+    ExportNameRefused(&'static str),
+    /// `NBD_OPT_EXPORT_NAME` for an export already at its connection cap.
+    #[error("export {0:?} is at its connection cap")]
+    ExportBusy(String),
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (no client certificate, one
+    /// of another vault, a revoked or expired one, not TLS at all).
+    #[error("TLS handshake: {0}")]
+    Tls(io::Error),
     /// The client did not finish the handshake within the time limit.
     #[error("handshake timed out")]
     HandshakeTimeout,
@@ -145,6 +199,9 @@ pub enum NbdError {
 struct Export {
     dev: Arc<dyn BlockDevice>,
     closed: AtomicBool,
+    /// Connections that opened this export, counted with the other listeners' entries
+    /// of the same disk.
+    slots: ConnSlots,
 }
 
 impl Export {
@@ -168,28 +225,65 @@ impl Export {
     }
 }
 
-/// The devices served over NBD, by export name; shared by all listeners and safe to
-/// change while serving (a VM started or stopped).
-#[derive(Default)]
+/// The devices served over NBD, by export name; shared by all listeners of one kind
+/// and safe to change while serving (a VM started or stopped). Carries the [`Limits`]
+/// its listeners apply.
 pub struct Exports {
     map: RwLock<HashMap<String, Arc<Export>>>,
+    limits: Limits,
+    /// Connections at once on the listeners serving this registry.
+    listener: ConnSlots,
+    /// Refusals over a cap, logged at most once per interval.
+    refusals: Refusals,
+    /// Connections that failed (handshake, TLS, protocol), logged likewise.
+    failures: Refusals,
+}
+
+impl Default for Exports {
+    fn default() -> Self {
+        Self::with_limits(Limits::default())
+    }
 }
 
 impl std::fmt::Debug for Exports {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Exports").field("names", &self.names()).finish()
+        f.debug_struct("Exports").field("names", &self.names()).field("limits", &self.limits).finish()
     }
 }
 
 impl Exports {
-    /// An empty registry.
+    /// An empty registry with the default [`Limits`].
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Registers `dev` under `name`; refuses a name already in use or longer than
-    /// [`MAX_NAME_LEN`]. The empty name is the protocol's default export.
+    /// An empty registry whose listeners apply `limits`.
+    pub fn with_limits(limits: Limits) -> Self {
+        Self {
+            map: RwLock::new(HashMap::new()),
+            limits,
+            listener: ConnSlots::new(limits.max_connections),
+            refusals: Refusals::default(),
+            failures: Refusals::default(),
+        }
+    }
+
+    /// The limits this registry's listeners apply.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Registers `dev` under `name` with a connection cap of its own; refuses a name
+    /// already in use or longer than [`MAX_NAME_LEN`]. The empty name is the
+    /// protocol's default export.
     pub fn add(&self, name: String, dev: Arc<dyn BlockDevice>) -> Result<(), NbdError> {
+        let slots = ConnSlots::new(self.limits.max_export_connections);
+        self.add_with_slots(name, dev, slots)
+    }
+
+    /// [`Self::add`] counting connections in `slots`, shared with the entries of the
+    /// same device in other registries (a disk on its VM's socket and on TCP).
+    pub fn add_with_slots(&self, name: String, dev: Arc<dyn BlockDevice>, slots: ConnSlots) -> Result<(), NbdError> {
         if name.len() > MAX_NAME_LEN {
             return Err(NbdError::ExportName(name.len()));
         }
@@ -197,7 +291,7 @@ impl Exports {
         if map.contains_key(&name) {
             return Err(NbdError::DuplicateExport(name));
         }
-        map.insert(name, Arc::new(Export { dev, closed: AtomicBool::new(false) }));
+        map.insert(name, Arc::new(Export { dev, closed: AtomicBool::new(false), slots }));
         Ok(())
     }
 

@@ -4,16 +4,16 @@ use super::*;
 use proptest::prelude::*;
 
 /// An in-memory device for protocol tests.
-struct MemDisk {
+pub(super) struct MemDisk {
     data: Mutex<Vec<u8>>,
     read_only: bool,
 }
 
 impl MemDisk {
-    fn new(size: usize, read_only: bool) -> Arc<Self> {
+    pub(super) fn new(size: usize, read_only: bool) -> Arc<Self> {
         Arc::new(Self { data: Mutex::new(vec![0; size]), read_only })
     }
-    fn snapshot(&self) -> Vec<u8> {
+    pub(super) fn snapshot(&self) -> Vec<u8> {
         self.data.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -57,11 +57,11 @@ impl BlockDevice for MemDisk {
     }
 }
 
-fn req(cmd: u16, flags: u16, offset: u64, len: u32) -> Request {
+pub(super) fn req(cmd: u16, flags: u16, offset: u64, len: u32) -> Request {
     Request { flags, cmd, cookie: 7, offset, len }
 }
 
-fn header(r: &Request) -> [u8; REQUEST_LEN] {
+pub(super) fn header(r: &Request) -> [u8; REQUEST_LEN] {
     let mut h = [0u8; REQUEST_LEN];
     h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
     h[4..6].copy_from_slice(&r.flags.to_be_bytes());
@@ -240,7 +240,7 @@ fn removed_export_gets_eshutdown() {
     let out = rt.block_on(async move {
         let (client, server) = tokio::io::duplex(1 << 16);
         let (sr, sw) = tokio::io::split(server);
-        let session = Session { export: held, structured: false };
+        let session = Session { export: held, structured: false, request_bytes: MAX_BYTES_IN_FLIGHT, _slot: None };
         let srv = tokio::spawn(transmission(BufReader::new(sr), sw, session, CancellationToken::new()));
         let (mut cr, mut cw) = tokio::io::split(client);
         let mut input = header(&req(CMD_WRITE, 0, 0, 4)).to_vec();

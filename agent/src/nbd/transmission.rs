@@ -9,7 +9,7 @@ pub(super) struct Budget {
     pub(super) _bytes: Option<OwnedSemaphorePermit>,
 }
 
-pub(super) struct Limits {
+pub(super) struct Budgets {
     pub(super) slots: Arc<Semaphore>,
     pub(super) bytes: Arc<Semaphore>,
 }
@@ -72,9 +72,9 @@ where
     let pool = Arc::new(BufPool::default());
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_replies(writer, rx, pool.clone(), stop.clone()));
-    let limits = Limits {
+    let limits = Budgets {
         slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-        bytes: Arc::new(Semaphore::new(MAX_BYTES_IN_FLIGHT / BUDGET_UNIT)),
+        bytes: Arc::new(Semaphore::new(session.request_bytes / BUDGET_UNIT)),
     };
     let result = read_requests(&mut reader, &tx, &session, &pool, &limits, &stop).await;
     drop(tx);
@@ -88,7 +88,7 @@ where
 }
 
 /// Waits for a budget, or `None` when the connection is stopping.
-pub(super) async fn acquire(limits: &Limits, bytes: Option<u32>, stop: &CancellationToken) -> Option<Budget> {
+pub(super) async fn acquire(limits: &Budgets, bytes: Option<u32>, stop: &CancellationToken) -> Option<Budget> {
     let slot = tokio::select! {
         _ = stop.cancelled() => return None,
         p = limits.slots.clone().acquire_owned() => p.ok()?,
@@ -134,7 +134,7 @@ pub(super) async fn read_requests<R: AsyncRead + Unpin>(
     tx: &mpsc::UnboundedSender<Reply>,
     session: &Session,
     pool: &Arc<BufPool>,
-    limits: &Limits,
+    limits: &Budgets,
     stop: &CancellationToken,
 ) -> Result<(), NbdError> {
     let mut header = [0u8; REQUEST_LEN];

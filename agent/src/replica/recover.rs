@@ -5,7 +5,6 @@
 //! the state file.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -23,7 +22,7 @@ impl Replica {
         let mut images = Vec::new();
         for d in &state.spec.disks {
             let p = dir.join(format!("{}.img", d.id));
-            let file = OpenOptions::new().read(true).write(true).open(&p).map_err(io_at(&p))?;
+            let file = crate::files::open_existing(&p, true).map_err(io_at(&p))?;
             images.push(Image { id: d.id.clone(), path: p, file, size: d.size_bytes });
         }
         let spec = state.spec.clone();

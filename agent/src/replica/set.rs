@@ -4,7 +4,6 @@
 
 use siterecovery_proto::model::{RelationshipId, VmName};
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -22,11 +21,16 @@ pub struct ReplicaSet {
 impl ReplicaSet {
     /// Opens every replica under `dir`, finishing any interrupted apply.
     pub fn open(dir: &Path) -> Result<Self, ReplicaError> {
-        std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+        crate::files::private_dir(dir).map_err(io_at(dir))?;
         let mut replicas = BTreeMap::new();
         for e in std::fs::read_dir(dir).map_err(io_at(dir))? {
             let path = e.map_err(io_at(dir))?.path();
             if !path.join(STATE_FILE).exists() {
+                continue;
+            }
+            // Forced at every start, whatever made the folder.
+            if let Err(e) = crate::files::private_dir(&path) {
+                tracing::error!(replica = %path.display(), "cannot make the replica folder private: {e}");
                 continue;
             }
             match Replica::open(&path) {
@@ -48,7 +52,7 @@ impl ReplicaSet {
     pub fn prepare(&self, spec: ReplicaSpec) -> Result<Arc<Replica>, ReplicaError> {
         self.create(spec, false, |dir, d| {
             let path = dir.join(format!("{}.img", d.id));
-            let f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_at(&path))?;
+            let f = crate::files::create_new(&path).map_err(io_at(&path))?;
             f.set_len(d.size_bytes).map_err(io_at(&path))?;
             f.sync_all().map_err(io_at(&path))
         })
@@ -65,7 +69,7 @@ impl ReplicaSet {
                 .ok_or_else(|| ReplicaError::NotFound(format!("disk {} to adopt", d.id)))?;
             let target = dir.join(format!("{}.img", d.id));
             std::fs::rename(src, &target).map_err(io_at(&target))?;
-            let f = OpenOptions::new().write(true).open(&target).map_err(io_at(&target))?;
+            let f = crate::files::open_existing(&target, true).map_err(io_at(&target))?;
             if f.metadata().map_err(io_at(&target))?.len() != d.size_bytes {
                 f.set_len(d.size_bytes).map_err(io_at(&target))?;
             }
@@ -97,7 +101,7 @@ impl ReplicaSet {
             tracing::warn!(folder = %dir.display(), "replacing a replica folder that is not in service");
             std::fs::remove_dir_all(&dir).map_err(io_at(&dir))?;
         }
-        std::fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        crate::files::private_dir(&dir).map_err(io_at(&dir))?;
         for d in &spec.disks {
             image(&dir, d)?;
         }

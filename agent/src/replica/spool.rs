@@ -4,7 +4,7 @@
 //! Format: `"SRSPOOL1"` · seq u64 · records `disk u32 · kind u8 (1 data, 2 zeroes) ·
 //! offset u64 · len u64 · crc32c u32 · data (kind 1)` · end marker `disk = u32::MAX`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -39,7 +39,7 @@ impl ExtentData<'_> {
 
 /// Creates a spool for point `seq` (the header written, buffered).
 pub(super) fn create(path: &Path, seq: u64) -> Result<BufWriter<File>, ReplicaError> {
-    let file = OpenOptions::new().write(true).create_new(true).open(path).map_err(io_at(path))?;
+    let file = crate::files::create_new(path).map_err(io_at(path))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     w.write_all(SPOOL_MAGIC).and_then(|()| w.write_all(&seq.to_le_bytes())).map_err(io_at(path))?;
     Ok(w)

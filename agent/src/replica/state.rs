@@ -102,7 +102,7 @@ impl State {
 pub const STATE_FILE: &str = "replica.json";
 
 pub(super) fn save_state(dir: &Path, state: &State) -> Result<(), ReplicaError> {
-    persist::save_with_mode(&dir.join(STATE_FILE), &REPLICA_STATE, state, persist::PUBLIC)?;
+    persist::save(&dir.join(STATE_FILE), &REPLICA_STATE, state)?;
     Ok(())
 }
 

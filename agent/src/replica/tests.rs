@@ -252,7 +252,7 @@ fn the_state_file_is_in_the_envelope_and_a_legacy_one_still_opens() {
     let stored = std::fs::read(&path).expect("state");
     assert_eq!(&stored[..4], &REPLICA_STATE.magic);
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o644);
+    assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
     // What older agents wrote: the same JSON without the envelope.
     std::fs::write(&path, &stored[persist::HEADER_LEN..]).expect("legacy");
     let set = ReplicaSet::open(dir.path()).expect("reopen");

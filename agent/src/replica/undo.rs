@@ -6,7 +6,7 @@
 //! crc32c u32 · data` · end marker `disk = u32::MAX` · crc32c u32 of every record.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -51,7 +51,7 @@ pub(super) fn write_undo(
     seq: u64,
     ranges: &[Vec<(u64, u64)>],
 ) -> Result<(), ReplicaError> {
-    let file = OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io_at(path))?;
+    let file = crate::files::create_or_truncate(path).map_err(io_at(path))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut total = crc32c::crc32c(&[]);
     w.write_all(UNDO_MAGIC).and_then(|()| w.write_all(&seq.to_le_bytes())).map_err(io_at(path))?;
@@ -164,7 +164,7 @@ pub(super) fn merge_undo(
         n.map(|n| load_undo(&dir.join(n), disks)).transpose()
     };
     let (old, new) = (load(older)?, load(newer)?);
-    let file = OpenOptions::new().write(true).create(true).truncate(true).open(out).map_err(io_at(out))?;
+    let file = crate::files::create_or_truncate(out).map_err(io_at(out))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut total = crc32c::crc32c(&[]);
     w.write_all(UNDO_MAGIC).and_then(|()| w.write_all(&seq.to_le_bytes())).map_err(io_at(out))?;

@@ -29,7 +29,7 @@
 //! syncs the image too, so a sealed log's writes are durable in the image as well.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -135,7 +135,7 @@ impl TrackedDisk {
     /// [`Self::corrupt_logs`]). With `tracking` off, writes go to the image only.
     pub fn open(image_path: &Path, disk_id: DiskId, tracking: bool) -> Result<Self, TrackerError> {
         let img_err = |source| TrackerError::Image { path: image_path.to_owned(), source };
-        let image = OpenOptions::new().read(true).write(true).open(image_path).map_err(img_err)?;
+        let image = crate::files::open_existing(image_path, true).map_err(img_err)?;
         let size = image.metadata().map_err(img_err)?.len();
         let dir = match image_path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),

@@ -80,7 +80,7 @@ impl FailoverConfig {
 pub const CONFIG_FILE: &str = "vm.json";
 
 pub(super) fn save_config(folder: &Path, config: &VmConfig) -> Result<(), VmError> {
-    persist::save_with_mode(&folder.join(CONFIG_FILE), &VM_CONFIG, config, persist::PUBLIC)?;
+    persist::save(&folder.join(CONFIG_FILE), &VM_CONFIG, config)?;
     Ok(())
 }
 

@@ -30,7 +30,7 @@ impl VmManager {
         if vms.contains_key(name) || folder.exists() {
             return Err(VmError::Exists(name.into()));
         }
-        std::fs::create_dir_all(&folder).map_err(io(&folder))?;
+        self.access.socket_dir(&folder).map_err(io(&folder))?;
         let config = VmConfig {
             name: name.into(),
             created_unix_ms: now_ms(),
@@ -125,7 +125,7 @@ impl VmManager {
                 let base: Arc<dyn BlockDevice> =
                     Arc::new(crate::disk::RawFile::open(img_path, true).map_err(io(img_path))?);
                 let ov = Overlay::open(base, &ov_path)?;
-                let img = std::fs::OpenOptions::new().write(true).open(img_path).map_err(io(img_path))?;
+                let img = crate::files::open_existing(img_path, true).map_err(io(img_path))?;
                 let mut buf = vec![0u8; crate::overlay::BLOCK as usize];
                 for b in ov.written_blocks() {
                     let off = b * crate::overlay::BLOCK;

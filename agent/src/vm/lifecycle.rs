@@ -15,21 +15,25 @@ use super::config::{DiskConfig, NicConfig, Power, VmConfig, random_mac, read_con
 use super::entry::{Disks, Entry, Running};
 use super::manager::{Hooks, VmManager};
 use super::{MAX_DISK_SIZE, MAX_SOCKET_PATH, VmError, io, now_ms};
+use crate::files::{self, SocketAccess};
 use crate::nbd::Exports;
 use crate::replica::ReplicaSet;
 
 impl VmManager {
     /// Loads every VM folder under `dir` and starts those configured as running.
-    /// `tcp_exports` is served on `nbd_tcp` by the caller.
+    /// `tcp_exports` is served on `nbd_tcp` by the caller; `access` says who may reach
+    /// the VMs' sockets (`dir` and every VM folder get their modes from it, at every
+    /// start).
     pub async fn load(
         dir: PathBuf,
         replicas: Arc<ReplicaSet>,
         tcp_exports: Arc<Exports>,
         nbd_tcp: SocketAddr,
+        access: SocketAccess,
         hooks: Hooks,
         shutdown: CancellationToken,
     ) -> Result<Self, VmError> {
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        access.socket_dir(&dir).map_err(io(&dir))?;
         let mgr = Self {
             dir: dir.clone(),
             replicas,
@@ -37,6 +41,7 @@ impl VmManager {
             vms: Mutex::new(BTreeMap::new()),
             tcp_exports,
             nbd_tcp,
+            access,
             hooks,
             shutdown,
         };
@@ -44,6 +49,14 @@ impl VmManager {
         for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let e = e.map_err(io(&dir))?;
             let folder = e.path();
+            // Not followed: a VM folder is a directory of its own, never a symlink.
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if let Err(e) = mgr.access.socket_dir(&folder) {
+                tracing::error!(folder = %folder.display(), "skipping VM folder: {e}");
+                continue;
+            }
             // A damaged config leaves the folder as it is (images and logs untouched) for
             // a person to look at; the VM is not served.
             match read_config(&folder) {
@@ -98,14 +111,14 @@ impl VmManager {
                 sock.display()
             )));
         }
-        std::fs::create_dir_all(&folder).map_err(io(&folder))?;
+        self.access.socket_dir(&folder).map_err(io(&folder))?;
         let result = (|| {
             let mut disks = Vec::new();
             for (i, &size) in disk_sizes.iter().enumerate() {
                 let id = format!("disk{i}");
                 let file = format!("{id}.img");
                 let path = folder.join(&file);
-                let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io(&path))?;
+                let f = files::create_new(&path).map_err(io(&path))?;
                 f.set_len(size).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
                 disks.push(DiskConfig { id, size_bytes: size, file, tracking: false });

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::VmConfig;
 use super::entry::Entry;
+use crate::files::SocketAccess;
 use crate::hrl::DiskId;
 use crate::nbd::Exports;
 use crate::replica::ReplicaSet;
@@ -42,6 +43,8 @@ pub struct VmManager {
     pub(super) vms: Mutex<BTreeMap<String, Entry>>,
     pub(super) tcp_exports: Arc<Exports>,
     pub(super) nbd_tcp: SocketAddr,
+    /// Who may reach the VMs' NBD sockets (their folders' and sockets' modes).
+    pub(super) access: SocketAccess,
     pub(super) hooks: Hooks,
     pub(super) shutdown: CancellationToken,
 }

@@ -4,7 +4,7 @@
 //! A VM folder (`<data-dir>/vms/<name>/`) holds `vm.json` ([`VmConfig`]), one sparse
 //! raw image per disk (`disk0.img`, ...), the disks' HRL logs, and while the VM runs
 //! the unix socket `nbd.sock` serving its disks. Every disk is also served on the
-//! agent's loopback TCP NBD port. Every write goes through a
+//! agent's TCP NBD port (TLS, `nbd` module doc). Every write goes through a
 //! [`crate::tracker::TrackedDisk`], which is how the replication tracker sees it.
 //!
 //! The folders are the source of truth: at start the agent loads every folder and

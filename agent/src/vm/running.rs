@@ -13,7 +13,7 @@ use super::manager::VmManager;
 use super::{VmError, export_name, io};
 use crate::disk::BlockDevice;
 use crate::hrl::DiskId;
-use crate::nbd::{self, Exports};
+use crate::nbd::{self, ConnSlots, Exports};
 use crate::overlay::Overlay;
 use crate::tracker::{TrackedDisk, TrackerError};
 
@@ -63,13 +63,21 @@ impl VmManager {
         // A socket file left by a crash would make bind fail.
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).map_err(io(&sock))?;
-        let vm_exports = Arc::new(Exports::new());
+        self.access.socket(&sock).map_err(io(&sock))?;
+        // The VM's socket has a cap of its own (so a flood on TCP never reaches it):
+        // room for every disk at its per-export cap, and as many again for clients
+        // still in the handshake (so the export's own cap is what refuses, in-band).
+        let limits = self.tcp_exports.limits();
+        let per_vm = limits.max_export_connections.saturating_mul(entry.config.disks.len() + 1);
+        let vm_exports = Arc::new(Exports::with_limits(limits.with_max_connections(per_vm)));
         for (cfg, disk) in entry.config.disks.iter().zip(disks.devices()) {
             let export = export_name(&name, &cfg.id);
-            vm_exports.add(export.clone(), disk.clone())?;
+            // One cap per disk, whichever listener a client comes through.
+            let slots = ConnSlots::new(limits.max_export_connections);
+            vm_exports.add_with_slots(export.clone(), disk.clone(), slots.clone())?;
             // Replace a stale export of the same name (should not exist, but never fail a start on it).
             self.tcp_exports.remove(&export);
-            self.tcp_exports.add(export, disk.clone())?;
+            self.tcp_exports.add_with_slots(export, disk.clone(), slots)?;
         }
         let token = self.shutdown.child_token();
         let unix_task = tokio::spawn(nbd::serve_unix(listener, vm_exports, token.clone()));

@@ -21,6 +21,7 @@ async fn manager(root: &Path) -> VmManager {
         replicas,
         Arc::new(Exports::new()),
         addr,
+        crate::files::SocketAccess::default(),
         Hooks::default(),
         CancellationToken::new(),
     )
@@ -48,7 +49,7 @@ async fn configs_are_in_the_envelope_and_legacy_ones_still_load() {
     let stored = std::fs::read(&path).expect("vm.json");
     assert_eq!(&stored[..4], &VM_CONFIG.magic);
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o644);
+    assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
     // What older agents wrote: plain JSON.
     std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("legacy");
     assert_eq!(read_config(&folder).expect("read"), Some(config.clone()));

@@ -252,7 +252,7 @@ pub async fn serve_options(
         .max_concurrent_streams(opts.limits.max_concurrent_streams)
         .http2_max_header_list_size(16 * 1024)
         .add_service(optional(
-            RegistrationServer::new(RegistrationService { state: state.clone() })
+            RegistrationServer::new(RegistrationService::new(state.clone()))
                 .max_decoding_message_size(m::REGISTRATION.0)
                 .max_encoding_message_size(m::REGISTRATION.1),
         ))

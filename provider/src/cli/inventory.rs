@@ -1,5 +1,5 @@
-//! `site list`, `host list` and `vm create | list | show | delete | start | stop`: the
-//! inventory of sites, hosts and VMs.
+//! `site list` and `vm create | list | show | delete | start | stop`: the inventory of
+//! sites and VMs (hosts: [`super::hosts`]).
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -7,8 +7,8 @@ use siterecovery_proto::model::units::{human_size, parse_size};
 use siterecovery_proto::v1;
 
 use super::Operator;
-use super::output::{age, print_json, print_table};
-use super::views::{self, Deleted, HostView, SiteView, VmView};
+use super::output::{print_json, print_table};
+use super::views::{self, Deleted, SiteView, VmView};
 use super::words::{health, power, replication_state};
 
 #[derive(Subcommand)]
@@ -63,31 +63,6 @@ pub async fn sites(op: &mut Operator) -> Result<()> {
         let rows: Vec<_> =
             sites.iter().map(|s| vec![s.name.clone(), s.clouds.join(","), s.host_count.to_string()]).collect();
         print_table(&["SITE", "CLOUDS", "HOSTS"], &rows);
-    }
-    Ok(())
-}
-
-/// `host list`.
-pub async fn hosts(op: &mut Operator) -> Result<()> {
-    let hosts = op.inv.list_hosts(v1::ListHostsRequest {}).await.map_err(|s| op.rpc(s))?.into_inner().hosts;
-    if op.json {
-        print_json(&views::all::<_, HostView>(&hosts))?;
-    } else {
-        let rows: Vec<_> = hosts
-            .iter()
-            .map(|h| {
-                vec![
-                    h.name.clone(),
-                    h.site.clone(),
-                    h.cloud.clone(),
-                    if h.connected { "yes".into() } else { "no".into() },
-                    age(h.last_heartbeat_unix_ms),
-                    h.agent_version.clone(),
-                    h.address.clone(),
-                ]
-            })
-            .collect();
-        print_table(&["HOST", "SITE", "CLOUD", "CONNECTED", "LAST HEARTBEAT", "VERSION", "ADDRESS"], &rows);
     }
     Ok(())
 }

@@ -55,6 +55,32 @@ pub fn age(unix_ms: i64) -> String {
     }
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// "2026-12-03 (in 3d)" or "2026-12-03 (expired)": a certificate's expiry (0 → "-").
+pub fn expiry(unix_ms: i64) -> String {
+    expiry_at(unix_ms, now_ms())
+}
+
+/// [`expiry`] as seen at `now_ms`.
+pub fn expiry_at(unix_ms: i64, now_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "-".into();
+    }
+    let date: String = utc(unix_ms).chars().take(10).collect();
+    let s = (unix_ms - now_ms) / 1000;
+    let left = match s {
+        ..=0 => return format!("{date} (expired)"),
+        1..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    };
+    format!("{date} (in {left})")
+}
+
 /// Prints rows as an aligned table with a header.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -104,6 +130,18 @@ mod tests {
             .unwrap_or(0);
         assert_eq!(age(now - 2 * 3600 * 1000 - 5), "2h ago");
         assert_eq!(age(now - 3 * 86400 * 1000), "3d ago");
+    }
+
+    #[test]
+    fn expiries() {
+        let t = 1_738_360_805_000; // 2025-01-31 22:00:05 UTC
+        assert_eq!(expiry_at(0, t), "-");
+        assert_eq!(expiry_at(t + 3 * 86_400_000 + 5, t), "2025-02-03 (in 3d)");
+        assert_eq!(expiry_at(t + 5 * 3_600_000, t), "2025-02-01 (in 5h)");
+        assert_eq!(expiry_at(t + 90_000, t), "2025-01-31 (in 1m)");
+        assert_eq!(expiry_at(t + 30_000, t), "2025-01-31 (in 30s)");
+        assert_eq!(expiry_at(t, t), "2025-01-31 (expired)");
+        assert_eq!(expiry_at(t - 86_400_000, t), "2025-01-30 (expired)");
     }
 
     #[test]

@@ -21,8 +21,9 @@ pub enum PlanCmd {
         /// N:VM1,VM2 — group N fails over after group N-1; repeat for more groups.
         #[arg(long = "group", value_name = "N:VM1,VM2", required = true)]
         groups: Vec<String>,
-        /// AFTER_GROUP=PATH — a script run on the provider after that group (0 = before the first).
-        #[arg(long = "script", value_name = "AFTER_GROUP=PATH")]
+        /// AFTER_GROUP=NAME — a script of the provider's scripts directory (`serve
+        /// --scripts-dir`, named relative to it) run after that group (0 = before the first).
+        #[arg(long = "script", value_name = "AFTER_GROUP=NAME")]
         scripts: Vec<String>,
         /// AFTER_GROUP=TEXT — a manual action the run waits on until `plan confirm JOB`.
         #[arg(long = "manual", value_name = "AFTER_GROUP=TEXT")]

@@ -1,6 +1,7 @@
-//! `vault create | key` and `operator-cert`: the local commands that make a vault, its
-//! host registration key file and operator certificates, on the provider's data dir
-//! (no connection to a running provider).
+//! `vault create | key | fingerprint` and `operator-cert`: the local commands that make
+//! a vault, its host registration key file and operator certificates, and show the
+//! CA's fingerprint hosts pin, on the provider's data dir (no connection to a running
+//! provider).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,6 +40,11 @@ pub enum VaultCmd {
         #[arg(long, default_value = "5d", value_parser = parse_duration)]
         expiry: Duration,
     },
+    /// Print the CA's SHA-256 fingerprint, for `agent register --ca-fingerprint`.
+    Fingerprint {
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 // `operator-cert`.
@@ -60,9 +66,28 @@ pub struct OperatorCertArgs {
 #[derive(Serialize)]
 struct VaultCreated<'a> {
     address: &'a str,
+    ca_fingerprint: &'a str,
     name: &'a str,
+    /// The `agent register` line to run on each host (HOST, SITE, ... to fill in).
+    register_command: &'a str,
     vault_id: String,
     vault_key: &'a Path,
+}
+
+/// `--json` of `vault fingerprint`.
+#[derive(Serialize)]
+struct Fingerprint<'a> {
+    ca_fingerprint: &'a str,
+}
+
+/// The `agent register` line that pins the CA by `fingerprint`, with the host's own
+/// values as placeholders.
+fn register_command(key: &Path, fingerprint: &str) -> String {
+    format!(
+        "agent register --vault-key {} --ca-fingerprint {fingerprint} --host HOST --site SITE --cloud CLOUD \
+         --data-dir DIR --listen ADDR",
+        key.display()
+    )
 }
 
 /// `--json` of `operator-cert`.
@@ -77,10 +102,14 @@ pub fn run(cmd: VaultCmd, json: bool) -> Result<()> {
     match cmd {
         VaultCmd::Create { name, data_dir, address, out, expiry } => {
             let v = vault::create(&data_dir, &name, &address, &out, expiry)?;
+            let fingerprint = vault::ca_fingerprint(&data_dir)?;
+            let register = register_command(&out, &fingerprint);
             if json {
                 let view = VaultCreated {
                     address: &v.info.address,
+                    ca_fingerprint: &fingerprint,
                     name: &v.info.name,
+                    register_command: &register,
                     vault_id: v.info.vault_id.to_string(),
                     vault_key: &out,
                 };
@@ -88,7 +117,10 @@ pub fn run(cmd: VaultCmd, json: bool) -> Result<()> {
             } else {
                 println!("vault {} ({}) created in {}", v.info.name, v.info.vault_id, data_dir.display());
                 println!("vault key file: {} (registration secret valid {})", out.display(), lifetime(expiry));
+                println!("CA fingerprint: {fingerprint}");
                 println!("next: provider serve --data-dir {}", data_dir.display());
+                println!("then on each host (the fingerprint refuses a forged vault key file):");
+                println!("  {register}");
             }
         }
         VaultCmd::Key { data_dir, out, expiry } => {
@@ -96,6 +128,14 @@ pub fn run(cmd: VaultCmd, json: bool) -> Result<()> {
             // Works while `provider serve` runs: the secret is a file, not in the store.
             v.issue_key_file(&out, expiry)?;
             println!("vault key file written to {}; the previous one no longer registers hosts", out.display());
+        }
+        VaultCmd::Fingerprint { data_dir } => {
+            let fingerprint = vault::ca_fingerprint(&data_dir)?;
+            if json {
+                println!("{}", serde_json::to_string(&Fingerprint { ca_fingerprint: &fingerprint })?);
+            } else {
+                println!("{fingerprint}");
+            }
         }
     }
     Ok(())
@@ -135,10 +175,25 @@ mod tests {
         assert_eq!(lifetime(Duration::from_secs(5 * 86400)), "5 days");
         assert_eq!(lifetime(Duration::from_secs(7200)), "2 hours");
         assert_eq!(lifetime(Duration::from_secs(90)), "90 s");
-        let v = VaultCreated { address: "a:1", name: "lab", vault_id: "v-1".into(), vault_key: Path::new("/k") };
+        let v = VaultCreated {
+            address: "a:1",
+            ca_fingerprint: "sha256:ab",
+            name: "lab",
+            register_command: "agent register",
+            vault_id: "v-1".into(),
+            vault_key: Path::new("/k"),
+        };
         assert_eq!(
             serde_json::to_string(&v).ok().as_deref(),
-            Some(r#"{"address":"a:1","name":"lab","vault_id":"v-1","vault_key":"/k"}"#)
+            Some(
+                r#"{"address":"a:1","ca_fingerprint":"sha256:ab","name":"lab","register_command":"agent register","vault_id":"v-1","vault_key":"/k"}"#
+            )
         );
+        let line = register_command(Path::new("/tmp/vault.key"), "sha256:ab");
+        assert!(
+            line.starts_with("agent register --vault-key /tmp/vault.key --ca-fingerprint sha256:ab --host HOST "),
+            "{line}"
+        );
+        assert!(line.ends_with("--data-dir DIR --listen ADDR") && !line.contains('\\'), "{line}");
     }
 }

@@ -8,7 +8,10 @@
 //!
 //! - [`records`]: the stored records and their wire conversions.
 //! - [`service`]: the Inventory service, its requests and errors.
+//! - [`hosts`]: the operator's commands on hosts: reset, remove, move, the revoked
+//!   certificates.
 
+pub mod hosts;
 pub mod records;
 pub mod service;
 

@@ -19,10 +19,13 @@ pub struct LiveStatus {
     pub free_bytes: u64,
 }
 
-/// A registered host, as stored (table `hosts`, by name).
+/// A registered host, as stored (table `hosts`, by name). Change it with one
+/// read-modify-write (`Store::update`), never by writing back a copy read earlier: a
+/// reset, a move or a renewal in between would be undone.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HostRecord {
-    /// Identity id in the host's certificate; changes at re-registration.
+    /// Identity id in the host's certificate: kept at renewal, fresh at the one
+    /// registration a `host reset` allows.
     pub id: HostId,
     pub name: HostName,
     pub site: SiteName,
@@ -58,6 +61,25 @@ impl HostRecord {
 /// The rule of a host's listen address: `HOST:PORT`, port 1-65535, at most 255 bytes.
 pub fn is_host_port(a: &str) -> bool {
     a.len() <= 255 && a.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0))
+}
+
+impl HostRecord {
+    /// The host as the operator's `ListHosts` shows it, without its live state.
+    pub fn to_proto(&self) -> v1::Host {
+        v1::Host {
+            id: self.id.to_string(),
+            name: self.name.to_string(),
+            site: self.site.to_string(),
+            cloud: self.cloud.to_string(),
+            address: self.address.clone(),
+            agent_version: self.agent_version.clone(),
+            registered_unix_ms: self.registered_unix_ms,
+            certificate_serial: self.cert_serial.clone(),
+            certificate_expires_unix_ms: self.cert_not_after_unix_ms,
+            reset_pending: self.reset_pending,
+            ..Default::default()
+        }
+    }
 }
 
 /// Whether a VM runs, as its host last said.
@@ -505,5 +527,31 @@ mod tests {
         assert_eq!(back, v);
         assert!(is_host_port("10.0.0.1:7443") && is_host_port("[::1]:1"));
         assert!(!is_host_port("10.0.0.1") && !is_host_port(":7443") && !is_host_port("h:0"));
+    }
+
+    #[test]
+    fn a_certificate_is_recorded_by_serial_and_expiry() {
+        let vault = siterecovery_certs::VaultId::generate();
+        let ca = siterecovery_certs::VaultCa::create(vault.clone(), "t").expect("ca");
+        let id = siterecovery_certs::PeerIdentity::new(vault, siterecovery_certs::Role::Host, "hv1-0a1b2c")
+            .expect("identity");
+        let names = siterecovery_certs::ca::ServerNames::default();
+        let (pem, _) = ca.issue_local(&id, &names, std::time::Duration::from_secs(3600)).expect("cert");
+        let mut rec: HostRecord = serde_json::from_value(serde_json::json!({"id": "hv1-0a1b2c", "name": "hv1",
+            "site": "primary", "cloud": "gold-a", "address": "10.0.0.1:7443", "agent_version": "0.1",
+            "registered_unix_ms": 1}))
+        .expect("record");
+        rec.with_certificate(&pem).expect("recorded");
+        assert_eq!(rec.cert_serial, siterecovery_certs::live::serial_of_pem(&pem).expect("serial"));
+        assert_eq!(rec.cert_serial, rec.cert_serial.to_ascii_lowercase());
+        let expires = rec.cert_not_after_unix_ms / 1000 - siterecovery_certs::unix_now();
+        assert!((3500..=3601).contains(&expires), "{expires}");
+        rec.reset_pending = true;
+        let p = rec.to_proto();
+        assert_eq!(
+            (p.certificate_serial.as_str(), p.certificate_expires_unix_ms, p.reset_pending),
+            (rec.cert_serial.as_str(), rec.cert_not_after_unix_ms, true)
+        );
+        assert!(rec.with_certificate("not a certificate").is_err());
     }
 }

@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use siterecovery_certs::{Role, VaultId};
 use siterecovery_proto::model::wire::{self, WireError};
-use siterecovery_proto::model::{HostId, NetworkName, VmName};
+use siterecovery_proto::model::{HostId, HostName, NetworkName, VmName};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::inventory_server::Inventory;
 use siterecovery_proto::v1::provider_message::Command;
 use tonic::{Request, Response, Status};
 
+use super::hosts;
 use super::records::{HostRecord, LiveStatus, VmRecord};
 use crate::auth::authorize;
 use crate::command::CommandError;
@@ -61,6 +62,9 @@ pub enum InventoryError {
     NoVmReturned,
     #[error("agent returned an invalid VM: {0}")]
     InvalidVmReturned(WireError),
+    /// `host remove` of a host a replication relationship uses.
+    #[error("host {host} is used by the replication of {}: unprotect them first", vms.join(", "))]
+    HostInUse { host: HostName, vms: Vec<String> },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -72,6 +76,7 @@ impl Classify for InventoryError {
             E::Request(_) => ErrorClass::InvalidArgument,
             E::UnknownHost(_) | E::UnknownVm(_) => ErrorClass::NotFound,
             E::VmExists(_) => ErrorClass::AlreadyExists,
+            E::HostInUse { .. } => ErrorClass::FailedPrecondition,
             // Mapped with the agent's own code (see `From` below).
             E::Agent(_) => ErrorClass::Unavailable,
             E::NoVmReturned | E::InvalidVmReturned(_) | E::Store(_) => ErrorClass::Internal,
@@ -204,6 +209,23 @@ impl<C: InventoryContext> InventoryService<C> {
             .ok_or_else(|| InventoryError::UnknownHost(key.to_string()))
     }
 
+    /// The host an operator request names (by name or id) in `field`.
+    fn named_host(&self, field: &str, value: &str) -> Result<HostRecord, InventoryError> {
+        self.host_by_name_or_id(&host_key(field, value)?)
+    }
+
+    /// A host as `ListHosts` shows it: the record and its connection now.
+    fn host_view(&self, h: HostRecord) -> v1::Host {
+        let live = self.state.live_status(&h.id);
+        v1::Host {
+            connected: live.connected,
+            last_heartbeat_unix_ms: live.last_heartbeat_unix_ms,
+            agent_version: live.agent_version.unwrap_or_else(|| h.agent_version.clone()),
+            free_bytes: live.free_bytes,
+            ..h.to_proto()
+        }
+    }
+
     fn vm(&self, name: &VmName) -> Result<VmRecord, InventoryError> {
         self.state.store().get::<VmRecord>(VMS, name)?.ok_or_else(|| InventoryError::UnknownVm(name.clone()))
     }
@@ -314,26 +336,7 @@ impl<C: InventoryContext> Inventory for InventoryService<C> {
 
     async fn list_hosts(&self, req: Request<v1::ListHostsRequest>) -> Result<Response<v1::ListHostsResponse>, Status> {
         authorize(&req, self.state.vault_id(), &[Role::Operator])?;
-        let hosts = self
-            .hosts()?
-            .into_iter()
-            .map(|h| {
-                let live = self.state.live_status(&h.id);
-                v1::Host {
-                    connected: live.connected,
-                    last_heartbeat_unix_ms: live.last_heartbeat_unix_ms,
-                    agent_version: live.agent_version.unwrap_or(h.agent_version),
-                    free_bytes: live.free_bytes,
-                    id: h.id.into_string(),
-                    name: h.name.into_string(),
-                    site: h.site.into_string(),
-                    cloud: h.cloud.into_string(),
-                    address: h.address,
-                    registered_unix_ms: h.registered_unix_ms,
-                    ..Default::default()
-                }
-            })
-            .collect();
+        let hosts = self.hosts()?.into_iter().map(|h| self.host_view(h)).collect();
         Ok(Response::new(v1::ListHostsResponse { hosts }))
     }
 
@@ -370,17 +373,24 @@ impl<C: InventoryContext> Inventory for InventoryService<C> {
 
     async fn reset_host(&self, req: Request<v1::HostRequest>) -> Result<Response<v1::Host>, Status> {
         authorize(&req, self.state.vault_id(), &[Role::Operator])?;
-        Err(Status::unimplemented("host reset is not implemented yet"))
+        let host = self.named_host("reset_host.host", &req.get_ref().host)?;
+        let host = hosts::reset(self.state.store(), self.state.revocations(), &host.name)?;
+        Ok(Response::new(self.host_view(host)))
     }
 
     async fn remove_host(&self, req: Request<v1::HostRequest>) -> Result<Response<v1::RemoveHostResponse>, Status> {
         authorize(&req, self.state.vault_id(), &[Role::Operator])?;
-        Err(Status::unimplemented("host remove is not implemented yet"))
+        let host = self.named_host("remove_host.host", &req.get_ref().host)?;
+        let serial = hosts::remove(self.state.store(), self.state.revocations(), &host.name)?;
+        Ok(Response::new(v1::RemoveHostResponse { revoked_serial: serial.unwrap_or_default() }))
     }
 
     async fn move_host(&self, req: Request<v1::MoveHostRequest>) -> Result<Response<v1::Host>, Status> {
         authorize(&req, self.state.vault_id(), &[Role::Operator])?;
-        Err(Status::unimplemented("host move is not implemented yet"))
+        let r = hosts::MoveHostRequest::try_from(req.get_ref()).map_err(InventoryError::from)?;
+        let host = self.host_by_name_or_id(&r.host)?;
+        let host = hosts::move_host(self.state.store(), &host.name, &r)?;
+        Ok(Response::new(self.host_view(host)))
     }
 
     async fn list_revoked(
@@ -388,7 +398,8 @@ impl<C: InventoryContext> Inventory for InventoryService<C> {
         req: Request<v1::ListRevokedRequest>,
     ) -> Result<Response<v1::ListRevokedResponse>, Status> {
         authorize(&req, self.state.vault_id(), &[Role::Operator])?;
-        Err(Status::unimplemented("the revocation list is not implemented yet"))
+        let revoked = hosts::revoked(self.state.store(), self.state.revocations()).map_err(InventoryError::from)?;
+        Ok(Response::new(v1::ListRevokedResponse { revoked }))
     }
 }
 

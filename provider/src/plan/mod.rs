@@ -8,7 +8,7 @@
 //!
 //! Files: [`spec`] (the requests converted from the wire, the rules of a plan, the
 //! stored records, a run's steps), [`run`] (the job), [`script`] (scripted actions:
-//! environment, timeout, output).
+//! names in the scripts directory, environment, timeout, output).
 //!
 //! Plans are stored as one JSON document in the `meta` table (`recovery_plans`).
 
@@ -27,7 +27,7 @@ pub mod run;
 pub mod script;
 pub mod spec;
 
-pub use script::{MAX_OUTPUT, ScriptError};
+pub use script::{MAX_OUTPUT, ScriptError, ScriptName, ScriptNameError};
 pub use spec::{
     ActionKind, ActionRecord, ConfirmAction, DEFAULT_SCRIPT_TIMEOUT_SECS, FlagError, GroupRecord, MAX_VMS,
     PlanFailover, PlanRecord, PlanSpec, parse_action, parse_group, step_names,
@@ -68,10 +68,6 @@ pub enum PlanError {
     /// An action with no command (script) or text (manual).
     #[error("action after group {0} has no command or text")]
     EmptyAction(u32),
-    /// A script given by a relative path (it runs on the provider host, from no
-    /// particular directory).
-    #[error("script {0:?}: give an absolute path (it runs on the provider host)")]
-    RelativeScript(String),
     /// A plan of that name exists.
     #[error("plan {0:?} already exists")]
     Exists(PlanName),
@@ -103,8 +99,7 @@ impl Classify for PlanError {
             | Self::DuplicateVm(_)
             | Self::TooManyVms(_)
             | Self::UnknownGroup(_)
-            | Self::EmptyAction(_)
-            | Self::RelativeScript(_) => ErrorClass::InvalidArgument,
+            | Self::EmptyAction(_) => ErrorClass::InvalidArgument,
             Self::Exists(_) => ErrorClass::AlreadyExists,
             Self::NotFound(_) | Self::Job(JobError::NotFound(_)) => ErrorClass::NotFound,
             Self::VmsRefused { .. } | Self::NotWaiting(_) | Self::Job(JobError::Busy(_)) => {

@@ -203,7 +203,8 @@ async fn run_script_step(
 ) -> bool {
     job.start(&step, "running");
     let env = environment(plan.name.as_str(), a.after_group, kind, ip_changes(&current(state, rels), done));
-    match run_script(&a.command, &env, Duration::from_secs(u64::from(a.timeout_secs))).await {
+    let dir = &state.protection.config.scripts_dir;
+    match run_script(dir, &a.command, &env, Duration::from_secs(u64::from(a.timeout_secs))).await {
         Ok(d) => {
             job.succeed(&step, &d);
             true

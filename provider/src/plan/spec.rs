@@ -5,7 +5,9 @@
 //! Names and ids are converted into domain types naming the field after the RPC
 //! (`create_plan.groups[0].vms[1]`, as the rest of the Protection service does); the
 //! rules between fields (groups numbered from 1, a VM in one group only, actions after
-//! an existing group, scripts by absolute path) are [`PlanError`] variants. Both are
+//! an existing group) are [`PlanError`] variants. A script is named relative to the
+//! provider's scripts directory ([`ScriptName`]); any other value of a script's
+//! command is refused naming the field (`create_plan.actions[0].command`). All are
 //! `InvalidArgument`.
 
 use std::collections::HashSet;
@@ -15,6 +17,7 @@ use siterecovery_proto::model::{JobId, PlanName, VmName, WireError, wire};
 use siterecovery_proto::v1;
 
 use super::PlanError;
+use super::script::ScriptName;
 use crate::failover::FailoverType;
 use crate::jobs::PlanStep;
 
@@ -44,7 +47,8 @@ pub struct ActionRecord {
     /// 0 = before the first group.
     pub after_group: u32,
     pub kind: ActionKind,
-    /// Script path (absolute), or the manual instruction.
+    /// The script's name in the scripts directory (a [`ScriptName`]), or the manual
+    /// instruction.
     pub command: String,
     /// Scripts only; never 0 once validated.
     pub timeout_secs: u32,
@@ -129,8 +133,9 @@ impl TryFrom<&v1::RecoveryPlan> for PlanSpec {
             if a.command.trim().is_empty() {
                 return Err(PlanError::EmptyAction(a.after_group));
             }
-            if kind == ActionKind::Script && !a.command.starts_with('/') {
-                return Err(PlanError::RelativeScript(a.command.clone()));
+            if kind == ActionKind::Script {
+                let field = format!("create_plan.actions[{ai}].command");
+                a.command.parse::<ScriptName>().map_err(|e| WireError::rule(field, e.to_string()))?;
             }
             let timeout_secs = if a.timeout_secs == 0 { DEFAULT_SCRIPT_TIMEOUT_SECS } else { a.timeout_secs };
             actions.push(ActionRecord { after_group: a.after_group, kind, command: a.command.clone(), timeout_secs });
@@ -344,7 +349,7 @@ mod tests {
         assert!(parse_group("x:a").is_err());
         assert!(parse_group("1:").is_err());
         assert!(parse_group("1").is_err());
-        assert_eq!(parse_action("script", "1=/bin/dns.sh"), Ok((1, "/bin/dns.sh".to_string())));
+        assert_eq!(parse_action("script", "1=dns.sh"), Ok((1, "dns.sh".to_string())));
         assert_eq!(parse_action("manual", "0=check the=switch"), Ok((0, "check the=switch".to_string())));
         assert!(parse_action("script", "1=").is_err());
         assert!(parse_action("script", "/x").is_err());
@@ -357,7 +362,7 @@ mod tests {
             name: "dc".into(),
             groups: vec![group(2, &["web"]), group(1, &["db", "dns"])],
             actions: vec![
-                action(1, "script", "/opt/a.sh"),
+                action(1, "script", "a.sh"),
                 action(0, "manual", "tell the team"),
                 action(1, "manual", "check db"),
             ],
@@ -374,7 +379,7 @@ mod tests {
                 "Before the first group, action 1: manual action".into(),
                 "Group 1: db".into(),
                 "Group 1: dns".into(),
-                "After group 1, action 1: script /opt/a.sh".into(),
+                "After group 1, action 1: script a.sh".into(),
                 "After group 1, action 2: manual action".into(),
                 "Group 2: web".into(),
             ]
@@ -396,16 +401,12 @@ mod tests {
             matches!(bad(vec![group(1, &["a"]), group(2, &["a"])], vec![]), PlanError::DuplicateVm(v) if v.as_str() == "a")
         );
         assert!(matches!(bad(vec![group(1, &[])], vec![]), PlanError::EmptyGroup(1)));
-        assert!(matches!(bad(vec![group(1, &["a"])], vec![action(3, "script", "/x")]), PlanError::UnknownGroup(3)));
-        assert!(matches!(
-            bad(vec![group(1, &["a"])], vec![action(1, "script", "x.sh")]),
-            PlanError::RelativeScript(s) if s == "x.sh"
-        ));
+        assert!(matches!(bad(vec![group(1, &["a"])], vec![action(3, "script", "x")]), PlanError::UnknownGroup(3)));
         assert!(matches!(bad(vec![group(1, &["a"])], vec![action(1, "manual", "  ")]), PlanError::EmptyAction(1)));
         let many: Vec<String> = (0..101).map(|i| format!("vm{i}")).collect();
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
         assert!(matches!(bad(vec![group(1, &refs)], vec![]), PlanError::TooManyVms(101)));
-        for e in [bad(vec![], vec![]), bad(vec![group(1, &["a"])], vec![action(1, "script", "x.sh")])] {
+        for e in [bad(vec![], vec![]), bad(vec![group(1, &["a"])], vec![action(1, "script", "/x.sh")])] {
             assert_eq!(crate::error::status(&e).code(), tonic::Code::InvalidArgument, "{e}");
         }
     }
@@ -415,7 +416,7 @@ mod tests {
         let good = || v1::RecoveryPlan {
             name: "dc".into(),
             groups: vec![group(1, &["db", "dns"]), group(2, &["web"])],
-            actions: vec![action(1, "script", "/opt/a.sh")],
+            actions: vec![action(1, "script", "a.sh")],
         };
         let cases: Vec<(&str, v1::RecoveryPlan)> = vec![
             ("create_plan.name", v1::RecoveryPlan { name: "../etc".into(), ..good() }),
@@ -428,6 +429,21 @@ mod tests {
             ),
             ("create_plan.groups[0].vms[0]", v1::RecoveryPlan { groups: vec![group(1, &["a b"])], ..good() }),
             ("create_plan.actions[0].kind", v1::RecoveryPlan { actions: vec![action(1, "email", "x")], ..good() }),
+            (
+                "create_plan.actions[0].command",
+                v1::RecoveryPlan { actions: vec![action(1, "script", "/usr/local/bin/dns.sh")], ..good() },
+            ),
+            (
+                "create_plan.actions[1].command",
+                v1::RecoveryPlan {
+                    actions: vec![action(1, "script", "ok.sh"), action(1, "script", "../../bin/sh")],
+                    ..good()
+                },
+            ),
+            (
+                "create_plan.actions[0].command",
+                v1::RecoveryPlan { actions: vec![action(0, "script", "a b")], ..good() },
+            ),
             (
                 "create_plan.actions[0].kind",
                 v1::RecoveryPlan { actions: vec![v1::PlanAction { kind: 42, ..action(1, "script", "/x") }], ..good() },

@@ -34,7 +34,11 @@ fn env() -> Env {
     for name in VMS_OF_PLAN {
         testkit::put_vm(&store, name, false);
     }
-    let (core, agents, _) = testkit::start(store);
+    let scripts_dir = dir.path().join("scripts");
+    std::fs::create_dir(&scripts_dir).expect("scripts dir");
+    let config =
+        crate::relationship::ProtectionConfig { scripts_dir, ..crate::relationship::ProtectionConfig::for_tests() };
+    let (core, agents, _) = testkit::start_with(store, config);
     for (i, name) in VMS_OF_PLAN.iter().enumerate() {
         let rel: RelationshipRecord = serde_json::from_value(json!({
             "id": format!("r-0000000{i}"), "vm": name, "primary_host_id": PRIMARY, "replica_host_id": REPLICA,
@@ -75,12 +79,13 @@ fn plan(core: &Core, name: &str, actions: Vec<v1::PlanAction>) -> PlanName {
     create(core, PlanSpec::try_from(&p).expect("valid plan")).expect("create").name
 }
 
+/// Writes an executable script `name` into the scripts directory of `dir`; its name.
 fn script(dir: &std::path::Path, name: &str, body: &str) -> String {
     use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
+    let path = dir.join("scripts").join(name);
     std::fs::write(&path, format!("#!/bin/sh\n{body}")).expect("script");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    path.to_string_lossy().into_owned()
+    name.to_owned()
 }
 
 /// Polls until job `id` satisfies `done` (bounded).
@@ -204,6 +209,52 @@ async fn a_script_runs_with_the_addresses_so_far_and_a_timeout() {
     assert!(j.error.contains("script after group 1") && j.error.contains("timed out after 1s"), "{}", j.error);
     assert_eq!(step(&j, &format!("After group 1, action 1: script {slow}")).state, StepState::Failed);
     assert_eq!(step(&j, "Group 2: vm3").state, StepState::Skipped);
+}
+
+#[tokio::test]
+async fn scripts_run_only_from_the_scripts_directory() {
+    let e = env();
+    // Outside the directory: refused at plan create, naming the field.
+    let outside = e.dir.path().join("evil.sh");
+    std::fs::write(&outside, "#!/bin/sh\ntouch pwned\n").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for cmd in [outside.to_string_lossy().into_owned(), "../evil.sh".into(), "scripts/../../evil.sh".into()] {
+        let p = v1::RecoveryPlan {
+            name: "x".into(),
+            groups: vec![group(1, &["vm1"])],
+            actions: vec![action(1, v1::PlanActionKind::Script, &cmd, 5)],
+        };
+        let err = PlanSpec::try_from(&p).expect_err(&cmd);
+        let status = crate::error::status(&err);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{cmd}");
+        assert!(status.message().starts_with("create_plan.actions[0].command"), "{}", status.message());
+    }
+    // A script missing at run time fails its step, saying where it was looked for.
+    let name = plan(&e.core, "dc", vec![action(1, v1::PlanActionKind::Script, "gone.sh", 5)]);
+    let job = start_failover(&e.core, &name, FailoverType::Test).await.expect("start");
+    let j = ended(&e.core, &job.id).await;
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    let s = step(&j, "After group 1, action 1: script gone.sh");
+    assert_eq!(s.state, StepState::Failed);
+    let dir = e.core.protection.config.scripts_dir.display().to_string();
+    assert!(s.detail.contains("gone.sh not found") && s.detail.contains(&dir), "{}", s.detail);
+    assert!(j.error.contains("script after group 1") && j.error.contains("not found"), "{}", j.error);
+    assert_eq!(step(&j, "Group 2: vm3").state, StepState::Skipped);
+    // A plan stored before names were required (an absolute path) is not run.
+    let mut plans = list(&e.core).expect("plans");
+    plans[0].actions[0].command = outside.to_string_lossy().into_owned();
+    e.core.store.put(crate::store::META, PLANS_KEY, &plans).expect("old plan");
+    for vm in VMS_OF_PLAN {
+        let mut rel = e.core.protection.of_vm(vm).expect("relationship");
+        rel.test_failover = None;
+        e.core.protection.save(&e.core.store, rel).expect("clear the test failover");
+    }
+    let job = start_failover(&e.core, &name, FailoverType::Test).await.expect("start");
+    let j = ended(&e.core, &job.id).await;
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    assert!(j.error.contains("absolute path"), "{}", j.error);
+    assert!(!e.dir.path().join("pwned").exists() && !e.core.protection.config.scripts_dir.join("pwned").exists());
 }
 
 #[tokio::test]

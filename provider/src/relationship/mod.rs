@@ -30,7 +30,7 @@ pub use error::RelationshipError;
 pub use health::Health;
 pub use lookup::{claim_vm, cloud_infos, find_protected, host_name, hosts, list_hosts, protected};
 pub use record::{FailoverRecord, RelationshipRecord, StatusRecord, TestFailoverRecord, same_host};
-pub use set::{ProtectionConfig, ProtectionCore};
+pub use set::{DEFAULT_SCRIPTS_DIR, ProtectionConfig, ProtectionCore};
 pub use state::{AgentState, Event, InvalidTransition, ReplicationState};
 pub use view::{replication_view, replication_views};
 pub use wait::{Wait, progress_detail, wait_step};

@@ -37,7 +37,12 @@ pub struct ProtectionConfig {
     pub step_timeout: Duration,
     /// Limit of one command to an agent.
     pub command_timeout: Duration,
+    /// `serve --scripts-dir`: the only place recovery plans run scripts from.
+    pub scripts_dir: std::path::PathBuf,
 }
+
+/// Where recovery-plan scripts live unless `serve --scripts-dir` says otherwise.
+pub const DEFAULT_SCRIPTS_DIR: &str = "/etc/siterecovery/scripts";
 
 impl Default for ProtectionConfig {
     fn default() -> Self {
@@ -45,6 +50,7 @@ impl Default for ProtectionConfig {
             test_intervals: false,
             step_timeout: Duration::from_secs(48 * 3600),
             command_timeout: Duration::from_secs(120),
+            scripts_dir: DEFAULT_SCRIPTS_DIR.into(),
         }
     }
 }
@@ -55,6 +61,7 @@ impl ProtectionConfig {
             test_intervals: true,
             step_timeout: Duration::from_secs(15 * 60),
             command_timeout: Duration::from_secs(60),
+            scripts_dir: DEFAULT_SCRIPTS_DIR.into(),
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct TestProvider {
     pub revoked_cert: HostCert,
     /// An operator certificate that expired yesterday.
     pub expired_cert: HostCert,
+    /// The provider's scripts directory (plan scripts are named in it).
+    pub scripts_dir: PathBuf,
     opdir: PathBuf,
     pub shutdown: CancellationToken,
     server: JoinHandle<Result<(), api::ServeError>>,
@@ -172,9 +174,11 @@ impl TestProvider {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let shutdown = CancellationToken::new();
+        let scripts_dir = dir.join("scripts");
+        std::fs::create_dir_all(&scripts_dir).expect("scripts dir");
         let opts = api::ServeOptions {
             grace: Duration::from_secs(1),
-            protection: ProtectionConfig::for_tests(),
+            protection: ProtectionConfig { scripts_dir: scripts_dir.clone(), ..ProtectionConfig::for_tests() },
             cert_validity,
             ..api::ServeOptions::default()
         };
@@ -190,6 +194,7 @@ impl TestProvider {
             provider_cert,
             revoked_cert,
             expired_cert,
+            scripts_dir,
             opdir,
             shutdown,
             server,

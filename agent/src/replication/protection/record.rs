@@ -76,7 +76,7 @@ impl ProtectionRecord {
     }
 
     pub fn save(&self, folder: &Path) -> Result<(), PersistError> {
-        persist::save_with_mode(&record_path(folder), &PROTECTION_STATE, self, persist::PUBLIC)
+        persist::save(&record_path(folder), &PROTECTION_STATE, self)
     }
 
     pub fn exists(folder: &Path) -> bool {

@@ -12,14 +12,15 @@ use crate::tracker::TrackerError;
 /// Why a replication step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
-    /// The replica host could not be reached (refused, TLS, timeout).
-    #[error("connect to the replica host {address}: {source}")]
-    Connect { address: String, source: tonic::transport::Error },
+    /// The replica host could not be reached (refused, TLS, timeout): the reason in full.
+    #[error("connect to the replica host {address}: {reason}")]
+    Connect { address: String, reason: String },
     /// The replica host answered with an error.
     #[error("replica host: {}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
-    /// The peer at the replica address is another host.
-    #[error("{address} is host {found}, not the replica host {expected}")]
+    /// The certificate of the peer at the replica address names another identity than
+    /// the relationship's replica host (`found`: what the handshake refused, naming it).
+    #[error("the replica host {expected} was expected at {address}, but its certificate was refused: {found}")]
     WrongPeer { address: String, expected: String, found: String },
     /// A tracked disk failed (seal, delete).
     #[error("tracker: {0}")]
@@ -108,11 +109,14 @@ pub fn classify_io(e: &io::Error) -> ErrorClass {
 impl ReplicationError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            ReplicationError::Connect { .. } | ReplicationError::StreamClosed | ReplicationError::Cancelled => {
-                ErrorClass::Recoverable
-            }
+            // Another host at the replica's address: nothing is sent to it, and the real
+            // replica host may be back there (a move, a restart) by the next try.
+            ReplicationError::Connect { .. }
+            | ReplicationError::WrongPeer { .. }
+            | ReplicationError::StreamClosed
+            | ReplicationError::Cancelled => ErrorClass::Recoverable,
             ReplicationError::Rpc(s) => classify_code(s.code()),
-            ReplicationError::WrongPeer { .. } | ReplicationError::Protocol(_) => ErrorClass::Fatal,
+            ReplicationError::Protocol(_) => ErrorClass::Fatal,
             ReplicationError::State(PersistError::Io { source, .. }) => classify_io(source),
             ReplicationError::State(_) => ErrorClass::Fatal,
             ReplicationError::Tracker(TrackerError::Stopped) => ErrorClass::Recoverable,
@@ -175,6 +179,14 @@ mod tests {
             ReplicationError::BrokenLog { disk: "d".into(), seq: 3, source: HrlError::NotSealed { valid_len: 0 } };
         assert_eq!(broken.class(), ErrorClass::Resync);
         assert_eq!(ReplicationError::Tracker(TrackerError::Stopped).class(), ErrorClass::Recoverable);
+        // An impostor at the replica's address: retried (the real replica may be back).
+        let impostor = ReplicationError::WrongPeer {
+            address: "127.0.0.1:1".into(),
+            expected: "hv-b-1".into(),
+            found: "server is host/hv-c-2, not host/hv-b-1".into(),
+        };
+        assert_eq!(impostor.class(), ErrorClass::Recoverable);
+        assert!(impostor.to_string().contains("hv-b-1") && impostor.to_string().contains("hv-c-2"));
         let denied = ReplicationError::Rpc(tonic::Status::permission_denied("no"));
         assert_eq!(denied.class(), ErrorClass::Fatal);
         let enospc = ReplicationError::Io { what: "x".into(), source: io::Error::from_raw_os_error(nix::libc::ENOSPC) };

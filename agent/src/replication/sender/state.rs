@@ -110,7 +110,7 @@ impl SenderState {
 
     /// Writes the state file atomically.
     pub fn save(&self, path: &Path) -> Result<(), PersistError> {
-        persist::save_with_mode(path, &SENDER_STATE, self, persist::PUBLIC)
+        persist::save(path, &SENDER_STATE, self)
     }
 }
 

@@ -1,12 +1,18 @@
 //! What the sender needs of the replica host ([`PeerTransport`]): the `Peer` service's
 //! calls, connected lazily and dropped after an error. [`GrpcPeer`] is the real one (the
 //! mutual-TLS gRPC client); tests use a fake replica in memory.
+//!
+//! Every call of the sender (initial copy, copy progress, points, the resync's block
+//! hashes) goes through the one connection of a [`GrpcPeer`], whose handshake requires
+//! the relationship's replica host id in the server's certificate
+//! (`Expect::Host`): what the peer says about itself is never asked.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
+use siterecovery_certs::live::Expect;
 use siterecovery_proto::model::HostId;
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::peer_client::PeerClient;
@@ -57,7 +63,7 @@ pub struct GrpcPeer {
 }
 
 impl GrpcPeer {
-    /// The peer at `address`, which must prove to be host `host_id`.
+    /// The peer at `address`, which must prove to be host `host_id` (by its certificate).
     pub fn new(address: String, host_id: HostId, files: Arc<AgentFiles>) -> Self {
         GrpcPeer { address, host_id, files, client: Arc::default() }
     }
@@ -66,23 +72,31 @@ impl GrpcPeer {
         if let Some(c) = self.client.lock().ok().and_then(|c| c.clone()) {
             return Ok(c);
         }
-        let address = self.address.clone();
-        let connect = |source| ReplicationError::Connect { address: address.clone(), source };
-        let channel =
-            crate::peer::endpoint(&address, &self.files).map_err(connect)?.connect().await.map_err(connect)?;
-        let mut client = PeerClient::new(channel);
-        let pong = client.ping(v1::PingRequest {}).await?.into_inner();
-        if self.host_id != pong.host_id.as_str() {
-            return Err(ReplicationError::WrongPeer {
-                address,
-                expected: self.host_id.to_string(),
-                found: pong.host_id,
-            });
-        }
+        let expect = Expect::Host(self.host_id.to_string());
+        let channel = crate::peer::connect(&self.address, expect, &self.files).await.map_err(|e| match e {
+            crate::peer::ConnectError::WrongPeer { address, found } => {
+                ReplicationError::WrongPeer { address, expected: self.host_id.to_string(), found }
+            }
+            crate::peer::ConnectError::Failed { address, reason } => ReplicationError::Connect { address, reason },
+        })?;
+        let client = PeerClient::new(channel);
         if let Ok(mut c) = self.client.lock() {
             *c = Some(client.clone());
         }
         Ok(client)
+    }
+}
+
+impl GrpcPeer {
+    /// A call's error. The channel reconnects by itself after the connection broke, so
+    /// a replica refused at that handshake shows here, as an Unavailable status.
+    fn refused(&self, s: tonic::Status) -> ReplicationError {
+        match crate::peer::client::wrong_peer(&s) {
+            Some(found) => {
+                ReplicationError::WrongPeer { address: self.address.clone(), expected: self.host_id.to_string(), found }
+            }
+            None => ReplicationError::Rpc(s),
+        }
     }
 }
 
@@ -97,25 +111,28 @@ impl PeerTransport for GrpcPeer {
         &mut self,
         req: v1::CopyProgressRequest,
     ) -> Result<v1::CopyProgressResponse, ReplicationError> {
-        Ok(self.client().await?.copy_progress(req).await?.into_inner())
+        let r = self.client().await?.copy_progress(req).await;
+        Ok(r.map_err(|s| self.refused(s))?.into_inner())
     }
 
     async fn initial_copy(
         &mut self,
         chunks: mpsc::Receiver<v1::CopyChunk>,
     ) -> Result<Answers<v1::CopyAck>, ReplicationError> {
-        let acks = self.client().await?.initial_copy(ReceiverStream::new(chunks)).await?.into_inner();
-        Ok(acks.boxed())
+        let r = self.client().await?.initial_copy(ReceiverStream::new(chunks)).await;
+        Ok(r.map_err(|s| self.refused(s))?.into_inner().boxed())
     }
 
     async fn ship_point(&mut self, chunks: mpsc::Receiver<v1::PointChunk>) -> Result<v1::PointAck, ReplicationError> {
-        Ok(self.client().await?.ship_point(ReceiverStream::new(chunks)).await?.into_inner())
+        let r = self.client().await?.ship_point(ReceiverStream::new(chunks)).await;
+        Ok(r.map_err(|s| self.refused(s))?.into_inner())
     }
 
     async fn block_hashes(
         &mut self,
         req: v1::BlockHashesRequest,
     ) -> Result<Answers<v1::BlockHashesChunk>, ReplicationError> {
-        Ok(self.client().await?.block_hashes(req).await?.into_inner().boxed())
+        let r = self.client().await?.block_hashes(req).await;
+        Ok(r.map_err(|s| self.refused(s))?.into_inner().boxed())
     }
 }

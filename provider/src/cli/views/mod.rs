@@ -28,6 +28,10 @@ impl<'a> From<&'a v1::Site> for SiteView<'a> {
 pub struct HostView<'a> {
     pub address: &'a str,
     pub agent_version: &'a str,
+    /// Expiry of the host's current certificate (unix ms; 0 when not known).
+    pub certificate_expires_unix_ms: i64,
+    /// Serial of the host's current certificate (lowercase hex).
+    pub certificate_serial: &'a str,
     pub cloud: &'a str,
     pub connected: bool,
     pub free_bytes: u64,
@@ -35,6 +39,8 @@ pub struct HostView<'a> {
     pub last_heartbeat_unix_ms: i64,
     pub name: &'a str,
     pub registered_unix_ms: i64,
+    /// `host reset` ran: the next registration of the name is allowed.
+    pub reset_pending: bool,
     pub site: &'a str,
 }
 
@@ -43,6 +49,8 @@ impl<'a> From<&'a v1::Host> for HostView<'a> {
         Self {
             address: &h.address,
             agent_version: &h.agent_version,
+            certificate_expires_unix_ms: h.certificate_expires_unix_ms,
+            certificate_serial: &h.certificate_serial,
             cloud: &h.cloud,
             connected: h.connected,
             free_bytes: h.free_bytes,
@@ -50,6 +58,7 @@ impl<'a> From<&'a v1::Host> for HostView<'a> {
             last_heartbeat_unix_ms: h.last_heartbeat_unix_ms,
             name: &h.name,
             registered_unix_ms: h.registered_unix_ms,
+            reset_pending: h.reset_pending,
             site: &h.site,
         }
     }
@@ -460,6 +469,35 @@ impl<'a> From<&'a v1::PlanAction> for ActionView<'a> {
             timeout_secs: a.timeout_secs,
         }
     }
+}
+
+/// A revoked certificate (`host revoked`).
+#[derive(Serialize)]
+pub struct RevokedView<'a> {
+    pub host_id: &'a str,
+    pub host_name: &'a str,
+    pub reason: &'a str,
+    pub revoked_unix_ms: i64,
+    pub serial: &'a str,
+}
+
+impl<'a> From<&'a v1::RevokedCertificate> for RevokedView<'a> {
+    fn from(r: &'a v1::RevokedCertificate) -> Self {
+        Self {
+            host_id: &r.host_id,
+            host_name: &r.host_name,
+            reason: &r.reason,
+            revoked_unix_ms: r.revoked_unix_ms,
+            serial: &r.serial,
+        }
+    }
+}
+
+/// The answer of `host remove`: `{"removed": HOST, "revoked_serial": SERIAL}`.
+#[derive(Serialize)]
+pub struct HostRemoved<'a> {
+    pub removed: &'a str,
+    pub revoked_serial: &'a str,
 }
 
 /// The answer of a delete: `{"deleted": NAME}`.
