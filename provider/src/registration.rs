@@ -316,6 +316,7 @@ impl<C: RegistrationContext> RegistrationService<C> {
                 cert_serial: String::new(),
                 cert_not_after_unix_ms: 0,
                 reset_pending: false,
+                prev_cert_serial: String::new(),
             },
         };
         let identity = PeerIdentity::new(state.vault_id().clone(), Role::Host, record.id.as_str())

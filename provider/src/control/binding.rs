@@ -36,8 +36,29 @@ impl Binding {
             .find(|h| h.id.as_str() == host_id)
             .ok_or_else(|| ControlError::NotRegistered(host_id.to_owned()))?;
         let binding = Self { name: host.name.clone(), id: host.id.clone(), serial: serial.to_owned() };
+        if !host.prev_cert_serial.is_empty() && host.prev_cert_serial == serial && host.cert_serial != serial {
+            // The renewed certificate never reached the host (or was not saved): the
+            // record goes back to the one it still has.
+            let host = store.update(HOSTS, &binding.name, |rec: Option<HostRecord>| match rec {
+                Some(mut r) if r.id == binding.id && r.prev_cert_serial == binding.serial => {
+                    r.cert_serial = std::mem::take(&mut r.prev_cert_serial);
+                    r.cert_not_after_unix_ms = not_after_unix_ms;
+                    (Some(r.clone()), Ok(r))
+                }
+                other => (None, binding.check_record(other)),
+            })??;
+            tracing::warn!(host = %host.name, serial = %binding.serial,
+                "host came back with its certificate from before its last renewal (the renewed one never reached it); \
+                 the record returns to it");
+            return Ok((binding, host));
+        }
         if !host.cert_serial.is_empty() {
             let host = binding.check_record(Some(host))?;
+            if host.prev_cert_serial.is_empty() {
+                return Ok((binding, host));
+            }
+            // The renewed certificate is in use: the one before is not accepted any more.
+            let host = binding.update(store, |h| !std::mem::take(&mut h.prev_cert_serial).is_empty())?;
             return Ok((binding, host));
         }
         let host = binding.update(store, |h| {
@@ -141,5 +162,26 @@ mod tests {
         store.put(HOSTS, "hv1", &rereg).expect("put");
         let b3 = Binding { serial: "cc03".into(), ..b };
         assert!(matches!(b3.check(&store), Err(ControlError::NotRegistered(_))));
+    }
+
+    #[test]
+    fn a_host_that_missed_its_renewed_certificate_comes_back_with_the_one_before() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path()).expect("store");
+        // Renewed over the control channel: aa01 -> bb02, the push never arrived.
+        let mut rec = host("bb02");
+        rec.prev_cert_serial = "aa01".into();
+        store.put(HOSTS, "hv1", &rec).expect("put");
+        let (_, back) = Binding::open(&store, "hv1-0a0a0a", "aa01", 7).expect("the certificate before is accepted");
+        assert_eq!((back.cert_serial.as_str(), back.prev_cert_serial.as_str()), ("aa01", ""));
+        // Only once: the orphaned renewed one is not current any more.
+        assert!(matches!(Binding::open(&store, "hv1-0a0a0a", "bb02", 7), Err(ControlError::StaleCertificate { .. })));
+        // Renewed again and the new one arrives: the one before stops being accepted.
+        let mut rec = host("cc03");
+        rec.prev_cert_serial = "aa01".into();
+        store.put(HOSTS, "hv1", &rec).expect("put");
+        let (_, now) = Binding::open(&store, "hv1-0a0a0a", "cc03", 7).expect("the renewed one");
+        assert_eq!(now.prev_cert_serial, "");
+        assert!(matches!(Binding::open(&store, "hv1-0a0a0a", "aa01", 7), Err(ControlError::StaleCertificate { .. })));
     }
 }

@@ -67,8 +67,12 @@ pub fn renew<C: ControlContext>(state: &C, binding: &mut Binding, csr_pem: &str)
         state.ca().issue_for_csr(csr_pem, &identity, &names, state.cert_validity()).map_err(RenewError::Issue)?;
     let mut recorded = None;
     binding.update(state.store(), |h| {
+        let previous = h.cert_serial.clone();
         let r = h.with_certificate(&cert);
         let ok = r.is_ok();
+        if ok {
+            h.prev_cert_serial = previous;
+        }
         recorded = Some(r);
         ok
     })?;

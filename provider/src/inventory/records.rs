@@ -45,6 +45,12 @@ pub struct HostRecord {
     /// `host reset` ran: one new registration of this name is allowed.
     #[serde(default)]
     pub reset_pending: bool,
+    /// The certificate before the last control-channel renewal, until the renewed one
+    /// opens a session: a host that never received or never saved the renewed
+    /// certificate (the stream broke, the agent crashed) comes back with this one, and
+    /// the record returns to it instead of locking the host out.
+    #[serde(default)]
+    pub prev_cert_serial: String,
 }
 
 impl HostRecord {
@@ -504,6 +510,7 @@ mod tests {
             cert_serial: "0a1b".into(),
             cert_not_after_unix_ms: 2,
             reset_pending: false,
+            prev_cert_serial: String::new(),
         };
         let mut json = serde_json::to_value(&host).expect("ser");
         assert_eq!(json["name"], "hv1");

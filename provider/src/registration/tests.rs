@@ -83,6 +83,7 @@ fn host(vault: &VaultId) -> (HostRecord, Presented) {
         cert_serial: "0c0ffee0".into(),
         cert_not_after_unix_ms: 0,
         reset_pending: false,
+        prev_cert_serial: String::new(),
     };
     let p = Presented {
         identity: PeerIdentity::new(vault.clone(), Role::Host, "hv1-0a1b2c").expect("identity"),

@@ -143,6 +143,7 @@ impl TestProvider {
                 cert_serial: String::new(),
                 cert_not_after_unix_ms: 0,
                 reset_pending: false,
+                prev_cert_serial: String::new(),
             };
             rec.with_certificate(&cert.0).expect("certificate serial");
             host_certs.push(cert);
