@@ -139,6 +139,10 @@ fn check_issued(key: &VaultKeyFile, host_id: &str, issued: &PemIdentity) -> Resu
 struct Failed {
     error: RegisterError,
     own_certificate_refused: bool,
+    /// The call failed below gRPC (no answer of the provider's): with TLS 1.3 a
+    /// server's refusal of the client certificate arrives after the client's side of
+    /// the handshake is done, and may surface only as a cancelled or reset request.
+    transport: bool,
 }
 
 /// One Register call to the key file's provider, presenting `present` when given.
@@ -151,8 +155,9 @@ async fn call(
     let unreachable = |e: &(dyn std::error::Error + 'static)| Failed {
         error: RegisterError::Unreachable { address: address.to_owned(), reason: chain(e) },
         own_certificate_refused: own_certificate_refused(e),
+        transport: true,
     };
-    let plain = |error: RegisterError| Failed { error, own_certificate_refused: false };
+    let plain = |error: RegisterError| Failed { error, own_certificate_refused: false, transport: false };
     let tls = live::client_config_with(
         &key.content.vault_id,
         &key.content.ca_pem,
@@ -168,7 +173,7 @@ async fn call(
         .timeout(Duration::from_secs(30));
     let channel = transport::connect(endpoint, connector).await.map_err(|e| unreachable(&e))?;
     let resp = RegistrationClient::new(channel).register(req).await.map_err(|s| match s.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown => unreachable(&s),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => unreachable(&s),
         _ => plain(RegisterError::Refused(s.message().to_owned())),
     })?;
     Ok(resp.into_inner())
@@ -212,12 +217,18 @@ pub async fn register(a: RegisterArgs<'_>) -> Result<AgentConfig, RegisterError>
         Ok(r) => r,
         // Revoked (an operator reset this host) or otherwise refused: the same request
         // without it, which the provider allows only after `provider host reset`.
-        Err(f) if f.own_certificate_refused && present.is_some() => {
+        Err(f) if (f.own_certificate_refused || f.transport) && present.is_some() => {
             tracing::warn!(
-                "the provider refused this host's current certificate ({}); re-registering without it",
+                "the provider refused this host's current certificate or the call with it failed ({}); \
+                 re-registering without it",
                 f.error
             );
-            call(&key, None, req).await.map_err(|f| f.error)?
+            match call(&key, None, req).await {
+                Ok(r) => r,
+                // Unreachable either way: the first failure says more.
+                Err(again) if again.transport && !f.own_certificate_refused => return Err(f.error),
+                Err(again) => return Err(again.error),
+            }
         }
         Err(f) => return Err(f.error),
     };

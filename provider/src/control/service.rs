@@ -64,6 +64,9 @@ pub enum ControlError {
     Revoked(String),
     #[error("client certificate: {0}")]
     Certificate(String),
+    /// Another session of the same host opened: one session per host.
+    #[error("a newer control session of this host replaced this one")]
+    Replaced,
     /// The agent sent a message that does not convert.
     #[error("invalid report: {0}")]
     Report(#[from] WireError),
@@ -79,6 +82,7 @@ impl Classify for ControlError {
             | ControlError::Revoked(_)
             | ControlError::Certificate(_) => ErrorClass::PermissionDenied,
             ControlError::Report(_) => ErrorClass::InvalidArgument,
+            ControlError::Replaced => ErrorClass::FailedPrecondition,
             ControlError::Store(_) => ErrorClass::Internal,
         }
     }
@@ -132,11 +136,15 @@ impl<C: ControlContext> Control for ControlService<C> {
         let (binding, host, expires) = self.bind(&req)?;
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        let (epoch, pending) = self.state.sessions().open(&host.id, tx.clone());
+        // Ended at shutdown, or when another session of this host replaces this one.
+        let ended = self.state.shutdown().child_token();
+        let (epoch, pending) = self.state.sessions().open(&host.id, tx.clone(), ended.clone());
         tracing::info!(host = %host.name, host_id = %host.id, serial = %binding.serial, "host connected");
-        let session = Session::new(self.state.clone(), binding, host, epoch, pending, tx, expires);
+        let session = Session::new(self.state.clone(), binding, host, epoch, pending, tx, expires).ended_by(ended);
         tokio::spawn(session.run(inbound));
         let out = tokio_stream::wrappers::ReceiverStream::new(rx);
+        // The stream outlives the session task by the error it was sent (`Replaced`):
+        // it ends at shutdown, and when the session task drops its sender.
         Ok(Response::new(Box::pin(until_cancelled(out, self.state.shutdown().clone()))))
     }
 }

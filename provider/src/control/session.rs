@@ -49,6 +49,8 @@ pub(super) struct Session<C> {
     pub inventory: Option<(Vec<VmRecord>, Instant)>,
     /// Expiry of the bound certificate (unix ms; 0: unknown): the session ends then.
     pub cert_expires_unix_ms: i64,
+    /// Cancelled at shutdown or when a newer session of this host replaced this one.
+    pub ended: tokio_util::sync::CancellationToken,
 }
 
 impl<C: ControlContext> Session<C> {
@@ -62,6 +64,7 @@ impl<C: ControlContext> Session<C> {
         cert_expires_unix_ms: i64,
     ) -> Self {
         Self {
+            ended: tokio_util::sync::CancellationToken::new(),
             cert_expires_unix_ms,
             state,
             binding,
@@ -73,6 +76,12 @@ impl<C: ControlContext> Session<C> {
             hello_seen: false,
             inventory: None,
         }
+    }
+
+    /// The session ends when `ended` is cancelled (another session of the host opened).
+    pub fn ended_by(mut self, ended: tokio_util::sync::CancellationToken) -> Self {
+        self.ended = ended;
+        self
     }
 
     /// Runs until the agent closes, the stream breaks, the session's binding is lost,
@@ -116,6 +125,13 @@ impl<C: ControlContext> Session<C> {
                     self.end(ControlError::Certificate(format!("{} expired", self.binding.serial))).await
                 }
                 _ = self.state.shutdown().cancelled() => Flow::End,
+                _ = self.ended.cancelled() => {
+                    if self.state.shutdown().is_cancelled() {
+                        Flow::End
+                    } else {
+                        self.end(ControlError::Replaced).await
+                    }
+                }
             };
         }
         self.state.sessions().close(&self.binding.id, self.epoch);

@@ -26,6 +26,8 @@ struct Session {
     epoch: u64,
     tx: Outbound,
     pending: Arc<Mutex<Pending>>,
+    /// Cancelled when a newer session of the same host replaces this one.
+    ended: tokio_util::sync::CancellationToken,
 }
 
 /// Live control sessions, by host id.
@@ -133,13 +135,21 @@ impl Sessions {
         Err(CommandError::Refused { host, code, message: result.error })
     }
 
-    pub(super) fn open(&self, host_id: &HostId, tx: Outbound) -> (u64, Arc<Mutex<Pending>>) {
+    /// Registers the session of `host_id` (one per host): a previous one is told to end
+    /// (its `ended` cancelled), so a reconnecting agent — or a second process holding
+    /// the host's key — never leaves a stream running that commands cannot reach.
+    pub(super) fn open(
+        &self,
+        host_id: &HostId,
+        tx: Outbound,
+        ended: tokio_util::sync::CancellationToken,
+    ) -> (u64, Arc<Mutex<Pending>>) {
         let epoch = self.next.fetch_add(1, Ordering::Relaxed);
         let pending = Arc::new(Mutex::new(HashMap::new()));
-        if let Ok(mut s) = self.sessions.lock() {
-            // A reconnecting agent replaces its previous stream; dropping the old sender
-            // ends that stream.
-            s.insert(host_id.to_string(), Session { epoch, tx, pending: pending.clone() });
+        if let Ok(mut s) = self.sessions.lock()
+            && let Some(old) = s.insert(host_id.to_string(), Session { epoch, tx, pending: pending.clone(), ended })
+        {
+            old.ended.cancel();
         }
         self.update_status(host_id, |st| {
             st.connected = true;

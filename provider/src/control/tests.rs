@@ -131,7 +131,7 @@ fn open(state: &Arc<Fake>, serial: &str) -> Agent {
 fn open_until(state: &Arc<Fake>, serial: &str, expires_unix_ms: i64) -> Agent {
     let (binding, host) = Binding::open(&state.store, HOST_ID, serial, 0).expect("bound");
     let (out_tx, rx) = mpsc::channel(64);
-    let (epoch, pending) = state.sessions.open(&host.id, out_tx.clone());
+    let (epoch, pending) = state.sessions.open(&host.id, out_tx.clone(), CancellationToken::new());
     let (tx, in_rx) = mpsc::channel(64);
     let session = Session::new(state.clone(), binding, host, epoch, pending, out_tx, expires_unix_ms);
     let done = tokio::spawn(session.run(tokio_stream::wrappers::ReceiverStream::new(in_rx)));
@@ -266,7 +266,7 @@ fn open_stale(state: &Arc<Fake>) -> Agent {
         Binding { name: "hv1".parse().expect("name"), id: HOST_ID.parse().expect("id"), serial: "aa01".into() };
     let rec = host(state);
     let (out_tx, rx) = mpsc::channel(64);
-    let (epoch, pending) = state.sessions.open(&rec.id, out_tx.clone());
+    let (epoch, pending) = state.sessions.open(&rec.id, out_tx.clone(), CancellationToken::new());
     let (tx, in_rx) = mpsc::channel(64);
     let session = Session::new(state.clone(), binding, rec, epoch, pending, out_tx, 0);
     let done = tokio::spawn(session.run(tokio_stream::wrappers::ReceiverStream::new(in_rx)));
@@ -318,4 +318,22 @@ async fn a_session_ends_when_its_certificate_expires() {
     assert_eq!(end.code(), tonic::Code::PermissionDenied, "{end:?}");
     assert!(end.message().contains("expired"), "{}", end.message());
     agent.ended().await;
+}
+
+#[test]
+fn a_new_session_of_a_host_ends_the_one_before() {
+    let sessions = super::sessions::Sessions::new();
+    let id: siterecovery_proto::model::HostId = "hv1-0a0a0a".parse().expect("id");
+    let (tx1, _rx1) = mpsc::channel(1);
+    let first = CancellationToken::new();
+    let (epoch1, _) = sessions.open(&id, tx1, first.clone());
+    assert!(!first.is_cancelled());
+    let (tx2, _rx2) = mpsc::channel(1);
+    let second = CancellationToken::new();
+    sessions.open(&id, tx2, second.clone());
+    assert!(first.is_cancelled(), "the replaced session was not told to end");
+    assert!(!second.is_cancelled());
+    // The replaced session's cleanup leaves the new one connected.
+    sessions.close(&id, epoch1);
+    assert!(sessions.status(&id).connected);
 }
