@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod disk;
 pub mod extents;
+pub mod faults;
 pub mod files;
 pub mod hrl;
 pub mod nbd;

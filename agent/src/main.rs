@@ -156,6 +156,7 @@ fn parse_point(s: &str) -> Result<PointSelector, NameError> {
 fn main() {
     let cli = Cli::parse();
     daemon::init_logging(cli.log_json, if matches!(cli.cmd, Cmd::Serve { .. }) { "info" } else { "warn" });
+    siterecovery_agent::faults::setup();
     daemon::run_main(run(cli));
 }
 
