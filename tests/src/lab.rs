@@ -143,6 +143,10 @@ impl Lab {
         };
         cmd.stdin(stdin).stdout(out_f).stderr(err_f);
         cmd.env_remove("SITERECOVERY_CONNECT").env_remove("SITERECOVERY_CERTS");
+        // A test's failpoints reach only the process it armed ([`Self::start_agent_armed`]).
+        if !cmd.get_envs().any(|(k, _)| k == "FAILPOINTS") {
+            cmd.env_remove("FAILPOINTS");
+        }
         let started = Instant::now();
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {line}: {e}"));
         let deadline = started + timeout;
@@ -185,6 +189,10 @@ impl Lab {
         let f2 = f.try_clone().expect("clone log handle");
         cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
         cmd.env_remove("SITERECOVERY_CONNECT").env_remove("SITERECOVERY_CERTS");
+        // A test's failpoints reach only the process it armed ([`Self::start_agent_armed`]).
+        if !cmd.get_envs().any(|(k, _)| k == "FAILPOINTS") {
+            cmd.env_remove("FAILPOINTS");
+        }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         if let Ok(mut logs) = self.logs.lock()
             && !logs.contains(&log)
@@ -341,16 +349,27 @@ impl Lab {
 
     /// `agent serve` as it runs in production: TLS required on the TCP NBD export.
     pub fn start_agent_tls(&self, name: &str, dir: &Path, extra: &[&str]) -> Proc {
+        let mut cmd = self.agent_serve(name, dir, extra);
+        self.spawn(&format!("agent-{name}"), &mut cmd)
+    }
+
+    /// [`Self::start_agent_with`] with failpoints armed (`FAILPOINTS`, the `fail` crate's
+    /// syntax; names in `siterecovery_agent::faults::ALL`), e.g.
+    /// `"commit.images.moved=1*return(crash)"`.
+    pub fn start_agent_armed(&self, name: &str, dir: &Path, failpoints: &str, extra: &[&str]) -> Proc {
+        let mut args = vec!["--nbd-insecure-tcp"];
+        args.extend_from_slice(extra);
+        let mut cmd = self.agent_serve(name, dir, &args);
+        cmd.env("FAILPOINTS", failpoints);
+        self.spawn(&format!("agent-{name}"), &mut cmd)
+    }
+
+    fn agent_serve(&self, name: &str, dir: &Path, extra: &[&str]) -> Command {
         let slot = self.host_slot(name);
         let nbd = format!("127.0.0.1:{}", slot.nbd_port);
-        self.spawn(
-            &format!("agent-{name}"),
-            Command::new(bin("agent"))
-                .arg("--data-dir")
-                .arg(dir)
-                .args(["serve", "--heartbeat", HEARTBEAT, "--nbd-listen", &nbd])
-                .args(extra),
-        )
+        let mut cmd = Command::new(bin("agent"));
+        cmd.arg("--data-dir").arg(dir).args(["serve", "--heartbeat", HEARTBEAT, "--nbd-listen", &nbd]).args(extra);
+        cmd
     }
 
     /// Prints the tail of every process log and of the command transcript to stderr.
