@@ -24,6 +24,8 @@ pub mod persist;
 pub mod register;
 pub mod replica;
 pub mod replication;
+#[cfg(test)]
+mod testkit;
 pub mod tracker;
 pub mod vm;
 

@@ -46,6 +46,8 @@ mod undo;
 mod view;
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
 
 use std::fs::File;

@@ -128,7 +128,7 @@ pub(super) fn load_undo(path: &Path, disks: usize) -> Result<Undo, ReplicaError>
         let off = u64::from_le_bytes(rest[..8].try_into().unwrap_or_default());
         let len = u64::from_le_bytes(rest[8..16].try_into().unwrap_or_default());
         let crc = u32::from_le_bytes(rest[16..20].try_into().unwrap_or_default());
-        if (disk as usize) >= disks || len > 4 << 20 {
+        if (disk as usize) >= disks || len > 4 << 20 || off.checked_add(len).is_none() {
             return Err(corrupt("bad record"));
         }
         buf.resize(len as usize, 0);
@@ -146,6 +146,10 @@ pub(super) fn load_undo(path: &Path, disks: usize) -> Result<Undo, ReplicaError>
     }
     for r in &mut ranges {
         r.sort_unstable();
+        // `overlay` and `merge_undo` rely on disjoint ranges (as written): refuse others.
+        if r.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(corrupt("overlapping ranges"));
+        }
     }
     Ok(Undo { file, ranges })
 }
