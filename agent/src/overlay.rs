@@ -37,6 +37,9 @@ pub enum OverlayError {
     /// The map is not the size the disk needs (it belongs to another disk).
     #[error("{path}: overlay map of {len} bytes, the disk needs {expected}")]
     MapSize { path: PathBuf, len: u64, expected: u64 },
+    /// The map marks a block past the end of the disk (damage: a commit would copy it).
+    #[error("{path}: overlay map marks block {block}, past the disk's {blocks} blocks")]
+    StrayBlocks { path: PathBuf, block: u64, blocks: u64 },
 }
 
 /// A failed map save as the NBD server sees it (no space stays no space).
@@ -93,6 +96,10 @@ impl Overlay {
             }
             for (w, c) in map.iter_mut().zip(stored.payload.chunks_exact(8)) {
                 *w = u64::from_le_bytes(c.try_into().unwrap_or_default());
+            }
+            let blocks = size.div_ceil(BLOCK);
+            if let Some(block) = (blocks..words as u64 * 64).find(|&b| is_set(&map, b)) {
+                return Err(OverlayError::StrayBlocks { path: map_file, block, blocks });
             }
         }
         Ok(Self { base, file, path: path.to_path_buf(), size, map: RwLock::new(map) })
@@ -230,6 +237,8 @@ impl BlockDevice for Overlay {
     }
 }
 
+#[cfg(test)]
+mod props;
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -365,6 +365,8 @@ fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), PersistError>
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde::{Deserialize, Serialize};
