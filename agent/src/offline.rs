@@ -12,7 +12,7 @@
 //! a file nor follows a symlink: it goes into an empty (or new, 0700) directory.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
 
@@ -87,7 +87,14 @@ impl Manifest {
         if meta.len() > MANIFEST_MAX_BYTES {
             return Err(OfflineError::Invalid(format!("{}: {} bytes, too large", path.display(), meta.len())));
         }
-        let text = std::fs::read(&path).map_err(io_at(&path))?;
+        // Bounded read: the length checked above may change (a growing file, a FIFO).
+        let mut text = Vec::new();
+        File::open(&path)
+            .and_then(|f| f.take(MANIFEST_MAX_BYTES + 1).read_to_end(&mut text))
+            .map_err(io_at(&path))?;
+        if text.len() as u64 > MANIFEST_MAX_BYTES {
+            return Err(OfflineError::Invalid(format!("{}: larger than {MANIFEST_MAX_BYTES} bytes", path.display())));
+        }
         let m: Manifest = serde_json::from_slice(&text)
             .map_err(|e| OfflineError::Invalid(format!("{}: not a manifest: {e}", path.display())))?;
         if m.format != MANIFEST_FORMAT {
@@ -311,6 +318,8 @@ fn export_into(
     Ok(m)
 }
 
+#[cfg(test)]
+mod props;
 #[cfg(test)]
 mod tests {
     use super::*;
