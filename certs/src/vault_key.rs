@@ -7,6 +7,7 @@
 //! was made (address redirected, secret or expiry edited) is refused locally, and a file
 //! whose CA was swapped fails at the TLS handshake with the real provider.
 
+use std::io::Read;
 use std::path::Path;
 
 use ring::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
@@ -77,6 +78,9 @@ impl VaultKeyFile {
     /// Parses and verifies a vault key file's text: format, version, signature. Expiry
     /// is checked separately ([`VaultKeyFile::check_not_expired`]) so the caller can say which.
     pub fn parse(text: &str) -> Result<Self, CertError> {
+        if text.len() as u64 > MAX_LEN {
+            return Err(CertError::Tampered(format!("{} bytes, larger than any vault key file", text.len())));
+        }
         let file: VaultKeyFile =
             serde_json::from_str(text).map_err(|e| CertError::Tampered(format!("not a vault key file: {e}")))?;
         if file.content.format != FORMAT {
@@ -104,7 +108,11 @@ impl VaultKeyFile {
                 path.display()
             )));
         }
-        Self::parse(&files::read_text(path)?)
+        // Bounded read: the size checked above may change (a growing file, a FIFO).
+        let io = |source| CertError::Io { path: path.into(), source };
+        let mut text = String::new();
+        std::fs::File::open(path).and_then(|f| f.take(MAX_LEN + 1).read_to_string(&mut text)).map_err(io)?;
+        Self::parse(&text)
     }
 
     /// Writes the file (0600: it holds the registration secret).
@@ -129,6 +137,8 @@ fn canonical(content: &VaultKeyContent) -> Result<Vec<u8>, CertError> {
     serde_json::to_vec(content).map_err(|e| CertError::parse("vault key content", e))
 }
 
+#[cfg(test)]
+mod props;
 #[cfg(test)]
 mod tests {
     use super::*;
