@@ -34,6 +34,8 @@ use std::path::{Path, PathBuf};
 
 mod coalesce;
 mod format;
+#[cfg(test)]
+mod props;
 mod reader;
 #[cfg(test)]
 mod tests;
