@@ -89,9 +89,7 @@ impl Manifest {
         }
         // Bounded read: the length checked above may change (a growing file, a FIFO).
         let mut text = Vec::new();
-        File::open(&path)
-            .and_then(|f| f.take(MANIFEST_MAX_BYTES + 1).read_to_end(&mut text))
-            .map_err(io_at(&path))?;
+        File::open(&path).and_then(|f| f.take(MANIFEST_MAX_BYTES + 1).read_to_end(&mut text)).map_err(io_at(&path))?;
         if text.len() as u64 > MANIFEST_MAX_BYTES {
             return Err(OfflineError::Invalid(format!("{}: larger than {MANIFEST_MAX_BYTES} bytes", path.display())));
         }

@@ -6,11 +6,7 @@ use proptest::prelude::*;
 
 /// A scratch directory, on `/dev/shm` when the machine has one.
 pub(crate) fn tmpdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("props")
-        .tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .expect("tempdir")
+    tempfile::Builder::new().prefix("props").tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).expect("tempdir")
 }
 
 /// One way to damage a valid file.

@@ -21,7 +21,10 @@ fn disk_strategy() -> impl Strategy<Value = ManifestDisk> {
         .prop_map(|(id, size_bytes, ranges, copied_bytes, log_seq, sorted)| {
             // Half the cases well-formed ranges (ascending, inside the disk).
             let ranges = if sorted {
-                let mut cuts: Vec<u64> = ranges.iter().flat_map(|&(a, b)| [a % size_bytes.saturating_add(1), b % size_bytes.saturating_add(1)]).collect();
+                let mut cuts: Vec<u64> = ranges
+                    .iter()
+                    .flat_map(|&(a, b)| [a % size_bytes.saturating_add(1), b % size_bytes.saturating_add(1)])
+                    .collect();
                 cuts.sort_unstable();
                 cuts.dedup();
                 cuts.chunks_exact(2).map(|c| (c[0], c[1])).collect()

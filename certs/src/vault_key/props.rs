@@ -16,9 +16,8 @@ fn ca() -> &'static VaultCa {
 }
 
 fn file_strategy() -> impl Strategy<Value = VaultKeyFile> {
-    ("\\PC{0,16}", "[a-z0-9.:-]{1,24}", "[0-9a-f]{0,64}", any::<i64>()).prop_map(|(name, addr, secret, exp)| {
-        VaultKeyFile::new(ca(), &name, &addr, &secret, exp).expect("file")
-    })
+    ("\\PC{0,16}", "[a-z0-9.:-]{1,24}", "[0-9a-f]{0,64}", any::<i64>())
+        .prop_map(|(name, addr, secret, exp)| VaultKeyFile::new(ca(), &name, &addr, &secret, exp).expect("file"))
 }
 
 #[derive(Debug, Clone)]
