@@ -39,6 +39,20 @@ const READS_A_PLUS_WRITES: [&str; 5] =
     ["read -P 0xc4 0 64k", "read -P 0xa1 64k 960k", "read -P 0 1M 1M", "read -P 0xc3 2M 1M", "read -P 0 3M 1M"];
 const WRITES_AFTER_FAILOVER: [&str; 2] = ["write -P 0xc4 0 64k", "write -P 0xc3 2M 1M"];
 
+/// A retained point of `vm` holding A and not B: created after the A writes were
+/// acknowledged (`t_a`) and before the B writes began (`t_b`). Read when it is used: retention merges
+/// the points of one bucket, so an id seen earlier may be gone.
+#[track_caller]
+fn point_a(w: &World, vm: &str, t_a: i64, t_b: i64) -> String {
+    let points = w.points(vm);
+    let p = points
+        .iter()
+        .rev()
+        .find(|p| p["created_unix_ms"].as_i64().is_some_and(|c| c > t_a && c < t_b))
+        .unwrap_or_else(|| panic!("{vm}: no point between A and B in {points:?}"));
+    p["id"].as_str().expect("point id").to_owned()
+}
+
 /// Restarts hv-b (graceful stop) with `failpoints` armed, or none.
 fn restart_b(w: &mut World, failpoints: Option<&str>) {
     w.b.stop_gracefully();
@@ -109,14 +123,14 @@ fn a_commit_or_change_point_crashed_at_any_step_is_finished_at_restart() {
     for vm in &all {
         w.qio_ok(&w.uris(vm)[0], &["write -P 0xa1 0 1M"]);
     }
-    let mut a_ids = Vec::new();
+    let t_a = unix_now_ms();
     let mut a_last_ms = 0;
     for vm in &all {
-        let p = w.wait_point_after(vm, t.max(unix_now_ms()), "point A");
+        let p = w.wait_point_after(vm, t.max(t_a), "point A");
         a_last_ms = a_last_ms.max(p["created_unix_ms"].as_i64().unwrap_or(0));
-        a_ids.push(p["id"].as_str().expect("point id").to_owned());
     }
     assert!(wait_until(Duration::from_secs(10), || unix_now_ms() > a_last_ms + 2 * INTERVAL_MS + 100));
+    let t_b = unix_now_ms();
     for vm in &all {
         w.qio_ok(&w.uris(vm)[0], &["write -P 0xb2 1M 1M"]);
     }
@@ -129,8 +143,8 @@ fn a_commit_or_change_point_crashed_at_any_step_is_finished_at_restart() {
     // Commit VMs run from A (the commit rolls the replica back past B); change-point VMs
     // from B (they change to A).
     for (i, vm) in all.iter().enumerate() {
-        let point = if i < commits.len() { a_ids[i].as_str() } else { "latest" };
-        w.wait_job(&["failover", "unplanned", vm, "--point", point]);
+        let point = if i < commits.len() { point_a(&w, vm, t_a, t_b) } else { "latest".into() };
+        w.wait_job(&["failover", "unplanned", vm, "--point", &point]);
         w.qio_ok(&wait_uri_on_b(&w, vm), &WRITES_AFTER_FAILOVER);
     }
 
@@ -151,7 +165,8 @@ fn a_commit_or_change_point_crashed_at_any_step_is_finished_at_restart() {
         eprintln!("[commit_journal] crash at {fp}: {vm} committed after the restart");
     }
 
-    for ((vm, fp), a_id) in changes.iter().zip(CHANGE_POINTS).zip(&a_ids[commits.len()..]) {
+    for (vm, fp) in changes.iter().zip(CHANGE_POINTS) {
+        let a_id = &point_a(&w, vm, t_a, t_b);
         restart_b(&mut w, Some(&format!("{fp}=1*return(crash)")));
         crash_b_at(&mut w, fp, &["--json", "failover", "change-point", vm, "--point", a_id, "--wait"]);
         start_b(&mut w, None);
