@@ -7,9 +7,7 @@ use siterecovery_proto::v1;
 
 use super::config::{DiskConfig, FailoverConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
 use super::entry::Entry;
-use super::journal::{
-    self, ChangePointPlan, ChangePointStep, CommitDisk, CommitPlan, CommitStep, Journal, Outcome,
-};
+use super::journal::{self, ChangePointPlan, ChangePointStep, CommitDisk, CommitPlan, CommitStep, Journal, Outcome};
 use super::manager::VmManager;
 use super::{VmError, io, now_ms};
 

@@ -290,8 +290,8 @@ fn commit_step(folder: &Path, plan: &CommitPlan, step: CommitStep, replicas: &Re
             sync_dir(folder)
         }
         CommitStep::ConfigWritten => {
-            let mut config = read_config(folder)?
-                .ok_or_else(|| VmError::State(format!("{}: no VM config", folder.display())))?;
+            let mut config =
+                read_config(folder)?.ok_or_else(|| VmError::State(format!("{}: no VM config", folder.display())))?;
             for c in &mut config.disks {
                 if let Some(d) = plan.disks.iter().find(|d| d.id == c.id) {
                     c.file = d.target.clone();
@@ -341,8 +341,8 @@ fn change_point_step(folder: &Path, plan: &ChangePointPlan, step: ChangePointSte
             sync_dir(folder)
         }
         ChangePointStep::ConfigWritten => {
-            let mut config = read_config(folder)?
-                .ok_or_else(|| VmError::State(format!("{}: no VM config", folder.display())))?;
+            let mut config =
+                read_config(folder)?.ok_or_else(|| VmError::State(format!("{}: no VM config", folder.display())))?;
             if let Some(f) = &mut config.failover {
                 f.point_id = point.to_owned();
             }
