@@ -42,14 +42,17 @@ pub const ALL: &[&str] = &[
     REPLICA_APPLY_MID,
     REPLICA_APPLIED_MARK,
     // Failover commit and change-point (secondary side).
+    // In the order of the steps (`vm::journal`).
     COMMIT_JOURNAL_WRITTEN,
-    COMMIT_IMAGES_MOVED,
+    COMMIT_ROLLED_BACK,
     COMMIT_OVERLAY_FOLDED,
+    COMMIT_IMAGES_MOVED,
+    COMMIT_OVERLAYS_REMOVED,
     COMMIT_CONFIG_WRITTEN,
     COMMIT_REPLICA_REMOVED,
     CHANGE_POINT_JOURNAL_WRITTEN,
-    CHANGE_POINT_ROLLED_BACK,
-    CHANGE_POINT_DONE,
+    CHANGE_POINT_OVERLAYS_REMOVED,
+    CHANGE_POINT_CONFIG_WRITTEN,
     // Reprotect: the old primary adopts its images as the new replica.
     REPROTECT_ADOPT,
 ];
@@ -66,13 +69,15 @@ pub const REPLICA_UNDO_WRITTEN: &str = "replica.undo.written";
 pub const REPLICA_APPLY_MID: &str = "replica.apply.mid";
 pub const REPLICA_APPLIED_MARK: &str = "replica.applied.mark";
 pub const COMMIT_JOURNAL_WRITTEN: &str = "commit.journal.written";
-pub const COMMIT_IMAGES_MOVED: &str = "commit.images.moved";
+pub const COMMIT_ROLLED_BACK: &str = "commit.rolled_back";
 pub const COMMIT_OVERLAY_FOLDED: &str = "commit.overlay.folded";
+pub const COMMIT_IMAGES_MOVED: &str = "commit.images.moved";
+pub const COMMIT_OVERLAYS_REMOVED: &str = "commit.overlays.removed";
 pub const COMMIT_CONFIG_WRITTEN: &str = "commit.config.written";
 pub const COMMIT_REPLICA_REMOVED: &str = "commit.replica.removed";
 pub const CHANGE_POINT_JOURNAL_WRITTEN: &str = "change_point.journal.written";
-pub const CHANGE_POINT_ROLLED_BACK: &str = "change_point.rolled_back";
-pub const CHANGE_POINT_DONE: &str = "change_point.done";
+pub const CHANGE_POINT_OVERLAYS_REMOVED: &str = "change_point.overlays.removed";
+pub const CHANGE_POINT_CONFIG_WRITTEN: &str = "change_point.config.written";
 pub const REPROTECT_ADOPT: &str = "reprotect.adopt";
 
 /// Arms the failpoints named in `FAILPOINTS`, for the life of the process. Call once,

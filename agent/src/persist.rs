@@ -60,8 +60,12 @@ pub const SENDER_STATE: FileKind = FileKind { name: "sender state", magic: *b"SR
 /// `vms/<vm>/protection.json`.
 pub const PROTECTION_STATE: FileKind = FileKind { name: "protection state", magic: *b"SRPS", version: 1 };
 
+/// `vms/<vm>/failover.journal`: an interrupted commit or change-point (`vm::journal`).
+pub const FAILOVER_JOURNAL: FileKind = FileKind { name: "failover journal", magic: *b"SRFJ", version: 1 };
+
 /// Every kind of this agent (their magics are distinct).
-pub const KINDS: [FileKind; 5] = [REPLICA_STATE, VM_CONFIG, OVERLAY_MAP, SENDER_STATE, PROTECTION_STATE];
+pub const KINDS: [FileKind; 6] =
+    [REPLICA_STATE, VM_CONFIG, OVERLAY_MAP, SENDER_STATE, PROTECTION_STATE, FAILOVER_JOURNAL];
 
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 16;

@@ -13,7 +13,7 @@ use super::spool::{self, ExtentData};
 use super::state::{Applying, PointInfo, PointMeta, save_state};
 use super::store::Replica;
 use super::undo::{load_undo, write_undo};
-use super::{MAX_EXTENT, ReplicaError, sync_dir};
+use super::{MAX_EXTENT, ReplicaError, io_at, sync_dir};
 
 impl Replica {
     /// Starts receiving point `seq`.
@@ -137,6 +137,7 @@ impl PointSpool {
             if let Some(u) = &undo {
                 inner.undo.insert(self.seq, Arc::new(load_undo(&replica.dir.join(u), replica.images.len())?));
             }
+            crate::faults::point(crate::faults::REPLICA_APPLIED_MARK).map_err(io_at(&replica.dir))?;
             save_state(&replica.dir, &inner.state)?;
             if let Err(e) = replica.prune(&mut inner) {
                 tracing::warn!(vm = %replica.spec.vm, "pruning recovery points: {e:#}");

@@ -69,6 +69,7 @@ impl ReplicaSet {
                 .ok_or_else(|| ReplicaError::NotFound(format!("disk {} to adopt", d.id)))?;
             let target = dir.join(format!("{}.img", d.id));
             std::fs::rename(src, &target).map_err(io_at(&target))?;
+            crate::faults::point(crate::faults::REPROTECT_ADOPT).map_err(io_at(&target))?;
             let f = crate::files::open_existing(&target, true).map_err(io_at(&target))?;
             if f.metadata().map_err(io_at(&target))?.len() != d.size_bytes {
                 f.set_len(d.size_bytes).map_err(io_at(&target))?;
@@ -149,5 +150,21 @@ impl ReplicaSet {
             tracing::info!(%vm, "replica removed");
         }
         Ok(())
+    }
+
+    /// Deletes the replica folder of `vm` whether or not it could be opened (a committed
+    /// failover whose images have already moved out of it). Idempotent.
+    pub fn remove_folder(&self, vm: &VmName) -> Result<(), ReplicaError> {
+        self.lock().remove(vm.as_str());
+        let dir = self.dir.join(vm.as_str());
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                sync_dir(&self.dir)?;
+                tracing::info!(%vm, "replica folder removed");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_at(&dir)(e)),
+        }
     }
 }

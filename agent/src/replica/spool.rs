@@ -63,6 +63,7 @@ pub(super) fn write_extent(
     hdr[5..13].copy_from_slice(&offset.to_le_bytes());
     hdr[13..21].copy_from_slice(&len.to_le_bytes());
     hdr[21..25].copy_from_slice(&crc.to_le_bytes());
+    crate::faults::point(crate::faults::RECEIVER_SPOOL_WRITE).map_err(io_at(path))?;
     w.write_all(&hdr).and_then(|()| w.write_all(payload)).map_err(io_at(path))
 }
 
@@ -70,6 +71,7 @@ pub(super) fn write_extent(
 pub(super) fn finish(mut w: BufWriter<File>, path: &Path) -> Result<(), ReplicaError> {
     w.write_all(&END.to_le_bytes()).map_err(io_at(path))?;
     let file = w.into_inner().map_err(|e| ReplicaError::Io { path: path.to_path_buf(), source: e.into_error() })?;
+    crate::faults::point(crate::faults::RECEIVER_SPOOL_FSYNC).map_err(io_at(path))?;
     file.sync_all().map_err(io_at(path))
 }
 
@@ -122,5 +124,6 @@ pub(super) fn apply(images: &[Image], path: &Path) -> Result<(), ReplicaError> {
             }
             _ => return Err(corrupt("unknown extent kind")),
         }
+        crate::faults::point(crate::faults::REPLICA_APPLY_MID).map_err(io_at(&img.path))?;
     }
 }

@@ -80,7 +80,8 @@ pub(super) fn write_undo(
     w.write_all(&END.to_le_bytes()).and_then(|()| w.write_all(&total.to_le_bytes())).map_err(io_at(path))?;
     let file = w.into_inner().map_err(|e| ReplicaError::Io { path: path.to_path_buf(), source: e.into_error() })?;
     file.sync_all().map_err(io_at(path))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    crate::faults::point(crate::faults::REPLICA_UNDO_WRITTEN).map_err(io_at(path))
 }
 
 /// Sorted union of possibly overlapping ranges.

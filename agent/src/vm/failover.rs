@@ -2,17 +2,14 @@
 //! on copy-on-write overlays until a failover is committed (the replica rolled back to
 //! the point, the overlay's writes written into it, its images become the VM's own).
 
-use std::sync::Arc;
-
 use siterecovery_proto::model::VmName;
 use siterecovery_proto::v1;
 
-use super::config::{DiskConfig, FailoverConfig, NicConfig, Power, VmConfig, random_mac, save_config};
+use super::config::{DiskConfig, FailoverConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
 use super::entry::Entry;
+use super::journal::{self, ChangePointPlan, ChangePointStep, CommitDisk, CommitPlan, CommitStep, Journal, Outcome};
 use super::manager::VmManager;
 use super::{VmError, io, now_ms};
-use crate::disk::BlockDevice;
-use crate::overlay::Overlay;
 
 impl VmManager {
     /// Creates a VM whose disks are copy-on-write overlays over a recovery point of a
@@ -71,23 +68,33 @@ impl VmManager {
     }
 
     /// Restarts a failed-over VM (not committed) from another point of its replica; the
-    /// writes made since the failover are discarded.
+    /// writes made since the failover are discarded. Journaled (`vm::journal`).
     pub async fn change_point(&self, name: &VmName, point_id: &str) -> Result<v1::Vm, VmError> {
         let name = name.as_str();
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
-        match &entry.config.failover {
-            Some(f) if !f.committed => {}
+        let f = match &entry.config.failover {
+            Some(f) if !f.committed => f.clone(),
             _ => return Err(VmError::State(format!("VM {name} is not a failed-over VM waiting for commit"))),
+        };
+        let replica_of = if f.test_of.is_empty() { name.to_owned() } else { f.test_of.clone() };
+        let known = VmName::new(replica_of.clone())
+            .ok()
+            .and_then(|r| self.replicas.get(&r))
+            .is_some_and(|r| r.points().iter().any(|p| p.id == point_id));
+        if !known {
+            return Err(VmError::NotFound(format!("recovery point {point_id} of {replica_of}")));
         }
         self.stop_entry(entry, false).await?;
-        for d in &entry.config.disks {
-            Overlay::remove_files(&entry.folder.join(&d.file));
-        }
-        if let Some(f) = &mut entry.config.failover {
-            f.point_id = point_id.to_owned();
-        }
-        save_config(&entry.folder, &entry.config)?;
+        let plan = Journal::ChangePoint(ChangePointPlan {
+            vm: name.to_owned(),
+            replica_of,
+            from_point: f.point_id.clone(),
+            to_point: point_id.to_owned(),
+            overlays: entry.config.disks.iter().map(|d| d.file.clone()).collect(),
+            done: ChangePointStep::Planned,
+        });
+        self.run_journal(entry, Some(plan)).await?;
         self.start_entry(entry).await?;
         tracing::info!(vm = %name, point = %point_id, "failed-over VM restarted from another point");
         Ok(self.report(entry))
@@ -95,13 +102,25 @@ impl VmManager {
 
     /// Commits a failover: the replica is rolled back to the chosen point, the overlay's
     /// writes are written into it, and its images become the VM's own disks (tracked
-    /// from now on); the replica and its other points are gone.
+    /// from now on); the replica and its other points are gone. Journaled
+    /// (`vm::journal`): an interrupted commit is finished at the next agent start, or by
+    /// calling this again.
     pub async fn commit(&self, vm: &VmName) -> Result<v1::Vm, VmError> {
         let name = vm.as_str();
         let mut vms = self.vms.lock().await;
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if journal::read(&entry.folder)?.is_some() {
+            // An interrupted commit or change-point: finish it first.
+            self.stop_entry(entry, false).await?;
+            self.run_journal(entry, None).await?;
+        }
         let f = match &entry.config.failover {
-            Some(f) if f.committed => return Ok(self.report(entry)),
+            Some(f) if f.committed => {
+                if entry.running.is_none() && entry.config.power == Power::Running {
+                    self.start_entry(entry).await?;
+                }
+                return Ok(self.report(entry));
+            }
             Some(f) if f.kind == siterecovery_proto::model::FailoverKind::Test => {
                 return Err(VmError::State(format!("{name} is a test VM: clean it up instead")));
             }
@@ -109,51 +128,55 @@ impl VmManager {
             None => return Err(VmError::State(format!("VM {name} was not failed over"))),
         };
         let replica = self.replicas.get(vm).ok_or_else(|| VmError::State(format!("the replica of {name} is gone")))?;
+        let images = replica.images();
+        let mut disks = Vec::new();
+        for d in &entry.config.disks {
+            let (_, source) = images
+                .iter()
+                .find(|(id, _)| *id == d.id)
+                .ok_or_else(|| VmError::State(format!("replica has no disk {}", d.id)))?;
+            disks.push(CommitDisk {
+                id: d.id.clone(),
+                size_bytes: d.size_bytes,
+                overlay: d.file.clone(),
+                source: source.clone(),
+                target: format!("{}.img", d.id),
+            });
+        }
         self.stop_entry(entry, false).await?;
-        let folder = entry.folder.clone();
-        let disks = entry.config.disks.clone();
-        let point = f.point_id.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), VmError> {
-            replica.rollback_to(&point).map_err(|e| VmError::State(format!("rolling the replica back: {e}")))?;
-            let images = replica.images();
-            for d in &disks {
-                let (_, img_path) = images
-                    .iter()
-                    .find(|(id, _)| *id == d.id)
-                    .ok_or_else(|| VmError::State(format!("replica has no disk {}", d.id)))?;
-                let ov_path = folder.join(&d.file);
-                let base: Arc<dyn BlockDevice> =
-                    Arc::new(crate::disk::RawFile::open(img_path, true).map_err(io(img_path))?);
-                let ov = Overlay::open(base, &ov_path)?;
-                let img = crate::files::open_existing(img_path, true).map_err(io(img_path))?;
-                let mut buf = vec![0u8; crate::overlay::BLOCK as usize];
-                for b in ov.written_blocks() {
-                    let off = b * crate::overlay::BLOCK;
-                    let n = (d.size_bytes - off).min(crate::overlay::BLOCK) as usize;
-                    ov.read_overlay_block(b, &mut buf[..n]).map_err(io(&ov_path))?;
-                    std::os::unix::fs::FileExt::write_all_at(&img, &buf[..n], off).map_err(io(img_path))?;
-                }
-                img.sync_all().map_err(io(img_path))?;
-                let target = folder.join(format!("{}.img", d.id));
-                std::fs::rename(img_path, &target).map_err(io(&target))?;
-                Overlay::remove_files(&ov_path);
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| VmError::State(format!("commit: {e}")))??;
-        for d in &mut entry.config.disks {
-            d.file = format!("{}.img", d.id);
-        }
-        if let Some(fc) = &mut entry.config.failover {
-            fc.committed = true;
-        }
-        save_config(&entry.folder, &entry.config)?;
-        if let Err(e) = self.replicas.remove(vm) {
-            tracing::warn!(vm = %name, "removing the committed replica: {e:#}");
-        }
+        let plan = Journal::Commit(CommitPlan {
+            vm: name.to_owned(),
+            point_id: f.point_id.clone(),
+            disks,
+            done: CommitStep::Planned,
+        });
+        self.run_journal(entry, Some(plan)).await?;
         self.start_entry(entry).await?;
         tracing::info!(vm = %name, point = %f.point_id, "failover committed; the disks are the VM's own");
         Ok(self.report(entry))
+    }
+
+    /// Runs a new journaled operation (`Some`) or the one in the VM folder (`None`) to
+    /// its end on a blocking thread, then reloads the VM's config it changed.
+    async fn run_journal(&self, entry: &mut Entry, new: Option<Journal>) -> Result<(), VmError> {
+        let folder = entry.folder.clone();
+        let replicas = self.replicas.clone();
+        let outcome = tokio::task::spawn_blocking(move || -> Result<Option<Outcome>, VmError> {
+            match new {
+                Some(j) => journal::start(&folder, j, &replicas).map(Some),
+                None => match journal::read(&folder)? {
+                    Some(j) => journal::run(&folder, j, &replicas).map(Some),
+                    None => Ok(None),
+                },
+            }
+        })
+        .await
+        .map_err(|e| VmError::State(format!("failover journal: {e}")))??;
+        if let Some(outcome) = outcome {
+            tracing::info!(vm = %entry.config.name, ?outcome, "failover journal done");
+        }
+        entry.config = read_config(&entry.folder)?
+            .ok_or_else(|| VmError::State(format!("{}: the VM config is gone", entry.folder.display())))?;
+        Ok(())
     }
 }

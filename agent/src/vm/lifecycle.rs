@@ -68,7 +68,17 @@ impl VmManager {
         let mut vms = mgr.vms.lock().await;
         for (config, folder) in found {
             let name = config.name.clone();
-            let start = config.power == Power::Running;
+            // An interrupted commit or change-point is finished (or undone) before the VM
+            // is served; one that cannot finish keeps the VM stopped, its files as they are.
+            let (config, resumed) = match mgr.resume_journal(&folder) {
+                Ok(Some(c)) => (c, true),
+                Ok(None) => (config, true),
+                Err(e) => {
+                    tracing::error!(vm = %name, folder = %folder.display(), "interrupted failover operation: {e:#}");
+                    (config, false)
+                }
+            };
+            let start = resumed && config.power == Power::Running;
             vms.insert(name.clone(), Entry { config, folder, running: None });
             if start {
                 let entry = vms.get_mut(&name).ok_or_else(|| VmError::NotFound(name.clone()))?;
@@ -80,6 +90,18 @@ impl VmManager {
         }
         drop(vms);
         Ok(mgr)
+    }
+
+    /// Runs the failover journal of `folder` to its end, if there is one; returns the
+    /// config as it left it.
+    fn resume_journal(&self, folder: &std::path::Path) -> Result<Option<VmConfig>, VmError> {
+        let Some(j) = super::journal::read(folder)? else { return Ok(None) };
+        tracing::warn!(folder = %folder.display(), journal = ?j, "finishing an interrupted failover operation");
+        let outcome = super::journal::run(folder, j, &self.replicas)?;
+        tracing::info!(folder = %folder.display(), ?outcome, "interrupted failover operation finished");
+        let config = read_config(folder)?
+            .ok_or_else(|| VmError::State(format!("{}: the VM config is gone", folder.display())))?;
+        Ok(Some(config))
     }
 
     /// Creates a VM folder with sparse disk images; starts it when asked.

@@ -13,12 +13,14 @@
 //! The parts, bottom up: `error`, `config` (`vm.json`), `entry` (a VM held in memory),
 //! `manager` (the set of VMs and read-only queries), `report` (the inventory),
 //! `running` (serving the disks), `lifecycle` (create, start, stop, delete, ...) and
-//! `failover` (VMs over a recovery point, commit).
+//! `failover` (VMs over a recovery point, commit), with `journal` (commit and
+//! change-point made crash-safe, finished at the next start).
 
 mod config;
 mod entry;
 mod error;
 mod failover;
+mod journal;
 mod lifecycle;
 mod manager;
 mod report;

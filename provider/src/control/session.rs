@@ -25,13 +25,23 @@ use super::service::{ControlContext, ControlError};
 use super::sessions::{Outbound, Pending, now_ms};
 use super::writes::{due, plan_inventory};
 use crate::inventory::{HostRecord, RelationshipHosts, VmRecord};
-use crate::store::VMS;
+use crate::store::{Change, VMS};
 
 /// Whether the session goes on.
 #[derive(Debug, PartialEq, Eq)]
 enum Flow {
     Continue,
     End,
+}
+
+/// An inventory report kept until its write is due.
+#[derive(Debug)]
+pub(super) struct PendingInventory {
+    pub vms: Vec<VmRecord>,
+    pub due: Instant,
+    /// Keys of the VM records the report deleted when it came (this host's VMs it no
+    /// longer lists); the write deletes no other.
+    pub deletable: std::collections::HashSet<String>,
 }
 
 /// A live session's state.
@@ -46,7 +56,7 @@ pub(super) struct Session<C> {
     pub renewals: RenewLimiter,
     pub hello_seen: bool,
     /// The latest inventory not written yet, and when it is due.
-    pub inventory: Option<(Vec<VmRecord>, Instant)>,
+    pub inventory: Option<PendingInventory>,
     /// Expiry of the bound certificate (unix ms; 0: unknown): the session ends then.
     pub cert_expires_unix_ms: i64,
     /// Cancelled at shutdown or when a newer session of this host replaced this one.
@@ -94,7 +104,7 @@ impl<C: ControlContext> Session<C> {
         let mut revocations_open = true;
         let mut flow = self.push_revocations().await;
         while flow == Flow::Continue {
-            let due = self.inventory.as_ref().map(|(_, d)| *d);
+            let due = self.inventory.as_ref().map(|p| p.due);
             let expires = (self.cert_expires_unix_ms > 0).then(|| {
                 let left = self.cert_expires_unix_ms.saturating_sub(now_ms());
                 Instant::now() + std::time::Duration::from_millis(u64::try_from(left).unwrap_or(0))
@@ -285,16 +295,24 @@ impl<C: ControlContext> Session<C> {
         // A report equal to the store is "written" on the slow clock too: nothing is
         // committed, but failover hears of the host's VMs.
         let mut at = due(plan.difference, last, now, &limits);
-        if let Some((_, earlier)) = &self.inventory {
-            at = at.min(*earlier);
+        if let Some(earlier) = &self.inventory {
+            at = at.min(earlier.due);
         }
-        self.inventory = Some((vms, at));
+        let deletable = plan
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Delete(key) => Some(key.clone()),
+                Change::Put(..) => None,
+            })
+            .collect();
+        self.inventory = Some(PendingInventory { vms, due: at, deletable });
         if at <= now { self.flush_inventory().await } else { Flow::Continue }
     }
 
     /// Writes the pending inventory, deciding again inside the write transaction.
     async fn flush_inventory(&mut self) -> Flow {
-        let Some((vms, _)) = self.inventory.take() else { return Flow::Continue };
+        let Some(PendingInventory { vms, deletable, .. }) = self.inventory.take() else { return Flow::Continue };
         if let Err(flow) = self.bound().await {
             return flow;
         }
@@ -302,7 +320,18 @@ impl<C: ControlContext> Session<C> {
         let id = self.binding.id.clone();
         let written = self.state.store().reconcile(VMS, |stored: &[(String, VmRecord)]| {
             let plan = plan_inventory(stored, &id, &vms, |n| rels.get(n).cloned());
-            (plan.changes.clone(), plan)
+            // A report written late deletes only what was this host's when it came: a VM
+            // placed here since (a failover's record) is not in it and must stay.
+            let changes = plan
+                .changes
+                .iter()
+                .filter(|c| match c {
+                    Change::Delete(key) => deletable.contains(key),
+                    Change::Put(..) => true,
+                })
+                .cloned()
+                .collect();
+            (changes, plan)
         });
         self.state.sessions().inventory_written(&self.binding.id, Instant::now());
         match written {

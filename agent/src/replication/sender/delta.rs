@@ -184,6 +184,8 @@ impl<T: PeerTransport> Task<T> {
 
     pub(super) fn delete_logs(&self, disk: &DiskId, through: u64) -> Result<(), ReplicationError> {
         if let Some((_, d)) = self.disks.iter().find(|(id, _)| id == disk) {
+            crate::faults::point(crate::faults::SENDER_LOG_DELETE)
+                .map_err(|e| super::error::io_err(format!("deleting the logs of {disk}"), e))?;
             d.delete_logs_through(LogSeq(through))?;
         }
         Ok(())

@@ -115,6 +115,8 @@ impl<T: PeerTransport> Task<T> {
                             return Err(ReplicationError::Protocol(format!("ack for disk {} while copying {id}", ack.disk_id)));
                         }
                         let _ = ack_tx.send(ack.acked_offset);
+                        crate::faults::point(crate::faults::INITIAL_CHUNK_ACK)
+                            .map_err(|e| io_err(format!("initial copy of {id}"), e))?;
                         self.view.done = base_done + allocated_below(ranges, if ack.complete { u64::MAX } else { ack.acked_offset });
                         if ack.complete {
                             return Ok(());

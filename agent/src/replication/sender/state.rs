@@ -110,6 +110,8 @@ impl SenderState {
 
     /// Writes the state file atomically.
     pub fn save(&self, path: &Path) -> Result<(), PersistError> {
+        crate::faults::point(crate::faults::SENDER_STATE_SAVE)
+            .map_err(|source| PersistError::Io { path: path.to_path_buf(), source })?;
         persist::save(path, &SENDER_STATE, self)
     }
 }
