@@ -26,6 +26,7 @@ pub mod replica;
 pub mod replication;
 pub mod tracker;
 pub mod vm;
+pub mod zeroes;
 
 // The replication package's modules at their former paths (other modules and the
 // integration tests use them).

@@ -18,6 +18,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::disk::{BlockDevice, DiskError, check_range};
 use crate::persist::{self, OVERLAY_MAP, PersistError};
+use crate::zeroes::{ZeroMode, zero_range};
 
 /// Overlay block size.
 pub const BLOCK: u64 = 4096;
@@ -206,22 +207,40 @@ impl BlockDevice for Overlay {
         }
         Ok(())
     }
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError> {
+    /// Partial blocks at the ends are written as zero bytes (completed from the base);
+    /// whole blocks are punched out of the overlay file and marked written, so zeroing
+    /// a large range allocates nothing (the hole reads as zeroes).
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, _no_hole: bool) -> Result<(), DiskError> {
         check_range(offset, len, self.size)?;
-        let zeroes = vec![0u8; (len.min(1 << 20)) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64) as usize;
-            self.write_at(&zeroes[..n], offset + done, false)?;
-            done += n as u64;
+        let end = offset + len;
+        let first_whole = offset.div_ceil(BLOCK) * BLOCK;
+        let last_whole = if end == self.size { end } else { end / BLOCK * BLOCK };
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if first_whole >= last_whole {
+            self.write_locked(&mut map, &vec![0u8; len as usize], offset)?;
+        } else {
+            if offset < first_whole {
+                self.write_locked(&mut map, &vec![0u8; (first_whole - offset) as usize], offset)?;
+            }
+            if last_whole < end {
+                self.write_locked(&mut map, &vec![0u8; (end - last_whole) as usize], last_whole)?;
+            }
+            zero_range(&self.file, first_whole, last_whole - first_whole, ZeroMode::Punch)
+                .map_err(DiskError::from_io)?;
+            for b in first_whole / BLOCK..last_whole.div_ceil(BLOCK) {
+                if let Some(w) = map.get_mut((b / 64) as usize) {
+                    *w |= 1 << (b % 64);
+                }
+            }
         }
+        drop(map);
         if fua {
             self.flush()?;
         }
         Ok(())
     }
     fn trim(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.write_zeroes(offset, len, false)
+        self.write_zeroes(offset, len, false, false)
     }
     fn flush(&self) -> Result<(), DiskError> {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
