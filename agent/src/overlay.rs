@@ -339,4 +339,35 @@ mod tests {
         ov.flush().expect("flush");
         assert_eq!(&std::fs::read(&mp).expect("map")[..4], &OVERLAY_MAP.magic);
     }
+
+    #[test]
+    fn zeroes_through_the_overlay_read_zero_and_allocate_nothing() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let base_path = dir.path().join("base.img");
+        let f = File::create(&base_path).expect("base");
+        f.set_len(8 << 20).expect("len");
+        f.write_all_at(&vec![0x42; 8 << 20], 0).expect("fill");
+        let base: Arc<dyn BlockDevice> = Arc::new(RawFile::open(&base_path, true).expect("open base"));
+        let path = dir.path().join("ov");
+        let ov = Overlay::open(base, &path).expect("overlay");
+        // Unaligned at both ends: two partial blocks written, the rest punched.
+        ov.write_zeroes(100, (6 << 20) - 200, false, false).expect("zeroes");
+        ov.trim(7 << 20, 1 << 20).expect("trim");
+        let mut buf = vec![0u8; 8 << 20];
+        ov.read_at(&mut buf, 0).expect("read");
+        assert!(buf[..100].iter().all(|&b| b == 0x42));
+        assert!(crate::zeroes::is_zero(&buf[100..(6 << 20) - 100]));
+        assert!(buf[(6 << 20) - 100..7 << 20].iter().all(|&b| b == 0x42));
+        assert!(crate::zeroes::is_zero(&buf[7 << 20..]));
+        let allocated = std::fs::metadata(&path).expect("meta").blocks() * 512;
+        assert!(allocated <= 64 << 10, "overlay allocated {allocated} bytes");
+        ov.flush().expect("flush");
+        drop(ov);
+        let base: Arc<dyn BlockDevice> = Arc::new(RawFile::open(&base_path, true).expect("open base"));
+        let ov = Overlay::open(base, &path).expect("reopen");
+        let mut again = vec![0u8; 8 << 20];
+        ov.read_at(&mut again, 0).expect("read");
+        assert_eq!(again, buf, "the zeroed blocks survive a reopen");
+    }
 }

@@ -47,6 +47,8 @@ mod view;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod zero_tests;
 
 use std::fs::File;
 use std::path::Path;
