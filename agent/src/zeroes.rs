@@ -7,8 +7,8 @@
 //! (`ZERO_RANGE`, metadata only on ext4/xfs). Only when the file system refuses the call
 //! (`EOPNOTSUPP`, e.g. ZERO_RANGE on tmpfs) are zero bytes written.
 //!
-//! Every user of an image's bytes shares it: the tracker (primary), [`crate::disk::RawFile`]
-//! (untracked disks), the replica's apply and rollback, the overlay of a test VM.
+//! Every writer of image bytes uses it: the tracker (primary), untracked raw disks, the
+//! replica's apply and rollback, the overlay of a test VM.
 
 use std::fs::File;
 use std::io;
