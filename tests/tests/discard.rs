@@ -49,17 +49,23 @@ fn protected_thin_vm(test: &str) -> (World, PathBuf, PathBuf, String) {
     (w, primary, replica, uri)
 }
 
-/// Runs `cmd` through qemu-io, waits for the point after it and for the sender's byte
-/// count to move past it; returns (the point, bytes sent for it, undo bytes added).
+/// A 4 KiB write in the disk's last block after each command: its point comes after the
+/// command's, so once the sender's byte count (data bytes sent, `bytes_replicated`) has
+/// moved past it the count covers the command's point too.
+const MARKER: &str = "write -P 0x77 1073737728 4k";
+
+/// Runs `cmd` through qemu-io, waits for the point after it, then for the point of
+/// [`MARKER`] and the byte count reported with it; returns (the command's point, bytes
+/// sent for it and the marker, undo bytes added on the replica).
 fn run_and_wait_point(w: &World, uri: &str, cmd: &str) -> (serde_json::Value, u64, u64) {
-    // Settled: no point in the making (an interval without writes makes none).
-    let settled = w.wait_point_after(VM, 0, "the last point")["created_unix_ms"].as_i64().unwrap_or(0);
-    assert!(wait_until(Duration::from_secs(10), || unix_now_ms() > settled + 2500), "clock");
     let sent0 = bytes_replicated(w);
     let undo0 = undo_bytes(&w.replica_dir("hv-b", VM));
     w.qio_ok(uri, &[cmd]);
     let done = unix_now_ms();
     let p = w.wait_point_after(VM, done, cmd);
+    let p_ms = p["created_unix_ms"].as_i64().unwrap_or(0);
+    w.qio_ok(uri, &[MARKER]);
+    w.wait_point_after(VM, p_ms.max(unix_now_ms()), "the marker's point");
     let mut sent = sent0;
     assert!(
         wait_until(Duration::from_secs(20), || {
@@ -90,7 +96,7 @@ fn discard_of_a_thin_disk_punches_holes_on_primary_and_replica() {
         "the replica was not punched: {} B allocated (was {b0})",
         allocated(&replica)
     );
-    assert!(sent < MIB, "the discard sent {sent} B");
+    assert!(sent < 64 << 10, "the discard (and the 4 KiB marker) sent {sent} B");
     // The undo keeps the discarded 64 MiB (the earlier point still reads it), not 1 GiB.
     assert!(undo >= 64 * MIB && undo < 65 * MIB, "undo of the discard is {undo} B");
 
@@ -100,7 +106,7 @@ fn discard_of_a_thin_disk_punches_holes_on_primary_and_replica() {
     let older = w.export(VM, &before_id);
     assert!(w.reads(&older[0], &["read -P 0x5a 0 64M", "read -P 0 64M 960M"]), "the point before lost its data");
     assert_ok(&w.cli(&["point", "unexport", VM]), "point unexport");
-    assert!(w.reads(&uri, &["read -P 0 0 1G"]), "the primary does not read zeros");
+    assert!(w.reads(&uri, &["read -P 0 0 1023M"]), "the primary does not read zeros");
 }
 
 #[test]
@@ -111,27 +117,32 @@ fn write_zeroes_punches_unless_no_hole_and_sends_no_zero_bytes() {
     // `write -z -u`: WRITE_ZEROES without NO_HOLE: a hole on both sides.
     let (_, sent, undo) = run_and_wait_point(&w, &uri, "write -z -u 0 32M");
     let (a1, b1) = (allocated(&primary), allocated(&replica));
-    eprintln!("[zeroes] write -z -u 0 32M: primary {a0} -> {a1} B, replica {b0} -> {b1} B, {sent} B sent, undo +{undo} B");
-    assert!(a1 <= a0 - 32 * MIB, "the primary was not punched: {a1} B (was {a0})");
+    eprintln!(
+        "[zeroes] write -z -u 0 32M: primary {a0} -> {a1} B, replica {b0} -> {b1} B, {sent} B sent, undo +{undo} B"
+    );
+    // (31 MiB: the marker's block is allocated now.)
+    assert!(a1 <= a0 - 31 * MIB, "the primary was not punched: {a1} B (was {a0})");
     assert!(
-        wait_until(Duration::from_secs(10), || allocated(&replica) <= b0 - 32 * MIB),
+        wait_until(Duration::from_secs(10), || allocated(&replica) <= b0 - 31 * MIB),
         "the replica was not punched: {} B (was {b0})",
         allocated(&replica)
     );
-    assert!(sent < MIB, "write -z -u sent {sent} B");
+    assert!(sent < 64 << 10, "write -z -u (and the marker) sent {sent} B");
     assert!(undo < 33 * MIB, "undo of 32 MiB zeroed is {undo} B");
 
     // `write -z`: NO_HOLE: the primary zeroes in place (never grows); the replica only
     // needs zeroes and punches.
     let (p, sent, undo) = run_and_wait_point(&w, &uri, "write -z 32M 32M");
     let (a2, b2) = (allocated(&primary), allocated(&replica));
-    eprintln!("[zeroes] write -z 32M 32M: primary {a1} -> {a2} B, replica {b1} -> {b2} B, {sent} B sent, undo +{undo} B");
+    eprintln!(
+        "[zeroes] write -z 32M 32M: primary {a1} -> {a2} B, replica {b1} -> {b2} B, {sent} B sent, undo +{undo} B"
+    );
     assert!(a2 <= a1, "the primary grew: {a2} B (was {a1})");
     assert!(b2 <= b1, "the replica grew: {b2} B (was {b1})");
-    assert!(sent < MIB, "write -z sent {sent} B");
+    assert!(sent < 64 << 10, "write -z (and the marker) sent {sent} B");
     assert!(undo < 33 * MIB, "undo of 32 MiB zeroed is {undo} B");
 
     let latest = w.export(VM, p["id"].as_str().expect("id"));
-    assert!(w.reads(&latest[0], &["read -P 0 0 1G"]), "the point after the zeroes does not read zeros");
+    assert!(w.reads(&latest[0], &["read -P 0 0 1023M"]), "the point after the zeroes does not read zeros");
     assert_ok(&w.cli(&["point", "unexport", VM]), "point unexport");
 }

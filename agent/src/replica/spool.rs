@@ -10,8 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::image::{Image, check};
-use crate::zeroes::{ZeroMode, zero_range};
 use super::{END, MAX_EXTENT, ReplicaError, io_at};
+use crate::zeroes::{ZeroMode, zero_range};
 
 const SPOOL_MAGIC: &[u8; 8] = b"SRSPOOL1";
 const KIND_DATA: u8 = 1;

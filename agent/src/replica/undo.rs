@@ -62,8 +62,12 @@ impl<'a> RecordWriter<'a> {
     /// Writes the end marker and the file checksum, and makes the file durable.
     fn finish(mut self) -> Result<(), ReplicaError> {
         let path = self.path;
-        self.w.write_all(&END.to_le_bytes()).and_then(|()| self.w.write_all(&self.total.to_le_bytes())).map_err(io_at(path))?;
-        let file = self.w.into_inner().map_err(|e| ReplicaError::Io { path: path.to_path_buf(), source: e.into_error() })?;
+        self.w
+            .write_all(&END.to_le_bytes())
+            .and_then(|()| self.w.write_all(&self.total.to_le_bytes()))
+            .map_err(io_at(path))?;
+        let file =
+            self.w.into_inner().map_err(|e| ReplicaError::Io { path: path.to_path_buf(), source: e.into_error() })?;
         file.sync_all().map_err(io_at(path))?;
         sync_dir(path.parent().unwrap_or(Path::new(".")))
     }

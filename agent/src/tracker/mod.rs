@@ -579,6 +579,6 @@ fn file_len(path: &Path) -> Result<u64, TrackerError> {
 }
 
 mod block;
-mod zero;
 #[cfg(test)]
 mod tests;
+mod zero;
