@@ -83,8 +83,8 @@ fn discard_of_a_thin_disk_punches_holes_on_primary_and_replica() {
     let (w, primary, replica, uri) = protected_thin_vm("discard_thin");
     let (a0, b0) = (allocated(&primary), allocated(&replica));
     eprintln!("[discard] before: primary {a0} B allocated, replica {b0} B");
-    assert!(a0 >= 64 * MIB && a0 < 80 * MIB, "the primary holds the data, thin: {a0}");
-    assert!(b0 >= 64 * MIB && b0 < 80 * MIB, "the replica holds the data, thin: {b0}");
+    assert!((64 * MIB..80 * MIB).contains(&a0), "the primary holds the data, thin: {a0}");
+    assert!((64 * MIB..80 * MIB).contains(&b0), "the replica holds the data, thin: {b0}");
     let before_id = w.points(VM).last().expect("a point")["id"].as_str().expect("id").to_owned();
 
     let (p, sent, undo) = run_and_wait_point(&w, &uri, "discard 0 1G");
@@ -98,7 +98,7 @@ fn discard_of_a_thin_disk_punches_holes_on_primary_and_replica() {
     );
     assert!(sent < 64 << 10, "the discard (and the 4 KiB marker) sent {sent} B");
     // The undo keeps the discarded 64 MiB (the earlier point still reads it), not 1 GiB.
-    assert!(undo >= 64 * MIB && undo < 65 * MIB, "undo of the discard is {undo} B");
+    assert!((64 * MIB..65 * MIB).contains(&undo), "undo of the discard is {undo} B");
 
     let latest = w.export(VM, p["id"].as_str().expect("id"));
     assert!(w.reads(&latest[0], &["read -P 0 0 1G"]), "the point after the discard does not read zeros");
