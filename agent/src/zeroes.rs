@@ -56,19 +56,6 @@ pub fn write_zero_bytes(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Where the next allocated data at or after `offset` starts (`SEEK_DATA`): `None` when
-/// the rest of the file is a hole. A file system without `SEEK_DATA` reports `offset`
-/// (everything counts as data), so callers only ever skip real holes.
-pub fn next_data(file: &File, offset: u64) -> io::Result<Option<u64>> {
-    let Ok(off) = i64::try_from(offset) else { return Ok(Some(offset)) };
-    match nix::unistd::lseek(file, off, nix::unistd::Whence::SeekData) {
-        Ok(at) => Ok(Some(u64::try_from(at).unwrap_or(offset).max(offset))),
-        Err(nix::errno::Errno::ENXIO) => Ok(None),
-        Err(nix::errno::Errno::EINVAL | nix::errno::Errno::EOPNOTSUPP) => Ok(Some(offset)),
-        Err(e) => Err(io::Error::from(e)),
-    }
-}
-
 /// True when every byte of `buf` is zero.
 pub fn is_zero(buf: &[u8]) -> bool {
     let words = buf.chunks_exact(8);

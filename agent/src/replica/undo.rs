@@ -117,60 +117,67 @@ pub(super) fn write_undo(
     for (disk, rs) in ranges.iter().enumerate() {
         let img = &images[disk];
         for (off, len) in union(rs) {
-            // Zero run not yet written: merged across the 4 MiB pieces.
-            let mut zeroes: Option<(u64, u64)> = None;
-            let mut done = 0;
-            while done < len {
-                // A hole is zeroes without reading it.
-                let hole_end = match crate::zeroes::next_data(&img.file, off + done).map_err(io_at(&img.path))? {
-                    Some(d) => d.min(off + len),
-                    None => off + len,
-                };
-                if hole_end > off + done {
-                    let run = hole_end - (off + done);
-                    zeroes = Some(match zeroes {
-                        Some((s, l)) => (s, l + run),
-                        None => (off + done, run),
-                    });
-                    done += run;
-                    continue;
-                }
-                let n = (len - done).min(MAX_DATA);
-                buf.resize(n as usize, 0);
-                img.file.read_exact_at(&mut buf, off + done).map_err(io_at(&img.path))?;
-                let mut at = 0usize;
-                while at < buf.len() {
-                    // A run of blocks all zero or all not.
-                    let zero = crate::zeroes::is_zero(&buf[at..(at + ZERO_GRAIN).min(buf.len())]);
-                    let mut run_end = (at + ZERO_GRAIN).min(buf.len());
-                    while run_end < buf.len()
-                        && crate::zeroes::is_zero(&buf[run_end..(run_end + ZERO_GRAIN).min(buf.len())]) == zero
-                    {
-                        run_end = (run_end + ZERO_GRAIN).min(buf.len());
-                    }
-                    let start = off + done + at as u64;
-                    let run = (run_end - at) as u64;
-                    if zero {
-                        zeroes = Some(match zeroes {
-                            Some((s, l)) => (s, l + run),
-                            None => (start, run),
-                        });
-                    } else {
-                        if let Some((s, l)) = zeroes.take() {
-                            w.record(disk, s, l, None)?;
+            let end = off + len;
+            // Zeroes not yet written: one record for a run of holes and zero blocks.
+            let mut zeroes = Zeroes::default();
+            // Holes (SEEK_DATA/SEEK_HOLE) are zeroes without reading them.
+            let data = crate::extents::allocated_ranges(&img.file, off, end).map_err(io_at(&img.path))?;
+            let mut pos = off;
+            for (s, e) in data.into_iter().chain([(end, end)]) {
+                zeroes.add(pos, s.saturating_sub(pos));
+                pos = pos.max(s);
+                while pos < e {
+                    let n = (e - pos).min(MAX_DATA);
+                    buf.resize(n as usize, 0);
+                    img.file.read_exact_at(&mut buf, pos).map_err(io_at(&img.path))?;
+                    let mut at = 0usize;
+                    while at < buf.len() {
+                        // A run of 4 KiB blocks all zero or all not.
+                        let grain = |i: usize| &buf[i..(i + ZERO_GRAIN).min(buf.len())];
+                        let zero = crate::zeroes::is_zero(grain(at));
+                        let mut run_end = (at + ZERO_GRAIN).min(buf.len());
+                        while run_end < buf.len() && crate::zeroes::is_zero(grain(run_end)) == zero {
+                            run_end = (run_end + ZERO_GRAIN).min(buf.len());
                         }
-                        w.record(disk, start, run, Some(&buf[at..run_end]))?;
+                        let start = pos + at as u64;
+                        if zero {
+                            zeroes.add(start, (run_end - at) as u64);
+                        } else {
+                            zeroes.flush(&mut w, disk)?;
+                            w.record(disk, start, (run_end - at) as u64, Some(&buf[at..run_end]))?;
+                        }
+                        at = run_end;
                     }
-                    at = run_end;
+                    pos += n;
                 }
-                done += n;
             }
-            if let Some((s, l)) = zeroes {
-                w.record(disk, s, l, None)?;
-            }
+            zeroes.flush(&mut w, disk)?;
         }
     }
     w.finish()
+}
+
+/// A run of zeroes being collected for one zero record.
+#[derive(Default)]
+struct Zeroes(Option<(u64, u64)>);
+
+impl Zeroes {
+    /// Extends the run by `len` bytes at `offset` (contiguous with it).
+    fn add(&mut self, offset: u64, len: u64) {
+        if len > 0 {
+            self.0 = Some(match self.0 {
+                Some((s, l)) => (s, l + len),
+                None => (offset, len),
+            });
+        }
+    }
+
+    fn flush(&mut self, w: &mut RecordWriter<'_>, disk: usize) -> Result<(), ReplicaError> {
+        match self.0.take() {
+            Some((s, l)) => w.record(disk, s, l, None),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Sorted union of possibly overlapping ranges.

@@ -123,3 +123,33 @@ fn pruning_merges_zero_undo_records() {
     let undo_len: u64 = undo_files(r.dir()).iter().map(|u| file_len(u)).sum();
     assert!(undo_len < (1 << 20) + (64 << 10), "undo is {undo_len} bytes");
 }
+
+#[test]
+fn a_version_1_undo_record_is_still_read() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("undo-7.undo");
+    let data = vec![0x3cu8; 5000];
+    let mut hdr = Vec::new();
+    hdr.extend_from_slice(&0u32.to_le_bytes());
+    hdr.extend_from_slice(&100u64.to_le_bytes());
+    hdr.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    hdr.extend_from_slice(&crc32c::crc32c(&data).to_le_bytes());
+    let total = crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&[]), &hdr), &data);
+    let mut file = b"SRUNDO01".to_vec();
+    file.extend_from_slice(&7u64.to_le_bytes());
+    file.extend_from_slice(&hdr);
+    file.extend_from_slice(&data);
+    file.extend_from_slice(&END.to_le_bytes());
+    file.extend_from_slice(&total.to_le_bytes());
+    std::fs::write(&path, &file).expect("write");
+    let undo = super::undo::load_undo(&path, 1).expect("load v1");
+    assert_eq!(undo.ranges[0], vec![(100, 5000, Some(16 + 24))]);
+    let mut buf = vec![9u8; 6000];
+    undo.overlay(0, 0, &mut buf).expect("overlay");
+    assert!(buf[..100].iter().all(|&b| b == 9) && buf[100..5100].iter().all(|&b| b == 0x3c));
+    // A flipped byte of the data is caught.
+    let mut bad = file.clone();
+    bad[16 + 24 + 10] ^= 1;
+    std::fs::write(&path, &bad).expect("write");
+    assert!(super::undo::load_undo(&path, 1).is_err());
+}
