@@ -12,6 +12,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::zeroes::{ZeroMode, zero_range};
+
 /// Why a block operation failed; the NBD server maps each variant to an NBD errno.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -54,9 +56,11 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError>;
     /// Writes `data` at `offset`; with `fua` durable before returning.
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), DiskError>;
-    /// Makes `len` bytes at `offset` read as zeroes.
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError>;
-    /// Discards `len` bytes at `offset` (reads as zeroes afterwards in our implementation).
+    /// Makes `len` bytes at `offset` read as zeroes. Without `no_hole` the range may be
+    /// deallocated (a hole punched); with it (NBD `NO_HOLE`) it stays allocated.
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> Result<(), DiskError>;
+    /// Discards `len` bytes at `offset`: in our implementations a hole is punched, and
+    /// the range reads as zeroes afterwards.
     fn trim(&self, offset: u64, len: u64) -> Result<(), DiskError>;
     /// Makes every acknowledged write durable.
     fn flush(&self) -> Result<(), DiskError>;
@@ -109,25 +113,20 @@ impl BlockDevice for RawFile {
         }
         Ok(())
     }
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError> {
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> Result<(), DiskError> {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
         check_range(offset, len, self.size)?;
-        let zeroes = vec![0u8; (len.min(1 << 20)) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64) as usize;
-            self.file.write_all_at(&zeroes[..n], offset + done).map_err(DiskError::from_io)?;
-            done += n as u64;
-        }
+        let mode = if no_hole { ZeroMode::Allocate } else { ZeroMode::Punch };
+        zero_range(&self.file, offset, len, mode).map_err(DiskError::from_io)?;
         if fua {
             self.file.sync_data().map_err(DiskError::from_io)?;
         }
         Ok(())
     }
     fn trim(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.write_zeroes(offset, len, false)
+        self.write_zeroes(offset, len, false, false)
     }
     fn flush(&self) -> Result<(), DiskError> {
         if self.read_only {

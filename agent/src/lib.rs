@@ -28,6 +28,7 @@ pub mod replication;
 mod testkit;
 pub mod tracker;
 pub mod vm;
+pub mod zeroes;
 
 // The replication package's modules at their former paths (other modules and the
 // integration tests use them).

@@ -18,6 +18,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::disk::{BlockDevice, DiskError, check_range};
 use crate::persist::{self, OVERLAY_MAP, PersistError};
+use crate::zeroes::{ZeroMode, zero_range};
 
 /// Overlay block size.
 pub const BLOCK: u64 = 4096;
@@ -213,22 +214,40 @@ impl BlockDevice for Overlay {
         }
         Ok(())
     }
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError> {
+    /// Partial blocks at the ends are written as zero bytes (completed from the base);
+    /// whole blocks are punched out of the overlay file and marked written, so zeroing
+    /// a large range allocates nothing (the hole reads as zeroes).
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, _no_hole: bool) -> Result<(), DiskError> {
         check_range(offset, len, self.size)?;
-        let zeroes = vec![0u8; (len.min(1 << 20)) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeroes.len() as u64) as usize;
-            self.write_at(&zeroes[..n], offset + done, false)?;
-            done += n as u64;
+        let end = offset + len;
+        let first_whole = offset.div_ceil(BLOCK) * BLOCK;
+        let last_whole = if end == self.size { end } else { end / BLOCK * BLOCK };
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if first_whole >= last_whole {
+            self.write_locked(&mut map, &vec![0u8; len as usize], offset)?;
+        } else {
+            if offset < first_whole {
+                self.write_locked(&mut map, &vec![0u8; (first_whole - offset) as usize], offset)?;
+            }
+            if last_whole < end {
+                self.write_locked(&mut map, &vec![0u8; (end - last_whole) as usize], last_whole)?;
+            }
+            zero_range(&self.file, first_whole, last_whole - first_whole, ZeroMode::Punch)
+                .map_err(DiskError::from_io)?;
+            for b in first_whole / BLOCK..last_whole.div_ceil(BLOCK) {
+                if let Some(w) = map.get_mut((b / 64) as usize) {
+                    *w |= 1 << (b % 64);
+                }
+            }
         }
+        drop(map);
         if fua {
             self.flush()?;
         }
         Ok(())
     }
     fn trim(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.write_zeroes(offset, len, false)
+        self.write_zeroes(offset, len, false, false)
     }
     fn flush(&self) -> Result<(), DiskError> {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
@@ -328,5 +347,36 @@ mod tests {
         assert_eq!(got, [2u8; 10]);
         ov.flush().expect("flush");
         assert_eq!(&std::fs::read(&mp).expect("map")[..4], &OVERLAY_MAP.magic);
+    }
+
+    #[test]
+    fn zeroes_through_the_overlay_read_zero_and_allocate_nothing() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let base_path = dir.path().join("base.img");
+        let f = File::create(&base_path).expect("base");
+        f.set_len(8 << 20).expect("len");
+        f.write_all_at(&vec![0x42; 8 << 20], 0).expect("fill");
+        let base: Arc<dyn BlockDevice> = Arc::new(RawFile::open(&base_path, true).expect("open base"));
+        let path = dir.path().join("ov");
+        let ov = Overlay::open(base, &path).expect("overlay");
+        // Unaligned at both ends: two partial blocks written, the rest punched.
+        ov.write_zeroes(100, (6 << 20) - 200, false, false).expect("zeroes");
+        ov.trim(7 << 20, 1 << 20).expect("trim");
+        let mut buf = vec![0u8; 8 << 20];
+        ov.read_at(&mut buf, 0).expect("read");
+        assert!(buf[..100].iter().all(|&b| b == 0x42));
+        assert!(crate::zeroes::is_zero(&buf[100..(6 << 20) - 100]));
+        assert!(buf[(6 << 20) - 100..7 << 20].iter().all(|&b| b == 0x42));
+        assert!(crate::zeroes::is_zero(&buf[7 << 20..]));
+        let allocated = std::fs::metadata(&path).expect("meta").blocks() * 512;
+        assert!(allocated <= 64 << 10, "overlay allocated {allocated} bytes");
+        ov.flush().expect("flush");
+        drop(ov);
+        let base: Arc<dyn BlockDevice> = Arc::new(RawFile::open(&base_path, true).expect("open base"));
+        let ov = Overlay::open(base, &path).expect("reopen");
+        let mut again = vec![0u8; 8 << 20];
+        ov.read_at(&mut again, 0).expect("read");
+        assert_eq!(again, buf, "the zeroed blocks survive a reopen");
     }
 }

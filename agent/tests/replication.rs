@@ -233,7 +233,7 @@ async fn initial_copy_then_deltas_converge() {
     let (h, mut st) = env.start(env.params(&env.replica_addr, true), env.primary.clone());
     // Writes while the copy runs end up in the merged first point.
     write(&env.disk, 100, 5 * MIB, 64 << 10);
-    env.disk.write_zeroes(MIB, 4096, false).expect("zeroes");
+    env.disk.write_zeroes(MIB, 4096, false, false).expect("zeroes");
     env.disk.trim(10 * MIB, 8192).expect("trim");
     let s = st
         .wait("replicating with a first point", |s| s.state() == v1::SenderState::Replicating && s.last_point.is_some())

@@ -76,7 +76,7 @@ impl Op {
     fn run(&self, d: &dyn BlockDevice, fua: bool) {
         match self {
             Op::Write { offset, data } => d.write_at(data, *offset, fua),
-            Op::Zeroes { offset, len } => d.write_zeroes(*offset, *len, fua),
+            Op::Zeroes { offset, len } => d.write_zeroes(*offset, *len, fua, offset % 2 == 1),
             Op::Trim { offset, len } => d.trim(*offset, *len),
         }
         .expect("disk op");
@@ -205,7 +205,7 @@ fn coalescing_ships_each_block_once() {
         d.write_at(&[i; 4096], 8192, false).expect("write");
     }
     d.write_at(&[200; 8192], 4096, false).expect("overlapping write"); // covers 4096..12288
-    d.write_zeroes(6000, 1000, false).expect("zeroes");
+    d.write_zeroes(6000, 1000, false, false).expect("zeroes");
     let seq = d.seal().expect("seal").expect("sealed");
     let path = d.sealed_logs().into_iter().find(|l| l.seq == seq).expect("listed").path;
     let mut c = Coalesced::open(&path).expect("coalesce");

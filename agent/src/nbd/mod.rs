@@ -64,6 +64,10 @@
 //! protocol allows a hard disconnect for it, and draining up to 4 GiB to stay in sync
 //! with such a peer only keeps it talking. `TRIM` and `WRITE_ZEROES` carry no payload
 //! and may be larger (QEMU sends discards of up to 2 GiB), as the protocol says.
+//! The devices punch a hole for both (a thin image stays thin); `WRITE_ZEROES` with
+//! `NO_HOLE` reaches the device as `no_hole` and keeps the range allocated.
+//! `SEND_FAST_ZERO` is not advertised, so a client never sets `FAST_ZERO` (the plan
+//! rejects the unknown flag with `NBD_EINVAL`).
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice};

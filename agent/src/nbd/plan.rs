@@ -25,6 +25,8 @@ pub(super) enum Plan {
         offset: u64,
         len: u32,
         fua: bool,
+        /// `NO_HOLE`: the range must stay allocated (no hole punched).
+        no_hole: bool,
     },
     Disconnect,
     /// Reply with `errno` after draining `discard` payload bytes.
@@ -75,8 +77,7 @@ pub(super) fn plan(req: &Request, size: u64, read_only: bool, closed: bool) -> P
         CMD_TRIM if !in_range => reject(EINVAL),
         CMD_TRIM => Plan::Trim { offset, len, fua },
         CMD_WRITE_ZEROES if !in_range => reject(ENOSPC),
-        // NO_HOLE is honoured trivially: zeroes are always written, never punched.
-        _ => Plan::Zeroes { offset, len, fua },
+        _ => Plan::Zeroes { offset, len, fua, no_hole: req.flags & CMD_FLAG_NO_HOLE != 0 },
     }
 }
 

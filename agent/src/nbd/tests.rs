@@ -40,7 +40,7 @@ impl BlockDevice for MemDisk {
         d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         Ok(())
     }
-    fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> Result<(), DiskError> {
+    fn write_zeroes(&self, offset: u64, len: u64, _fua: bool, _no_hole: bool) -> Result<(), DiskError> {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
@@ -50,7 +50,7 @@ impl BlockDevice for MemDisk {
         Ok(())
     }
     fn trim(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.write_zeroes(offset, len, false)
+        self.write_zeroes(offset, len, false, false)
     }
     fn flush(&self) -> Result<(), DiskError> {
         Ok(())
@@ -97,7 +97,10 @@ fn plan_rules() {
     assert_eq!(p(req(99, 0, 0, 4096)), Plan::Reject { errno: EINVAL, discard: 0 });
     assert_eq!(p(req(CMD_TRIM, 0, size, 1)), Plan::Reject { errno: EINVAL, discard: 0 });
     assert_eq!(p(req(CMD_WRITE_ZEROES, 0, size, 1)), Plan::Reject { errno: ENOSPC, discard: 0 });
-    assert_eq!(p(req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 4096)), Plan::Zeroes { offset: 0, len: 4096, fua: false });
+    assert_eq!(
+        p(req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 0, 4096)),
+        Plan::Zeroes { offset: 0, len: 4096, fua: false, no_hole: true }
+    );
     assert_eq!(p(req(CMD_FLUSH, 0, 0, 0)), Plan::Flush);
     assert_eq!(p(req(CMD_DISC, 0, 0, 0)), Plan::Disconnect);
     // Read-only and closed exports.

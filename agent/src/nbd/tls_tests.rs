@@ -354,7 +354,7 @@ impl BlockDevice for GateDisk {
         }
         Ok(())
     }
-    fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool) -> Result<(), DiskError> {
+    fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool, _no_hole: bool) -> Result<(), DiskError> {
         Ok(())
     }
     fn trim(&self, _offset: u64, _len: u64) -> Result<(), DiskError> {

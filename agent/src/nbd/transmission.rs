@@ -236,9 +236,9 @@ pub(super) async fn read_requests<R: AsyncRead + Unpin>(
                     let _ = tx2.send(reply(error, budget));
                 });
             }
-            Plan::Zeroes { offset, len, fua } => {
+            Plan::Zeroes { offset, len, fua, no_hole } => {
                 tokio::task::spawn_blocking(move || {
-                    let error = run_op(&export, true, |d| d.write_zeroes(offset, u64::from(len), fua));
+                    let error = run_op(&export, true, |d| d.write_zeroes(offset, u64::from(len), fua, no_hole));
                     let _ = tx2.send(reply(error, budget));
                 });
             }

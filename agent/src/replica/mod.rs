@@ -49,6 +49,8 @@ mod view;
 mod props;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod zero_tests;
 
 use std::fs::File;
 use std::path::Path;

@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use super::state::{PointInfo, PointMeta, save_state};
 use super::store::{Inner, Replica};
 use super::{ReplicaError, io_at};
+use crate::zeroes::{ZeroMode, zero_range};
 
 impl Replica {
     /// Rolls the images back to a retained point, destructively: later points are
@@ -35,6 +36,11 @@ impl Replica {
             for (disk, ranges) in undo.ranges.iter().enumerate() {
                 let img = &self.images[disk];
                 for &(off, len, pos) in ranges {
+                    let Some(pos) = pos else {
+                        // The before-image was zeroes: punched, not written.
+                        zero_range(&img.file, off, len, ZeroMode::Punch).map_err(io_at(&img.path))?;
+                        continue;
+                    };
                     buf.resize(len as usize, 0);
                     undo.file.read_exact_at(&mut buf, pos).map_err(io_at(&img.path))?;
                     img.file.write_all_at(&buf, off).map_err(io_at(&img.path))?;

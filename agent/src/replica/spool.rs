@@ -11,6 +11,7 @@ use std::path::Path;
 
 use super::image::{Image, check};
 use super::{END, MAX_EXTENT, ReplicaError, io_at};
+use crate::zeroes::{ZeroMode, zero_range};
 
 const SPOOL_MAGIC: &[u8; 8] = b"SRSPOOL1";
 const KIND_DATA: u8 = 1;
@@ -85,7 +86,6 @@ pub(super) fn apply(images: &[Image], path: &Path) -> Result<(), ReplicaError> {
     if &magic[..8] != SPOOL_MAGIC {
         return Err(corrupt("bad magic"));
     }
-    let zeroes = vec![0u8; 1 << 20];
     let mut data = Vec::new();
     loop {
         let mut disk = [0u8; 4];
@@ -114,14 +114,8 @@ pub(super) fn apply(images: &[Image], path: &Path) -> Result<(), ReplicaError> {
                 }
                 img.file.write_all_at(&data, offset).map_err(io_at(&img.path))?;
             }
-            KIND_ZEROES => {
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(zeroes.len() as u64) as usize;
-                    img.file.write_all_at(&zeroes[..n], offset + done).map_err(io_at(&img.path))?;
-                    done += n as u64;
-                }
-            }
+            // A hole, not zero bytes: a trimmed range frees space on the replica too.
+            KIND_ZEROES => zero_range(&img.file, offset, len, ZeroMode::Punch).map_err(io_at(&img.path))?,
             _ => return Err(corrupt("unknown extent kind")),
         }
         crate::faults::point(crate::faults::REPLICA_APPLY_MID).map_err(io_at(&img.path))?;

@@ -81,7 +81,7 @@ impl BlockDevice for PointDevice {
     fn write_at(&self, _: &[u8], _: u64, _: bool) -> Result<(), DiskError> {
         Err(DiskError::ReadOnly)
     }
-    fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), DiskError> {
+    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> Result<(), DiskError> {
         Err(DiskError::ReadOnly)
     }
     fn trim(&self, _: u64, _: u64) -> Result<(), DiskError> {

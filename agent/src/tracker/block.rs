@@ -2,6 +2,7 @@
 //! (reads from the image, writes logged first, flush, trim and write-zeroes).
 
 use super::*;
+use crate::zeroes::ZeroMode;
 
 impl BlockDevice for TrackedDisk {
     fn size(&self) -> u64 {
@@ -17,11 +18,12 @@ impl BlockDevice for TrackedDisk {
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), DiskError> {
         self.mutate(RecordKind::Write, offset, data.len() as u64, data, fua, || self.image.write_all_at(data, offset))
     }
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError> {
-        self.mutate(RecordKind::Zeroes, offset, len, &[], fua, || self.zero_image(offset, len))
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> Result<(), DiskError> {
+        let mode = if no_hole { ZeroMode::Allocate } else { ZeroMode::Punch };
+        self.mutate(RecordKind::Zeroes, offset, len, &[], fua, || self.zero_image(offset, len, mode))
     }
     fn trim(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        self.mutate(RecordKind::Trim, offset, len, &[], false, || self.zero_image(offset, len))
+        self.mutate(RecordKind::Trim, offset, len, &[], false, || self.zero_image(offset, len, ZeroMode::Punch))
     }
     /// Group commit: the first flusher syncs everything completed so far; flushers that
     /// queued behind it find their writes covered and return without a second fdatasync.

@@ -124,9 +124,6 @@ struct Inflight {
     ranges: Vec<(u64, u64, u64)>,
 }
 
-/// Zeroes for write-zeroes and trim on the image.
-static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
-
 impl TrackedDisk {
     /// Opens the image at `image_path` (its logs live in the same folder) and recovers
     /// from a crash: the open log's torn tail is cut to its last whole record and its
@@ -269,7 +266,7 @@ impl TrackedDisk {
             }
             let done = match rec.kind {
                 RecordKind::Write => self.image.write_all_at(&data, rec.offset),
-                RecordKind::Zeroes | RecordKind::Trim => self.zero_image(rec.offset, rec.length),
+                RecordKind::Zeroes | RecordKind::Trim => self.zero_image(rec.offset, rec.length, zero::REAPPLY),
             };
             done.map_err(|source| self.image_err(source))?;
         }
@@ -342,16 +339,6 @@ impl TrackedDisk {
         let mut chunks = data.chunks(MAX_RECORD_DATA as usize);
         for rec in recs {
             log.append(rec, chunks.next().unwrap_or(&[])).map_err(hrl_to_disk)?;
-        }
-        Ok(())
-    }
-
-    fn zero_image(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(ZEROES.len() as u64) as usize;
-            self.image.write_all_at(&ZEROES[..n], offset + done)?;
-            done += n as u64;
         }
         Ok(())
     }
@@ -594,3 +581,4 @@ fn file_len(path: &Path) -> Result<u64, TrackerError> {
 mod block;
 #[cfg(test)]
 mod tests;
+mod zero;

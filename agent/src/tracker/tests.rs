@@ -33,7 +33,7 @@ fn untracked_writes_are_not_logged_and_switching_off_seals() {
 fn stop_refuses_writes_and_seals() {
     let (_dir, img) = setup(1 << 20);
     let d = TrackedDisk::open(&img, id(), true).expect("open");
-    d.write_zeroes(0, 4096, false).expect("zeroes");
+    d.write_zeroes(0, 4096, false, false).expect("zeroes");
     d.trim(4096, 4096).expect("trim");
     let seq = d.stop().expect("stop").expect("sealed");
     assert!(matches!(d.write_at(&[1], 0, false), Err(DiskError::Stopped)));
@@ -49,7 +49,7 @@ fn out_of_range_and_empty_writes() {
     let (_dir, img) = setup(4096);
     let d = TrackedDisk::open(&img, id(), true).expect("open");
     assert!(matches!(d.write_at(&[1; 2], 4095, false), Err(DiskError::OutOfRange { .. })));
-    assert!(matches!(d.write_zeroes(u64::MAX, 2, false), Err(DiskError::OutOfRange { .. })));
+    assert!(matches!(d.write_zeroes(u64::MAX, 2, false, false), Err(DiskError::OutOfRange { .. })));
     d.write_at(&[], 10, false).expect("empty write");
     assert_eq!(d.seal().expect("seal"), None);
 }

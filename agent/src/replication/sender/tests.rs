@@ -261,7 +261,7 @@ async fn a_point_is_acknowledged_then_its_logs_deleted() {
     let h = env.start();
     env.until("the first point", |e| e.peer.with(|r| !r.points.is_empty())).await;
     env.disk.write_at(&fill(9, 70_000), 5 * MIB + 13, false).expect("write");
-    env.disk.write_zeroes(MIB, 4096, false).expect("zeroes");
+    env.disk.write_zeroes(MIB, 4096, false, false).expect("zeroes");
     env.until("the writes on the replica, logs deleted", Env::converged).await;
     let st = h.stop().await.expect("state");
     assert!(st.pending.is_empty(), "{st:?}");
