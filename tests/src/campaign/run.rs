@@ -1,0 +1,315 @@
+//! Running one scenario ([`run_scenario`]) and checking its invariants. A broken
+//! invariant panics (the lab then prints every log); the caller reports the seed.
+
+use std::os::unix::process::ExitStatusExt as _;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::plan::{Failover, Fault, Host, NetFault, Plan, Rng};
+use super::stream::{BLOCK, BLOCKS, Prefix, StreamWriter, prefix_of};
+use crate::cli::EVENT_TIMEOUT;
+use crate::lab::Lab;
+use crate::output::assert_ok;
+use crate::proc::{Proc, free_port};
+use crate::proxy::FaultProxy;
+use crate::wait::{unix_now_ms, wait_until};
+use crate::world::World;
+
+const VM: &str = "vm1";
+/// How long an armed agent may run before its failpoint counts as not hit.
+const FAILPOINT_WINDOW: Duration = Duration::from_secs(5);
+/// The sender's log line at the end of a full initial copy.
+const INITIAL_COPY_DONE: &str = "initial copy complete";
+const RESYNC: &str = "resynchronising:";
+
+/// What a scenario did and saw.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// `Some(true)` when the armed failpoint fired, `Some(false)` when it did not (the
+    /// agent was killed with SIGKILL instead), `None` for other faults.
+    pub failpoint_hit: Option<bool>,
+    pub acked: u64,
+    pub points_checked: usize,
+    pub resyncs: usize,
+    pub note: String,
+}
+
+struct Scenario {
+    w: World,
+    proxy: FaultProxy,
+    b_extra: Vec<String>,
+    rng: Rng,
+}
+
+impl Scenario {
+    fn b_extra(&self) -> Vec<&str> {
+        self.b_extra.iter().map(String::as_str).collect()
+    }
+
+    fn extra(&self, host: Host) -> Vec<&str> {
+        if host == Host::B { self.b_extra() } else { Vec::new() }
+    }
+
+    fn proc_mut(&mut self, host: Host) -> &mut Proc {
+        if host == Host::A { &mut self.w.a } else { &mut self.w.b }
+    }
+
+    fn restart(&mut self, host: Host) {
+        let dir = self.w.dir(host.name());
+        let extra = self.extra(host);
+        let p = self.w.lab.start_agent_with(host.name(), &dir, &extra);
+        *self.proc_mut(host) = p;
+        self.w.lab.wait_host_heartbeat_since(host.name(), unix_now_ms());
+    }
+
+    /// Restarts `host` with `name` armed; waits for the crash. True when it fired (exit by
+    /// SIGABRT and the "failpoint NAME: crash" line); else the agent is killed.
+    fn crash_at(&mut self, host: Host, name: &str) -> bool {
+        self.proc_mut(host).stop_gracefully();
+        let dir = self.w.dir(host.name());
+        let extra = self.extra(host);
+        let p = self.w.lab.start_agent_armed(host.name(), &dir, &format!("{name}=1*return(crash)"), &extra);
+        *self.proc_mut(host) = p;
+        let proc = self.proc_mut(host);
+        match proc.wait_exit(FAILPOINT_WINDOW) {
+            Some(status) => {
+                let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
+                assert_eq!(status.signal(), Some(6), "{} armed at {name} exited with {status}, not SIGABRT", host.name());
+                assert!(log.contains(&format!("failpoint {name}: crash")), "no 'failpoint {name}: crash' in the log");
+                true
+            }
+            None => {
+                proc.kill9();
+                false
+            }
+        }
+    }
+}
+
+/// Runs the scenario of `plan`; panics when an invariant breaks.
+pub fn run_scenario(plan: &Plan) -> Outcome {
+    let mut out = Outcome::default();
+    let lab = Lab::new(&format!("campaign-{}", plan.seed));
+    let slot_b = lab.host_slot("hv-b");
+    let real_b = free_port();
+    let proxy = FaultProxy::start(slot_b.listen_port, real_b);
+    let b_extra = vec!["--peer-listen".to_owned(), format!("127.0.0.1:{real_b}")];
+    let b_args: Vec<&str> = b_extra.iter().map(String::as_str).collect();
+    let w = World::start(lab, &[], &b_args);
+    w.pair("fast", &[]);
+    w.vm(VM, &["8M"], &[]);
+    let mut s = Scenario { w, proxy, b_extra, rng: Rng::new(plan.seed ^ 0x5eed) };
+
+    // A crash in the initial copy is armed before protection starts.
+    let initial_crash = matches!(plan.fault, Fault::Failpoint { name, .. } if name.starts_with("initial."));
+    if let Fault::Failpoint { host, name } = plan.fault
+        && initial_crash
+    {
+        s.w.lab.qio_ok(&s.w.uris(VM)[0], &["write -P 0x5a 4M 4M"]);
+        let hit = start_protect_crashing(&mut s, host, name);
+        out.failpoint_hit = Some(hit);
+    }
+    s.w.protect_with_point(VM);
+    let uri_a = s.w.uris(VM)[0].clone();
+    let writer = StreamWriter::start(uri_a.clone(), plan.per_call, Duration::from_millis(plan.pace_ms));
+    assert!(wait_until(Duration::from_secs(30), || writer.acked() >= BLOCKS / 2), "the writer made no progress");
+
+    // The fault.
+    let t_fault = unix_now_ms();
+    match plan.fault {
+        Fault::Failpoint { host, name } if !initial_crash => {
+            let hit = s.crash_at(host, name);
+            out.failpoint_hit = Some(hit);
+            s.restart(host);
+        }
+        Fault::Failpoint { .. } => {}
+        Fault::Kill { host, after_ms } => {
+            // A random moment for the kill (the fault's timing, not a synchronisation).
+            std::thread::sleep(Duration::from_millis(after_ms));
+            s.proc_mut(host).kill9();
+            s.restart(host);
+        }
+        Fault::KillProvider { after_ms } => {
+            std::thread::sleep(Duration::from_millis(after_ms));
+            s.w.provider.as_mut().expect("provider").kill9();
+            s.w.start_provider();
+            s.w.lab.wait_host_connected("hv-a");
+            s.w.lab.wait_host_connected("hv-b");
+        }
+        Fault::Net { fault, after_ms, hold_ms } => {
+            std::thread::sleep(Duration::from_millis(after_ms));
+            out.note = net_fault(&s, fault, hold_ms);
+        }
+    }
+    // Replication resumes: a point made after the recovery, with writes still flowing.
+    let recovered = unix_now_ms();
+    s.w.wait_point_after(VM, recovered, "a point after the fault");
+    let until = writer.acked() + BLOCKS / 2;
+    assert!(wait_until(Duration::from_secs(30), || writer.acked() >= until), "the writer is stuck after the fault");
+    let (acked, issued, err) = writer.stop();
+    out.acked = acked;
+    let stopped = unix_now_ms();
+    eprintln!("[campaign] {acked} writes acknowledged, {issued} issued; last writer error: {err:?}");
+
+    // (a) every acknowledged write is on the primary (and it is at one prefix).
+    let k_primary = match prefix_of(&image_of(&s.w, &uri_a, "primary"), issued) {
+        Prefix::At(k) => k,
+        Prefix::Torn(why) => panic!("(a) the primary's image is at no prefix of the write stream: {why}"),
+    };
+    assert!(k_primary >= acked, "(a) the primary holds {k_primary} writes, {acked} were acknowledged");
+
+    // (b) the points: never applied twice; each at a prefix, in order; the latest at
+    // the primary's.
+    s.w.wait_point_after(VM, stopped, "a point after the writes stopped");
+    let ok = wait_until(EVENT_TIMEOUT, || {
+        s.w.points(VM).last().is_some_and(|p| point_prefix(&s.w, p, issued) == Prefix::At(k_primary))
+    });
+    assert!(ok, "(b) the latest point never reached the primary's prefix {k_primary}");
+    let points = s.w.points(VM);
+    check_no_duplicate(&points, t_fault);
+    let mut chosen: Vec<&Value> = points.iter().filter(|_| s.rng.chance(30)).take(3).collect();
+    chosen.extend(points.last());
+    let mut last_k = 0;
+    for p in &chosen {
+        match point_prefix(&s.w, p, issued) {
+            Prefix::At(k) => {
+                assert!(k >= last_k, "(b) point {} at prefix {k} is older than an earlier point's {last_k}", p["id"]);
+                last_k = k;
+            }
+            Prefix::Torn(why) => panic!("(b) point {} is torn: {why}", p["id"]),
+        }
+    }
+    out.points_checked = chosen.len();
+
+    // (c) no second full copy.
+    let log_a = std::fs::read_to_string(&s.w.a.log).unwrap_or_default();
+    let copies = log_a.matches(INITIAL_COPY_DONE).count();
+    out.resyncs = log_a.matches(RESYNC).count();
+    assert!(copies <= 1, "(c) the sender made {copies} full initial copies");
+    if initial_crash && out.failpoint_hit == Some(true) {
+        assert!(log_a.contains("resuming the initial copy"), "(c) the initial copy was restarted, not resumed");
+    }
+
+    // (d) a failover from a retained point yields exactly its image.
+    failover(&mut s, plan.failover, k_primary, issued);
+    out
+}
+
+/// Arms `name` on `host` (a primary failpoint of the initial copy), runs `protect`, and
+/// waits for the crash; the agent is then started unarmed. True when it fired.
+fn start_protect_crashing(s: &mut Scenario, host: Host, name: &str) -> bool {
+    s.proc_mut(host).stop_gracefully();
+    let dir = s.w.dir(host.name());
+    let extra = s.extra(host);
+    let p = s.w.lab.start_agent_armed(host.name(), &dir, &format!("{name}=1*return(crash)"), &extra);
+    *s.proc_mut(host) = p;
+    s.w.lab.wait_host_heartbeat_since(host.name(), unix_now_ms());
+    // `protect` without --wait: the crash may come before the job ends.
+    assert_ok(&s.w.lab.cli(&["protect", VM]), "protect");
+    let proc = s.proc_mut(host);
+    let hit = proc.wait_exit(FAILPOINT_WINDOW).is_some_and(|st| st.signal() == Some(6));
+    if !hit {
+        proc.kill9();
+    }
+    s.restart(host);
+    hit
+}
+
+/// Applies `fault` to the peer link for `hold_ms`, checks what health says, heals.
+fn net_fault(s: &Scenario, fault: NetFault, hold_ms: u64) -> String {
+    let started = Instant::now();
+    match fault {
+        NetFault::Cut => s.proxy.cut(),
+        NetFault::Stall => s.proxy.stall(),
+        NetFault::Throttle(rate) => s.proxy.throttle(rate),
+        NetFault::Reset => s.proxy.reset(),
+    }
+    let mut note = format!("{fault:?}");
+    if matches!(fault, NetFault::Cut | NetFault::Stall) {
+        // Health says what is happening while the link is down.
+        let r = s.w.lab.wait_replication(VM, "health not Normal while the link is down", EVENT_TIMEOUT, |r| {
+            r["health"] != "Normal" && r["health_reasons"].as_array().is_some_and(|a| !a.is_empty())
+        });
+        note = format!("{fault:?}: health {} {}", r["health"], r["health_reasons"]);
+        eprintln!("[campaign] while {note}");
+    }
+    let hold = Duration::from_millis(hold_ms);
+    if let Some(left) = hold.checked_sub(started.elapsed()) {
+        // Holding the fault for its drawn duration.
+        std::thread::sleep(left);
+    }
+    s.proxy.heal();
+    let (accepted, refused) = s.proxy.connections();
+    format!("{note}; proxy: {accepted} connections, {refused} refused, {} bytes", s.proxy.forwarded())
+}
+
+/// Points must never be applied twice: sequence numbers strictly increasing, ids unique.
+fn check_no_duplicate(points: &[Value], since_ms: i64) {
+    let mut seqs: Vec<u64> = points.iter().filter_map(|p| p["seq"].as_u64()).collect();
+    let n = seqs.len();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "a point sequence number repeats: {points:?}");
+    let mut ids: Vec<&str> = points.iter().filter_map(|p| p["id"].as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), points.len(), "a point id repeats: {points:?}");
+    let after = points.iter().filter(|p| p["created_unix_ms"].as_i64().unwrap_or(0) > since_ms).count();
+    assert!(after >= 1, "no point after the fault at {since_ms}");
+}
+
+/// The first `BLOCKS * BLOCK` bytes behind an NBD URI (copied with `qemu-img convert`).
+fn image_of(w: &World, uri: &str, tag: &str) -> Vec<u8> {
+    let file = w.lab.root.join(format!("{tag}-{}.img", unix_now_ms()));
+    let f = file.display().to_string();
+    assert_ok(&w.lab.qemu_img(&["convert", "-f", "raw", "-O", "raw", uri, &f]), &format!("qemu-img convert {uri}"));
+    let mut bytes = std::fs::read(&file).expect("read the converted image");
+    let _ = std::fs::remove_file(&file);
+    bytes.truncate((BLOCKS * BLOCK) as usize);
+    bytes
+}
+
+/// The image of point `p` (exported, copied, unexported).
+fn point_image(w: &World, p: &Value) -> Vec<u8> {
+    let id = p["id"].as_str().expect("point id");
+    let uris = w.export(VM, id);
+    let img = image_of(w, &uris[0], "point");
+    assert_ok(&w.lab.cli(&["point", "unexport", VM]), "point unexport");
+    img
+}
+
+fn point_prefix(w: &World, p: &Value, issued: u64) -> Prefix {
+    prefix_of(&point_image(w, p), issued)
+}
+
+/// Fails over as drawn and checks the VM starts from exactly the chosen point.
+fn failover(s: &mut Scenario, kind: Failover, k_primary: u64, issued: u64) {
+    let points = s.w.points(VM);
+    let chosen = s.rng.pick(&points).clone();
+    let id = chosen["id"].as_str().expect("point id").to_owned();
+    match kind {
+        Failover::None => {}
+        Failover::Test => {
+            let want = point_image(&s.w, &chosen);
+            s.w.wait_job(&["failover", "test", VM, "--point", &id]);
+            let got = image_of(&s.w, &s.w.uris(&format!("{VM}-test"))[0], "test-vm");
+            assert!(got == want, "(d) the test VM from point {id} differs from the point's image");
+            s.w.wait_job(&["failover", "cleanup", VM]);
+        }
+        Failover::Planned => {
+            s.w.wait_job(&["failover", "planned", VM]);
+            let uri = s.w.uris(VM)[0].clone();
+            assert!(uri.contains(&s.w.dir("hv-b").display().to_string()), "{VM} is not on hv-b: {uri}");
+            let got = prefix_of(&image_of(&s.w, &uri, "planned"), issued);
+            assert_eq!(got, Prefix::At(k_primary), "(d) the planned failover lost writes");
+        }
+        Failover::Unplanned => {
+            let want = point_image(&s.w, &chosen);
+            s.w.a.kill9();
+            s.w.lab.wait_host("hv-a", "disconnected", Duration::from_secs(30), |h| h["connected"] == false);
+            s.w.wait_job(&["failover", "unplanned", VM, "--point", &id]);
+            let got = image_of(&s.w, &s.w.uris(VM)[0], "unplanned");
+            assert!(got == want, "(d) the VM failed over from point {id} differs from the point's image");
+        }
+    }
+}
