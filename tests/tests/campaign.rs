@@ -1,7 +1,7 @@
 //! The seeded crash campaign (issue 10): `CAMPAIGN_SEEDS` scenarios (default 20) drawn
 //! from `CAMPAIGN_SEED` (default 1), each printed with its own seed before it runs; see
 //! `siterecovery_tests::campaign`. A failing seed replays alone with
-//! `CAMPAIGN_SEED=S CAMPAIGN_SEEDS=1`.
+//! `CAMPAIGN_SEED=S CAMPAIGN_SEEDS=1`; `CAMPAIGN_DRY=1` prints the scenarios only.
 //!
 //! Run: `cargo build --workspace --bins && cargo test -p siterecovery-tests --test campaign -- --nocapture`
 //! (or `tests/campaign.sh N [SEED]`).
@@ -26,6 +26,8 @@ fn campaign() {
         let mut r = Rng::new(first);
         (0..n).map(|_| r.next_u64() % 1_000_000).collect()
     };
+    // CAMPAIGN_DRY=1 prints the scenarios without running them.
+    let dry_run = std::env::var_os("CAMPAIGN_DRY").is_some();
     let started = Instant::now();
     let mut failed = Vec::new();
     let mut hit = Vec::new();
@@ -33,6 +35,9 @@ fn campaign() {
     for (i, &seed) in seeds.iter().enumerate() {
         let plan = Plan::from_seed(seed);
         eprintln!("[campaign] scenario {}/{n}: CAMPAIGN_SEED={seed} CAMPAIGN_SEEDS=1 — {plan:?}", i + 1);
+        if dry_run {
+            continue;
+        }
         let t = Instant::now();
         match catch_unwind(AssertUnwindSafe(|| run_scenario(&plan))) {
             Ok(o) => {
@@ -54,6 +59,9 @@ fn campaign() {
                     },
                     if o.note.is_empty() { String::new() } else { format!("; {}", o.note) }
                 );
+                if !o.resync_reasons.is_empty() {
+                    eprintln!("[campaign] seed {seed}: resync reasons {:?}", o.resync_reasons);
+                }
             }
             Err(_) => {
                 eprintln!("[campaign] seed {seed} FAILED after {:.1?}", t.elapsed());

@@ -141,6 +141,6 @@ impl Plan {
             6..=7 => Failover::Planned,
             _ => Failover::Unplanned,
         };
-        Self { seed, fault, failover, per_call: r.range(2, 9), pace_ms: r.range(20, 120) }
+        Self { seed, fault, failover, per_call: r.range(2, 8), pace_ms: r.range(30, 120) }
     }
 }
