@@ -1,6 +1,7 @@
 //! The seeded crash campaign (issue 10): each scenario, drawn from one seed, starts a
-//! provider and two agents ([`crate::World`], the replica's peer port behind a
-//! [`crate::proxy::FaultProxy`]), protects a VM under a 1 s policy, writes a stream
+//! provider and two agents ([`crate::World`]; the replica's peer port, and the
+//! provider as the agents reach it, each behind a [`crate::proxy::FaultProxy`]),
+//! protects a VM under a 1 s policy, writes a stream
 //! whose every prefix is recognisable ([`stream`]) while it replicates, injects one
 //! fault — a crash at a failpoint, a `kill -9` at a random moment, or a network fault —
 //! recovers, sometimes fails over (test, planned or unplanned), and checks the
@@ -18,5 +19,5 @@ pub mod plan;
 pub mod run;
 pub mod stream;
 
-pub use plan::{Failover, Fault, Host, NetFault, Plan, Rng};
+pub use plan::{Failover, Fault, Host, Link, NetFault, Plan, Rng};
 pub use run::{Outcome, run_scenario};

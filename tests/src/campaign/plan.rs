@@ -61,6 +61,15 @@ pub enum NetFault {
     Reset,
 }
 
+/// Which link a network fault hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// The primary's sender to the replica's peer port.
+    Peer,
+    /// Both agents to the provider (the operator CLI connects directly).
+    Provider,
+}
+
 /// The one fault of a scenario.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
@@ -72,8 +81,8 @@ pub enum Fault {
     Kill { host: Host, after_ms: u64 },
     /// `kill -9` of the provider after `after_ms`.
     KillProvider { after_ms: u64 },
-    /// A network fault for `hold_ms`, after `after_ms`.
-    Net { fault: NetFault, after_ms: u64, hold_ms: u64 },
+    /// A network fault on `link` for `hold_ms`, after `after_ms`.
+    Net { link: Link, fault: NetFault, after_ms: u64, hold_ms: u64 },
 }
 
 /// The failover a scenario ends with, if any.
@@ -132,7 +141,8 @@ impl Plan {
                     2 => NetFault::Throttle(r.range(32 << 10, 512 << 10)),
                     _ => NetFault::Reset,
                 };
-                Fault::Net { fault, after_ms: r.range(200, 2000), hold_ms: r.range(3000, 6000) }
+                let link = if r.chance(30) { Link::Provider } else { Link::Peer };
+                Fault::Net { link, fault, after_ms: r.range(200, 2000), hold_ms: r.range(3000, 6000) }
             }
         };
         let failover = match r.range(0, 10) {

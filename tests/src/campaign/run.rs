@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::plan::{Failover, Fault, Host, NetFault, Plan, Rng};
+use super::plan::{Failover, Fault, Host, Link, NetFault, Plan, Rng};
 use super::stream::{BLOCK, BLOCKS, Prefix, StreamWriter, prefix_of};
 use crate::cli::EVENT_TIMEOUT;
 use crate::lab::Lab;
@@ -39,7 +39,10 @@ pub struct Outcome {
 
 struct Scenario {
     w: World,
+    /// In front of hv-b's peer port (the address hv-b registered).
     proxy: FaultProxy,
+    /// In front of the provider, for the agents (the vault's provider address).
+    proxy_p: FaultProxy,
     b_extra: Vec<String>,
     rng: Rng,
 }
@@ -77,7 +80,12 @@ impl Scenario {
         match proc.wait_exit(FAILPOINT_WINDOW) {
             Some(status) => {
                 let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
-                assert_eq!(status.signal(), Some(6), "{} armed at {name} exited with {status}, not SIGABRT", host.name());
+                assert_eq!(
+                    status.signal(),
+                    Some(6),
+                    "{} armed at {name} exited with {status}, not SIGABRT",
+                    host.name()
+                );
                 assert!(log.contains(&format!("failpoint {name}: crash")), "no 'failpoint {name}: crash' in the log");
                 true
             }
@@ -93,18 +101,20 @@ impl Scenario {
 pub fn run_scenario(plan: &Plan) -> Outcome {
     let mut out = Outcome::default();
     let lab = Lab::new(&format!("campaign-{}", plan.seed));
+    let proxy_p_port = free_port();
+    let proxy_p = FaultProxy::start(proxy_p_port, lab.provider_port);
     let slot_b = lab.host_slot("hv-b");
     let real_b = free_port();
     let proxy = FaultProxy::start(slot_b.listen_port, real_b);
     let b_extra = vec!["--peer-listen".to_owned(), format!("127.0.0.1:{real_b}")];
     let b_args: Vec<&str> = b_extra.iter().map(String::as_str).collect();
-    let w = World::start(lab, &[], &b_args);
+    let w = World::start_via(lab, &format!("127.0.0.1:{proxy_p_port}"), &[], &b_args);
     w.pair("fast", &[]);
     // 256 MiB: the pending logs of a fault held for seconds (the stream rewrites its
     // 4 MiB region, and every rewrite is logged) stay below the sender's cap of 50% of
     // the disk size, past which it resynchronises instead of shipping the logs.
     w.vm(VM, &["256M"], &[]);
-    let mut s = Scenario { w, proxy, b_extra, rng: Rng::new(plan.seed ^ 0x5eed) };
+    let mut s = Scenario { w, proxy, proxy_p, b_extra, rng: Rng::new(plan.seed ^ 0x5eed) };
 
     // A crash in the initial copy is armed before protection starts.
     let initial_crash = matches!(plan.fault, Fault::Failpoint { name, .. } if name.starts_with("initial."));
@@ -142,9 +152,9 @@ pub fn run_scenario(plan: &Plan) -> Outcome {
             s.w.lab.wait_host_connected("hv-a");
             s.w.lab.wait_host_connected("hv-b");
         }
-        Fault::Net { fault, after_ms, hold_ms } => {
+        Fault::Net { link, fault, after_ms, hold_ms } => {
             std::thread::sleep(Duration::from_millis(after_ms));
-            out.note = net_fault(&s, fault, hold_ms);
+            out.note = net_fault(&s, link, fault, hold_ms);
         }
     }
     // Replication resumes: a point made after the recovery, with writes still flowing.
@@ -229,32 +239,45 @@ fn start_protect_crashing(s: &mut Scenario, host: Host, name: &str) -> bool {
     hit
 }
 
-/// Applies `fault` to the peer link for `hold_ms`, checks what health says, heals.
-fn net_fault(s: &Scenario, fault: NetFault, hold_ms: u64) -> String {
+/// Applies `fault` to `link` for `hold_ms`, checks what health says, heals.
+fn net_fault(s: &Scenario, link: Link, fault: NetFault, hold_ms: u64) -> String {
     let started = Instant::now();
+    let proxy = if link == Link::Peer { &s.proxy } else { &s.proxy_p };
     match fault {
-        NetFault::Cut => s.proxy.cut(),
-        NetFault::Stall => s.proxy.stall(),
-        NetFault::Throttle(rate) => s.proxy.throttle(rate),
-        NetFault::Reset => s.proxy.reset(),
+        NetFault::Cut => proxy.cut(),
+        NetFault::Stall => proxy.stall(),
+        NetFault::Throttle(rate) => proxy.throttle(rate),
+        NetFault::Reset => proxy.reset(),
     }
-    let mut note = format!("{fault:?}");
+    let mut note = format!("{link:?} {fault:?}");
     if matches!(fault, NetFault::Cut | NetFault::Stall) {
-        // Health says what is happening while the link is down.
-        let r = s.w.lab.wait_replication(VM, "health not Normal while the link is down", EVENT_TIMEOUT, |r| {
-            r["health"] != "Normal" && r["health_reasons"].as_array().is_some_and(|a| !a.is_empty())
+        // Health says what is happening while the link is down: on the peer link the
+        // sender's retries or the missing points; on the provider link the primary
+        // host's lost connection.
+        let r = s.w.lab.wait_replication(VM, "a health reason while the link is down", EVENT_TIMEOUT, |r| {
+            let reasons = r["health_reasons"].as_array().cloned().unwrap_or_default();
+            let said = match link {
+                Link::Peer => !reasons.is_empty(),
+                Link::Provider => reasons.iter().any(|x| x.as_str().is_some_and(|t| t.contains("not connected"))),
+            };
+            r["health"] != "Normal" && said
         });
-        note = format!("{fault:?}: health {} {}", r["health"], r["health_reasons"]);
+        note = format!("{note}: health {} {}", r["health"], r["health_reasons"]);
         eprintln!("[campaign] while {note}");
     }
-    let hold = Duration::from_millis(hold_ms);
+    // A reset is over at once; the others are held.
+    let hold = Duration::from_millis(if fault == NetFault::Reset { 0 } else { hold_ms });
     if let Some(left) = hold.checked_sub(started.elapsed()) {
         // Holding the fault for its drawn duration.
         std::thread::sleep(left);
     }
-    s.proxy.heal();
-    let (accepted, refused) = s.proxy.connections();
-    format!("{note}; proxy: {accepted} connections, {refused} refused, {} bytes", s.proxy.forwarded())
+    proxy.heal();
+    if link == Link::Provider {
+        s.w.lab.wait_host_connected("hv-a");
+        s.w.lab.wait_host_connected("hv-b");
+    }
+    let (accepted, refused) = proxy.connections();
+    format!("{note}; proxy: {accepted} connections, {refused} refused, {} bytes", proxy.forwarded())
 }
 
 /// Points must never be applied twice: sequence numbers strictly increasing, ids unique.

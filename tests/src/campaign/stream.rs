@@ -127,7 +127,8 @@ impl StreamWriter {
                 t.acked.store(next + done.min(per_call), Ordering::SeqCst);
                 if !o.status.success() || out.contains("failed") || done < per_call {
                     t.failures.fetch_add(1, Ordering::SeqCst);
-                    last_err = Some(format!("{} {} {}", o.status, out.trim(), String::from_utf8_lossy(&o.stderr).trim()));
+                    last_err =
+                        Some(format!("{} {} {}", o.status, out.trim(), String::from_utf8_lossy(&o.stderr).trim()));
                 }
                 // Pacing the writes, not synchronising anything.
                 std::thread::sleep(pace);
