@@ -223,9 +223,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, epoch: u64, s: &Shared) {
             break;
         }
         s.forwarded.fetch_add(n as u64, Ordering::SeqCst);
-        if rate > 0 {
+        if let Some(us) = (n as u64 * 1_000_000).checked_div(rate) {
             // Throttling: the time these bytes take at `rate`.
-            std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / rate));
+            std::thread::sleep(Duration::from_micros(us));
         }
     }
     let _ = to.shutdown(Shutdown::Write);

@@ -1,9 +1,8 @@
 //! The seeded crash campaign (issue 10): each scenario, drawn from one seed, starts a
 //! provider and two agents ([`crate::World`]; the replica's peer port, and the
 //! provider as the agents reach it, each behind a [`crate::proxy::FaultProxy`]),
-//! protects a VM under a 1 s policy, writes a stream
-//! whose every prefix is recognisable ([`stream`]) while it replicates, injects one
-//! fault — a crash at a failpoint, a `kill -9` at a random moment, or a network fault —
+//! protects a VM under a 1 s policy, writes a stream whose every prefix is
+//! recognisable ([`stream`]) while it replicates, injects one fault — a crash at a failpoint, a `kill -9` at a random moment, or a network fault —
 //! recovers, sometimes fails over (test, planned or unplanned), and checks the
 //! invariants ([`run`]): (a) every acknowledged write is on the primary; (b) every
 //! replica point is at a prefix of the stream, the latest one at the primary's; (c)
