@@ -46,6 +46,13 @@ fn campaign() {
                 {
                     if h { hit.push(name) } else { missed.push(name) }
                 }
+                if let (Some(h), Some(name)) = (o.after_failover_hit, plan.after_failover) {
+                    eprintln!(
+                        "[campaign] seed {seed}: after the failover, failpoint {name} {}",
+                        if h { "hit" } else { "not hit" }
+                    );
+                    if h { hit.push(name) } else { missed.push(name) }
+                }
                 eprintln!(
                     "[campaign] seed {seed} passed in {:.1?}: {} writes, {} points checked, {} resyncs, failpoint {}{}",
                     t.elapsed(),

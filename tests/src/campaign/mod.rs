@@ -7,13 +7,15 @@
 //! invariants ([`run`]): (a) every acknowledged write is on the primary; (b) every
 //! replica point is at a prefix of the stream, the latest one at the primary's; (c)
 //! replication resumes without a second full copy; (d) a failover from a retained point
-//! yields exactly that point's image; points are never applied twice (strictly
-//! increasing sequence numbers, no repeated id).
+//! yields exactly that point's image, also when `change-point` or `commit` after an
+//! unplanned failover crashes at one of its failpoints ([`commit`]); points are never
+//! applied twice (strictly increasing sequence numbers, no repeated id).
 //!
 //! `tests/tests/campaign.rs` runs `CAMPAIGN_SEEDS` scenarios (default 20) from
 //! `CAMPAIGN_SEED` (default: a fixed seed), printing each scenario's seed first: a
 //! failing seed replays with `CAMPAIGN_SEED=S CAMPAIGN_SEEDS=1`.
 
+mod commit;
 pub mod plan;
 pub mod run;
 pub mod stream;

@@ -103,6 +103,12 @@ pub fn steady_failpoints() -> Vec<&'static str> {
     faults::ALL.iter().copied().filter(|n| !skip.iter().any(|s| n.starts_with(s))).collect()
 }
 
+/// Failpoints of the steps after an unplanned failover, on the replica host:
+/// `failover change-point` and `failover commit`.
+pub fn failover_failpoints() -> Vec<&'static str> {
+    faults::ALL.iter().copied().filter(|n| n.starts_with("commit.") || n.starts_with("change_point.")).collect()
+}
+
 /// Which host a failpoint runs on: the sender's and the change log's on the primary.
 pub fn failpoint_host(name: &str) -> Host {
     if name.starts_with("hrl.") || name.starts_with("sender.") || name.starts_with("initial.") {
@@ -121,6 +127,10 @@ pub struct Plan {
     /// Writes per qemu-io run, and the pause between runs.
     pub per_call: u64,
     pub pace_ms: u64,
+    /// After an unplanned failover: `change-point` (a `change_point.*` failpoint) or
+    /// `commit` (any other) on hv-b armed to crash at this failpoint, then the
+    /// operation again after the restart.
+    pub after_failover: Option<&'static str>,
 }
 
 impl Plan {
@@ -151,6 +161,9 @@ impl Plan {
             6..=7 => Failover::Planned,
             _ => Failover::Unplanned,
         };
-        Self { seed, fault, failover, per_call: r.range(2, 8), pace_ms: r.range(30, 120) }
+        let (per_call, pace_ms) = (r.range(2, 8), r.range(30, 120));
+        let fps = failover_failpoints();
+        let after_failover = (failover == Failover::Unplanned && !fps.is_empty()).then(|| *r.pick(&fps));
+        Self { seed, fault, failover, per_call, pace_ms, after_failover }
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::commit::crash_after_failover;
 use super::plan::{Failover, Fault, Host, Link, NetFault, Plan, Rng};
 use super::stream::{BLOCK, BLOCKS, Prefix, StreamWriter, prefix_of};
 use crate::cli::EVENT_TIMEOUT;
@@ -16,7 +17,7 @@ use crate::proxy::FaultProxy;
 use crate::wait::{unix_now_ms, wait_until};
 use crate::world::World;
 
-const VM: &str = "vm1";
+pub(super) const VM: &str = "vm1";
 /// How long an armed agent may run before its failpoint counts as not hit.
 const FAILPOINT_WINDOW: Duration = Duration::from_secs(5);
 /// The sender's log line at the end of a full initial copy.
@@ -29,6 +30,8 @@ pub struct Outcome {
     /// `Some(true)` when the armed failpoint fired, `Some(false)` when it did not (the
     /// agent was killed with SIGKILL instead), `None` for other faults.
     pub failpoint_hit: Option<bool>,
+    /// The same for the change-point or commit failpoint after an unplanned failover.
+    pub after_failover_hit: Option<bool>,
     pub acked: u64,
     pub points_checked: usize,
     pub resyncs: usize,
@@ -37,14 +40,14 @@ pub struct Outcome {
     pub note: String,
 }
 
-struct Scenario {
-    w: World,
+pub(super) struct Scenario {
+    pub(super) w: World,
     /// In front of hv-b's peer port (the address hv-b registered).
     proxy: FaultProxy,
     /// In front of the provider, for the agents (the vault's provider address).
     proxy_p: FaultProxy,
     b_extra: Vec<String>,
-    rng: Rng,
+    pub(super) rng: Rng,
 }
 
 impl Scenario {
@@ -60,7 +63,7 @@ impl Scenario {
         if host == Host::A { &mut self.w.a } else { &mut self.w.b }
     }
 
-    fn restart(&mut self, host: Host) {
+    pub(super) fn restart(&mut self, host: Host) {
         let dir = self.w.dir(host.name());
         let extra = self.extra(host);
         let p = self.w.lab.start_agent_with(host.name(), &dir, &extra);
@@ -68,14 +71,17 @@ impl Scenario {
         self.w.lab.wait_host_heartbeat_since(host.name(), unix_now_ms());
     }
 
-    /// Restarts `host` with `name` armed; waits for the crash. True when it fired (exit by
-    /// SIGABRT and the "failpoint NAME: crash" line); else the agent is killed.
-    fn crash_at(&mut self, host: Host, name: &str) -> bool {
-        self.proc_mut(host).stop_gracefully();
+    /// Starts `host` (stopped) with `name` armed to crash once.
+    pub(super) fn start_armed(&mut self, host: Host, name: &str) {
         let dir = self.w.dir(host.name());
         let extra = self.extra(host);
         let p = self.w.lab.start_agent_armed(host.name(), &dir, &format!("{name}=1*return(crash)"), &extra);
         *self.proc_mut(host) = p;
+    }
+
+    /// Waits for the armed `host` to crash at `name`: true when it did (exit by SIGABRT
+    /// and the "failpoint NAME: crash" line); else the agent is killed with SIGKILL.
+    pub(super) fn wait_crash(&mut self, host: Host, name: &str) -> bool {
         let proc = self.proc_mut(host);
         match proc.wait_exit(FAILPOINT_WINDOW) {
             Some(status) => {
@@ -94,6 +100,13 @@ impl Scenario {
                 false
             }
         }
+    }
+
+    /// Restarts `host` with `name` armed and waits for the crash ([`Self::wait_crash`]).
+    fn crash_at(&mut self, host: Host, name: &str) -> bool {
+        self.proc_mut(host).stop_gracefully();
+        self.start_armed(host, name);
+        self.wait_crash(host, name)
     }
 }
 
@@ -215,7 +228,7 @@ pub fn run_scenario(plan: &Plan) -> Outcome {
     }
 
     // (d) a failover from a retained point yields exactly its image.
-    failover(&mut s, plan.failover, k_primary, issued);
+    out.after_failover_hit = failover(&mut s, plan, k_primary, issued);
     out
 }
 
@@ -223,18 +236,11 @@ pub fn run_scenario(plan: &Plan) -> Outcome {
 /// waits for the crash; the agent is then started unarmed. True when it fired.
 fn start_protect_crashing(s: &mut Scenario, host: Host, name: &str) -> bool {
     s.proc_mut(host).stop_gracefully();
-    let dir = s.w.dir(host.name());
-    let extra = s.extra(host);
-    let p = s.w.lab.start_agent_armed(host.name(), &dir, &format!("{name}=1*return(crash)"), &extra);
-    *s.proc_mut(host) = p;
+    s.start_armed(host, name);
     s.w.lab.wait_host_heartbeat_since(host.name(), unix_now_ms());
     // `protect` without --wait: the crash may come before the job ends.
     assert_ok(&s.w.lab.cli(&["protect", VM]), "protect");
-    let proc = s.proc_mut(host);
-    let hit = proc.wait_exit(FAILPOINT_WINDOW).is_some_and(|st| st.signal() == Some(6));
-    if !hit {
-        proc.kill9();
-    }
+    let hit = s.wait_crash(host, name);
     s.restart(host);
     hit
 }
@@ -295,7 +301,7 @@ fn check_no_duplicate(points: &[Value], since_ms: i64) {
 }
 
 /// The first `BLOCKS * BLOCK` bytes behind an NBD URI (copied with `qemu-img dd`).
-fn image_of(w: &World, uri: &str, tag: &str) -> Vec<u8> {
+pub(super) fn image_of(w: &World, uri: &str, tag: &str) -> Vec<u8> {
     let file = w.lab.root.join(format!("{tag}-{}.img", unix_now_ms()));
     let (src, dst) = (format!("if={uri}"), format!("of={}", file.display()));
     let (bs, count) = (format!("bs={BLOCK}"), format!("count={BLOCKS}"));
@@ -308,7 +314,7 @@ fn image_of(w: &World, uri: &str, tag: &str) -> Vec<u8> {
 }
 
 /// The image of point `p` (exported, copied, unexported).
-fn point_image(w: &World, p: &Value) -> Vec<u8> {
+pub(super) fn point_image(w: &World, p: &Value) -> Vec<u8> {
     let id = p["id"].as_str().expect("point id");
     let uris = w.export(VM, id);
     let img = image_of(w, &uris[0], "point");
@@ -321,18 +327,21 @@ fn point_prefix(w: &World, p: &Value, issued: u64) -> Prefix {
 }
 
 /// Fails over as drawn and checks the VM starts from exactly the chosen point.
-fn failover(s: &mut Scenario, kind: Failover, k_primary: u64, issued: u64) {
+/// After an unplanned failover, crashes the change-point or commit drawn: whether its
+/// failpoint fired.
+fn failover(s: &mut Scenario, plan: &Plan, k_primary: u64, issued: u64) -> Option<bool> {
     let points = s.w.points(VM);
     let chosen = s.rng.pick(&points).clone();
     let id = chosen["id"].as_str().expect("point id").to_owned();
-    match kind {
-        Failover::None => {}
+    match plan.failover {
+        Failover::None => None,
         Failover::Test => {
             let want = point_image(&s.w, &chosen);
             s.w.wait_job(&["failover", "test", VM, "--point", &id]);
             let got = image_of(&s.w, &s.w.uris(&format!("{VM}-test"))[0], "test-vm");
             assert!(got == want, "(d) the test VM from point {id} differs from the point's image");
             s.w.wait_job(&["failover", "cleanup", VM]);
+            None
         }
         Failover::Planned => {
             s.w.wait_job(&["failover", "planned", VM]);
@@ -340,6 +349,7 @@ fn failover(s: &mut Scenario, kind: Failover, k_primary: u64, issued: u64) {
             assert!(uri.contains(&s.w.dir("hv-b").display().to_string()), "{VM} is not on hv-b: {uri}");
             let got = prefix_of(&image_of(&s.w, &uri, "planned"), issued);
             assert_eq!(got, Prefix::At(k_primary), "(d) the planned failover lost writes");
+            None
         }
         Failover::Unplanned => {
             let want = point_image(&s.w, &chosen);
@@ -348,6 +358,7 @@ fn failover(s: &mut Scenario, kind: Failover, k_primary: u64, issued: u64) {
             s.w.wait_job(&["failover", "unplanned", VM, "--point", &id]);
             let got = image_of(&s.w, &s.w.uris(VM)[0], "unplanned");
             assert!(got == want, "(d) the VM failed over from point {id} differs from the point's image");
+            plan.after_failover.map(|fp| crash_after_failover(s, fp, &chosen, &points))
         }
     }
 }
