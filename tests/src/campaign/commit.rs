@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::plan::Host;
 use super::run::{Scenario, VM, image_of, point_image};
-use crate::cli::{JOB_TIMEOUT, job_from};
+use crate::cli::{EVENT_TIMEOUT, JOB_TIMEOUT, job_from};
 use crate::output::{assert_ok, stdout};
 use crate::wait::unix_now_ms;
 
@@ -42,10 +42,14 @@ pub(super) fn crash_after_failover(s: &mut Scenario, failpoint: &str, current: &
     let hit = s.wait_crash(Host::B, failpoint);
     s.restart(Host::B);
     let done = s.w.lab.wait_job_done(&job_id, JOB_TIMEOUT);
-    // Done by the restart (the journal rolled it forward), or not: run it again.
-    let vm = s.w.show(VM);
-    let finished = if change { vm["failover"]["point_id"] == id.as_str() } else { vm["failover"]["committed"] == true };
-    if !finished {
+    // Done before the crash or by the restart (the journal rolled it forward), or not:
+    // then run it again.
+    let is_done = |vm: &Value| {
+        if change { vm["failover"]["point_id"] == id.as_str() } else { vm["failover"]["committed"] == true }
+    };
+    if done["state"] == "succeeded" {
+        s.w.wait_vm(VM, &format!("{} shown after its job succeeded", args[2]), EVENT_TIMEOUT, is_done);
+    } else if !is_done(&s.w.show(VM)) {
         eprintln!("[campaign] {failpoint}: the first job ended {} without finishing; again", done["state"]);
         let mut again = args.clone();
         again.retain(|a| *a != "--json");
@@ -56,8 +60,7 @@ pub(super) fn crash_after_failover(s: &mut Scenario, failpoint: &str, current: &
         assert!(got == want, "(d) after change-point to {id} (crash at {failpoint}) the VM differs from the point");
     } else {
         assert!(got == before_commit, "(d) the commit (crash at {failpoint}) changed the VM's disk");
-        let vm = s.w.show(VM);
-        assert_eq!(vm["failover"]["committed"], true, "not committed after the crash at {failpoint}: {vm}");
+        s.w.wait_vm(VM, &format!("committed after the crash at {failpoint}"), EVENT_TIMEOUT, is_done);
     }
     hit
 }
