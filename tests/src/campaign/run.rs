@@ -138,7 +138,12 @@ pub fn run_scenario(plan: &Plan) -> Outcome {
         let hit = start_protect_crashing(&mut s, host, name);
         out.failpoint_hit = Some(hit);
     }
-    s.w.protect_with_point(VM);
+    if initial_crash {
+        // Protected already: the copy resumes after the crash.
+        s.w.wait_point_after(VM, 0, "first point after the initial copy resumed");
+    } else {
+        s.w.protect_with_point(VM);
+    }
     let uri_a = s.w.uris(VM)[0].clone();
     let writer = StreamWriter::start(uri_a.clone(), plan.per_call, Duration::from_millis(plan.pace_ms));
     assert!(wait_until(Duration::from_secs(30), || writer.acked() >= BLOCKS / 2), "the writer made no progress");
