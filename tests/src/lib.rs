@@ -11,17 +11,19 @@
 //! ([`wait_until`]).
 //!
 //! Modules, lowest first: [`wait`] (clocks, polls), [`output`] (a command's output and
-//! the assertions on it), [`proc`] (binaries, ports, processes), [`files`], [`lab`]
+//! the assertions on it), [`proc`] (binaries, ports, processes), [`proxy`] (network faults), [`files`], [`lab`]
 //! (starting things, running commands), then what runs in a lab: [`cli`] (the operator
 //! CLI and its JSON), [`grpcurl`], [`qemu`], [`writers`] (background qemu-io writers),
-//! and [`world`] (the two-site set-up).
+//! [`world`] (the two-site set-up), and [`campaign`] (the seeded crash campaign).
 
+pub mod campaign;
 pub mod cli;
 pub mod files;
 pub mod grpcurl;
 pub mod lab;
 pub mod output;
 pub mod proc;
+pub mod proxy;
 pub mod qemu;
 pub mod wait;
 pub mod world;
@@ -33,6 +35,7 @@ pub use grpcurl::{grpc_exit, host_tls, proto_args, proto_dir, strings, tls_args}
 pub use lab::{COMMAND_TIMEOUT, HEARTBEAT, HostSlot, Lab};
 pub use output::{assert_exit, assert_fails, assert_fails_saying, assert_ok, describe, stderr, stdout};
 pub use proc::{Proc, TERM_DEADLINE, bin, free_port};
+pub use proxy::{FaultProxy, Mode};
 pub use wait::{POLL, holds_for, unix_now, unix_now_ms, wait_until, wait_until_every};
 pub use world::{TEST_INTERVALS, World};
 pub use writers::{ACK_BLOCK, AckWriter, Writer, pattern_at, random_u64};

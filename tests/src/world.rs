@@ -48,7 +48,17 @@ impl World {
     /// [`Self::unpaired`] in a lab made beforehand (when the agents' flags name files
     /// in it).
     pub fn start(lab: Lab, a_extra: &[&str], b_extra: &[&str]) -> Self {
-        lab.create_vault();
+        let addr = lab.addr();
+        Self::start_via(lab, &addr, a_extra, b_extra)
+    }
+
+    /// [`Self::start`] with the vault naming `provider_address` as the provider's
+    /// address (what the agents connect to, e.g. a [`crate::proxy::FaultProxy`] in
+    /// front of the provider); the provider still listens on [`Lab::addr`], where the
+    /// operator CLI connects.
+    pub fn start_via(lab: Lab, provider_address: &str, a_extra: &[&str], b_extra: &[&str]) -> Self {
+        let o = lab.create_vault_at(&lab.provider_dir, provider_address, &lab.vault_key, &[]);
+        crate::output::assert_ok(&o, "vault create");
         let provider = lab.start_provider_with(TEST_INTERVALS);
         lab.operator_cert();
         lab.register_agent("hv-a", "primary", "gold-a");
