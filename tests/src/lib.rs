@@ -23,6 +23,7 @@ pub mod lab;
 pub mod output;
 pub mod proc;
 pub mod qemu;
+pub mod tmpfs;
 pub mod wait;
 pub mod world;
 pub mod writers;
@@ -33,6 +34,7 @@ pub use grpcurl::{grpc_exit, host_tls, proto_args, proto_dir, strings, tls_args}
 pub use lab::{COMMAND_TIMEOUT, HEARTBEAT, HostSlot, Lab};
 pub use output::{assert_exit, assert_fails, assert_fails_saying, assert_ok, describe, stderr, stdout};
 pub use proc::{Proc, TERM_DEADLINE, bin, free_port};
+pub use tmpfs::Tmpfs;
 pub use wait::{POLL, holds_for, unix_now, unix_now_ms, wait_until, wait_until_every};
 pub use world::{TEST_INTERVALS, World};
 pub use writers::{ACK_BLOCK, AckWriter, Writer, pattern_at, random_u64};

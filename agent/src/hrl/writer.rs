@@ -102,6 +102,7 @@ impl HrlWriter {
             if restored.is_err() {
                 self.broken = true;
             }
+            self.reserved_to = 0;
             return Err(e.into());
         }
         self.pos += RECORD_HEADER_LEN as u64 + rec.data_len;
@@ -136,6 +137,8 @@ impl HrlWriter {
             return Err(e.into());
         }
         self.pos = mark.pos;
+        // Truncation also frees the space allocated past the end.
+        self.reserved_to = 0;
         self.record_count = mark.record_count;
         self.data_bytes = mark.data_bytes;
         self.chain = mark.chain;
