@@ -31,7 +31,7 @@ impl Tmpfs {
 
     /// Bytes free on the file system.
     pub fn free(&self) -> u64 {
-        nix::sys::statvfs::statvfs(&self.dir).map_or(0, |s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        nix::sys::statvfs::statvfs(&self.dir).map_or(0, |s| s.blocks_available() * s.fragment_size())
     }
 
     /// Fills the file system with `path` (on it) until at most `leave` bytes stay free.

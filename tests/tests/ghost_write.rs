@@ -35,7 +35,8 @@ fn crash_and_restart_primary(w: &mut World) {
 fn wait_uri(w: &World) -> String {
     let mut uri = String::new();
     let ok = wait_until(EVENT_TIMEOUT, || {
-        uri = w.try_show(VM).and_then(|v| v["disks"][0]["nbd_unix_uri"].as_str().map(str::to_owned)).unwrap_or_default();
+        uri =
+            w.try_show(VM).and_then(|v| v["disks"][0]["nbd_unix_uri"].as_str().map(str::to_owned)).unwrap_or_default();
         !uri.is_empty() && w.reads(&uri, &["read 0 512"])
     });
     assert!(ok, "the primary's export did not come back");
@@ -82,14 +83,17 @@ fn writes_until_enospc_on_a_full_primary_leave_the_failed_range_as_before() {
     let failed = failed.expect("no write failed with ENOSPC on a full file system");
     eprintln!("[ghost] write {failed} (at {failed} MiB) failed with ENOSPC");
     let (off, len) = (failed * MIB, MIB);
-    assert!(reads_pattern(&w, &[uri.clone()], 0, off, len), "the failed range changed before the restart");
+    assert!(reads_pattern(&w, std::slice::from_ref(&uri), 0, off, len), "the failed range changed before the restart");
 
     // Crash, free the space (a re-applied ghost would now land), restart.
     std::fs::remove_file(&filler).expect("remove filler");
     crash_and_restart_primary(&mut w);
     let uri = wait_uri(&w);
-    assert!(reads_pattern(&w, &[uri.clone()], 0, off, len), "the failed write was re-applied at restart");
-    assert!(reads_pattern(&w, &[uri.clone()], 0x22, 4 * MIB, (failed - 4) * MIB), "acknowledged writes kept");
+    assert!(reads_pattern(&w, std::slice::from_ref(&uri), 0, off, len), "the failed write was re-applied at restart");
+    assert!(
+        reads_pattern(&w, std::slice::from_ref(&uri), 0x22, 4 * MIB, (failed - 4) * MIB),
+        "acknowledged writes kept"
+    );
 
     let restarted = unix_now_ms();
     assert!(latest_point_reads(&w, restarted, 0, off, len), "the failed write reached the replica");
@@ -115,7 +119,7 @@ fn a_failed_image_write_is_taken_out_of_the_log_neither_replayed_nor_shipped() {
     assert!(text.contains("No space left"), "the armed image write did not fail with ENOSPC: {text}");
     // Acknowledged writes around it, one overlapping the failed range's end.
     w.qio_ok(&uri, &["write -P 0x44 4M 1M", "write -P 0x55 1920K 256K"]);
-    assert!(reads_pattern(&w, &[uri.clone()], 0x11, MIB, 896 << 10), "failed range changed");
+    assert!(reads_pattern(&w, std::slice::from_ref(&uri), 0x11, MIB, 896 << 10), "failed range changed");
 
     crash_and_restart_primary(&mut w);
     let uri = wait_uri(&w);

@@ -130,7 +130,6 @@ struct Inflight {
 static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 
 impl TrackedDisk {
-
     fn image_err(&self, source: io::Error) -> TrackerError {
         TrackerError::Image { path: self.image_path.clone(), source }
     }
@@ -340,7 +339,6 @@ fn install_log(st: &mut State, writer: HrlWriter) -> Result<(), HrlError> {
     st.log = Some(writer);
     Ok(())
 }
-
 
 fn log_err(path: &Path, source: HrlError) -> TrackerError {
     TrackerError::Log { path: path.to_owned(), source }
