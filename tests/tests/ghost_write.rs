@@ -12,6 +12,8 @@
 //!
 //! Run: `cargo build --workspace --bins && cargo test -p siterecovery-tests --test ghost_write`.
 
+use std::time::Duration;
+
 use siterecovery_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -133,4 +135,41 @@ fn a_failed_image_write_is_taken_out_of_the_log_neither_replayed_nor_shipped() {
     w.assert_point_matches_primary(VM, "latest");
     // The agent stayed up all along.
     assert!(w.a.is_running() && w.b.is_running(), "an agent exited");
+}
+
+#[test]
+fn hrl_failpoints_fail_an_append_with_eio_and_crash_after_the_log_sync() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut w = World::new("ghost_hrl_failpoints");
+    w.vm(VM, &["32M"], &[]);
+    let uri = w.uris(VM)[0].clone();
+    w.qio_ok(&uri, &["write -P 0x11 0 4M"]);
+    w.protect_with_point(VM);
+
+    w.a.stop_gracefully();
+    let dir = w.dir("hv-a");
+    let armed = "hrl.append.before_sync=1*return(eio);hrl.append.after_sync=1*return(crash)";
+    w.a = w.lab.start_agent_armed("hv-a", &dir, armed, &[]);
+    w.wait_host_connected("hv-a");
+    let uri = wait_uri(&w);
+    // The first append fails before anything is logged: EIO to the client, image untouched.
+    let o = w.qio(&uri, &["write -P 0x22 0 1M"], false);
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(text.contains("Input/output error"), "the armed append did not fail with EIO: {text}");
+    assert!(reads_pattern(&w, std::slice::from_ref(&uri), 0x11, 0, MIB), "a failed append reached the image");
+    // The next flush crashes the agent right after the log's fdatasync.
+    let _ = w.qio(&uri, &["write -P 0x33 1M 1M", "flush"], false);
+    let status = w.a.wait_exit(Duration::from_secs(20)).expect("hv-a did not exit at the armed failpoint");
+    assert_eq!(status.signal(), Some(nix::libc::SIGABRT), "hv-a exited with {status}, not by the failpoint");
+    let log = std::fs::read_to_string(&w.a.log).unwrap_or_default();
+    assert!(log.contains("failpoint hrl.append.after_sync: crash"), "no failpoint line in {}", w.a.log.display());
+
+    w.a = w.lab.start_agent_with("hv-a", &dir, &[]);
+    w.wait_host_connected("hv-a");
+    let uri = wait_uri(&w);
+    let u = std::slice::from_ref(&uri);
+    assert!(reads_pattern(&w, u, 0x11, 0, MIB), "the failed append was applied");
+    assert!(reads_pattern(&w, u, 0x33, MIB, MIB), "the synced write was lost");
+    w.wait_point_after(VM, unix_now_ms(), "a point after the restart");
+    w.assert_point_matches_primary(VM, "latest");
 }
