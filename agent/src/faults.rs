@@ -31,6 +31,7 @@ pub const ALL: &[&str] = &[
     HRL_APPEND_BEFORE_SYNC,
     HRL_APPEND_AFTER_SYNC,
     HRL_SEAL,
+    TRACKER_IMAGE_WRITE,
     // Sender (primary side).
     SENDER_STATE_SAVE,
     SENDER_LOG_DELETE,
@@ -60,6 +61,9 @@ pub const ALL: &[&str] = &[
 pub const HRL_APPEND_BEFORE_SYNC: &str = "hrl.append.before_sync";
 pub const HRL_APPEND_AFTER_SYNC: &str = "hrl.append.after_sync";
 pub const HRL_SEAL: &str = "hrl.seal";
+/// The tracker's write to the image (after the log append): an injected error fails the
+/// write as a full or broken image would, and the tracker must cancel its log record.
+pub const TRACKER_IMAGE_WRITE: &str = "tracker.image.write";
 pub const SENDER_STATE_SAVE: &str = "sender.state.save";
 pub const SENDER_LOG_DELETE: &str = "sender.log.delete";
 pub const INITIAL_CHUNK_ACK: &str = "initial.chunk.ack";

@@ -114,6 +114,7 @@ fn log_ops(path: &Path) -> (Vec<Op>, ScanEnd) {
                 RecordKind::Write => Op::Write { offset: rec.offset, data: data.clone() },
                 RecordKind::Zeroes => Op::Zeroes { offset: rec.offset, len: rec.length },
                 RecordKind::Trim => Op::Trim { offset: rec.offset, len: rec.length },
+                RecordKind::Cancel => panic!("a cancel record at {}, yet no image write failed here", rec.pos),
             }),
             Ok(None) => return (ops, r.footer().map_or(ScanEnd::Open, ScanEnd::Sealed)),
             Err(e) => return (ops, ScanEnd::Torn(e)),

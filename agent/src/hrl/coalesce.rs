@@ -47,9 +47,19 @@ impl<R: Read + Seek> Coalesced<R> {
     pub fn new(mut source: R) -> Result<Self, HrlError> {
         source.seek(SeekFrom::Start(0))?;
         let mut reader = HrlReader::new(BufReader::with_capacity(256 << 10, &mut source))?;
-        let mut map = IntervalMap::default();
+        // Records are collected first: a cancel record (format version 2) follows the
+        // records it cancels, which must then never reach the map.
+        let mut records = Vec::new();
+        let mut cancelled = Cancelled::default();
         let mut data = Vec::new();
         while let Some(rec) = reader.next_record(&mut data)? {
+            match rec.kind {
+                RecordKind::Cancel => cancelled.add(&rec),
+                _ => records.push(rec),
+            }
+        }
+        let mut map = IntervalMap::default();
+        for rec in records.iter().filter(|r| !cancelled.contains(r.pos)) {
             map.insert(Extent { offset: rec.offset, len: rec.length, kind: rec.kind, data_pos: rec.data_pos() });
         }
         let footer = reader.footer().ok_or(HrlError::NotSealed { valid_len: reader.valid_len() })?;
@@ -100,6 +110,8 @@ impl<R: Read + Seek> Coalesced<R> {
                 }
                 RecordKind::Zeroes => Ok(CoalescedItem::Zeroes { offset: e.offset, len: e.len }),
                 RecordKind::Trim => Ok(CoalescedItem::Trim { offset: e.offset, len: e.len }),
+                // Never an extent: cancel records are consumed when coalescing.
+                RecordKind::Cancel => Err(HrlError::InvalidRecord("cancel record as an extent")),
             })
         })
     }

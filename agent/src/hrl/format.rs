@@ -12,6 +12,11 @@ pub enum RecordKind {
     Zeroes = 2,
     /// The range was discarded (NBD TRIM); reads as zeroes in our implementation; no data.
     Trim = 3,
+    /// Format version 2: cancels earlier records of the same log whose image write failed
+    /// (the client got an error, so they must never be shipped or re-applied). `offset`
+    /// is the log-file position of the first cancelled record header and `length` the
+    /// bytes of log file the cancelled records span; no data.
+    Cancel = 4,
 }
 
 impl RecordKind {
@@ -20,6 +25,7 @@ impl RecordKind {
             1 => Some(RecordKind::Write),
             2 => Some(RecordKind::Zeroes),
             3 => Some(RecordKind::Trim),
+            4 => Some(RecordKind::Cancel),
             _ => None,
         }
     }
@@ -28,6 +34,9 @@ impl RecordKind {
 /// The decoded file header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogHeader {
+    /// Format version the log was written in ([`FORMAT_VERSION`] for new logs; an open
+    /// log of an older version is appended to in that version's layout).
+    pub version: u32,
     pub disk_id: DiskId,
     pub seq: LogSeq,
     /// Unix time in milliseconds when the log was created.
@@ -38,7 +47,7 @@ impl LogHeader {
     pub(super) fn encode(&self) -> [u8; FILE_HEADER_LEN] {
         let mut b = [0u8; FILE_HEADER_LEN];
         b[0..8].copy_from_slice(&FILE_MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[12..16].copy_from_slice(&(self.disk_id.as_str().len() as u32).to_le_bytes());
         b[16..24].copy_from_slice(&self.seq.0.to_le_bytes());
         b[24..32].copy_from_slice(&self.start_ms.to_le_bytes());
@@ -58,7 +67,7 @@ impl LogHeader {
             return Err(HrlError::ChecksumMismatch { what: "file header", at: 0, stored, computed });
         }
         let version = le_u32(&b[8..12]);
-        if version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(HrlError::UnsupportedVersion(version));
         }
         let id_len = le_u32(&b[12..16]) as usize;
@@ -68,7 +77,7 @@ impl LogHeader {
         let id =
             std::str::from_utf8(&b[32..32 + id_len]).map_err(|_| HrlError::Malformed { what: "disk id", at: 32 })?;
         let disk_id = DiskId::new(id).map_err(|_| HrlError::Malformed { what: "disk id", at: 32 })?;
-        Ok(LogHeader { disk_id, seq: LogSeq(le_u64(&b[16..24])), start_ms: le_u64(&b[24..32]) })
+        Ok(LogHeader { version, disk_id, seq: LogSeq(le_u64(&b[16..24])), start_ms: le_u64(&b[24..32]) })
     }
 
     /// The first value of the log's chain checksum: binds the records to this header.
@@ -179,9 +188,9 @@ impl EncodedRecord {
                 }
                 length
             }
-            RecordKind::Zeroes | RecordKind::Trim => {
+            RecordKind::Zeroes | RecordKind::Trim | RecordKind::Cancel => {
                 if !data.is_empty() {
-                    return Err(HrlError::InvalidRecord("data on a zeroes/trim record"));
+                    return Err(HrlError::InvalidRecord("data on a zeroes/trim/cancel record"));
                 }
                 0
             }
@@ -195,5 +204,35 @@ impl EncodedRecord {
         let crc = crc32c::crc32c_append(crc32c::crc32c(&b[..28]), data);
         b[28..32].copy_from_slice(&crc.to_le_bytes());
         Ok(EncodedRecord { bytes: b, data_len })
+    }
+
+    /// A cancel record for the records spanning `span` bytes of the log file from
+    /// position `at` (see [`RecordKind::Cancel`]).
+    pub fn cancel(at: u64, span: u64) -> Result<Self, HrlError> {
+        EncodedRecord::new(RecordKind::Cancel, 0, at, span, &[])
+    }
+}
+
+/// The cancelled spans of one log (from its [`RecordKind::Cancel`] records): which
+/// records a consumer must skip.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cancelled {
+    /// start position -> end position (exclusive) in the log file.
+    spans: BTreeMap<u64, u64>,
+}
+
+impl Cancelled {
+    /// Notes a cancel record.
+    pub fn add(&mut self, cancel: &Record) {
+        if cancel.kind == RecordKind::Cancel {
+            self.spans.insert(cancel.offset, cancel.offset + cancel.length);
+        }
+    }
+    /// Whether the record at log position `pos` is cancelled.
+    pub fn contains(&self, pos: u64) -> bool {
+        self.spans.range(..=pos).next_back().is_some_and(|(_, &end)| pos < end)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
     }
 }

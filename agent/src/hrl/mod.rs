@@ -48,8 +48,11 @@ pub use writer::*;
 
 /// Magic at the start of every log file.
 pub const FILE_MAGIC: [u8; 8] = *b"SRHRLOG\0";
-/// The only format version this code reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this code writes (2: cancel records). It reads every version
+/// from [`MIN_FORMAT_VERSION`] on.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this code reads (1: no cancel records).
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Length of the file header.
 pub const FILE_HEADER_LEN: usize = 128;
 /// Length of a record header (data follows it).

@@ -104,6 +104,12 @@ impl<R: Read> HrlReader<R> {
         if length == 0 || offset.checked_add(length).is_none() {
             return Err(HrlError::Malformed { what: "record range", at });
         }
+        if kind == RecordKind::Cancel
+            && (self.header.version < 2 || offset < FILE_HEADER_LEN as u64 || offset + length > at)
+        {
+            // A cancel names only earlier records of its own log, and exists from version 2.
+            return Err(HrlError::Malformed { what: "cancel record", at });
+        }
         data.clear();
         if kind == RecordKind::Write {
             if length > MAX_RECORD_DATA {

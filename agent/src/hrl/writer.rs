@@ -18,6 +18,19 @@ pub struct HrlWriter {
     pub(super) broken: bool,
     /// The footer is written; no more appends.
     pub(super) sealed: bool,
+    /// File space is allocated (beyond the end, `FALLOC_FL_KEEP_SIZE`) up to here, so
+    /// the cancel records of in-flight writes can always be appended on a full file
+    /// system. `u64::MAX` when the file system cannot preallocate.
+    pub(super) reserved_to: u64,
+}
+
+/// Where a log stood before an append: [`HrlWriter::cut_back`] returns it there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogMark {
+    pub pos: u64,
+    record_count: u64,
+    data_bytes: u64,
+    chain: u32,
 }
 
 impl HrlWriter {
@@ -25,7 +38,7 @@ impl HrlWriter {
     /// header and syncs the directory, so the new file survives a crash.
     pub fn create(dir: &Path, disk_id: &DiskId, seq: LogSeq) -> Result<Self, HrlError> {
         let path = dir.join(log_file_name(disk_id, seq));
-        let header = LogHeader { disk_id: disk_id.clone(), seq, start_ms: now_ms() };
+        let header = LogHeader { version: FORMAT_VERSION, disk_id: disk_id.clone(), seq, start_ms: now_ms() };
         let mut file = crate::files::create_new(&path)?;
         file.write_all(&header.encode())?;
         file.sync_all()?;
@@ -41,6 +54,7 @@ impl HrlWriter {
             chain,
             broken: false,
             sealed: false,
+            reserved_to: 0,
         })
     }
 
@@ -67,6 +81,7 @@ impl HrlWriter {
             chain: scan.chain,
             broken: false,
             sealed: false,
+            reserved_to: 0,
         })
     }
 
@@ -81,11 +96,13 @@ impl HrlWriter {
         if data.len() as u64 != rec.data_len {
             return Err(HrlError::InvalidRecord("data length differs from the encoded record"));
         }
+        crate::faults::point(crate::faults::HRL_APPEND_BEFORE_SYNC)?;
         if let Err(e) = write_all_vectored(&mut self.file, &rec.bytes, data) {
             let restored = self.file.set_len(self.pos).and_then(|()| self.file.seek(SeekFrom::Start(self.pos)));
             if restored.is_err() {
                 self.broken = true;
             }
+            self.reserved_to = 0;
             return Err(e.into());
         }
         self.pos += RECORD_HEADER_LEN as u64 + rec.data_len;
@@ -97,7 +114,50 @@ impl HrlWriter {
 
     /// Makes every appended record durable (fdatasync).
     pub fn sync(&self) -> Result<(), HrlError> {
-        Ok(self.file.sync_data()?)
+        crate::faults::point(crate::faults::HRL_APPEND_BEFORE_SYNC)?;
+        self.file.sync_data()?;
+        crate::faults::point(crate::faults::HRL_APPEND_AFTER_SYNC)?;
+        Ok(())
+    }
+
+    /// The position before the next append, for [`Self::cut_back`].
+    pub fn mark(&self) -> LogMark {
+        LogMark { pos: self.pos, record_count: self.record_count, data_bytes: self.data_bytes, chain: self.chain }
+    }
+
+    /// Removes every record appended since `mark` (the file is cut there). On failure
+    /// the writer refuses further appends, as after a failed append.
+    pub fn cut_back(&mut self, mark: LogMark) -> Result<(), HrlError> {
+        if self.broken || self.sealed || mark.pos > self.pos || mark.pos < FILE_HEADER_LEN as u64 {
+            return Err(HrlError::Broken);
+        }
+        let done = self.file.set_len(mark.pos).and_then(|()| self.file.seek(SeekFrom::Start(mark.pos)));
+        if let Err(e) = done {
+            self.broken = true;
+            return Err(e.into());
+        }
+        self.pos = mark.pos;
+        // Truncation also frees the space allocated past the end.
+        self.reserved_to = 0;
+        self.record_count = mark.record_count;
+        self.data_bytes = mark.data_bytes;
+        self.chain = mark.chain;
+        Ok(())
+    }
+
+    /// Makes sure at least `room` bytes past the end are allocated to the file (it
+    /// preallocates `2 * room` when less is left), so appends of that much cannot fail
+    /// with ENOSPC. A file system without preallocation is accepted (no guarantee).
+    pub fn reserve(&mut self, room: u64) -> Result<(), HrlError> {
+        if self.reserved_to != u64::MAX && self.pos.saturating_add(room) > self.reserved_to {
+            let mode = nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            match nix::fcntl::fallocate(&self.file, mode, self.pos as i64, (2 * room) as i64) {
+                Ok(()) => self.reserved_to = self.pos + 2 * room,
+                Err(nix::errno::Errno::EOPNOTSUPP) => self.reserved_to = u64::MAX,
+                Err(e) => return Err(io::Error::from(e).into()),
+            }
+        }
+        Ok(())
     }
 
     /// A handle on the file for syncing without holding the writer (group commit).
@@ -118,6 +178,7 @@ impl HrlWriter {
             end_ms: now_ms(),
             chain: self.chain,
         };
+        crate::faults::point(crate::faults::HRL_SEAL)?;
         let done = self.file.write_all(&footer.encode()).and_then(|()| self.file.sync_all());
         if let Err(e) = done {
             let restored = self.file.set_len(self.pos).and_then(|()| self.file.seek(SeekFrom::Start(self.pos)));

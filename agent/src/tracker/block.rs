@@ -16,7 +16,7 @@ impl BlockDevice for TrackedDisk {
         self.image.read_exact_at(buf, offset).map_err(DiskError::from_io)
     }
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), DiskError> {
-        self.mutate(RecordKind::Write, offset, data.len() as u64, data, fua, || self.image.write_all_at(data, offset))
+        self.mutate(RecordKind::Write, offset, data.len() as u64, data, fua, || self.write_image(data, offset))
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, no_hole: bool) -> Result<(), DiskError> {
         let mode = if no_hole { ZeroMode::Allocate } else { ZeroMode::Punch };
@@ -37,10 +37,12 @@ impl BlockDevice for TrackedDisk {
         // which its seal already synced.
         let now = self.completed.load(Ordering::SeqCst);
         let log_file = self.lock().log_file.clone();
+        crate::faults::point(crate::faults::HRL_APPEND_BEFORE_SYNC).map_err(DiskError::from_io)?;
         if let Some(f) = log_file {
             f.sync_data().map_err(DiskError::from_io)?;
         }
         self.image.sync_data().map_err(DiskError::from_io)?;
+        crate::faults::point(crate::faults::HRL_APPEND_AFTER_SYNC).map_err(DiskError::from_io)?;
         *synced = now;
         Ok(())
     }

@@ -122,157 +122,11 @@ struct Inflight {
     next: u64,
     /// (ticket, start, end) of operations logged but not applied.
     ranges: Vec<(u64, u64, u64)>,
+    /// Logged operations whose image write failed, not yet taken out of the log.
+    failed: Vec<write::LoggedOp>,
 }
 
 impl TrackedDisk {
-    /// Opens the image at `image_path` (its logs live in the same folder) and recovers
-    /// from a crash: the open log's torn tail is cut to its last whole record and its
-    /// records are re-applied to the image in order (idempotent), so every acknowledged
-    /// write is in both; sealed logs are verified (damaged ones are kept and listed by
-    /// [`Self::corrupt_logs`]). With `tracking` off, writes go to the image only.
-    pub fn open(image_path: &Path, disk_id: DiskId, tracking: bool) -> Result<Self, TrackerError> {
-        let img_err = |source| TrackerError::Image { path: image_path.to_owned(), source };
-        let image = crate::files::open_existing(image_path, true).map_err(img_err)?;
-        let size = image.metadata().map_err(img_err)?.len();
-        let dir = match image_path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let mut disk = TrackedDisk {
-            image,
-            image_path: image_path.to_owned(),
-            dir,
-            disk_id,
-            size,
-            state: Mutex::new(State {
-                tracking,
-                stopped: false,
-                log: None,
-                log_file: None,
-                next_seq: LogSeq(1),
-                sealed: BTreeMap::new(),
-            }),
-            tracking_hint: AtomicBool::new(tracking),
-            synced_gen: Mutex::new(0),
-            completed: AtomicU64::new(0),
-            inflight: Mutex::new(Inflight::default()),
-            inflight_done: Condvar::new(),
-            corrupt: Vec::new(),
-        };
-        disk.recover()?;
-        Ok(disk)
-    }
-
-    fn recover(&mut self) -> Result<(), TrackerError> {
-        let logs = self.list_logs()?;
-        let mut st = State {
-            tracking: self.state_mut().tracking,
-            stopped: false,
-            log: None,
-            log_file: None,
-            next_seq: logs.keys().next_back().map_or(LogSeq(1), |s| s.next()),
-            sealed: BTreeMap::new(),
-        };
-        let last = logs.keys().next_back().copied();
-        for (&seq, path) in &logs {
-            if Some(seq) != last {
-                // Only the highest log may be open: everything below must verify sealed.
-                match hrl::verify_sealed(path) {
-                    Ok(_) => {
-                        let bytes = file_len(path)?;
-                        st.sealed.insert(seq, SealedLog { seq, path: path.clone(), bytes });
-                    }
-                    Err(error) => self.report_corrupt(seq, path, error),
-                }
-                continue;
-            }
-            match hrl::scan(path) {
-                Ok(scan) if scan.header.seq != seq || scan.header.disk_id != self.disk_id => {
-                    let error = HrlError::NameMismatch {
-                        expected: format!("{} seq {seq}", self.disk_id),
-                        found: format!("{} seq {}", scan.header.disk_id, scan.header.seq),
-                    };
-                    self.report_corrupt(seq, path, error);
-                }
-                Ok(scan) => match scan.end {
-                    ScanEnd::Sealed(_) => {
-                        let bytes = file_len(path)?;
-                        st.sealed.insert(seq, SealedLog { seq, path: path.clone(), bytes });
-                    }
-                    ScanEnd::Open | ScanEnd::Torn(_) => {
-                        if let ScanEnd::Torn(e) = &scan.end {
-                            tracing::warn!(log = %path.display(), "cutting torn tail of open HRL log: {e:#}");
-                        }
-                        let writer = HrlWriter::open_append(path).map_err(|source| log_err(path, source))?;
-                        self.reapply(path)?;
-                        st.next_seq = seq; // reused: `install_log` below advances it
-                        install_log(&mut st, writer).map_err(|source| log_err(path, source))?;
-                    }
-                },
-                // Torn inside the header: the crash hit the log's creation (header written
-                // and synced before any record), so it holds no record; start it anew.
-                Err(HrlError::Truncated { .. }) => {
-                    tracing::warn!(log = %path.display(), "removing HRL log torn at creation");
-                    std::fs::remove_file(path).map_err(|source| log_err(path, source.into()))?;
-                    hrl::sync_dir(&self.dir).map_err(|source| TrackerError::Dir { path: self.dir.clone(), source })?;
-                    st.next_seq = seq;
-                }
-                Err(error) => self.report_corrupt(seq, path, error),
-            }
-        }
-        // The re-applied records are durable in the image before anything new is written.
-        self.image.sync_data().map_err(|source| self.image_err(source))?;
-        if !st.tracking && st.log.as_ref().is_some_and(|l| !l.is_empty()) {
-            self.seal_locked(&mut st, true)?;
-        }
-        if st.log.is_none() {
-            self.create_log(&mut st)?;
-        }
-        *self.state_mut() = st;
-        Ok(())
-    }
-
-    fn state_mut(&mut self) -> &mut State {
-        self.state.get_mut().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn report_corrupt(&mut self, seq: LogSeq, path: &Path, error: HrlError) {
-        tracing::error!(log = %path.display(), "damaged HRL log kept for inspection; replication needs a resync: {error:#}");
-        self.corrupt.push(CorruptLog { seq, path: path.to_owned(), error });
-    }
-
-    /// Logs of this disk in its folder, by sequence number.
-    fn list_logs(&self) -> Result<BTreeMap<LogSeq, PathBuf>, TrackerError> {
-        let dir_err = |source| TrackerError::Dir { path: self.dir.clone(), source };
-        let mut logs = BTreeMap::new();
-        for entry in std::fs::read_dir(&self.dir).map_err(dir_err)? {
-            let entry = entry.map_err(dir_err)?;
-            let name = entry.file_name();
-            if let Some(seq) = name.to_str().and_then(|n| hrl::parse_log_file_name(&self.disk_id, n)) {
-                logs.insert(seq, entry.path());
-            }
-        }
-        Ok(logs)
-    }
-
-    /// Re-applies every valid record of the (already truncated) open log to the image.
-    fn reapply(&self, path: &Path) -> Result<(), TrackerError> {
-        let mut reader = HrlReader::open(path).map_err(|source| log_err(path, source))?;
-        let mut data = Vec::new();
-        while let Some(rec) = reader.next_record(&mut data).map_err(|source| log_err(path, source))? {
-            if check_range(rec.offset, rec.length, self.size).is_err() {
-                let error = HrlError::Malformed { what: "record past the end of the image", at: rec.pos };
-                return Err(log_err(path, error));
-            }
-            let done = match rec.kind {
-                RecordKind::Write => self.image.write_all_at(&data, rec.offset),
-                RecordKind::Zeroes | RecordKind::Trim => self.zero_image(rec.offset, rec.length, zero::REAPPLY),
-            };
-            done.map_err(|source| self.image_err(source))?;
-        }
-        Ok(())
-    }
-
     fn image_err(&self, source: io::Error) -> TrackerError {
         TrackerError::Image { path: self.image_path.clone(), source }
     }
@@ -306,6 +160,9 @@ impl TrackedDisk {
     /// then (if `open_next`) the next log created. Caller holds the lock.
     fn seal_locked(&self, st: &mut State, open_next: bool) -> Result<Option<LogSeq>, TrackerError> {
         self.drain();
+        if let Err(source) = self.settle_failed_locked(st) {
+            return Err(log_err(&self.dir, source));
+        }
         let Some(log) = st.log.as_mut() else {
             if open_next && !st.stopped {
                 self.create_log(st)?;
@@ -326,75 +183,6 @@ impl TrackedDisk {
             self.create_log(st)?;
         }
         Ok(Some(seq))
-    }
-
-    /// Writes every record of one operation to the open log. Caller holds the lock.
-    fn append_locked(&self, st: &mut State, recs: &[EncodedRecord], data: &[u8]) -> Result<(), DiskError> {
-        if st.log.is_none() {
-            self.create_log(st).map_err(|e| DiskError::Io(io::Error::other(e)))?;
-        }
-        let Some(log) = st.log.as_mut() else {
-            return Err(DiskError::Io(io::Error::other("no open HRL log")));
-        };
-        let mut chunks = data.chunks(MAX_RECORD_DATA as usize);
-        for rec in recs {
-            log.append(rec, chunks.next().unwrap_or(&[])).map_err(hrl_to_disk)?;
-        }
-        Ok(())
-    }
-
-    /// The common path of write, write-zeroes and trim: log (when tracking) then apply,
-    /// both under the lock; then flush for FUA.
-    fn mutate(
-        &self,
-        kind: RecordKind,
-        offset: u64,
-        len: u64,
-        data: &[u8],
-        fua: bool,
-        apply: impl FnOnce() -> io::Result<()>,
-    ) -> Result<(), DiskError> {
-        check_range(offset, len, self.size)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let flags = if fua { FLAG_FUA } else { 0 };
-        // Checksums outside the lock when tracking is (probably) on.
-        let mut recs = if self.tracking_hint.load(Ordering::Relaxed) {
-            encode(kind, flags, offset, len, data)?
-        } else {
-            Vec::new()
-        };
-        let end = offset + len;
-        let ticket = {
-            let mut st = self.lock();
-            if st.stopped {
-                return Err(DiskError::Stopped);
-            }
-            if st.tracking {
-                if recs.is_empty() {
-                    recs = encode(kind, flags, offset, len, data)?;
-                }
-                self.append_locked(&mut st, &recs, data)?;
-            }
-            let mut inf = self.inflight();
-            let t = inf.next;
-            inf.next += 1;
-            inf.ranges.push((t, offset, end));
-            t
-        };
-        // Wait for earlier overlapping operations, then apply outside the state lock.
-        let mut inf = self.inflight();
-        while inf.ranges.iter().any(|&(t, s, e)| t < ticket && s < end && offset < e) {
-            inf = self.inflight_done.wait(inf).unwrap_or_else(PoisonError::into_inner);
-        }
-        drop(inf);
-        let applied = apply();
-        self.inflight().ranges.retain(|r| r.0 != ticket);
-        self.inflight_done.notify_all();
-        applied.map_err(DiskError::from_io)?;
-        self.completed.fetch_add(1, Ordering::SeqCst);
-        if fua { self.flush() } else { Ok(()) }
     }
 
     /// Turns tracking on or off, under the write lock: a write racing with the switch is
@@ -549,27 +337,6 @@ fn install_log(st: &mut State, writer: HrlWriter) -> Result<(), HrlError> {
     Ok(())
 }
 
-/// The records of one operation: writes larger than [`MAX_RECORD_DATA`] are split.
-fn encode(kind: RecordKind, flags: u8, offset: u64, len: u64, data: &[u8]) -> Result<Vec<EncodedRecord>, DiskError> {
-    if kind != RecordKind::Write {
-        return Ok(vec![EncodedRecord::new(kind, flags, offset, len, &[]).map_err(hrl_to_disk)?]);
-    }
-    let mut recs = Vec::with_capacity(data.len().div_ceil(MAX_RECORD_DATA as usize));
-    let mut at = offset;
-    for chunk in data.chunks(MAX_RECORD_DATA as usize) {
-        recs.push(EncodedRecord::new(kind, flags, at, chunk.len() as u64, chunk).map_err(hrl_to_disk)?);
-        at += chunk.len() as u64;
-    }
-    Ok(recs)
-}
-
-fn hrl_to_disk(e: HrlError) -> DiskError {
-    match e {
-        HrlError::Io(e) => DiskError::from_io(e),
-        other => DiskError::Io(io::Error::other(other)),
-    }
-}
-
 fn log_err(path: &Path, source: HrlError) -> TrackerError {
     TrackerError::Log { path: path.to_owned(), source }
 }
@@ -579,6 +346,8 @@ fn file_len(path: &Path) -> Result<u64, TrackerError> {
 }
 
 mod block;
+mod recover;
 #[cfg(test)]
 mod tests;
+mod write;
 mod zero;

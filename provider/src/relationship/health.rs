@@ -107,6 +107,15 @@ pub fn cycles_in_window(samples: &[CycleSample], window_ms: u64, now: i64) -> (u
     (cycles, missed)
 }
 
+/// Whether an error text is a full file system (ENOSPC / EDQUOT as the agents report it:
+/// the OS error text, or the gRPC code the replica maps it to).
+fn names_no_space(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    ["no space left", "disk quota exceeded", "resource exhausted", "resourceexhausted", "os error 28"]
+        .iter()
+        .any(|s| e.contains(s))
+}
+
 /// Fewer cycles than this in a window say nothing about the missed ratio.
 const MIN_CYCLES: u64 = 5;
 
@@ -141,7 +150,13 @@ pub fn evaluate(h: &HealthInput<'_>, now: i64) -> (Health, Vec<String>) {
         S::Replicating => {}
     }
     if h.state != S::StoppedOnError && !h.error.is_empty() && h.error_recoverable {
-        reasons.push(format!("retrying after a recoverable error: {}", h.error));
+        if names_no_space(h.error) {
+            // Retried, but no point can be made until an operator frees space.
+            health = Health::Critical;
+            reasons.push(format!("no space left on a host's disk (retrying until space is freed): {}", h.error));
+        } else {
+            reasons.push(format!("retrying after a recoverable error: {}", h.error));
+        }
     }
     let rpo_states = matches!(h.state, S::Replicating | S::Resynchronising | S::ResyncRequired | S::Paused);
     if rpo_states && h.interval_ms > 0 {
@@ -278,6 +293,10 @@ mod tests {
         let (h, r) = evaluate(&i, NOW);
         assert_eq!(h, Health::Warning);
         assert_eq!(r, vec!["retrying after a recoverable error: connection refused".to_string()]);
+        i.error = "replica store: write spool: No space left on device (os error 28)";
+        let (health, r) = evaluate(&i, NOW);
+        assert_eq!(health, Health::Critical, "{r:?}");
+        assert!(r[0].starts_with("no space left on a host's disk"), "{r:?}");
         for e in ["authorisation failure", "broken log chain", "VM not found", "invalid replica state"] {
             let mut i = input(ReplicationState::StoppedOnError);
             i.error = e;
