@@ -115,6 +115,7 @@ pub struct TrackedDisk {
     inflight: Mutex<Inflight>,
     inflight_done: Condvar,
     corrupt: Vec<CorruptLog>,
+    spill: bitmap::Spill,
 }
 
 #[derive(Debug, Default)]
@@ -161,6 +162,7 @@ impl TrackedDisk {
             inflight: Mutex::new(Inflight::default()),
             inflight_done: Condvar::new(),
             corrupt: Vec::new(),
+            spill: bitmap::Spill::open(image_path, size)?,
         };
         disk.recover()?;
         Ok(disk)
@@ -388,7 +390,7 @@ impl TrackedDisk {
                 if recs.is_empty() {
                     recs = encode(kind, flags, offset, len, data)?;
                 }
-                self.append_locked(&mut st, &recs, data)?;
+                self.log_or_mark(&mut st, &recs, data, offset, len)?;
             }
             let mut inf = self.inflight();
             let t = inf.next;
@@ -591,6 +593,7 @@ fn file_len(path: &Path) -> Result<u64, TrackerError> {
     std::fs::metadata(path).map(|m| m.len()).map_err(|source| log_err(path, source.into()))
 }
 
+pub mod bitmap;
 mod block;
 #[cfg(test)]
 mod tests;
