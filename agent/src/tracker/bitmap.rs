@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::{State, TrackedDisk, TrackerError, log_err};
 use crate::disk::DiskError;
-use crate::hrl::{self, EncodedRecord, HrlReader, LogSeq, RECORD_HEADER_LEN};
+use crate::hrl::{self, EncodedRecord, FILE_HEADER_LEN, FOOTER_LEN, HrlReader, LogSeq, RECORD_HEADER_LEN};
 
 /// Granularity of the bitmap: the resync block size, so a dirty block is one block of
 /// the comparison.
@@ -291,7 +291,9 @@ impl TrackedDisk {
             return d.map.mark(offset, len).map_err(io_err);
         }
         let budget = self.spill.budget.load(Ordering::Relaxed);
-        let adding = (recs.len() * RECORD_HEADER_LEN + data.len()) as u64;
+        // Room kept for the open log's footer and the next log's header, which a seal
+        // adds without a write: the files never pass the budget.
+        let adding = (recs.len() * RECORD_HEADER_LEN + data.len() + FOOTER_LEN + FILE_HEADER_LEN) as u64;
         if budget > 0 && pending_locked(st) + adding > budget {
             let pending = pending_locked(st);
             self.collapse_locked(st, &mut sp).map_err(|e| DiskError::Io(io::Error::other(e)))?;

@@ -30,6 +30,7 @@
 //! Only this module touches the state file: the protection handlers [`seed`] it, read
 //! the last acknowledged point from [`SenderHandle::drain_and_stop`] and [`forget`] it.
 
+mod catchup;
 mod delta;
 mod error;
 mod initial;
