@@ -206,7 +206,7 @@ async fn run(cli: Cli) -> Result<()> {
                 None => {
                     let fs = nix::sys::statvfs::statvfs(&dir)
                         .with_context(|| format!("free space of the data dir {}", dir.display()))?;
-                    let free = u64::from(fs.blocks_available()).saturating_mul(u64::from(fs.fragment_size()));
+                    let free = fs.blocks_available().saturating_mul(fs.fragment_size());
                     bitmap::default_log_budget(free)
                 }
             };

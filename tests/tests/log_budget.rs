@@ -44,7 +44,10 @@ fn catch_up_figures(log: &Path) -> Option<(u64, u64, u64)> {
 }
 
 fn reasons(r: &serde_json::Value) -> String {
-    r["health_reasons"].as_array().map(|a| a.iter().filter_map(|s| s.as_str()).collect::<Vec<_>>().join("; ")).unwrap_or_default()
+    r["health_reasons"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect::<Vec<_>>().join("; "))
+        .unwrap_or_default()
 }
 
 #[test]
