@@ -49,7 +49,8 @@ const MAGIC: &[u8; 4] = b"SRDB";
 const VERSION: u32 = 1;
 const HEADER_LEN: u64 = 32;
 
-/// The budget new disks get (bytes of pending logs per disk; 0 = unlimited).
+/// The budget new disks get (bytes of pending logs per disk; 0 = none). A disk's
+/// budget is never more than half its size.
 static DEFAULT_BUDGET: AtomicU64 = AtomicU64::new(0);
 
 /// Sets the log budget of every disk opened from now on (`agent serve` calls it once).
@@ -243,6 +244,14 @@ impl Spill {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The budget of a disk of `size` bytes: the one set, at most half the disk.
+    fn effective_budget(&self, size: u64) -> u64 {
+        match self.budget.load(Ordering::Relaxed) {
+            0 => size / 2,
+            b => b.min(size / 2),
+        }
+    }
+
     /// Syncs the bitmap (flush and FUA).
     pub(super) fn sync(&self) -> io::Result<()> {
         let file = self.lock().as_ref().map(|d| d.map.file.clone());
@@ -260,14 +269,14 @@ pub struct BitmapState {
 }
 
 impl TrackedDisk {
-    /// Sets this disk's log budget (0 = unlimited).
+    /// Sets this disk's log budget (0 = none but the cap of half the disk).
     pub fn set_log_budget(&self, bytes: u64) {
         self.spill.budget.store(bytes, Ordering::Relaxed);
     }
 
     /// `Some` while the disk has a bitmap (past its budget, or catching up).
     pub fn bitmap_state(&self) -> Option<BitmapState> {
-        let budget = self.spill.budget.load(Ordering::Relaxed);
+        let budget = self.spill.effective_budget(self.size);
         self.spill.lock().as_ref().map(|d| BitmapState {
             dirty_blocks: d.map.dirty_blocks(),
             budget,
@@ -290,11 +299,13 @@ impl TrackedDisk {
         if let Some(d) = sp.as_mut().filter(|d| !d.draining) {
             return d.map.mark(offset, len).map_err(io_err);
         }
-        let budget = self.spill.budget.load(Ordering::Relaxed);
+        // Past half the disk's size the bitmap is cheaper than the logs (and delta
+        // replication would otherwise give up for a resync at that point).
+        let budget = self.spill.effective_budget(self.size);
         // Room kept for the open log's footer and the next log's header, which a seal
         // adds without a write: the files never pass the budget.
         let adding = (recs.len() * RECORD_HEADER_LEN + data.len() + FOOTER_LEN + FILE_HEADER_LEN) as u64;
-        if budget > 0 && pending_locked(st) + adding > budget {
+        if pending_locked(st) + adding > budget {
             let pending = pending_locked(st);
             self.collapse_locked(st, &mut sp).map_err(|e| DiskError::Io(io::Error::other(e)))?;
             tracing::warn!(disk = %self.disk_id, pending, budget, "log budget exceeded: the disk runs on its dirty-block bitmap");
