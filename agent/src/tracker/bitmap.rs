@@ -49,8 +49,8 @@ const MAGIC: &[u8; 4] = b"SRDB";
 const VERSION: u32 = 1;
 const HEADER_LEN: u64 = 32;
 
-/// The budget new disks get (bytes of pending logs per disk; 0 = none). A disk's
-/// budget is never more than half its size.
+/// The budget new disks get (bytes of pending logs per disk; 0 = none). A budget is
+/// never more than half the disk's size.
 static DEFAULT_BUDGET: AtomicU64 = AtomicU64::new(0);
 
 /// Sets the log budget of every disk opened from now on (`agent serve` calls it once).
@@ -244,10 +244,11 @@ impl Spill {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The budget of a disk of `size` bytes: the one set, at most half the disk.
+    /// The budget of a disk of `size` bytes: the one set, at most half the disk
+    /// (`u64::MAX`: none set).
     fn effective_budget(&self, size: u64) -> u64 {
         match self.budget.load(Ordering::Relaxed) {
-            0 => size / 2,
+            0 => u64::MAX,
             b => b.min(size / 2),
         }
     }
@@ -269,7 +270,7 @@ pub struct BitmapState {
 }
 
 impl TrackedDisk {
-    /// Sets this disk's log budget (0 = none but the cap of half the disk).
+    /// Sets this disk's log budget (0 = none; a budget is capped at half the disk).
     pub fn set_log_budget(&self, bytes: u64) {
         self.spill.budget.store(bytes, Ordering::Relaxed);
     }
@@ -305,7 +306,7 @@ impl TrackedDisk {
         // Room kept for the open log's footer and the next log's header, which a seal
         // adds without a write: the files never pass the budget.
         let adding = (recs.len() * RECORD_HEADER_LEN + data.len() + FOOTER_LEN + FILE_HEADER_LEN) as u64;
-        if pending_locked(st) + adding > budget {
+        if pending_locked(st).saturating_add(adding) > budget {
             let pending = pending_locked(st);
             self.collapse_locked(st, &mut sp).map_err(|e| DiskError::Io(io::Error::other(e)))?;
             tracing::warn!(disk = %self.disk_id, pending, budget, "log budget exceeded: the disk runs on its dirty-block bitmap");
