@@ -14,6 +14,7 @@ use siterecovery_agent::peer;
 use siterecovery_agent::protection::Protection;
 use siterecovery_agent::register::{RegisterArgs, register};
 use siterecovery_agent::replica::ReplicaSet;
+use siterecovery_agent::tracker::bitmap;
 use siterecovery_agent::vm::{Hooks, VmManager};
 use siterecovery_proto::daemon;
 use siterecovery_proto::model::units::{parse_duration, parse_size};
@@ -93,6 +94,12 @@ enum Cmd {
         /// app-consistent only when it exits 0.
         #[arg(long, value_name = "CMD")]
         quiesce_hook: Option<String>,
+        /// Most bytes of pending HRL logs per disk (e.g. 8G). Past it the disk runs on a
+        /// dirty-block bitmap until the replica catches up: guest writes never fail
+        /// because of logs. Default: a quarter of the data dir's free space at start,
+        /// between 64 MiB and 64 GiB.
+        #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+        log_budget: Option<u64>,
     },
     /// VMs on this host, read from the data dir (no provider needed).
     #[command(subcommand)]
@@ -190,10 +197,21 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { peer_listen, nbd, heartbeat, on_vm_start, on_vm_stop, quiesce_hook } => {
+        Cmd::Serve { peer_listen, nbd, heartbeat, on_vm_start, on_vm_stop, quiesce_hook, log_budget } => {
             let dir = data_dir(cli.data_dir)?;
             // Absolute, so the NBD URIs reported to the provider work from anywhere.
             let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;
+            let budget = match log_budget {
+                Some(b) => b,
+                None => {
+                    let fs = nix::sys::statvfs::statvfs(&dir)
+                        .with_context(|| format!("free space of the data dir {}", dir.display()))?;
+                    let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+                    bitmap::default_log_budget(free)
+                }
+            };
+            bitmap::set_default_log_budget(budget);
+            tracing::info!(budget, "log budget per disk: {}", siterecovery_proto::model::units::human_size(budget));
             serve(dir, peer_listen, nbd, heartbeat, Hooks { on_start: on_vm_start, on_stop: on_vm_stop }, quiesce_hook)
                 .await
         }

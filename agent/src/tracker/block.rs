@@ -41,6 +41,7 @@ impl BlockDevice for TrackedDisk {
         if let Some(f) = log_file {
             f.sync_data().map_err(DiskError::from_io)?;
         }
+        self.spill.sync().map_err(DiskError::from_io)?; // before the image: it must cover it
         self.image.sync_data().map_err(DiskError::from_io)?;
         crate::faults::point(crate::faults::HRL_APPEND_AFTER_SYNC).map_err(DiskError::from_io)?;
         *synced = now;

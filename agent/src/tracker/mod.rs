@@ -115,6 +115,7 @@ pub struct TrackedDisk {
     inflight: Mutex<Inflight>,
     inflight_done: Condvar,
     corrupt: Vec<CorruptLog>,
+    spill: bitmap::Spill,
 }
 
 #[derive(Debug, Default)]
@@ -345,6 +346,7 @@ fn file_len(path: &Path) -> Result<u64, TrackerError> {
     std::fs::metadata(path).map(|m| m.len()).map_err(|source| log_err(path, source.into()))
 }
 
+pub mod bitmap;
 mod block;
 mod recover;
 #[cfg(test)]

@@ -38,6 +38,7 @@ impl TrackedDisk {
             inflight: Mutex::new(Inflight::default()),
             inflight_done: Condvar::new(),
             corrupt: Vec::new(),
+            spill: bitmap::Spill::open(image_path, size)?,
         };
         disk.recover()?;
         Ok(disk)

@@ -24,7 +24,12 @@ pub(super) struct LoggedOp {
 impl TrackedDisk {
     /// Writes every record of one operation to the open log, and keeps [`CANCEL_ROOM`]
     /// allocated after it. Caller holds the lock. On failure nothing of it stays logged.
-    fn append_locked(&self, st: &mut State, recs: &[EncodedRecord], data: &[u8]) -> Result<LoggedOp, DiskError> {
+    pub(super) fn append_locked(
+        &self,
+        st: &mut State,
+        recs: &[EncodedRecord],
+        data: &[u8],
+    ) -> Result<LoggedOp, DiskError> {
         if st.log.is_none() {
             self.create_log(st).map_err(|e| DiskError::Io(io::Error::other(e)))?;
         }
@@ -120,7 +125,7 @@ impl TrackedDisk {
                 if recs.is_empty() {
                     recs = encode(kind, flags, offset, len, data)?;
                 }
-                logged = Some(self.append_locked(&mut st, &recs, data)?);
+                logged = self.log_or_mark(&mut st, &recs, data, offset, len)?;
             }
             let mut inf = self.inflight();
             let t = inf.next;

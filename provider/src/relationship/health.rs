@@ -68,6 +68,9 @@ pub struct HealthInput<'a> {
     pub error_recoverable: bool,
     /// The agent's reason for a resync, if any.
     pub detail: &'a str,
+    /// Conditions the agent reports as warnings (a disk running on its dirty-block
+    /// bitmap past the log budget).
+    pub warnings: &'a [String],
     /// Oldest first.
     pub samples: &'a [CycleSample],
     pub primary_connected: bool,
@@ -149,6 +152,9 @@ pub fn evaluate(h: &HealthInput<'_>, now: i64) -> (Health, Vec<String>) {
         S::Resynchronising => reasons.push("resynchronisation in progress".into()),
         S::Replicating => {}
     }
+    if h.state != S::StoppedOnError {
+        reasons.extend(h.warnings.iter().cloned());
+    }
     if h.state != S::StoppedOnError && !h.error.is_empty() && h.error_recoverable {
         if names_no_space(h.error) {
             // Retried, but no point can be made until an operator frees space.
@@ -202,6 +208,7 @@ mod tests {
             error: "",
             error_recoverable: false,
             detail: "",
+            warnings: &[],
             samples: &[],
             primary_connected: true,
             primary_host: "hv1",
@@ -212,6 +219,14 @@ mod tests {
     fn replicating_recently_is_normal() {
         assert_eq!(evaluate(&input(ReplicationState::Replicating), NOW), (Health::Normal, vec![]));
         assert_eq!(evaluate(&input(ReplicationState::NotEnabled), NOW).0, Health::Normal);
+    }
+
+    #[test]
+    fn agent_warnings_make_a_replicating_vm_warn() {
+        let w = vec!["disk disk0 runs on its dirty-block bitmap".to_string()];
+        let mut i = input(ReplicationState::Replicating);
+        i.warnings = &w;
+        assert_eq!(evaluate(&i, NOW), (Health::Warning, w.clone()));
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct StatusRecord {
     pub resync_blocks_compared: u64,
     pub resync_blocks_sent: u64,
     pub resync_wire_bytes: u64,
+    /// Conditions the agent reports that make health Warning (a disk on its bitmap).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 impl StatusRecord {
@@ -52,6 +55,7 @@ impl StatusRecord {
             resync_blocks_compared: s.resync_blocks_compared,
             resync_blocks_sent: s.resync_blocks_sent,
             resync_wire_bytes: s.resync_wire_bytes,
+            warnings: s.warnings.clone(),
         }
     }
 }
@@ -174,6 +178,7 @@ impl RelationshipRecord {
                 error: &self.status.error,
                 error_recoverable: self.status.error_recoverable,
                 detail: &self.status.detail,
+                warnings: &self.status.warnings,
                 samples: &self.samples,
                 primary_connected,
                 primary_host,

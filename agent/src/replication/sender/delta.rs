@@ -29,6 +29,10 @@ impl<T: PeerTransport> Task<T> {
         {
             return Err(ReplicationError::ResyncRequired(reason));
         }
+        // A disk past its log budget ships its dirty blocks instead of logs.
+        if self.on_bitmap() {
+            return self.catch_up().await;
+        }
         // Seal first, ship after: while the replica is unreachable the writes of each
         // interval still become their own point, so the logs stay interval-sized.
         let app = self.live && self.app_consistent_due();

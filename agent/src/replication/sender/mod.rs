@@ -17,6 +17,9 @@
 //!   damaged, the replica refuses a point (diverged), pending logs outgrow half the disk,
 //!   or an operator asks: compare block hashes and ship only the differing blocks plus
 //!   the logs sealed meanwhile, as one point.
+//! - **catch-up** (`catchup`): a disk whose pending logs passed the log budget runs on a
+//!   dirty-block bitmap (`tracker::bitmap`); the next cycle ships its dirty blocks plus
+//!   the logs sealed since as one point, then the disk is back on logs.
 //!
 //! Crash safety: a point's seq and its logs are persisted before it is shipped, so after
 //! a restart the same point is shipped again (the replica answers with the existing point
@@ -30,6 +33,7 @@
 //! Only this module touches the state file: the protection handlers [`seed`] it, read
 //! the last acknowledged point from [`SenderHandle::drain_and_stop`] and [`forget`] it.
 
+mod catchup;
 mod delta;
 mod error;
 mod initial;

@@ -36,6 +36,10 @@ impl<T: PeerTransport> Task<T> {
         }
         // Logs are of no use until the blocks are compared: seal and drop them, so a
         // resync held back by business hours does not fill the disk.
+        // The comparison covers what a dirty-block bitmap holds: it goes with the point.
+        for (_, d) in &self.disks {
+            d.take_dirty()?;
+        }
         let disks = self.disks.clone();
         let t0 = blocking(move || barrier_seal(&disks)).await?;
         for (disk, &through) in &t0 {
@@ -148,6 +152,9 @@ impl<T: PeerTransport> Task<T> {
         );
         self.apply(Event::ResyncDone)?;
         self.persist()?;
+        for (_, d) in &self.disks {
+            d.finish_catch_up()?;
+        }
         for (disk, &through) in &t1 {
             self.delete_logs(disk, through)?;
         }

@@ -316,6 +316,7 @@ impl<T: PeerTransport> Task<T> {
             resync_blocks_compared: self.view.compared,
             resync_blocks_sent: self.view.sent,
             resync_wire_bytes: self.view.resync_wire,
+            warnings: self.bitmap_warnings(),
         }
     }
 

@@ -331,3 +331,52 @@ async fn seeds_and_a_damaged_state_file() {
     forget(&env.dir);
     assert!(!env.dir.join(STATE_FILE).exists());
 }
+
+#[tokio::test]
+async fn past_the_budget_before_the_first_point_the_dirty_blocks_make_it() {
+    let env = env();
+    env.disk.set_log_budget(MIB);
+    // Writes before and while the copy runs pass the budget: the disk goes on its bitmap.
+    for i in 0..4u64 {
+        env.disk.write_at(&fill(20 + i, 400_000), i * 2 * MIB + 7, false).expect("write");
+    }
+    assert!(env.disk.bitmap_state().is_some(), "on the bitmap");
+    assert!(env.disk.pending_log_bytes() <= MIB);
+    let h = env.start();
+    env.until("a catch-up point", |e| e.peer.with(|r| r.points.iter().any(|p| p.1))).await;
+    env.until("the replica equal to the primary, off the bitmap", |e| e.converged() && e.disk.bitmap_state().is_none())
+        .await;
+    // Back on logs: a later write travels as a delta point.
+    let before = env.peer.with(|r| r.points.len());
+    env.disk.write_at(&fill(30, 5000), 3 * MIB, false).expect("write");
+    env.until("a delta point", |e| e.peer.with(|r| r.points.len() > before && !r.points.last().is_some_and(|p| p.1)))
+        .await;
+    env.until("the replica equal to the primary", Env::converged).await;
+    assert!(matches!(h.phase(), Phase::Replicating), "{:?}", h.phase());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn replica_away_past_the_budget_catches_up_from_the_bitmap() {
+    let env = env();
+    env.disk.set_log_budget(MIB);
+    let h = env.start();
+    env.until("the first point", |e| e.peer.with(|r| !r.points.is_empty())).await;
+    env.peer.with(|r| r.fail_ship = Some(tonic::Code::Unavailable));
+    for i in 0..6u64 {
+        env.disk.write_at(&fill(40 + i, 300_000), i * MIB + 100, false).expect("write while away");
+        assert!(env.disk.pending_log_bytes() <= MIB, "logs under the budget");
+    }
+    assert!(env.disk.bitmap_state().is_some(), "on the bitmap");
+    // A few failed catch-ups: the blocks are taken again each time, writes between
+    // them are logged and collapsed in again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.disk.write_at(&fill(50, 4096), 7 * MIB, false).expect("write between tries");
+    assert!(matches!(h.phase(), Phase::Replicating), "no resync: {:?}", h.phase());
+    env.peer.with(|r| r.fail_ship = None);
+    env.until("the replica equal to the primary, off the bitmap", |e| e.converged() && e.disk.bitmap_state().is_none())
+        .await;
+    assert!(env.peer.with(|r| r.points.iter().any(|p| p.1)), "a catch-up point");
+    let st = h.stop().await.expect("state");
+    assert_eq!(st.phase, Stage::Replicating);
+}

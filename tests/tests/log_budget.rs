@@ -1,0 +1,120 @@
+//! The log budget end to end: a protected VM on hv-a served with `--log-budget 8M`, the
+//! replica agent stopped, then 40 MiB of random 64 KiB writes over the 64 MiB disk with
+//! the real `qemu-io`. Every guest write succeeds, the pending HRL logs in the VM folder
+//! never pass the budget (the disk runs on its dirty-block bitmap), health is Warning
+//! saying so; once the replica agent is back only the dirty blocks travel (at most 1.1×
+//! their bytes on the wire, no full resync), the latest point equals the primary, and
+//! the disk is back on HRL logs.
+//!
+//! Run: `cargo build --workspace --bins && cargo test -p siterecovery-tests --test log_budget`.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use siterecovery_tests::*;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 64 << 10;
+const BUDGET: u64 = 8 * MIB;
+const VM: &str = "vm1";
+
+/// Sum of the sizes of the `*.hrl` files in `dir`.
+fn hrl_bytes(dir: &Path) -> u64 {
+    files_ending(dir, ".hrl").iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum()
+}
+
+/// splitmix64: the test's writes replay from the printed seed.
+fn next(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The figures of the agent's "dirty-block catch-up done" log line, if it was logged.
+fn catch_up_figures(log: &Path) -> Option<(u64, u64, u64)> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().rev().find(|l| l.contains("dirty-block catch-up done"))?;
+    let field = |name: &str| -> Option<u64> {
+        let at = line.find(&format!("{name}="))? + name.len() + 1;
+        line[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    Some((field("dirty_blocks")?, field("dirty_bytes")?, field("wire_bytes")?))
+}
+
+fn reasons(r: &serde_json::Value) -> String {
+    r["health_reasons"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect::<Vec<_>>().join("; "))
+        .unwrap_or_default()
+}
+
+#[test]
+fn replica_away_past_the_budget_runs_on_the_bitmap_and_sends_only_dirty_blocks() {
+    let mut w = World::unpaired("log_budget", &["--log-budget", "8M"], &[]);
+    w.pair("fast", &[]);
+    w.vm(VM, &["64M"], &[]);
+    let uris = w.uris(VM);
+    let folder = w.vm_dir("hv-a", VM);
+    w.protect_with_point(VM);
+    w.b.stop_gracefully();
+
+    let seed = random_u64();
+    eprintln!("[log_budget] seed {seed}");
+    let mut rng = seed;
+    let mut written = BTreeSet::new();
+    let mut max_logs = 0;
+    // 10 runs of 64 writes of 64 KiB: 40 MiB, five times the budget.
+    for _ in 0..10 {
+        let cmds: Vec<String> = (0..64)
+            .map(|_| {
+                let block = next(&mut rng) % (64 * MIB / BLOCK);
+                written.insert(block);
+                format!("write -P {} {} {BLOCK}", 1 + next(&mut rng) % 255, block * BLOCK)
+            })
+            .collect();
+        w.qio_ok(&uris[0], &cmds); // every guest write succeeds
+        let logs = hrl_bytes(&folder);
+        max_logs = max_logs.max(logs);
+        assert!(logs <= BUDGET, "pending logs {logs} bytes passed the budget {BUDGET}");
+    }
+    assert_eq!(files_ending(&folder, ".dirty").len(), 1, "one bitmap file in {}", folder.display());
+    eprintln!("[log_budget] {} distinct blocks written, logs at most {max_logs} bytes", written.len());
+    let r = w.wait_replication(VM, "health Warning: on the bitmap", EVENT_TIMEOUT, |r| {
+        r["health"] == "Warning" && reasons(r).contains("dirty-block bitmap")
+    });
+    eprintln!("[log_budget] while away: {} ({})", r["health"], reasons(&r));
+
+    // The replica is back: the dirty blocks travel, and only they.
+    w.b = w.lab.start_agent("hv-b");
+    let back = unix_now_ms();
+    let mut figures = None;
+    let caught = wait_until(EVENT_TIMEOUT, || {
+        figures = catch_up_figures(&w.a.log);
+        figures.is_some()
+    });
+    if !caught {
+        w.dump_logs();
+    }
+    let (blocks, dirty, wire) = figures.expect("the agent logged its dirty-block catch-up");
+    eprintln!("[log_budget] caught up: {blocks} dirty blocks, {dirty} bytes dirty, {wire} bytes on the wire");
+    let distinct = written.len() as u64;
+    assert!(blocks >= distinct, "{blocks} dirty blocks, but {distinct} were written");
+    assert!(blocks <= distinct + 16, "{blocks} dirty blocks for {distinct} written");
+    assert_eq!(dirty, blocks * BLOCK);
+    assert!(wire * 10 <= dirty * 11, "{wire} bytes sent for {dirty} dirty bytes (over 1.1×)");
+    w.wait_point_after(VM, back, "a point after the replica came back");
+    let r = w.wait_replication(VM, "health Normal after the catch-up", EVENT_TIMEOUT, |r| {
+        r["health"] == "Normal" && r["state"] == "replicating"
+    });
+    assert!(files_ending(&folder, ".dirty").is_empty(), "the bitmap is gone once caught up");
+    let log = std::fs::read_to_string(&w.a.log).unwrap_or_default();
+    assert!(!log.contains("resynchronising:"), "a full resync ran");
+    eprintln!("[log_budget] after: {r}");
+    // Back on HRL logs: a new write is logged and replicated.
+    w.qio_ok(&uris[0], &["write -P 0x77 0 64k"]);
+    let after = unix_now_ms();
+    w.wait_point_after(VM, after, "a point of a logged write");
+    w.assert_point_matches_primary(VM, "latest");
+}
