@@ -229,6 +229,8 @@ pub fn run_scenario(plan: &Plan) -> Outcome {
         assert!(reasons.is_empty(), "(c) the sender resynchronised after a network fault: {reasons:?}");
     }
     if initial_crash && out.failpoint_hit == Some(true) {
+        // Resumed from the acknowledged offset, or (a crash after the last chunk's
+        // acknowledgement) found already complete at the replica: never sent again.
         assert!(log_a.contains("resuming the initial copy"), "(c) the initial copy was restarted, not resumed");
     }
 

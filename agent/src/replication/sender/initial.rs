@@ -73,6 +73,9 @@ impl<T: PeerTransport> Task<T> {
                     tracing::info!(disk = %id, acked, "resuming the initial copy");
                 }
                 self.copy_disk(&id, &path, size, &ranges, acked, base).await?;
+            } else if acked > 0 {
+                // A restart after the last chunk's acknowledgement: nothing left to send.
+                tracing::info!(disk = %id, acked, "resuming the initial copy: the replica already holds all of this disk");
             }
             base += disk_total;
             self.view.done = base;
