@@ -5,7 +5,6 @@
 use serde_json::json;
 
 use super::*;
-use crate::relationship::RelationshipRecord;
 
 struct Env {
     _tmp: tempfile::TempDir,
@@ -84,12 +83,13 @@ fn reset_flags_the_host_and_revokes_its_certificate() {
 #[test]
 fn remove_refuses_a_host_in_use_then_deletes_it_and_its_vms() {
     let e = env();
-    let rel: RelationshipRecord = serde_json::from_value(json!({
+    // The stored form of a relationship (a JSON document), written without the
+    // relationship module: inventory sits below it.
+    let rel = json!({
         "id": "r-00000001", "vm": "vm3", "primary_host_id": "hv-a-0a0a0a", "replica_host_id": "hv-b-0a0a0a",
         "policy": "gold", "interval_ms": 1000, "state": "replicating", "created_unix_ms": 1, "total_bytes": 512,
-    }))
-    .expect("relationship");
-    e.store.put(RELATIONSHIPS, &rel.id, &rel).expect("relationship");
+    });
+    e.store.put(RELATIONSHIPS, "r-00000001", &rel).expect("relationship");
     for (n, role) in [("hv-a", "primary"), ("hv-b", "replica")] {
         let err = remove(&e.store, &e.revocations, &name(n)).expect_err(role);
         assert!(matches!(&err, InventoryError::HostInUse { vms, .. } if vms == &["vm3".to_string()]), "{err}");
@@ -100,7 +100,7 @@ fn remove_refuses_a_host_in_use_then_deletes_it_and_its_vms() {
     }
     assert!(revoked(&e.store, &e.revocations).expect("revoked").is_empty());
 
-    e.store.delete(RELATIONSHIPS, &rel.id).expect("unprotect");
+    e.store.delete(RELATIONSHIPS, "r-00000001").expect("unprotect");
     let serial = remove(&e.store, &e.revocations, &name("hv-b")).expect("remove");
     assert_eq!(serial.as_deref(), Some("0b01"));
     assert_eq!(get(&e, "hv-b"), None);
