@@ -399,6 +399,22 @@ mod tests {
     use crate::{VaultCa, VaultId};
 
     #[test]
+    fn a_short_lived_certificate_renews_in_its_future() {
+        let vault = VaultId::generate();
+        let ca = VaultCa::create(vault.clone(), "t").expect("ca");
+        let id = PeerIdentity::new(vault, Role::Host, "h1").expect("id");
+        let (cert, _) =
+            ca.issue_local(&id, &ServerNames::default(), std::time::Duration::from_secs(30)).expect("issue");
+        let (nb, na) = crate::ca::validity(&cert).expect("validity");
+        let now = crate::unix_now();
+        assert!(now - nb <= 4, "backdated by {}s", now - nb);
+        assert!(renew_at(nb, na) > now + 10, "renewal due at once");
+        let (long, _) = ca.issue_local(&id, &ServerNames::default(), LEAF_VALIDITY).expect("issue");
+        let backdated = now - crate::ca::validity(&long).expect("validity").0;
+        assert!((299..=301).contains(&backdated), "a year's certificate is backdated {backdated}s, not 5 minutes");
+    }
+
+    #[test]
     fn fingerprints_parse_in_the_forms_people_type() {
         let ca = VaultCa::create(VaultId::generate(), "t").expect("ca");
         let fp = fingerprint_of_pem(ca.cert_pem()).expect("fp");
