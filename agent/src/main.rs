@@ -202,7 +202,16 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { peer_listen, nbd, heartbeat, on_vm_start, on_vm_stop, quiesce_hook, log_budget, metrics_listen } => {
+        Cmd::Serve {
+            peer_listen,
+            nbd,
+            heartbeat,
+            on_vm_start,
+            on_vm_stop,
+            quiesce_hook,
+            log_budget,
+            metrics_listen,
+        } => {
             let dir = data_dir(cli.data_dir)?;
             // Absolute, so the NBD URIs reported to the provider work from anywhere.
             let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;

@@ -93,7 +93,12 @@ pub fn render(statuses: &[v1::ReplicationStatus], now_ms: i64) -> String {
             vm.clone(),
             s.bytes_replicated,
         );
-        f.counter("siterecovery_sender_cycles", "Replication cycles attempted since the agent started.", vm.clone(), s.cycles);
+        f.counter(
+            "siterecovery_sender_cycles",
+            "Replication cycles attempted since the agent started.",
+            vm.clone(),
+            s.cycles,
+        );
         f.counter(
             "siterecovery_sender_missed_cycles",
             "Replication cycles failed or late since the agent started.",
@@ -117,9 +122,24 @@ fn nbd(f: &mut Families) {
             let o = s.op(op);
             let l: Labels = vec![("export", export.clone()), ("op", op.as_str().to_owned())];
             use std::sync::atomic::Ordering::Relaxed;
-            f.counter("siterecovery_nbd_operations", "NBD requests executed, by export and operation.", l.clone(), o.ops.load(Relaxed));
-            f.counter("siterecovery_nbd_bytes", "Payload bytes of the NBD requests, by export and operation.", l.clone(), o.bytes.load(Relaxed));
-            f.counter("siterecovery_nbd_errors", "NBD requests answered with an error.", l.clone(), o.errors.load(Relaxed));
+            f.counter(
+                "siterecovery_nbd_operations",
+                "NBD requests executed, by export and operation.",
+                l.clone(),
+                o.ops.load(Relaxed),
+            );
+            f.counter(
+                "siterecovery_nbd_bytes",
+                "Payload bytes of the NBD requests, by export and operation.",
+                l.clone(),
+                o.bytes.load(Relaxed),
+            );
+            f.counter(
+                "siterecovery_nbd_errors",
+                "NBD requests answered with an error.",
+                l.clone(),
+                o.errors.load(Relaxed),
+            );
             let (buckets, count, sum) = o.histogram();
             f.histogram(
                 "siterecovery_nbd_operation_duration_seconds",

@@ -23,8 +23,8 @@ use siterecovery_provider::cli::plan::PlanCmd;
 use siterecovery_provider::cli::protection::{CloudCmd, ImportArgs, PointCmd, PolicyCmd, ProtectArgs, VmJobArgs};
 use siterecovery_provider::cli::vault::{OperatorCertArgs, VaultCmd};
 use siterecovery_provider::cli::{self, CliError, Operator, OperatorCerts};
-use siterecovery_provider::relationship::{DEFAULT_SCRIPTS_DIR, ProtectionConfig};
 use siterecovery_provider::metrics::DEFAULT_LISTEN as DEFAULT_METRICS_LISTEN;
+use siterecovery_provider::relationship::{DEFAULT_SCRIPTS_DIR, ProtectionConfig};
 use siterecovery_provider::{api, store, vault};
 
 #[derive(Parser)]
@@ -168,7 +168,16 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Vault(c) => cli::vault::run(c, cli.json),
         Cmd::OperatorCert(a) => cli::vault::operator_cert(a, cli.json),
         Cmd::NbdClientCert(a) => cli::nbd_cert::run(a, cli.json),
-        Cmd::Serve { data_dir, listen, grace, test_intervals, scripts_dir, cert_validity, max_connections, metrics_listen } => {
+        Cmd::Serve {
+            data_dir,
+            listen,
+            grace,
+            test_intervals,
+            scripts_dir,
+            cert_validity,
+            max_connections,
+            metrics_listen,
+        } => {
             let v = vault::Vault::open(&data_dir)?;
             let store = store::Store::open(&data_dir)?;
             let addr = listen.unwrap_or_else(|| v.info.address.clone());

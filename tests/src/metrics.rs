@@ -19,11 +19,23 @@ pub fn scrape(port: u16) -> Option<String> {
     http_get(port, "/metrics").filter(|(status, _)| *status == 200).map(|(_, body)| body)
 }
 
+/// `GET /metrics` asking for OpenMetrics, as Prometheus does.
+pub fn scrape_openmetrics(port: u16) -> Option<String> {
+    http_get_with(port, "/metrics", "Accept: application/openmetrics-text;version=1.0.0\r\n")
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, body)| body)
+}
+
 /// One GET on loopback: the status code and the body.
 pub fn http_get(port: u16, target: &str) -> Option<(u16, String)> {
+    http_get_with(port, target, "")
+}
+
+fn http_get_with(port: u16, target: &str, headers: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    // HTTP/1.0: Prometheus answers without chunked encoding.
+    write!(s, "GET {target} HTTP/1.0\r\nHost: 127.0.0.1\r\n{headers}Connection: close\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
@@ -61,6 +73,21 @@ pub fn promtool_check(text: &str) -> (bool, String) {
 pub fn promtool(dir: &Path, args: &[&str]) -> (bool, String) {
     let o = Command::new("promtool").args(args).current_dir(dir).output().expect("promtool");
     (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+}
+
+/// Every query of the shipped Grafana dashboard, its variables set to match anything.
+pub fn dashboard_queries() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/grafana/siterecovery.json");
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("dashboard JSON");
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().into_iter().flatten() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = t["expr"].as_str() {
+                out.push(e.replace("$job", ".*").replace("$vm", ".*"));
+            }
+        }
+    }
+    out
 }
 
 /// The repository's `dist/prometheus` folder.
@@ -104,6 +131,13 @@ impl Prometheus {
 
     /// `/api/v1/query` of `expr`: the result vector (empty on any error).
     pub fn query(&self, expr: &str) -> Vec<Value> {
+        let Some((200, body)) = self.get_query(expr) else { return Vec::new() };
+        let v: Value = serde_json::from_str(&body).unwrap_or_default();
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The HTTP status and body of `/api/v1/query` of `expr` (400 for a bad expression).
+    pub fn get_query(&self, expr: &str) -> Option<(u16, String)> {
         let q: String = expr
             .bytes()
             .map(|b| match b {
@@ -111,9 +145,7 @@ impl Prometheus {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let Some((200, body)) = http_get(self.port, &format!("/api/v1/query?query={q}")) else { return Vec::new() };
-        let v: Value = serde_json::from_str(&body).unwrap_or_default();
-        v["data"]["result"].as_array().cloned().unwrap_or_default()
+        http_get(self.port, &format!("/api/v1/query?query={q}"))
     }
 
     /// The value of the first series `expr` returns.
@@ -125,6 +157,12 @@ impl Prometheus {
     pub fn firing(&self) -> Vec<Value> {
         let Some((200, body)) = http_get(self.port, "/api/v1/alerts") else { return Vec::new() };
         let v: Value = serde_json::from_str(&body).unwrap_or_default();
-        v["data"]["alerts"].as_array().cloned().unwrap_or_default().into_iter().filter(|a| a["state"] == "firing").collect()
+        v["data"]["alerts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a["state"] == "firing")
+            .collect()
     }
 }

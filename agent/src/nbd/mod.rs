@@ -137,8 +137,8 @@ use protocol::*;
 #[cfg(test)]
 use server::serve_tls;
 pub use server::{serve_connection, serve_tcp, serve_unix};
-pub use tls::{NbdTls, TcpSecurity};
 use stats::{ExportStats, Op};
+pub use tls::{NbdTls, TcpSecurity};
 use transmission::*;
 
 /// At most [`LOG_CHARS`] characters of a client-supplied string, for a log line.

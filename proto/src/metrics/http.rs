@@ -144,9 +144,8 @@ async fn answer(mut stream: TcpStream, render: Render) -> std::io::Result<()> {
     let mut first = lines.next().unwrap_or_default().split(' ');
     let (method, target) = (first.next().unwrap_or_default(), first.next().unwrap_or_default());
     let openmetrics = lines.any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("accept") && v.contains("application/openmetrics-text")
-        })
+        l.split_once(':')
+            .is_some_and(|(k, v)| k.trim().eq_ignore_ascii_case("accept") && v.contains("application/openmetrics-text"))
     });
     let path = target.split('?').next().unwrap_or_default();
     if method != "GET" && method != "HEAD" {

@@ -55,7 +55,12 @@ pub fn render(core: &Core, sessions: &Sessions, rates: &Rates, now: i64) -> Stri
     for h in &hosts {
         let live = sessions.status(h.id.as_str());
         let l: Labels = vec![("host", h.name.to_string()), ("site", h.site.to_string())];
-        f.gauge("siterecovery_host_connected", "Whether the host's agent has a live control session.", l.clone(), if live.connected { 1.0 } else { 0.0 });
+        f.gauge(
+            "siterecovery_host_connected",
+            "Whether the host's agent has a live control session.",
+            l.clone(),
+            if live.connected { 1.0 } else { 0.0 },
+        );
         if live.last_heartbeat_unix_ms > 0 {
             f.gauge(
                 "siterecovery_host_last_heartbeat_timestamp_seconds",
@@ -101,26 +106,80 @@ fn relationships(f: &mut Families, core: &Core, sessions: &Sessions, rates: &Rat
             ],
             1.0,
         );
-        f.state_set("siterecovery_vm_replication_state", "Replication state of the VM (1 for the current state).", &vm, "state", &states, rec.state.as_str());
-        f.state_set("siterecovery_vm_health", "Replication health of the VM (1 for the current health).", &vm, "health", &healths, health.as_str());
+        f.state_set(
+            "siterecovery_vm_replication_state",
+            "Replication state of the VM (1 for the current state).",
+            &vm,
+            "state",
+            &states,
+            rec.state.as_str(),
+        );
+        f.state_set(
+            "siterecovery_vm_health",
+            "Replication health of the VM (1 for the current health).",
+            &vm,
+            "health",
+            &healths,
+            health.as_str(),
+        );
         let interval = rec.interval_ms as f64 / 1000.0;
-        f.gauge("siterecovery_vm_rpo_interval_seconds", "The replication interval of the VM's policy (the RPO it is judged by).", vm.clone(), interval);
+        f.gauge(
+            "siterecovery_vm_rpo_interval_seconds",
+            "The replication interval of the VM's policy (the RPO it is judged by).",
+            vm.clone(),
+            interval,
+        );
         let s = &rec.status;
         let tracked = s.last_point_unix_ms > 0 && !rec.state.in_failover() && rec.state != ReplicationState::NotEnabled;
         let lag = if tracked { (now - s.last_point_unix_ms).max(0) as f64 / 1000.0 } else { 0.0 };
         if s.last_point_unix_ms > 0 {
-            f.gauge("siterecovery_vm_last_point_timestamp_seconds", "Creation time of the VM's latest recovery point at the replica.", vm.clone(), s.last_point_unix_ms as f64 / 1000.0);
+            f.gauge(
+                "siterecovery_vm_last_point_timestamp_seconds",
+                "Creation time of the VM's latest recovery point at the replica.",
+                vm.clone(),
+                s.last_point_unix_ms as f64 / 1000.0,
+            );
         }
         if tracked {
-            f.gauge("siterecovery_vm_rpo_lag_seconds", "Age of the VM's latest recovery point (its current RPO).", vm.clone(), lag);
+            f.gauge(
+                "siterecovery_vm_rpo_lag_seconds",
+                "Age of the VM's latest recovery point (its current RPO).",
+                vm.clone(),
+                lag,
+            );
         }
-        f.gauge("siterecovery_vm_pending_log_bytes", "Bytes of the VM's write logs not yet at the replica.", vm.clone(), s.pending_log_bytes as f64);
-        f.counter("siterecovery_vm_replicated_bytes", "Bytes the VM's sender put on the wire since protection started (resets if the agent restarts).", vm.clone(), s.bytes_replicated);
+        f.gauge(
+            "siterecovery_vm_pending_log_bytes",
+            "Bytes of the VM's write logs not yet at the replica.",
+            vm.clone(),
+            s.pending_log_bytes as f64,
+        );
+        f.counter(
+            "siterecovery_vm_replicated_bytes",
+            "Bytes the VM's sender put on the wire since protection started (resets if the agent restarts).",
+            vm.clone(),
+            s.bytes_replicated,
+        );
         f.counter("siterecovery_vm_resyncs", "Resyncs of the VM completed.", vm.clone(), rec.resyncs_completed);
-        f.counter("siterecovery_vm_resync_blocks_sent", "4 KiB blocks the VM's last resync sent.", vm.clone(), s.resync_blocks_sent);
-        f.counter("siterecovery_vm_resync_wire_bytes", "Bytes the VM's last resync put on the wire.", vm.clone(), s.resync_wire_bytes);
+        f.counter(
+            "siterecovery_vm_resync_blocks_sent",
+            "4 KiB blocks the VM's last resync sent.",
+            vm.clone(),
+            s.resync_blocks_sent,
+        );
+        f.counter(
+            "siterecovery_vm_resync_wire_bytes",
+            "Bytes the VM's last resync put on the wire.",
+            vm.clone(),
+            s.resync_wire_bytes,
+        );
         let rate = rates.observe(&rec.id, s.received_unix_ms, s.bytes_replicated, s.pending_log_bytes);
-        f.gauge("siterecovery_vm_shipping_rate_bytes_per_second", "Measured rate the VM's changes ship at.", vm.clone(), rate);
+        f.gauge(
+            "siterecovery_vm_shipping_rate_bytes_per_second",
+            "Measured rate the VM's changes ship at.",
+            vm.clone(),
+            rate,
+        );
         if tracked && rec.state == ReplicationState::Replicating {
             f.gauge(
                 "siterecovery_vm_rpo_breach_predicted_seconds",
@@ -155,6 +214,13 @@ fn jobs_metrics(f: &mut Families, jobs: &[JobRecord]) {
             count += 1;
             sum += d;
         }
-        f.histogram("siterecovery_job_duration_seconds", "Duration of the finished jobs in the store, by kind.", vec![("kind", kind.to_string())], buckets, count, sum);
+        f.histogram(
+            "siterecovery_job_duration_seconds",
+            "Duration of the finished jobs in the store, by kind.",
+            vec![("kind", kind.to_string())],
+            buckets,
+            count,
+            sum,
+        );
     }
 }
