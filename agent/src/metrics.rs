@@ -169,8 +169,8 @@ mod tests {
         };
         let t = render(&[s], 12_500);
         for want in [
-            "siterecovery_sender_state{vm=\"vm1\",state=\"REPLICATING\"} 1\n",
-            "siterecovery_sender_state{vm=\"vm1\",state=\"PAUSED\"} 0\n",
+            "siterecovery_sender_state{vm=\"vm1\",state=\"REPLICATING\"} 1.0\n",
+            "siterecovery_sender_state{vm=\"vm1\",state=\"PAUSED\"} 0.0\n",
             "siterecovery_sender_rpo_lag_seconds{vm=\"vm1\"} 2.5\n",
             "siterecovery_sender_last_point_timestamp_seconds{vm=\"vm1\"} 10.0\n",
             "siterecovery_sender_pending_log_bytes{vm=\"vm1\"} 4096.0\n",

@@ -229,16 +229,16 @@ mod tests {
 
     #[tokio::test]
     async fn serves_metrics_and_refuses_other_paths() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
         let stop = CancellationToken::new();
         let render: Render = Arc::new(|| "# HELP g G.\n# TYPE g gauge\ng 1\n# EOF\n".to_owned());
         let task = tokio::spawn(serve(l, render, stop.clone()));
         async fn get(addr: SocketAddr, req: &str) -> String {
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(req.as_bytes()).await.unwrap();
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(req.as_bytes()).await.expect("write");
             let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
+            s.read_to_string(&mut out).await.expect("read");
             out
         }
         let plain = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -249,6 +249,6 @@ mod tests {
         assert!(get(addr, "GET / HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 404"));
         assert!(get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.starts_with("HTTP/1.1 405"));
         stop.cancel();
-        task.await.unwrap();
+        task.await.expect("server task");
     }
 }
