@@ -366,7 +366,8 @@ async fn serve(
         shutdown.clone(),
     )
     .await;
-    let metrics_task = siterecovery_agent::metrics::spawn(metrics, protection.clone(), shutdown.clone()).await?;
+    let metrics_task =
+        siterecovery_agent::metrics::spawn(metrics, protection.clone(), vms.clone(), shutdown.clone()).await?;
     tracing::info!(host = %files.config.host_name, host_id = %files.config.host_id, peer = %files.config.listen_address,
         nbd = %nbd_addr, nbd_tls = matches!(security, TcpSecurity::Tls(_)), "agent serving");
     let nbd_task = tokio::spawn(nbd::serve_tcp(nbd_listener, exports, security, shutdown.clone()));

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::nbd::stats::{self, Op};
 use crate::protection::Protection;
+use crate::vm::VmManager;
 
 /// `--metrics-listen` when not given (the provider's is 9464).
 pub const DEFAULT_LISTEN: std::net::SocketAddr =
@@ -19,11 +20,16 @@ pub const DEFAULT_LISTEN: std::net::SocketAddr =
 pub async fn spawn(
     listen: MetricsConfig,
     protection: Arc<Protection>,
+    vms: Arc<VmManager>,
     shutdown: CancellationToken,
 ) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
     let Some(listener) = http::bind(listen).await? else { return Ok(None) };
     tracing::info!(metrics = %listener.local_addr()?, "metrics on http://{}/metrics", listener.local_addr()?);
-    let render: Render = Arc::new(move || render(&protection.latest_statuses(), now_ms()));
+    let render: Render = Arc::new(move || {
+        let mut f = Families::default();
+        disks(&mut f, &vms);
+        render(f, &protection.latest_statuses(), now_ms())
+    });
     Ok(Some(tokio::spawn(http::serve(listener, render, shutdown))))
 }
 
@@ -48,9 +54,37 @@ fn state_name(s: v1::SenderState) -> &'static str {
     s.as_str_name().strip_prefix("SENDER_STATE_").unwrap_or("UNSPECIFIED")
 }
 
-/// The metrics text (OpenMetrics) of these statuses and the NBD counters.
-pub fn render(statuses: &[v1::ReplicationStatus], now_ms: i64) -> String {
-    let mut f = Families::default();
+/// Per disk of every running VM: its pending logs and whether it runs on its bitmap.
+fn disks(f: &mut Families, vms: &VmManager) {
+    for (vm, disks) in vms.all_disk_handles() {
+        for (id, disk) in disks {
+            let l: Labels = vec![("vm", vm.clone()), ("disk", id.to_string())];
+            f.gauge(
+                "siterecovery_disk_pending_log_bytes",
+                "Bytes of the disk's HRL logs not yet deleted (sealed and open).",
+                l.clone(),
+                disk.pending_log_bytes() as f64,
+            );
+            let bitmap = disk.bitmap_state();
+            f.gauge(
+                "siterecovery_disk_bitmap_dirty_blocks",
+                "Blocks marked in the disk's dirty-block bitmap (0 when it runs on logs).",
+                l.clone(),
+                bitmap.as_ref().map_or(0.0, |b| b.dirty_blocks as f64),
+            );
+            f.gauge(
+                "siterecovery_disk_on_bitmap",
+                "Whether the disk tracks writes in its dirty-block bitmap (past its log budget).",
+                l,
+                if bitmap.is_some() { 1.0 } else { 0.0 },
+            );
+        }
+    }
+}
+
+/// The metrics text (OpenMetrics): `f` (collected already) plus these statuses and the
+/// NBD counters.
+pub fn render(mut f: Families, statuses: &[v1::ReplicationStatus], now_ms: i64) -> String {
     let names: Vec<&str> = STATES.iter().map(|s| state_name(*s)).collect();
     let mut statuses: Vec<&v1::ReplicationStatus> = statuses.iter().collect();
     statuses.sort_by(|a, b| a.vm.cmp(&b.vm));
@@ -167,7 +201,7 @@ mod tests {
             bytes_replicated: 1 << 20,
             ..Default::default()
         };
-        let t = render(&[s], 12_500);
+        let t = render(Families::default(), &[s], 12_500);
         for want in [
             "siterecovery_sender_state{vm=\"vm1\",state=\"REPLICATING\"} 1.0\n",
             "siterecovery_sender_state{vm=\"vm1\",state=\"PAUSED\"} 0.0\n",

@@ -90,6 +90,9 @@ fn both_services_metrics_pass_promtool_and_show_the_replicating_vm() {
         a("siterecovery_nbd_operation_duration_seconds_bucket", &le_inf),
         a("siterecovery_nbd_operations_total", &export)
     );
+    let disk = [("vm", VM), ("disk", "disk0")];
+    assert!(a("siterecovery_disk_pending_log_bytes", &disk).is_some(), "{hv_a}");
+    assert_eq!(a("siterecovery_disk_on_bitmap", &disk), Some(0.0));
     // hv-b replicates nothing of its own.
     assert!(sample(&hv_b, "siterecovery_sender_state", &vm).is_none(), "{hv_b}");
     // Anything but GET /metrics is refused.
