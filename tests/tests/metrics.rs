@@ -47,7 +47,9 @@ fn both_services_metrics_pass_promtool_and_show_the_replicating_vm() {
         sample(&provider, "siterecovery_vm_replicated_bytes_total", &vm).is_some_and(|b| b >= 1e6)
     });
     assert!(seen, "the provider's metrics show no bytes replicated for {VM}:\n{provider}");
+    let started = std::time::Instant::now();
     let provider = scrape_ok(&w, "provider", w.provider_metrics_port);
+    eprintln!("[metrics] provider: {} bytes, scrape and promtool in {:?}", provider.len(), started.elapsed());
     let hv_a = scrape_ok(&w, "agent hv-a", w.host_slot("hv-a").metrics_port);
     let hv_b = scrape_ok(&w, "agent hv-b", w.host_slot("hv-b").metrics_port);
 

@@ -228,6 +228,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_taken_default_port_turns_metrics_off_but_a_given_one_fails() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        assert!(bind(MetricsConfig::new(None, addr)).await.expect("default in use: off").is_none());
+        let e = bind(MetricsConfig::new(Some(MetricsListen::Addr(addr)), addr)).await.expect_err("given in use");
+        assert!(e.to_string().contains(&addr.to_string()), "{e}");
+        assert!(bind(MetricsConfig::OFF).await.expect("off").is_none());
+    }
+
+    #[tokio::test]
     async fn serves_metrics_and_refuses_other_paths() {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");
