@@ -17,6 +17,7 @@ use siterecovery_agent::replica::ReplicaSet;
 use siterecovery_agent::tracker::bitmap;
 use siterecovery_agent::vm::{Hooks, VmManager};
 use siterecovery_proto::daemon;
+use siterecovery_proto::metrics::{MetricsConfig, MetricsListen};
 use siterecovery_proto::model::units::{parse_duration, parse_size};
 use siterecovery_proto::model::{NameError, PointSelector, VmName};
 
@@ -100,6 +101,10 @@ enum Cmd {
         /// between 64 MiB and 64 GiB.
         #[arg(long, value_parser = parse_size, value_name = "SIZE")]
         log_budget: Option<u64>,
+        /// Prometheus metrics (plain HTTP, GET /metrics) on IP:PORT, or `off`. Default
+        /// 127.0.0.1:9465; when the default is in use the metrics are off (warned).
+        #[arg(long, value_name = "ADDR|off")]
+        metrics_listen: Option<MetricsListen>,
     },
     /// VMs on this host, read from the data dir (no provider needed).
     #[command(subcommand)]
@@ -197,7 +202,16 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { peer_listen, nbd, heartbeat, on_vm_start, on_vm_stop, quiesce_hook, log_budget } => {
+        Cmd::Serve {
+            peer_listen,
+            nbd,
+            heartbeat,
+            on_vm_start,
+            on_vm_stop,
+            quiesce_hook,
+            log_budget,
+            metrics_listen,
+        } => {
             let dir = data_dir(cli.data_dir)?;
             // Absolute, so the NBD URIs reported to the provider work from anywhere.
             let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;
@@ -212,8 +226,9 @@ async fn run(cli: Cli) -> Result<()> {
             };
             bitmap::set_default_log_budget(budget);
             tracing::info!(budget, "log budget per disk: {}", siterecovery_proto::model::units::human_size(budget));
-            serve(dir, peer_listen, nbd, heartbeat, Hooks { on_start: on_vm_start, on_stop: on_vm_stop }, quiesce_hook)
-                .await
+            let hooks = Hooks { on_start: on_vm_start, on_stop: on_vm_stop };
+            let metrics = MetricsConfig::new(metrics_listen, siterecovery_agent::metrics::DEFAULT_LISTEN);
+            serve(dir, peer_listen, nbd, heartbeat, hooks, quiesce_hook, metrics).await
         }
         Cmd::Failover(f) => {
             let dir = data_dir(cli.data_dir)?;
@@ -303,6 +318,7 @@ async fn serve(
     heartbeat: Duration,
     hooks: Hooks,
     quiesce_hook: Option<String>,
+    metrics: MetricsConfig,
 ) -> Result<()> {
     let files = Arc::new(AgentFiles::load(&dir)?);
     let limits = nbd::Limits::new(
@@ -350,6 +366,8 @@ async fn serve(
         shutdown.clone(),
     )
     .await;
+    let metrics_task =
+        siterecovery_agent::metrics::spawn(metrics, protection.clone(), vms.clone(), shutdown.clone()).await?;
     tracing::info!(host = %files.config.host_name, host_id = %files.config.host_id, peer = %files.config.listen_address,
         nbd = %nbd_addr, nbd_tls = matches!(security, TcpSecurity::Tls(_)), "agent serving");
     let nbd_task = tokio::spawn(nbd::serve_tcp(nbd_listener, exports, security, shutdown.clone()));
@@ -383,6 +401,9 @@ async fn serve(
         }
     })
     .await;
+    if let Some(m) = metrics_task {
+        m.abort();
+    }
     if joined.is_err() {
         tracing::warn!("tasks still running after {grace:?}; exiting");
     }

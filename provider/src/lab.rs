@@ -143,20 +143,22 @@ pub async fn run(args: LabArgs) -> Result<()> {
     let result = async {
         let p = pdir.to_string_lossy().into_owned();
         // Lab intervals (5 s) are below the production minimum of 30 s.
+        let metrics = format!("127.0.0.1:{}", free_port()?);
         procs.push(spawn(
             "provider",
             &provider_bin,
-            &["serve", "--data-dir", &p, "--test-intervals"],
+            &["serve", "--data-dir", &p, "--test-intervals", "--metrics-listen", &metrics],
             &dir.join("provider.log"),
         )?);
         wait_for("the provider to listen", Duration::from_secs(20), || async {
             tokio::net::TcpStream::connect(&addr).await.is_ok()
         })
         .await?;
-        println!("  provider serving on {addr}");
+        println!("  provider serving on {addr}, metrics on http://{metrics}/metrics");
         for (host, site, cloud) in [("hv-a", "primary", "gold-a"), ("hv-b", "secondary", "gold-b")] {
             let hdir = dir.join(host).to_string_lossy().into_owned();
             let listen = format!("127.0.0.1:{}", free_port()?);
+            let metrics = format!("127.0.0.1:{}", free_port()?);
             let k = key.to_string_lossy().into_owned();
             run_ok(
                 &agent_bin,
@@ -183,10 +185,12 @@ pub async fn run(args: LabArgs) -> Result<()> {
                 host,
                 &agent_bin,
                 // Point exports are read over the loopback TCP export with plain qemu-img.
-                &["--data-dir", &hdir, "serve", "--heartbeat", "2s", "--nbd-insecure-tcp"],
+                &["--data-dir", &hdir, "serve", "--heartbeat", "2s", "--nbd-insecure-tcp", "--metrics-listen", &metrics],
                 &dir.join(format!("{host}.log")),
             )?);
-            println!("  host {host} registered (site {site}, cloud {cloud}) and started, peer traffic on {listen}");
+            println!(
+                "  host {host} registered (site {site}, cloud {cloud}) and started, peer traffic on {listen}, metrics on http://{metrics}/metrics"
+            );
         }
         let certs = OperatorCerts::load(&opdir)?;
         let channel = cli::connect(&addr, &certs).await?;

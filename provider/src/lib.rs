@@ -18,6 +18,7 @@
 //! - [`api`]: the server that ties them together; [`edge`]: the shared state seen
 //!   through the edge services' context traits.
 //! - [`cli`]: the operator's commands against a running provider.
+//! - [`metrics`]: the Prometheus endpoint.
 
 pub mod addresses;
 pub mod agents;
@@ -32,6 +33,7 @@ pub mod failover;
 pub mod inventory;
 pub mod job;
 pub mod jobs;
+pub mod metrics;
 pub mod network;
 pub mod plan;
 pub mod policy;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use siterecovery_proto::daemon;
+use siterecovery_proto::metrics::{MetricsConfig, MetricsListen};
 use siterecovery_proto::model::units::parse_duration;
 use siterecovery_provider::cli::failover::FailoverCmd;
 use siterecovery_provider::cli::hosts::HostCmd;
@@ -22,6 +23,7 @@ use siterecovery_provider::cli::plan::PlanCmd;
 use siterecovery_provider::cli::protection::{CloudCmd, ImportArgs, PointCmd, PolicyCmd, ProtectArgs, VmJobArgs};
 use siterecovery_provider::cli::vault::{OperatorCertArgs, VaultCmd};
 use siterecovery_provider::cli::{self, CliError, Operator, OperatorCerts};
+use siterecovery_provider::metrics::DEFAULT_LISTEN as DEFAULT_METRICS_LISTEN;
 use siterecovery_provider::relationship::{DEFAULT_SCRIPTS_DIR, ProtectionConfig};
 use siterecovery_provider::{api, store, vault};
 
@@ -81,6 +83,10 @@ enum Cmd {
         /// names a script in it).
         #[arg(long, value_name = "DIR", default_value = DEFAULT_SCRIPTS_DIR)]
         scripts_dir: PathBuf,
+        /// Prometheus metrics (plain HTTP, GET /metrics) on IP:PORT, or `off`. Default
+        /// 127.0.0.1:9464; when the default is in use the metrics are off (warned).
+        #[arg(long, value_name = "ADDR|off")]
+        metrics_listen: Option<MetricsListen>,
     },
     /// Issue an operator certificate (ca.pem, op.pem, op.key) for the CLI and grpcurl.
     OperatorCert(OperatorCertArgs),
@@ -162,7 +168,16 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Vault(c) => cli::vault::run(c, cli.json),
         Cmd::OperatorCert(a) => cli::vault::operator_cert(a, cli.json),
         Cmd::NbdClientCert(a) => cli::nbd_cert::run(a, cli.json),
-        Cmd::Serve { data_dir, listen, grace, test_intervals, scripts_dir, cert_validity, max_connections } => {
+        Cmd::Serve {
+            data_dir,
+            listen,
+            grace,
+            test_intervals,
+            scripts_dir,
+            cert_validity,
+            max_connections,
+            metrics_listen,
+        } => {
             let v = vault::Vault::open(&data_dir)?;
             let store = store::Store::open(&data_dir)?;
             let addr = listen.unwrap_or_else(|| v.info.address.clone());
@@ -178,7 +193,8 @@ async fn run(cli: Cli) -> Result<()> {
             let protection = ProtectionConfig { scripts_dir, ..protection };
             let mut limits = api::ServerLimits::default();
             limits.accept.max_connections = max_connections;
-            let opts = api::ServeOptions { grace, protection, cert_validity, limits };
+            let metrics = MetricsConfig::new(metrics_listen, DEFAULT_METRICS_LISTEN);
+            let opts = api::ServeOptions { grace, protection, cert_validity, limits, metrics };
             api::serve_options(v, store, listener, shutdown, opts).await?;
             tracing::info!("provider stopped");
             Ok(())

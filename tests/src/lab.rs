@@ -37,6 +37,16 @@ pub struct HostSlot {
     pub dir: PathBuf,
     pub listen_port: u16,
     pub nbd_port: u16,
+    /// `agent serve --metrics-listen 127.0.0.1:PORT`.
+    pub metrics_port: u16,
+}
+
+/// `--metrics-listen 127.0.0.1:PORT` unless the test's own flags name one.
+fn metrics_flag(extra: &[&str], port: u16) -> Vec<String> {
+    if extra.contains(&"--metrics-listen") {
+        return Vec::new();
+    }
+    vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")]
 }
 
 /// One test's world: temp dir, ports, the provider's data dir, vault key, operator certs.
@@ -45,6 +55,8 @@ pub struct Lab {
     pub root: PathBuf,
     pub provider_dir: PathBuf,
     pub provider_port: u16,
+    /// `provider serve --metrics-listen 127.0.0.1:PORT`.
+    pub provider_metrics_port: u16,
     pub vault_key: PathBuf,
     pub opdir: PathBuf,
     /// The provider's `--scripts-dir` (recovery-plan scripts are named in it).
@@ -67,6 +79,7 @@ impl Lab {
         let lab = Self {
             provider_dir: root.join("p"),
             provider_port: free_port(),
+            provider_metrics_port: free_port(),
             vault_key: root.join("vault.key"),
             opdir: root.join("op"),
             scripts_dir: root.join("scripts"),
@@ -253,6 +266,7 @@ impl Lab {
                 .args(["--listen", &self.addr(), "--grace", "5s"])
                 .arg("--scripts-dir")
                 .arg(&self.scripts_dir)
+                .args(metrics_flag(extra, self.provider_metrics_port))
                 .args(extra),
         );
         let addr = self.addr();
@@ -297,7 +311,12 @@ impl Lab {
         let mut hosts = self.hosts.lock().expect("hosts lock");
         hosts
             .entry(name.to_owned())
-            .or_insert_with(|| HostSlot { dir: self.root.join(name), listen_port: free_port(), nbd_port: free_port() })
+            .or_insert_with(|| HostSlot {
+                dir: self.root.join(name),
+                listen_port: free_port(),
+                nbd_port: free_port(),
+                metrics_port: free_port(),
+            })
             .clone()
     }
 
@@ -368,7 +387,8 @@ impl Lab {
         let slot = self.host_slot(name);
         let nbd = format!("127.0.0.1:{}", slot.nbd_port);
         let mut cmd = Command::new(bin("agent"));
-        cmd.arg("--data-dir").arg(dir).args(["serve", "--heartbeat", HEARTBEAT, "--nbd-listen", &nbd]).args(extra);
+        cmd.arg("--data-dir").arg(dir).args(["serve", "--heartbeat", HEARTBEAT, "--nbd-listen", &nbd]);
+        cmd.args(metrics_flag(extra, slot.metrics_port)).args(extra);
         cmd
     }
 

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod files;
 pub mod grpcurl;
 pub mod lab;
+pub mod metrics;
 pub mod output;
 pub mod proc;
 pub mod proxy;

@@ -121,6 +121,7 @@ mod limits;
 mod plan;
 mod protocol;
 mod server;
+pub mod stats;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -136,6 +137,7 @@ use protocol::*;
 #[cfg(test)]
 use server::serve_tls;
 pub use server::{serve_connection, serve_tcp, serve_unix};
+use stats::{ExportStats, Op};
 pub use tls::{NbdTls, TcpSecurity};
 use transmission::*;
 
@@ -206,6 +208,8 @@ struct Export {
     /// Connections that opened this export, counted with the other listeners' entries
     /// of the same disk.
     slots: ConnSlots,
+    /// I/O counters, shared likewise (by name).
+    stats: Arc<ExportStats>,
 }
 
 impl Export {
@@ -295,7 +299,8 @@ impl Exports {
         if map.contains_key(&name) {
             return Err(NbdError::DuplicateExport(name));
         }
-        map.insert(name, Arc::new(Export { dev, closed: AtomicBool::new(false), slots }));
+        let stats = stats::for_export(&name);
+        map.insert(name, Arc::new(Export { dev, closed: AtomicBool::new(false), slots, stats }));
         Ok(())
     }
 

@@ -108,7 +108,20 @@ pub(super) async fn acquire(limits: &Budgets, bytes: Option<u32>, stop: &Cancell
 
 /// Runs a device call, turning a panic in the device into `NBD_EIO` so the client
 /// still gets a reply for its cookie.
-pub(super) fn run_op(export: &Export, write: bool, op: impl FnOnce(&dyn BlockDevice) -> Result<(), DiskError>) -> u32 {
+/// Counted in the export's [`super::stats`] (`bytes` of payload, the device call's time).
+pub(super) fn run_op(
+    export: &Export,
+    kind: Op,
+    bytes: u64,
+    op: impl FnOnce(&dyn BlockDevice) -> Result<(), DiskError>,
+) -> u32 {
+    let started = std::time::Instant::now();
+    let error = run_device(export, !matches!(kind, Op::Read | Op::Trim), op);
+    export.stats.record(kind, bytes, started.elapsed(), error != 0);
+    error
+}
+
+fn run_device(export: &Export, write: bool, op: impl FnOnce(&dyn BlockDevice) -> Result<(), DiskError>) -> u32 {
     // Re-checked here: the export may have been removed while the request queued.
     if export.is_closed() {
         return ESHUTDOWN;
@@ -198,7 +211,7 @@ pub(super) async fn read_requests<R: AsyncRead + Unpin>(
                 let mut buf = pool.take(payload_bytes as usize);
                 let pool = pool.clone();
                 tokio::task::spawn_blocking(move || {
-                    let error = run_op(&export, false, |d| d.read_at(&mut buf, offset));
+                    let error = run_op(&export, Op::Read, u64::from(payload_bytes), |d| d.read_at(&mut buf, offset));
                     let data = if error == 0 {
                         Some(buf)
                     } else {
@@ -216,20 +229,20 @@ pub(super) async fn read_requests<R: AsyncRead + Unpin>(
                 }
                 let pool = pool.clone();
                 tokio::task::spawn_blocking(move || {
-                    let error = run_op(&export, true, |d| d.write_at(&buf, offset, fua));
+                    let error = run_op(&export, Op::Write, u64::from(payload_bytes), |d| d.write_at(&buf, offset, fua));
                     pool.put(buf);
                     let _ = tx2.send(reply(error, budget));
                 });
             }
             Plan::Flush => {
                 tokio::task::spawn_blocking(move || {
-                    let error = run_op(&export, true, |d| d.flush());
+                    let error = run_op(&export, Op::Flush, 0, |d| d.flush());
                     let _ = tx2.send(reply(error, budget));
                 });
             }
             Plan::Trim { offset, len, fua } => {
                 tokio::task::spawn_blocking(move || {
-                    let error = run_op(&export, false, |d| {
+                    let error = run_op(&export, Op::Trim, u64::from(len), |d| {
                         d.trim(offset, u64::from(len))?;
                         if fua { d.flush() } else { Ok(()) }
                     });
@@ -238,7 +251,9 @@ pub(super) async fn read_requests<R: AsyncRead + Unpin>(
             }
             Plan::Zeroes { offset, len, fua, no_hole } => {
                 tokio::task::spawn_blocking(move || {
-                    let error = run_op(&export, true, |d| d.write_zeroes(offset, u64::from(len), fua, no_hole));
+                    let error = run_op(&export, Op::WriteZeroes, u64::from(len), |d| {
+                        d.write_zeroes(offset, u64::from(len), fua, no_hole)
+                    });
                     let _ = tx2.send(reply(error, budget));
                 });
             }

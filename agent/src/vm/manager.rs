@@ -51,6 +51,11 @@ pub struct VmManager {
 
 impl VmManager {
     /// The disk handles of a running VM; `None` when it is not running.
+    /// The tracked disks of every running VM, by VM name (for the metrics).
+    pub fn all_disk_handles(&self) -> Vec<(String, DiskHandles)> {
+        self.handles.lock().map(|h| h.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+    }
+
     pub fn disk_handles(&self, name: &VmName) -> Option<Vec<(DiskId, Arc<TrackedDisk>)>> {
         let name = name.as_str();
         self.handles.lock().ok().and_then(|h| h.get(name).cloned())

@@ -26,6 +26,7 @@ use siterecovery_certs::live::{RevocationList, Trust};
 use siterecovery_certs::tls::ClientAuth;
 use siterecovery_certs::transport::AcceptLimits;
 use siterecovery_certs::{Role, VaultCa, VaultId};
+use siterecovery_proto::metrics::MetricsConfig;
 use siterecovery_proto::v1::control_server::ControlServer;
 use siterecovery_proto::v1::inventory_server::InventoryServer;
 use siterecovery_proto::v1::protection_server::ProtectionServer;
@@ -82,6 +83,8 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error("invalid serve settings: {0}")]
     Settings(String),
+    #[error("{0}")]
+    Metrics(#[source] std::io::Error),
 }
 
 /// Shortest certificate validity `serve --cert-validity` accepts: renewal at two thirds
@@ -129,6 +132,8 @@ pub struct ServeOptions {
     /// provider's own renewals (`serve --cert-validity`).
     pub cert_validity: Duration,
     pub limits: ServerLimits,
+    /// The Prometheus endpoint (`serve --metrics-listen`; [`crate::metrics`]).
+    pub metrics: MetricsConfig,
 }
 
 impl Default for ServeOptions {
@@ -138,6 +143,7 @@ impl Default for ServeOptions {
             protection: ProtectionConfig::default(),
             cert_validity: siterecovery_certs::ca::LEAF_VALIDITY,
             limits: ServerLimits::default(),
+            metrics: MetricsConfig::OFF,
         }
     }
 }
@@ -216,6 +222,9 @@ pub async fn serve_options(
         sessions,
         core: core.clone(),
     });
+    let metrics = crate::metrics::spawn(opts.metrics, core.clone(), state.sessions.clone(), shutdown.child_token())
+        .await
+        .map_err(ServeError::Metrics)?;
     crate::protection::resume_jobs(&core, resumed);
     let renewing =
         tokio::spawn(renewal::run(state.clone(), info, identity, opts.cert_validity, shutdown.child_token()));
@@ -300,6 +309,9 @@ pub async fn serve_options(
     };
     drained.cancel();
     renewing.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     result
 }
 

@@ -134,6 +134,11 @@ impl Protection {
         (rx, latest)
     }
 
+    /// The latest status of every relationship (for the metrics).
+    pub fn latest_statuses(&self) -> Vec<v1::ReplicationStatus> {
+        self.latest.lock().map(|l| l.values().cloned().collect()).unwrap_or_default()
+    }
+
     async fn spawn_sender(&self, vm: &VmName, folder: &Path, rec: &ProtectionRecord) {
         let params = SenderParams {
             relationship_id: rec.relationship_id.clone(),
