@@ -100,6 +100,12 @@ enum Cmd {
         /// between 64 MiB and 64 GiB.
         #[arg(long, value_parser = parse_size, value_name = "SIZE")]
         log_budget: Option<u64>,
+        /// Replication rate limit of this host, shared by all its relationships, e.g.
+        /// "08:00-18:00=50M,*=0": windows HH:MM-HH:MM in this host's local time zone,
+        /// `*` for the rest of the day, rates in bytes/s (K, M, G; 0 = unlimited). A
+        /// policy's own limit also applies: the smaller one wins. Default: unlimited.
+        #[arg(long, value_name = "SPEC", value_parser = siterecovery_agent::bandwidth::parse_spec)]
+        bandwidth: Option<siterecovery_proto::model::bandwidth::BandwidthSpec>,
     },
     /// VMs on this host, read from the data dir (no provider needed).
     #[command(subcommand)]
@@ -197,7 +203,10 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { peer_listen, nbd, heartbeat, on_vm_start, on_vm_stop, quiesce_hook, log_budget } => {
+        Cmd::Serve { peer_listen, nbd, heartbeat, on_vm_start, on_vm_stop, quiesce_hook, log_budget, bandwidth } => {
+            if let Some(spec) = bandwidth {
+                siterecovery_agent::bandwidth::set_host_limit(spec);
+            }
             let dir = data_dir(cli.data_dir)?;
             // Absolute, so the NBD URIs reported to the provider work from anywhere.
             let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;

@@ -99,6 +99,11 @@ pub fn set_host_limit(spec: BandwidthSpec) {
     HOST.set_spec(spec, None);
 }
 
+/// The flag parser of a spec (clap's `value_parser`).
+pub fn parse_spec(s: &str) -> Result<BandwidthSpec, String> {
+    s.parse().map_err(|e: siterecovery_proto::model::bandwidth::BandwidthError| e.to_string())
+}
+
 /// What `provider vm show` and the metrics show of one relationship's bandwidth.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RateView {
@@ -114,5 +119,39 @@ pub fn min_limit(a: u64, b: u64) -> u64 {
     match (a, b) {
         (0, x) | (x, 0) => x,
         (a, b) => a.min(b),
+    }
+}
+
+/// The two limits one relationship's traffic passes: its policy's and the host's.
+#[derive(Clone)]
+pub struct Throttle {
+    pub relationship: Arc<Limiter>,
+    pub host: Arc<Limiter>,
+}
+
+impl Throttle {
+    /// The policy's specs (bulk: `None` = the same as `spec`) under the host's limit.
+    pub fn for_policy(spec: Option<BandwidthSpec>, bulk: Option<BandwidthSpec>) -> Self {
+        let relationship = Arc::new(Limiter::new(spec.unwrap_or_default(), bulk, LocalClock::system()));
+        Throttle { relationship, host: host() }
+    }
+
+    /// No limit of its own (the host's still applies).
+    pub fn unlimited() -> Self {
+        Self::for_policy(None, None)
+    }
+
+    /// Waits until `n` bytes of `class` may go on the wire under both limits.
+    pub async fn acquire(&self, n: u64, class: Traffic) {
+        self.relationship.acquire(n, class).await;
+        self.host.acquire(n, class).await;
+    }
+
+    /// The effective limit now and the relationship's achieved rate.
+    pub fn view(&self) -> RateView {
+        RateView {
+            limit_bytes_per_sec: min_limit(self.relationship.limit(), self.host.limit()),
+            achieved_bytes_per_sec: self.relationship.achieved(),
+        }
     }
 }
