@@ -28,7 +28,10 @@ fn fill_random(w: &World, uri: &str, mib: u64) {
     std::fs::write(&path, &o.stdout).expect("write random.bin");
     drop(o);
     let p = path.display().to_string();
-    assert_ok(&w.lab.qemu_img(&["convert", "-n", "-f", "raw", "-O", "raw", &p, uri]), "qemu-img convert of random data");
+    assert_ok(
+        &w.lab.qemu_img(&["convert", "-n", "-f", "raw", "-O", "raw", &p, uri]),
+        "qemu-img convert of random data",
+    );
     std::fs::remove_file(&path).expect("remove random.bin");
 }
 
@@ -72,7 +75,10 @@ fn a_20_mib_policy_limit_holds_within_10_percent_over_30_s() {
         let r = replication(&w);
         end = (Instant::now(), u(&r, "bytes_replicated"));
         shown.push((u(&r, "bandwidth_limit"), u(&r, "achieved_bytes_per_sec")));
-        assert_eq!(r["state"], "initial replication in progress", "the copy ended within 30 s: the limit did not hold: {r}");
+        assert_eq!(
+            r["state"], "initial replication in progress",
+            "the copy ended within 30 s: the limit did not hold: {r}"
+        );
     }
     let secs = end.0.duration_since(t0).as_secs_f64();
     let rate = (end.1 - b0) as f64 / secs;

@@ -91,7 +91,7 @@ fn the_rate_holds_and_bursts_are_bounded() {
     let mut s = Sim::new("*=4M", None, NOON, TimeZone::UTC);
     let sent = s.send_for(MIB, 10, Traffic::Delta);
     // 10 s at 4 MiB/s, plus at most 100 ms worth and one message of burst.
-    assert!(sent >= 40 * MIB && sent <= 40 * MIB + MIB * 4 / 10 + MIB, "{sent}");
+    assert!((40 * MIB..=40 * MIB + MIB * 4 / 10 + MIB).contains(&sent), "{sent}");
     assert_eq!(s.limit(), 4 * MIB);
     let a = s.l.achieved_at(s.now);
     assert!((a as f64 - 4.0 * MIB as f64).abs() < 0.15 * 4.0 * MIB as f64, "achieved {a}");
@@ -119,7 +119,7 @@ fn a_window_edge_applies_within_a_second() {
     s.sleep(Duration::from_secs(2));
     assert_eq!(s.limit(), MIB, "08:00:00 is inside");
     let sent = s.send_for(64 << 10, 5, Traffic::Delta);
-    assert!(sent <= 5 * MIB + MIB / 10 + (64 << 10) && sent >= 5 * MIB - (64 << 10), "{sent}");
+    assert!((5 * MIB - (64 << 10)..=5 * MIB + MIB / 10 + (64 << 10)).contains(&sent), "{sent}");
     // Just before 18:00, deep in debt (hours at 1 KiB/s would be needed)...
     s.clock.advance(Duration::from_secs(10 * 3600 - 6));
     s.l.set_spec(spec("08:00-18:00=1K,*=0"), None);
@@ -199,4 +199,3 @@ fn the_system_clock_reads_the_local_zone_in_a_multithreaded_process() {
     let s = LocalClock::system().second_of_day();
     assert!(s < 86_400);
 }
-

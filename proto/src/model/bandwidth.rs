@@ -169,7 +169,7 @@ fn overlap(a: &Window, b: &Window) -> bool {
 
 fn rate(n: u64) -> String {
     const UNITS: [(u64, &str); 4] = [(1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
-    UNITS.iter().find(|(m, _)| n >= *m && n % m == 0).map_or(n.to_string(), |(m, u)| format!("{}{u}", n / m))
+    UNITS.iter().find(|(m, _)| n >= *m && n.is_multiple_of(*m)).map_or(n.to_string(), |(m, u)| format!("{}{u}", n / m))
 }
 
 /// A rate for people: `unlimited`, `50.0 MiB/s`.

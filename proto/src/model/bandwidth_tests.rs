@@ -84,22 +84,30 @@ fn every_malformed_class_is_refused_with_its_rule() {
     assert_eq!(err("+8:00-18:00=1M"), BandwidthError::NotATime("+8:00".into()));
     assert_eq!(err("08:00-08:00=1M"), BandwidthError::EmptyWindow("08:00-08:00".into()));
     assert_eq!(err("00:00-24:00=1M"), BandwidthError::EmptyWindow("00:00-24:00".into()));
-    assert!(matches!(err("08:00-18:00=fast"), BandwidthError::Rate(e, UnitError::NotASize(_)) if e == "08:00-18:00=fast"));
+    assert!(
+        matches!(err("08:00-18:00=fast"), BandwidthError::Rate(e, UnitError::NotASize(_)) if e == "08:00-18:00=fast")
+    );
     assert!(matches!(err("*=10X"), BandwidthError::Rate(_, UnitError::SizeSuffix { .. })));
     assert!(matches!(err("*=-1M"), BandwidthError::Rate(_, UnitError::NotASize(_))));
     assert!(matches!(err("*="), BandwidthError::Rate(_, UnitError::NotASize(_))));
     assert!(matches!(err("*=16777216T"), BandwidthError::Rate(_, UnitError::TooLarge(_))));
     assert_eq!(err("*=1M,*=2M"), BandwidthError::DuplicateDefault);
     assert_eq!(err("*=1M,2M"), BandwidthError::MissingRate("2M".into()));
-    assert_eq!(err("08:00-18:00=1M,17:00-19:00=2M"), BandwidthError::Overlap("08:00-18:00".into(), "17:00-19:00".into()));
-    assert_eq!(err("22:00-06:00=1M,05:00-07:00=2M"), BandwidthError::Overlap("22:00-06:00".into(), "05:00-07:00".into()));
-    assert_eq!(err("22:00-06:00=1M,23:00-01:00=2M"), BandwidthError::Overlap("22:00-06:00".into(), "23:00-01:00".into()));
+    assert_eq!(
+        err("08:00-18:00=1M,17:00-19:00=2M"),
+        BandwidthError::Overlap("08:00-18:00".into(), "17:00-19:00".into())
+    );
+    assert_eq!(
+        err("22:00-06:00=1M,05:00-07:00=2M"),
+        BandwidthError::Overlap("22:00-06:00".into(), "05:00-07:00".into())
+    );
+    assert_eq!(
+        err("22:00-06:00=1M,23:00-01:00=2M"),
+        BandwidthError::Overlap("22:00-06:00".into(), "23:00-01:00".into())
+    );
     // Touching windows do not overlap.
     assert_eq!(spec("08:00-12:00=1M,12:00-18:00=2M").rate_at(12 * H), 2 << 20);
-    assert_eq!(
-        err("08:00-18:00=1M,17:00-19:00=2M").to_string(),
-        "windows 08:00-18:00 and 17:00-19:00 overlap"
-    );
+    assert_eq!(err("08:00-18:00=1M,17:00-19:00=2M").to_string(), "windows 08:00-18:00 and 17:00-19:00 overlap");
     assert_eq!(
         err("08:00-25:00=1M").to_string(),
         "\"25:00\" is not a time of day (HH:MM, 00:00 to 23:59, or 24:00 to end a window)"

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use siterecovery_proto::model::wire::{self, WireError};
 use siterecovery_proto::model::bandwidth::{BandwidthError, BandwidthSpec};
+use siterecovery_proto::model::wire::{self, WireError};
 use siterecovery_proto::model::{CloudName, PolicyName};
 use siterecovery_proto::v1;
 

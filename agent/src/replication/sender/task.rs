@@ -17,8 +17,8 @@ use siterecovery_proto::model::bandwidth::BandwidthSpec;
 use super::phase::{Event, Phase, Resume, next};
 use super::state::{STATE_FILE, SenderState};
 use super::transport::PeerTransport;
-use crate::bandwidth::Throttle;
 use super::{Disks, ErrorClass, ReplicationError, ResyncRequest, SenderParams, VmDisks, retry_delay_units};
+use crate::bandwidth::Throttle;
 
 /// What the status messages show besides the phase and the persisted state.
 #[derive(Debug, Default)]
@@ -66,9 +66,7 @@ fn throttle(settings: &v1::ReplicationSettings) -> Throttle {
         if s.is_empty() {
             return None;
         }
-        s.parse()
-            .map_err(|e: siterecovery_proto::model::bandwidth::BandwidthError| tracing::error!("{what}: {e}"))
-            .ok()
+        s.parse().map_err(|e: siterecovery_proto::model::bandwidth::BandwidthError| tracing::error!("{what}: {e}")).ok()
     };
     Throttle::for_policy(parse("bandwidth", &settings.bandwidth), parse("resync bandwidth", &settings.resync_bandwidth))
 }
