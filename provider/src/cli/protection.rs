@@ -144,11 +144,21 @@ pub async fn policy(op: &mut Operator, cmd: PolicyCmd) -> Result<(), CliError> {
                             } else {
                                 format!("{}-{}", p.resync_window_start_hour, p.resync_window_end_hour)
                             },
+                            if p.bandwidth.is_empty() { "unlimited".into() } else { p.bandwidth.clone() },
                         ]
                     })
                     .collect();
                 print_table(
-                    &["POLICY", "INTERVAL", "RETENTION", "APP-CONSISTENT", "COMPRESSION", "INITIAL", "BUSINESS HOURS"],
+                    &[
+                        "POLICY",
+                        "INTERVAL",
+                        "RETENTION",
+                        "APP-CONSISTENT",
+                        "COMPRESSION",
+                        "INITIAL",
+                        "BUSINESS HOURS",
+                        "BANDWIDTH",
+                    ],
                     &rows,
                 );
             }
