@@ -9,6 +9,7 @@
 //! every file and directory is made with).
 
 pub mod admin;
+pub mod bandwidth;
 pub mod config;
 pub mod control;
 pub mod disk;

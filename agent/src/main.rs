@@ -105,6 +105,12 @@ enum Cmd {
         /// 127.0.0.1:9465; when the default is in use the metrics are off (warned).
         #[arg(long, value_name = "ADDR|off")]
         metrics_listen: Option<MetricsListen>,
+        /// Replication rate limit of this host, shared by all its relationships, e.g.
+        /// "08:00-18:00=50M,*=0": windows HH:MM-HH:MM in this host's local time zone,
+        /// `*` for the rest of the day, rates in bytes/s (K, M, G; 0 = unlimited). A
+        /// policy's own limit also applies: the smaller one wins. Default: unlimited.
+        #[arg(long, value_name = "SPEC", value_parser = siterecovery_agent::bandwidth::parse_spec)]
+        bandwidth: Option<siterecovery_proto::model::bandwidth::BandwidthSpec>,
     },
     /// VMs on this host, read from the data dir (no provider needed).
     #[command(subcommand)]
@@ -211,7 +217,11 @@ async fn run(cli: Cli) -> Result<()> {
             quiesce_hook,
             log_budget,
             metrics_listen,
+            bandwidth,
         } => {
+            if let Some(spec) = bandwidth {
+                siterecovery_agent::bandwidth::set_host_limit(spec);
+            }
             let dir = data_dir(cli.data_dir)?;
             // Absolute, so the NBD URIs reported to the provider work from anywhere.
             let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;

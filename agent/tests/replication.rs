@@ -153,6 +153,7 @@ impl Env {
                 retry_unit_ms: 100,
                 resync_window_start_hour: 0,
                 resync_window_end_hour: 0,
+                ..Default::default()
             },
             state_dir: self.vm_dir.clone(),
             quiesce_hook: None,

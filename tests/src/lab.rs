@@ -383,6 +383,16 @@ impl Lab {
         self.spawn(&format!("agent-{name}"), &mut cmd)
     }
 
+    /// [`Self::start_agent_with`] with extra environment variables (e.g. the hidden
+    /// test clock offset of the bandwidth windows).
+    pub fn start_agent_env(&self, name: &str, dir: &Path, env: &[(&str, &str)], extra: &[&str]) -> Proc {
+        let mut args = vec!["--nbd-insecure-tcp"];
+        args.extend_from_slice(extra);
+        let mut cmd = self.agent_serve(name, dir, &args);
+        cmd.envs(env.iter().copied());
+        self.spawn(&format!("agent-{name}"), &mut cmd)
+    }
+
     fn agent_serve(&self, name: &str, dir: &Path, extra: &[&str]) -> Command {
         let slot = self.host_slot(name);
         let nbd = format!("127.0.0.1:{}", slot.nbd_port);

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use siterecovery_proto::model::bandwidth::{BandwidthSpec, human_rate};
 use siterecovery_proto::model::units::{human_size, parse_duration};
 use siterecovery_proto::v1;
 
@@ -50,6 +51,20 @@ pub struct PolicyCreate {
     /// Business hours START-END (0-23) outside which automatic resync runs, e.g. 18-6.
     #[arg(long, value_name = "START-END", value_parser = parse_window)]
     resync_window: Option<(u32, u32)>,
+    /// Replication rate limit, per relationship, e.g. "08:00-18:00=50M,*=0": windows
+    /// HH:MM-HH:MM in the primary host's local time, `*` for the rest of the day, a rate
+    /// in bytes/s (K, M, G suffixes; 0 = unlimited). Also capped by the host's own
+    /// `agent serve --bandwidth`: the smaller limit applies. Default: unlimited.
+    #[arg(long, value_name = "SPEC", value_parser = parse_bandwidth)]
+    bandwidth: Option<BandwidthSpec>,
+    /// Rate limit of bulk traffic (the initial copy, resync and dirty-block catch-up),
+    /// same syntax; default: the --bandwidth limit.
+    #[arg(long, value_name = "SPEC", value_parser = parse_bandwidth)]
+    resync_bandwidth: Option<BandwidthSpec>,
+}
+
+fn parse_bandwidth(s: &str) -> Result<BandwidthSpec, String> {
+    s.parse().map_err(|e: siterecovery_proto::model::bandwidth::BandwidthError| e.to_string())
 }
 
 impl PolicyCreate {
@@ -66,6 +81,8 @@ impl PolicyCreate {
             port: self.port,
             resync_window_start_hour: start,
             resync_window_end_hour: end,
+            bandwidth: self.bandwidth.map(|s| s.to_string()).unwrap_or_default(),
+            resync_bandwidth: self.resync_bandwidth.map(|s| s.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -127,11 +144,21 @@ pub async fn policy(op: &mut Operator, cmd: PolicyCmd) -> Result<(), CliError> {
                             } else {
                                 format!("{}-{}", p.resync_window_start_hour, p.resync_window_end_hour)
                             },
+                            if p.bandwidth.is_empty() { "unlimited".into() } else { p.bandwidth.clone() },
                         ]
                     })
                     .collect();
                 print_table(
-                    &["POLICY", "INTERVAL", "RETENTION", "APP-CONSISTENT", "COMPRESSION", "INITIAL", "BUSINESS HOURS"],
+                    &[
+                        "POLICY",
+                        "INTERVAL",
+                        "RETENTION",
+                        "APP-CONSISTENT",
+                        "COMPRESSION",
+                        "INITIAL",
+                        "BUSINESS HOURS",
+                        "BANDWIDTH",
+                    ],
                     &rows,
                 );
             }
@@ -368,6 +395,11 @@ pub fn print_replication(r: Option<&v1::Replication>) {
     }
     println!("pending logs {}", human_size(r.pending_log_bytes));
     println!("replicated   {}", human_size(r.bytes_replicated));
+    println!(
+        "bandwidth    limit {}, achieved {}",
+        human_rate(r.bandwidth_limit),
+        siterecovery_proto::model::units::human_size(r.achieved_bytes_per_sec) + "/s"
+    );
     println!("last error   {}", if r.error.is_empty() { "-" } else { &r.error });
     if !r.test_failover_vm.is_empty() {
         println!("test VM      {} (remove with `failover cleanup`)", r.test_failover_vm);

@@ -153,7 +153,7 @@ async fn run_reprotect(
         vm: vm.name.to_string(),
         primary_host_id: new_primary.clone(),
         disks: vm.disks.iter().map(|d| v1::DiskSize { id: d.id.to_string(), size_bytes: d.size_bytes }).collect(),
-        settings: Some(settings),
+        settings: Some(settings.clone()),
         adopt_vm_disks: true,
     });
     if let Err(s) = state.agents.command(&new_replica, prepare, cfg.command_timeout).await {

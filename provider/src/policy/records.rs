@@ -1,6 +1,7 @@
 //! Policies and cloud pairings as stored, and their wire forms.
 
 use serde::{Deserialize, Serialize};
+use siterecovery_proto::model::bandwidth::BandwidthSpec;
 use siterecovery_proto::model::{CloudName, PolicyName, SiteName};
 use siterecovery_proto::v1;
 
@@ -20,6 +21,12 @@ pub struct PolicyRecord {
     pub port: u32,
     pub resync_window_start_hour: u32,
     pub resync_window_end_hour: u32,
+    /// Replication rate limit (`None` = unlimited); stores before it read as unlimited.
+    #[serde(default)]
+    pub bandwidth: Option<BandwidthSpec>,
+    /// Bulk traffic's limit (initial copy, resync, catch-up); `None` = `bandwidth`.
+    #[serde(default)]
+    pub resync_bandwidth: Option<BandwidthSpec>,
 }
 
 /// How the first full copy of a VM reaches its replica host.
@@ -127,6 +134,11 @@ pub struct CloudInfo {
     pub site: SiteName,
 }
 
+/// A spec's canonical text; empty when unset.
+pub fn spec_text(s: &Option<BandwidthSpec>) -> String {
+    s.as_ref().map(|s| s.to_string()).unwrap_or_default()
+}
+
 impl PolicyRecord {
     pub fn to_proto(&self) -> v1::Policy {
         let (method, at) = self.initial_method.to_wire();
@@ -141,6 +153,8 @@ impl PolicyRecord {
             port: self.port,
             resync_window_start_hour: self.resync_window_start_hour,
             resync_window_end_hour: self.resync_window_end_hour,
+            bandwidth: spec_text(&self.bandwidth),
+            resync_bandwidth: spec_text(&self.resync_bandwidth),
         }
     }
 

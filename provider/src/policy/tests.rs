@@ -232,3 +232,26 @@ fn requests_refuse_hostile_names_naming_the_field() {
         }
     }
 }
+
+#[test]
+fn bandwidth_specs_are_validated_stored_and_sent_to_the_hosts() {
+    let mut p = policy(300, 86400);
+    p.bandwidth = "08:00-18:00=50M,*=0".into();
+    let rec = validate(&p, false).expect("valid");
+    assert_eq!(rec.bandwidth.as_ref().map(|s| s.rate_at(9 * 3600)), Some(50 << 20));
+    assert_eq!(rec.resync_bandwidth, None);
+    let s = replication_settings(&rec, false);
+    assert_eq!((s.bandwidth.as_str(), s.resync_bandwidth.as_str()), ("08:00-18:00=50M,*=0", ""));
+    assert_eq!(rec.to_proto().bandwidth, "08:00-18:00=50M,*=0");
+    // A store written before the field reads as unlimited.
+    let mut json = serde_json::to_value(&rec).expect("json");
+    json.as_object_mut().expect("object").remove("bandwidth");
+    let old: PolicyRecord = serde_json::from_value(json).expect("old record");
+    assert_eq!(old.bandwidth, None);
+    for bad in ["08:00-18:00=50M,17:00-19:00=1M", "25:00-01:00=1M", "*=fast"] {
+        let mut p = policy(300, 86400);
+        p.resync_bandwidth = bad.into();
+        let e = validate(&p, false).expect_err(bad);
+        assert!(e.to_string().contains("resync_bandwidth"), "{bad}: {e}");
+    }
+}

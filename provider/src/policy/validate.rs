@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use siterecovery_proto::model::bandwidth::{BandwidthError, BandwidthSpec};
 use siterecovery_proto::model::wire::{self, WireError};
 use siterecovery_proto::model::{CloudName, PolicyName};
 use siterecovery_proto::v1;
@@ -43,6 +44,16 @@ pub struct PolicyRequest {
     pub port: u32,
     pub resync_window_start_hour: u32,
     pub resync_window_end_hour: u32,
+    pub bandwidth: Option<BandwidthSpec>,
+    pub resync_bandwidth: Option<BandwidthSpec>,
+}
+
+/// An optional bandwidth spec from the wire: empty = unset.
+fn spec_field(name: &'static str, s: &str) -> Result<Option<BandwidthSpec>, WireError> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|e: BandwidthError| WireError::rule(name, e.to_string()))
 }
 
 impl TryFrom<&v1::Policy> for PolicyRequest {
@@ -59,6 +70,8 @@ impl TryFrom<&v1::Policy> for PolicyRequest {
             port: p.port,
             resync_window_start_hour: p.resync_window_start_hour,
             resync_window_end_hour: p.resync_window_end_hour,
+            bandwidth: spec_field("policy.bandwidth", &p.bandwidth)?,
+            resync_bandwidth: spec_field("policy.resync_bandwidth", &p.resync_bandwidth)?,
         })
     }
 }
@@ -108,6 +121,8 @@ pub fn validate_policy(p: &PolicyRequest, test_intervals: bool) -> Result<Policy
         port: p.port,
         resync_window_start_hour: p.resync_window_start_hour,
         resync_window_end_hour: p.resync_window_end_hour,
+        bandwidth: p.bandwidth.clone(),
+        resync_bandwidth: p.resync_bandwidth.clone(),
     })
 }
 
@@ -190,5 +205,7 @@ pub fn replication_settings(p: &PolicyRecord, test_intervals: bool) -> v1::Repli
         retry_unit_ms: if test_intervals { 1000 } else { 60_000 },
         resync_window_start_hour: p.resync_window_start_hour,
         resync_window_end_hour: p.resync_window_end_hour,
+        bandwidth: super::records::spec_text(&p.bandwidth),
+        resync_bandwidth: super::records::spec_text(&p.resync_bandwidth),
     }
 }

@@ -188,7 +188,7 @@ async fn run_enable(state: Arc<Core>, mut job: JobRecord, plan: Plan, claim: Cla
         vm: plan.vm.name.to_string(),
         primary_host_id: plan.primary.id.to_string(),
         disks: plan.vm.disks.iter().map(|d| v1::DiskSize { id: d.id.to_string(), size_bytes: d.size_bytes }).collect(),
-        settings: Some(settings),
+        settings: Some(settings.clone()),
     });
     if let Err(s) = state.agents.command(plan.replica.id.as_str(), prepare, cfg.command_timeout).await {
         let _ = state.protection.remove(&state.store, &rec.id);
@@ -202,7 +202,7 @@ async fn run_enable(state: Arc<Core>, mut job: JobRecord, plan: Plan, claim: Cla
     save_job(&state, &job);
 
     if !export_dir.is_empty() {
-        return super::offline::run_export(state, job, plan, claim, rec, settings, export_dir).await;
+        return super::offline::run_export(state, job, plan, claim, rec, settings.clone(), export_dir).await;
     }
 
     let step = EnableStep::StartInitialReplication;

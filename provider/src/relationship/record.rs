@@ -32,6 +32,11 @@ pub struct StatusRecord {
     /// Conditions the agent reports that make health Warning (a disk on its bitmap).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The effective rate limit (bytes/s, 0 = unlimited) and the achieved rate.
+    #[serde(default)]
+    pub bandwidth_limit: u64,
+    #[serde(default)]
+    pub achieved_bytes_per_sec: u64,
 }
 
 impl StatusRecord {
@@ -56,6 +61,8 @@ impl StatusRecord {
             resync_blocks_sent: s.resync_blocks_sent,
             resync_wire_bytes: s.resync_wire_bytes,
             warnings: s.warnings.clone(),
+            bandwidth_limit: s.bandwidth_limit,
+            achieved_bytes_per_sec: s.achieved_bytes_per_sec,
         }
     }
 }

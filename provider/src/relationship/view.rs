@@ -41,6 +41,8 @@ pub fn replication_view(state: &Core, rec: &RelationshipRecord, hosts: &[HostRec
         total_bytes: if s.total_bytes > 0 { s.total_bytes } else { rec.total_bytes },
         addresses: rec.addresses.iter().map(Reservation::to_proto).collect(),
         test_failover_vm: rec.test_failover.as_ref().map(|t| t.test_vm.clone()).unwrap_or_default(),
+        bandwidth_limit: s.bandwidth_limit,
+        achieved_bytes_per_sec: s.achieved_bytes_per_sec,
     }
 }
 

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use siterecovery_proto::model::bandwidth::{BandwidthError, BandwidthSpec};
 use siterecovery_proto::model::{HostId, RelationshipId};
 use siterecovery_proto::v1;
 
@@ -28,6 +29,20 @@ pub(crate) struct ProtectionRecord {
     retry_unit_ms: u64,
     resync_window_start_hour: u32,
     resync_window_end_hour: u32,
+    /// The policy's rate limits (`None` = unlimited / the same as `bandwidth`); records
+    /// of older agents read as unlimited.
+    #[serde(default)]
+    bandwidth: Option<BandwidthSpec>,
+    #[serde(default)]
+    resync_bandwidth: Option<BandwidthSpec>,
+}
+
+/// An optional bandwidth spec of the provider's settings: empty = unset.
+fn spec(field: &str, s: &str) -> Result<Option<BandwidthSpec>, ProtectionError> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|e: BandwidthError| ProtectionError::Invalid(format!("{field}: {e}")))
 }
 
 pub(crate) fn record_path(folder: &Path) -> PathBuf {
@@ -55,6 +70,8 @@ impl ProtectionRecord {
             retry_unit_ms: s.retry_unit_ms,
             resync_window_start_hour: s.resync_window_start_hour,
             resync_window_end_hour: s.resync_window_end_hour,
+            bandwidth: spec("bandwidth", &s.bandwidth)?,
+            resync_bandwidth: spec("resync bandwidth", &s.resync_bandwidth)?,
         })
     }
 
@@ -67,6 +84,8 @@ impl ProtectionRecord {
             retry_unit_ms: self.retry_unit_ms,
             resync_window_start_hour: self.resync_window_start_hour,
             resync_window_end_hour: self.resync_window_end_hour,
+            bandwidth: self.bandwidth.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            resync_bandwidth: self.resync_bandwidth.as_ref().map(|s| s.to_string()).unwrap_or_default(),
         }
     }
 

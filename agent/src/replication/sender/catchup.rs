@@ -65,7 +65,7 @@ impl<T: PeerTransport> Task<T> {
         let disks = self.disks.clone();
         let wire_before = self.wire.load(Ordering::Relaxed);
         let (ack, (t1, dirty_blocks, dirty_bytes)) = self
-            .ship(meta, move |sink| {
+            .ship(meta, crate::bandwidth::Traffic::Bulk, move |sink| {
                 let (mut blocks, mut bytes) = (0u64, 0u64);
                 let mut from: BTreeMap<DiskId, u64> = BTreeMap::new();
                 let mut buf = vec![0u8; EXTENT_MAX];

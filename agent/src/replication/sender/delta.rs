@@ -158,7 +158,7 @@ impl<T: PeerTransport> Task<T> {
             ..Default::default()
         };
         let (ack, ()) = self
-            .ship(meta, move |sink| {
+            .ship(meta, crate::bandwidth::Traffic::Delta, move |sink| {
                 for (disk, seq, path) in &logs {
                     sink.log(disk, *seq, path)?;
                 }

@@ -20,6 +20,7 @@ use super::task::Task;
 use super::transport::PeerTransport;
 use super::{AbortOnDrop, COPY_CHUNK, COPY_WINDOW, ReplicationError, allocated_below, allocated_ranges, blocking};
 use super::{maybe_compress, phase::Phase};
+use crate::bandwidth::{Throttle, Traffic};
 use crate::disk::BlockDevice;
 use crate::hrl::DiskId;
 
@@ -105,6 +106,7 @@ impl<T: PeerTransport> Task<T> {
             size,
             compress: self.p.settings.compression,
             wire: self.wire.clone(),
+            throttle: self.throttle.clone(),
         };
         let feeder = tokio::spawn(feed.run(tx, ack_rx, file, todo));
         let _abort = AbortOnDrop(feeder.abort_handle());
@@ -167,6 +169,7 @@ struct CopyFeed {
     size: u64,
     compress: bool,
     wire: Arc<AtomicU64>,
+    throttle: Throttle,
 }
 
 impl CopyFeed {
@@ -204,6 +207,7 @@ impl CopyFeed {
                     Ok(maybe_compress(&buf, compress))
                 })
                 .await?;
+                self.throttle.acquire(data.len() as u64, Traffic::Bulk).await;
                 self.wire.fetch_add(data.len() as u64, Ordering::Relaxed);
                 let chunk = v1::CopyChunk {
                     relationship_id: self.relationship_id.clone(),

@@ -113,7 +113,7 @@ impl<T: PeerTransport> Task<T> {
             unsupported: false,
         };
         let (ack, (t1, compared, differed, sent)) = self
-            .ship(meta, move |sink| {
+            .ship(meta, crate::bandwidth::Traffic::Bulk, move |sink| {
                 let (mut compared, mut differed, mut sent) = (0u64, 0u64, 0u64);
                 for (id, d, hashes) in &remote {
                     let c = sink.differing_blocks(id.as_str(), d, block_size, hashes, &mut sub, &progress)?;

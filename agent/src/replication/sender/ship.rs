@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::task::Task;
 use super::transport::PeerTransport;
 use super::{EXTENT_MAX, POINT_MESSAGE_BYTES, ReplicationError, maybe_compress};
+use crate::bandwidth::{Throttle, Traffic};
 use crate::hrl::{self, CoalescedItem};
 
 impl<T: PeerTransport> Task<T> {
@@ -22,6 +23,7 @@ impl<T: PeerTransport> Task<T> {
     pub(super) async fn ship<R: Send + 'static>(
         &mut self,
         meta: v1::PointChunk,
+        traffic: Traffic,
         produce: impl FnOnce(&mut ChunkSink) -> Result<R, ReplicationError> + Send + 'static,
     ) -> Result<(v1::PointAck, R), ReplicationError> {
         let (tx, rx) = mpsc::channel(4);
@@ -34,6 +36,7 @@ impl<T: PeerTransport> Task<T> {
             batch_bytes: 0,
             compress: self.p.settings.compression,
             wire: self.wire.clone(),
+            throttle: (self.throttle.clone(), traffic),
             abort: abort.clone(),
             rt: tokio::runtime::Handle::current(),
         };
@@ -79,6 +82,7 @@ pub struct ChunkSink {
     batch_bytes: usize,
     compress: bool,
     wire: Arc<AtomicU64>,
+    throttle: (Throttle, Traffic),
     pub(super) abort: CancellationToken,
     pub(super) rt: tokio::runtime::Handle,
 }
@@ -157,7 +161,13 @@ impl ChunkSink {
 
     fn send(&self, msg: v1::PointChunk) -> Result<(), ReplicationError> {
         let (tx, abort) = (&self.tx, &self.abort);
+        let bytes: u64 = msg.extents.iter().map(|e| e.data.len() as u64).sum();
+        let (throttle, traffic) = &self.throttle;
         self.rt.block_on(async {
+            tokio::select! {
+                _ = throttle.acquire(bytes, *traffic) => {}
+                _ = abort.cancelled() => return Err(ReplicationError::StreamClosed),
+            }
             tokio::select! {
                 r = tx.send(msg) => r.map_err(|_| ReplicationError::StreamClosed),
                 _ = abort.cancelled() => Err(ReplicationError::StreamClosed),

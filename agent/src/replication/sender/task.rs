@@ -12,10 +12,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use siterecovery_proto::model::bandwidth::BandwidthSpec;
+
 use super::phase::{Event, Phase, Resume, next};
 use super::state::{STATE_FILE, SenderState};
 use super::transport::PeerTransport;
 use super::{Disks, ErrorClass, ReplicationError, ResyncRequest, SenderParams, VmDisks, retry_delay_units};
+use crate::bandwidth::Throttle;
 
 /// What the status messages show besides the phase and the persisted state.
 #[derive(Debug, Default)]
@@ -52,6 +55,20 @@ pub(super) struct Task<T: PeerTransport> {
     pub wire: Arc<AtomicU64>,
     /// Progress of a long phase, fed by producer threads.
     pub progress: Arc<AtomicU64>,
+    /// The policy's and the host's rate limits on the wire bytes.
+    pub throttle: Throttle,
+}
+
+/// The policy's limits of `settings`; a spec that does not parse (the record checked
+/// it) is unlimited, with an error in the log.
+fn throttle(settings: &v1::ReplicationSettings) -> Throttle {
+    let parse = |what: &str, s: &str| -> Option<BandwidthSpec> {
+        if s.is_empty() {
+            return None;
+        }
+        s.parse().map_err(|e: siterecovery_proto::model::bandwidth::BandwidthError| tracing::error!("{what}: {e}")).ok()
+    };
+    Throttle::for_policy(parse("bandwidth", &settings.bandwidth), parse("resync bandwidth", &settings.resync_bandwidth))
 }
 
 impl<T: PeerTransport> Task<T> {
@@ -64,6 +81,7 @@ impl<T: PeerTransport> Task<T> {
         resync: Arc<ResyncRequest>,
     ) -> Self {
         let state_path = p.state_dir.join(STATE_FILE);
+        let p_settings = p.settings.clone();
         let mut view = View::default();
         let st = match SenderState::load(&state_path) {
             Ok(Some(st)) if p.relationship_id == st.relationship_id.as_str() => st,
@@ -101,6 +119,7 @@ impl<T: PeerTransport> Task<T> {
             failures: 0,
             wire,
             progress: Arc::new(AtomicU64::new(0)),
+            throttle: throttle(&p_settings),
         }
     }
 
@@ -293,6 +312,7 @@ impl<T: PeerTransport> Task<T> {
     // ---- status ------------------------------------------------------------------
 
     fn status(&self) -> v1::ReplicationStatus {
+        let rate = self.throttle.view();
         v1::ReplicationStatus {
             relationship_id: self.p.relationship_id.to_string(),
             vm: self.p.vm.to_string(),
@@ -317,6 +337,8 @@ impl<T: PeerTransport> Task<T> {
             resync_blocks_sent: self.view.sent,
             resync_wire_bytes: self.view.resync_wire,
             warnings: self.bitmap_warnings(),
+            bandwidth_limit: rate.limit_bytes_per_sec,
+            achieved_bytes_per_sec: rate.achieved_bytes_per_sec,
         }
     }
 

@@ -139,7 +139,10 @@ impl<'a> From<&'a v1::Nic> for NicView<'a> {
 
 #[derive(Serialize)]
 pub struct ReplicationView<'a> {
+    pub achieved_bytes_per_sec: u64,
     pub addresses: Vec<AddressView<'a>>,
+    /// Bytes/s, 0 = unlimited.
+    pub bandwidth_limit: u64,
     pub bytes_replicated: u64,
     pub done_bytes: u64,
     pub error: &'a str,
@@ -161,7 +164,9 @@ pub struct ReplicationView<'a> {
 impl<'a> From<&'a v1::Replication> for ReplicationView<'a> {
     fn from(r: &'a v1::Replication) -> Self {
         Self {
+            achieved_bytes_per_sec: r.achieved_bytes_per_sec,
             addresses: r.addresses.iter().map(AddressView::from).collect(),
+            bandwidth_limit: r.bandwidth_limit,
             bytes_replicated: r.bytes_replicated,
             done_bytes: r.done_bytes,
             error: &r.error,
@@ -235,12 +240,16 @@ impl<'a> From<&'a v1::FailoverInfo> for FailoverView<'a> {
 #[derive(Serialize)]
 pub struct PolicyView<'a> {
     pub app_consistent_every_ms: u64,
+    /// The bandwidth spec; empty = unlimited.
+    pub bandwidth: &'a str,
     pub compression: bool,
     /// `network`, `offline` or `at=<RFC 3339>`.
     pub initial_method: String,
     pub interval_ms: u64,
     pub name: &'a str,
     pub port: u32,
+    /// Empty = the `bandwidth` spec.
+    pub resync_bandwidth: &'a str,
     pub resync_window_end_hour: u32,
     pub resync_window_start_hour: u32,
     pub retention_ms: u64,
@@ -250,11 +259,13 @@ impl<'a> From<&'a v1::Policy> for PolicyView<'a> {
     fn from(p: &'a v1::Policy) -> Self {
         Self {
             app_consistent_every_ms: p.app_consistent_every_ms,
+            bandwidth: &p.bandwidth,
             compression: p.compression,
             initial_method: words::initial_method(p),
             interval_ms: p.interval_ms,
             name: &p.name,
             port: p.port,
+            resync_bandwidth: &p.resync_bandwidth,
             resync_window_end_hour: p.resync_window_end_hour,
             resync_window_start_hour: p.resync_window_start_hour,
             retention_ms: p.retention_ms,

@@ -145,7 +145,7 @@ fn points_policies_plans_and_clouds() {
     let v = to_value(&PolicyView::from(&policy));
     assert_eq!(v["initial_method"], "offline");
     assert_eq!(v["interval_ms"], 300_000);
-    assert_eq!(v.as_object().map(|o| o.len()), Some(9));
+    assert_eq!(v.as_object().map(|o| o.len()), Some(11));
     let plan = v1::RecoveryPlan {
         name: "dr".into(),
         groups: vec![v1::PlanGroup { order: 1, vms: vec!["vm1".into()] }],
