@@ -17,12 +17,12 @@ pub mod reload;
 mod tests;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use siterecovery_proto::daemon::LogFilter;
-use siterecovery_proto::model::units::{parse_duration, parse_size};
+use siterecovery_proto::settings::check::{address, at_least, command, duration_in, group, log_filter, path, size};
 use siterecovery_proto::settings::{FileLayer, KeyError, KeyErrors, Layers, SettingsError};
 
 use crate::nbd;
@@ -235,62 +235,12 @@ pub fn validate(s: &AgentSettings) -> Result<AgentRuntime, Vec<KeyError>> {
     errors.finish(runtime)
 }
 
-fn path(key: &'static str, p: Option<&Path>, default: &str) -> Result<PathBuf, KeyError> {
-    let p = p.unwrap_or(Path::new(default));
-    if p.as_os_str().is_empty() {
-        return Err(KeyError::new(key, "empty path"));
-    }
-    Ok(p.to_path_buf())
-}
-
-pub(crate) fn log_filter(key: &'static str, f: Option<&str>) -> Result<LogFilter, KeyError> {
-    LogFilter::parse(f.unwrap_or("info")).map_err(|e| KeyError::new(key, e))
-}
-
-pub(crate) fn address(key: &'static str, a: &str) -> Result<SocketAddr, KeyError> {
-    a.trim()
-        .parse()
-        .map_err(|_| KeyError::new(key, format!("{a:?} is not an address IP:PORT (e.g. 127.0.0.1:7000, [::]:7000)")))
-}
-
-fn group(key: &'static str, g: &str) -> Result<String, KeyError> {
-    let ok = !g.is_empty()
-        && g.len() <= 32
-        && !g.starts_with('-')
-        && g.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if ok { Ok(g.to_owned()) } else { Err(KeyError::new(key, format!("{g:?} is not a group name"))) }
-}
-
-fn at_least(key: &'static str, v: Option<usize>, default: usize, min: usize) -> Result<usize, KeyError> {
-    let v = v.unwrap_or(default);
-    if v < min { Err(KeyError::new(key, format!("{v} is out of range: at least {min}"))) } else { Ok(v) }
-}
-
-pub(crate) fn size(key: &'static str, s: &str) -> Result<u64, KeyError> {
-    parse_size(s).map_err(|e| KeyError::new(key, e))
-}
-
 fn log_budget(key: &'static str, s: &str) -> Result<u64, KeyError> {
     let b = size(key, s)?;
     if b == 0 {
         return Err(KeyError::new(key, "0 is out of range: at least 1 byte"));
     }
     Ok(b)
-}
-
-pub(crate) fn duration_in(key: &'static str, s: &str, (min, max): (Duration, Duration)) -> Result<Duration, KeyError> {
-    let d = parse_duration(s).map_err(|e| KeyError::new(key, e))?;
-    if d < min || d > max {
-        return Err(KeyError::new(key, format!("{s:?} is out of range: {min:?} to {max:?}")));
-    }
-    Ok(d)
-}
-
-fn command(key: &'static str, c: Option<&str>) -> Result<Option<String>, KeyError> {
-    match c {
-        Some(c) if c.trim().is_empty() => Err(KeyError::new(key, "empty command (leave the key out for none)")),
-        c => Ok(c.map(str::to_owned)),
-    }
 }
 
 /// The settings of the command line `cli` (flags and environment, with the global
@@ -313,4 +263,28 @@ pub fn keys() -> Vec<String> {
     let mut keys = vec!["data-dir".to_owned(), "log-json".into(), "log-level".into()];
     keys.extend(cmd.get_arguments().filter_map(|a| a.get_long().map(str::to_owned)));
     keys
+}
+
+/// The layers of `agent serve` and the runtime config they give.
+pub fn load(global: &GlobalArgs, cli: AgentSettings) -> Result<(Layers<AgentSettings>, AgentRuntime), SettingsError> {
+    let layers = layers(global, cli)?;
+    let runtime = layers.validate(validate)?;
+    Ok((layers, runtime))
+}
+
+/// `agent config check`: the effective settings on stdout, or every error on stderr;
+/// returns the exit code (0, or 1 on an error).
+pub fn check(global: &GlobalArgs, cli: AgentSettings) -> i32 {
+    let shown = load(global, cli).and_then(|(layers, _)| Ok((layers.describe(&keys())?, layers.file)));
+    match shown {
+        Ok((text, file)) => {
+            let from = if file.found { "" } else { " (no such file: defaults, environment and flags only)" };
+            println!("# effective settings of `agent serve`, from {}{from}\n{text}", file.path.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    }
 }

@@ -44,7 +44,7 @@ pub fn on_sighup(
             Err(e) => tracing::error!("host certificate not reloaded, the running one stays: {e:#}"),
         }
     };
-    Ok(reloader.spawn_on_sighup(apply, shutdown).map_err(ReloadError::Signal)?)
+    reloader.spawn_on_sighup(apply, shutdown).map_err(ReloadError::Signal)
 }
 
 /// The reload could not be set up.

@@ -11,6 +11,7 @@
 //! key and where its value came from ([`SettingsError`]). [`reload`] re-reads the file
 //! on SIGHUP.
 
+pub mod check;
 pub mod reload;
 #[cfg(test)]
 mod tests;
@@ -227,6 +228,20 @@ impl<T: Serialize + DeserializeOwned + Default + Clone> Layers<T> {
         if all.len() == 1 { all.remove(0) } else { SettingsError::Many(all) }
     }
 
+    /// The effective settings as a TOML document (`config check`): every key of `keys`
+    /// in that order with where its value comes from, the unset ones as comments.
+    pub fn describe(&self, keys: &[String]) -> Result<String, SettingsError> {
+        let merged = to_table(&self.merged()?)?;
+        let mut out = String::new();
+        for key in keys {
+            match merged.get(key) {
+                Some(v) => out.push_str(&format!("{key} = {v}  # {}\n", self.origin(key))),
+                None => out.push_str(&format!("# {key}: not set\n")),
+            }
+        }
+        Ok(out)
+    }
+
     /// These layers with the file read again (SIGHUP).
     pub fn reread(&self) -> Result<Self, SettingsError> {
         Ok(Self { defaults: self.defaults.clone(), file: self.file.reread()?, cli: self.cli.clone() })
@@ -247,17 +262,6 @@ pub fn changed_keys<T: Serialize>(old: &T, new: &T) -> Result<Vec<String>, Setti
     keys.sort();
     keys.dedup();
     Ok(keys)
-}
-
-/// The effective settings as a TOML document (`config check`), with the keys left unset
-/// listed as comments.
-pub fn render<T: Serialize>(value: &T, all_keys: &[&str]) -> Result<String, SettingsError> {
-    let table = to_table(value)?;
-    let mut out = toml::to_string(&table).map_err(|e| SettingsError::Merge(e.to_string()))?;
-    for key in all_keys.iter().filter(|k| !table.contains_key(**k)) {
-        out.push_str(&format!("# {key}: not set\n"));
-    }
-    Ok(out)
 }
 
 /// The environment variable of `key`: `SITERECOVERY_` and the key in upper snake case.

@@ -129,6 +129,9 @@ pub struct ServeOptions {
     /// provider's own renewals (`serve --cert-validity`).
     pub cert_validity: Duration,
     pub limits: ServerLimits,
+    /// Woken at `systemctl reload`: the provider's certificate is read again from the
+    /// data dir and presented from the next handshake when it changed there.
+    pub reload: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Default for ServeOptions {
@@ -138,6 +141,7 @@ impl Default for ServeOptions {
             protection: ProtectionConfig::default(),
             cert_validity: siterecovery_certs::ca::LEAF_VALIDITY,
             limits: ServerLimits::default(),
+            reload: None,
         }
     }
 }
@@ -217,6 +221,9 @@ pub async fn serve_options(
         core: core.clone(),
     });
     crate::protection::resume_jobs(&core, resumed);
+    if let Some(reload) = opts.reload.clone() {
+        tokio::spawn(renewal::on_reload(vault.dir.clone(), identity.clone(), reload, shutdown.child_token()));
+    }
     let renewing =
         tokio::spawn(renewal::run(state.clone(), info, identity, opts.cert_validity, shutdown.child_token()));
     // The API schema is for members of the vault only, like every other call.
