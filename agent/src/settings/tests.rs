@@ -1,3 +1,5 @@
+//! The settings layers: file, flags and defaults merged, every refusal named with its key and line.
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ fn file(text: &str) -> Result<FileLayer<AgentSettings>, SettingsError> {
 }
 
 fn layers(text: &str, cli: AgentSettings) -> Layers<AgentSettings> {
-    Layers { defaults: defaults(None), file: file(text).unwrap(), cli }
+    Layers { defaults: defaults(None), file: file(text).expect("accepted"), cli }
 }
 
 fn run(text: &str, cli: AgentSettings) -> Result<AgentRuntime, SettingsError> {
@@ -28,13 +30,13 @@ struct Line {
 }
 
 fn flags(args: &[&str]) -> AgentSettings {
-    let l = Line::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).unwrap();
+    let l = Line::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).expect("accepted");
     l.settings.with_globals(&l.global)
 }
 
 #[test]
 fn the_defaults_run() {
-    let r = run("", AgentSettings::default()).unwrap();
+    let r = run("", AgentSettings::default()).expect("accepted");
     assert_eq!(r.data_dir, Path::new(DEFAULT_DATA_DIR));
     assert_eq!(r.nbd.listen.to_string(), "127.0.0.1:0");
     assert_eq!(r.heartbeat, Duration::from_secs(5));
@@ -49,35 +51,35 @@ fn the_defaults_run() {
 fn flag_beats_file_beats_default() {
     let text = "heartbeat = \"2s\"\nnbd-listen = \"127.0.0.1:7001\"\nlog-json = true\n";
     let cli = flags(&["--nbd-listen", "127.0.0.1:7002", "--data-dir", "/srv/a"]);
-    let r = run(text, cli).unwrap();
+    let r = run(text, cli).expect("accepted");
     assert_eq!(r.nbd.listen.to_string(), "127.0.0.1:7002", "the flag beats the file");
     assert_eq!(r.heartbeat, Duration::from_secs(2), "the file beats the default");
     assert!(r.log_json, "the file's bool");
     assert_eq!(r.data_dir, Path::new("/srv/a"), "a global flag is a key too");
     assert_eq!(r.nbd.limits.max_export_connections, nbd::DEFAULT_MAX_EXPORT_CONNECTIONS, "the default");
     // A bool flag set to false beats a file's true.
-    let r = run(text, flags(&["--log-json=false"])).unwrap();
+    let r = run(text, flags(&["--log-json=false"])).expect("accepted");
     assert!(!r.log_json);
-    assert!(run("", flags(&["--log-json"])).unwrap().log_json, "a bare bool flag is true");
+    assert!(run("", flags(&["--log-json"])).expect("accepted").log_json, "a bare bool flag is true");
 }
 
 #[test]
 fn an_unknown_key_is_refused_with_its_line() {
-    let e = file("heartbeat = \"2s\"\nnbd-lsten = \"127.0.0.1:1\"\n").unwrap_err();
+    let e = file("heartbeat = \"2s\"\nnbd-lsten = \"127.0.0.1:1\"\n").expect_err("refused");
     assert_eq!(e.to_string(), "/etc/siterecovery/agent.toml:2: unknown key `nbd-lsten`");
 }
 
 #[test]
 fn a_wrong_type_is_refused_with_key_and_line() {
-    let e = file("\n\nnbd-max-connections = \"many\"\n").unwrap_err();
+    let e = file("\n\nnbd-max-connections = \"many\"\n").expect_err("refused");
     assert!(matches!(&e, SettingsError::WrongType { line: 3, key, .. } if key == "nbd-max-connections"), "{e}");
-    let e = file("heartbeat = 5\n").unwrap_err();
+    let e = file("heartbeat = 5\n").expect_err("refused");
     assert!(matches!(&e, SettingsError::WrongType { line: 1, key, .. } if key == "heartbeat"), "{e}");
 }
 
 /// The message of refusing `text`, with the key and line it must name.
 fn refused(text: &str) -> String {
-    run(text, AgentSettings::default()).unwrap_err().to_string()
+    run(text, AgentSettings::default()).expect_err("refused").to_string()
 }
 
 #[test]
@@ -114,7 +116,7 @@ fn every_refused_key_is_reported() {
 
 #[test]
 fn a_bad_flag_value_names_the_command_line() {
-    let e = run("", flags(&["--heartbeat", "x"])).unwrap_err().to_string();
+    let e = run("", flags(&["--heartbeat", "x"])).expect_err("refused").to_string();
     assert!(e.starts_with("key `heartbeat` (flag or environment)"), "{e}");
 }
 
@@ -131,20 +133,20 @@ fn example_uncommented() -> String {
 
 #[test]
 fn the_example_file_parses_lists_every_key_and_its_defaults() {
-    let shipped = file(include_str!("../../../dist/etc/agent.toml")).unwrap();
+    let shipped = file(include_str!("../../../dist/etc/agent.toml")).expect("accepted");
     assert_eq!(shipped.value, AgentSettings::default(), "the shipped file sets nothing");
     let text = example_uncommented();
-    let example = file(&text).unwrap();
+    let example = file(&text).expect("accepted");
     for key in keys() {
         assert!(example.line(&key).is_some(), "key {key} is missing from dist/etc/agent.toml");
     }
     // Where a key has a default, the example shows it.
-    let defaults = siterecovery_proto::settings::to_table(&defaults(None)).unwrap();
-    let shown = siterecovery_proto::settings::to_table(&example.value).unwrap();
+    let defaults = siterecovery_proto::settings::to_table(&defaults(None)).expect("accepted");
+    let shown = siterecovery_proto::settings::to_table(&example.value).expect("accepted");
     for (k, v) in &defaults {
         assert_eq!(shown.get(k), Some(v), "dist/etc/agent.toml shows another default for {k}");
     }
-    Layers { defaults: defaults_of(), file: example, cli: AgentSettings::default() }.validate(validate).unwrap();
+    Layers { defaults: defaults_of(), file: example, cli: AgentSettings::default() }.validate(validate).expect("accepted");
 }
 
 fn defaults_of() -> AgentSettings {

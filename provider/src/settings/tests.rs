@@ -1,3 +1,5 @@
+//! The settings layers: file, flags and defaults merged, every refusal named with its key and line.
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ fn file(text: &str) -> Result<FileLayer<ProviderSettings>, SettingsError> {
 }
 
 fn run(text: &str, cli: ProviderSettings) -> Result<ProviderRuntime, SettingsError> {
-    Layers { defaults: defaults(None), file: file(text).unwrap(), cli }.validate(validate)
+    Layers { defaults: defaults(None), file: file(text).expect("accepted"), cli }.validate(validate)
 }
 
 #[derive(Parser)]
@@ -23,13 +25,13 @@ struct Line {
 }
 
 fn flags(args: &[&str]) -> ProviderSettings {
-    let l = Line::try_parse_from(std::iter::once("provider").chain(args.iter().copied())).unwrap();
+    let l = Line::try_parse_from(std::iter::once("provider").chain(args.iter().copied())).expect("accepted");
     l.settings.with_globals(&l.global)
 }
 
 #[test]
 fn the_defaults_run() {
-    let r = run("", ProviderSettings::default()).unwrap();
+    let r = run("", ProviderSettings::default()).expect("accepted");
     assert_eq!(r.data_dir, Path::new(DEFAULT_DATA_DIR));
     assert_eq!(r.grace, Duration::from_secs(10));
     assert_eq!(r.cert_validity, siterecovery_certs::ca::LEAF_VALIDITY);
@@ -40,7 +42,7 @@ fn the_defaults_run() {
 #[test]
 fn flag_beats_file_beats_default() {
     let text = "grace = \"3s\"\nmax-connections = 10\nlisten = \"127.0.0.1:7443\"\n";
-    let r = run(text, flags(&["--max-connections", "20", "--log-json", "--test-intervals"])).unwrap();
+    let r = run(text, flags(&["--max-connections", "20", "--log-json", "--test-intervals"])).expect("accepted");
     assert_eq!(r.max_connections, 20, "the flag beats the file");
     assert_eq!(r.grace, Duration::from_secs(3), "the file beats the default");
     assert_eq!(r.listen.map(|a| a.to_string()).as_deref(), Some("127.0.0.1:7443"));
@@ -59,33 +61,33 @@ fn invalid_values_are_refused_with_key_and_line() {
         ("log-level = \"=\"\n", 1, "log-level", "log filter"),
     ];
     for (text, line, key, what) in cases {
-        let e = run(text, ProviderSettings::default()).unwrap_err().to_string();
+        let e = run(text, ProviderSettings::default()).expect_err("refused").to_string();
         assert!(e.contains(&at(line, key)) && e.contains(what), "{text:?}: {e}");
     }
-    let e = file("grace = \"1s\"\nlisten-address = \"x\"\n").unwrap_err();
+    let e = file("grace = \"1s\"\nlisten-address = \"x\"\n").expect_err("refused");
     assert_eq!(e.to_string(), "/etc/siterecovery/provider.toml:2: unknown key `listen-address`");
-    let e = file("max-connections = \"all\"\n").unwrap_err();
+    let e = file("max-connections = \"all\"\n").expect_err("refused");
     assert!(matches!(&e, SettingsError::WrongType { line: 1, key, .. } if key == "max-connections"), "{e}");
 }
 
 #[test]
 fn the_example_file_parses_lists_every_key_and_its_defaults() {
     let text = include_str!("../../../dist/etc/provider.toml");
-    assert_eq!(file(text).unwrap().value, ProviderSettings::default(), "the shipped file sets nothing");
+    assert_eq!(file(text).expect("accepted").value, ProviderSettings::default(), "the shipped file sets nothing");
     let uncommented: String = text
         .lines()
         .filter_map(|l| l.strip_prefix("# ").filter(|r| r.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))))
         .map(|l| format!("{l}\n"))
         .collect();
-    let example = file(&uncommented).unwrap();
+    let example = file(&uncommented).expect("accepted");
     for key in keys() {
         assert!(example.line(&key).is_some(), "key {key} is missing from dist/etc/provider.toml");
     }
-    let shown = to_table(&example.value).unwrap();
-    for (k, v) in &to_table(&defaults(None)).unwrap() {
+    let shown = to_table(&example.value).expect("accepted");
+    for (k, v) in &to_table(&defaults(None)).expect("accepted") {
         assert_eq!(shown.get(k), Some(v), "dist/etc/provider.toml shows another default for {k}");
     }
-    Layers { defaults: defaults(None), file: example, cli: ProviderSettings::default() }.validate(validate).unwrap();
+    Layers { defaults: defaults(None), file: example, cli: ProviderSettings::default() }.validate(validate).expect("accepted");
 }
 
 #[test]
