@@ -146,7 +146,9 @@ fn the_example_file_parses_lists_every_key_and_its_defaults() {
     for (k, v) in &defaults {
         assert_eq!(shown.get(k), Some(v), "dist/etc/agent.toml shows another default for {k}");
     }
-    Layers { defaults: defaults_of(), file: example, cli: AgentSettings::default() }.validate(validate).expect("accepted");
+    Layers { defaults: defaults_of(), file: example, cli: AgentSettings::default() }
+        .validate(validate)
+        .expect("accepted");
 }
 
 fn defaults_of() -> AgentSettings {

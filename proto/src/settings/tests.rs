@@ -92,3 +92,34 @@ fn changed_keys_lists_set_unset_and_changed() {
 fn env_names() {
     assert_eq!(env_name("nbd-max-connections"), "SITERECOVERY_NBD_MAX_CONNECTIONS");
 }
+
+/// A config file of this test process (no tempfile dependency in proto).
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("sr-settings-{}-{name}.toml", std::process::id()));
+    std::fs::write(&p, text).expect("write");
+    p
+}
+
+fn keep(s: &S) -> Result<S, Vec<KeyError>> {
+    if s.count == Some(0) { Err(vec![KeyError::new("count", "must be at least 1")]) } else { Ok(s.clone()) }
+}
+
+#[test]
+fn a_reload_applies_live_keys_only_and_refuses_a_bad_file() {
+    let path = temp_file("reload", "name = \"a\"\ncount = 1\n");
+    let layers =
+        Layers { defaults: S::default(), file: FileLayer::read(&path, true).expect("read"), cli: S::default() };
+    let start = layers.validate(keep).expect("valid");
+    let mut r = reload::Reloader::new(layers, start, keep, &["name"]).expect("reloader");
+    let rx = r.subscribe();
+    std::fs::write(&path, "name = \"b\"\ncount = 2\n").expect("write");
+    let (now, changed) = r.reload().expect("reloaded");
+    assert_eq!(changed, ["count", "name"]);
+    assert_eq!(*now, S { name: Some("b".into()), count: Some(1), on: None }, "count needs a restart");
+    assert_eq!(**rx.borrow(), *now, "subscribers see the running settings");
+    std::fs::write(&path, "name = \"c\"\ncount = 0\n").expect("write");
+    let e = r.reload().expect_err("a bad value is refused");
+    assert!(e.to_string().contains(":2): must be at least 1"), "{e}");
+    assert_eq!(rx.borrow().name.as_deref(), Some("b"), "the running settings stay");
+    let _ = std::fs::remove_file(&path);
+}

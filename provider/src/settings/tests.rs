@@ -87,7 +87,9 @@ fn the_example_file_parses_lists_every_key_and_its_defaults() {
     for (k, v) in &to_table(&defaults(None)).expect("accepted") {
         assert_eq!(shown.get(k), Some(v), "dist/etc/provider.toml shows another default for {k}");
     }
-    Layers { defaults: defaults(None), file: example, cli: ProviderSettings::default() }.validate(validate).expect("accepted");
+    Layers { defaults: defaults(None), file: example, cli: ProviderSettings::default() }
+        .validate(validate)
+        .expect("accepted");
 }
 
 #[test]
