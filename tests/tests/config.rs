@@ -112,7 +112,9 @@ fn debug_lines(agent: &Proc) -> usize {
 fn sighup_changes_the_log_level_of_a_running_agent() {
     let lab = Lab::new("config_sighup");
     lab.create_vault();
-    let _provider = lab.start_provider();
+    let pconfig = lab.root.join("provider.toml");
+    write(&pconfig, "log-level = \"info\"\n");
+    let mut provider = lab.start_provider_with(&["--config", pconfig.to_str().expect("utf-8 path")]);
     lab.operator_cert();
     lab.register_agent("hv1", "primary", "gold-a");
     let config = lab.root.join("agent.toml");
@@ -148,4 +150,17 @@ fn sighup_changes_the_log_level_of_a_running_agent() {
     );
     assert!(agent.is_running(), "the agent stopped at a bad SIGHUP");
     assert_ok(&lab.cli(&["host", "list"]), "host list after the reloads");
+
+    // The provider too: the log level live, `max-connections` needs a restart (`grace` is a flag here: the file cannot change it).
+    assert_eq!(debug_lines(&provider), 0, "provider debug lines at log-level info");
+    write(&pconfig, "log-level = \"debug\"\ngrace = \"1s\"\nmax-connections = 5\n");
+    provider.signal(Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(20), || debug_lines(&provider) > 0),
+        "no provider debug line after SIGHUP with log-level = \"debug\""
+    );
+    let log = std::fs::read_to_string(&provider.log).expect("provider log");
+    assert!(log.contains("needs a restart: max-connections"), "no restart notice in the provider log");
+    assert!(!log.contains("needs a restart: grace"), "the flag --grace changed by the file");
+    assert_ok(&lab.cli(&["host", "list"]), "host list after the provider's reload");
 }
