@@ -6,7 +6,7 @@
 //! (VM folders and serving their disks), [`replication`] (the sender of each protected VM,
 //! the protection handlers), [`replica`] (the replica store), [`control`] (the channel to the provider),
 //! [`peer`] (agent-to-agent mutual TLS), [`register`] and [`config`] (the data dir), [`files`] (the modes
-//! every file and directory is made with).
+//! every file and directory is made with), [`settings`] (the flags, `agent.toml` and `systemctl reload`).
 
 pub mod admin;
 pub mod bandwidth;
@@ -26,6 +26,7 @@ pub mod persist;
 pub mod register;
 pub mod replica;
 pub mod replication;
+pub mod settings;
 #[cfg(test)]
 mod testkit;
 pub mod tracker;

@@ -14,12 +14,14 @@ use siterecovery_agent::peer;
 use siterecovery_agent::protection::Protection;
 use siterecovery_agent::register::{RegisterArgs, register};
 use siterecovery_agent::replica::ReplicaSet;
+use siterecovery_agent::settings::{self, AgentRuntime, AgentSettings, GlobalArgs, NbdSettings};
 use siterecovery_agent::tracker::bitmap;
-use siterecovery_agent::vm::{Hooks, VmManager};
+use siterecovery_agent::vm::VmManager;
 use siterecovery_proto::daemon;
-use siterecovery_proto::metrics::{MetricsConfig, MetricsListen};
-use siterecovery_proto::model::units::{parse_duration, parse_size};
+use siterecovery_proto::daemon::LogHandle;
+use siterecovery_proto::metrics::MetricsConfig;
 use siterecovery_proto::model::{NameError, PointSelector, VmName};
+use siterecovery_proto::settings::Layers;
 
 #[derive(Parser)]
 #[command(
@@ -31,15 +33,11 @@ use siterecovery_proto::model::{NameError, PointSelector, VmName};
         First `agent register` with the vault key file from the provider, then `agent serve`."
 )]
 struct Cli {
-    /// Data dir, for the local commands (`vm list`).
-    #[arg(long, global = true, value_name = "DIR")]
-    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    global: GlobalArgs,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    /// Log as JSON lines instead of human-readable lines.
-    #[arg(long, global = true)]
-    log_json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -74,44 +72,14 @@ enum Cmd {
         ca_fingerprint: Option<String>,
     },
     /// Run the agent (long-running; stops gracefully on SIGTERM or Ctrl-C).
+    #[command(after_long_help = settings::PRECEDENCE_HELP)]
     Serve {
-        /// Address to bind the peer (replication) listener to, when it differs from the
-        /// address registered with --listen (NAT, a proxy in front of the agent).
-        #[arg(long, value_name = "ADDR")]
-        peer_listen: Option<String>,
         #[command(flatten)]
-        nbd: NbdArgs,
-        /// Heartbeat interval to the provider.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        heartbeat: Duration,
-        /// Command run (sh -c) when a VM starts, e.g. to attach QEMU to its NBD exports.
-        #[arg(long, value_name = "CMD")]
-        on_vm_start: Option<String>,
-        /// Command run (sh -c) when a VM stops.
-        #[arg(long, value_name = "CMD")]
-        on_vm_stop: Option<String>,
-        /// Command run (sh -c, with SITERECOVERY_VM) before an app-consistent recovery
-        /// point is taken, e.g. `fsfreeze` through a guest agent; the point is marked
-        /// app-consistent only when it exits 0.
-        #[arg(long, value_name = "CMD")]
-        quiesce_hook: Option<String>,
-        /// Most bytes of pending HRL logs per disk (e.g. 8G). Past it the disk runs on a
-        /// dirty-block bitmap until the replica catches up: guest writes never fail
-        /// because of logs. Default: a quarter of the data dir's free space at start,
-        /// between 64 MiB and 64 GiB.
-        #[arg(long, value_parser = parse_size, value_name = "SIZE")]
-        log_budget: Option<u64>,
-        /// Prometheus metrics (plain HTTP, GET /metrics) on IP:PORT, or `off`. Default
-        /// 127.0.0.1:9465; when the default is in use the metrics are off (warned).
-        #[arg(long, value_name = "ADDR|off")]
-        metrics_listen: Option<MetricsListen>,
-        /// Replication rate limit of this host, shared by all its relationships, e.g.
-        /// "08:00-18:00=50M,*=0": windows HH:MM-HH:MM in this host's local time zone,
-        /// `*` for the rest of the day, rates in bytes/s (K, M, G; 0 = unlimited). A
-        /// policy's own limit also applies: the smaller one wins. Default: unlimited.
-        #[arg(long, value_name = "SPEC", value_parser = siterecovery_agent::bandwidth::parse_spec)]
-        bandwidth: Option<siterecovery_proto::model::bandwidth::BandwidthSpec>,
+        settings: AgentSettings,
     },
+    /// The config file: `config check [FILE]` prints the effective settings or the errors.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// VMs on this host, read from the data dir (no provider needed).
     #[command(subcommand)]
     Vm(VmCmd),
@@ -121,34 +89,17 @@ enum Cmd {
     Failover(LocalFailover),
 }
 
-/// The NBD flags of `agent serve`.
-#[derive(clap::Args)]
-struct NbdArgs {
-    /// TCP address of the NBD server. Clients must negotiate TLS on it (NBD STARTTLS,
-    /// QEMU's `tls-creds-x509`) with a client certificate of the vault: role `nbd`
-    /// (`provider nbd-client-cert`) or `host`.
-    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
-    nbd_listen: String,
-    /// Labs only: plain NBD on the TCP listener, no TLS. Refused unless --nbd-listen is
-    /// a loopback address (any local user can then reach every disk).
-    #[arg(long)]
-    nbd_insecure_tcp: bool,
-    /// Group given the VMs' NBD unix sockets (mode 0660) and the right to traverse the
-    /// directories leading to them (0710): the hypervisor's, e.g. `kvm`. Without it the
-    /// sockets are reachable by the agent's own user only.
-    #[arg(long, value_name = "GROUP")]
-    nbd_group: Option<String>,
-    /// NBD connections at once on the TCP listener; over it a client is closed at once.
-    /// Each VM's unix socket has its own cap ((its disks + 1) times --nbd-max-export-connections).
-    #[arg(long, default_value_t = nbd::DEFAULT_MAX_CONNECTIONS, value_name = "N")]
-    nbd_max_connections: usize,
-    /// NBD connections at once to one disk, over both listeners; over it NBD_OPT_GO is refused.
-    #[arg(long, default_value_t = nbd::DEFAULT_MAX_EXPORT_CONNECTIONS, value_name = "N")]
-    nbd_max_export_connections: usize,
-    /// Request payload bytes one NBD connection may have in flight (at least 32M, the
-    /// largest request); a client sending more before it reads replies is not read on.
-    #[arg(long, default_value = "64M", value_parser = parse_size, value_name = "SIZE")]
-    nbd_max_request_memory: u64,
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the effective settings of `agent serve` (file, environment, flags and
+    /// defaults merged), or every refused key with its line; exits 1 on an error.
+    #[command(after_long_help = settings::PRECEDENCE_HELP)]
+    Check {
+        /// The file to check (default: --config, else /etc/siterecovery/agent.toml).
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        settings: AgentSettings,
+    },
 }
 
 #[derive(Subcommand)]
@@ -173,19 +124,41 @@ fn parse_point(s: &str) -> Result<PointSelector, NameError> {
 
 fn main() {
     let cli = Cli::parse();
-    daemon::init_logging(cli.log_json, if matches!(cli.cmd, Cmd::Serve { .. }) { "info" } else { "warn" });
-    siterecovery_agent::faults::setup();
-    daemon::run_main(run(cli));
-}
-
-fn data_dir(d: Option<PathBuf>) -> Result<PathBuf> {
-    d.context("--data-dir DIR is required")
-}
-
-async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Serve { settings } => {
+            let (layers, runtime) = match settings::load(&cli.global, settings) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
+            };
+            let log = daemon::init_daemon_logging(runtime.log_json, &runtime.log_level);
+            siterecovery_agent::faults::setup();
+            daemon::run_main(serve_cmd(layers, runtime, log));
+        }
+        Cmd::Config(ConfigCmd::Check { file, settings }) => {
+            let global = GlobalArgs { config: file.or(cli.global.config.clone()), ..cli.global.clone() };
+            std::process::exit(settings::check(&global, settings));
+        }
+        cmd => {
+            daemon::init_logging(cli.global.log_json.unwrap_or(false), "warn");
+            siterecovery_agent::faults::setup();
+            daemon::run_main(run(cli.global, cli.json, cmd));
+        }
+    }
+}
+
+/// The data dir of a local command: --data-dir, SITERECOVERY_DATA_DIR, `data-dir` of
+/// the config file, or the default.
+fn data_dir(global: &GlobalArgs) -> Result<PathBuf> {
+    Ok(settings::load(global, AgentSettings::default())?.1.data_dir)
+}
+
+async fn run(global: GlobalArgs, json: bool, cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Register { vault_key, host, site, cloud, listen, reregister, ca_fingerprint } => {
-            let dir = data_dir(cli.data_dir)?;
+            let dir = data_dir(&global)?;
             let cfg = register(RegisterArgs {
                 vault_key: &vault_key,
                 host: &host,
@@ -197,7 +170,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ca_fingerprint: ca_fingerprint.as_deref(),
             })
             .await?;
-            if cli.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&cfg)?);
             } else {
                 println!(
@@ -208,40 +181,8 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve {
-            peer_listen,
-            nbd,
-            heartbeat,
-            on_vm_start,
-            on_vm_stop,
-            quiesce_hook,
-            log_budget,
-            metrics_listen,
-            bandwidth,
-        } => {
-            if let Some(spec) = bandwidth {
-                siterecovery_agent::bandwidth::set_host_limit(spec);
-            }
-            let dir = data_dir(cli.data_dir)?;
-            // Absolute, so the NBD URIs reported to the provider work from anywhere.
-            let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;
-            let budget = match log_budget {
-                Some(b) => b,
-                None => {
-                    let fs = nix::sys::statvfs::statvfs(&dir)
-                        .with_context(|| format!("free space of the data dir {}", dir.display()))?;
-                    let free = fs.blocks_available().saturating_mul(fs.fragment_size());
-                    bitmap::default_log_budget(free)
-                }
-            };
-            bitmap::set_default_log_budget(budget);
-            tracing::info!(budget, "log budget per disk: {}", siterecovery_proto::model::units::human_size(budget));
-            let hooks = Hooks { on_start: on_vm_start, on_stop: on_vm_stop };
-            let metrics = MetricsConfig::new(metrics_listen, siterecovery_agent::metrics::DEFAULT_LISTEN);
-            serve(dir, peer_listen, nbd, heartbeat, hooks, quiesce_hook, metrics).await
-        }
         Cmd::Failover(f) => {
-            let dir = data_dir(cli.data_dir)?;
+            let dir = data_dir(&global)?;
             let req = siterecovery_agent::admin::Request {
                 op: "failover".into(),
                 vm: f.vm.to_string(),
@@ -257,7 +198,7 @@ async fn run(cli: Cli) -> Result<()> {
             if !answer.ok {
                 anyhow::bail!("local failover of {} refused: {}", f.vm, answer.error);
             }
-            if cli.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
                 println!("VM {} failed over locally from point {}; its disks:", answer.vm, answer.point);
@@ -269,7 +210,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Vm(VmCmd::List) => {
-            let dir = data_dir(cli.data_dir)?;
+            let dir = data_dir(&global)?;
             let files = AgentFiles::load(&dir)?;
             let mut rows = Vec::new();
             let vms_dir = files.vms_dir();
@@ -291,7 +232,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             rows.sort_by(|a, b| a.name.cmp(&b.name));
-            if cli.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!("{:<20} {:<8} {:>5}", "VM", "POWER", "DISKS");
@@ -302,13 +243,35 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Serve { .. } | Cmd::Config(_) => anyhow::bail!("handled in main"),
     }
+}
+
+/// `agent serve`: the log budget, then [`serve`].
+async fn serve_cmd(layers: Layers<AgentSettings>, rt: AgentRuntime, log: LogHandle) -> Result<()> {
+    // Absolute, so the NBD URIs reported to the provider work from anywhere.
+    let dir = std::fs::canonicalize(&rt.data_dir).with_context(|| format!("data dir {}", rt.data_dir.display()))?;
+    let budget = match rt.log_budget {
+        Some(b) => b,
+        None => {
+            let fs = nix::sys::statvfs::statvfs(&dir)
+                .with_context(|| format!("free space of the data dir {}", dir.display()))?;
+            let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+            bitmap::default_log_budget(free)
+        }
+    };
+    bitmap::set_default_log_budget(budget);
+    tracing::info!(budget, "log budget per disk: {}", siterecovery_proto::model::units::human_size(budget));
+    if let Some(spec) = rt.bandwidth.clone() {
+        siterecovery_agent::bandwidth::set_host_limit(spec);
+    }
+    serve(dir, layers, rt, log).await
 }
 
 /// The NBD TCP listener's security: TLS, or plain with `--nbd-insecure-tcp` on
 /// loopback only.
-fn nbd_security(args: &NbdArgs, bound: std::net::SocketAddr, files: &AgentFiles) -> Result<TcpSecurity> {
-    if !args.nbd_insecure_tcp {
+fn nbd_security(args: &NbdSettings, bound: std::net::SocketAddr, files: &AgentFiles) -> Result<TcpSecurity> {
+    if !args.insecure_tcp {
         return Ok(TcpSecurity::Tls(Arc::new(NbdTls::new(&files.trust)?)));
     }
     if !bound.ip().is_loopback() {
@@ -321,23 +284,12 @@ fn nbd_security(args: &NbdArgs, bound: std::net::SocketAddr, files: &AgentFiles)
     Ok(TcpSecurity::Insecure)
 }
 
-async fn serve(
-    dir: PathBuf,
-    peer_listen: Option<String>,
-    nbd_args: NbdArgs,
-    heartbeat: Duration,
-    hooks: Hooks,
-    quiesce_hook: Option<String>,
-    metrics: MetricsConfig,
-) -> Result<()> {
+async fn serve(dir: PathBuf, layers: Layers<AgentSettings>, rt: AgentRuntime, log: LogHandle) -> Result<()> {
     let files = Arc::new(AgentFiles::load(&dir)?);
-    let limits = nbd::Limits::new(
-        nbd_args.nbd_max_connections,
-        nbd_args.nbd_max_export_connections,
-        nbd_args.nbd_max_request_memory,
-    )
-    .context("NBD limits")?;
-    let access = match &nbd_args.nbd_group {
+    let nbd_args = rt.nbd.clone();
+    let limits = nbd_args.limits;
+    let (heartbeat, hooks, quiesce_hook) = (rt.heartbeat, rt.hooks.clone(), rt.quiesce_hook.clone());
+    let access = match &nbd_args.group {
         Some(g) => SocketAccess::for_group(g)?,
         None => SocketAccess::default(),
     };
@@ -346,11 +298,13 @@ async fn serve(
     access.socket_dir(&dir).with_context(|| format!("data dir {}", dir.display()))?;
     files::private_dir(&dir.join("replicas")).with_context(|| format!("data dir {}", dir.display()))?;
     let shutdown = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
-    let peer_addr = peer_listen.unwrap_or_else(|| files.config.listen_address.clone());
+    // The running settings, at every `systemctl reload` (SIGHUP).
+    let _live = settings::reload::on_sighup(layers, rt.clone(), log, files.clone(), shutdown.clone())?;
+    let peer_addr = rt.peer_listen.map(|a| a.to_string()).unwrap_or_else(|| files.config.listen_address.clone());
     let peer_listener = tokio::net::TcpListener::bind(&peer_addr)
         .await
         .with_context(|| format!("cannot listen on {peer_addr} for peer traffic"))?;
-    let nbd_listen = &nbd_args.nbd_listen;
+    let nbd_listen = &nbd_args.listen;
     let nbd_listener = tokio::net::TcpListener::bind(nbd_listen)
         .await
         .with_context(|| format!("cannot listen on {nbd_listen} for NBD"))?;
@@ -376,6 +330,7 @@ async fn serve(
         shutdown.clone(),
     )
     .await;
+    let metrics = MetricsConfig::new(rt.metrics_listen, siterecovery_agent::metrics::DEFAULT_LISTEN);
     let metrics_task =
         siterecovery_agent::metrics::spawn(metrics, protection.clone(), vms.clone(), shutdown.clone()).await?;
     tracing::info!(host = %files.config.host_name, host_id = %files.config.host_id, peer = %files.config.listen_address,

@@ -14,18 +14,70 @@ use tokio_util::sync::CancellationToken;
 /// Logs to stderr (colours only on a terminal), as JSON lines when `json`; `RUST_LOG`
 /// overrides the `default` filter (e.g. `info` for daemons, `warn` for commands).
 pub fn init_logging(json: bool, default: &str) {
-    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
+    let _ = install(json, filter);
+}
+
+/// A log filter as `RUST_LOG` and the `log-level` key take it (`info`,
+/// `warn,siterecovery_agent=debug`), checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogFilter(String);
+
+impl LogFilter {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty log filter (e.g. info, or warn,siterecovery_agent=debug)".into());
+        }
+        tracing_subscriber::EnvFilter::builder().parse(s).map_err(|e| format!("{s:?} is not a log filter: {e}"))?;
+        Ok(Self(s.to_owned()))
     }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn filter(&self) -> tracing_subscriber::EnvFilter {
+        // Checked in `parse`.
+        tracing_subscriber::EnvFilter::builder().parse_lossy(&self.0)
+    }
+}
+
+impl std::fmt::Display for LogFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Changes the running process's log filter (`systemctl reload` of the log level).
+pub struct LogHandle(tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>);
+
+impl LogHandle {
+    pub fn set(&self, filter: &LogFilter) -> Result<(), String> {
+        self.0.reload(filter.filter()).map_err(|e| e.to_string())
+    }
+}
+
+/// A daemon's logging: like [`init_logging`] with `filter` (already resolved against
+/// `RUST_LOG` by the settings), changeable later through the handle.
+pub fn init_daemon_logging(json: bool, filter: &LogFilter) -> LogHandle {
+    install(json, filter.filter())
+}
+
+fn install(json: bool, filter: tracing_subscriber::EnvFilter) -> LogHandle {
+    use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        let _ = registry.with(fmt.json()).try_init();
+    } else {
+        let _ = registry.with(fmt).try_init();
+    }
+    LogHandle(handle)
 }
 
 /// Cancels the returned token on SIGTERM or SIGINT. Call it inside the runtime.

@@ -17,7 +17,8 @@
 //!   networks with mappings and static IP pools, recovery plans.
 //! - [`api`]: the server that ties them together; [`edge`]: the shared state seen
 //!   through the edge services' context traits.
-//! - [`cli`]: the operator's commands against a running provider.
+//! - [`cli`]: the operator's commands against a running provider; [`settings`]: the
+//!   flags and `provider.toml` of `serve`, and `systemctl reload`.
 //! - [`metrics`]: the Prometheus endpoint.
 
 pub mod addresses;
@@ -40,6 +41,7 @@ pub mod policy;
 pub mod protection;
 pub mod registration;
 pub mod relationship;
+pub mod settings;
 pub mod store;
 #[cfg(test)]
 mod testkit;

@@ -7,13 +7,13 @@
 mod lab;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use siterecovery_proto::daemon;
-use siterecovery_proto::metrics::{MetricsConfig, MetricsListen};
-use siterecovery_proto::model::units::parse_duration;
+use siterecovery_proto::daemon::LogHandle;
+use siterecovery_proto::metrics::MetricsConfig;
+use siterecovery_proto::settings::Layers;
 use siterecovery_provider::cli::failover::FailoverCmd;
 use siterecovery_provider::cli::hosts::HostCmd;
 use siterecovery_provider::cli::inventory::{ListOnly, VmCmd};
@@ -24,7 +24,8 @@ use siterecovery_provider::cli::protection::{CloudCmd, ImportArgs, PointCmd, Pol
 use siterecovery_provider::cli::vault::{OperatorCertArgs, VaultCmd};
 use siterecovery_provider::cli::{self, CliError, Operator, OperatorCerts};
 use siterecovery_provider::metrics::DEFAULT_LISTEN as DEFAULT_METRICS_LISTEN;
-use siterecovery_provider::relationship::{DEFAULT_SCRIPTS_DIR, ProtectionConfig};
+use siterecovery_provider::relationship::ProtectionConfig;
+use siterecovery_provider::settings::{self, GlobalArgs, ProviderRuntime, ProviderSettings};
 use siterecovery_provider::{api, store, vault};
 
 #[derive(Parser)]
@@ -47,9 +48,8 @@ struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    /// Log as JSON lines (for log collectors) instead of human-readable lines.
-    #[arg(long, global = true)]
-    log_json: bool,
+    #[command(flatten)]
+    global: GlobalArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -60,34 +60,14 @@ enum Cmd {
     #[command(subcommand)]
     Vault(VaultCmd),
     /// Run the provider (long-running; stops gracefully on SIGTERM or Ctrl-C).
+    #[command(after_long_help = settings::PRECEDENCE_HELP)]
     Serve {
-        #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
-        /// Address to listen on; defaults to the vault's address.
-        #[arg(long, value_name = "ADDR")]
-        listen: Option<String>,
-        /// How long to let requests finish at shutdown.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        grace: Duration,
-        /// Tests only: allow policy intervals from 1s and retry backoff in seconds.
-        #[arg(long, hide = true)]
-        test_intervals: bool,
-        /// Validity of the host certificates issued at registration and renewal, and of
-        /// the provider's own certificate when it renews it (at two thirds of its life).
-        #[arg(long, default_value = "365d", value_parser = parse_cert_validity, value_name = "DUR")]
-        cert_validity: Duration,
-        /// Open connections at most (handshaking or established); more are refused.
-        #[arg(long, default_value_t = 1024, value_name = "N")]
-        max_connections: usize,
-        /// The only directory recovery-plan scripts run from (`plan create --script N=NAME`
-        /// names a script in it).
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_SCRIPTS_DIR)]
-        scripts_dir: PathBuf,
-        /// Prometheus metrics (plain HTTP, GET /metrics) on IP:PORT, or `off`. Default
-        /// 127.0.0.1:9464; when the default is in use the metrics are off (warned).
-        #[arg(long, value_name = "ADDR|off")]
-        metrics_listen: Option<MetricsListen>,
+        #[command(flatten)]
+        settings: ProviderSettings,
     },
+    /// The config file: `config check [FILE]` prints the effective settings or the errors.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Issue an operator certificate (ca.pem, op.pem, op.key) for the CLI and grpcurl.
     OperatorCert(OperatorCertArgs),
     /// Issue a hypervisor's NBD client certificate (ca-cert.pem, client-cert.pem,
@@ -147,20 +127,74 @@ enum Cmd {
     Plan(PlanCmd),
 }
 
-/// `--cert-validity`: a duration of at least [`api::MIN_CERT_VALIDITY`].
-fn parse_cert_validity(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s).map_err(|e| e.to_string())?;
-    if d < api::MIN_CERT_VALIDITY {
-        return Err(format!("{s:?} is under the minimum of {}s", api::MIN_CERT_VALIDITY.as_secs()));
-    }
-    Ok(d)
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the effective settings of `provider serve` (file, environment, flags and
+    /// defaults merged), or every refused key with its line; exits 1 on an error.
+    #[command(after_long_help = settings::PRECEDENCE_HELP)]
+    Check {
+        /// The file to check (default: --config, else /etc/siterecovery/provider.toml).
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        settings: ProviderSettings,
+    },
 }
 
 fn main() {
     let cli = Cli::parse();
-    let is_daemon = matches!(cli.cmd, Cmd::Serve { .. } | Cmd::Lab(_));
-    daemon::init_logging(cli.log_json, if is_daemon { "info" } else { "warn" });
-    daemon::run_main(run(cli));
+    match cli.cmd {
+        Cmd::Serve { settings } => {
+            let (layers, runtime) = match settings::load(&cli.global, settings) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
+            };
+            let log = daemon::init_daemon_logging(runtime.log_json, &runtime.log_level);
+            daemon::run_main(serve(layers, runtime, log));
+        }
+        Cmd::Config(ConfigCmd::Check { file, settings }) => {
+            let global = GlobalArgs { config: file.or(cli.global.config.clone()), ..cli.global.clone() };
+            std::process::exit(settings::check(&global, settings));
+        }
+        _ => {
+            let is_daemon = matches!(cli.cmd, Cmd::Lab(_));
+            daemon::init_logging(cli.global.log_json.unwrap_or(false), if is_daemon { "info" } else { "warn" });
+            daemon::run_main(run(cli));
+        }
+    }
+}
+
+/// `provider serve`.
+async fn serve(layers: Layers<ProviderSettings>, rt: ProviderRuntime, log: LogHandle) -> Result<()> {
+    let v = vault::Vault::open(&rt.data_dir)?;
+    let store = store::Store::open(&rt.data_dir)?;
+    let addr = rt.listen.map(|a| a.to_string()).unwrap_or_else(|| v.info.address.clone());
+    let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let shutdown = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
+    let reload = std::sync::Arc::new(tokio::sync::Notify::new());
+    let _live = settings::reload::on_sighup(layers, rt.clone(), log, reload.clone(), shutdown.clone())?;
+    let protection = if rt.test_intervals {
+        tracing::warn!("--test-intervals: policies may use intervals from 1s; for tests only");
+        ProtectionConfig::for_tests()
+    } else {
+        ProtectionConfig::default()
+    };
+    let protection = ProtectionConfig { scripts_dir: rt.scripts_dir.clone(), ..protection };
+    let mut limits = api::ServerLimits::default();
+    limits.accept.max_connections = rt.max_connections;
+    let opts = api::ServeOptions {
+        grace: rt.grace,
+        protection,
+        cert_validity: rt.cert_validity,
+        limits,
+        metrics: MetricsConfig::new(rt.metrics_listen, DEFAULT_METRICS_LISTEN),
+        reload: Some(reload),
+    };
+    api::serve_options(v, store, listener, shutdown, opts).await?;
+    tracing::info!("provider stopped");
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -168,37 +202,6 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Vault(c) => cli::vault::run(c, cli.json),
         Cmd::OperatorCert(a) => cli::vault::operator_cert(a, cli.json),
         Cmd::NbdClientCert(a) => cli::nbd_cert::run(a, cli.json),
-        Cmd::Serve {
-            data_dir,
-            listen,
-            grace,
-            test_intervals,
-            scripts_dir,
-            cert_validity,
-            max_connections,
-            metrics_listen,
-        } => {
-            let v = vault::Vault::open(&data_dir)?;
-            let store = store::Store::open(&data_dir)?;
-            let addr = listen.unwrap_or_else(|| v.info.address.clone());
-            let listener =
-                tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-            let shutdown = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
-            let protection = if test_intervals {
-                tracing::warn!("--test-intervals: policies may use intervals from 1s; for tests only");
-                ProtectionConfig::for_tests()
-            } else {
-                ProtectionConfig::default()
-            };
-            let protection = ProtectionConfig { scripts_dir, ..protection };
-            let mut limits = api::ServerLimits::default();
-            limits.accept.max_connections = max_connections;
-            let metrics = MetricsConfig::new(metrics_listen, DEFAULT_METRICS_LISTEN);
-            let opts = api::ServeOptions { grace, protection, cert_validity, limits, metrics };
-            api::serve_options(v, store, listener, shutdown, opts).await?;
-            tracing::info!("provider stopped");
-            Ok(())
-        }
         Cmd::Lab(args) => lab::run(args).await,
         cmd => {
             let address = cli.connect.ok_or(CliError::NoAddress)?;
@@ -229,7 +232,12 @@ async fn operator(op: &mut Operator, cmd: Cmd) -> Result<()> {
         Cmd::Failover(c) => failover::run(op, c).await?,
         Cmd::Network(c) => network::run(op, c).await?,
         Cmd::Plan(c) => plan::run(op, c).await?,
-        Cmd::Vault(_) | Cmd::Serve { .. } | Cmd::OperatorCert(_) | Cmd::NbdClientCert(_) | Cmd::Lab(_) => {
+        Cmd::Vault(_)
+        | Cmd::Serve { .. }
+        | Cmd::Config(_)
+        | Cmd::OperatorCert(_)
+        | Cmd::NbdClientCert(_)
+        | Cmd::Lab(_) => {
             anyhow::bail!("not an operator command")
         }
     }

@@ -148,6 +148,24 @@ impl AgentFiles {
         Ok(())
     }
 
+    /// Reads `host.pem` and `host.key` again (`systemctl reload`) and presents them from
+    /// the next handshake when they differ from the certificate presented now. Returns
+    /// whether it changed; a pair that does not match changes nothing.
+    pub fn reload_identity(&self) -> Result<bool, ConfigError> {
+        let _w = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        credentials::recover(&self.dir)?;
+        let on_disk = PemIdentity {
+            cert_pem: files::read_text(&self.dir.join(HOST_CERT))?,
+            key_pem: files::read_text(&self.dir.join(HOST_KEY))?,
+        };
+        let now = self.trust.identity.pem();
+        if on_disk.cert_pem == now.cert_pem && on_disk.key_pem == now.key_pem {
+            return Ok(false);
+        }
+        self.trust.identity.replace(&on_disk)?;
+        Ok(true)
+    }
+
     /// Applies the provider's revocation list when it is newer than the one held (or
     /// the same version with other serials), and keeps it in `revoked.json`. Returns
     /// whether anything changed.

@@ -159,3 +159,20 @@ fn a_damaged_revocation_list_is_refused_not_ignored() {
     std::fs::write(revoked::path(dir), bytes).expect("write");
     assert!(matches!(AgentFiles::load(dir), Err(ConfigError::State(_))), "a torn list loaded");
 }
+
+#[test]
+fn a_reload_presents_a_certificate_replaced_in_the_data_dir() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let r = registered(tmp.path(), "hv1-abc", "127.0.0.1:7443", DAY);
+    assert!(!r.files.reload_identity().expect("reload"), "nothing changed on disk");
+    let old_serial = r.files.trust.identity.serial().expect("serial");
+    // A half-written pair (new certificate, old key) is refused and changes nothing.
+    let new = issue(&r.ca, &host_id(&r.ca, "hv1-abc"), DAY);
+    std::fs::write(tmp.path().join(HOST_CERT), &new.cert_pem).expect("write");
+    assert!(r.files.reload_identity().is_err(), "a certificate for another key was taken");
+    assert_eq!(r.files.trust.identity.serial().expect("serial"), old_serial);
+    std::fs::write(tmp.path().join(HOST_KEY), &new.key_pem).expect("write");
+    assert!(r.files.reload_identity().expect("reload"), "the new pair was not taken");
+    assert_ne!(r.files.trust.identity.serial().expect("serial"), old_serial);
+    assert_eq!(r.files.identity().cert_pem, new.cert_pem);
+}

@@ -134,6 +134,9 @@ pub struct ServeOptions {
     pub limits: ServerLimits,
     /// The Prometheus endpoint (`serve --metrics-listen`; [`crate::metrics`]).
     pub metrics: MetricsConfig,
+    /// Woken at `systemctl reload`: the provider's certificate is read again from the
+    /// data dir and presented from the next handshake when it changed there.
+    pub reload: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Default for ServeOptions {
@@ -144,6 +147,7 @@ impl Default for ServeOptions {
             cert_validity: siterecovery_certs::ca::LEAF_VALIDITY,
             limits: ServerLimits::default(),
             metrics: MetricsConfig::OFF,
+            reload: None,
         }
     }
 }
@@ -226,6 +230,9 @@ pub async fn serve_options(
         .await
         .map_err(ServeError::Metrics)?;
     crate::protection::resume_jobs(&core, resumed);
+    if let Some(reload) = opts.reload.clone() {
+        tokio::spawn(renewal::on_reload(vault.dir.clone(), identity.clone(), reload, shutdown.child_token()));
+    }
     let renewing =
         tokio::spawn(renewal::run(state.clone(), info, identity, opts.cert_validity, shutdown.child_token()));
     // The API schema is for members of the vault only, like every other call.

@@ -81,3 +81,36 @@ pub async fn run(
         }
     }
 }
+
+/// Reads `provider.pem` and `provider.key` again at every `reload` (`systemctl reload`)
+/// and presents them when they changed and match; until `shutdown`.
+pub async fn on_reload(
+    dir: std::path::PathBuf,
+    identity: Arc<LiveIdentity>,
+    reload: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = reload.notified() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let read = |name: &str| siterecovery_certs::files::read_text(&dir.join(name));
+        let on_disk = match (read("provider.pem"), read("provider.key")) {
+            (Ok(cert_pem), Ok(key_pem)) => siterecovery_certs::tls::PemIdentity { cert_pem, key_pem },
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!("provider certificate not reloaded: {e}");
+                continue;
+            }
+        };
+        let now = identity.pem();
+        if on_disk.cert_pem == now.cert_pem && on_disk.key_pem == now.key_pem {
+            continue;
+        }
+        match identity.replace(&on_disk) {
+            Ok(()) => tracing::info!(serial = %identity.serial().unwrap_or_default(),
+                "provider certificate read again from the data dir"),
+            Err(e) => tracing::error!("provider certificate not reloaded, the running one stays: {e}"),
+        }
+    }
+}
