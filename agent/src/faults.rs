@@ -123,8 +123,15 @@ fn injected(name: &'static str, arg: Option<&str>) -> io::Result<()> {
             eprintln!("failpoint {name}: crash");
             std::process::abort()
         }
-        "eio" => Err(io::Error::from_raw_os_error(nix::libc::EIO)),
-        "enospc" => Err(io::Error::from_raw_os_error(nix::libc::ENOSPC)),
+        // Said on stderr too, so a test can tell the injected error fired.
+        "eio" => {
+            eprintln!("failpoint {name}: eio");
+            Err(io::Error::from_raw_os_error(nix::libc::EIO))
+        }
+        "enospc" => {
+            eprintln!("failpoint {name}: enospc");
+            Err(io::Error::from_raw_os_error(nix::libc::ENOSPC))
+        }
         other => Err(io::Error::other(format!("failpoint {name}: unknown action argument {other:?}"))),
     }
 }
