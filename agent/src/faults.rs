@@ -54,8 +54,12 @@ pub const ALL: &[&str] = &[
     CHANGE_POINT_JOURNAL_WRITTEN,
     CHANGE_POINT_OVERLAYS_REMOVED,
     CHANGE_POINT_CONFIG_WRITTEN,
-    // Reprotect: the old primary adopts its images as the new replica.
-    REPROTECT_ADOPT,
+    // Reprotect: the old primary adopts its images as the new replica, in the order of
+    // the adoption journal's steps (`vm::journal::adopt`).
+    REPROTECT_JOURNAL_WRITTEN,
+    REPROTECT_IMAGES_MOVED,
+    REPROTECT_REPLICA_CREATED,
+    REPROTECT_CONFIG_REMOVED,
 ];
 
 pub const HRL_APPEND_BEFORE_SYNC: &str = "hrl.append.before_sync";
@@ -82,7 +86,10 @@ pub const COMMIT_REPLICA_REMOVED: &str = "commit.replica.removed";
 pub const CHANGE_POINT_JOURNAL_WRITTEN: &str = "change_point.journal.written";
 pub const CHANGE_POINT_OVERLAYS_REMOVED: &str = "change_point.overlays.removed";
 pub const CHANGE_POINT_CONFIG_WRITTEN: &str = "change_point.config.written";
-pub const REPROTECT_ADOPT: &str = "reprotect.adopt";
+pub const REPROTECT_JOURNAL_WRITTEN: &str = "reprotect.journal.written";
+pub const REPROTECT_IMAGES_MOVED: &str = "reprotect.images.moved";
+pub const REPROTECT_REPLICA_CREATED: &str = "reprotect.replica.created";
+pub const REPROTECT_CONFIG_REMOVED: &str = "reprotect.config.removed";
 
 /// Arms the failpoints named in `FAILPOINTS`, for the life of the process. Call once,
 /// at the start of `main`. A no-op without the `failpoints` feature.

@@ -150,7 +150,8 @@ impl Plan {
                 let name = *r.pick(&fps);
                 let host = failpoint_host(name);
                 if IO_ERROR_FAILPOINTS.contains(&name) && r.chance(50) {
-                    Fault::IoError { host, name, errno: *r.pick(&["eio", "enospc"]) }
+                    let errno = if r.chance(50) { "eio" } else { "enospc" };
+                    Fault::IoError { host, name, errno }
                 } else {
                     Fault::Failpoint { host, name }
                 }

@@ -36,8 +36,11 @@ use crate::overlay::Overlay;
 use crate::persist::{self, FAILOVER_JOURNAL, PersistError};
 use crate::replica::ReplicaSet;
 
+pub mod adopt;
 #[cfg(test)]
 mod tests;
+
+pub use adopt::{AdoptDisk, AdoptPlan, AdoptStep};
 
 /// The journal's file name in the VM folder.
 pub const JOURNAL_FILE: &str = "failover.journal";
@@ -48,6 +51,8 @@ pub const JOURNAL_FILE: &str = "failover.journal";
 pub enum Journal {
     Commit(CommitPlan),
     ChangePoint(ChangePointPlan),
+    /// Reprotect: the VM's images adopted as a replica ([`adopt`]).
+    Adopt(AdoptPlan),
 }
 
 /// The steps of a commit, in order; a journal records the last one done.
@@ -164,6 +169,11 @@ pub enum Outcome {
     PointChanged(String),
     /// The target point is gone: the VM stays on its former point (overlay writes gone).
     ChangeRolledBack(String),
+    /// The VM's images are the replica now; the VM folder is gone.
+    Adopted,
+    /// An adoption interrupted before the VM's config was removed: the images are back,
+    /// the VM is a stopped VM again.
+    AdoptionRolledBack,
 }
 
 /// The journal of `folder`: `Ok(None)` when no operation is in progress. A torn or
@@ -205,9 +215,19 @@ pub fn start(folder: &Path, journal: Journal, replicas: &ReplicaSet) -> Result<O
     let fp = match &journal {
         Journal::Commit(p) => p.done.failpoint(),
         Journal::ChangePoint(p) => p.done.failpoint(),
+        Journal::Adopt(p) => p.done.failpoint(),
     };
     faults::point(fp).map_err(io(&folder.join(JOURNAL_FILE)))?;
     run(folder, journal, replicas)
+}
+
+/// Settles a journal found at start: a commit or change-point is run to its end
+/// ([`run`]), an adoption finished or rolled back ([`adopt`]).
+pub fn resume(folder: &Path, journal: Journal, replicas: &ReplicaSet) -> Result<Outcome, VmError> {
+    match journal {
+        Journal::Adopt(plan) => adopt::settle(folder, plan, replicas),
+        other => run(folder, other, replicas),
+    }
 }
 
 /// Runs the steps the journal has not done yet, saving it after each, and removes it.
@@ -239,6 +259,7 @@ pub fn run(folder: &Path, journal: Journal, replicas: &ReplicaSet) -> Result<Out
             remove(folder)?;
             if target_there { Ok(Outcome::PointChanged(point)) } else { Ok(Outcome::ChangeRolledBack(point)) }
         }
+        Journal::Adopt(plan) => adopt::forward(folder, plan, replicas),
     }
 }
 
