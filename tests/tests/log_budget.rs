@@ -118,3 +118,25 @@ fn replica_away_past_the_budget_runs_on_the_bitmap_and_sends_only_dirty_blocks()
     w.wait_point_after(VM, after, "a point of a logged write");
     w.assert_point_matches_primary(VM, "latest");
 }
+
+/// Unprotect while the disk runs on its bitmap (the replica agent away): the `.dirty`
+/// file goes with the protection (a stale one would be resumed at the next protect).
+#[test]
+fn unprotect_on_the_bitmap_removes_the_bitmap_file() {
+    let mut w = World::unpaired("log_budget_unprotect", &["--log-budget", "8M"], &[]);
+    w.pair("fast", &[]);
+    w.vm(VM, &["32M"], &[]);
+    let uris = w.uris(VM);
+    let folder = w.vm_dir("hv-a", VM);
+    w.protect_with_point(VM);
+    w.b.stop_gracefully();
+    // 12 MiB of writes: past the 8 MiB budget.
+    w.qio_ok(&uris[0], &["write -P 0x31 0 4M", "write -P 0x32 4M 4M", "write -P 0x33 8M 4M"]);
+    assert_eq!(files_ending(&folder, ".dirty").len(), 1, "one bitmap file in {}", folder.display());
+    let o = w.cli_long(&["unprotect", VM, "--wait"]);
+    eprintln!("[log_budget] unprotect with the replica away: {}", describe(&o));
+    let gone = wait_until(EVENT_TIMEOUT, || files_ending(&folder, ".dirty").is_empty());
+    assert!(gone, "the bitmap file is left after unprotect: {:?}", files_ending(&folder, ".dirty"));
+    // Still serving: a write after it succeeds.
+    w.qio_ok(&uris[0], &["write -P 0x34 0 64k"]);
+}

@@ -226,12 +226,34 @@ pub struct DirtyBlocks {
     pub through: LogSeq,
 }
 
+/// The dirty-block bitmap file of the image at `image_path`: `<image>.dirty`.
+pub fn bitmap_path(image_path: &Path) -> PathBuf {
+    let mut name = image_path.as_os_str().to_owned();
+    name.push(".dirty");
+    PathBuf::from(name)
+}
+
+/// Removes the bitmap file of the image at `image_path`, if any, its directory fsynced:
+/// for an image no longer tracked (unprotected, or made the VM's own by a commit), whose
+/// stale bitmap would otherwise be resumed by the next tracker.
+pub fn remove_bitmap_of(image_path: &Path) -> io::Result<()> {
+    let path = bitmap_path(image_path);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    tracing::info!(bitmap = %path.display(), "dirty-block bitmap removed");
+    match path.parent() {
+        Some(dir) => File::open(dir).and_then(|d| d.sync_all()),
+        None => Ok(()),
+    }
+}
+
 impl Spill {
     /// The spill of the image at `image_path`: its bitmap if one was left running.
     pub(super) fn open(image_path: &Path, disk_size: u64) -> Result<Self, TrackerError> {
-        let mut name = image_path.as_os_str().to_owned();
-        name.push(".dirty");
-        let path = PathBuf::from(name);
+        let path = bitmap_path(image_path);
         let map = DirtyBitmap::load(&path, disk_size).map_err(|source| bitmap_err(&path, source))?;
         if map.is_some() {
             tracing::warn!(bitmap = %path.display(), "disk resumes on its dirty-block bitmap");
@@ -384,6 +406,18 @@ impl TrackedDisk {
         {
             d.map.remove().map_err(|source| bitmap_err(&self.spill.path, source))?;
             tracing::info!(disk = %self.disk_id, "caught up: the disk is back on HRL logs");
+        }
+        Ok(())
+    }
+
+    /// Replication stopped (unprotect): the bitmap, whose blocks no replica will take,
+    /// goes with its file; the disk is on its logs again (none while not tracking).
+    pub fn drop_bitmap(&self) -> Result<(), TrackerError> {
+        let _st = self.lock();
+        let mut sp = self.spill.lock();
+        if let Some(d) = sp.take() {
+            d.map.remove().map_err(|source| bitmap_err(&self.spill.path, source))?;
+            tracing::info!(disk = %self.disk_id, "replication stopped: the dirty-block bitmap is removed");
         }
         Ok(())
     }

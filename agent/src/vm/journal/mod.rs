@@ -305,8 +305,14 @@ fn commit_step(folder: &Path, plan: &CommitPlan, step: CommitStep, replicas: &Re
             Ok(())
         }
         CommitStep::OverlaysRemoved => {
+            // A dirty-block bitmap beside the VM's new image (or its overlay) is stale:
+            // the committed image starts its own tracking.
             for d in &plan.disks {
                 Overlay::remove_files(&folder.join(&d.overlay));
+                for f in [&d.overlay, &d.target] {
+                    let image = folder.join(f);
+                    crate::tracker::bitmap::remove_bitmap_of(&image).map_err(io(&image))?;
+                }
             }
             sync_dir(folder)
         }
