@@ -94,9 +94,10 @@ enum Cmd {
         /// app-consistent only when it exits 0.
         #[arg(long, value_name = "CMD")]
         quiesce_hook: Option<String>,
-        /// Most bytes of pending HRL logs per disk (e.g. 8G). Past it the disk runs on a
-        /// dirty-block bitmap until the replica catches up: guest writes never fail
-        /// because of logs. Default: a quarter of the data dir's free space at start,
+        /// Most bytes of pending HRL logs of all disks of this host together (e.g. 8G);
+        /// a disk's own logs also stay under half its size. A disk whose write would
+        /// pass it runs on a dirty-block bitmap until the replica catches up: guest
+        /// writes never fail because of logs. Default: a quarter of the data dir's free space at start,
         /// between 64 MiB and 64 GiB.
         #[arg(long, value_parser = parse_size, value_name = "SIZE")]
         log_budget: Option<u64>,
@@ -211,7 +212,11 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             };
             bitmap::set_default_log_budget(budget);
-            tracing::info!(budget, "log budget per disk: {}", siterecovery_proto::model::units::human_size(budget));
+            tracing::info!(
+                budget,
+                "log budget (all disks of the host): {}",
+                siterecovery_proto::model::units::human_size(budget)
+            );
             serve(dir, peer_listen, nbd, heartbeat, Hooks { on_start: on_vm_start, on_stop: on_vm_stop }, quiesce_hook)
                 .await
         }

@@ -140,3 +140,35 @@ fn unprotect_on_the_bitmap_removes_the_bitmap_file() {
     // Still serving: a write after it succeeds.
     w.qio_ok(&uris[0], &["write -P 0x34 0 64k"]);
 }
+
+/// The budget is the host's, not each disk's: two 64 MiB disks, 6 MiB of writes each
+/// (under the 8 MiB budget alone, 12 MiB together) with the replica away: the logs of
+/// both together stay under the budget, one disk runs on its bitmap, and when the
+/// replica is back the latest point equals the primary on both disks.
+#[test]
+fn the_budget_caps_the_logs_of_all_disks_together() {
+    let mut w = World::unpaired("log_budget_host", &["--log-budget", "8M"], &[]);
+    w.pair("fast", &[]);
+    w.vm(VM, &["64M", "64M"], &[]);
+    let uris = w.uris(VM);
+    let folder = w.vm_dir("hv-a", VM);
+    w.protect_with_point(VM);
+    w.b.stop_gracefully();
+    for (i, uri) in uris.iter().enumerate() {
+        let cmds: Vec<String> = (0..6).map(|m| format!("write -P {} {}M 1M", 0x41 + i, m * 3)).collect();
+        w.qio_ok(uri, &cmds);
+        let logs = hrl_bytes(&folder);
+        assert!(logs <= BUDGET, "pending logs of both disks {logs} bytes passed the budget {BUDGET}");
+    }
+    let bitmaps = files_ending(&folder, ".dirty");
+    assert_eq!(bitmaps.len(), 1, "one disk on its bitmap: {bitmaps:?}");
+    eprintln!("[log_budget] two disks: logs {} bytes, bitmaps {bitmaps:?}", hrl_bytes(&folder));
+    w.b = w.lab.start_agent("hv-b");
+    let back = unix_now_ms();
+    w.wait_point_after(VM, back, "a point after the replica came back");
+    let ok = wait_until(EVENT_TIMEOUT, || files_ending(&folder, ".dirty").is_empty());
+    assert!(ok, "the bitmap is left after the catch-up");
+    w.assert_point_matches_primary(VM, "latest");
+    let log = std::fs::read_to_string(&w.a.log).unwrap_or_default();
+    assert!(!log.contains("resynchronising:"), "a full resync ran");
+}
