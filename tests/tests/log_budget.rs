@@ -4,7 +4,9 @@
 //! never pass the budget (the disk runs on its dirty-block bitmap), health is Warning
 //! saying so; once the replica agent is back only the dirty blocks travel (at most 1.1×
 //! their bytes on the wire, no full resync), the latest point equals the primary, and
-//! the disk is back on HRL logs.
+//! the disk is back on HRL logs. Also: the budget is the host's (two disks together),
+//! it holds while an offline import is awaited (then only the dirty blocks travel),
+//! and unprotect removes a disk's bitmap file.
 //!
 //! Run: `cargo build --workspace --bins && cargo test -p siterecovery-tests --test log_budget`.
 
@@ -171,4 +173,49 @@ fn the_budget_caps_the_logs_of_all_disks_together() {
     w.assert_point_matches_primary(VM, "latest");
     let log = std::fs::read_to_string(&w.a.log).unwrap_or_default();
     assert!(!log.contains("resynchronising:"), "a full resync ran");
+}
+
+/// The budget while an offline import is awaited (policy `--initial offline`, job in
+/// "Waiting for import"): the writes made after the export pass the budget and go to
+/// the bitmap (logs under it), and after `protect-import` the catch-up sends only the
+/// dirty blocks; the replica's latest point equals the primary, without a full resync.
+#[test]
+fn awaiting_an_offline_import_past_the_budget_sends_only_dirty_blocks() {
+    let w = World::unpaired("log_budget_offline", &["--log-budget", "8M"], &[]);
+    w.pair("off", &["--initial", "offline"]);
+    w.vm(VM, &["64M"], &[]);
+    let uri = w.uris(VM)[0].clone();
+    let folder = w.vm_dir("hv-a", VM);
+    w.qio_ok(&uri, &["write -P 0x11 0 8M"]);
+    let exp = w.lab.root.join("exp");
+    let v = w.lab.cli_json(&["protect", VM, "--export-dir", exp.to_str().expect("utf-8")]);
+    let job = v["id"].as_str().expect("job id").to_owned();
+    w.lab.wait_step(&job, "Waiting for import", "running");
+    // 12 MiB after the export, in 1 MiB writes: past the 8 MiB budget.
+    let cmds: Vec<String> = (0..12).map(|m| format!("write -P {} {}M 1M", 0x21 + m, 20 + m)).collect();
+    w.qio_ok(&uri, &cmds);
+    let logs = hrl_bytes(&folder);
+    assert!(logs <= BUDGET, "pending logs {logs} bytes passed the budget {BUDGET} while awaiting the import");
+    assert_eq!(files_ending(&folder, ".dirty").len(), 1, "no bitmap while awaiting the import");
+
+    let o = w.lab.cli_long(&["protect-import", VM, "--dir", exp.to_str().expect("utf-8"), "--wait"]);
+    assert_ok(&o, "protect-import");
+    let mut figures = None;
+    let caught = wait_until(EVENT_TIMEOUT, || {
+        figures = catch_up_figures(&w.a.log);
+        figures.is_some()
+    });
+    if !caught {
+        w.dump_logs();
+    }
+    let (blocks, dirty, wire) = figures.expect("the agent logged its dirty-block catch-up");
+    eprintln!("[log_budget] offline: caught up {blocks} dirty blocks, {dirty} bytes dirty, {wire} bytes on the wire");
+    let written = 12 * MIB / BLOCK;
+    assert!(blocks >= written && blocks <= written + 16, "{blocks} dirty blocks for {written} written");
+    assert!(wire * 10 <= dirty * 11, "{wire} bytes sent for {dirty} dirty bytes (over 1.1×)");
+    w.wait_point_after(VM, unix_now_ms(), "a point after the catch-up");
+    w.assert_point_matches_primary(VM, "latest");
+    let log = std::fs::read_to_string(&w.a.log).unwrap_or_default();
+    assert!(!log.contains("resynchronising:"), "a full resync ran");
+    assert!(files_ending(&folder, ".dirty").is_empty(), "the bitmap is gone once caught up");
 }
