@@ -32,6 +32,7 @@ pub const ALL: &[&str] = &[
     HRL_APPEND_AFTER_SYNC,
     HRL_SEAL,
     TRACKER_IMAGE_WRITE,
+    TRACKER_IMAGE_WRITE_PARTIAL,
     // Sender (primary side).
     SENDER_STATE_SAVE,
     SENDER_LOG_DELETE,
@@ -68,6 +69,9 @@ pub const HRL_SEAL: &str = "hrl.seal";
 /// The tracker's write to the image (after the log append): an injected error fails the
 /// write as a full or broken image would, and the tracker must cancel its log record.
 pub const TRACKER_IMAGE_WRITE: &str = "tracker.image.write";
+/// The same write failing after the first half of its range reached the image (a
+/// `pwrite` EIO part-way): the tracker marks the range dirty.
+pub const TRACKER_IMAGE_WRITE_PARTIAL: &str = "tracker.image.write_partial";
 pub const SENDER_STATE_SAVE: &str = "sender.state.save";
 pub const SENDER_LOG_DELETE: &str = "sender.log.delete";
 pub const INITIAL_CHUNK_ACK: &str = "initial.chunk.ack";

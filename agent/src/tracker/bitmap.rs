@@ -386,6 +386,29 @@ impl TrackedDisk {
         Ok(Some(op))
     }
 
+    /// A write failed after part of its range may have changed (`write_image`): the
+    /// pending logs collapse into the bitmap (their failed operations with them: every
+    /// range they logged is marked) and the range is marked, so the next catch-up ships
+    /// what the image holds there (`tracker::write`'s module documentation).
+    pub(super) fn mark_torn(&self, offset: u64, len: u64) -> Result<(), TrackerError> {
+        let mut st = self.lock();
+        if !st.tracking {
+            return Ok(());
+        }
+        let mut sp = self.spill.lock();
+        if sp.as_ref().is_none_or(|d| d.draining) {
+            self.collapse_locked(&mut st, &mut sp)?;
+            // Their logs are gone: nothing is left to cancel.
+            self.inflight().failed.clear();
+        }
+        if let Some(d) = sp.as_mut() {
+            d.map.mark(offset, len).map_err(|source| bitmap_err(&self.spill.path, source))?;
+            d.map.sync().map_err(|source| bitmap_err(&self.spill.path, source))?;
+        }
+        tracing::warn!(disk = %self.disk_id, offset, len, "a failed image write may have changed part of its range: marked dirty, the disk runs on its dirty-block bitmap");
+        Ok(())
+    }
+
     /// Marks every pending log's ranges in the bitmap (created if needed), syncs it,
     /// then deletes the logs. Caller holds the state lock.
     fn collapse_locked(&self, st: &mut State, sp: &mut Option<Dirty>) -> Result<(), TrackerError> {
