@@ -34,6 +34,20 @@ fn next(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Waits for the primary's "dirty-block catch-up done" line: its figures (blocks, dirty
+/// bytes, wire bytes).
+fn caught_up(w: &World) -> (u64, u64, u64) {
+    let mut figures = None;
+    let caught = wait_until(EVENT_TIMEOUT, || {
+        figures = catch_up_figures(&w.a.log);
+        figures.is_some()
+    });
+    if !caught {
+        w.dump_logs();
+    }
+    figures.expect("the agent logged its dirty-block catch-up")
+}
+
 /// The figures of the agent's "dirty-block catch-up done" log line, if it was logged.
 fn catch_up_figures(log: &Path) -> Option<(u64, u64, u64)> {
     let text = std::fs::read_to_string(log).ok()?;
@@ -91,15 +105,7 @@ fn replica_away_past_the_budget_runs_on_the_bitmap_and_sends_only_dirty_blocks()
     // The replica is back: the dirty blocks travel, and only they.
     w.b = w.lab.start_agent("hv-b");
     let back = unix_now_ms();
-    let mut figures = None;
-    let caught = wait_until(EVENT_TIMEOUT, || {
-        figures = catch_up_figures(&w.a.log);
-        figures.is_some()
-    });
-    if !caught {
-        w.dump_logs();
-    }
-    let (blocks, dirty, wire) = figures.expect("the agent logged its dirty-block catch-up");
+    let (blocks, dirty, wire) = caught_up(&w);
     eprintln!("[log_budget] caught up: {blocks} dirty blocks, {dirty} bytes dirty, {wire} bytes on the wire");
     let distinct = written.len() as u64;
     assert!(blocks >= distinct, "{blocks} dirty blocks, but {distinct} were written");
@@ -200,15 +206,7 @@ fn awaiting_an_offline_import_past_the_budget_sends_only_dirty_blocks() {
 
     let o = w.lab.cli_long(&["protect-import", VM, "--dir", exp.to_str().expect("utf-8"), "--wait"]);
     assert_ok(&o, "protect-import");
-    let mut figures = None;
-    let caught = wait_until(EVENT_TIMEOUT, || {
-        figures = catch_up_figures(&w.a.log);
-        figures.is_some()
-    });
-    if !caught {
-        w.dump_logs();
-    }
-    let (blocks, dirty, wire) = figures.expect("the agent logged its dirty-block catch-up");
+    let (blocks, dirty, wire) = caught_up(&w);
     eprintln!("[log_budget] offline: caught up {blocks} dirty blocks, {dirty} bytes dirty, {wire} bytes on the wire");
     let written = 12 * MIB / BLOCK;
     assert!(blocks >= written && blocks <= written + 16, "{blocks} dirty blocks for {written} written");

@@ -110,7 +110,6 @@ impl TrackedDisk {
         self.image.write_all_at(data, offset).inspect_err(|_| MAYBE_TORN.set(true))
     }
 
-
     /// The common path of write, write-zeroes and trim: log (when tracking, under the
     /// lock) then apply (outside it, after earlier overlapping operations); a failed apply
     /// is taken back out of the log; then flush for FUA.

@@ -66,6 +66,18 @@ pub struct AdoptDisk {
     pub target: PathBuf,
 }
 
+impl AdoptDisk {
+    /// The image is in neither of its places.
+    fn missing(&self) -> VmError {
+        VmError::State(format!(
+            "disk {}: neither {} nor {} exists",
+            self.id,
+            self.source.display(),
+            self.target.display()
+        ))
+    }
+}
+
 /// The adoption of the VM `vm`'s images as the replica `spec`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdoptPlan {
@@ -98,12 +110,7 @@ pub(super) fn settle(folder: &Path, plan: AdoptPlan, replicas: &ReplicaSet) -> R
         if !d.source.exists() && d.target.exists() {
             std::fs::rename(&d.target, &d.source).map_err(io(&d.source))?;
         } else if !d.source.exists() {
-            return Err(VmError::State(format!(
-                "disk {}: neither {} nor {} exists",
-                d.id,
-                d.source.display(),
-                d.target.display()
-            )));
+            return Err(d.missing());
         }
     }
     sync_dir(folder)?;
@@ -123,12 +130,7 @@ fn adopt_step(folder: &Path, plan: &AdoptPlan, step: AdoptStep, replicas: &Repli
                 if d.source.exists() {
                     std::fs::rename(&d.source, &d.target).map_err(io(&d.target))?;
                 } else if !d.target.exists() {
-                    return Err(VmError::State(format!(
-                        "disk {}: neither {} nor {} exists",
-                        d.id,
-                        d.source.display(),
-                        d.target.display()
-                    )));
+                    return Err(d.missing());
                 }
             }
             sync_dir(&dir)?;
@@ -140,15 +142,7 @@ fn adopt_step(folder: &Path, plan: &AdoptPlan, step: AdoptStep, replicas: &Repli
                 .map_err(|e| VmError::State(format!("making the replica of the adopted images: {e}")))?;
             Ok(())
         }
-        AdoptStep::ConfigRemoved => {
-            let path = folder.join(CONFIG_FILE);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&path)(e)),
-            }
-            sync_dir(folder)
-        }
+        AdoptStep::ConfigRemoved => super::remove_file_in(folder, CONFIG_FILE),
     }
 }
 

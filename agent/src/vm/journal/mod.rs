@@ -192,7 +192,12 @@ pub fn write(folder: &Path, journal: &Journal) -> Result<(), VmError> {
 }
 
 fn remove(folder: &Path) -> Result<(), VmError> {
-    let path = folder.join(JOURNAL_FILE);
+    remove_file_in(folder, JOURNAL_FILE)
+}
+
+/// Removes `folder/name` if it is there, then fsyncs `folder`.
+fn remove_file_in(folder: &Path, name: &str) -> Result<(), VmError> {
+    let path = folder.join(name);
     match std::fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
