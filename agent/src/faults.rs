@@ -32,6 +32,7 @@ pub const ALL: &[&str] = &[
     HRL_APPEND_AFTER_SYNC,
     HRL_SEAL,
     TRACKER_IMAGE_WRITE,
+    TRACKER_IMAGE_WRITE_PARTIAL,
     // Sender (primary side).
     SENDER_STATE_SAVE,
     SENDER_LOG_DELETE,
@@ -54,8 +55,12 @@ pub const ALL: &[&str] = &[
     CHANGE_POINT_JOURNAL_WRITTEN,
     CHANGE_POINT_OVERLAYS_REMOVED,
     CHANGE_POINT_CONFIG_WRITTEN,
-    // Reprotect: the old primary adopts its images as the new replica.
-    REPROTECT_ADOPT,
+    // Reprotect: the old primary adopts its images as the new replica, in the order of
+    // the adoption journal's steps (`vm::journal::adopt`).
+    REPROTECT_JOURNAL_WRITTEN,
+    REPROTECT_IMAGES_MOVED,
+    REPROTECT_REPLICA_CREATED,
+    REPROTECT_CONFIG_REMOVED,
 ];
 
 pub const HRL_APPEND_BEFORE_SYNC: &str = "hrl.append.before_sync";
@@ -64,6 +69,9 @@ pub const HRL_SEAL: &str = "hrl.seal";
 /// The tracker's write to the image (after the log append): an injected error fails the
 /// write as a full or broken image would, and the tracker must cancel its log record.
 pub const TRACKER_IMAGE_WRITE: &str = "tracker.image.write";
+/// The same write failing after the first half of its range reached the image (a
+/// `pwrite` EIO part-way): the tracker marks the range dirty.
+pub const TRACKER_IMAGE_WRITE_PARTIAL: &str = "tracker.image.write_partial";
 pub const SENDER_STATE_SAVE: &str = "sender.state.save";
 pub const SENDER_LOG_DELETE: &str = "sender.log.delete";
 pub const INITIAL_CHUNK_ACK: &str = "initial.chunk.ack";
@@ -82,7 +90,10 @@ pub const COMMIT_REPLICA_REMOVED: &str = "commit.replica.removed";
 pub const CHANGE_POINT_JOURNAL_WRITTEN: &str = "change_point.journal.written";
 pub const CHANGE_POINT_OVERLAYS_REMOVED: &str = "change_point.overlays.removed";
 pub const CHANGE_POINT_CONFIG_WRITTEN: &str = "change_point.config.written";
-pub const REPROTECT_ADOPT: &str = "reprotect.adopt";
+pub const REPROTECT_JOURNAL_WRITTEN: &str = "reprotect.journal.written";
+pub const REPROTECT_IMAGES_MOVED: &str = "reprotect.images.moved";
+pub const REPROTECT_REPLICA_CREATED: &str = "reprotect.replica.created";
+pub const REPROTECT_CONFIG_REMOVED: &str = "reprotect.config.removed";
 
 /// Arms the failpoints named in `FAILPOINTS`, for the life of the process. Call once,
 /// at the start of `main`. A no-op without the `failpoints` feature.
@@ -123,8 +134,15 @@ fn injected(name: &'static str, arg: Option<&str>) -> io::Result<()> {
             eprintln!("failpoint {name}: crash");
             std::process::abort()
         }
-        "eio" => Err(io::Error::from_raw_os_error(nix::libc::EIO)),
-        "enospc" => Err(io::Error::from_raw_os_error(nix::libc::ENOSPC)),
+        // Said on stderr too, so a test can tell the injected error fired.
+        "eio" => {
+            eprintln!("failpoint {name}: eio");
+            Err(io::Error::from_raw_os_error(nix::libc::EIO))
+        }
+        "enospc" => {
+            eprintln!("failpoint {name}: enospc");
+            Err(io::Error::from_raw_os_error(nix::libc::ENOSPC))
+        }
         other => Err(io::Error::other(format!("failpoint {name}: unknown action argument {other:?}"))),
     }
 }

@@ -261,7 +261,11 @@ async fn serve_cmd(layers: Layers<AgentSettings>, rt: AgentRuntime, log: LogHand
         }
     };
     bitmap::set_default_log_budget(budget);
-    tracing::info!(budget, "log budget per disk: {}", siterecovery_proto::model::units::human_size(budget));
+    tracing::info!(
+        budget,
+        "log budget (all disks of the host): {}",
+        siterecovery_proto::model::units::human_size(budget)
+    );
     if let Some(spec) = rt.bandwidth.clone() {
         siterecovery_agent::bandwidth::set_host_limit(spec);
     }

@@ -9,7 +9,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
-use siterecovery_tests::campaign::{Plan, Rng, run_scenario};
+use siterecovery_tests::campaign::{Fault, Plan, Rng, run_scenario};
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
@@ -42,7 +42,7 @@ fn campaign() {
         match catch_unwind(AssertUnwindSafe(|| run_scenario(&plan))) {
             Ok(o) => {
                 if let Some(h) = o.failpoint_hit
-                    && let siterecovery_tests::campaign::Fault::Failpoint { name, .. } = plan.fault
+                    && let Fault::Failpoint { name, .. } | Fault::IoError { name, .. } = plan.fault
                 {
                     if h { hit.push(name) } else { missed.push(name) }
                 }

@@ -102,23 +102,29 @@ fn writes_until_enospc_on_a_full_primary_leave_the_failed_range_as_before() {
     w.assert_point_matches_primary(VM, "latest");
 }
 
-#[test]
-fn a_failed_image_write_is_taken_out_of_the_log_neither_replayed_nor_shipped() {
-    let mut w = World::new("ghost_failpoint");
+/// A protected 32 MiB VM (8 MiB of 0x11) whose primary agent is restarted with
+/// `armed`; then a 1 MiB write of 0x33 at 1M fails saying `says`. The world and the URI.
+fn armed_write_fails(test: &str, armed: &str, says: &str) -> (World, String) {
+    let mut w = World::new(test);
     w.vm(VM, &["32M"], &[]);
     let uri = w.uris(VM)[0].clone();
     w.qio_ok(&uri, &["write -P 0x11 0 8M"]);
     w.protect_with_point(VM);
-
-    // The next image write (after its record is logged) fails with ENOSPC, once.
     w.a.stop_gracefully();
     let dir = w.dir("hv-a");
-    w.a = w.lab.start_agent_armed("hv-a", &dir, "tracker.image.write=1*return(enospc)", &[]);
+    w.a = w.lab.start_agent_armed("hv-a", &dir, armed, &[]);
     w.wait_host_connected("hv-a");
     let uri = wait_uri(&w);
     let o = w.qio(&uri, &["write -P 0x33 1M 1M"], false);
     let text = format!("{}{}", stdout(&o), stderr(&o));
-    assert!(text.contains("No space left"), "the armed image write did not fail with ENOSPC: {text}");
+    assert!(text.contains(says), "the armed image write did not fail with {says:?}: {text}");
+    (w, uri)
+}
+
+#[test]
+fn a_failed_image_write_is_taken_out_of_the_log_neither_replayed_nor_shipped() {
+    // The next image write (after its record is logged) fails with ENOSPC, once.
+    let (mut w, uri) = armed_write_fails("ghost_failpoint", "tracker.image.write=1*return(enospc)", "No space left");
     // Acknowledged writes around it, one overlapping the failed range's end.
     w.qio_ok(&uri, &["write -P 0x44 4M 1M", "write -P 0x55 1920K 256K"]);
     assert!(reads_pattern(&w, std::slice::from_ref(&uri), 0x11, MIB, 896 << 10), "failed range changed");
@@ -172,4 +178,27 @@ fn hrl_failpoints_fail_an_append_with_eio_and_crash_after_the_log_sync() {
     assert!(reads_pattern(&w, u, 0x33, MIB, MIB), "the synced write was lost");
     w.wait_point_after(VM, unix_now_ms(), "a point after the restart");
     w.assert_point_matches_primary(VM, "latest");
+}
+
+#[test]
+fn a_write_failing_part_way_marks_its_range_dirty_and_the_replica_follows_the_image() {
+    // The next image write fails with EIO after its first half reached the image.
+    let armed = "tracker.image.write_partial=1*return(eio)";
+    let (mut w, uri) = armed_write_fails("ghost_partial", armed, "Input/output error");
+    let u = [uri.clone()];
+    assert!(reads_pattern(&w, &u, 0x33, MIB, 512 << 10), "the first half of the failed write is not on the image");
+    assert!(
+        reads_pattern(&w, &u, 0x11, 1536 << 10, 512 << 10),
+        "the second half of the failed write reached the image"
+    );
+    w.qio_ok(&uri, &["write -P 0x44 4M 1M"]);
+    // The range went to the bitmap: the catch-up ships what the image holds there.
+    let log = std::fs::read_to_string(&w.a.log).unwrap_or_default();
+    assert!(log.contains("marked dirty"), "the torn range was not marked dirty");
+    let after = unix_now_ms();
+    w.wait_point_after(VM, after, "a point after the torn write");
+    let folder = w.vm_dir("hv-a", VM);
+    assert!(wait_until(EVENT_TIMEOUT, || files_ending(&folder, ".dirty").is_empty()), "the bitmap is left");
+    w.assert_point_matches_primary(VM, "latest");
+    assert!(w.a.is_running() && w.b.is_running(), "an agent exited");
 }

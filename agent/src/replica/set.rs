@@ -50,7 +50,7 @@ impl ReplicaSet {
     /// Creates the replica of `spec.vm` (sparse images), or returns the existing one of
     /// the same relationship.
     pub fn prepare(&self, spec: ReplicaSpec) -> Result<Arc<Replica>, ReplicaError> {
-        self.create(spec, false, |dir, d| {
+        self.create(spec, |dir, d| {
             let path = dir.join(format!("{}.img", d.id));
             let f = crate::files::create_new(&path).map_err(io_at(&path))?;
             f.set_len(d.size_bytes).map_err(io_at(&path))?;
@@ -58,33 +58,78 @@ impl ReplicaSet {
         })
     }
 
-    /// Reverse replication: makes a replica of existing disk images (the former
-    /// primary's, moved in by rename), with no points; the first point the new primary
-    /// ships is a resync, which brings them in line block by block.
-    pub fn adopt(&self, spec: ReplicaSpec, images: &[(String, PathBuf)]) -> Result<Arc<Replica>, ReplicaError> {
-        self.create(spec, true, |dir, d| {
-            let (_, src) = images
-                .iter()
-                .find(|(id, _)| *id == d.id)
-                .ok_or_else(|| ReplicaError::NotFound(format!("disk {} to adopt", d.id)))?;
+    /// The folder the replica of `vm` lives in.
+    pub fn folder_of(&self, vm: &str) -> PathBuf {
+        self.dir.join(vm)
+    }
+
+    /// Reverse replication, first part: clears the folder the replica of `spec.vm` will
+    /// take (a leftover not in service) so that the adoption's images can move in. An
+    /// error when a replica of `spec.vm` is in service.
+    pub fn clear_for_adoption(&self, spec: &ReplicaSpec) -> Result<PathBuf, ReplicaError> {
+        let map = self.lock();
+        if let Some(r) = map.get(&spec.vm) {
+            return Err(ReplicaError::Exists { vm: spec.vm.clone(), existing: r.spec.relationship_id.clone() });
+        }
+        let dir = self.folder_of(&spec.vm);
+        if dir.exists() {
+            tracing::warn!(folder = %dir.display(), "replacing a replica folder that is not in service");
+            std::fs::remove_dir_all(&dir).map_err(io_at(&dir))?;
+        }
+        Ok(dir)
+    }
+
+    /// Reverse replication, last part: makes the replica of the images already in its
+    /// folder (the former primary's, moved in by the VM module's adoption journal),
+    /// with no points; the first point the new primary ships is a
+    /// resync, which brings them in line block by block. Idempotent: a replica of the same
+    /// relationship already registered (state saved before a crash) is returned as is.
+    pub fn adopt(&self, spec: ReplicaSpec) -> Result<Arc<Replica>, ReplicaError> {
+        let mut map = self.lock();
+        if let Some(r) = map.get(&spec.vm) {
+            if r.spec.relationship_id == spec.relationship_id {
+                return Ok(r.clone());
+            }
+            return Err(ReplicaError::Exists { vm: spec.vm.clone(), existing: r.spec.relationship_id.clone() });
+        }
+        let dir = self.folder_of(&spec.vm);
+        for d in &spec.disks {
             let target = dir.join(format!("{}.img", d.id));
-            std::fs::rename(src, &target).map_err(io_at(&target))?;
-            crate::faults::point(crate::faults::REPROTECT_ADOPT).map_err(io_at(&target))?;
             let f = crate::files::open_existing(&target, true).map_err(io_at(&target))?;
             if f.metadata().map_err(io_at(&target))?.len() != d.size_bytes {
                 f.set_len(d.size_bytes).map_err(io_at(&target))?;
             }
-            Ok(())
-        })
+            f.sync_all().map_err(io_at(&target))?;
+        }
+        self.register(&mut map, spec, true)
     }
 
-    /// The shared part of [`Self::prepare`] and [`Self::adopt`]: a fresh folder, one image
-    /// per disk made by `image`, the state file (initial copy `complete` or not), opened
-    /// and registered. An existing replica of the same relationship is returned as is.
+    /// A replica adopted by a reprotect whose provider never heard back (the agent
+    /// crashed after the adoption finished): the provider's next reprotect names a new
+    /// relationship. A replica of `spec.vm` with no points yet takes the new spec (its
+    /// images are kept; the first point is a resync anyway); else an error.
+    pub fn readopt(&self, spec: ReplicaSpec) -> Result<Arc<Replica>, ReplicaError> {
+        let mut map = self.lock();
+        let old =
+            map.get(&spec.vm).cloned().ok_or_else(|| ReplicaError::NotFound(format!("replica of {}", spec.vm)))?;
+        if old.spec.relationship_id == spec.relationship_id {
+            return Ok(old);
+        }
+        if !old.points().is_empty() || old.spec.disks != spec.disks {
+            return Err(ReplicaError::Exists { vm: spec.vm.clone(), existing: old.spec.relationship_id.clone() });
+        }
+        tracing::warn!(vm = %spec.vm, from = %old.spec.relationship_id, to = %spec.relationship_id, "an adopted replica with no points taken over by a new reprotect");
+        map.remove(&spec.vm);
+        drop(old);
+        self.register(&mut map, spec, true)
+    }
+
+    /// [`Self::prepare`]: a fresh folder, one image per disk made by `image`, the state
+    /// file (initial copy to do), opened and registered. An existing replica of the same
+    /// relationship is returned as is.
     fn create(
         &self,
         spec: ReplicaSpec,
-        complete: bool,
         image: impl Fn(&Path, &ReplicaDisk) -> Result<(), ReplicaError>,
     ) -> Result<Arc<Replica>, ReplicaError> {
         let mut map = self.lock();
@@ -106,6 +151,18 @@ impl ReplicaSet {
         for d in &spec.disks {
             image(&dir, d)?;
         }
+        self.register(&mut map, spec, false)
+    }
+
+    /// The state file of the images in the replica's folder (initial copy `complete` or
+    /// not), written durably; the replica opened and registered.
+    fn register(
+        &self,
+        map: &mut BTreeMap<String, Arc<Replica>>,
+        spec: ReplicaSpec,
+        complete: bool,
+    ) -> Result<Arc<Replica>, ReplicaError> {
+        let dir = self.dir.join(&spec.vm);
         sync_dir(&dir)?;
         let state = State {
             copy: spec

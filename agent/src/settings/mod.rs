@@ -125,9 +125,10 @@ pub struct AgentSettings {
     /// app-consistent only when it exits 0.
     #[arg(long, env = "SITERECOVERY_QUIESCE_HOOK", value_name = "CMD")]
     pub quiesce_hook: Option<String>,
-    /// Most bytes of pending HRL logs per disk (e.g. 8G). Past it the disk runs on a
-    /// dirty-block bitmap until the replica catches up: guest writes never fail
-    /// because of logs. Default: a quarter of the data dir's free space at start,
+    /// Most bytes of pending HRL logs of all disks of this host together (e.g. 8G); a
+    /// disk's own logs also stay under half its size. A disk whose write would pass it
+    /// runs on a dirty-block bitmap until the replica catches up: guest writes never
+    /// fail because of logs. Default: a quarter of the data dir's free space at start,
     /// between 64 MiB and 64 GiB.
     #[arg(long, env = "SITERECOVERY_LOG_BUDGET", value_name = "SIZE")]
     pub log_budget: Option<String>,

@@ -49,13 +49,25 @@ const MAGIC: &[u8; 4] = b"SRDB";
 const VERSION: u32 = 1;
 const HEADER_LEN: u64 = 32;
 
-/// The budget new disks get (bytes of pending logs per disk; 0 = none). A budget is
-/// never more than half the disk's size.
+/// The host's log budget (bytes of pending logs over every disk of the process; 0 =
+/// none), and the budget new disks get of their own (never more than half the disk).
 static DEFAULT_BUDGET: AtomicU64 = AtomicU64::new(0);
 
-/// Sets the log budget of every disk opened from now on (`agent serve` calls it once).
+/// Pending log bytes of every open disk of the process, as each last published them
+/// ([`Spill::publish`]: at every logged write, log deletion and collapse). O(1) per
+/// write: a disk adds the difference to its last figure.
+static HOST_PENDING: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the host's log budget, which is also the budget of every disk opened from now
+/// on (`agent serve` calls it once): the pending logs of all disks together stay under
+/// it; a disk whose write would take the sum past it runs on its bitmap.
 pub fn set_default_log_budget(bytes: u64) {
     DEFAULT_BUDGET.store(bytes, Ordering::Relaxed);
+}
+
+/// Pending log bytes over every open disk of this process (as last published).
+pub fn host_pending_log_bytes() -> u64 {
+    HOST_PENDING.load(Ordering::Relaxed)
 }
 
 /// The default budget: a quarter of the free space of the data dir's file system at
@@ -204,7 +216,15 @@ fn sync_parent(path: &Path) -> io::Result<()> {
 pub(super) struct Spill {
     path: PathBuf,
     budget: AtomicU64,
+    /// This disk's share of [`HOST_PENDING`].
+    published: AtomicU64,
     inner: Mutex<Option<Dirty>>,
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        self.publish(0);
+    }
 }
 
 #[derive(Debug)]
@@ -226,18 +246,61 @@ pub struct DirtyBlocks {
     pub through: LogSeq,
 }
 
+/// The dirty-block bitmap file of the image at `image_path`: `<image>.dirty`.
+pub fn bitmap_path(image_path: &Path) -> PathBuf {
+    let mut name = image_path.as_os_str().to_owned();
+    name.push(".dirty");
+    PathBuf::from(name)
+}
+
+/// Removes the bitmap file of the image at `image_path`, if any, its directory fsynced:
+/// for an image no longer tracked (unprotected, or made the VM's own by a commit), whose
+/// stale bitmap would otherwise be resumed by the next tracker.
+pub fn remove_bitmap_of(image_path: &Path) -> io::Result<()> {
+    let path = bitmap_path(image_path);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    tracing::info!(bitmap = %path.display(), "dirty-block bitmap removed");
+    match path.parent() {
+        Some(dir) => File::open(dir).and_then(|d| d.sync_all()),
+        None => Ok(()),
+    }
+}
+
 impl Spill {
     /// The spill of the image at `image_path`: its bitmap if one was left running.
     pub(super) fn open(image_path: &Path, disk_size: u64) -> Result<Self, TrackerError> {
-        let mut name = image_path.as_os_str().to_owned();
-        name.push(".dirty");
-        let path = PathBuf::from(name);
+        let path = bitmap_path(image_path);
         let map = DirtyBitmap::load(&path, disk_size).map_err(|source| bitmap_err(&path, source))?;
         if map.is_some() {
             tracing::warn!(bitmap = %path.display(), "disk resumes on its dirty-block bitmap");
         }
         let inner = Mutex::new(map.map(|map| Dirty { map, draining: false }));
-        Ok(Spill { path, budget: AtomicU64::new(DEFAULT_BUDGET.load(Ordering::Relaxed)), inner })
+        let budget = AtomicU64::new(DEFAULT_BUDGET.load(Ordering::Relaxed));
+        Ok(Spill { path, budget, published: AtomicU64::new(0), inner })
+    }
+
+    /// This disk's pending log bytes are now `pending`: the host's sum follows. Called
+    /// under the disk's state lock, so one disk's publications never race.
+    pub(super) fn publish(&self, pending: u64) {
+        let old = self.published.swap(pending, Ordering::Relaxed);
+        // Modular: adds the (possibly negative) difference.
+        HOST_PENDING.fetch_add(pending.wrapping_sub(old), Ordering::Relaxed);
+    }
+
+    /// Whether `own` pending bytes plus `adding` pass the host's budget, counting the
+    /// other disks' published figures.
+    fn over_host_budget(&self, own: u64, adding: u64) -> bool {
+        match DEFAULT_BUDGET.load(Ordering::Relaxed) {
+            0 => false,
+            host => {
+                let others = HOST_PENDING.load(Ordering::Relaxed).wrapping_sub(self.published.load(Ordering::Relaxed));
+                others.min(host).saturating_add(own).saturating_add(adding) > host
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Dirty>> {
@@ -306,16 +369,44 @@ impl TrackedDisk {
         // Room kept for the open log's footer and the next log's header, which a seal
         // adds without a write: the files never pass the budget.
         let adding = (recs.len() * RECORD_HEADER_LEN + data.len() + FOOTER_LEN + FILE_HEADER_LEN) as u64;
-        if pending_locked(st).saturating_add(adding) > budget {
-            let pending = pending_locked(st);
+        let pending = pending_locked(st);
+        let over_disk = pending.saturating_add(adding) > budget;
+        if over_disk || self.spill.over_host_budget(pending, adding) {
+            let host = HOST_PENDING.load(Ordering::Relaxed);
             self.collapse_locked(st, &mut sp).map_err(|e| DiskError::Io(io::Error::other(e)))?;
-            tracing::warn!(disk = %self.disk_id, pending, budget, "log budget exceeded: the disk runs on its dirty-block bitmap");
+            let whose = if over_disk { "the disk's" } else { "the host's (all disks)" };
+            tracing::warn!(disk = %self.disk_id, pending, host_pending = host, budget, "log budget exceeded ({whose}): the disk runs on its dirty-block bitmap");
             if let Some(d) = sp.as_mut() {
                 return d.map.mark(offset, len).map(|()| None).map_err(io_err);
             }
         }
         drop(sp);
-        self.append_locked(st, recs, data).map(Some)
+        let op = self.append_locked(st, recs, data)?;
+        self.spill.publish(pending_locked(st));
+        Ok(Some(op))
+    }
+
+    /// A write failed after part of its range may have changed (`write_image`): the
+    /// pending logs collapse into the bitmap (their failed operations with them: every
+    /// range they logged is marked) and the range is marked, so the next catch-up ships
+    /// what the image holds there (`tracker::write`'s module documentation).
+    pub(super) fn mark_torn(&self, offset: u64, len: u64) -> Result<(), TrackerError> {
+        let mut st = self.lock();
+        if !st.tracking {
+            return Ok(());
+        }
+        let mut sp = self.spill.lock();
+        if sp.as_ref().is_none_or(|d| d.draining) {
+            self.collapse_locked(&mut st, &mut sp)?;
+            // Their logs are gone: nothing is left to cancel.
+            self.inflight().failed.clear();
+        }
+        if let Some(d) = sp.as_mut() {
+            d.map.mark(offset, len).map_err(|source| bitmap_err(&self.spill.path, source))?;
+            d.map.sync().map_err(|source| bitmap_err(&self.spill.path, source))?;
+        }
+        tracing::warn!(disk = %self.disk_id, offset, len, "a failed image write may have changed part of its range: marked dirty, the disk runs on its dirty-block bitmap");
+        Ok(())
     }
 
     /// Marks every pending log's ranges in the bitmap (created if needed), syncs it,
@@ -346,6 +437,7 @@ impl TrackedDisk {
         st.sealed.clear();
         st.log = None;
         st.log_file = None;
+        self.spill.publish(0);
         for path in &paths {
             match std::fs::remove_file(path) {
                 Ok(()) => {}
@@ -387,10 +479,22 @@ impl TrackedDisk {
         }
         Ok(())
     }
+
+    /// Replication stopped (unprotect): the bitmap, whose blocks no replica will take,
+    /// goes with its file; the disk is on its logs again (none while not tracking).
+    pub fn drop_bitmap(&self) -> Result<(), TrackerError> {
+        let _st = self.lock();
+        let mut sp = self.spill.lock();
+        if let Some(d) = sp.take() {
+            d.map.remove().map_err(|source| bitmap_err(&self.spill.path, source))?;
+            tracing::info!(disk = %self.disk_id, "replication stopped: the dirty-block bitmap is removed");
+        }
+        Ok(())
+    }
 }
 
 /// Bytes of the pending logs (sealed plus open). Caller holds the state lock.
-fn pending_locked(st: &State) -> u64 {
+pub(super) fn pending_locked(st: &State) -> u64 {
     st.sealed.values().map(|l| l.bytes).sum::<u64>() + st.log.as_ref().map_or(0, |l| l.len())
 }
 

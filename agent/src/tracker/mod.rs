@@ -274,7 +274,9 @@ impl TrackedDisk {
         let doomed: Vec<SealedLog> = {
             let mut st = self.lock();
             let keep = st.sealed.split_off(&seq.next());
-            std::mem::replace(&mut st.sealed, keep).into_values().collect()
+            let doomed = std::mem::replace(&mut st.sealed, keep).into_values().collect();
+            self.spill.publish(bitmap::pending_locked(&st));
+            doomed
         };
         for log in &doomed {
             match std::fs::remove_file(&log.path) {

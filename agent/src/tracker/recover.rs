@@ -41,6 +41,7 @@ impl TrackedDisk {
             spill: bitmap::Spill::open(image_path, size)?,
         };
         disk.recover()?;
+        disk.spill.publish(disk.pending_log_bytes());
         Ok(disk)
     }
 

@@ -4,6 +4,16 @@
 //! is still the log's tail, else cancelled by a cancel record (format version 2), and the
 //! log synced. So a write is acknowledged only if both log and image took it, and a
 //! failed one is never shipped nor re-applied at the next start ("ghost" writes).
+//!
+//! A write that fails *after* its space was reserved (EIO from the image's `pwrite`)
+//! may have changed part of the range: the image is then neither the old content nor
+//! the new one, and no log record describes it. Re-logging the range's read-back content
+//! at the log's tail would be wrong (a later overlapping write may already be logged
+//! before it), and there is no before-image to restore on the primary. So the range is
+//! marked in the disk's dirty-block bitmap ([`super::bitmap`]; the pending logs collapse
+//! into it): the next catch-up ships the blocks' content as the image has it then, and
+//! the replica is again at a whole recovery point of the primary's image. The guest got
+//! the error: the range is undefined to it, as a failed write on any disk.
 
 use super::*;
 use crate::hrl::LogMark;
@@ -88,7 +98,16 @@ impl TrackedDisk {
     pub(super) fn write_image(&self, data: &[u8], offset: u64) -> io::Result<()> {
         crate::faults::point(crate::faults::TRACKER_IMAGE_WRITE)?;
         reserve_image(&self.image, offset, data.len() as u64)?;
-        self.image.write_all_at(data, offset)
+        // From here a failure may leave part of the range written.
+        let half = (data.len() / 2) & !511;
+        if half > 0
+            && let Err(e) = crate::faults::point(crate::faults::TRACKER_IMAGE_WRITE_PARTIAL)
+        {
+            MAYBE_TORN.set(true);
+            self.image.write_all_at(&data[..half], offset)?;
+            return Err(e);
+        }
+        self.image.write_all_at(data, offset).inspect_err(|_| MAYBE_TORN.set(true))
     }
 
     /// The common path of write, write-zeroes and trim: log (when tracking, under the
@@ -139,7 +158,9 @@ impl TrackedDisk {
             inf = self.inflight_done.wait(inf).unwrap_or_else(PoisonError::into_inner);
         }
         drop(inf);
+        MAYBE_TORN.set(false);
         let applied = apply();
+        let torn = applied.is_err() && MAYBE_TORN.replace(false);
         {
             // Queued for settling in the same step that ends it being in flight, so a
             // seal (which drains, then settles) cannot miss it.
@@ -150,6 +171,9 @@ impl TrackedDisk {
             }
         }
         self.inflight_done.notify_all();
+        if torn && let Err(e) = self.mark_torn(offset, len) {
+            tracing::error!(image = %self.image_path.display(), "cannot mark a torn write's range dirty: {e:#}");
+        }
         if let Err(e) = applied {
             if logged.is_some() {
                 let settled = self.settle_failed_locked(&mut self.lock());
@@ -162,6 +186,12 @@ impl TrackedDisk {
         self.completed.fetch_add(1, Ordering::SeqCst);
         if fua { self.flush() } else { Ok(()) }
     }
+}
+
+thread_local! {
+    /// Set by [`TrackedDisk::write_image`] when it failed after its reservation (part of
+    /// the range may be written); read by `mutate` on the same thread.
+    static MAYBE_TORN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Allocates the image range (`fallocate`, mode 0: contents unchanged, holes become

@@ -165,7 +165,7 @@ impl VmManager {
             match new {
                 Some(j) => journal::start(&folder, j, &replicas).map(Some),
                 None => match journal::read(&folder)? {
-                    Some(j) => journal::run(&folder, j, &replicas).map(Some),
+                    Some(j) => journal::resume(&folder, j, &replicas).map(Some),
                     None => Ok(None),
                 },
             }

@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{DiskConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
 use super::entry::{Disks, Entry, Running};
+use super::journal::{self, AdoptDisk, AdoptPlan, AdoptStep, Journal};
 use super::manager::{Hooks, VmManager};
 use super::{MAX_DISK_SIZE, MAX_SOCKET_PATH, VmError, io, now_ms};
 use crate::files::{self, SocketAccess};
 use crate::nbd::Exports;
-use crate::replica::ReplicaSet;
+use crate::replica::{ReplicaSet, ReplicaSpec};
 
 impl VmManager {
     /// Loads every VM folder under `dir` and starts those configured as running.
@@ -61,7 +62,13 @@ impl VmManager {
             // a person to look at; the VM is not served.
             match read_config(&folder) {
                 Ok(Some(cfg)) => found.push((cfg, folder)),
-                Ok(None) => {}
+                // No config: an adoption (reprotect) interrupted after it removed `vm.json`
+                // is finished (the folder goes); anything else is left alone.
+                Ok(None) => {
+                    if let Err(e) = mgr.resume_journal(&folder) {
+                        tracing::error!(folder = %folder.display(), "interrupted adoption: {e:#}");
+                    }
+                }
                 Err(e) => tracing::error!(folder = %folder.display(), "skipping VM folder: {e}"),
             }
         }
@@ -95,10 +102,13 @@ impl VmManager {
     /// Runs the failover journal of `folder` to its end, if there is one; returns the
     /// config as it left it.
     fn resume_journal(&self, folder: &std::path::Path) -> Result<Option<VmConfig>, VmError> {
-        let Some(j) = super::journal::read(folder)? else { return Ok(None) };
+        let Some(j) = journal::read(folder)? else { return Ok(None) };
         tracing::warn!(folder = %folder.display(), journal = ?j, "finishing an interrupted failover operation");
-        let outcome = super::journal::run(folder, j, &self.replicas)?;
+        let outcome = journal::resume(folder, j, &self.replicas)?;
         tracing::info!(folder = %folder.display(), ?outcome, "interrupted failover operation finished");
+        if outcome == journal::Outcome::Adopted {
+            return Ok(None);
+        }
         let config = read_config(folder)?
             .ok_or_else(|| VmError::State(format!("{}: the VM config is gone", folder.display())))?;
         Ok(Some(config))
@@ -232,24 +242,41 @@ impl VmManager {
         Ok(())
     }
 
-    /// Stops a VM and takes it out of this host's inventory, leaving its disk images for
-    /// the caller (reverse replication turns them into a replica); returns their paths.
-    pub async fn release(&self, name: &VmName) -> Result<Vec<(String, PathBuf)>, VmError> {
+    /// Reprotect on the former primary: stops the VM and adopts its images as the
+    /// replica `spec` (journaled: `vm::journal::adopt`); the VM is gone afterwards. A
+    /// VM already adopted (a crash lost the provider's answer) is taken over by `spec`
+    /// while its replica has no points.
+    pub async fn adopt_as_replica(&self, name: &VmName, spec: ReplicaSpec) -> Result<(), VmError> {
         let name = name.as_str();
         let mut vms = self.vms.lock().await;
-        let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        let replica_error = |e: crate::replica::ReplicaError| VmError::State(format!("adopting the disks: {e}"));
+        let Some(entry) = vms.get_mut(name) else {
+            if self.replicas.get(&VmName::new(name.to_owned()).map_err(|e| VmError::Invalid(e.to_string()))?).is_some()
+            {
+                self.replicas.readopt(spec).map_err(replica_error)?;
+                return Ok(());
+            }
+            return Err(VmError::NotFound(name.into()));
+        };
         self.stop_entry(entry, true).await?;
-        let images = entry.config.disks.iter().map(|d| (d.id.clone(), entry.folder.join(&d.file))).collect();
-        Ok(images)
-    }
-
-    /// Forgets a released VM and deletes what is left of its folder (logs, config).
-    pub async fn forget(&self, name: &VmName) -> Result<(), VmError> {
-        let name = name.as_str();
-        let mut vms = self.vms.lock().await;
-        if let Some(e) = vms.remove(name) {
-            std::fs::remove_dir_all(&e.folder).map_err(io(&e.folder))?;
-        }
+        let dir = self.replicas.clear_for_adoption(&spec).map_err(replica_error)?;
+        let disks = entry
+            .config
+            .disks
+            .iter()
+            .map(|d| AdoptDisk {
+                id: d.id.clone(),
+                source: entry.folder.join(&d.file),
+                target: dir.join(format!("{}.img", d.id)),
+            })
+            .collect();
+        let plan = Journal::Adopt(AdoptPlan { vm: name.to_owned(), spec, disks, done: AdoptStep::Planned });
+        let (folder, replicas) = (entry.folder.clone(), self.replicas.clone());
+        let outcome = tokio::task::spawn_blocking(move || journal::start(&folder, plan, &replicas))
+            .await
+            .map_err(|e| VmError::State(format!("adoption journal: {e}")))??;
+        tracing::info!(vm = %name, ?outcome, "the VM's disks are a replica now");
+        vms.remove(name);
         Ok(())
     }
 

@@ -77,6 +77,12 @@ pub enum Fault {
     /// failpoint that does not fire within the window is recorded as not hit and the
     /// agent is then killed with SIGKILL instead.
     Failpoint { host: Host, name: &'static str },
+    /// Restart `host` with `name` armed to fail its step once with an I/O error
+    /// (`NAME=1*return(ERRNO)`, `eio` or `enospc`); the agent keeps running. Drawn for
+    /// [`IO_ERROR_FAILPOINTS`]: the step's caller must turn the error into a failed
+    /// request (a failed image write is an error to the writer, never an acknowledged
+    /// write), which the writer retries.
+    IoError { host: Host, name: &'static str, errno: &'static str },
     /// `kill -9` of an agent after `after_ms` of writes.
     Kill { host: Host, after_ms: u64 },
     /// `kill -9` of the provider after `after_ms`.
@@ -109,13 +115,15 @@ pub fn failover_failpoints() -> Vec<&'static str> {
     faults::ALL.iter().copied().filter(|n| n.starts_with("commit.") || n.starts_with("change_point.")).collect()
 }
 
-/// Which host a failpoint runs on: the sender's and the change log's on the primary.
+/// Failpoints whose injected I/O error a scenario may draw instead of a crash: the
+/// guest's image write on the primary (the tracker takes its log record back out).
+pub const IO_ERROR_FAILPOINTS: &[&str] = &[faults::TRACKER_IMAGE_WRITE];
+
+/// Which host a failpoint runs on: the sender's and the change log's (and the tracker's,
+/// where guest writes land) on the primary.
 pub fn failpoint_host(name: &str) -> Host {
-    if name.starts_with("hrl.") || name.starts_with("sender.") || name.starts_with("initial.") {
-        Host::A
-    } else {
-        Host::B
-    }
+    let primary = ["hrl.", "tracker.", "sender.", "initial."];
+    if primary.iter().any(|p| name.starts_with(p)) { Host::A } else { Host::B }
 }
 
 /// A whole scenario.
@@ -140,7 +148,13 @@ impl Plan {
             0..=3 => {
                 let fps = steady_failpoints();
                 let name = *r.pick(&fps);
-                Fault::Failpoint { host: failpoint_host(name), name }
+                let host = failpoint_host(name);
+                if IO_ERROR_FAILPOINTS.contains(&name) && r.chance(50) {
+                    let errno = if r.chance(50) { "eio" } else { "enospc" };
+                    Fault::IoError { host, name, errno }
+                } else {
+                    Fault::Failpoint { host, name }
+                }
             }
             4..=5 => Fault::Kill { host: *r.pick(&[Host::A, Host::B]), after_ms: r.range(200, 3000) },
             6 => Fault::KillProvider { after_ms: r.range(200, 3000) },
@@ -161,7 +175,11 @@ impl Plan {
             6..=7 => Failover::Planned,
             _ => Failover::Unplanned,
         };
-        let (per_call, pace_ms) = (r.range(2, 8), r.range(30, 120));
+        let (mut per_call, pace_ms) = (r.range(2, 8), r.range(30, 120));
+        if matches!(fault, Fault::IoError { .. }) {
+            // One write a run: qemu-io goes on past a failed write (see `stream`).
+            per_call = 1;
+        }
         let fps = failover_failpoints();
         let after_failover = (failover == Failover::Unplanned && !fps.is_empty()).then(|| *r.pick(&fps));
         Self { seed, fault, failover, per_call, pace_ms, after_failover }

@@ -102,6 +102,24 @@ impl Scenario {
         }
     }
 
+    /// Restarts `host` with `name` armed to fail once with `errno`, and waits (up to
+    /// the failpoint window) for it to fire: true when it did. The agent must keep
+    /// running through the error.
+    fn fail_at(&mut self, host: Host, name: &str, errno: &str) -> bool {
+        self.proc_mut(host).stop_gracefully();
+        let dir = self.w.dir(host.name());
+        let extra = self.extra(host);
+        let armed = format!("{name}=1*return({errno})");
+        let p = self.w.lab.start_agent_armed(host.name(), &dir, &armed, &extra);
+        *self.proc_mut(host) = p;
+        self.w.lab.wait_host_heartbeat_since(host.name(), unix_now_ms());
+        let line = format!("failpoint {name}: {errno}");
+        let log = self.proc_mut(host).log.clone();
+        let hit = wait_until(FAILPOINT_WINDOW, || std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&line)));
+        assert!(self.proc_mut(host).is_running(), "{} exited after the injected {errno} at {name}", host.name());
+        hit
+    }
+
     /// Restarts `host` with `name` armed and waits for the crash ([`Self::wait_crash`]).
     fn crash_at(&mut self, host: Host, name: &str) -> bool {
         self.proc_mut(host).stop_gracefully();
@@ -157,6 +175,14 @@ pub fn run_scenario(plan: &Plan) -> Outcome {
             s.restart(host);
         }
         Fault::Failpoint { .. } => {}
+        Fault::IoError { host, name, errno } => {
+            // The failed write is retried by the writer: (a) below finds it on the
+            // primary only once acknowledged, and the stream at one prefix.
+            let before = writer.failures();
+            let hit = s.fail_at(host, name, errno);
+            out.failpoint_hit = Some(hit);
+            out.note = format!("{name} {errno}: writer failures {before} -> {}", writer.failures());
+        }
         Fault::Kill { host, after_ms } => {
             // A random moment for the kill (the fault's timing, not a synchronisation).
             std::thread::sleep(Duration::from_millis(after_ms));

@@ -9,7 +9,10 @@
 //! per run, recording how many writes were acknowledged and how many were issued. A
 //! failed run (the agent crashed, the export is gone) is retried from the first write
 //! it did not acknowledge: rewriting a write that did land is idempotent, so the image
-//! stays at a prefix of one stream.
+//! stays at a prefix of one stream. qemu-io goes on after a failed write, so a run
+//! whose writes may fail one by one (an injected I/O error) must be of one write, or
+//! the writes after the failed one land before it and the image is, for a while, at
+//! no prefix ([`super::plan::Plan`] draws `per_call` 1 for those).
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -122,8 +125,10 @@ impl StreamWriter {
                     Err(e) => return Some(format!("cannot run qemu-io: {e}")),
                 };
                 let out = String::from_utf8_lossy(&o.stdout);
-                // qemu-io runs its commands in order and stops at the first failure.
-                let done = out.lines().filter(|l| l.starts_with("wrote ")).count() as u64;
+                // qemu-io runs its commands in order and goes on past a failed one: the
+                // acknowledged prefix ends at the first failure.
+                let done = out.lines().take_while(|l| !l.contains("failed")).filter(|l| l.starts_with("wrote ")).count()
+                    as u64;
                 t.acked.store(next + done.min(per_call), Ordering::SeqCst);
                 if !o.status.success() || out.contains("failed") || done < per_call {
                     t.failures.fetch_add(1, Ordering::SeqCst);

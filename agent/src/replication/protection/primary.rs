@@ -112,6 +112,16 @@ impl Protection {
                     if let Some(last) = d.sealed_logs().last() {
                         let _ = d.delete_logs_through(last.seq);
                     }
+                    if let Err(e) = d.drop_bitmap() {
+                        tracing::error!(%vm, "cannot remove the dirty-block bitmap: {e:#}");
+                    }
+                }
+            }
+            // A stopped VM's disks have no tracker: their bitmap files go by name.
+            for d in self.vms.config(vm).await.map(|c| c.disks).unwrap_or_default() {
+                let image = folder.join(&d.file);
+                if let Err(e) = crate::tracker::bitmap::remove_bitmap_of(&image) {
+                    tracing::error!(%vm, image = %image.display(), "cannot remove the dirty-block bitmap: {e}");
                 }
             }
             ProtectionRecord::remove(&folder);

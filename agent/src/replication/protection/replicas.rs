@@ -35,10 +35,7 @@ impl Protection {
         if adopt_vm_disks {
             // Reverse replication: this host's (former primary's) VM becomes the replica.
             self.stop_sender(&vm).await;
-            let images = self.vms.release(&vm).await?;
-            let replicas = self.replicas.clone();
-            tokio::task::spawn_blocking(move || replicas.adopt(spec, &images)).await.map_err(joined)??;
-            self.vms.forget(&vm).await?;
+            self.vms.adopt_as_replica(&vm, spec).await?;
             tracing::info!(%vm, "former primary's disks adopted as the replica (resync brings them in line)");
             return Ok(());
         }

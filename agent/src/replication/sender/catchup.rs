@@ -13,13 +13,12 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use siterecovery_proto::model::units::human_size;
-use siterecovery_proto::v1;
 
 use super::error::io_err;
 use super::state::PointRecord;
 use super::task::Task;
 use super::transport::PeerTransport;
-use super::{EXTENT_MAX, ReplicationError, barrier_seal, now_ms};
+use super::{EXTENT_MAX, ReplicationError, barrier_seal};
 use crate::hrl::{self, DiskId};
 
 impl<T: PeerTransport> Task<T> {
@@ -51,17 +50,8 @@ impl<T: PeerTransport> Task<T> {
         }
         // Earlier unacknowledged points are obsolete: this one covers them.
         self.st.pending.clear();
-        let seq = self.st.next_seq;
-        self.st.next_seq += 1;
-        self.persist()?;
-        let meta = v1::PointChunk {
-            relationship_id: self.p.relationship_id.to_string(),
-            seq,
-            created_unix_ms: now_ms(),
-            resync: true,
-            ..Default::default()
-        };
-        let created = meta.created_unix_ms;
+        let meta = self.new_resync_point()?;
+        let (seq, created) = (meta.seq, meta.created_unix_ms);
         let disks = self.disks.clone();
         let wire_before = self.wire.load(Ordering::Relaxed);
         let (ack, (t1, dirty_blocks, dirty_bytes)) = self

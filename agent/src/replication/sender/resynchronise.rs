@@ -18,7 +18,7 @@ use super::ship::ChunkSink;
 use super::state::PointRecord;
 use super::task::Task;
 use super::transport::PeerTransport;
-use super::{ReplicationError, barrier_seal, blocking, now_ms};
+use super::{ReplicationError, barrier_seal, blocking};
 use crate::disk::BlockDevice;
 use crate::hrl;
 use crate::replication::resync;
@@ -87,23 +87,14 @@ impl<T: PeerTransport> Task<T> {
             }
             remote.push((id.clone(), d.clone(), hashes));
         }
-        let seq = self.st.next_seq;
-        self.st.next_seq += 1;
-        self.persist()?;
+        let meta = self.new_resync_point()?;
+        let (seq, created) = (meta.seq, meta.created_unix_ms);
         self.view.total = self.disks.iter().map(|(_, d)| d.size()).sum();
         self.view.done = 0;
         self.view.compared = 0;
         self.view.sent = 0;
         self.progress.store(0, Ordering::Relaxed);
         let wire_before = self.wire.load(Ordering::Relaxed);
-        let meta = v1::PointChunk {
-            relationship_id: self.p.relationship_id.to_string(),
-            seq,
-            created_unix_ms: now_ms(),
-            resync: true,
-            ..Default::default()
-        };
-        let created = meta.created_unix_ms;
         let progress = self.progress.clone();
         let disks = self.disks.clone();
         let t0c = t0.clone();

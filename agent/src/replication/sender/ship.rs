@@ -13,11 +13,26 @@ use tokio_util::sync::CancellationToken;
 
 use super::task::Task;
 use super::transport::PeerTransport;
-use super::{EXTENT_MAX, POINT_MESSAGE_BYTES, ReplicationError, maybe_compress};
+use super::{EXTENT_MAX, POINT_MESSAGE_BYTES, ReplicationError, maybe_compress, now_ms};
 use crate::bandwidth::{Throttle, Traffic};
 use crate::hrl::{self, CoalescedItem};
 
 impl<T: PeerTransport> Task<T> {
+    /// The header of a new resync-kind point (a resynchronisation, or a catch-up from the
+    /// dirty bitmap): its sequence number taken and the state saved before anything ships.
+    pub(super) fn new_resync_point(&mut self) -> Result<v1::PointChunk, ReplicationError> {
+        let seq = self.st.next_seq;
+        self.st.next_seq += 1;
+        self.persist()?;
+        Ok(v1::PointChunk {
+            relationship_id: self.p.relationship_id.to_string(),
+            seq,
+            created_unix_ms: now_ms(),
+            resync: true,
+            ..Default::default()
+        })
+    }
+
     /// Ships one point: `produce` pushes its extents (on a blocking thread); the point is
     /// committed when it returns Ok. The producer's own error wins over the RPC's.
     pub(super) async fn ship<R: Send + 'static>(

@@ -36,8 +36,11 @@ use crate::overlay::Overlay;
 use crate::persist::{self, FAILOVER_JOURNAL, PersistError};
 use crate::replica::ReplicaSet;
 
+pub mod adopt;
 #[cfg(test)]
 mod tests;
+
+pub use adopt::{AdoptDisk, AdoptPlan, AdoptStep};
 
 /// The journal's file name in the VM folder.
 pub const JOURNAL_FILE: &str = "failover.journal";
@@ -48,6 +51,8 @@ pub const JOURNAL_FILE: &str = "failover.journal";
 pub enum Journal {
     Commit(CommitPlan),
     ChangePoint(ChangePointPlan),
+    /// Reprotect: the VM's images adopted as a replica ([`adopt`]).
+    Adopt(AdoptPlan),
 }
 
 /// The steps of a commit, in order; a journal records the last one done.
@@ -164,6 +169,11 @@ pub enum Outcome {
     PointChanged(String),
     /// The target point is gone: the VM stays on its former point (overlay writes gone).
     ChangeRolledBack(String),
+    /// The VM's images are the replica now; the VM folder is gone.
+    Adopted,
+    /// An adoption interrupted before the VM's config was removed: the images are back,
+    /// the VM is a stopped VM again.
+    AdoptionRolledBack,
 }
 
 /// The journal of `folder`: `Ok(None)` when no operation is in progress. A torn or
@@ -182,7 +192,12 @@ pub fn write(folder: &Path, journal: &Journal) -> Result<(), VmError> {
 }
 
 fn remove(folder: &Path) -> Result<(), VmError> {
-    let path = folder.join(JOURNAL_FILE);
+    remove_file_in(folder, JOURNAL_FILE)
+}
+
+/// Removes `folder/name` if it is there, then fsyncs `folder`.
+fn remove_file_in(folder: &Path, name: &str) -> Result<(), VmError> {
+    let path = folder.join(name);
     match std::fs::remove_file(&path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -205,9 +220,19 @@ pub fn start(folder: &Path, journal: Journal, replicas: &ReplicaSet) -> Result<O
     let fp = match &journal {
         Journal::Commit(p) => p.done.failpoint(),
         Journal::ChangePoint(p) => p.done.failpoint(),
+        Journal::Adopt(p) => p.done.failpoint(),
     };
     faults::point(fp).map_err(io(&folder.join(JOURNAL_FILE)))?;
     run(folder, journal, replicas)
+}
+
+/// Settles a journal found at start: a commit or change-point is run to its end
+/// ([`run`]), an adoption finished or rolled back ([`adopt`]).
+pub fn resume(folder: &Path, journal: Journal, replicas: &ReplicaSet) -> Result<Outcome, VmError> {
+    match journal {
+        Journal::Adopt(plan) => adopt::settle(folder, plan, replicas),
+        other => run(folder, other, replicas),
+    }
 }
 
 /// Runs the steps the journal has not done yet, saving it after each, and removes it.
@@ -239,6 +264,7 @@ pub fn run(folder: &Path, journal: Journal, replicas: &ReplicaSet) -> Result<Out
             remove(folder)?;
             if target_there { Ok(Outcome::PointChanged(point)) } else { Ok(Outcome::ChangeRolledBack(point)) }
         }
+        Journal::Adopt(plan) => adopt::forward(folder, plan, replicas),
     }
 }
 
@@ -284,8 +310,14 @@ fn commit_step(folder: &Path, plan: &CommitPlan, step: CommitStep, replicas: &Re
             Ok(())
         }
         CommitStep::OverlaysRemoved => {
+            // A dirty-block bitmap beside the VM's new image (or its overlay) is stale:
+            // the committed image starts its own tracking.
             for d in &plan.disks {
                 Overlay::remove_files(&folder.join(&d.overlay));
+                for f in [&d.overlay, &d.target] {
+                    let image = folder.join(f);
+                    crate::tracker::bitmap::remove_bitmap_of(&image).map_err(io(&image))?;
+                }
             }
             sync_dir(folder)
         }

@@ -148,6 +148,26 @@ fn an_uninterrupted_commit_yields_the_point_plus_the_overlay_writes() {
 }
 
 #[test]
+fn a_commit_removes_a_stale_dirty_bitmap_beside_the_new_image() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (replicas, folder) = setup(dir.path(), "p1");
+    let plan = commit_plan(&replicas);
+    let stale: Vec<PathBuf> = plan
+        .disks
+        .iter()
+        .flat_map(|d| [&d.target, &d.overlay])
+        .map(|f| crate::tracker::bitmap::bitmap_path(&folder.join(f)))
+        .collect();
+    for p in &stale {
+        std::fs::write(p, b"stale").expect("write a stale bitmap");
+    }
+    assert_eq!(start(&folder, Journal::Commit(plan), &replicas).expect("commit"), Outcome::Committed);
+    for p in &stale {
+        assert!(!p.exists(), "{} is left after the commit", p.display());
+    }
+}
+
+#[test]
 fn a_commit_interrupted_after_any_step_finishes_after_a_restart() {
     for (i, &crashed_in) in COMMIT_STEPS.iter().enumerate() {
         let dir = tempfile::tempdir().expect("tmp");
