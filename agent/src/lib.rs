@@ -21,6 +21,7 @@ pub mod offline;
 pub mod overlay;
 pub mod peer;
 pub mod persist;
+pub mod qemu_hook;
 pub mod register;
 pub mod replica;
 pub mod replication;

@@ -48,6 +48,70 @@ pub struct VmConfig {
     /// Set on a VM started by a failover on this (replica) host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverConfig>,
+    /// What the hypervisor gives the VM (memory, CPUs, how it boots); read by the QEMU
+    /// hook (`siterecovery-qemu-hook`). Absent in files from before it: the defaults.
+    #[serde(default)]
+    pub machine: MachineConfig,
+}
+
+/// Memory, CPUs and boot settings of a VM (`vm create --memory --cpus --kernel ...`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    pub memory_bytes: u64,
+    pub cpus: u32,
+    /// Direct kernel boot: a kernel image on the host; empty boots from disk0.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kernel: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub initrd: String,
+    /// The kernel command line (with `kernel` only).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub append: String,
+}
+
+/// 1 GiB, the memory of a VM created without `--memory`.
+pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
+/// Smallest memory a VM may have (16 MiB).
+pub const MIN_MEMORY_BYTES: u64 = 16 << 20;
+/// Most memory a VM may have (16 TiB).
+pub const MAX_MEMORY_BYTES: u64 = 16 << 40;
+/// Most virtual CPUs a VM may have (QEMU's pc machine limit).
+pub const MAX_CPUS: u32 = 255;
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self { memory_bytes: DEFAULT_MEMORY_BYTES, cpus: 1, kernel: String::new(), initrd: String::new(), append: String::new() }
+    }
+}
+
+impl MachineConfig {
+    /// Checks the values (from a file or the wire); the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&self.memory_bytes) {
+            return Err(format!(
+                "machine.memory_bytes: {} is outside {MIN_MEMORY_BYTES}..={MAX_MEMORY_BYTES}",
+                self.memory_bytes
+            ));
+        }
+        if self.memory_bytes % (1 << 20) != 0 {
+            return Err(format!("machine.memory_bytes: {} is not a whole number of MiB", self.memory_bytes));
+        }
+        if !(1..=MAX_CPUS).contains(&self.cpus) {
+            return Err(format!("machine.cpus: {} is outside 1..={MAX_CPUS}", self.cpus));
+        }
+        for (field, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+            if !path.is_empty() && !path.starts_with('/') {
+                return Err(format!("machine.{field}: {path:?} is not an absolute path"));
+            }
+            if path.contains('\0') || path.contains('\n') {
+                return Err(format!("machine.{field}: {path:?} has a NUL or newline"));
+            }
+        }
+        if self.kernel.is_empty() && (!self.initrd.is_empty() || !self.append.is_empty()) {
+            return Err("machine.initrd and machine.append need machine.kernel".into());
+        }
+        Ok(())
+    }
 }
 
 /// How a failed-over (or test) VM runs: until commit its disks are copy-on-write

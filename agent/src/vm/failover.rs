@@ -20,6 +20,7 @@ impl VmManager {
         disks: &[(String, u64)],
         nics: &[v1::Nic],
         failover: FailoverConfig,
+        start: bool,
     ) -> Result<v1::Vm, VmError> {
         let name = name.as_str();
         let mut vms = self.vms.lock().await;
@@ -51,6 +52,7 @@ impl VmManager {
                 })
                 .collect(),
             failover: Some(failover),
+            machine: Default::default(),
         };
         if let Err(e) = save_config(&folder, &config) {
             let _ = std::fs::remove_dir_all(&folder);
@@ -58,6 +60,9 @@ impl VmManager {
         }
         vms.insert(name.into(), Entry { config, folder: folder.clone(), running: None });
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if !start {
+            return Ok(self.report(entry));
+        }
         if let Err(e) = self.start_entry(entry).await {
             vms.remove(name);
             let _ = std::fs::remove_dir_all(&folder);

@@ -156,6 +156,7 @@ impl VmManager {
                 disks,
                 nics,
                 failover: None,
+                machine: Default::default(),
             };
             save_config(&folder, &config)?;
             Ok(config)

@@ -155,7 +155,10 @@ impl Protection {
             test_of: if test { vm.to_string() } else { String::new() },
             started_unix_ms: now_ms(),
         };
-        let created = self.vms.create_from_point(&name, &disks, &nics, fc).await?;
+        // A planned failover is committed at once: the VM starts (its start hook boots the
+        // guest) only after the commit, not once before it as well.
+        let start = kind != FailoverKind::Planned;
+        let created = self.vms.create_from_point(&name, &disks, &nics, fc, start).await?;
         tracing::info!(vm = %name, point = %point_id, %kind, "VM started from a recovery point");
         if kind == FailoverKind::Planned {
             return Ok(self.vms.commit(&name).await?);

@@ -58,6 +58,7 @@ fn setup(root: &Path, point: &str) -> (ReplicaSet, PathBuf) {
             test_of: String::new(),
             started_unix_ms: now,
         }),
+        machine: Default::default(),
     };
     save_config(&folder, &config).expect("config");
     {
