@@ -11,7 +11,16 @@ use std::time::{Duration, Instant};
 use siterecovery_tests::guest::{Guest, QemuReaper, Serial, e2fsck, qemu_pid};
 use siterecovery_tests::*;
 
-const BOOT: Duration = Duration::from_secs(90);
+const BOOT: Duration = Duration::from_secs(120);
+
+/// `-m` and `-smp` of the QEMU running in a VM folder.
+fn qemu_machine(folder: &std::path::Path) -> (String, String) {
+    let pid = qemu_pid(folder).unwrap_or_else(|| panic!("no QEMU runs in {}", folder.display()));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let args: Vec<String> = cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let after = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
+    (after("-m"), after("-smp"))
+}
 
 #[test]
 fn hook_boots_the_guest_and_planned_failover_moves_it_cleanly() {
@@ -24,14 +33,14 @@ fn hook_boots_the_guest_and_planned_failover_moves_it_cleanly() {
     let _reaper = QemuReaper::new(&[dir_a.clone(), dir_b.clone()]);
     w.pair("fast", &[]);
     let t = Instant::now();
-    w.vm("vm1", &["64M"], &[]);
+    w.cli_json(&["vm", "create", "--host", "hv-a", "--name", "vm1", "--disk", "64M", "--memory", "192M", "--cpus", "2"]);
     let (serial_a, serial_b) = (Serial::of(&dir_a), Serial::of(&dir_b));
     serial_a.wait_for("WROTE 5", BOOT);
     eprintln!("[guest] booted at hv-a, formatted, wrote 5 files in {:?}", t.elapsed());
     let reports = serial_a.reports();
     assert!(reports.iter().any(|r| r == "FORMATTED"), "{reports:?}");
     assert!(reports.iter().any(|r| r.starts_with("POWERBUTTON-WATCHED")), "no ACPI power button in the guest: {reports:?}");
-    assert!(qemu_pid(&dir_a).is_some(), "no QEMU of vm1 runs at hv-a");
+    assert_eq!(qemu_machine(&dir_a), ("192M".into(), "2".into()), "QEMU at hv-a");
 
     w.protect_with_point("vm1");
     let t = Instant::now();
@@ -50,6 +59,8 @@ fn hook_boots_the_guest_and_planned_failover_moves_it_cleanly() {
     let reports = serial_b.reports();
     assert!(reports.iter().any(|r| r == "BOOT 2"), "{reports:?}");
     assert!(reports.iter().any(|r| r == "FSCK 0"), "e2fsck -fn in the guest at hv-b: {reports:?}");
+    // The machine settings travelled with the replica.
+    assert_eq!(qemu_machine(&dir_b), ("192M".into(), "2".into()), "QEMU at hv-b");
     let checked = serial_b.checked();
     for i in 1..=5 {
         assert_eq!(checked.get(&format!("b1-{i}")), Some(&true), "file b1-{i} at hv-b: {checked:?}");
@@ -61,8 +72,7 @@ fn hook_boots_the_guest_and_planned_failover_moves_it_cleanly() {
     assert!(qemu_pid(&dir_b).is_none(), "QEMU of vm1 still runs at hv-b after vm stop");
     let (rc, out) = e2fsck(&dir_b.join("disk0.img"));
     assert_eq!(rc, 0, "e2fsck -fn of vm1's disk at hv-b:\n{out}");
-    // The machine settings travelled with the VM (defaults: 1 GiB, 1 CPU).
     let vm = w.show("vm1");
-    assert_eq!(vm["machine"]["memory_bytes"], 1u64 << 30, "{vm}");
-    assert_eq!(vm["machine"]["cpus"], 1, "{vm}");
+    assert_eq!(vm["machine"]["memory_bytes"], 192u64 << 20, "{vm}");
+    assert_eq!(vm["machine"]["cpus"], 2, "{vm}");
 }

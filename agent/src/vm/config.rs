@@ -85,6 +85,32 @@ impl Default for MachineConfig {
 }
 
 impl MachineConfig {
+    /// From the wire (`field` names it in errors): unset or zero fields take the
+    /// defaults; the result is validated.
+    pub fn from_wire(m: Option<&v1::Machine>, field: &str) -> Result<Self, String> {
+        let Some(m) = m else { return Ok(Self::default()) };
+        let d = Self::default();
+        let c = Self {
+            memory_bytes: if m.memory_bytes == 0 { d.memory_bytes } else { m.memory_bytes },
+            cpus: if m.cpus == 0 { d.cpus } else { m.cpus },
+            kernel: m.kernel.clone(),
+            initrd: m.initrd.clone(),
+            append: m.append.clone(),
+        };
+        c.validate().map_err(|e| format!("{field}: {e}"))?;
+        Ok(c)
+    }
+
+    pub fn to_proto(&self) -> v1::Machine {
+        v1::Machine {
+            memory_bytes: self.memory_bytes,
+            cpus: self.cpus,
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            append: self.append.clone(),
+        }
+    }
+
     /// Checks the values (from a file or the wire); the error names the field.
     pub fn validate(&self) -> Result<(), String> {
         if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&self.memory_bytes) {

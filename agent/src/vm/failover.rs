@@ -5,7 +5,7 @@
 use siterecovery_proto::model::VmName;
 use siterecovery_proto::v1;
 
-use super::config::{DiskConfig, FailoverConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
+use super::config::{DiskConfig, FailoverConfig, MachineConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
 use super::entry::Entry;
 use super::journal::{self, ChangePointPlan, ChangePointStep, CommitDisk, CommitPlan, CommitStep, Journal, Outcome};
 use super::manager::VmManager;
@@ -20,6 +20,7 @@ impl VmManager {
         disks: &[(String, u64)],
         nics: &[v1::Nic],
         failover: FailoverConfig,
+        machine: MachineConfig,
         start: bool,
     ) -> Result<v1::Vm, VmError> {
         let name = name.as_str();
@@ -52,7 +53,7 @@ impl VmManager {
                 })
                 .collect(),
             failover: Some(failover),
-            machine: Default::default(),
+            machine,
         };
         if let Err(e) = save_config(&folder, &config) {
             let _ = std::fs::remove_dir_all(&folder);

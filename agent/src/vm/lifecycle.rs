@@ -11,7 +11,7 @@ use siterecovery_proto::v1;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{DiskConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
+use super::config::{DiskConfig, MachineConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
 use super::entry::{Disks, Entry, Running};
 use super::manager::{Hooks, VmManager};
 use super::{MAX_DISK_SIZE, MAX_SOCKET_PATH, VmError, io, now_ms};
@@ -110,8 +110,10 @@ impl VmManager {
         name: &VmName,
         disk_sizes: &[u64],
         nics: &[v1::Nic],
+        machine: MachineConfig,
         start: bool,
     ) -> Result<v1::Vm, VmError> {
+        machine.validate().map_err(VmError::Invalid)?;
         let name = name.as_str();
         if disk_sizes.is_empty() || disk_sizes.len() > 16 {
             return Err(VmError::Invalid("a VM has 1 to 16 disks".into()));
@@ -156,7 +158,7 @@ impl VmManager {
                 disks,
                 nics,
                 failover: None,
-                machine: Default::default(),
+                machine,
             };
             save_config(&folder, &config)?;
             Ok(config)

@@ -136,6 +136,9 @@ pub struct VmRecord {
     /// Set when the VM was started by a failover on its host.
     #[serde(default)]
     pub failover: Option<FailoverRecord>,
+    /// Memory, CPUs, boot settings (records from before them: the defaults).
+    #[serde(default)]
+    pub machine: super::machine::MachineRecord,
 }
 
 /// How a VM on a replica host came to run (from the agent's report).
@@ -271,6 +274,7 @@ impl VmRecord {
                 None => None,
                 Some(f) => Some(FailoverRecord::from_wire(f, &format!("{field}.failover"))?),
             },
+            machine: super::machine::MachineRecord::from_wire(vm.machine.as_ref(), &format!("{field}.machine"))?,
             disks: vm
                 .disks
                 .iter()
@@ -298,6 +302,7 @@ impl VmRecord {
             failover: self.failover.as_ref().map(FailoverRecord::to_proto),
             disks: self.disks.iter().map(DiskRecord::to_proto).collect(),
             nics: self.nics.iter().map(NicRecord::to_proto).collect(),
+            machine: Some(self.machine.to_proto()),
         }
     }
 }

@@ -117,6 +117,7 @@ pub struct CreateVmRequest {
     pub name: VmName,
     pub disk_sizes: Vec<u64>,
     pub nics: Vec<NicSpec>,
+    pub machine: super::machine::MachineRecord,
     pub start: bool,
 }
 
@@ -167,7 +168,8 @@ impl TryFrom<&v1::CreateVmRequest> for CreateVmRequest {
                 })
             })
             .collect::<Result<_, WireError>>()?;
-        Ok(Self { host, name, disk_sizes: r.disks.iter().map(|d| d.size_bytes).collect(), nics, start: r.start })
+        let machine = super::machine::MachineRecord::from_wire(r.machine.as_ref(), "create_vm.machine")?;
+        Ok(Self { host, name, disk_sizes: r.disks.iter().map(|d| d.size_bytes).collect(), nics, machine, start: r.start })
     }
 }
 
@@ -188,6 +190,7 @@ impl CreateVmRequest {
                     mac: String::new(),
                 })
                 .collect(),
+            machine: Some(self.machine.to_proto()),
             start: self.start,
         })
     }
