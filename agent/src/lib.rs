@@ -16,6 +16,7 @@ pub mod extents;
 pub mod faults;
 pub mod files;
 pub mod hrl;
+pub mod machine;
 pub mod nbd;
 pub mod offline;
 pub mod overlay;

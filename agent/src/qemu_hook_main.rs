@@ -30,6 +30,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per run: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Start QEMU detached (`-daemonize`; qemu.pid, qmp.sock, serial.log in the VM folder).
@@ -88,8 +90,9 @@ fn main() -> ExitCode {
         Cmd::Start { vm, nbd_uris, qemu, accel, nets, kernel, initrd, append, serial, extra } => {
             let uris: Vec<String> = nbd_uris.split_whitespace().map(str::to_owned).collect();
             let launch = Launch { accel, nets, serial, default_boot: Boot { kernel, initrd, append }, extra };
-            qemu_hook::start(&qemu, &folder, &vm, &uris, &launch)
-                .map(|pid| println!("QEMU runs VM {vm} (pid {pid}, QMP {})", folder.join(qemu_hook::QMP_SOCKET).display()))
+            qemu_hook::start(&qemu, &folder, &vm, &uris, &launch).map(|pid| {
+                println!("QEMU runs VM {vm} (pid {pid}, QMP {})", folder.join(qemu_hook::QMP_SOCKET).display())
+            })
         }
         Cmd::Stop { grace, quit_timeout } => {
             let plan = StopPlan { grace: Duration::from_secs(grace), quit_timeout: Duration::from_secs(quit_timeout) };

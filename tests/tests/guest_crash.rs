@@ -49,7 +49,11 @@ fn crash_round(round: usize, synced_before: usize) {
     let vm = w.show("vm1");
     assert_eq!(vm["host"], "hv-b", "{vm}");
     let seq = |id: &serde_json::Value| id.as_str().and_then(|s| s.trim_start_matches('p').parse::<u64>().ok());
-    assert!(seq(&vm["failover"]["point_id"]) >= seq(&point["id"]), "failed over to an older point than {}: {job}", point["id"]);
+    assert!(
+        seq(&vm["failover"]["point_id"]) >= seq(&point["id"]),
+        "failed over to an older point than {}: {job}",
+        point["id"]
+    );
 
     let checked_line = serial_b.wait_for("CHECKED", BOOT);
     let reports = serial_b.reports();
@@ -59,15 +63,23 @@ fn crash_round(round: usize, synced_before: usize) {
         vm["failover"]["point_id"],
         t.elapsed()
     );
-    assert!(reports.iter().any(|r| r == "FSCK 0"), "round {round}: e2fsck -fn in the guest at hv-b: {reports:?} {checked_line}");
+    assert!(
+        reports.iter().any(|r| r == "FSCK 0"),
+        "round {round}: e2fsck -fn in the guest at hv-b: {reports:?} {checked_line}"
+    );
     let checked = serial_b.checked();
     let lost: Vec<&String> = synced.iter().filter(|f| checked.get(*f) != Some(&true)).collect();
-    assert!(lost.is_empty(), "round {round}: files synced before the point are missing or damaged: {lost:?}; checked {checked:?}");
+    assert!(
+        lost.is_empty(),
+        "round {round}: files synced before the point are missing or damaged: {lost:?}; checked {checked:?}"
+    );
 
     // Stop the guest (ACPI, through the hook as the agent runs it) and check its disk
     // on the host, read through the export hv-b still serves.
     let hook = bin("siterecovery-qemu-hook");
-    let o = w.lab.run(std::process::Command::new(&hook).args(["stop", "--grace", "20"]).env("SITERECOVERY_VM_FOLDER", &dir_b));
+    let o = w
+        .lab
+        .run(std::process::Command::new(&hook).args(["stop", "--grace", "20"]).env("SITERECOVERY_VM_FOLDER", &dir_b));
     assert_ok(&o, "siterecovery-qemu-hook stop at hv-b");
     assert!(qemu_pid(&dir_b).is_none(), "QEMU still runs at hv-b");
     assert!(serial_b.reports().iter().any(|r| r == "UNMOUNTED"), "{:?}", serial_b.reports());

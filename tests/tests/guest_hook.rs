@@ -18,7 +18,8 @@ fn qemu_machine(folder: &std::path::Path) -> (String, String) {
     let pid = qemu_pid(folder).unwrap_or_else(|| panic!("no QEMU runs in {}", folder.display()));
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
     let args: Vec<String> = cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-    let after = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
+    let after =
+        |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
     (after("-m"), after("-smp"))
 }
 
@@ -33,13 +34,18 @@ fn hook_boots_the_guest_and_planned_failover_moves_it_cleanly() {
     let _reaper = QemuReaper::new(&[dir_a.clone(), dir_b.clone()]);
     w.pair("fast", &[]);
     let t = Instant::now();
-    w.cli_json(&["vm", "create", "--host", "hv-a", "--name", "vm1", "--disk", "64M", "--memory", "192M", "--cpus", "2"]);
+    w.cli_json(&[
+        "vm", "create", "--host", "hv-a", "--name", "vm1", "--disk", "64M", "--memory", "192M", "--cpus", "2",
+    ]);
     let (serial_a, serial_b) = (Serial::of(&dir_a), Serial::of(&dir_b));
     serial_a.wait_for("WROTE 5", BOOT);
     eprintln!("[guest] booted at hv-a, formatted, wrote 5 files in {:?}", t.elapsed());
     let reports = serial_a.reports();
     assert!(reports.iter().any(|r| r == "FORMATTED"), "{reports:?}");
-    assert!(reports.iter().any(|r| r.starts_with("POWERBUTTON-WATCHED")), "no ACPI power button in the guest: {reports:?}");
+    assert!(
+        reports.iter().any(|r| r.starts_with("POWERBUTTON-WATCHED")),
+        "no ACPI power button in the guest: {reports:?}"
+    );
     assert_eq!(qemu_machine(&dir_a), ("192M".into(), "2".into()), "QEMU at hv-a");
 
     w.protect_with_point("vm1");
@@ -68,7 +74,11 @@ fn hook_boots_the_guest_and_planned_failover_moves_it_cleanly() {
 
     // Stopped at hv-b (ACPI again), its committed image passes e2fsck on the host.
     w.cli_json(&["vm", "stop", "vm1"]);
-    assert!(serial_b.reports().iter().any(|r| r == "UNMOUNTED"), "the guest at hv-b did not unmount: {:?}", serial_b.reports());
+    assert!(
+        serial_b.reports().iter().any(|r| r == "UNMOUNTED"),
+        "the guest at hv-b did not unmount: {:?}",
+        serial_b.reports()
+    );
     assert!(qemu_pid(&dir_b).is_none(), "QEMU of vm1 still runs at hv-b after vm stop");
     let (rc, out) = e2fsck(&dir_b.join("disk0.img"));
     assert_eq!(rc, 0, "e2fsck -fn of vm1's disk at hv-b:\n{out}");

@@ -45,7 +45,8 @@ fn ifname(s: &str) -> Result<String, String> {
 impl FromStr for NetMap {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (network, backend) = s.split_once('=').ok_or_else(|| format!("{s:?}: want NETWORK=tap:IF or NETWORK=bridge:BR"))?;
+        let (network, backend) =
+            s.split_once('=').ok_or_else(|| format!("{s:?}: want NETWORK=tap:IF or NETWORK=bridge:BR"))?;
         if network.is_empty() || network.contains(',') {
             return Err(format!("{s:?}: bad network name {network:?}"));
         }
@@ -82,7 +83,9 @@ pub struct Launch {
 pub enum LaunchError {
     #[error("vm.json: {0}")]
     Machine(String),
-    #[error("NIC {index} (network {network:?}) has no --net mapping; give --net {network}=tap:IF, --net {network}=bridge:BR or --net '*=...'")]
+    #[error(
+        "NIC {index} (network {network:?}) has no --net mapping; give --net {network}=tap:IF, --net {network}=bridge:BR or --net '*=...'"
+    )]
     UnmappedNic { index: usize, network: String },
     #[error("{want} NBD URIs for {disks} disks")]
     Uris { want: usize, disks: usize },
@@ -169,7 +172,12 @@ mod tests {
             name: "vm1".into(),
             created_unix_ms: 0,
             power: Power::Running,
-            disks: vec![DiskConfig { id: "disk0".into(), size_bytes: 1 << 20, file: "disk0.img".into(), tracking: false }],
+            disks: vec![DiskConfig {
+                id: "disk0".into(),
+                size_bytes: 1 << 20,
+                file: "disk0.img".into(),
+                tracking: false,
+            }],
             nics: vec![],
             failover: None,
             machine: MachineConfig::default(),
@@ -190,11 +198,14 @@ mod tests {
 
     #[test]
     fn defaults_boot_disk0_with_1g_1cpu_and_qmp_in_the_folder() {
-        let a = qemu_args(&vm(), Path::new("/d/a,b"), &uris(), &launch()).unwrap();
+        let a = qemu_args(&vm(), Path::new("/d/a,b"), &uris(), &launch()).expect("accepted");
         assert_eq!(after(&a, "-m"), ["1024M"]);
         assert_eq!(after(&a, "-smp"), ["1"]);
         assert_eq!(after(&a, "-accel"), ["kvm"]);
-        assert_eq!(after(&a, "-drive"), ["file=nbd+unix:///vm1-disk0?socket=/d/a,,b/nbd.sock,format=raw,if=virtio,cache=none"]);
+        assert_eq!(
+            after(&a, "-drive"),
+            ["file=nbd+unix:///vm1-disk0?socket=/d/a,,b/nbd.sock,format=raw,if=virtio,cache=none"]
+        );
         assert_eq!(after(&a, "-qmp"), ["unix:/d/a,,b/qmp.sock,server=on,wait=off"]);
         assert_eq!(after(&a, "-pidfile"), ["/d/a,b/qemu.pid"]);
         assert_eq!(after(&a, "-boot"), ["order=c"]);
@@ -204,32 +215,42 @@ mod tests {
     #[test]
     fn vm_kernel_wins_over_the_hook_default_and_memory_cpus_follow_the_config() {
         let mut c = vm();
-        c.machine = MachineConfig { memory_bytes: 256 << 20, cpus: 2, kernel: "/k".into(), initrd: "/i".into(), append: "x=1".into() };
+        c.machine = MachineConfig {
+            memory_bytes: 256 << 20,
+            cpus: 2,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            append: "x=1".into(),
+        };
         let mut l = launch();
         l.accel = Accel::Tcg;
         l.default_boot = Boot { kernel: Some("/other".into()), initrd: None, append: None };
-        let a = qemu_args(&c, Path::new("/d"), &uris(), &l).unwrap();
+        let a = qemu_args(&c, Path::new("/d"), &uris(), &l).expect("accepted");
         assert_eq!((after(&a, "-m"), after(&a, "-smp")), (vec!["256M"], vec!["2"]));
-        assert_eq!((after(&a, "-kernel"), after(&a, "-initrd"), after(&a, "-append")), (vec!["/k"], vec!["/i"], vec!["x=1"]));
+        assert_eq!(
+            (after(&a, "-kernel"), after(&a, "-initrd"), after(&a, "-append")),
+            (vec!["/k"], vec!["/i"], vec!["x=1"])
+        );
         assert_eq!(after(&a, "-accel"), ["tcg"]);
         // The hook's kernel is the default for VMs that name none.
-        let a = qemu_args(&vm(), Path::new("/d"), &uris(), &l).unwrap();
+        let a = qemu_args(&vm(), Path::new("/d"), &uris(), &l).expect("accepted");
         assert_eq!(after(&a, "-kernel"), ["/other"]);
     }
 
     #[test]
     fn nics_need_a_mapping_and_get_their_mac() {
         let mut c = vm();
-        c.nics = vec![NicConfig { network: "corp".into(), ip: String::new(), dhcp: true, mac: "52:54:00:01:02:03".into() }];
-        let err = qemu_args(&c, Path::new("/d"), &uris(), &launch()).unwrap_err();
+        c.nics =
+            vec![NicConfig { network: "corp".into(), ip: String::new(), dhcp: true, mac: "52:54:00:01:02:03".into() }];
+        let err = qemu_args(&c, Path::new("/d"), &uris(), &launch()).expect_err("refused");
         assert!(matches!(err, LaunchError::UnmappedNic { index: 0, .. }), "{err}");
         let mut l = launch();
-        l.nets = vec!["*=bridge:br0".parse().unwrap()];
-        let a = qemu_args(&c, Path::new("/d"), &uris(), &l).unwrap();
+        l.nets = vec!["*=bridge:br0".parse().expect("accepted")];
+        let a = qemu_args(&c, Path::new("/d"), &uris(), &l).expect("accepted");
         assert_eq!(after(&a, "-netdev"), ["bridge,id=net0,br=br0"]);
         assert_eq!(after(&a, "-device"), ["virtio-net-pci,netdev=net0,mac=52:54:00:01:02:03"]);
-        l.nets = vec!["corp=tap:tap7".parse().unwrap(), "*=bridge:br0".parse().unwrap()];
-        let a = qemu_args(&c, Path::new("/d"), &uris(), &l).unwrap();
+        l.nets = vec!["corp=tap:tap7".parse().expect("accepted"), "*=bridge:br0".parse().expect("accepted")];
+        let a = qemu_args(&c, Path::new("/d"), &uris(), &l).expect("accepted");
         assert_eq!(after(&a, "-netdev"), ["tap,id=net0,ifname=tap7,script=no,downscript=no"]);
     }
 

@@ -15,7 +15,7 @@ mod launch;
 mod process;
 mod qmp;
 
-pub use launch::{Accel, Boot, LaunchError, Launch, NetMap, qemu_args};
+pub use launch::{Accel, Boot, Launch, LaunchError, NetMap, qemu_args};
 pub use process::{StopOutcome, StopPlan, start, stop};
 pub use qmp::{Qmp, QmpError};
 

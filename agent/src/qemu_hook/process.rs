@@ -53,7 +53,10 @@ pub fn start(qemu: &Path, folder: &Path, vm: &str, uris: &[String], l: &Launch) 
         .output()
         .map_err(|error| HookError::QemuMissing { path: qemu.to_path_buf(), error })?;
     if !out.status.success() {
-        return Err(HookError::QemuFailed { status: out.status, stderr: String::from_utf8_lossy(&out.stderr).trim().into() });
+        return Err(HookError::QemuFailed {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().into(),
+        });
     }
     running_pid(folder).ok_or_else(|| HookError::QemuFailed {
         status: out.status,

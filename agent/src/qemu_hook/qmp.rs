@@ -85,7 +85,8 @@ impl Qmp {
             }
             match self.read_message() {
                 Err(QmpError::Closed) => return true,
-                Err(QmpError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(QmpError::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                 Err(QmpError::Io(_)) => return true,
                 _ => {}
             }

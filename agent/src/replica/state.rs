@@ -23,7 +23,7 @@ pub struct ReplicaSpec {
     pub bucket_ms: u64,
     /// The VM's machine settings (from the primary's VM): a failed-over VM runs with them.
     #[serde(default)]
-    pub machine: crate::vm::MachineConfig,
+    pub machine: crate::machine::MachineConfig,
 }
 
 fn default_bucket() -> u64 {

@@ -5,11 +5,12 @@
 use siterecovery_proto::model::VmName;
 use siterecovery_proto::v1;
 
-use super::config::{DiskConfig, FailoverConfig, MachineConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
+use super::config::{DiskConfig, FailoverConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
 use super::entry::Entry;
 use super::journal::{self, ChangePointPlan, ChangePointStep, CommitDisk, CommitPlan, CommitStep, Journal, Outcome};
 use super::manager::VmManager;
 use super::{VmError, io, now_ms};
+use crate::machine::MachineConfig;
 
 impl VmManager {
     /// Creates a VM whose disks are copy-on-write overlays over a recovery point of a

@@ -11,11 +11,12 @@ use siterecovery_proto::v1;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{DiskConfig, MachineConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
+use super::config::{DiskConfig, NicConfig, Power, VmConfig, random_mac, read_config, save_config};
 use super::entry::{Disks, Entry, Running};
 use super::manager::{Hooks, VmManager};
 use super::{MAX_DISK_SIZE, MAX_SOCKET_PATH, VmError, io, now_ms};
 use crate::files::{self, SocketAccess};
+use crate::machine::MachineConfig;
 use crate::nbd::Exports;
 use crate::replica::ReplicaSet;
 

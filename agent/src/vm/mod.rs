@@ -29,9 +29,8 @@ mod running;
 #[cfg(test)]
 mod tests;
 
-pub use config::{
-    CONFIG_FILE, DEFAULT_MEMORY_BYTES, DiskConfig, FailoverConfig, MachineConfig, NicConfig, Power, VmConfig, read_config,
-};
+pub use crate::machine::{DEFAULT_MEMORY_BYTES, MachineConfig};
+pub use config::{CONFIG_FILE, DiskConfig, FailoverConfig, NicConfig, Power, VmConfig, read_config};
 pub use error::VmError;
 use error::io;
 pub use manager::{DiskHandles, Hooks, VmManager};

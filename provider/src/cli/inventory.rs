@@ -202,7 +202,12 @@ fn print_vm(v: &v1::Vm, json: bool) -> Result<()> {
         let boot = if m.kernel.is_empty() {
             "disk0".to_string()
         } else {
-            format!("kernel {} initrd {} append {:?}", m.kernel, if m.initrd.is_empty() { "-" } else { &m.initrd }, m.append)
+            format!(
+                "kernel {} initrd {} append {:?}",
+                m.kernel,
+                if m.initrd.is_empty() { "-" } else { &m.initrd },
+                m.append
+            )
         };
         println!("machine   {} memory, {} CPU(s), boot {boot}", human_size(m.memory_bytes), m.cpus);
     }

@@ -26,7 +26,13 @@ pub struct MachineRecord {
 
 impl Default for MachineRecord {
     fn default() -> Self {
-        Self { memory_bytes: DEFAULT_MEMORY_BYTES, cpus: 1, kernel: String::new(), initrd: String::new(), append: String::new() }
+        Self {
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+            cpus: 1,
+            kernel: String::new(),
+            initrd: String::new(),
+            append: String::new(),
+        }
     }
 }
 
@@ -42,7 +48,7 @@ impl MachineRecord {
             initrd: m.initrd.clone(),
             append: m.append.clone(),
         };
-        if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&r.memory_bytes) || r.memory_bytes % (1 << 20) != 0 {
+        if !(MIN_MEMORY_BYTES..=MAX_MEMORY_BYTES).contains(&r.memory_bytes) || !r.memory_bytes.is_multiple_of(1 << 20) {
             return Err(WireError::rule(
                 format!("{field}.memory_bytes"),
                 format!("memory {} must be whole MiB between 16 MiB and 16 TiB", r.memory_bytes),
@@ -82,11 +88,12 @@ mod tests {
 
     #[test]
     fn defaults_and_refusals() {
-        assert_eq!(MachineRecord::from_wire(None, "m").unwrap(), MachineRecord::default());
+        assert_eq!(MachineRecord::from_wire(None, "m").expect("accepted"), MachineRecord::default());
         let zero = v1::Machine::default();
-        assert_eq!(MachineRecord::from_wire(Some(&zero), "m").unwrap(), MachineRecord::default());
-        let ok = v1::Machine { memory_bytes: 256 << 20, cpus: 4, kernel: "/k".into(), append: "a".into(), ..zero.clone() };
-        assert_eq!(MachineRecord::from_wire(Some(&ok), "m").unwrap().to_proto(), ok);
+        assert_eq!(MachineRecord::from_wire(Some(&zero), "m").expect("accepted"), MachineRecord::default());
+        let ok =
+            v1::Machine { memory_bytes: 256 << 20, cpus: 4, kernel: "/k".into(), append: "a".into(), ..zero.clone() };
+        assert_eq!(MachineRecord::from_wire(Some(&ok), "m").expect("accepted").to_proto(), ok);
         for (bad, field) in [
             (v1::Machine { memory_bytes: 1 << 20, ..zero.clone() }, "m.memory_bytes"),
             (v1::Machine { memory_bytes: (1 << 30) + 1, ..zero.clone() }, "m.memory_bytes"),
@@ -94,7 +101,7 @@ mod tests {
             (v1::Machine { kernel: "vmlinuz".into(), ..zero.clone() }, "m.kernel"),
             (v1::Machine { append: "x".into(), ..zero.clone() }, "m.kernel"),
         ] {
-            let e = MachineRecord::from_wire(Some(&bad), "m").unwrap_err();
+            let e = MachineRecord::from_wire(Some(&bad), "m").expect_err("refused");
             assert!(e.to_string().contains(field), "{bad:?}: {e}");
         }
     }

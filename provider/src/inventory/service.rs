@@ -169,7 +169,14 @@ impl TryFrom<&v1::CreateVmRequest> for CreateVmRequest {
             })
             .collect::<Result<_, WireError>>()?;
         let machine = super::machine::MachineRecord::from_wire(r.machine.as_ref(), "create_vm.machine")?;
-        Ok(Self { host, name, disk_sizes: r.disks.iter().map(|d| d.size_bytes).collect(), nics, machine, start: r.start })
+        Ok(Self {
+            host,
+            name,
+            disk_sizes: r.disks.iter().map(|d| d.size_bytes).collect(),
+            nics,
+            machine,
+            start: r.start,
+        })
     }
 }
 
@@ -412,6 +419,7 @@ mod tests {
 
     fn create() -> v1::CreateVmRequest {
         v1::CreateVmRequest {
+            machine: Default::default(),
             host: "hv1".into(),
             name: "vm1".into(),
             disks: vec![v1::DiskSpec { size_bytes: 1 << 20 }],

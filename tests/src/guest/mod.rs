@@ -143,7 +143,10 @@ impl Serial {
 
     /// The `SR-` reports, without the prefix (`FILE b1-3 ok`, `SYNCED b1-4`, ...).
     pub fn reports(&self) -> Vec<String> {
-        self.text().lines().filter_map(|l| l.trim_end_matches('\r').split_once("SR-").map(|(_, r)| r.to_owned())).collect()
+        self.text()
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').split_once("SR-").map(|(_, r)| r.to_owned()))
+            .collect()
     }
 
     /// Waits for a report starting with `prefix`; returns it.
@@ -154,7 +157,12 @@ impl Serial {
             found = self.reports().into_iter().find(|r| r.starts_with(prefix));
             found.is_some()
         });
-        assert!(ok, "the guest did not report {prefix:?} within {timeout:?}; its console {}:\n{}", self.path.display(), tail(&self.text()));
+        assert!(
+            ok,
+            "the guest did not report {prefix:?} within {timeout:?}; its console {}:\n{}",
+            self.path.display(),
+            tail(&self.text())
+        );
         found.unwrap_or_default()
     }
 
@@ -227,5 +235,8 @@ impl Drop for QemuReaper {
 /// `e2fsck -fn` of a raw image file on the host: (exit code, output).
 pub fn e2fsck(image: &Path) -> (i32, String) {
     let o = std::process::Command::new("/usr/sbin/e2fsck").args(["-fn"]).arg(image).output().expect("run e2fsck");
-    (o.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    (
+        o.status.code().unwrap_or(-1),
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+    )
 }

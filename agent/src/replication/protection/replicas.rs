@@ -13,6 +13,9 @@ use super::{PointExport, Protection, ProtectionError};
 use crate::offline::{ExportTarget, Manifest, Target, TargetDisk};
 use crate::replica::{PointInfo, ReplicaDisk, ReplicaSpec};
 
+/// A point of a replica: its id, the disks (id, size), the VM's machine settings.
+type ResolvedPoint = (String, Vec<(String, u64)>, crate::vm::MachineConfig);
+
 impl Protection {
     /// The replica side of a new relationship.
     pub async fn prepare_replica(&self, c: PrepareReplica) -> Result<(), ProtectionError> {
@@ -120,11 +123,7 @@ impl Protection {
         }
     }
 
-    fn resolve_point(
-        &self,
-        replica_of: &VmName,
-        point: PointSelector,
-    ) -> Result<(String, Vec<(String, u64)>, crate::vm::MachineConfig), ProtectionError> {
+    fn resolve_point(&self, replica_of: &VmName, point: PointSelector) -> Result<ResolvedPoint, ProtectionError> {
         let r = self
             .replicas
             .get(replica_of)
