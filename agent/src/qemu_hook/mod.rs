@@ -43,13 +43,11 @@ pub enum HookError {
     QmpSocket { pid: i32, path: PathBuf, error: QmpError },
     #[error("QEMU (pid {0}) did not exit even after SIGKILL")]
     Unkillable(i32),
-    #[error("{}: {error}", .path.display())]
-    Io { path: PathBuf, error: std::io::Error },
 }
 
 impl HookError {
     /// The process exit code: 2 bad config or environment, 3 QEMU missing, 4 QEMU
-    /// refused to start, 5 QMP socket missing or broken, 6 QEMU would not stop, 1 other.
+    /// refused to start, 5 QMP socket missing or broken, 6 QEMU would not stop.
     pub fn exit_code(&self) -> i32 {
         match self {
             HookError::Config(_) => 2,
@@ -57,7 +55,6 @@ impl HookError {
             HookError::QemuFailed { .. } | HookError::AlreadyRunning(_) => 4,
             HookError::QmpSocket { .. } => 5,
             HookError::Unkillable(_) => 6,
-            HookError::Io { .. } => 1,
         }
     }
 }
