@@ -86,3 +86,31 @@ fn hook_boots_the_guest_and_planned_failover_moves_it_cleanly() {
     assert_eq!(vm["machine"]["memory_bytes"], 192u64 << 20, "{vm}");
     assert_eq!(vm["machine"]["cpus"], 2, "{vm}");
 }
+
+/// The hook's refusals: their exit codes and messages on stderr (no guest needed).
+#[test]
+fn hook_errors_have_clear_messages_and_exit_codes() {
+    let w = World::new("hook_errors");
+    w.vm("vm1", &["16M"], &[]);
+    let folder = w.vm_dir("hv-a", "vm1");
+    let hook = bin("siterecovery-qemu-hook");
+    let run = |args: &[&str], folder: &std::path::Path| {
+        let mut c = std::process::Command::new(&hook);
+        c.args(args)
+            .env("SITERECOVERY_VM_FOLDER", folder)
+            .env("SITERECOVERY_VM", "vm1")
+            .env_remove("SITERECOVERY_NBD_URIS");
+        w.lab.run(&mut c)
+    };
+    let o = run(&["start", "--qemu", "/nonexistent/qemu-system-x86_64"], &folder);
+    assert_exit(&o, 3, "start with QEMU missing");
+    assert!(stderr(&o).contains("QEMU not found"), "{}", stderr(&o));
+    let o = run(&["start", "--vm", "vm2"], &folder);
+    assert_exit(&o, 2, "start naming another VM");
+    let o = run(&["start"], &w.lab.root.join("no-such-folder"));
+    assert_exit(&o, 2, "start without vm.json");
+    // Nothing runs: stop has nothing to do.
+    let o = run(&["stop", "--grace", "1"], &folder);
+    assert_exit(&o, 0, "stop without QEMU");
+    assert!(stdout(&o).contains("NotRunning"), "{}", stdout(&o));
+}
