@@ -114,6 +114,7 @@ impl Env {
         let replicas = Arc::new(ReplicaSet::open(&root.join("host-b/replicas")).expect("replicas"));
         replicas
             .prepare(ReplicaSpec {
+                machine: Default::default(),
                 relationship_id: REL.into(),
                 vm: VM.into(),
                 primary_host_id: "host-a".into(),

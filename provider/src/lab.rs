@@ -334,6 +334,7 @@ async fn journey(channel: Chan, demo: bool) -> Result<()> {
             disks: vec![v1::DiskSpec { size_bytes: 256 << 20 }, v1::DiskSpec { size_bytes: 64 << 20 }],
             nics: vec![],
             start: true,
+            machine: None,
         })
         .await
         .map_err(rpc("vm create"))?

@@ -13,13 +13,14 @@
 //! Modules, lowest first: [`wait`] (clocks, polls), [`output`] (a command's output and
 //! the assertions on it), [`proc`] (binaries, ports, processes), [`proxy`] (network faults), [`files`], [`lab`]
 //! (starting things, running commands), then what runs in a lab: [`cli`] (the operator
-//! CLI and its JSON), [`grpcurl`], [`qemu`], [`writers`] (background qemu-io writers),
+//! CLI and its JSON), [`grpcurl`], [`qemu`], [`guest`] (a real Linux guest for the QEMU hook), [`writers`] (background qemu-io writers),
 //! [`world`] (the two-site set-up), and [`campaign`] (the seeded crash campaign).
 
 pub mod campaign;
 pub mod cli;
 pub mod files;
 pub mod grpcurl;
+pub mod guest;
 pub mod lab;
 pub mod metrics;
 pub mod output;

@@ -22,7 +22,7 @@ pub const TERM_DEADLINE: Duration = Duration::from_secs(15);
 
 /// The directory holding the workspace's binaries: the test executable is
 /// `target/<profile>/deps/<test>-<hash>`, the binaries are in `target/<profile>/`.
-fn bin_dir() -> PathBuf {
+pub fn bin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("current_exe");

@@ -25,7 +25,7 @@ pub struct Command {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommandKind {
-    CreateVm { name: VmName, disk_sizes: Vec<u64>, nics: Vec<v1::Nic>, start: bool },
+    CreateVm { name: VmName, disk_sizes: Vec<u64>, nics: Vec<v1::Nic>, machine: crate::vm::MachineConfig, start: bool },
     DeleteVm { name: VmName },
     StartVm { name: VmName },
     StopVm { name: VmName },
@@ -119,6 +119,8 @@ impl TryFrom<v1::ProviderMessage> for Command {
                 name: field("create_vm.name", &c.name)?,
                 nics: nics("create_vm.nics", &c.nics)?,
                 disk_sizes: c.disk_sizes,
+                machine: crate::vm::MachineConfig::from_wire(c.machine.as_ref(), "create_vm.machine")
+                    .map_err(|e| WireError::rule("create_vm.machine", e))?,
                 start: c.start,
             },
             Wire::DeleteVm(c) => CommandKind::DeleteVm { name: field("delete_vm.name", &c.name)? },
@@ -141,6 +143,8 @@ impl TryFrom<v1::ProviderMessage> for Command {
                     .collect::<Result<_, WireError>>()?,
                 settings: c.settings.unwrap_or_default(),
                 adopt_vm_disks: c.adopt_vm_disks,
+                machine: crate::vm::MachineConfig::from_wire(c.machine.as_ref(), "prepare_replica.machine")
+                    .map_err(|e| WireError::rule("prepare_replica.machine", e))?,
             }),
             Wire::StartReplication(c) => CommandKind::StartReplication(request::StartReplication {
                 replica_address: address("start_replication.replica_address", &c.replica_address)?,

@@ -50,8 +50,8 @@ pub async fn execute(vms: &VmManager, protection: &Protection, c: Command) -> v1
     let with_vm = |vm, r| v1::CommandResult { vm: Some(vm), ..r };
     let with_bytes = |bytes, r| v1::CommandResult { bytes, ..r };
     match c.kind {
-        CommandKind::CreateVm { name, disk_sizes, nics, start } => {
-            vm_result(id, vms.create(&name, &disk_sizes, &nics, start).await.map(Some))
+        CommandKind::CreateVm { name, disk_sizes, nics, machine, start } => {
+            vm_result(id, vms.create(&name, &disk_sizes, &nics, machine, start).await.map(Some))
         }
         CommandKind::DeleteVm { name } => vm_result(id, vms.delete(&name).await.map(|()| None)),
         CommandKind::StartVm { name } => vm_result(id, vms.start(&name).await.map(Some)),

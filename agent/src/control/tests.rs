@@ -27,7 +27,13 @@ type Maker = fn(&str) -> W;
 fn cases() -> Vec<(&'static str, Maker)> {
     vec![
         ("create_vm.name", |v| {
-            W::CreateVm(v1::CreateVm { name: v.into(), disk_sizes: vec![1 << 20], nics: vec![nic()], start: true })
+            W::CreateVm(v1::CreateVm {
+                machine: Default::default(),
+                name: v.into(),
+                disk_sizes: vec![1 << 20],
+                nics: vec![nic()],
+                start: true,
+            })
         }),
         ("create_vm.nics[0].network", |v| {
             W::CreateVm(v1::CreateVm {

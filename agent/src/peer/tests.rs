@@ -30,6 +30,7 @@ fn env() -> Env {
     let replicas = Arc::new(ReplicaSet::open(&root.path().join("replicas")).expect("replicas"));
     replicas
         .prepare(ReplicaSpec {
+            machine: Default::default(),
             relationship_id: REL.into(),
             vm: "vm1".into(),
             primary_host_id: "host-a".into(),

@@ -21,6 +21,9 @@ pub struct ReplicaSpec {
     /// One point is kept per bucket of this length (an hour; shorter in tests).
     #[serde(default = "default_bucket")]
     pub bucket_ms: u64,
+    /// The VM's machine settings (from the primary's VM): a failed-over VM runs with them.
+    #[serde(default)]
+    pub machine: crate::machine::MachineConfig,
 }
 
 fn default_bucket() -> u64 {

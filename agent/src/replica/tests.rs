@@ -23,6 +23,7 @@ fn vm(name: &str) -> siterecovery_proto::model::VmName {
 
 fn spec(vm: &str, bucket_ms: u64) -> ReplicaSpec {
     ReplicaSpec {
+        machine: Default::default(),
         bucket_ms,
         relationship_id: "r-00000001".into(),
         vm: vm.into(),

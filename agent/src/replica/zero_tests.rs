@@ -16,6 +16,7 @@ fn disk0() -> siterecovery_proto::model::DiskId {
 
 fn spec(vm: &str, bucket_ms: u64) -> ReplicaSpec {
     ReplicaSpec {
+        machine: Default::default(),
         bucket_ms,
         relationship_id: "r-00000001".into(),
         vm: vm.into(),

@@ -48,6 +48,10 @@ pub struct VmConfig {
     /// Set on a VM started by a failover on this (replica) host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverConfig>,
+    /// What the hypervisor gives the VM (memory, CPUs, how it boots); read by the QEMU
+    /// hook (`siterecovery-qemu-hook`). Absent in files from before it: the defaults.
+    #[serde(default)]
+    pub machine: crate::machine::MachineConfig,
 }
 
 /// How a failed-over (or test) VM runs: until commit its disks are copy-on-write

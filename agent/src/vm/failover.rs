@@ -10,6 +10,7 @@ use super::entry::Entry;
 use super::journal::{self, ChangePointPlan, ChangePointStep, CommitDisk, CommitPlan, CommitStep, Journal, Outcome};
 use super::manager::VmManager;
 use super::{VmError, io, now_ms};
+use crate::machine::MachineConfig;
 
 impl VmManager {
     /// Creates a VM whose disks are copy-on-write overlays over a recovery point of a
@@ -20,6 +21,8 @@ impl VmManager {
         disks: &[(String, u64)],
         nics: &[v1::Nic],
         failover: FailoverConfig,
+        machine: MachineConfig,
+        start: bool,
     ) -> Result<v1::Vm, VmError> {
         let name = name.as_str();
         let mut vms = self.vms.lock().await;
@@ -51,6 +54,7 @@ impl VmManager {
                 })
                 .collect(),
             failover: Some(failover),
+            machine,
         };
         if let Err(e) = save_config(&folder, &config) {
             let _ = std::fs::remove_dir_all(&folder);
@@ -58,6 +62,9 @@ impl VmManager {
         }
         vms.insert(name.into(), Entry { config, folder: folder.clone(), running: None });
         let entry = vms.get_mut(name).ok_or_else(|| VmError::NotFound(name.into()))?;
+        if !start {
+            return Ok(self.report(entry));
+        }
         if let Err(e) = self.start_entry(entry).await {
             vms.remove(name);
             let _ = std::fs::remove_dir_all(&folder);

@@ -17,6 +17,7 @@ use super::journal::{self, AdoptDisk, AdoptPlan, AdoptStep, Journal};
 use super::manager::{Hooks, VmManager};
 use super::{MAX_DISK_SIZE, MAX_SOCKET_PATH, VmError, io, now_ms};
 use crate::files::{self, SocketAccess};
+use crate::machine::MachineConfig;
 use crate::nbd::Exports;
 use crate::replica::{ReplicaSet, ReplicaSpec};
 
@@ -120,8 +121,10 @@ impl VmManager {
         name: &VmName,
         disk_sizes: &[u64],
         nics: &[v1::Nic],
+        machine: MachineConfig,
         start: bool,
     ) -> Result<v1::Vm, VmError> {
+        machine.validate().map_err(VmError::Invalid)?;
         let name = name.as_str();
         if disk_sizes.is_empty() || disk_sizes.len() > 16 {
             return Err(VmError::Invalid("a VM has 1 to 16 disks".into()));
@@ -166,6 +169,7 @@ impl VmManager {
                 disks,
                 nics,
                 failover: None,
+                machine,
             };
             save_config(&folder, &config)?;
             Ok(config)

@@ -29,6 +29,7 @@ mod running;
 #[cfg(test)]
 mod tests;
 
+pub use crate::machine::{DEFAULT_MEMORY_BYTES, MachineConfig};
 pub use config::{CONFIG_FILE, DiskConfig, FailoverConfig, NicConfig, Power, VmConfig, read_config};
 pub use error::VmError;
 use error::io;

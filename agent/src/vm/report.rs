@@ -28,6 +28,7 @@ impl VmManager {
             created_unix_ms: e.config.created_unix_ms,
             replication: None,
             failover: e.config.failover.as_ref().map(FailoverConfig::to_proto),
+            machine: Some(e.config.machine.to_proto()),
             power_state: if running.is_some() { v1::PowerState::Running } else { v1::PowerState::Off } as i32,
             disks: e
                 .config

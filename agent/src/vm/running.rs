@@ -90,14 +90,18 @@ impl VmManager {
             entry.config.power = Power::Running;
             save_config(&entry.folder, &entry.config)?;
         }
-        self.run_hook(self.hooks.on_start.as_deref(), entry);
+        // QEMU connects to the exports served from here on; the start hook may return
+        // before the guest is up (QEMU daemonizes), so it is awaited too.
+        self.run_hook(self.hooks.on_start.as_deref(), entry).await;
         tracing::info!(vm = %name, socket = %sock.display(), "VM running; disks served over NBD");
         Ok(())
     }
 
     pub(super) async fn stop_entry(&self, entry: &mut Entry, power_off: bool) -> Result<(), VmError> {
         if let Some(running) = entry.running.take() {
-            self.run_hook(self.hooks.on_stop.as_deref(), entry);
+            // Awaited: the hypervisor shuts the guest down while its disks are still
+            // served (a guest cut off from its disks mid-shutdown is a crash).
+            self.run_hook(self.hooks.on_stop.as_deref(), entry).await;
             for cfg in &entry.config.disks {
                 self.tcp_exports.remove(&export_name(&entry.config.name, &cfg.id));
             }
@@ -135,7 +139,9 @@ impl VmManager {
         Ok(())
     }
 
-    fn run_hook(&self, cmd: Option<&str>, entry: &Entry) {
+    /// Runs a hook with `sh -c` and the VM's environment, and waits for it (at most
+    /// [`HOOK_TIMEOUT`]; a hook still running then is left to finish on its own).
+    async fn run_hook(&self, cmd: Option<&str>, entry: &Entry) {
         let Some(cmd) = cmd else { return };
         let uris: Vec<String> = self.report(entry).disks.into_iter().map(|d| d.nbd_unix_uri).collect();
         let mut c = tokio::process::Command::new("sh");
@@ -148,19 +154,26 @@ impl VmManager {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let vm = entry.config.name.clone();
-        match c.spawn() {
-            Ok(child) => {
-                tokio::spawn(async move {
-                    match child.wait_with_output().await {
-                        Ok(out) if out.status.success() => tracing::info!(%vm, "hook ran"),
-                        Ok(out) => {
-                            tracing::warn!(%vm, status = %out.status, stderr = %String::from_utf8_lossy(&out.stderr), "hook failed")
-                        }
-                        Err(e) => tracing::warn!(%vm, "hook did not finish: {e}"),
-                    }
-                });
+        let child = match c.spawn() {
+            Ok(child) => child,
+            Err(e) => return tracing::warn!(%vm, "hook did not run: {e}"),
+        };
+        let run = async move {
+            match child.wait_with_output().await {
+                Ok(out) if out.status.success() => tracing::info!(%vm, "hook ran"),
+                Ok(out) => {
+                    tracing::warn!(%vm, status = %out.status, stderr = %String::from_utf8_lossy(&out.stderr), "hook failed")
+                }
+                Err(e) => tracing::warn!(%vm, "hook did not finish: {e}"),
             }
-            Err(e) => tracing::warn!(%vm, "hook did not run: {e}"),
+        };
+        let task = tokio::spawn(run);
+        if tokio::time::timeout(HOOK_TIMEOUT, task).await.is_err() {
+            tracing::warn!(vm = %entry.config.name, "hook still runs after {HOOK_TIMEOUT:?}; not waiting for it");
         }
     }
 }
+
+/// How long a VM start or stop waits for its hook (the QEMU hook's grace period plus
+/// its quit fallback fit well inside).
+pub const HOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);

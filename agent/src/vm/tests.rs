@@ -41,7 +41,7 @@ async fn names(mgr: &VmManager) -> Vec<String> {
 async fn configs_are_in_the_envelope_and_legacy_ones_still_load() {
     let dir = tempfile::tempdir().expect("tmp");
     let mgr = manager(dir.path()).await;
-    mgr.create(&vm("vm1"), &[1 << 20], &[], false).await.expect("create");
+    mgr.create(&vm("vm1"), &[1 << 20], &[], Default::default(), false).await.expect("create");
     let folder = mgr.folder(&vm("vm1")).await.expect("folder");
     let config = mgr.config(&vm("vm1")).await.expect("config");
     drop(mgr);
@@ -64,8 +64,8 @@ async fn configs_are_in_the_envelope_and_legacy_ones_still_load() {
 async fn a_torn_or_corrupt_config_skips_the_vm_and_keeps_its_folder() {
     let dir = tempfile::tempdir().expect("tmp");
     let mgr = manager(dir.path()).await;
-    mgr.create(&vm("good"), &[1 << 20], &[], false).await.expect("create");
-    mgr.create(&vm("bad"), &[1 << 20], &[], false).await.expect("create");
+    mgr.create(&vm("good"), &[1 << 20], &[], Default::default(), false).await.expect("create");
+    mgr.create(&vm("bad"), &[1 << 20], &[], Default::default(), false).await.expect("create");
     let folder = mgr.folder(&vm("bad")).await.expect("folder");
     drop(mgr);
     let path = folder.join(CONFIG_FILE);

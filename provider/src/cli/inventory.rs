@@ -52,6 +52,23 @@ pub struct VmCreate {
     /// Create it powered off (by default its disks are served at once).
     #[arg(long)]
     stopped: bool,
+    /// Memory of the VM (K/M/G/T suffixes or bytes; whole MiB, at least 16M), for the
+    /// QEMU hook.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    memory: u64,
+    /// Virtual CPUs (1-255).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
+    cpus: u32,
+    /// Boot this kernel directly (an absolute path on the VM's hosts, primary and
+    /// replica); without it the VM boots from disk0.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<String>,
+    /// Initrd for --kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    initrd: Option<String>,
+    /// Kernel command line for --kernel.
+    #[arg(long, value_name = "ARGS", requires = "kernel")]
+    append: Option<String>,
 }
 
 /// `site list`.
@@ -120,6 +137,13 @@ pub async fn vm(op: &mut Operator, cmd: VmCmd) -> Result<()> {
                     disks: c.disks.iter().map(|&size_bytes| v1::DiskSpec { size_bytes }).collect(),
                     nics,
                     start: !c.stopped,
+                    machine: Some(v1::Machine {
+                        memory_bytes: c.memory,
+                        cpus: c.cpus,
+                        kernel: c.kernel.unwrap_or_default(),
+                        initrd: c.initrd.unwrap_or_default(),
+                        append: c.append.unwrap_or_default(),
+                    }),
                 })
                 .await
                 .map_err(|s| op.rpc(s))?
@@ -174,6 +198,19 @@ fn print_vm(v: &v1::Vm, json: bool) -> Result<()> {
     println!("host      {}", v.host_name);
     println!("power     {}", power(v.power_state));
     println!("folder    {}", v.folder);
+    if let Some(m) = &v.machine {
+        let boot = if m.kernel.is_empty() {
+            "disk0".to_string()
+        } else {
+            format!(
+                "kernel {} initrd {} append {:?}",
+                m.kernel,
+                if m.initrd.is_empty() { "-" } else { &m.initrd },
+                m.append
+            )
+        };
+        println!("machine   {} memory, {} CPU(s), boot {boot}", human_size(m.memory_bytes), m.cpus);
+    }
     for d in &v.disks {
         println!(
             "disk {}   {} ({} allocated), tracking {}, pending logs {}",

@@ -155,6 +155,7 @@ async fn run_reprotect(
         disks: vm.disks.iter().map(|d| v1::DiskSize { id: d.id.to_string(), size_bytes: d.size_bytes }).collect(),
         settings: Some(settings.clone()),
         adopt_vm_disks: true,
+        machine: Some(vm.machine.to_proto()),
     });
     if let Err(s) = state.agents.command(&new_replica, prepare, cfg.command_timeout).await {
         restore(&state, &new.id, &old);

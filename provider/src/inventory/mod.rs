@@ -12,6 +12,7 @@
 //!   certificates.
 
 pub mod hosts;
+pub mod machine;
 pub mod records;
 pub mod service;
 

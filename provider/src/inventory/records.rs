@@ -136,6 +136,9 @@ pub struct VmRecord {
     /// Set when the VM was started by a failover on its host.
     #[serde(default)]
     pub failover: Option<FailoverRecord>,
+    /// Memory, CPUs, boot settings (records from before them: the defaults).
+    #[serde(default)]
+    pub machine: super::machine::MachineRecord,
 }
 
 /// How a VM on a replica host came to run (from the agent's report).
@@ -271,6 +274,7 @@ impl VmRecord {
                 None => None,
                 Some(f) => Some(FailoverRecord::from_wire(f, &format!("{field}.failover"))?),
             },
+            machine: super::machine::MachineRecord::from_wire(vm.machine.as_ref(), &format!("{field}.machine"))?,
             disks: vm
                 .disks
                 .iter()
@@ -298,6 +302,7 @@ impl VmRecord {
             failover: self.failover.as_ref().map(FailoverRecord::to_proto),
             disks: self.disks.iter().map(DiskRecord::to_proto).collect(),
             nics: self.nics.iter().map(NicRecord::to_proto).collect(),
+            machine: Some(self.machine.to_proto()),
         }
     }
 }
@@ -400,6 +405,7 @@ mod tests {
 
     fn vm(host: &str, failover: Option<(&str, i64)>) -> VmRecord {
         VmRecord {
+            machine: Default::default(),
             name: "vm1".parse().expect("name"),
             host_id: host.parse().expect("host id"),
             folder: String::new(),
@@ -490,7 +496,11 @@ mod tests {
         assert_eq!(rec.nics[0].network, None);
         assert_eq!(rec.power_state, PowerState::Running);
         assert_eq!(rec.failover.as_ref().and_then(|f| f.test_of.as_ref()).map(|v| v.as_str()), Some("vm0"));
-        assert_eq!(serde_json::to_value(&rec).expect("ser"), old);
+        // A record from before the machine settings gains the defaults (1 GiB, 1 CPU).
+        let mut want = old.clone();
+        want["machine"] =
+            serde_json::json!({"memory_bytes": 1u64 << 30, "cpus": 1, "kernel": "", "initrd": "", "append": ""});
+        assert_eq!(serde_json::to_value(&rec).expect("ser"), want);
         for (path, value) in [("name", "../etc"), ("host_id", "a/b")] {
             let mut bad = old.clone();
             bad[path] = value.into();

@@ -117,6 +117,7 @@ pub struct CreateVmRequest {
     pub name: VmName,
     pub disk_sizes: Vec<u64>,
     pub nics: Vec<NicSpec>,
+    pub machine: super::machine::MachineRecord,
     pub start: bool,
 }
 
@@ -167,7 +168,15 @@ impl TryFrom<&v1::CreateVmRequest> for CreateVmRequest {
                 })
             })
             .collect::<Result<_, WireError>>()?;
-        Ok(Self { host, name, disk_sizes: r.disks.iter().map(|d| d.size_bytes).collect(), nics, start: r.start })
+        let machine = super::machine::MachineRecord::from_wire(r.machine.as_ref(), "create_vm.machine")?;
+        Ok(Self {
+            host,
+            name,
+            disk_sizes: r.disks.iter().map(|d| d.size_bytes).collect(),
+            nics,
+            machine,
+            start: r.start,
+        })
     }
 }
 
@@ -188,6 +197,7 @@ impl CreateVmRequest {
                     mac: String::new(),
                 })
                 .collect(),
+            machine: Some(self.machine.to_proto()),
             start: self.start,
         })
     }
@@ -409,6 +419,7 @@ mod tests {
 
     fn create() -> v1::CreateVmRequest {
         v1::CreateVmRequest {
+            machine: Default::default(),
             host: "hv1".into(),
             name: "vm1".into(),
             disks: vec![v1::DiskSpec { size_bytes: 1 << 20 }],

@@ -189,6 +189,7 @@ async fn run_enable(state: Arc<Core>, mut job: JobRecord, plan: Plan, claim: Cla
         primary_host_id: plan.primary.id.to_string(),
         disks: plan.vm.disks.iter().map(|d| v1::DiskSize { id: d.id.to_string(), size_bytes: d.size_bytes }).collect(),
         settings: Some(settings.clone()),
+        machine: Some(plan.vm.machine.to_proto()),
     });
     if let Err(s) = state.agents.command(plan.replica.id.as_str(), prepare, cfg.command_timeout).await {
         let _ = state.protection.remove(&state.store, &rec.id);

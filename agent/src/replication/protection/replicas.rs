@@ -13,10 +13,13 @@ use super::{PointExport, Protection, ProtectionError};
 use crate::offline::{ExportTarget, Manifest, Target, TargetDisk};
 use crate::replica::{PointInfo, ReplicaDisk, ReplicaSpec};
 
+/// A point of a replica: its id, the disks (id, size), the VM's machine settings.
+type ResolvedPoint = (String, Vec<(String, u64)>, crate::vm::MachineConfig);
+
 impl Protection {
     /// The replica side of a new relationship.
     pub async fn prepare_replica(&self, c: PrepareReplica) -> Result<(), ProtectionError> {
-        let PrepareReplica { relationship, vm, primary, disks, settings, adopt_vm_disks } = c;
+        let PrepareReplica { relationship, vm, primary, disks, settings, adopt_vm_disks, machine } = c;
         let disks =
             disks.into_iter().map(|d| ReplicaDisk { id: d.id.into_string(), size_bytes: d.size_bytes }).collect();
         let spec = ReplicaSpec {
@@ -28,6 +31,7 @@ impl Protection {
             // One point per hour, as Hyper-V Replica; a short interval (tests, labs)
             // keeps one point per interval bucket so there is something to choose from.
             bucket_ms: if settings.interval_ms < 30_000 { settings.interval_ms.max(1) } else { 3_600_000 },
+            machine,
         };
         if spec.disks.is_empty() {
             return Err(ProtectionError::Invalid("a replica needs at least one disk".into()));
@@ -116,11 +120,7 @@ impl Protection {
         }
     }
 
-    fn resolve_point(
-        &self,
-        replica_of: &VmName,
-        point: PointSelector,
-    ) -> Result<(String, Vec<(String, u64)>), ProtectionError> {
+    fn resolve_point(&self, replica_of: &VmName, point: PointSelector) -> Result<ResolvedPoint, ProtectionError> {
         let r = self
             .replicas
             .get(replica_of)
@@ -135,13 +135,13 @@ impl Protection {
             ProtectionError::NotFound(format!("no recovery point {:?} of {replica_of}", point.to_string()))
         })?;
         let disks = r.spec().disks.iter().map(|d| (d.id.clone(), d.size_bytes)).collect();
-        Ok((p.id.clone(), disks))
+        Ok((p.id.clone(), disks, r.spec().machine.clone()))
     }
 
     /// Failover on the replica host (test, planned, unplanned or local).
     pub async fn failover(&self, c: Failover) -> Result<v1::Vm, ProtectionError> {
         let Failover { relationship, vm, point, kind, test_vm, nics } = c;
-        let (point_id, disks) = self.resolve_point(&vm, point)?;
+        let (point_id, disks, machine) = self.resolve_point(&vm, point)?;
         let test = kind == FailoverKind::Test;
         let name = if test { test_vm_name(&vm, test_vm.as_ref())? } else { vm.clone() };
         let fc = crate::vm::FailoverConfig {
@@ -152,7 +152,10 @@ impl Protection {
             test_of: if test { vm.to_string() } else { String::new() },
             started_unix_ms: now_ms(),
         };
-        let created = self.vms.create_from_point(&name, &disks, &nics, fc).await?;
+        // A planned failover is committed at once: the VM starts (its start hook boots the
+        // guest) only after the commit, not once before it as well.
+        let start = kind != FailoverKind::Planned;
+        let created = self.vms.create_from_point(&name, &disks, &nics, fc, machine, start).await?;
         tracing::info!(vm = %name, point = %point_id, %kind, "VM started from a recovery point");
         if kind == FailoverKind::Planned {
             return Ok(self.vms.commit(&name).await?);
@@ -161,7 +164,7 @@ impl Protection {
     }
 
     pub async fn change_point(&self, c: ChangePoint) -> Result<v1::Vm, ProtectionError> {
-        let (point_id, _) = self.resolve_point(&c.vm, c.point)?;
+        let (point_id, ..) = self.resolve_point(&c.vm, c.point)?;
         Ok(self.vms.change_point(&c.vm, &point_id).await?)
     }
 

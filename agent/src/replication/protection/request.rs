@@ -23,6 +23,8 @@ pub struct PrepareReplica {
     pub disks: Vec<DiskSize>,
     pub settings: v1::ReplicationSettings,
     pub adopt_vm_disks: bool,
+    /// The VM's memory, CPUs and boot settings: a VM failed over here runs with them.
+    pub machine: crate::vm::MachineConfig,
 }
 
 /// The primary side: track the VM and replicate it to `replica_address`.

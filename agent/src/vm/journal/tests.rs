@@ -24,6 +24,7 @@ fn vm() -> VmName {
 fn setup(root: &Path, point: &str) -> (ReplicaSet, PathBuf) {
     let replicas = ReplicaSet::open(&root.join("replicas")).expect("replicas");
     let spec = ReplicaSpec {
+        machine: Default::default(),
         bucket_ms: 1,
         relationship_id: "r-00000001".into(),
         vm: "vm1".into(),
@@ -58,6 +59,7 @@ fn setup(root: &Path, point: &str) -> (ReplicaSet, PathBuf) {
             test_of: String::new(),
             started_unix_ms: now,
         }),
+        machine: Default::default(),
     };
     save_config(&folder, &config).expect("config");
     {

@@ -72,6 +72,8 @@ pub struct VmView<'a> {
     /// The host's name.
     pub host: &'a str,
     pub host_id: &'a str,
+    /// Memory, CPUs, boot settings.
+    pub machine: Option<MachineView<'a>>,
     pub name: &'a str,
     pub nics: Vec<NicView<'a>>,
     pub power_state: &'static str,
@@ -86,12 +88,28 @@ impl<'a> From<&'a v1::Vm> for VmView<'a> {
             folder: &v.folder,
             host: &v.host_name,
             host_id: &v.host_id,
+            machine: v.machine.as_ref().map(|m| MachineView {
+                append: &m.append,
+                cpus: m.cpus,
+                initrd: &m.initrd,
+                kernel: &m.kernel,
+                memory_bytes: m.memory_bytes,
+            }),
             name: &v.name,
             nics: v.nics.iter().map(NicView::from).collect(),
             power_state: words::power(v.power_state),
             replication: v.replication.as_ref().map(ReplicationView::from),
         }
     }
+}
+
+#[derive(Serialize)]
+pub struct MachineView<'a> {
+    pub append: &'a str,
+    pub cpus: u32,
+    pub initrd: &'a str,
+    pub kernel: &'a str,
+    pub memory_bytes: u64,
 }
 
 #[derive(Serialize)]

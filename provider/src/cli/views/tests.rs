@@ -64,6 +64,7 @@ fn json_keys_are_printed_in_the_order_they_always_were() {
 #[test]
 fn a_vm_with_replication_and_failover() {
     let vm = v1::Vm {
+        machine: None,
         name: "vm1".into(),
         host_id: "h-1".into(),
         host_name: "hv-b".into(),
