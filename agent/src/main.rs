@@ -17,6 +17,7 @@ use siterecovery_agent::replica::ReplicaSet;
 use siterecovery_agent::tracker::bitmap;
 use siterecovery_agent::vm::{Hooks, VmManager};
 use siterecovery_proto::daemon;
+use siterecovery_proto::lifecycle::Lifecycle;
 use siterecovery_proto::model::units::{parse_duration, parse_size};
 use siterecovery_proto::model::{NameError, PointSelector, VmName};
 
@@ -100,6 +101,10 @@ enum Cmd {
         /// between 64 MiB and 64 GiB.
         #[arg(long, value_parser = parse_size, value_name = "SIZE")]
         log_budget: Option<u64>,
+        /// After SIGTERM, how long the peer listener stays up answering health checks
+        /// with NOT_SERVING (replication goes on) before the agent stops.
+        #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "DUR")]
+        drain: Duration,
     },
     /// VMs on this host, read from the data dir (no provider needed).
     #[command(subcommand)]
@@ -197,7 +202,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { peer_listen, nbd, heartbeat, on_vm_start, on_vm_stop, quiesce_hook, log_budget } => {
+        Cmd::Serve { peer_listen, nbd, heartbeat, on_vm_start, on_vm_stop, quiesce_hook, log_budget, drain } => {
             let dir = data_dir(cli.data_dir)?;
             // Absolute, so the NBD URIs reported to the provider work from anywhere.
             let dir = std::fs::canonicalize(&dir).with_context(|| format!("data dir {}", dir.display()))?;
@@ -212,8 +217,8 @@ async fn run(cli: Cli) -> Result<()> {
             };
             bitmap::set_default_log_budget(budget);
             tracing::info!(budget, "log budget per disk: {}", siterecovery_proto::model::units::human_size(budget));
-            serve(dir, peer_listen, nbd, heartbeat, Hooks { on_start: on_vm_start, on_stop: on_vm_stop }, quiesce_hook)
-                .await
+            let hooks = Hooks { on_start: on_vm_start, on_stop: on_vm_stop };
+            serve(dir, peer_listen, nbd, heartbeat, hooks, quiesce_hook, drain).await
         }
         Cmd::Failover(f) => {
             let dir = data_dir(cli.data_dir)?;
@@ -303,6 +308,7 @@ async fn serve(
     heartbeat: Duration,
     hooks: Hooks,
     quiesce_hook: Option<String>,
+    drain: Duration,
 ) -> Result<()> {
     let files = Arc::new(AgentFiles::load(&dir)?);
     let limits = nbd::Limits::new(
@@ -319,7 +325,10 @@ async fn serve(
     // at every start, as are vms/ and replicas/ (and their folders) when opened below.
     access.socket_dir(&dir).with_context(|| format!("data dir {}", dir.display()))?;
     files::private_dir(&dir.join("replicas")).with_context(|| format!("data dir {}", dir.display()))?;
-    let shutdown = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
+    let signals = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
+    // Health NOT_SERVING and no READY=1 until the control channel is up (control::run).
+    let lifecycle = Lifecycle::starting(&["siterecovery.v1.Peer"]).await;
+    let shutdown = lifecycle.drain_after(signals, drain);
     let peer_addr = peer_listen.unwrap_or_else(|| files.config.listen_address.clone());
     let peer_listener = tokio::net::TcpListener::bind(&peer_addr)
         .await
@@ -353,8 +362,14 @@ async fn serve(
     tracing::info!(host = %files.config.host_name, host_id = %files.config.host_id, peer = %files.config.listen_address,
         nbd = %nbd_addr, nbd_tls = matches!(security, TcpSecurity::Tls(_)), "agent serving");
     let nbd_task = tokio::spawn(nbd::serve_tcp(nbd_listener, exports, security, shutdown.clone()));
-    let peer_task = tokio::spawn(peer::serve(files.clone(), replicas.clone(), peer_listener, shutdown.clone()));
-    let opts = ControlOptions { heartbeat, ..ControlOptions::default() };
+    let peer_task = tokio::spawn(peer::serve(
+        files.clone(),
+        replicas.clone(),
+        peer_listener,
+        lifecycle.health_service(),
+        shutdown.clone(),
+    ));
+    let opts = ControlOptions { heartbeat, lifecycle: Some(lifecycle), ..ControlOptions::default() };
     let admin_path = siterecovery_agent::admin::socket_path(&dir);
     let _ = std::fs::remove_file(&admin_path);
     let admin_listener = tokio::net::UnixListener::bind(&admin_path)

@@ -5,6 +5,8 @@
 
 #[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "daemon")]
+pub mod lifecycle;
 pub mod model;
 
 /// Package `siterecovery.v1`.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use siterecovery_proto::daemon;
+use siterecovery_proto::lifecycle::Lifecycle;
 use siterecovery_proto::model::units::parse_duration;
 use siterecovery_provider::cli::failover::FailoverCmd;
 use siterecovery_provider::cli::hosts::HostCmd;
@@ -67,6 +68,10 @@ enum Cmd {
         /// How long to let requests finish at shutdown.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         grace: Duration,
+        /// After SIGTERM, how long the listener stays up answering health checks with
+        /// NOT_SERVING before it closes (so monitors and load balancers see the stop).
+        #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "DUR")]
+        drain: Duration,
         /// Tests only: allow policy intervals from 1s and retry backoff in seconds.
         #[arg(long, hide = true)]
         test_intervals: bool,
@@ -162,13 +167,15 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Vault(c) => cli::vault::run(c, cli.json),
         Cmd::OperatorCert(a) => cli::vault::operator_cert(a, cli.json),
         Cmd::NbdClientCert(a) => cli::nbd_cert::run(a, cli.json),
-        Cmd::Serve { data_dir, listen, grace, test_intervals, scripts_dir, cert_validity, max_connections } => {
+        Cmd::Serve { data_dir, listen, grace, drain, test_intervals, scripts_dir, cert_validity, max_connections } => {
             let v = vault::Vault::open(&data_dir)?;
             let store = store::Store::open(&data_dir)?;
             let addr = listen.unwrap_or_else(|| v.info.address.clone());
             let listener =
                 tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-            let shutdown = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
+            let signals = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
+            let lifecycle = Lifecycle::starting(api::HEALTH_SERVICES).await;
+            let shutdown = lifecycle.drain_after(signals, drain);
             let protection = if test_intervals {
                 tracing::warn!("--test-intervals: policies may use intervals from 1s; for tests only");
                 ProtectionConfig::for_tests()
@@ -178,7 +185,7 @@ async fn run(cli: Cli) -> Result<()> {
             let protection = ProtectionConfig { scripts_dir, ..protection };
             let mut limits = api::ServerLimits::default();
             limits.accept.max_connections = max_connections;
-            let opts = api::ServeOptions { grace, protection, cert_validity, limits };
+            let opts = api::ServeOptions { grace, protection, cert_validity, limits, lifecycle: Some(lifecycle) };
             api::serve_options(v, store, listener, shutdown, opts).await?;
             tracing::info!("provider stopped");
             Ok(())

@@ -26,6 +26,7 @@ use siterecovery_certs::live::{RevocationList, Trust};
 use siterecovery_certs::tls::ClientAuth;
 use siterecovery_certs::transport::AcceptLimits;
 use siterecovery_certs::{Role, VaultCa, VaultId};
+use siterecovery_proto::lifecycle::{self, Lifecycle};
 use siterecovery_proto::v1::control_server::ControlServer;
 use siterecovery_proto::v1::inventory_server::InventoryServer;
 use siterecovery_proto::v1::protection_server::ProtectionServer;
@@ -119,6 +120,10 @@ pub mod message_limits {
     pub const REFLECTION: (usize, usize) = (64 * KIB, 4 * MIB);
 }
 
+/// The services whose health `grpc.health.v1.Health/Check` reports besides the server
+/// (`""`): all follow the server's status.
+pub const HEALTH_SERVICES: &[&str] = &["siterecovery.v1.Registration", "siterecovery.v1.Control"];
+
 /// How `provider serve` runs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -129,6 +134,9 @@ pub struct ServeOptions {
     /// provider's own renewals (`serve --cert-validity`).
     pub cert_validity: Duration,
     pub limits: ServerLimits,
+    /// Health status and systemd notifications (`serve` makes one with its drain; none:
+    /// a fresh one, NOT_SERVING until the server is up).
+    pub lifecycle: Option<Lifecycle>,
 }
 
 impl Default for ServeOptions {
@@ -138,6 +146,7 @@ impl Default for ServeOptions {
             protection: ProtectionConfig::default(),
             cert_validity: siterecovery_certs::ca::LEAF_VALIDITY,
             limits: ServerLimits::default(),
+            lifecycle: None,
         }
     }
 }
@@ -230,14 +239,20 @@ pub async fn serve_options(
     use message_limits as m;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(siterecovery_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(lifecycle::HEALTH_DESCRIPTOR_SET)
         .build_v1()?
         .max_decoding_message_size(m::REFLECTION.0)
         .max_encoding_message_size(m::REFLECTION.1);
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(siterecovery_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(lifecycle::HEALTH_DESCRIPTOR_SET)
         .build_v1alpha()?
         .max_decoding_message_size(m::REFLECTION.0)
         .max_encoding_message_size(m::REFLECTION.1);
+    let lifecycle = match opts.lifecycle.clone() {
+        Some(l) => l,
+        None => Lifecycle::starting(HEALTH_SERVICES).await,
+    };
     let local: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(vault = %state.vault_id, listen = ?local, "provider serving");
     let incoming = siterecovery_certs::transport::incoming(listener, tls, opts.limits.accept);
@@ -274,6 +289,9 @@ pub async fn serve_options(
                 .max_encoding_message_size(m::PROTECTION.1),
             &revoked,
         ))
+        // Health without a client certificate (a monitor may hold only the vault's CA):
+        // it tells nothing but SERVING / NOT_SERVING; revoked certificates stay refused.
+        .add_service(Guard::new(lifecycle.health_service(), revoked.clone(), Certificate::Optional))
         .add_service(InterceptedService::new(required(reflection_v1, &revoked), reflection_auth.clone()))
         .add_service(InterceptedService::new(required(reflection_v1alpha, &revoked), reflection_auth))
         .serve_with_incoming_shutdown(incoming, {
@@ -285,6 +303,12 @@ pub async fn serve_options(
                 state.sessions.close_all();
             }
         });
+    lifecycle.serving().await;
+    lifecycle.ready(&format!(
+        "serving vault {} on {}",
+        state.vault_id,
+        local.map(|a| a.to_string()).unwrap_or_default()
+    ));
     let drained2 = drained.clone();
     let grace = opts.grace;
     let result = tokio::select! {
