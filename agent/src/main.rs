@@ -19,6 +19,7 @@ use siterecovery_agent::tracker::bitmap;
 use siterecovery_agent::vm::VmManager;
 use siterecovery_proto::daemon;
 use siterecovery_proto::daemon::LogHandle;
+use siterecovery_proto::lifecycle::Lifecycle;
 use siterecovery_proto::metrics::MetricsConfig;
 use siterecovery_proto::model::{NameError, PointSelector, VmName};
 use siterecovery_proto::settings::Layers;
@@ -301,7 +302,10 @@ async fn serve(dir: PathBuf, layers: Layers<AgentSettings>, rt: AgentRuntime, lo
     // at every start, as are vms/ and replicas/ (and their folders) when opened below.
     access.socket_dir(&dir).with_context(|| format!("data dir {}", dir.display()))?;
     files::private_dir(&dir.join("replicas")).with_context(|| format!("data dir {}", dir.display()))?;
-    let shutdown = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
+    let signals = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
+    // Health NOT_SERVING and no READY=1 until the control channel is up (control::run).
+    let lifecycle = Lifecycle::starting(&["siterecovery.v1.Peer"]).await;
+    let shutdown = lifecycle.drain_after(signals, rt.drain);
     // The running settings, at every `systemctl reload` (SIGHUP).
     let _live = settings::reload::on_sighup(layers, rt.clone(), log, files.clone(), shutdown.clone())?;
     let peer_addr = rt.peer_listen.map(|a| a.to_string()).unwrap_or_else(|| files.config.listen_address.clone());
@@ -340,8 +344,14 @@ async fn serve(dir: PathBuf, layers: Layers<AgentSettings>, rt: AgentRuntime, lo
     tracing::info!(host = %files.config.host_name, host_id = %files.config.host_id, peer = %files.config.listen_address,
         nbd = %nbd_addr, nbd_tls = matches!(security, TcpSecurity::Tls(_)), "agent serving");
     let nbd_task = tokio::spawn(nbd::serve_tcp(nbd_listener, exports, security, shutdown.clone()));
-    let peer_task = tokio::spawn(peer::serve(files.clone(), replicas.clone(), peer_listener, shutdown.clone()));
-    let opts = ControlOptions { heartbeat, ..ControlOptions::default() };
+    let peer_task = tokio::spawn(peer::serve(
+        files.clone(),
+        replicas.clone(),
+        peer_listener,
+        lifecycle.health_service(),
+        shutdown.clone(),
+    ));
+    let opts = ControlOptions { heartbeat, lifecycle: Some(lifecycle), ..ControlOptions::default() };
     let admin_path = siterecovery_agent::admin::socket_path(&dir);
     let _ = std::fs::remove_file(&admin_path);
     let admin_listener = tokio::net::UnixListener::bind(&admin_path)

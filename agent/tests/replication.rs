@@ -124,7 +124,8 @@ impl Env {
             })
             .expect("prepare");
         let shutdown = CancellationToken::new();
-        tokio::spawn(peer::serve(replica_files, replicas.clone(), listener, shutdown.clone()));
+        let health = siterecovery_proto::lifecycle::Lifecycle::starting(&[]).await.health_service();
+        tokio::spawn(peer::serve(replica_files, replicas.clone(), listener, health, shutdown.clone()));
 
         let vm_dir = root.join("host-a/vms").join(VM);
         std::fs::create_dir_all(&vm_dir).expect("vm dir");

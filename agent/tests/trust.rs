@@ -309,7 +309,8 @@ async fn peers() -> Peers {
     let a = register(&tmp.path().join("a"), &ca, "hv-a-id", "127.0.0.1:1", "127.0.0.1:1", &a_cert);
     let replicas = Arc::new(ReplicaSet::open(&tmp.path().join("b").join("replicas")).expect("replicas"));
     let stop = CancellationToken::new();
-    tokio::spawn(peer::serve(b.clone(), replicas, listener, stop.clone()));
+    let health = siterecovery_proto::lifecycle::Lifecycle::starting(&[]).await.health_service();
+    tokio::spawn(peer::serve(b.clone(), replicas, listener, health, stop.clone()));
     Peers { _tmp: tmp, ca, b_addr, a, b, stop }
 }
 

@@ -7,6 +7,8 @@
 #[cfg(feature = "daemon")]
 pub mod daemon;
 #[cfg(feature = "daemon")]
+pub mod lifecycle;
+#[cfg(feature = "daemon")]
 pub mod metrics;
 pub mod model;
 #[cfg(feature = "daemon")]

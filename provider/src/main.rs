@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use siterecovery_proto::daemon;
 use siterecovery_proto::daemon::LogHandle;
+use siterecovery_proto::lifecycle::Lifecycle;
 use siterecovery_proto::metrics::MetricsConfig;
 use siterecovery_proto::settings::Layers;
 use siterecovery_provider::cli::failover::FailoverCmd;
@@ -172,7 +173,9 @@ async fn serve(layers: Layers<ProviderSettings>, rt: ProviderRuntime, log: LogHa
     let store = store::Store::open(&rt.data_dir)?;
     let addr = rt.listen.map(|a| a.to_string()).unwrap_or_else(|| v.info.address.clone());
     let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-    let shutdown = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
+    let signals = daemon::shutdown_on_signals().context("installing the SIGTERM/SIGINT handlers")?;
+    let lifecycle = Lifecycle::starting(api::HEALTH_SERVICES).await;
+    let shutdown = lifecycle.drain_after(signals, rt.drain);
     let reload = std::sync::Arc::new(tokio::sync::Notify::new());
     let _live = settings::reload::on_sighup(layers, rt.clone(), log, reload.clone(), shutdown.clone())?;
     let protection = if rt.test_intervals {
@@ -191,6 +194,7 @@ async fn serve(layers: Layers<ProviderSettings>, rt: ProviderRuntime, log: LogHa
         limits,
         metrics: MetricsConfig::new(rt.metrics_listen, DEFAULT_METRICS_LISTEN),
         reload: Some(reload),
+        lifecycle: Some(lifecycle),
     };
     api::serve_options(v, store, listener, shutdown, opts).await?;
     tracing::info!("provider stopped");

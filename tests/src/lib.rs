@@ -13,7 +13,7 @@
 //! Modules, lowest first: [`wait`] (clocks, polls), [`output`] (a command's output and
 //! the assertions on it), [`proc`] (binaries, ports, processes), [`proxy`] (network faults), [`files`], [`lab`]
 //! (starting things, running commands), then what runs in a lab: [`cli`] (the operator
-//! CLI and its JSON), [`grpcurl`], [`qemu`], [`guest`] (a real Linux guest for the QEMU hook), [`writers`] (background qemu-io writers),
+//! CLI and its JSON), [`grpcurl`], [`qemu`], [`guest`] (a real Linux guest for the QEMU hook), [`writers`] (background qemu-io writers), [`service`] (systemd's notify socket, health checks),
 //! [`world`] (the two-site set-up), and [`campaign`] (the seeded crash campaign).
 
 pub mod campaign;
@@ -27,6 +27,7 @@ pub mod output;
 pub mod proc;
 pub mod proxy;
 pub mod qemu;
+pub mod service;
 pub mod tmpfs;
 pub mod wait;
 pub mod world;
@@ -39,6 +40,7 @@ pub use lab::{COMMAND_TIMEOUT, HEARTBEAT, HostSlot, Lab};
 pub use output::{assert_exit, assert_fails, assert_fails_saying, assert_ok, describe, stderr, stdout};
 pub use proc::{Proc, TERM_DEADLINE, bin, free_port};
 pub use proxy::{FaultProxy, Mode};
+pub use service::NotifySocket;
 pub use tmpfs::Tmpfs;
 pub use wait::{POLL, holds_for, unix_now, unix_now_ms, wait_until, wait_until_every};
 pub use world::{TEST_INTERVALS, World};

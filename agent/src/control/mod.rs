@@ -35,6 +35,8 @@ pub use error::CommandError;
 use execute::execute;
 use renewal::Renewal;
 
+use siterecovery_proto::lifecycle::Lifecycle;
+
 use crate::config::AgentFiles;
 use crate::config::revoked::is_serial;
 use crate::peer::ConnectError;
@@ -51,6 +53,9 @@ pub struct ControlOptions {
     /// First reconnect delay; doubles up to `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Told when the channel is up (health SERVING, systemd `READY=1`) and down
+    /// (`STATUS=`): the agent is ready once its control channel to the provider is.
+    pub lifecycle: Option<Lifecycle>,
 }
 
 impl Default for ControlOptions {
@@ -59,6 +64,7 @@ impl Default for ControlOptions {
             heartbeat: Duration::from_secs(5),
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
+            lifecycle: None,
         }
     }
 }
@@ -87,6 +93,9 @@ pub async fn run(
         renewal.session_ended();
         if shutdown.is_cancelled() {
             return;
+        }
+        if let Some(l) = &opts.lifecycle {
+            l.status(&format!("control channel to the provider {} down; reconnecting", files.config.provider_address));
         }
         // A session that lived a while resets the backoff: the provider restarted.
         if started.elapsed() > Duration::from_secs(30) {
@@ -142,6 +151,13 @@ async fn session(
     }
     let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(provider = %files.config.provider_address, "connected to the provider");
+    if let Some(l) = &opts.lifecycle {
+        l.serving().await;
+        l.ready(&format!(
+            "host {}: control channel to the provider {} up",
+            files.config.host_name, files.config.provider_address
+        ));
+    }
     let mut tick = tokio::time::interval(opts.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seq = 0u64;

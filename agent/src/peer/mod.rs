@@ -22,6 +22,7 @@ use std::sync::Arc;
 use siterecovery_certs::tls::ClientAuth;
 use siterecovery_certs::transport::{self, AcceptLimits};
 use siterecovery_certs::{PeerIdentity, Role};
+use siterecovery_proto::lifecycle::{HEALTH_DESCRIPTOR_SET, HealthServer, HealthService};
 use siterecovery_proto::v1;
 use siterecovery_proto::v1::peer_server::{Peer, PeerServer};
 use tokio::net::TcpListener;
@@ -133,21 +134,25 @@ pub enum PeerServeError {
 }
 
 /// Serves the peer services on `listener` until `shutdown`. `replicas` is this host's
-/// replica store (shared with the control channel, which prepares replicas).
+/// replica store (shared with the control channel, which prepares replicas). `health`:
+/// `grpc.health.v1.Health`, reachable like the rest with any certificate of the vault
+/// (the TLS handshake requires one; an operator's certificate works).
 pub async fn serve(
     files: Arc<AgentFiles>,
     replicas: Arc<ReplicaSet>,
     listener: TcpListener,
+    health: HealthServer<HealthService>,
     shutdown: CancellationToken,
 ) -> Result<(), PeerServeError> {
     siterecovery_certs::tls::install_crypto_provider();
     let tls = Arc::new(files.trust.server_config(ClientAuth::Required, true)?);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(siterecovery_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(HEALTH_DESCRIPTOR_SET)
         .build_v1alpha();
     let mut builder = Server::builder();
     let peer = PeerServer::new(PeerService::new(files, replicas)).max_decoding_message_size(MAX_MESSAGE);
-    let mut router = builder.add_service(peer);
+    let mut router = builder.add_service(peer).add_service(health);
     if let Ok(r) = reflection {
         router = router.add_service(r);
     }

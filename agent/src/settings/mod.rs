@@ -34,6 +34,8 @@ use crate::vm::Hooks;
 pub const DEFAULT_CONFIG: &str = "/etc/siterecovery/agent.toml";
 /// The data dir when none is set.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/siterecovery";
+/// Drain times accepted.
+const DRAIN_RANGE: (Duration, Duration) = (Duration::ZERO, Duration::from_secs(600));
 /// The keys `systemctl reload` (SIGHUP) applies live; the others need a restart.
 pub const LIVE_KEYS: &[&str] = &["log-level", "bandwidth"];
 /// Heartbeat intervals accepted.
@@ -132,6 +134,10 @@ pub struct AgentSettings {
     /// between 64 MiB and 64 GiB.
     #[arg(long, env = "SITERECOVERY_LOG_BUDGET", value_name = "SIZE")]
     pub log_budget: Option<String>,
+    /// After SIGTERM, how long the peer listener stays up answering health checks with
+    /// NOT_SERVING (replication goes on) before the agent stops (default 0s).
+    #[arg(long, env = "SITERECOVERY_DRAIN", value_name = "DUR")]
+    pub drain: Option<String>,
     /// Prometheus metrics (plain HTTP, GET /metrics) on IP:PORT, or `off` (default
     /// 127.0.0.1:9465; when that default is in use the metrics are off, warned).
     #[arg(long, env = "SITERECOVERY_METRICS_LISTEN", value_name = "ADDR|off")]
@@ -168,6 +174,7 @@ pub fn defaults(rust_log: Option<String>) -> AgentSettings {
         nbd_max_export_connections: Some(nbd::DEFAULT_MAX_EXPORT_CONNECTIONS),
         nbd_max_request_memory: Some("64M".into()),
         heartbeat: Some("5s".into()),
+        drain: Some("0s".into()),
         ..AgentSettings::default()
     }
 }
@@ -196,6 +203,7 @@ pub struct AgentRuntime {
     pub quiesce_hook: Option<String>,
     /// `None`: a quarter of the data dir's free space (measured at start).
     pub log_budget: Option<u64>,
+    pub drain: Duration,
     /// `None`: the default address, off when in use.
     pub metrics_listen: Option<MetricsListen>,
     /// `None`: unlimited.
@@ -226,6 +234,7 @@ pub fn validate(s: &AgentSettings) -> Result<AgentRuntime, Vec<KeyError>> {
     let on_stop = errors.check(command("on-vm-stop", s.on_vm_stop.as_deref()));
     let quiesce_hook = errors.check(command("quiesce-hook", s.quiesce_hook.as_deref()));
     let log_budget = errors.check(s.log_budget.as_deref().map(|b| log_budget("log-budget", b)).transpose());
+    let drain = errors.check(duration_in("drain", s.drain.as_deref().unwrap_or("0s"), DRAIN_RANGE));
     let metrics_listen = errors.check(
         s.metrics_listen
             .as_deref()
@@ -260,6 +269,7 @@ pub fn validate(s: &AgentSettings) -> Result<AgentRuntime, Vec<KeyError>> {
             hooks: Hooks { on_start: on_start?, on_stop: on_stop? },
             quiesce_hook: quiesce_hook?,
             log_budget: log_budget?,
+            drain: drain?,
             metrics_listen: metrics_listen?,
             bandwidth: bandwidth?,
         })

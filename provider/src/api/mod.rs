@@ -26,6 +26,7 @@ use siterecovery_certs::live::{RevocationList, Trust};
 use siterecovery_certs::tls::ClientAuth;
 use siterecovery_certs::transport::AcceptLimits;
 use siterecovery_certs::{Role, VaultCa, VaultId};
+use siterecovery_proto::lifecycle::{self, Lifecycle};
 use siterecovery_proto::metrics::MetricsConfig;
 use siterecovery_proto::v1::control_server::ControlServer;
 use siterecovery_proto::v1::inventory_server::InventoryServer;
@@ -122,6 +123,10 @@ pub mod message_limits {
     pub const REFLECTION: (usize, usize) = (64 * KIB, 4 * MIB);
 }
 
+/// The services whose health `grpc.health.v1.Health/Check` reports besides the server
+/// (`""`): all follow the server's status.
+pub const HEALTH_SERVICES: &[&str] = &["siterecovery.v1.Registration", "siterecovery.v1.Control"];
+
 /// How `provider serve` runs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -137,6 +142,9 @@ pub struct ServeOptions {
     /// Woken at `systemctl reload`: the provider's certificate is read again from the
     /// data dir and presented from the next handshake when it changed there.
     pub reload: Option<Arc<tokio::sync::Notify>>,
+    /// Health status and systemd notifications (`serve` makes one with its drain; none:
+    /// a fresh one, NOT_SERVING until the server is up).
+    pub lifecycle: Option<Lifecycle>,
 }
 
 impl Default for ServeOptions {
@@ -148,6 +156,7 @@ impl Default for ServeOptions {
             limits: ServerLimits::default(),
             metrics: MetricsConfig::OFF,
             reload: None,
+            lifecycle: None,
         }
     }
 }
@@ -246,14 +255,20 @@ pub async fn serve_options(
     use message_limits as m;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(siterecovery_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(lifecycle::HEALTH_DESCRIPTOR_SET)
         .build_v1()?
         .max_decoding_message_size(m::REFLECTION.0)
         .max_encoding_message_size(m::REFLECTION.1);
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(siterecovery_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(lifecycle::HEALTH_DESCRIPTOR_SET)
         .build_v1alpha()?
         .max_decoding_message_size(m::REFLECTION.0)
         .max_encoding_message_size(m::REFLECTION.1);
+    let lifecycle = match opts.lifecycle.clone() {
+        Some(l) => l,
+        None => Lifecycle::starting(HEALTH_SERVICES).await,
+    };
     let local: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(vault = %state.vault_id, listen = ?local, "provider serving");
     let incoming = siterecovery_certs::transport::incoming(listener, tls, opts.limits.accept);
@@ -290,6 +305,9 @@ pub async fn serve_options(
                 .max_encoding_message_size(m::PROTECTION.1),
             &revoked,
         ))
+        // Health without a client certificate (a monitor may hold only the vault's CA):
+        // it tells nothing but SERVING / NOT_SERVING; revoked certificates stay refused.
+        .add_service(Guard::new(lifecycle.health_service(), revoked.clone(), Certificate::Optional))
         .add_service(InterceptedService::new(required(reflection_v1, &revoked), reflection_auth.clone()))
         .add_service(InterceptedService::new(required(reflection_v1alpha, &revoked), reflection_auth))
         .serve_with_incoming_shutdown(incoming, {
@@ -301,6 +319,12 @@ pub async fn serve_options(
                 state.sessions.close_all();
             }
         });
+    lifecycle.serving().await;
+    lifecycle.ready(&format!(
+        "serving vault {} on {}",
+        state.vault_id,
+        local.map(|a| a.to_string()).unwrap_or_default()
+    ));
     let drained2 = drained.clone();
     let grace = opts.grace;
     let result = tokio::select! {

@@ -79,6 +79,11 @@ pub struct ProviderSettings {
     /// How long to let requests finish at shutdown (default 10s).
     #[arg(long, env = "SITERECOVERY_GRACE", value_name = "DUR")]
     pub grace: Option<String>,
+    /// After SIGTERM, how long the listener stays up answering health checks with
+    /// NOT_SERVING before it closes, so monitors and load balancers see the stop
+    /// (default 0s).
+    #[arg(long, env = "SITERECOVERY_DRAIN", value_name = "DUR")]
+    pub drain: Option<String>,
     /// Tests only: allow policy intervals from 1s and retry backoff in seconds.
     #[arg(long, hide = true, env = "SITERECOVERY_TEST_INTERVALS", num_args = 0..=1, require_equals = true,
         default_missing_value = "true", value_name = "BOOL")]
@@ -119,6 +124,7 @@ pub fn defaults(rust_log: Option<String>) -> ProviderSettings {
         log_level: Some(rust_log.unwrap_or_else(|| "info".into())),
         listen: None,
         grace: Some("10s".into()),
+        drain: Some("0s".into()),
         test_intervals: Some(false),
         cert_validity: Some("365d".into()),
         max_connections: Some(1024),
@@ -136,6 +142,7 @@ pub struct ProviderRuntime {
     /// `None`: the vault's address.
     pub listen: Option<SocketAddr>,
     pub grace: Duration,
+    pub drain: Duration,
     pub test_intervals: bool,
     pub cert_validity: Duration,
     pub max_connections: usize,
@@ -151,6 +158,7 @@ pub fn validate(s: &ProviderSettings) -> Result<ProviderRuntime, Vec<KeyError>> 
     let log_level = errors.check(log_filter("log-level", s.log_level.as_deref()));
     let listen = errors.check(s.listen.as_deref().map(|a| address("listen", a)).transpose());
     let grace = errors.check(duration_in("grace", s.grace.as_deref().unwrap_or("10s"), GRACE_RANGE));
+    let drain = errors.check(duration_in("drain", s.drain.as_deref().unwrap_or("0s"), GRACE_RANGE));
     let cert_validity =
         errors.check(duration_in("cert-validity", s.cert_validity.as_deref().unwrap_or("365d"), VALIDITY_RANGE));
     let max_connections = errors.check(at_least("max-connections", s.max_connections, 1024, 1));
@@ -168,6 +176,7 @@ pub fn validate(s: &ProviderSettings) -> Result<ProviderRuntime, Vec<KeyError>> 
             log_level: log_level?,
             listen: listen?,
             grace: grace?,
+            drain: drain?,
             test_intervals: s.test_intervals.unwrap_or(false),
             cert_validity: cert_validity?,
             max_connections: max_connections?,
