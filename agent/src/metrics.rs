@@ -142,8 +142,20 @@ pub fn render(mut f: Families, statuses: &[v1::ReplicationStatus], now_ms: i64) 
         f.counter(
             "siterecovery_sender_resync_wire_bytes",
             "Bytes the last resync of the VM put on the wire.",
-            vm,
+            vm.clone(),
             s.resync_wire_bytes,
+        );
+        f.gauge(
+            "siterecovery_sender_bandwidth_limit_bytes_per_second",
+            "The VM's replication rate limit now (the smaller of the host's and the policy's; 0 = unlimited).",
+            vm.clone(),
+            s.bandwidth_limit as f64,
+        );
+        f.gauge(
+            "siterecovery_sender_achieved_bytes_per_second",
+            "Bytes per second the VM's sender put on the wire lately (over the last second or two).",
+            vm,
+            s.achieved_bytes_per_sec as f64,
         );
     }
     nbd(&mut f);
@@ -199,6 +211,8 @@ mod tests {
             last_point: Some(v1::RecoveryPoint { created_unix_ms: 10_000, ..Default::default() }),
             pending_log_bytes: 4096,
             bytes_replicated: 1 << 20,
+            bandwidth_limit: 20 << 20,
+            achieved_bytes_per_sec: 19 << 20,
             ..Default::default()
         };
         let t = render(Families::default(), &[s], 12_500);
@@ -209,6 +223,8 @@ mod tests {
             "siterecovery_sender_last_point_timestamp_seconds{vm=\"vm1\"} 10.0\n",
             "siterecovery_sender_pending_log_bytes{vm=\"vm1\"} 4096.0\n",
             "siterecovery_sender_replicated_bytes_total{vm=\"vm1\"} 1048576\n",
+            "siterecovery_sender_bandwidth_limit_bytes_per_second{vm=\"vm1\"} 20971520.0\n",
+            "siterecovery_sender_achieved_bytes_per_second{vm=\"vm1\"} 19922944.0\n",
         ] {
             assert!(t.contains(want), "{want:?} missing in\n{t}");
         }
