@@ -95,10 +95,8 @@ fn packages_install_run_their_units_as_the_service_user_and_purge() {
     assert!(ok(Command::new("sh").args(["-c", "test \"$(id -u)\" = 0"])), "this test installs packages: run as root");
     let lab = Lab::new("packages");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let built = lab.run_timeout(
-        Command::new(repo.join("dist/package.sh")).env("SR_DEB_FAST", "1"),
-        Duration::from_secs(1800),
-    );
+    let built =
+        lab.run_timeout(Command::new(repo.join("dist/package.sh")).env("SR_DEB_FAST", "1"), Duration::from_secs(1800));
     assert_ok(&built, "dist/package.sh (cargo deb)");
     let debs: Vec<PathBuf> =
         stdout(&built).lines().filter(|l| l.trim().ends_with(".deb")).map(|l| PathBuf::from(l.trim())).collect();
